@@ -1,0 +1,280 @@
+//! A gRPC publisher that loses nothing and duplicates nothing across failures.
+//!
+//! Every request gets a `publisher_seq` that increases per symbol. Requests stay
+//! in `unacked` until their ack arrives; when the stream breaks, the publisher
+//! reconnects (next endpoint, back-off with jitter) and resends all of them, in
+//! order, with the same `publisher_seq`: the server acks already-stored ones as
+//! `duplicate` instead of storing them twice. An ack with error `unavailable`
+//! (the owner shard is down) is retried the same way.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    time::Duration,
+};
+
+use tickshard_proto::v1::{self as pb, feed_client::FeedClient};
+use tokio::sync::mpsc;
+use tonic::{Streaming, transport::Endpoint};
+
+use super::{Backoff, ClientError};
+
+#[derive(Clone, Debug)]
+pub struct PublisherConfig {
+    /// gRPC endpoints (`http://host:port`), tried in turn.
+    pub endpoints: Vec<String>,
+    /// Stable id of this publisher (de-dup key with the symbol).
+    pub publisher_id: String,
+    /// Unacked requests in flight before `send` waits.
+    pub window: usize,
+    pub connect_timeout: Duration,
+    /// Give up on a request after this long without an ack (0 = never).
+    pub give_up_after: Duration,
+}
+
+impl PublisherConfig {
+    pub fn new(endpoints: Vec<String>, publisher_id: impl Into<String>) -> PublisherConfig {
+        PublisherConfig {
+            endpoints,
+            publisher_id: publisher_id.into(),
+            window: 4_096,
+            connect_timeout: Duration::from_secs(2),
+            give_up_after: Duration::ZERO,
+        }
+    }
+}
+
+/// The final outcome of one published tick.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acked {
+    pub request_id: u64,
+    pub symbol: String,
+    /// The tick's seq (0 for a duplicate whose original seq the server no longer knows).
+    pub seq: u64,
+    pub epoch: String,
+    pub duplicate: bool,
+    /// Set when the tick was rejected (`invalid_symbol`, `invalid_tick`).
+    pub error: Option<(String, String)>,
+    /// How many times the request was sent.
+    pub attempts: u32,
+}
+
+struct Pending {
+    req: pb::PublishRequest,
+    attempts: u32,
+}
+
+struct Stream {
+    tx: mpsc::Sender<pb::PublishRequest>,
+    acks: Streaming<pb::PublishAck>,
+}
+
+pub struct Publisher {
+    cfg: PublisherConfig,
+    next_endpoint: usize,
+    next_request: u64,
+    publisher_seqs: HashMap<String, u64>,
+    unacked: BTreeMap<u64, Pending>,
+    ready: VecDeque<Acked>,
+    stream: Option<Stream>,
+    backoff: Backoff,
+    /// Reconnects so far (for reports and tests).
+    pub reconnects: u64,
+}
+
+impl Publisher {
+    /// Creates a publisher and opens its first stream.
+    pub async fn connect(cfg: PublisherConfig) -> Result<Publisher, ClientError> {
+        if cfg.endpoints.is_empty() {
+            return Err(ClientError::BadAddress("no gRPC endpoint given".into()));
+        }
+        let mut p = Publisher {
+            next_endpoint: fastrand::usize(..cfg.endpoints.len()),
+            cfg,
+            next_request: 1,
+            publisher_seqs: HashMap::new(),
+            unacked: BTreeMap::new(),
+            ready: VecDeque::new(),
+            stream: None,
+            backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
+            reconnects: 0,
+        };
+        p.stream = Some(p.open().await?);
+        Ok(p)
+    }
+
+    /// Starts from endpoint `index` (tests use it to pick a pod).
+    pub fn set_next_endpoint(&mut self, index: usize) {
+        self.next_endpoint = index;
+    }
+
+    async fn open(&mut self) -> Result<Stream, ClientError> {
+        let url = self.cfg.endpoints[self.next_endpoint % self.cfg.endpoints.len()].clone();
+        self.next_endpoint = self.next_endpoint.wrapping_add(1);
+        let ep = Endpoint::from_shared(url.clone())
+            .map_err(|_| ClientError::BadAddress(url.clone()))?
+            .connect_timeout(self.cfg.connect_timeout)
+            .tcp_nodelay(true);
+        let channel = ep.connect().await.map_err(|e| ClientError::Connect {
+            addr: url.clone(),
+            message: e.to_string(),
+        })?;
+        let mut client = FeedClient::new(channel);
+        let (tx, rx) = mpsc::channel(self.cfg.window.max(16));
+        let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        let acks = client
+            .publish(out)
+            .await
+            .map_err(|e| ClientError::Grpc(format!("{url}: {e}")))?
+            .into_inner();
+        Ok(Stream { tx, acks })
+    }
+
+    /// Publishes one tick: returns its request id once it is sent (waiting for
+    /// acks while the window is full). Its outcome comes from [`Self::next_ack`].
+    pub async fn send(&mut self, tick: pb::Tick) -> Result<u64, ClientError> {
+        while self.unacked.len() >= self.cfg.window {
+            self.pump().await?;
+        }
+        let seq = self.publisher_seqs.entry(tick.symbol.to_ascii_uppercase()).or_insert(0);
+        *seq += 1;
+        let request_id = self.next_request;
+        self.next_request += 1;
+        let req = pb::PublishRequest {
+            request_id,
+            publisher_id: self.cfg.publisher_id.clone(),
+            publisher_seq: *seq,
+            tick: Some(tick),
+        };
+        self.unacked.insert(
+            request_id,
+            Pending {
+                req: req.clone(),
+                attempts: 1,
+            },
+        );
+        if let Some(s) = &self.stream
+            && s.tx.send(req).await.is_err()
+        {
+            // The stream broke; `pump` reconnects and resends everything.
+            self.stream = None;
+        }
+        Ok(request_id)
+    }
+
+    /// The next final ack (accepted, duplicate or rejected), reconnecting and
+    /// resending as needed. `None` when nothing is outstanding.
+    pub async fn next_ack(&mut self) -> Result<Option<Acked>, ClientError> {
+        loop {
+            if let Some(a) = self.ready.pop_front() {
+                return Ok(Some(a));
+            }
+            if self.unacked.is_empty() {
+                return Ok(None);
+            }
+            self.pump().await?;
+        }
+    }
+
+    /// An ack that already arrived, without waiting.
+    pub fn try_ack(&mut self) -> Option<Acked> {
+        self.ready.pop_front()
+    }
+
+    /// Waits for every outstanding request; returns their outcomes.
+    pub async fn flush(&mut self) -> Result<Vec<Acked>, ClientError> {
+        let mut out = Vec::new();
+        while let Some(a) = self.next_ack().await? {
+            out.push(a);
+        }
+        Ok(out)
+    }
+
+    /// Requests sent and not yet acked.
+    pub fn in_flight(&self) -> usize {
+        self.unacked.len()
+    }
+
+    /// Reads one ack from the stream, or repairs the stream.
+    async fn pump(&mut self) -> Result<(), ClientError> {
+        let Some(s) = self.stream.as_mut() else {
+            return self.reconnect().await;
+        };
+        let msg = if self.cfg.give_up_after.is_zero() {
+            s.acks.message().await
+        } else {
+            match tokio::time::timeout(self.cfg.give_up_after, s.acks.message()).await {
+                Ok(m) => m,
+                Err(_) => return Err(ClientError::Timeout("no ack")),
+            }
+        };
+        match msg {
+            Ok(Some(ack)) => {
+                self.on_ack(ack).await;
+                Ok(())
+            }
+            Ok(None) | Err(_) => {
+                if let Err(e) = &msg {
+                    tracing::debug!(status = %e, "publish stream ended");
+                }
+                self.stream = None;
+                self.reconnect().await
+            }
+        }
+    }
+
+    async fn on_ack(&mut self, ack: pb::PublishAck) {
+        let retry = ack.error.as_ref().is_some_and(|e| e.code == "unavailable");
+        if retry {
+            // The owner is down: resend this request after a pause.
+            tokio::time::sleep(self.backoff.next_delay()).await;
+            if let Some(p) = self.unacked.get_mut(&ack.request_id) {
+                p.attempts += 1;
+                let req = p.req.clone();
+                if let Some(s) = &self.stream
+                    && s.tx.send(req).await.is_err()
+                {
+                    self.stream = None;
+                }
+            }
+            return;
+        }
+        self.backoff.reset();
+        if let Some(p) = self.unacked.remove(&ack.request_id) {
+            self.ready.push_back(Acked {
+                request_id: ack.request_id,
+                symbol: ack.symbol,
+                seq: ack.seq,
+                epoch: ack.epoch,
+                duplicate: ack.duplicate,
+                error: ack.error.map(|e| (e.code, e.message)),
+                attempts: p.attempts,
+            });
+        }
+    }
+
+    /// Opens a new stream (next endpoint) and resends everything unacked, in
+    /// order, with the same `publisher_seq`.
+    async fn reconnect(&mut self) -> Result<(), ClientError> {
+        loop {
+            tokio::time::sleep(self.backoff.next_delay()).await;
+            match self.open().await {
+                Ok(s) => {
+                    self.reconnects += 1;
+                    let mut broke = false;
+                    for p in self.unacked.values_mut() {
+                        p.attempts += 1;
+                        if s.tx.send(p.req.clone()).await.is_err() {
+                            broke = true;
+                            break;
+                        }
+                    }
+                    if !broke {
+                        self.stream = Some(s);
+                        return Ok(());
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "reconnect failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! WebSocket client: raw connection and a resuming subscriber.
+
+use std::{collections::HashMap, future::Future, time::Duration};
+
+use bytes::Bytes;
+pub use fastwebsockets::OpCode;
+use fastwebsockets::{Frame, Payload, WebSocket, handshake};
+use http_body_util::Empty;
+use hyper::{Request, header, upgrade::Upgraded};
+use hyper_util::rt::TokioIo;
+use simd_json::{OwnedValue, prelude::*};
+use tokio::net::TcpStream;
+
+use super::{Backoff, ClientError};
+
+struct Spawner;
+
+impl<F> hyper::rt::Executor<F> for Spawner
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut);
+    }
+}
+
+/// A frame as the client sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    Text(String),
+    Close { code: u16, reason: String },
+}
+
+/// One WebSocket connection to a tickshard server.
+pub struct WsConn {
+    ws: WebSocket<TokioIo<Upgraded>>,
+}
+
+/// `ws://host:port/path` → (`host:port`, `path`).
+fn split_url(url: &str) -> Result<(String, String), ClientError> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or_else(|| ClientError::BadAddress(format!("{url} (only ws:// is supported)")))?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/ws"),
+    };
+    Ok((host.to_string(), path.to_string()))
+}
+
+impl WsConn {
+    /// Connects and upgrades, within `timeout`.
+    pub async fn connect(url: &str, timeout: Duration) -> Result<WsConn, ClientError> {
+        Self::connect_with(url, timeout, None).await
+    }
+
+    /// Like [`WsConn::connect`], with an optional small receive buffer (tests use
+    /// it to make a slow reader fall behind quickly).
+    pub async fn connect_with(url: &str, timeout: Duration, recv_buffer: Option<u32>) -> Result<WsConn, ClientError> {
+        let (host, path) = split_url(url)?;
+        let fut = async {
+            let addr = tokio::net::lookup_host(&host)
+                .await
+                .map_err(|e| ClientError::Connect {
+                    addr: host.clone(),
+                    message: e.to_string(),
+                })?
+                .next()
+                .ok_or_else(|| ClientError::BadAddress(host.clone()))?;
+            let sock = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            }
+            .map_err(|e| ClientError::Connect {
+                addr: host.clone(),
+                message: e.to_string(),
+            })?;
+            if let Some(n) = recv_buffer {
+                let _ = sock.set_recv_buffer_size(n);
+            }
+            let stream: TcpStream = sock.connect(addr).await.map_err(|e| ClientError::Connect {
+                addr: host.clone(),
+                message: e.to_string(),
+            })?;
+            let _ = stream.set_nodelay(true);
+            let req = Request::builder()
+                .method("GET")
+                .uri(&path)
+                .header(header::HOST, &host)
+                .header(header::UPGRADE, "websocket")
+                .header(header::CONNECTION, "upgrade")
+                .header("Sec-WebSocket-Key", handshake::generate_key())
+                .header("Sec-WebSocket-Version", "13")
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| ClientError::BadAddress(e.to_string()))?;
+            let (ws, _) = handshake::client(&Spawner, req, stream)
+                .await
+                .map_err(|e| ClientError::Connect {
+                    addr: host.clone(),
+                    message: e.to_string(),
+                })?;
+            Ok(WsConn { ws })
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| ClientError::Timeout("websocket connect"))?
+    }
+
+    /// Sends a text frame.
+    pub async fn send_text(&mut self, text: &str) -> Result<(), ClientError> {
+        self.ws
+            .write_frame(Frame::text(Payload::Borrowed(text.as_bytes())))
+            .await
+            .map_err(|e| ClientError::WebSocket(e.to_string()))
+    }
+
+    /// Sends any frame (tests use it for binary, fragmented and oversized frames).
+    pub async fn send_frame(&mut self, fin: bool, opcode: OpCode, payload: &[u8]) -> Result<(), ClientError> {
+        self.ws
+            .write_frame(Frame::new(fin, opcode, None, Payload::Borrowed(payload)))
+            .await
+            .map_err(|e| ClientError::WebSocket(e.to_string()))
+    }
+
+    /// The next text or close frame (pings are answered automatically).
+    pub async fn recv(&mut self) -> Result<Incoming, ClientError> {
+        loop {
+            let f = self
+                .ws
+                .read_frame()
+                .await
+                .map_err(|e| ClientError::WebSocket(e.to_string()))?;
+            match f.opcode {
+                OpCode::Text => return Ok(Incoming::Text(String::from_utf8_lossy(&f.payload).into_owned())),
+                OpCode::Close => {
+                    let code = f.payload.get(..2).map_or(1005, |b| u16::from_be_bytes([b[0], b[1]]));
+                    let reason = String::from_utf8_lossy(f.payload.get(2..).unwrap_or_default()).into_owned();
+                    return Ok(Incoming::Close { code, reason });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends a close frame.
+    pub async fn close(&mut self) {
+        let _ = self.ws.write_frame(Frame::close(1000, b"")).await;
+    }
+}
+
+/// A tick or snapshot as received, decimals kept as the exact strings sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TickMsg {
+    pub symbol: String,
+    pub seq: u64,
+    pub ts: i64,
+    pub price: String,
+    pub size: String,
+    pub bid: Option<String>,
+    pub ask: Option<String>,
+    pub bid_size: Option<String>,
+    pub ask_size: Option<String>,
+    /// Snapshots only.
+    pub epoch: Option<String>,
+    pub conflated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CandleMsg {
+    pub symbol: String,
+    pub interval: String,
+    pub start: i64,
+    pub open: String,
+    pub high: String,
+    pub low: String,
+    pub close: String,
+    pub volume: String,
+    pub count: u64,
+    pub closed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SymbolStatus {
+    pub symbol: String,
+    pub epoch: String,
+    pub seq: u64,
+    pub recovered: bool,
+}
+
+/// A server message of protocol v1, parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServerMsg {
+    Subscribed {
+        id: Option<String>,
+        symbols: Vec<SymbolStatus>,
+    },
+    Snapshot(TickMsg),
+    Tick(TickMsg),
+    Candle(CandleMsg),
+    Unsubscribed {
+        id: Option<String>,
+        symbols: Vec<String>,
+    },
+    Pong {
+        id: Option<String>,
+    },
+    Symbols {
+        id: Option<String>,
+        symbols: Vec<String>,
+    },
+    Error {
+        id: Option<String>,
+        code: String,
+        message: String,
+        symbol: Option<String>,
+    },
+}
+
+fn s(v: &OwnedValue, k: &str) -> Option<String> {
+    v.get(k).and_then(|x| x.as_str()).map(str::to_owned)
+}
+
+fn strings(v: &OwnedValue, k: &str) -> Vec<String> {
+    v.get(k)
+        .and_then(|x| x.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+/// The id as the raw JSON text it was sent as (`1`, `"abc"`).
+fn id(v: &OwnedValue) -> Option<String> {
+    v.get("id").map(|x| x.encode())
+}
+
+impl ServerMsg {
+    /// Parses a text frame; `None` if it is not a protocol v1 message.
+    pub fn parse(text: &str) -> Option<ServerMsg> {
+        let mut buf = text.as_bytes().to_vec();
+        let v = simd_json::to_owned_value(&mut buf).ok()?;
+        let tick = |v: &OwnedValue| -> Option<TickMsg> {
+            Some(TickMsg {
+                symbol: s(v, "symbol")?,
+                seq: v.get("seq")?.as_u64()?,
+                ts: v.get("ts")?.as_i64()?,
+                price: s(v, "price")?,
+                size: s(v, "size")?,
+                bid: s(v, "bid"),
+                ask: s(v, "ask"),
+                bid_size: s(v, "bid_size"),
+                ask_size: s(v, "ask_size"),
+                epoch: s(v, "epoch"),
+                conflated: v.get("conflated").and_then(|c| c.as_bool()).unwrap_or(false),
+            })
+        };
+        Some(match v.get("type")?.as_str()? {
+            "tick" => ServerMsg::Tick(tick(&v)?),
+            "snapshot" => ServerMsg::Snapshot(tick(&v)?),
+            "candle" => ServerMsg::Candle(CandleMsg {
+                symbol: s(&v, "symbol")?,
+                interval: s(&v, "interval")?,
+                start: v.get("start")?.as_i64()?,
+                open: s(&v, "open")?,
+                high: s(&v, "high")?,
+                low: s(&v, "low")?,
+                close: s(&v, "close")?,
+                volume: s(&v, "volume")?,
+                count: v.get("count")?.as_u64()?,
+                closed: v.get("closed")?.as_bool()?,
+            }),
+            "subscribed" => ServerMsg::Subscribed {
+                id: id(&v),
+                symbols: v
+                    .get("symbols")?
+                    .as_array()?
+                    .iter()
+                    .filter_map(|e| {
+                        Some(SymbolStatus {
+                            symbol: s(e, "symbol")?,
+                            epoch: s(e, "epoch")?,
+                            seq: e.get("seq")?.as_u64()?,
+                            recovered: e.get("recovered")?.as_bool()?,
+                        })
+                    })
+                    .collect(),
+            },
+            "unsubscribed" => ServerMsg::Unsubscribed {
+                id: id(&v),
+                symbols: strings(&v, "symbols"),
+            },
+            "pong" => ServerMsg::Pong { id: id(&v) },
+            "symbols" => ServerMsg::Symbols {
+                id: id(&v),
+                symbols: strings(&v, "symbols"),
+            },
+            "error" => ServerMsg::Error {
+                id: id(&v),
+                code: s(&v, "code")?,
+                message: s(&v, "message").unwrap_or_default(),
+                symbol: s(&v, "symbol"),
+            },
+            _ => return None,
+        })
+    }
+}
+
+/// What a [`Subscriber`] reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// (Re)connected to this URL and (re)subscribed.
+    Connected {
+        url: String,
+    },
+    Message(ServerMsg),
+    /// The connection ended (close code, or `None` for a broken connection);
+    /// the next call reconnects and resumes.
+    Disconnected {
+        code: Option<u16>,
+        reason: String,
+    },
+}
+
+/// Subscriber configuration.
+#[derive(Clone, Debug)]
+pub struct SubscriberConfig {
+    pub urls: Vec<String>,
+    pub symbols: Vec<String>,
+    pub channels: Vec<String>,
+    pub connect_timeout: Duration,
+}
+
+/// The last position seen of a symbol.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pos {
+    pub seq: u64,
+    pub epoch: String,
+}
+
+/// A WebSocket subscriber that reconnects to any address in its list and
+/// resumes every symbol from the last `{seq, epoch}` it saw.
+pub struct Subscriber {
+    cfg: SubscriberConfig,
+    conn: Option<WsConn>,
+    next_url: usize,
+    backoff: Backoff,
+    positions: HashMap<String, Pos>,
+}
+
+impl Subscriber {
+    pub fn new(cfg: SubscriberConfig) -> Subscriber {
+        let start = fastrand::usize(..cfg.urls.len().max(1));
+        Subscriber {
+            cfg,
+            conn: None,
+            next_url: start,
+            backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
+            positions: HashMap::new(),
+        }
+    }
+
+    /// Starts from the given next URL index (tests use it to pick a pod).
+    pub fn starting_at(mut self, index: usize) -> Subscriber {
+        self.next_url = index;
+        self
+    }
+
+    pub fn positions(&self) -> &HashMap<String, Pos> {
+        &self.positions
+    }
+
+    fn subscribe_message(&self) -> String {
+        let mut resume = String::new();
+        for (sym, p) in &self.positions {
+            if p.epoch.is_empty() {
+                continue;
+            }
+            if !resume.is_empty() {
+                resume.push(',');
+            }
+            resume.push_str(&format!("\"{sym}\":{{\"seq\":{},\"epoch\":\"{}\"}}", p.seq, p.epoch));
+        }
+        let list = |v: &[String]| v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(",");
+        format!(
+            "{{\"op\":\"subscribe\",\"id\":\"sub\",\"symbols\":[{}],\"channels\":[{}],\"resume\":{{{resume}}}}}",
+            list(&self.cfg.symbols),
+            list(&self.cfg.channels)
+        )
+    }
+
+    async fn connect(&mut self) -> String {
+        loop {
+            let url = self.cfg.urls[self.next_url % self.cfg.urls.len().max(1)].clone();
+            self.next_url = self.next_url.wrapping_add(1);
+            match WsConn::connect(&url, self.cfg.connect_timeout).await {
+                Ok(mut c) => {
+                    let msg = self.subscribe_message();
+                    if c.send_text(&msg).await.is_ok() {
+                        self.conn = Some(c);
+                        self.backoff.reset();
+                        return url;
+                    }
+                }
+                Err(e) => tracing::debug!(%url, error = %e, "connect failed"),
+            }
+            tokio::time::sleep(self.backoff.next_delay()).await;
+        }
+    }
+
+    /// The next event; connects (and resumes) first when not connected.
+    pub async fn next(&mut self) -> Event {
+        let Some(conn) = self.conn.as_mut() else {
+            let url = self.connect().await;
+            return Event::Connected { url };
+        };
+        match conn.recv().await {
+            Ok(Incoming::Text(t)) => match ServerMsg::parse(&t) {
+                Some(m) => {
+                    self.track(&m);
+                    Event::Message(m)
+                }
+                None => Event::Message(ServerMsg::Error {
+                    id: None,
+                    code: "client_parse".into(),
+                    message: t,
+                    symbol: None,
+                }),
+            },
+            Ok(Incoming::Close { code, reason }) => {
+                self.conn = None;
+                Event::Disconnected {
+                    code: Some(code),
+                    reason,
+                }
+            }
+            Err(e) => {
+                self.conn = None;
+                Event::Disconnected {
+                    code: None,
+                    reason: e.to_string(),
+                }
+            }
+        }
+    }
+
+    fn track(&mut self, m: &ServerMsg) {
+        match m {
+            ServerMsg::Subscribed { symbols, .. } => {
+                for s in symbols {
+                    let p = self.positions.entry(s.symbol.clone()).or_default();
+                    if p.epoch != s.epoch {
+                        // A new history: the snapshot that follows sets the seq.
+                        *p = Pos {
+                            seq: 0,
+                            epoch: s.epoch.clone(),
+                        };
+                    }
+                }
+            }
+            ServerMsg::Snapshot(t) => {
+                let p = self.positions.entry(t.symbol.clone()).or_default();
+                p.seq = t.seq;
+                if let Some(e) = &t.epoch {
+                    p.epoch = e.clone();
+                }
+            }
+            ServerMsg::Tick(t) => {
+                let p = self.positions.entry(t.symbol.clone()).or_default();
+                p.seq = p.seq.max(t.seq);
+            }
+            _ => {}
+        }
+    }
+}

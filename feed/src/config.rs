@@ -1,0 +1,398 @@
+//! The command line: every flag has an env var (`TICKSHARD_*`), a default and a
+//! doc line; `tickshard --help` is the reference. Parsed and validated into typed
+//! config before any port is bound, with the bad flag named in the error.
+
+use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+use tickshard_shard::{node::NodeConfig, ownership, store::StoreOptions};
+
+use crate::ws::WsLimits;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tickshard",
+    version,
+    about = "A sharded, durable real-time market-data feed (WebSocket + gRPC).",
+    long_about = "A sharded, durable real-time market-data feed (WebSocket + gRPC).\n\n\
+                  With no sub-command it serves: a one-shard cluster with a simulated market by default.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve (the default when no sub-command is given).
+    Serve(ServeArgs),
+    /// Print live ticks of some symbols, reconnecting and resuming on failure.
+    Tail(TailArgs),
+    /// Publish a CSV or NDJSON file of ticks through gRPC, as fast as acks allow.
+    Publish(PublishArgs),
+    /// Replay a CSV or NDJSON file of ticks at its recorded pace (or ×N).
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// HTTP + WebSocket listener (`/ws`, `/healthz`, `/readyz`, `/metrics`, `/`).
+    #[arg(long, env = "TICKSHARD_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// gRPC listener (`tickshard.v1.Feed`, health, reflection, cluster sync).
+    #[arg(long, env = "TICKSHARD_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+    /// The shard's sled directory.
+    #[arg(long, env = "TICKSHARD_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Shard count N of the deployment.
+    #[arg(long, env = "TICKSHARD_SHARDS", default_value_t = 1)]
+    pub shards: u32,
+    /// This pod's shard id [default: the ordinal at the end of the hostname, else 0].
+    #[arg(long, env = "TICKSHARD_SHARD_ID")]
+    pub shard_id: Option<u32>,
+    /// gRPC address of every shard: a template with `{}` for the id
+    /// (`http://tickshard-{}.tickshard-headless:50051`) or a comma list ordered by
+    /// shard id [default: this node only].
+    #[arg(long, env = "TICKSHARD_PEERS")]
+    pub peers: Option<String>,
+    /// No built-in simulated market.
+    #[arg(long, env = "TICKSHARD_NO_SIM", action = ArgAction::SetTrue)]
+    pub no_sim: bool,
+    /// Simulated ticks per second, over all simulated symbols.
+    #[arg(long, env = "TICKSHARD_SIM_RATE", default_value_t = 200)]
+    pub sim_rate: u32,
+    /// Ticks retained per symbol (at least), for resume and GetHistory.
+    #[arg(long, env = "TICKSHARD_HISTORY_TICKS", default_value_t = 100_000)]
+    pub history_ticks: u64,
+    /// Retention of 1s candles, back from the symbol's newest tick (s, m, h, d, y).
+    #[arg(long, env = "TICKSHARD_RETAIN_CANDLES_1S", default_value = "24h", value_parser = parse_duration)]
+    pub retain_candles_1s: Duration,
+    /// Retention of 1m candles.
+    #[arg(long, env = "TICKSHARD_RETAIN_CANDLES_1M", default_value = "30d", value_parser = parse_duration)]
+    pub retain_candles_1m: Duration,
+    /// Retention of 1h candles.
+    #[arg(long, env = "TICKSHARD_RETAIN_CANDLES_1H", default_value = "5y", value_parser = parse_duration)]
+    pub retain_candles_1h: Duration,
+    /// How often retention runs, in milliseconds.
+    #[arg(long, env = "TICKSHARD_PRUNE_INTERVAL_MS", default_value_t = 5_000)]
+    pub prune_interval_ms: u64,
+    /// sled page cache, in MiB.
+    #[arg(long, env = "TICKSHARD_CACHE_MB", default_value_t = 256)]
+    pub cache_mb: u64,
+    /// How long shutdown spreads the WebSocket closes (1012), in milliseconds.
+    #[arg(long, env = "TICKSHARD_DRAIN_MS", default_value_t = 5_000)]
+    pub drain_ms: u64,
+    /// Largest client message in bytes; a larger one closes the socket with 1009.
+    #[arg(long, env = "TICKSHARD_MAX_MESSAGE_BYTES", default_value_t = 65_536)]
+    pub max_message_bytes: usize,
+    /// Symbol×channel subscriptions per WebSocket connection.
+    #[arg(long, env = "TICKSHARD_MAX_SUBSCRIPTIONS", default_value_t = 1_000)]
+    pub max_subscriptions: usize,
+    /// Client messages per second per connection (past it: `rate_limited`).
+    #[arg(long, env = "TICKSHARD_MAX_CLIENT_RATE", default_value_t = NonZeroU32::new(50).unwrap_or(NonZeroU32::MIN))]
+    pub max_client_rate: NonZeroU32,
+    /// Burst of client messages allowed above the rate.
+    #[arg(long, env = "TICKSHARD_CLIENT_BURST", default_value_t = NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN))]
+    pub client_burst: NonZeroU32,
+    /// Unsent bytes per client before its data is conflated.
+    #[arg(long, env = "TICKSHARD_CLIENT_QUEUE_BYTES", default_value_t = 4 << 20)]
+    pub client_queue_bytes: usize,
+    /// A client still behind after this many milliseconds is closed with 1013.
+    #[arg(long, env = "TICKSHARD_SLOW_CLIENT_MS", default_value_t = 10_000)]
+    pub slow_client_ms: u64,
+    /// Server ping interval, in milliseconds.
+    #[arg(long, env = "TICKSHARD_PING_INTERVAL_MS", default_value_t = 15_000)]
+    pub ping_interval_ms: u64,
+    /// A client silent for this long (no frame, no pong) is dropped, in milliseconds.
+    #[arg(long, env = "TICKSHARD_IDLE_TIMEOUT_MS", default_value_t = 45_000)]
+    pub idle_timeout_ms: u64,
+    /// Concurrent HTTP/WebSocket connections accepted (keep below the open-file limit).
+    #[arg(long, env = "TICKSHARD_MAX_CONNECTIONS", default_value_t = 18_000)]
+    pub max_connections: usize,
+    /// Unacked publishes in flight per gRPC Publish stream (backpressure past it).
+    #[arg(long, env = "TICKSHARD_PUBLISH_WINDOW", default_value_t = 8_192)]
+    pub publish_window: usize,
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info,tickshard_feed=debug`).
+    #[arg(long, env = "TICKSHARD_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TailArgs {
+    /// Symbols to follow.
+    #[arg(required = true)]
+    pub symbols: Vec<String>,
+    /// WebSocket URLs to connect to, comma separated; on failure the next one is tried.
+    #[arg(
+        long,
+        env = "TICKSHARD_URL",
+        default_value = "ws://127.0.0.1:8080/ws",
+        value_delimiter = ','
+    )]
+    pub url: Vec<String>,
+    /// Channels: ticks, candles:1s, candles:1m, candles:1h.
+    #[arg(long, default_value = "ticks", value_delimiter = ',')]
+    pub channels: Vec<String>,
+    /// Print the raw JSON frames instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Stop after this many ticks (0 = never).
+    #[arg(long, default_value_t = 0)]
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PublishArgs {
+    /// The file: CSV with a header row, or NDJSON (one object per line).
+    pub file: PathBuf,
+    /// gRPC endpoints, comma separated; on failure the next one is tried.
+    #[arg(
+        long,
+        env = "TICKSHARD_GRPC",
+        default_value = "http://127.0.0.1:50051",
+        value_delimiter = ','
+    )]
+    pub grpc: Vec<String>,
+    /// File format [default: from the extension: .csv, .ndjson/.jsonl].
+    #[arg(long, value_parser = ["csv", "ndjson"])]
+    pub format: Option<String>,
+    /// The symbol of every row, for files without a symbol column.
+    #[arg(long)]
+    pub symbol: Option<String>,
+    /// Column (or NDJSON field) holding the symbol.
+    #[arg(long, default_value = "symbol")]
+    pub col_symbol: String,
+    /// Column holding the exchange timestamp.
+    #[arg(long, default_value = "ts")]
+    pub col_ts: String,
+    /// Unit of the timestamp column: us, ms, s or ns.
+    #[arg(long, default_value = "us", value_parser = ["us", "ms", "s", "ns"])]
+    pub ts_unit: String,
+    /// Column holding the price.
+    #[arg(long, default_value = "price")]
+    pub col_price: String,
+    /// Column holding the size.
+    #[arg(long, default_value = "size")]
+    pub col_size: String,
+    /// Optional columns (absent or empty = no value).
+    #[arg(long, default_value = "bid")]
+    pub col_bid: String,
+    #[arg(long, default_value = "ask")]
+    pub col_ask: String,
+    #[arg(long, default_value = "bid_size")]
+    pub col_bid_size: String,
+    #[arg(long, default_value = "ask_size")]
+    pub col_ask_size: String,
+    /// Stable publisher id for de-duplication [default: derived from the file name].
+    #[arg(long)]
+    pub publisher_id: Option<String>,
+    /// Skip rows that fail validation instead of stopping.
+    #[arg(long)]
+    pub skip_invalid: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub publish: PublishArgs,
+    /// Pace: 1 = recorded speed, 10 = ten times faster, `max` = as fast as acks allow.
+    #[arg(long, default_value = "1")]
+    pub speed: String,
+    /// Shift timestamps so the first row is "now" (keeps candles live on the dashboard).
+    #[arg(long)]
+    pub now: bool,
+}
+
+/// Parses `90`, `90s`, `15m`, `24h`, `30d`, `5y` (a year is 365 days).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration like 30s, 15m, 24h, 30d, 5y"))?;
+    let secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        "y" => 365 * 86_400,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use s, m, h, d or y)")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(secs)))
+}
+
+/// A configuration error, naming the flag.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag}: {message}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub message: String,
+}
+
+fn cfg_err(flag: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        message: message.into(),
+    }
+}
+
+/// The validated serve configuration.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub node: NodeConfig,
+    pub ws: WsLimits,
+    /// gRPC address of every shard, by shard id.
+    pub peers: Vec<String>,
+    pub sim: Option<u32>,
+    pub drain: Duration,
+    pub max_connections: usize,
+    pub publish_window: usize,
+}
+
+impl ServeArgs {
+    pub fn validate(&self) -> Result<ServeConfig, ConfigError> {
+        if self.shards == 0 {
+            return Err(cfg_err("--shards", "must be at least 1"));
+        }
+        let shard_id = match self.shard_id {
+            Some(id) => id,
+            None => hostname()
+                .as_deref()
+                .and_then(ownership::ordinal_from_hostname)
+                .unwrap_or(0),
+        };
+        if shard_id >= self.shards {
+            return Err(cfg_err(
+                "--shard-id",
+                format!(
+                    "shard id {shard_id} (from {}) is not below --shards {}",
+                    if self.shard_id.is_some() {
+                        "--shard-id"
+                    } else {
+                        "the hostname"
+                    },
+                    self.shards
+                ),
+            ));
+        }
+        let peers = match &self.peers {
+            None if self.shards == 1 => vec![format!("http://{}", self.grpc_addr)],
+            None => return Err(cfg_err("--peers", "required when --shards is above 1")),
+            Some(p) if p.contains("{}") => (0..self.shards).map(|i| p.replace("{}", &i.to_string())).collect(),
+            Some(p) => p.split(',').map(|s| s.trim().to_string()).collect(),
+        };
+        if peers.len() != self.shards as usize {
+            return Err(cfg_err(
+                "--peers",
+                format!("lists {} addresses but --shards is {}", peers.len(), self.shards),
+            ));
+        }
+        if self.history_ticks == 0 {
+            return Err(cfg_err("--history-ticks", "must be at least 1"));
+        }
+        if self.max_message_bytes < 64 {
+            return Err(cfg_err("--max-message-bytes", "must be at least 64"));
+        }
+        if self.client_queue_bytes < 4096 {
+            return Err(cfg_err("--client-queue-bytes", "must be at least 4096"));
+        }
+        if self.ping_interval_ms == 0 || self.idle_timeout_ms <= self.ping_interval_ms {
+            return Err(cfg_err(
+                "--idle-timeout-ms",
+                "must be above --ping-interval-ms (and both above 0)",
+            ));
+        }
+        Ok(ServeConfig {
+            node: NodeConfig {
+                data_dir: self.data_dir.clone(),
+                store: StoreOptions {
+                    cache_bytes: self.cache_mb << 20,
+                },
+                shard_id,
+                shards: self.shards,
+                history_ticks: self.history_ticks,
+                candle_retention: [self.retain_candles_1s, self.retain_candles_1m, self.retain_candles_1h],
+                prune_interval: Duration::from_millis(self.prune_interval_ms.max(10)),
+                client_queue_bytes: self.client_queue_bytes,
+            },
+            ws: WsLimits {
+                max_message_bytes: self.max_message_bytes,
+                max_subscriptions: self.max_subscriptions,
+                max_client_rate: self.max_client_rate,
+                client_burst: self.client_burst,
+                slow_client: Duration::from_millis(self.slow_client_ms),
+                ping_interval: Duration::from_millis(self.ping_interval_ms),
+                idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            },
+            peers,
+            sim: (!self.no_sim && self.sim_rate > 0).then_some(self.sim_rate),
+            drain: Duration::from_millis(self.drain_ms),
+            max_connections: self.max_connections.max(1),
+            publish_window: self.publish_window.max(1),
+        })
+    }
+}
+
+/// The pod's hostname (Kubernetes sets it to the pod name).
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        let mut v = vec!["tickshard", "--shard-id", "0"];
+        v.extend_from_slice(extra);
+        Cli::try_parse_from(v).unwrap().serve
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = args(&[]).validate().unwrap();
+        assert_eq!(c.node.history_ticks, 100_000);
+        assert_eq!(c.drain, Duration::from_millis(5_000));
+        assert_eq!(c.ws.max_message_bytes, 65_536);
+        assert_eq!(c.ws.max_subscriptions, 1_000);
+        assert_eq!(c.ws.max_client_rate.get(), 50);
+        assert_eq!(c.node.client_queue_bytes, 4 << 20);
+        assert_eq!(c.node.candle_retention[2], Duration::from_secs(5 * 365 * 86_400));
+        assert!(c.sim.is_some());
+        assert_eq!(c.peers.len(), 1);
+    }
+
+    #[test]
+    fn inconsistent_cluster_config_is_refused_with_the_flag_named() {
+        let e = args(&["--shards", "3"]).validate().unwrap_err();
+        assert_eq!(e.flag, "--peers");
+        let e = Cli::try_parse_from(["tickshard", "--shards", "2", "--shard-id", "2", "--peers", "a,b"])
+            .unwrap()
+            .serve
+            .validate()
+            .unwrap_err();
+        assert_eq!(e.flag, "--shard-id");
+        let e = args(&["--shards", "3", "--peers", "a,b"]).validate().unwrap_err();
+        assert_eq!(e.flag, "--peers");
+        let c = args(&["--shards", "3", "--peers", "http://ts-{}.h:50051"])
+            .validate()
+            .unwrap();
+        assert_eq!(c.peers[2], "http://ts-2.h:50051");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("30d").unwrap(), Duration::from_secs(30 * 86_400));
+        assert!(parse_duration("3w").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+}

@@ -1,0 +1,3 @@
+//! The dashboard page served at `/`, embedded in the binary.
+
+pub const INDEX_HTML: &str = include_str!("dashboard/index.html");

@@ -1,0 +1,20 @@
+//! tickshard's client-facing layer and binary logic.
+//!
+//! - [`server`]: the serving lifecycle (`run`), HTTP routes and the drain.
+//! - [`ws`]: WebSocket protocol v1 (reader, writer, limits, JSON).
+//! - [`grpc`]: the public `tickshard.v1.Feed` gRPC service, health, reflection.
+//! - [`sim`]: the simulated market.
+//! - [`client`]: the client library (resuming subscriber, retrying publisher).
+//! - [`cli`]: the `tickshard` command line (`serve`, `tail`, `publish`, `replay`).
+//!
+//! Market-data logic lives in `tickshard_shard`; this crate only speaks protocols.
+
+pub mod cli;
+pub mod client;
+pub mod config;
+mod dashboard;
+pub mod grpc;
+pub mod server;
+pub mod sim;
+pub mod telemetry;
+pub mod ws;

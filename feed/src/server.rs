@@ -1,0 +1,316 @@
+//! The serving process: `run` takes bound listeners and a shutdown token, so a
+//! test binds port 0 and never waits on a sleep. It owns the lifecycle:
+//! start → ready → (signal) → drain → flush → exit.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tickshard_shard::{
+    hub::{Close, Outbox},
+    metrics as m,
+    node::{Node, NodeError},
+};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{config::ServeConfig, grpc, sim, ws};
+
+/// Bound listeners, handed to [`run`].
+pub struct Listeners {
+    pub http: TcpListener,
+    pub grpc: TcpListener,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("gRPC server: {0}")]
+    Grpc(String),
+    #[error("startup task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Anything the drain can close: WebSocket and gRPC subscriber outboxes.
+pub trait Closable: Send + Sync {
+    fn close(&self, close: Close);
+}
+
+impl<C: Send + 'static> Closable for Outbox<C> {
+    fn close(&self, close: Close) {
+        Outbox::close(self, close);
+    }
+}
+
+/// State shared by the HTTP, WebSocket and gRPC layers.
+pub struct Shared {
+    pub node: Arc<Node>,
+    pub ws: ws::WsLimits,
+    pub publish_window: usize,
+    draining: CancellationToken,
+    ready: AtomicBool,
+    metrics: PrometheusHandle,
+    /// Open subscriber connections, closed one by one during the drain.
+    conns: Mutex<HashMap<u64, Arc<dyn Closable>>>,
+    /// Every connection task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+impl Shared {
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    pub fn draining(&self) -> &CancellationToken {
+        &self.draining
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && !self.is_draining() && self.node.is_healthy()
+    }
+
+    pub fn register(&self, id: u64, c: Arc<dyn Closable>) {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(id, c);
+    }
+
+    pub fn deregister(&self, id: u64) {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+}
+
+/// Serves until `shutdown` is cancelled, then drains (contract §7) and returns.
+/// `started` is called once the store is open and both listeners serve (the
+/// binary prints the listening addresses then).
+pub async fn run(
+    cfg: ServeConfig,
+    listeners: Listeners,
+    metrics: PrometheusHandle,
+    shutdown: CancellationToken,
+    started: impl FnOnce(),
+) -> Result<(), RunError> {
+    let node_cfg = cfg.node.clone();
+    let node = tokio::task::spawn_blocking(move || Node::open(node_cfg)).await??;
+    let background = CancellationToken::new();
+    let bg_tracker = TaskTracker::new();
+    node.start_background(&bg_tracker, background.clone());
+
+    let shared = Arc::new(Shared {
+        node: node.clone(),
+        ws: cfg.ws.clone(),
+        publish_window: cfg.publish_window,
+        draining: CancellationToken::new(),
+        ready: AtomicBool::new(false),
+        metrics,
+        conns: Mutex::new(HashMap::new()),
+        tracker: TaskTracker::new(),
+    });
+
+    let http_stop = CancellationToken::new();
+    let http_task = tokio::spawn(serve_http(
+        listeners.http,
+        shared.clone(),
+        cfg.max_connections,
+        http_stop.clone(),
+    ));
+    let grpc_stop = CancellationToken::new();
+    let (health, grpc_task) = grpc::start(listeners.grpc, shared.clone(), grpc_stop.clone()).map_err(RunError::Grpc)?;
+
+    let sim_stop = CancellationToken::new();
+    let sim_task = cfg
+        .sim
+        .map(|rate| tokio::spawn(sim::run(node.clone(), rate, sim_stop.clone())));
+
+    shared.ready.store(true, Ordering::Relaxed);
+    metrics::gauge!(m::READY).set(1.0);
+    grpc::set_serving(&health, true).await;
+    tracing::info!(
+        shard = node.ownership().me(),
+        shards = node.ownership().shards(),
+        "ready"
+    );
+    started();
+
+    shutdown.cancelled().await;
+    let deadline = tokio::time::Instant::now() + cfg.drain + Duration::from_secs(15);
+
+    // 1. Not ready; refuse new WebSockets and subscriptions; gRPC streams end.
+    tracing::info!(drain_ms = cfg.drain.as_millis() as u64, "draining");
+    shared.draining.cancel();
+    metrics::gauge!(m::READY).set(0.0);
+    grpc::set_serving(&health, false).await;
+    sim_stop.cancel();
+    if let Some(t) = sim_task {
+        let _ = t.await;
+    }
+
+    // 2. Close every client with 1012, paced over --drain-ms.
+    let conns: Vec<Arc<dyn Closable>> = shared
+        .conns
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    let start = tokio::time::Instant::now();
+    let n = conns.len().max(1) as u32;
+    for (i, c) in conns.into_iter().enumerate() {
+        tokio::time::sleep_until(start + cfg.drain * i as u32 / n).await;
+        c.close(Close::RESTART);
+    }
+    shared.tracker.close();
+    if tokio::time::timeout_at(deadline, shared.tracker.wait()).await.is_err() {
+        tracing::warn!("some client connections did not close in time");
+    }
+
+    // 3. gRPC: publish streams ack what they took and end; wait for them.
+    grpc_stop.cancel();
+    match tokio::time::timeout_at(deadline, grpc_task).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server ended with an error"),
+        Err(_) => tracing::warn!("gRPC server did not stop in time"),
+        _ => {}
+    }
+
+    // 4. Commit and flush everything accepted, stop background work.
+    node.shutdown().await;
+    background.cancel();
+    bg_tracker.close();
+    let _ = tokio::time::timeout_at(deadline, bg_tracker.wait()).await;
+    http_stop.cancel();
+    let _ = http_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+type Body = Full<Bytes>;
+
+/// Accept loop: a permit per connection taken *before* accepting, back-off on
+/// accept errors (EMFILE), one task per connection.
+async fn serve_http(listener: TcpListener, shared: Arc<Shared>, max_connections: usize, stop: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => { backoff = Duration::from_millis(5); c }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| handle(req, shared.clone(), peer));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "http connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+async fn handle(
+    mut req: Request<Incoming>,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n"));
+    }
+    let resp = match req.uri().path() {
+        "/healthz" => {
+            if shared.node.is_healthy() {
+                text(StatusCode::OK, "ok\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "store failed\n")
+            }
+        }
+        "/readyz" => {
+            if shared.is_ready() {
+                text(StatusCode::OK, "ready\n")
+            } else if shared.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        "/metrics" => {
+            let mut r = Response::new(Full::new(Bytes::from(shared.metrics.render())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        "/ws" => {
+            if shared.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining: connect to another server\n")
+            } else if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+                text(StatusCode::UPGRADE_REQUIRED, "WebSocket upgrade required\n")
+            } else {
+                match fastwebsockets::upgrade::upgrade(&mut req) {
+                    Err(e) => {
+                        tracing::debug!(error = %e, "bad upgrade request");
+                        text(StatusCode::BAD_REQUEST, "bad WebSocket upgrade request\n")
+                    }
+                    Ok((resp, fut)) => {
+                        let s = shared.clone();
+                        shared.tracker.spawn(async move {
+                            match fut.await {
+                                // Only the raw stream is kept: `ws::serve` splits it
+                                // and sets the WebSocket up itself.
+                                Ok(websocket) => ws::serve(websocket.into_inner().into_inner(), s, peer).await,
+                                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                            }
+                        });
+                        resp.map(|_| ws::empty_body())
+                    }
+                }
+            }
+        }
+        "/" | "/index.html" => {
+            let mut r = Response::new(Full::new(Bytes::from_static(crate::dashboard::INDEX_HTML.as_bytes())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            r
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    Ok(resp)
+}

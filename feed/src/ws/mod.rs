@@ -1,0 +1,560 @@
+//! WebSocket protocol v1 (contract §4) over fastwebsockets.
+//!
+//! One task per connection runs three futures: the *reader* (frames → requests;
+//! never inside a `select!` that could cancel `read_frame` and then read again),
+//! the *writer* (drains the connection's [`Outbox`] and writes everything queued
+//! with one flush through a `BufWriter`), and a *housekeeping* tick (server pings,
+//! idle timeout, slow-client close, close deadline). Tick frames are encoded once
+//! per chunk and shared by every connection ([`json::encode_ticks`]).
+
+pub mod json;
+pub mod protocol;
+
+use std::{
+    collections::{HashSet, VecDeque},
+    net::SocketAddr,
+    num::NonZeroU32,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError, WebSocketRead, WebSocketWrite};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use hyper_util::rt::TokioIo;
+use simd_json::Buffers;
+use tickshard_shard::{
+    domain::{ErrorCode, Symbol},
+    hub::{AfterWrite, Channel, Close, Data, Msg, Outbox},
+    metrics as m,
+    node::{SubRequest, SubResult},
+};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, BufWriter},
+    net::TcpStream,
+    time::Instant,
+};
+use tracing::Instrument as _;
+
+use crate::server::Shared;
+
+/// Size of the per-connection write buffer: frames are copied into it and
+/// written with one syscall per drain.
+const WRITE_BUFFER: usize = 64 * 1024;
+/// How long a requested close may take before the connection is dropped (a
+/// client that stopped reading never takes the close frame).
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Per-connection limits (contract §4), from the configuration.
+#[derive(Clone, Debug)]
+pub struct WsLimits {
+    pub max_message_bytes: usize,
+    pub max_subscriptions: usize,
+    pub max_client_rate: NonZeroU32,
+    pub client_burst: NonZeroU32,
+    pub slow_client: Duration,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// Protocol-specific items of a WebSocket outbox.
+pub enum Ctl {
+    /// A pre-encoded JSON text message (replies, errors).
+    Text(Vec<u8>),
+    Ping,
+    Pong(Vec<u8>),
+}
+
+type WsOutbox = Outbox<Ctl>;
+
+/// Takes over an upgraded HTTP connection and serves it until it closes.
+pub async fn serve(upgraded: hyper::upgrade::Upgraded, shared: Arc<Shared>, peer: SocketAddr) {
+    // Take the TCP stream back from hyper so the halves are split without a lock.
+    let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(p) => p,
+        Err(_) => {
+            tracing::error!("upgraded connection is not a TCP stream");
+            return;
+        }
+    };
+    let stream = parts.io.into_inner();
+    let _ = stream.set_nodelay(true);
+    let (r, w) = stream.into_split();
+    let reader = std::io::Cursor::new(parts.read_buf).chain(r);
+    let writer = BufWriter::with_capacity(WRITE_BUFFER, w);
+    let (mut rx, mut tx) = fastwebsockets::after_handshake_split(reader, writer, Role::Server);
+    rx.set_auto_close(false);
+    rx.set_auto_pong(false);
+    rx.set_max_message_size(shared.ws.max_message_bytes + 1);
+    tx.set_writev(false);
+    let conn = Connection::new(shared);
+    let span = tracing::debug_span!("ws", %peer, conn = conn.outbox.id());
+    conn.run(rx, tx).instrument(span).await;
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    outbox: Arc<WsOutbox>,
+    started: Instant,
+    /// Milliseconds since `started` of the last frame from the client.
+    last_seen: AtomicU64,
+    /// This connection's subscriptions. A std mutex: never held across `.await`.
+    subs: Mutex<HashSet<(Symbol, Channel)>>,
+}
+
+impl Connection {
+    fn new(shared: Arc<Shared>) -> Connection {
+        let outbox = shared.node.outbox(shared.ws.slow_client);
+        Connection {
+            shared,
+            outbox,
+            started: Instant::now(),
+            last_seen: AtomicU64::new(0),
+            subs: Mutex::new(HashSet::new()),
+        }
+    }
+
+    async fn run<R, W>(self, rx: WebSocketRead<R>, tx: WebSocketWrite<BufWriter<W>>)
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let gauge = metrics::gauge!(m::CLIENTS_CONNECTED, "protocol" => "ws");
+        gauge.increment(1.0);
+        self.shared.register(self.outbox.id(), self.outbox.clone());
+        tracing::debug!("connected");
+
+        let reader = self.read_loop(rx);
+        let writer = self.write_loop(tx);
+        tokio::pin!(reader, writer);
+        let house = self
+            .shared
+            .ws
+            .ping_interval
+            .min(Duration::from_secs(1))
+            .min(self.shared.ws.slow_client / 4)
+            .max(Duration::from_millis(50));
+        let mut tick = tokio::time::interval(house);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_ping = Instant::now() + self.shared.ws.ping_interval;
+        let mut close_deadline: Option<Instant> = None;
+        let mut reader_done = false;
+        loop {
+            tokio::select! {
+                () = &mut writer => break,
+                () = &mut reader, if !reader_done => {
+                    reader_done = true;
+                    // The client went away or broke the protocol: make sure the
+                    // writer ends too (it writes a close frame if it still can).
+                    self.outbox.close(Close { code: 1000, reason: "" });
+                }
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    let seen = self.started + Duration::from_millis(self.last_seen.load(Ordering::Relaxed));
+                    if now.duration_since(seen) >= self.shared.ws.idle_timeout {
+                        tracing::debug!("idle timeout");
+                        self.outbox.close(Close::GOING_AWAY);
+                    }
+                    self.outbox.check_slow();
+                    if now >= next_ping {
+                        next_ping = now + self.shared.ws.ping_interval;
+                        self.outbox.control(Ctl::Ping, 16);
+                    }
+                    if self.outbox.is_closing() {
+                        let d = *close_deadline.get_or_insert(now + CLOSE_GRACE);
+                        if now >= d {
+                            tracing::debug!("close not delivered in time; dropping the connection");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.outbox.finish();
+        let subs = std::mem::take(&mut *self.subs.lock().unwrap_or_else(|p| p.into_inner()));
+        for (sym, ch) in subs {
+            self.shared.node.unsubscribe(self.outbox.id(), &sym, ch);
+        }
+        self.shared.deregister(self.outbox.id());
+        gauge.decrement(1.0);
+        tracing::debug!("disconnected");
+    }
+
+    async fn write_loop<W: AsyncWrite + Unpin>(&self, mut tx: WebSocketWrite<BufWriter<W>>) {
+        let msgs_sent = metrics::counter!(m::MESSAGES_SENT, "protocol" => "ws");
+        let bytes_sent = metrics::counter!(m::BYTES_SENT, "protocol" => "ws");
+        let mut q = VecDeque::new();
+        let mut buf = Vec::with_capacity(512);
+        loop {
+            let close = self.outbox.take(&mut q).await;
+            let (mut weight, mut msgs, mut bytes) = (0usize, 0u64, 0u64);
+            for msg in q.drain(..) {
+                let r = match msg {
+                    Msg::Data(d) => {
+                        weight += d.weight();
+                        match d {
+                            Data::Ticks { chunk, from } => {
+                                let enc = chunk.encoded(json::encode_ticks);
+                                let mut r = Ok(());
+                                for f in enc.frames_from(from) {
+                                    msgs += 1;
+                                    bytes += f.len() as u64;
+                                    r = tx.write_frame(Frame::text(Payload::Borrowed(f))).await;
+                                    if r.is_err() {
+                                        break;
+                                    }
+                                }
+                                r
+                            }
+                            Data::Snapshot(s) => {
+                                buf.clear();
+                                json::snapshot(&mut buf, &s.epoch, &s.tick, s.conflated);
+                                msgs += 1;
+                                bytes += buf.len() as u64;
+                                tx.write_frame(Frame::text(Payload::Borrowed(&buf))).await
+                            }
+                            Data::Candle(c) => {
+                                buf.clear();
+                                json::candle(&mut buf, &c.candle, c.closed);
+                                msgs += 1;
+                                bytes += buf.len() as u64;
+                                tx.write_frame(Frame::text(Payload::Borrowed(&buf))).await
+                            }
+                        }
+                    }
+                    Msg::Control(Ctl::Text(t)) => {
+                        msgs += 1;
+                        bytes += t.len() as u64;
+                        tx.write_frame(Frame::text(Payload::Owned(t))).await
+                    }
+                    Msg::Control(Ctl::Ping) => {
+                        tx.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"")))
+                            .await
+                    }
+                    Msg::Control(Ctl::Pong(p)) => tx.write_frame(Frame::pong(Payload::Owned(p))).await,
+                };
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "write failed");
+                    return;
+                }
+            }
+            if let Some(c) = close {
+                let _ = tx.write_frame(Frame::close(c.code, c.reason.as_bytes())).await;
+                let _ = tx.flush().await;
+                return;
+            }
+            if let Err(e) = tx.flush().await {
+                tracing::debug!(error = %e, "flush failed");
+                return;
+            }
+            msgs_sent.increment(msgs);
+            bytes_sent.increment(bytes);
+            if let AfterWrite::Repair(stalled) = self.outbox.written(weight) {
+                self.shared.node.hub().repair(self.outbox.id(), &stalled);
+            }
+        }
+    }
+
+    async fn read_loop<R: AsyncRead + Unpin>(&self, mut rx: WebSocketRead<R>) {
+        let limits = &self.shared.ws;
+        let mut session = Session {
+            conn: self,
+            limiter: RateLimiter::direct(Quota::per_second(limits.max_client_rate).allow_burst(limits.client_burst)),
+            flood: Flood::new(limits.max_client_rate.get().saturating_mul(10)),
+            buffers: Buffers::default(),
+            out: Vec::new(),
+        };
+        let mut assembly: Option<Vec<u8>> = None;
+        let mut obligated = |_f: Frame<'_>| async { Ok::<(), std::io::Error>(()) };
+        loop {
+            let frame = match rx.read_frame(&mut obligated).await {
+                Ok(f) => f,
+                Err(WebSocketError::FrameTooLarge) => return session.too_large(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "read ended");
+                    return;
+                }
+            };
+            self.last_seen
+                .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            match frame.opcode {
+                OpCode::Text | OpCode::Binary if frame.fin && assembly.is_none() => {
+                    let binary = frame.opcode == OpCode::Binary;
+                    let mut payload = frame.payload;
+                    if !session.message(payload.to_mut(), binary).await {
+                        return;
+                    }
+                }
+                OpCode::Text | OpCode::Binary if assembly.is_some() => {
+                    tracing::debug!("new message before the last fragment");
+                    self.outbox.close(Close::PROTOCOL);
+                    return;
+                }
+                OpCode::Text | OpCode::Binary => {
+                    let mut first = frame.payload.to_vec();
+                    if frame.opcode == OpCode::Binary {
+                        first.insert(0, 0); // marks a binary message
+                    }
+                    assembly = Some(first);
+                }
+                OpCode::Continuation => {
+                    let Some(a) = assembly.as_mut() else {
+                        session.error(None, ErrorCode::BadJson, "continuation frame without a first frame");
+                        continue;
+                    };
+                    if a.len() + frame.payload.len() > limits.max_message_bytes {
+                        return session.too_large();
+                    }
+                    a.extend_from_slice(&frame.payload);
+                    if frame.fin
+                        && let Some(mut msg) = assembly.take()
+                    {
+                        let binary = msg.first() == Some(&0);
+                        if !session.message(&mut msg, binary).await {
+                            return;
+                        }
+                    }
+                }
+                OpCode::Ping => self.outbox.control(Ctl::Pong(frame.payload.to_vec()), 16),
+                OpCode::Pong => {}
+                OpCode::Close => {
+                    let code = frame
+                        .payload
+                        .get(..2)
+                        .map_or(1000, |b| u16::from_be_bytes([b[0], b[1]]));
+                    tracing::debug!(code, "client closed");
+                    self.outbox.close(Close { code: 1000, reason: "" });
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Counts client messages per second: a client at ≥ 10× the allowed rate for
+/// 10 consecutive seconds is closed with 1008 (contract §4).
+struct Flood {
+    threshold: u32,
+    window_start: Instant,
+    count: u32,
+    streak: u32,
+}
+
+impl Flood {
+    const WINDOW: Duration = Duration::from_secs(1);
+    const WINDOWS: u32 = 10;
+
+    fn new(threshold: u32) -> Flood {
+        Flood {
+            threshold,
+            window_start: Instant::now(),
+            count: 0,
+            streak: 0,
+        }
+    }
+
+    /// Records one message; true if the client must be closed.
+    fn record(&mut self) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.window_start) >= Self::WINDOW {
+            let elapsed = now.duration_since(self.window_start);
+            // a full window passed: did it flood? (a longer gap breaks the streak)
+            self.streak = if self.count >= self.threshold && elapsed < 2 * Self::WINDOW {
+                self.streak + 1
+            } else {
+                0
+            };
+            self.count = 0;
+            self.window_start = now;
+        }
+        self.count += 1;
+        self.count >= self.threshold && self.streak + 1 >= Self::WINDOWS
+    }
+}
+
+/// The reader's state: subscriptions, limits and scratch buffers.
+struct Session<'a> {
+    conn: &'a Connection,
+    limiter: DefaultDirectRateLimiter,
+    flood: Flood,
+    buffers: Buffers,
+    out: Vec<u8>,
+}
+
+impl Session<'_> {
+    fn subs(&self) -> std::sync::MutexGuard<'_, HashSet<(Symbol, Channel)>> {
+        self.conn.subs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn send(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        encode(&mut out);
+        let w = out.len();
+        self.conn.outbox.control(Ctl::Text(out.clone()), w);
+        self.out = out;
+    }
+
+    fn error(&mut self, id: Option<&[u8]>, code: ErrorCode, message: &str) {
+        metrics::counter!(m::CLIENT_ERRORS, "code" => code.as_str()).increment(1);
+        self.send(|o| json::error(o, id, code.as_str(), message));
+    }
+
+    fn too_large(&mut self) {
+        let max = self.conn.shared.ws.max_message_bytes;
+        self.error(
+            None,
+            ErrorCode::MessageTooLarge,
+            &format!("messages are limited to {max} bytes"),
+        );
+        self.conn.outbox.close(Close::TOO_BIG);
+    }
+
+    /// Handles one complete client message; false to end the connection.
+    async fn message(&mut self, buf: &mut [u8], binary: bool) -> bool {
+        if self.flood.record() {
+            self.error(None, ErrorCode::RateLimited, "closing: sustained flood of messages");
+            self.conn.outbox.close(Close::POLICY);
+            return false;
+        }
+        if self.limiter.check().is_err() {
+            let rate = self.conn.shared.ws.max_client_rate;
+            self.error(
+                None,
+                ErrorCode::RateLimited,
+                &format!("more than {rate} messages per second; message dropped"),
+            );
+            return true;
+        }
+        if binary {
+            self.error(
+                None,
+                ErrorCode::BadJson,
+                "binary frames are not supported; send JSON text",
+            );
+            return true;
+        }
+        let req = match protocol::parse(buf, &mut self.buffers) {
+            Ok(r) => r,
+            Err(e) => {
+                self.error(e.id.as_deref(), e.code, &e.message);
+                return true;
+            }
+        };
+        let id = req.id.as_deref();
+        match req.op {
+            protocol::Op::Ping => self.send(|o| json::pong(o, id)),
+            protocol::Op::Symbols => {
+                let list: Vec<Symbol> = self.conn.shared.node.symbols().into_iter().map(|(s, _)| s).collect();
+                self.send(|o| json::symbol_list(o, "symbols", id, &list));
+            }
+            protocol::Op::Unsubscribe { symbols, channels } => {
+                for s in &symbols {
+                    for c in &channels {
+                        let removed = self.subs().remove(&(*s, *c));
+                        if removed {
+                            self.conn.shared.node.unsubscribe(self.conn.outbox.id(), s, *c);
+                        }
+                    }
+                }
+                self.send(|o| json::symbol_list(o, "unsubscribed", id, &symbols));
+            }
+            protocol::Op::Subscribe {
+                symbols,
+                channels,
+                resume,
+            } => self.subscribe(id, symbols, channels, resume).await,
+        }
+        true
+    }
+
+    async fn subscribe(
+        &mut self,
+        id: Option<&[u8]>,
+        symbols: Vec<Symbol>,
+        channels: Vec<Channel>,
+        resume: Vec<(Symbol, tickshard_shard::domain::Position)>,
+    ) {
+        if self.conn.shared.is_draining() {
+            self.error(
+                id,
+                ErrorCode::Unavailable,
+                "this server is shutting down; reconnect and resume elsewhere",
+            );
+            return;
+        }
+        let (have, new_pairs) = {
+            let subs = self.subs();
+            let new = symbols
+                .iter()
+                .flat_map(|s| channels.iter().map(move |c| (*s, *c)))
+                .filter(|p| !subs.contains(p))
+                .count();
+            (subs.len(), new)
+        };
+        let max = self.conn.shared.ws.max_subscriptions;
+        if have + new_pairs > max {
+            self.error(
+                id,
+                ErrorCode::TooManySubscriptions,
+                &format!(
+                    "this subscribe would make {} symbol×channel subscriptions; the limit per connection is {max}",
+                    have + new_pairs
+                ),
+            );
+            return;
+        }
+        let resume = &resume;
+        let reqs: Vec<SubRequest> = symbols
+            .iter()
+            .flat_map(|s| {
+                channels.iter().map(move |c| SubRequest {
+                    symbol: *s,
+                    channel: *c,
+                    resume: (*c == Channel::Ticks)
+                        .then(|| resume.iter().find(|(r, _)| r == s).map(|(_, p)| *p))
+                        .flatten(),
+                })
+            })
+            .collect();
+        let node = &self.conn.shared.node;
+        // Recorded before registering, so a connection that ends mid-subscribe
+        // still detaches everything it attached.
+        self.subs().extend(reqs.iter().map(|r| (r.symbol, r.channel)));
+        let prepared = match node.prepare(&self.conn.outbox, &reqs).await {
+            Ok(p) => p,
+            Err(e) => {
+                for r in &reqs {
+                    self.subs().remove(&(r.symbol, r.channel));
+                    node.unsubscribe(self.conn.outbox.id(), &r.symbol, r.channel);
+                }
+                self.error(id, ErrorCode::Unavailable, &e.to_string());
+                return;
+            }
+        };
+        let reply = per_symbol(&prepared.results);
+        self.send(|o| json::subscribed(o, id, &reply));
+        node.activate(&self.conn.outbox, prepared).await;
+    }
+}
+
+/// One `subscribed` entry per symbol: its ticks subscription if it has one.
+fn per_symbol(results: &[SubResult]) -> Vec<SubResult> {
+    let mut out: Vec<SubResult> = Vec::new();
+    for r in results {
+        match out.iter_mut().find(|o| o.symbol == r.symbol) {
+            Some(o) if r.channel == Channel::Ticks => *o = *r,
+            Some(_) => {}
+            None => out.push(*r),
+        }
+    }
+    out
+}
+
+/// Used by the HTTP layer for the upgrade response body.
+pub fn empty_body() -> http_body_util::Full<Bytes> {
+    http_body_util::Full::new(Bytes::new())
+}

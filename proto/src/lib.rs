@@ -1,0 +1,16 @@
+//! Generated gRPC code for tickshard, quarantined here.
+//!
+//! Only this crate is generated; conversions between these wire types and the
+//! domain types live in `tickshard_shard::wire`, so the domain never depends on
+//! prost.
+
+#![allow(clippy::all, clippy::pedantic, missing_docs)]
+
+/// Package `tickshard.v1`: the public `Feed` service and the internal `Cluster`
+/// service.
+pub mod v1 {
+    tonic::include_proto!("tickshard.v1");
+}
+
+/// The encoded `FileDescriptorSet` of every tickshard proto, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tickshard_descriptor");

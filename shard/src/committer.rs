@@ -1,0 +1,462 @@
+//! The group-commit thread: the only writer of the store.
+//!
+//! Loop: take every queued command (up to [`MAX_BATCH`]), assign `seq`s,
+//! de-duplicate, fold candles, write one atomic batch (one key per touched
+//! symbol for its tick block, one for its state), `flush` once, then fan the
+//! batch out to the hub and ack every request in it. While a flush runs, new
+//! requests queue up, so batches grow with load by themselves.
+//!
+//! It runs on its own OS thread: sled calls block, and must never stall the
+//! async runtime.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::Instant,
+};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    domain::{Candle, CandleAgg, CandleEffect, Epoch, InputError, Interval, Symbol, Tick},
+    hub::{Chunk, Head, Hub, SymbolHub},
+    metrics as m,
+    store::{CommitBatch, DedupState, Store, SymbolRecord},
+};
+
+/// Most commands folded into one group commit.
+pub const MAX_BATCH: usize = 16_384;
+/// Capacity of the command queue in front of the committer: publishers wait
+/// (backpressure) when it is full.
+pub const QUEUE_CAPACITY: usize = 65_536;
+/// De-dup states cached in memory before the cache is reset (they are in sled).
+const DEDUP_CACHE_MAX: usize = 1 << 20;
+
+/// Where acks go: one channel per publish stream. Unbounded because the stream
+/// bounds its in-flight requests itself.
+pub type AckTx = mpsc::UnboundedSender<Ack>;
+
+pub struct PublishCmd {
+    /// Validated, `seq` still 0.
+    pub tick: Tick,
+    /// `(publisher_id, publisher_seq)`; `None` disables de-dup (the simulator).
+    pub publisher: Option<(Arc<str>, u64)>,
+    pub request_id: u64,
+    pub reply: AckTx,
+    pub received: Instant,
+}
+
+pub enum Cmd {
+    Publish(PublishCmd),
+    /// Creates (durably) the epoch of symbols without ticks.
+    Ensure {
+        symbols: Vec<Symbol>,
+        reply: oneshot::Sender<Result<(), CommitError>>,
+    },
+    /// Commits everything queued before it, flushes and ends the thread.
+    Stop,
+}
+
+#[derive(Clone, Debug)]
+pub struct Ack {
+    pub request_id: u64,
+    pub symbol: Symbol,
+    pub result: Result<Accepted, AckError>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    pub seq: u64,
+    pub epoch: Epoch,
+    pub duplicate: bool,
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum AckError {
+    #[error(transparent)]
+    Input(#[from] InputError),
+    /// Retryable: the owner could not make the tick durable or is unreachable.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("the shard store failed and stopped accepting writes: {0}")]
+    StoreFailed(String),
+    #[error("the committer has stopped")]
+    Stopped,
+}
+
+/// The committer's handle: cheap to clone, used by every publisher.
+#[derive(Clone)]
+pub struct Committer {
+    tx: mpsc::Sender<Cmd>,
+    failed: Arc<AtomicBool>,
+}
+
+impl Committer {
+    /// Starts the committer thread on `store`, publishing to `hub`.
+    pub fn start(
+        store: Arc<Store>,
+        hub: Arc<Hub>,
+        records: Vec<SymbolRecord>,
+    ) -> std::io::Result<(Committer, thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let failed = Arc::new(AtomicBool::new(false));
+        let mut symbols = HashMap::with_capacity(records.len());
+        for rec in records {
+            let h = hub.get_or_insert(rec.symbol, || head_of(&rec));
+            symbols.insert(rec.symbol, SymState::new(rec, Some(h)));
+        }
+        metrics::gauge!(m::OWNED_SYMBOLS).set(symbols.len() as f64);
+        let mut worker = Worker {
+            store,
+            hub,
+            symbols,
+            dedup: HashMap::new(),
+            generation: 0,
+            failed: failed.clone(),
+        };
+        let join = thread::Builder::new()
+            .name("tickshard-commit".into())
+            .spawn(move || worker.run(rx))?;
+        Ok((Committer { tx, failed }, join))
+    }
+
+    /// Queues a publish; waits only if the queue is full (backpressure).
+    pub async fn publish(&self, cmd: PublishCmd) -> Result<(), CommitError> {
+        if self.failed.load(Ordering::Relaxed) {
+            return Err(CommitError::StoreFailed("see the log".into()));
+        }
+        self.tx.send(Cmd::Publish(cmd)).await.map_err(|_| CommitError::Stopped)
+    }
+
+    /// Makes sure `symbols` have a durable epoch.
+    pub async fn ensure(&self, symbols: Vec<Symbol>) -> Result<(), CommitError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Ensure { symbols, reply })
+            .await
+            .map_err(|_| CommitError::Stopped)?;
+        rx.await.map_err(|_| CommitError::Stopped)?
+    }
+
+    /// Commits everything queued so far, flushes, and stops the thread. Publishes
+    /// sent after this fail with [`CommitError::Stopped`].
+    pub async fn stop(&self) {
+        let _ = self.tx.send(Cmd::Stop).await;
+    }
+
+    /// True once a store failure stopped the committer.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
+fn head_of(rec: &SymbolRecord) -> Head {
+    Head {
+        epoch: rec.epoch,
+        seq: rec.last_seq,
+        last: rec.last,
+        candles: rec.candles,
+    }
+}
+
+struct SymState {
+    rec: SymbolRecord,
+    aggs: [CandleAgg; 3],
+    /// Created after the symbol's first commit is durable.
+    hub: Option<Arc<SymbolHub>>,
+    // per-batch scratch
+    touched: bool,
+    ticks: Vec<Tick>,
+    closed: Vec<Candle>,
+}
+
+impl SymState {
+    fn new(rec: SymbolRecord, hub: Option<Arc<SymbolHub>>) -> SymState {
+        let aggs = rec.candles.map(|current| CandleAgg { current });
+        SymState {
+            rec,
+            aggs,
+            hub,
+            touched: false,
+            ticks: Vec::new(),
+            closed: Vec::new(),
+        }
+    }
+}
+
+struct Worker {
+    store: Arc<Store>,
+    hub: Arc<Hub>,
+    symbols: HashMap<Symbol, SymState>,
+    dedup: HashMap<(Symbol, Arc<str>), DedupEntry>,
+    /// Group commits so far: marks which de-dup states this batch wrote.
+    generation: u64,
+    failed: Arc<AtomicBool>,
+}
+
+struct DedupEntry {
+    state: DedupState,
+    /// The generation whose batch writes this state.
+    generation: u64,
+}
+
+#[derive(Default)]
+struct Counts {
+    ticks: u64,
+    duplicates: u64,
+    late: u64,
+}
+
+/// An ack to send once the batch is durable.
+struct Pending {
+    reply: AckTx,
+    ack: Ack,
+    received: Instant,
+}
+
+impl Worker {
+    fn run(&mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let accepted = metrics::counter!(m::TICKS_ACCEPTED);
+        let duplicates = metrics::counter!(m::TICKS_DUPLICATE);
+        let late = metrics::counter!(m::LATE_TICKS);
+        let flush_hist = metrics::histogram!(m::FLUSH_LATENCY);
+        let batch_hist = metrics::histogram!(m::COMMIT_BATCH);
+        let latency = metrics::histogram!(m::PUBLISH_LATENCY);
+        let owned = metrics::gauge!(m::OWNED_SYMBOLS);
+
+        let mut cmds = Vec::with_capacity(MAX_BATCH);
+        let mut acks: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+        let mut ensures = Vec::new();
+        let mut touched: Vec<Symbol> = Vec::new();
+        let mut dedup_dirty: Vec<(Symbol, Arc<str>)> = Vec::new();
+
+        while let Some(first) = rx.blocking_recv() {
+            cmds.push(first);
+            while cmds.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(c) => cmds.push(c),
+                    Err(_) => break,
+                }
+            }
+            let mut counts = Counts::default();
+            let mut stop = false;
+            for cmd in cmds.drain(..) {
+                match cmd {
+                    Cmd::Publish(p) => {
+                        let ack = self.apply(&p, &mut touched, &mut dedup_dirty, &mut counts);
+                        acks.push(Pending {
+                            reply: p.reply,
+                            ack: Ack {
+                                request_id: p.request_id,
+                                symbol: p.tick.symbol,
+                                result: ack,
+                            },
+                            received: p.received,
+                        });
+                    }
+                    Cmd::Ensure { symbols, reply } => {
+                        for sym in symbols {
+                            self.state(sym, &mut touched);
+                        }
+                        ensures.push(reply);
+                    }
+                    Cmd::Stop => stop = true,
+                }
+            }
+            self.generation += 1;
+
+            // One atomic batch: per touched symbol its tick block, closed
+            // candles and state; per (publisher, symbol) its de-dup state.
+            let mut batch = CommitBatch::default();
+            for sym in &touched {
+                let Some(st) = self.symbols.get_mut(sym) else { continue };
+                st.rec.candles = st.aggs.map(|a| a.current);
+                if let Some(first) = st.ticks.first() {
+                    batch.put_block(first, &st.ticks);
+                }
+                for c in &st.closed {
+                    batch.put_closed_candle(c);
+                }
+                batch.put_symbol(&st.rec);
+            }
+            for k in dedup_dirty.drain(..) {
+                if let Some(d) = self.dedup.get(&k) {
+                    batch.put_dedup(&k.0, &k.1, d.state);
+                }
+            }
+            let result = self.store.commit(batch);
+            match result {
+                Ok(flush) => flush_hist.record(flush.as_secs_f64()),
+                Err(e) => {
+                    // The batch may or may not be on disk; in-memory state is
+                    // ahead of what is durable. Fail everything and stop: the
+                    // process must restart and recover from the store.
+                    tracing::error!(error = %e, "group commit failed; the shard stops accepting writes");
+                    self.failed.store(true, Ordering::Relaxed);
+                    for p in acks.drain(..) {
+                        let _ = p.reply.send(Ack {
+                            result: Err(AckError::Unavailable(format!("store failure: {e}"))),
+                            ..p.ack
+                        });
+                    }
+                    for r in ensures.drain(..) {
+                        let _ = r.send(Err(CommitError::StoreFailed(e.to_string())));
+                    }
+                    return;
+                }
+            }
+
+            // Durable: fan out, then ack.
+            for sym in touched.drain(..) {
+                let Some(st) = self.symbols.get_mut(&sym) else { continue };
+                st.touched = false;
+                let hub = match &st.hub {
+                    Some(h) => h.clone(),
+                    None => {
+                        let h = self.hub.get_or_insert(sym, || head_of(&st.rec));
+                        st.hub = Some(h.clone());
+                        h
+                    }
+                };
+                let chunk = Arc::new(Chunk::new(sym, std::mem::take(&mut st.ticks)));
+                if hub.publish(chunk, &st.closed, st.rec.candles) {
+                    self.hub.mark_candles_dirty(hub);
+                }
+                st.closed.clear();
+            }
+            accepted.increment(counts.ticks);
+            duplicates.increment(counts.duplicates);
+            late.increment(counts.late);
+            batch_hist.record(counts.ticks as f64);
+            owned.set(self.symbols.len() as f64);
+            let now = Instant::now();
+            for p in acks.drain(..) {
+                if matches!(p.ack.result, Ok(Accepted { duplicate: false, .. })) {
+                    latency.record(now.duration_since(p.received).as_secs_f64());
+                }
+                // A closed channel means the publisher left; nothing to do.
+                let _ = p.reply.send(p.ack);
+            }
+            for r in ensures.drain(..) {
+                let _ = r.send(Ok(()));
+            }
+            if self.dedup.len() > DEDUP_CACHE_MAX {
+                self.dedup.clear();
+            }
+            if stop {
+                break;
+            }
+        }
+        if let Err(e) = self.store.flush() {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        tracing::debug!("committer stopped");
+    }
+
+    /// De-duplicates, assigns the next seq and folds candles for one publish.
+    fn apply(
+        &mut self,
+        p: &PublishCmd,
+        touched: &mut Vec<Symbol>,
+        dedup_dirty: &mut Vec<(Symbol, Arc<str>)>,
+        counts: &mut Counts,
+    ) -> Result<Accepted, AckError> {
+        let sym = p.tick.symbol;
+        let epoch = self.state(sym, touched).rec.epoch;
+        let mut dedup_key = None;
+        if let Some((pid, pseq)) = &p.publisher {
+            let key = (sym, pid.clone());
+            let prev = match self.dedup.get(&key) {
+                Some(d) => Some(d.state),
+                None => self.store.dedup(&sym, pid).map_err(|e| {
+                    tracing::error!(error = %e, symbol = %sym, "de-dup lookup failed");
+                    AckError::Unavailable(format!("store read failed: {e}"))
+                })?,
+            };
+            if let Some(d) = prev
+                && *pseq <= d.publisher_seq
+            {
+                counts.duplicates += 1;
+                // The original seq is known only for the latest accepted request.
+                let seq = if *pseq == d.publisher_seq { d.seq } else { 0 };
+                return Ok(Accepted {
+                    seq,
+                    epoch,
+                    duplicate: true,
+                });
+            }
+            dedup_key = Some((key, *pseq));
+        }
+        let Some(st) = self.symbols.get_mut(&sym) else {
+            return Err(AckError::Unavailable("symbol state vanished".into()));
+        };
+        st.rec.last_seq += 1;
+        let mut tick = p.tick;
+        tick.seq = st.rec.last_seq;
+        for i in Interval::ALL {
+            match st.aggs[i.index()].apply(i, &tick) {
+                CandleEffect::Updated => {}
+                CandleEffect::Rolled { closed } => st.closed.push(closed),
+                CandleEffect::Late => counts.late += u64::from(i == Interval::S1),
+            }
+        }
+        st.rec.last = Some(tick);
+        st.ticks.push(tick);
+        counts.ticks += 1;
+        if let Some((key, publisher_seq)) = dedup_key {
+            let state = DedupState {
+                publisher_seq,
+                seq: tick.seq,
+            };
+            let generation = self.generation;
+            match self.dedup.get_mut(&key) {
+                Some(e) => {
+                    e.state = state;
+                    if e.generation != generation {
+                        e.generation = generation;
+                        dedup_dirty.push(key);
+                    }
+                }
+                None => {
+                    self.dedup.insert(key.clone(), DedupEntry { state, generation });
+                    dedup_dirty.push(key);
+                }
+            }
+        }
+        Ok(Accepted {
+            seq: tick.seq,
+            epoch,
+            duplicate: false,
+        })
+    }
+
+    /// The state of `sym`, creating it (with a fresh epoch) on first use, and
+    /// marking it touched by this batch.
+    fn state(&mut self, sym: Symbol, touched: &mut Vec<Symbol>) -> &mut SymState {
+        let st = self.symbols.entry(sym).or_insert_with(|| {
+            SymState::new(
+                SymbolRecord {
+                    symbol: sym,
+                    epoch: Epoch::random(),
+                    last_seq: 0,
+                    last: None,
+                    candles: [None; 3],
+                },
+                None,
+            )
+        });
+        if !st.touched {
+            st.touched = true;
+            touched.push(sym);
+        }
+        st
+    }
+}

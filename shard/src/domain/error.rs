@@ -1,0 +1,66 @@
+use std::fmt;
+
+/// The stable error codes of the external contract (§4, §5). Clients switch on
+/// these strings, so they never change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    BadJson,
+    UnknownOp,
+    InvalidSymbol,
+    InvalidTick,
+    TooManySubscriptions,
+    RateLimited,
+    MessageTooLarge,
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::BadJson,
+        ErrorCode::UnknownOp,
+        ErrorCode::InvalidSymbol,
+        ErrorCode::InvalidTick,
+        ErrorCode::TooManySubscriptions,
+        ErrorCode::RateLimited,
+        ErrorCode::MessageTooLarge,
+        ErrorCode::Unavailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::InvalidSymbol => "invalid_symbol",
+            ErrorCode::InvalidTick => "invalid_tick",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::MessageTooLarge => "message_too_large",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A caller mistake: bad input that is rejected with a contract error code.
+/// It never indicates a fault of the server.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InputError {
+    #[error("symbol '{shown}' {why}")]
+    InvalidSymbol { shown: String, why: &'static str },
+    #[error("{0}")]
+    InvalidTick(String),
+}
+
+impl InputError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            InputError::InvalidSymbol { .. } => ErrorCode::InvalidSymbol,
+            InputError::InvalidTick(_) => ErrorCode::InvalidTick,
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! The domain of a market-data feed: symbols, ticks, candles, epochs, and the
+//! validation that turns untrusted input into them.
+//!
+//! Nothing here knows about a wire format: no prost, no JSON, no HTTP. Every
+//! price and size is an exact [`Decimal`]; floats never appear.
+
+mod candle;
+mod epoch;
+mod error;
+mod num;
+mod symbol;
+mod tick;
+
+pub use candle::{Candle, CandleAgg, CandleEffect, Interval};
+pub use epoch::Epoch;
+pub use error::{ErrorCode, InputError};
+pub use num::{MAX_TS_MICROS, parse_decimal};
+pub use rust_decimal::Decimal;
+pub use symbol::{MAX_SYMBOL_LEN, Symbol};
+pub use tick::{Tick, TickFields};
+
+/// A position in a symbol's history: the last `seq` a client has seen, meaningful
+/// only together with the epoch of that history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub seq: u64,
+    pub epoch: Epoch,
+}

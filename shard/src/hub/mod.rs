@@ -1,0 +1,418 @@
+//! The fan-out core: per-symbol subscriber registries and bounded outboxes.
+//!
+//! A [`SymbolHub`] holds a symbol's published head (epoch, seq, latest tick,
+//! current candles) and its subscriptions, under one mutex. Publishing a chunk
+//! and attaching a subscriber both happen under that lock, which is what makes
+//! "snapshot at seq S, then every tick after S" gapless and duplicate-free.
+//!
+//! The lock is taken once per symbol per group commit, never per tick; each
+//! subscriber receives one `Arc<Chunk>` per commit, never a copy of the ticks.
+//! The hub is protocol-agnostic: sinks are WebSocket connections, gRPC streams
+//! or peer followers alike.
+
+mod chunk;
+mod outbox;
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex, MutexGuard, RwLock},
+};
+
+pub use chunk::{APPROX_TICK_BYTES, CandleData, Chunk, Data, Encoded, SnapshotData};
+pub use outbox::{AfterWrite, Close, Msg, Outbox};
+
+use crate::domain::{Candle, Epoch, Interval, Symbol, Tick};
+
+/// A subscription channel (contract §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Channel {
+    Ticks,
+    Candles(Interval),
+}
+
+impl Channel {
+    pub fn parse(s: &str) -> Option<Channel> {
+        match s {
+            "ticks" => Some(Channel::Ticks),
+            _ => s
+                .strip_prefix("candles:")
+                .and_then(Interval::parse)
+                .map(Channel::Candles),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Ticks => "ticks",
+            Channel::Candles(Interval::S1) => "candles:1s",
+            Channel::Candles(Interval::M1) => "candles:1m",
+            Channel::Candles(Interval::H1) => "candles:1h",
+        }
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The result of offering data to a sink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    /// Over its limit: the data was not queued (see [`outbox`] docs).
+    Stalled,
+    /// The subscriber is gone; drop the subscription.
+    Gone,
+}
+
+/// Where a subscription's data goes. Implemented by [`Outbox`].
+pub trait Sink: Send + Sync {
+    fn id(&self) -> u64;
+    fn push(&self, d: Data) -> Push;
+    fn force(&self, d: Data) -> Push;
+    fn mark_dirty(&self, symbol: Symbol, channel: Channel);
+}
+
+/// The published state of a symbol as a subscriber first sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Head {
+    pub epoch: Epoch,
+    pub seq: u64,
+    pub last: Option<Tick>,
+    pub candles: [Option<Candle>; 3],
+}
+
+struct Entry {
+    sink: Arc<dyn Sink>,
+    channel: Channel,
+    /// Data was refused while the client was behind; no more is sent until the
+    /// writer repairs the subscription with a conflated snapshot.
+    needs_snapshot: bool,
+    /// Set while the subscription is being set up (history replay): live data
+    /// is held here so it follows the replay in order.
+    pending: Option<Pending>,
+    /// The sink refused data as gone; removed at the end of the delivery.
+    gone: bool,
+}
+
+#[derive(Default)]
+struct Pending {
+    items: Vec<Data>,
+    bytes: usize,
+    overflow: bool,
+}
+
+struct State {
+    head: Head,
+    /// Bit `i`: the current candle of `Interval::ALL[i]` changed and has not
+    /// been sent to candle subscribers yet.
+    candle_dirty: u8,
+    entries: Vec<Entry>,
+}
+
+pub struct SymbolHub {
+    symbol: Symbol,
+    pending_limit: usize,
+    state: Mutex<State>,
+}
+
+impl SymbolHub {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn symbol(&self) -> Symbol {
+        self.symbol
+    }
+
+    pub fn head(&self) -> Head {
+        self.lock().head
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// Publishes committed data: `chunk` (may be empty of ticks), the candles it
+    /// closed (oldest first) and the new current candles. Returns true if a
+    /// current candle changed and the hub was not yet in the dirty list.
+    pub fn publish(&self, chunk: Arc<Chunk>, closed: &[Candle], current: [Option<Candle>; 3]) -> bool {
+        let mut st = self.lock();
+        let st = &mut *st;
+        if let Some(t) = chunk.ticks.last() {
+            st.head.seq = t.seq;
+            st.head.last = Some(*t);
+        }
+        let was_dirty = st.candle_dirty != 0;
+        for i in Interval::ALL {
+            if current[i.index()] != st.head.candles[i.index()] {
+                st.candle_dirty |= 1 << i.index();
+            }
+        }
+        st.head.candles = current;
+        let symbol = self.symbol;
+        let limit = self.pending_limit;
+        let mut gone = false;
+        for e in st.entries.iter_mut() {
+            match e.channel {
+                Channel::Ticks if !chunk.ticks.is_empty() => {
+                    let d = Data::Ticks {
+                        chunk: chunk.clone(),
+                        from: 0,
+                    };
+                    e.gone = deliver(e, symbol, d, false, limit);
+                    gone |= e.gone;
+                }
+                Channel::Candles(i) => {
+                    for c in closed.iter().filter(|c| c.interval == i) {
+                        let d = Data::Candle(Box::new(CandleData {
+                            candle: *c,
+                            closed: true,
+                        }));
+                        e.gone = deliver(e, symbol, d, true, limit);
+                        gone |= e.gone;
+                    }
+                }
+                Channel::Ticks => {}
+            }
+        }
+        if gone {
+            st.entries.retain(|e| !e.gone);
+        }
+        !was_dirty && st.candle_dirty != 0
+    }
+
+    /// Sends changed current candles to candle subscribers (called at most 10
+    /// times a second per symbol by the candle ticker).
+    pub fn flush_candles(&self) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let dirty = std::mem::take(&mut st.candle_dirty);
+        if dirty == 0 {
+            return;
+        }
+        let limit = self.pending_limit;
+        for e in st.entries.iter_mut() {
+            if let Channel::Candles(i) = e.channel
+                && dirty & (1 << i.index()) != 0
+                && let Some(c) = st.head.candles[i.index()]
+            {
+                let d = Data::Candle(Box::new(CandleData {
+                    candle: c,
+                    closed: false,
+                }));
+                deliver(e, self.symbol, d, false, limit);
+            }
+        }
+    }
+
+    /// Registers `sink` for `channel` in setup mode (live data is held) and
+    /// returns the head it starts from. An existing subscription of the same
+    /// sink and channel is replaced.
+    pub fn attach(&self, sink: Arc<dyn Sink>, channel: Channel) -> Head {
+        let mut st = self.lock();
+        let id = sink.id();
+        st.entries.retain(|e| !(e.sink.id() == id && e.channel == channel));
+        st.entries.push(Entry {
+            sink,
+            channel,
+            needs_snapshot: false,
+            pending: Some(Pending::default()),
+            gone: false,
+        });
+        st.head
+    }
+
+    /// Gives up a replay that cannot be served: drops held data and returns the
+    /// current head, from which the caller sends a snapshot instead.
+    pub fn restart_from_head(&self, sink_id: u64, channel: Channel) -> Head {
+        let mut st = self.lock();
+        if let Some(e) = find(&mut st.entries, sink_id, channel) {
+            e.pending = Some(Pending::default());
+        }
+        st.head
+    }
+
+    /// Ends setup mode: held live data is queued after what the caller sent. If
+    /// held data overflowed (or `lost` is set: the replay found a gap), a
+    /// conflated snapshot of the current head is sent instead.
+    pub fn activate(&self, sink_id: u64, channel: Channel, lost: bool) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let head = st.head;
+        let Some(e) = find(&mut st.entries, sink_id, channel) else {
+            return;
+        };
+        let Some(p) = e.pending.take() else { return };
+        if p.overflow || lost {
+            resnapshot(e, &head);
+            return;
+        }
+        for d in p.items {
+            let force = matches!(&d, Data::Candle(c) if c.closed);
+            deliver(e, self.symbol, d, force, usize::MAX);
+        }
+    }
+
+    /// Sends a conflated snapshot to a subscription that fell behind.
+    pub fn repair(&self, sink_id: u64, channel: Channel) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let head = st.head;
+        if let Some(e) = find(&mut st.entries, sink_id, channel)
+            && e.needs_snapshot
+            && e.pending.is_none()
+        {
+            resnapshot(e, &head);
+        }
+    }
+
+    pub fn detach(&self, sink_id: u64, channel: Channel) {
+        self.lock()
+            .entries
+            .retain(|e| !(e.sink.id() == sink_id && e.channel == channel));
+    }
+}
+
+fn find(entries: &mut [Entry], sink_id: u64, channel: Channel) -> Option<&mut Entry> {
+    entries
+        .iter_mut()
+        .find(|e| e.sink.id() == sink_id && e.channel == channel)
+}
+
+/// Sends the head as a conflated snapshot (ticks) or current candle.
+fn resnapshot(e: &mut Entry, head: &Head) {
+    e.needs_snapshot = false;
+    let d = match e.channel {
+        Channel::Ticks => head.last.map(|tick| {
+            Data::Snapshot(Box::new(SnapshotData {
+                epoch: head.epoch,
+                tick,
+                conflated: true,
+            }))
+        }),
+        Channel::Candles(i) => {
+            head.candles[i.index()].map(|candle| Data::Candle(Box::new(CandleData { candle, closed: false })))
+        }
+    };
+    if let Some(d) = d {
+        e.sink.force(d);
+    }
+}
+
+/// Offers `d` to one subscription; returns true if its sink is gone.
+fn deliver(e: &mut Entry, symbol: Symbol, d: Data, force: bool, pending_limit: usize) -> bool {
+    if let Some(p) = &mut e.pending {
+        if !p.overflow {
+            p.bytes += d.weight();
+            if p.bytes > pending_limit && !force {
+                p.overflow = true;
+                p.items.clear();
+            } else {
+                p.items.push(d);
+            }
+        }
+        return false;
+    }
+    if e.needs_snapshot && !force {
+        return false;
+    }
+    let r = if force { e.sink.force(d) } else { e.sink.push(d) };
+    match r {
+        Push::Queued => false,
+        Push::Stalled => {
+            e.needs_snapshot = true;
+            e.sink.mark_dirty(symbol, e.channel);
+            false
+        }
+        Push::Gone => true,
+    }
+}
+
+/// All symbols' hubs of this pod.
+pub struct Hub {
+    symbols: RwLock<HashMap<Symbol, Arc<SymbolHub>>>,
+    candle_dirty: Mutex<Vec<Arc<SymbolHub>>>,
+    pending_limit: usize,
+}
+
+impl Hub {
+    /// `pending_limit`: bytes of live data held per subscription during setup.
+    pub fn new(pending_limit: usize) -> Hub {
+        Hub {
+            symbols: RwLock::new(HashMap::new()),
+            candle_dirty: Mutex::new(Vec::new()),
+            pending_limit,
+        }
+    }
+
+    pub fn get(&self, symbol: &Symbol) -> Option<Arc<SymbolHub>> {
+        self.symbols
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(symbol)
+            .cloned()
+    }
+
+    /// The hub of `symbol`, created with `head` if it does not exist yet.
+    pub fn get_or_insert(&self, symbol: Symbol, head: impl FnOnce() -> Head) -> Arc<SymbolHub> {
+        if let Some(h) = self.get(&symbol) {
+            return h;
+        }
+        let mut map = self.symbols.write().unwrap_or_else(|p| p.into_inner());
+        map.entry(symbol)
+            .or_insert_with(|| {
+                Arc::new(SymbolHub {
+                    symbol,
+                    pending_limit: self.pending_limit,
+                    state: Mutex::new(State {
+                        head: head(),
+                        candle_dirty: 0,
+                        entries: Vec::new(),
+                    }),
+                })
+            })
+            .clone()
+    }
+
+    /// Every symbol hub, sorted by symbol.
+    pub fn all(&self) -> Vec<Arc<SymbolHub>> {
+        let mut v: Vec<_> = self
+            .symbols
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|h| h.symbol);
+        v
+    }
+
+    /// Records that `h` has unsent candle changes.
+    pub fn mark_candles_dirty(&self, h: Arc<SymbolHub>) {
+        self.candle_dirty.lock().unwrap_or_else(|p| p.into_inner()).push(h);
+    }
+
+    /// Sends all pending candle changes (the ≤ 10/s conflation tick).
+    pub fn flush_candles(&self) {
+        let dirty = std::mem::take(&mut *self.candle_dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        for h in dirty {
+            h.flush_candles();
+        }
+    }
+
+    /// Repairs a sink's stalled subscriptions (see [`outbox`]).
+    pub fn repair(&self, sink_id: u64, stalled: &[(Symbol, Channel)]) {
+        for (sym, ch) in stalled {
+            if let Some(h) = self.get(sym) {
+                h.repair(sink_id, *ch);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,326 @@
+//! The bounded queue between the fan-out and one client's writer task.
+//!
+//! Policy for a client that cannot keep up (contract §4), in one place:
+//! 1. Data is queued while the client's unsent bytes (queued plus taken by the
+//!    writer but not yet written) stay within `limit` (or the client has
+//!    nothing unsent: one group commit's chunk may exceed the limit alone).
+//! 2. Past it, the outbox *stalls*: new data is refused, and the hub marks the
+//!    subscription as needing a fresh snapshot (and names it to the outbox).
+//! 3. When the writer has drained below half the limit, it takes the list of
+//!    stalled subscriptions and the hub sends each a `conflated` snapshot, after
+//!    which live data flows again — no gap the client is not told about.
+//! 4. A client stalled for longer than `slow` is closed with 1013.
+//!
+//! Control messages (replies, pongs, closes), snapshots and closed candles are
+//! small and rate-bounded, so they bypass the limit ([`Outbox::force`]); the
+//! memory of a stalled client is thus bounded by `limit` plus those.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{sync::Notify, time::Instant};
+
+use super::{Channel, Data, Push, Sink};
+use crate::domain::Symbol;
+
+/// Why a connection is being closed, in WebSocket close-code terms (the gRPC
+/// layer maps them to statuses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Close {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+impl Close {
+    pub const GOING_AWAY: Close = Close {
+        code: 1001,
+        reason: "idle timeout",
+    };
+    pub const PROTOCOL: Close = Close {
+        code: 1002,
+        reason: "protocol error",
+    };
+    pub const POLICY: Close = Close {
+        code: 1008,
+        reason: "message rate limit exceeded",
+    };
+    pub const TOO_BIG: Close = Close {
+        code: 1009,
+        reason: "message too large",
+    };
+    pub const RESTART: Close = Close {
+        code: 1012,
+        reason: "service restart",
+    };
+    pub const SLOW: Close = Close {
+        code: 1013,
+        reason: "client too slow",
+    };
+}
+
+/// The highest unsent-bytes level any outbox of this process reached.
+static PEAK_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Records `peak` into the process-wide peak and its gauge (rare: on stalls
+/// and when a connection ends).
+fn record_peak(peak: usize) {
+    let prev = PEAK_BYTES.fetch_max(peak as u64, Ordering::Relaxed);
+    if peak as u64 > prev {
+        metrics::gauge!(crate::metrics::CLIENT_QUEUE_PEAK).set(peak as f64);
+    }
+}
+
+/// One entry of the queue: hub data or a protocol-specific control message.
+pub enum Msg<C> {
+    Data(Data),
+    Control(C),
+}
+
+/// The writer's view after a write: whether stalled subscriptions need repair.
+pub enum AfterWrite {
+    Continue,
+    /// The client caught up after a stall: send these subscriptions a fresh
+    /// conflated snapshot via [`super::Hub::repair`].
+    Repair(Vec<(Symbol, Channel)>),
+}
+
+pub struct Outbox<C> {
+    id: u64,
+    limit: usize,
+    slow: Duration,
+    state: Mutex<State<C>>,
+    /// Wakes the writer (one waiter, so a permit is stored if it is busy).
+    notify: Notify,
+    /// Wakes history replays waiting for room.
+    room: Notify,
+}
+
+struct State<C> {
+    queue: VecDeque<Msg<C>>,
+    /// Queued plus taken-but-unwritten bytes.
+    bytes: usize,
+    peak: usize,
+    stalled_since: Option<Instant>,
+    dirty: Vec<(Symbol, Channel)>,
+    close: Option<Close>,
+    /// The writer is gone: pushes are refused with `Push::Gone`.
+    finished: bool,
+}
+
+impl<C: Send + 'static> Outbox<C> {
+    pub fn new(id: u64, limit: usize, slow: Duration) -> Outbox<C> {
+        Outbox {
+            id,
+            limit,
+            slow,
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                bytes: 0,
+                peak: 0,
+                stalled_since: None,
+                dirty: Vec::new(),
+                close: None,
+                finished: false,
+            }),
+            notify: Notify::new(),
+            room: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<C>> {
+        // A panic while holding this lock cannot leave the queue half-updated in
+        // a way that matters more than losing the connection; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn enqueue(&self, st: &mut State<C>, msg: Msg<C>, weight: usize) {
+        let was_empty = st.queue.is_empty();
+        st.queue.push_back(msg);
+        st.bytes += weight;
+        st.peak = st.peak.max(st.bytes);
+        if was_empty {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Queues data within the limit (see the module docs).
+    pub fn push(&self, d: Data) -> Push {
+        let w = d.weight();
+        let mut st = self.lock();
+        if st.finished || st.close.is_some() {
+            return Push::Gone;
+        }
+        if let Some(since) = st.stalled_since {
+            if since.elapsed() >= self.slow {
+                drop(st);
+                self.close(Close::SLOW);
+                return Push::Gone;
+            }
+            return Push::Stalled;
+        }
+        // A client with nothing unsent is not behind: it takes any one chunk
+        // (a big group commit can exceed the limit on its own).
+        if st.bytes > 0 && st.bytes + w > self.limit {
+            st.stalled_since = Some(Instant::now());
+            record_peak(st.peak);
+            metrics::counter!(crate::metrics::CONFLATIONS).increment(1);
+            return Push::Stalled;
+        }
+        self.enqueue(&mut st, Msg::Data(d), w);
+        Push::Queued
+    }
+
+    /// Queues data regardless of the limit: only for small, rate-bounded items.
+    pub fn force(&self, d: Data) -> Push {
+        let w = d.weight();
+        let mut st = self.lock();
+        if st.finished || st.close.is_some() {
+            return Push::Gone;
+        }
+        self.enqueue(&mut st, Msg::Data(d), w);
+        Push::Queued
+    }
+
+    pub fn control(&self, c: C, weight: usize) {
+        let mut st = self.lock();
+        if !st.finished {
+            self.enqueue(&mut st, Msg::Control(c), weight);
+        }
+    }
+
+    /// Asks the writer to close with `close`. Queued data is dropped (the client
+    /// resumes elsewhere); queued control messages are still written first.
+    pub fn close(&self, close: Close) {
+        let mut st = self.lock();
+        if st.close.is_some() || st.finished {
+            return;
+        }
+        if close == Close::SLOW {
+            metrics::counter!(crate::metrics::SLOW_CLIENT_CLOSES).increment(1);
+        }
+        st.close = Some(close);
+        self.room.notify_waiters();
+        let before = st.queue.len();
+        st.queue.retain(|m| matches!(m, Msg::Control(_)));
+        if st.queue.len() != before {
+            // Dropped data no longer counts against the client.
+            st.bytes = st.queue.len() * 64;
+        }
+        drop(st);
+        self.notify.notify_one();
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.lock().close.is_some()
+    }
+
+    /// Waits until there is something to write, then moves the whole queue into
+    /// `out` (reusing its allocation). Returns the close request, if any; the
+    /// writer writes `out` first, then closes.
+    pub async fn take(&self, out: &mut VecDeque<Msg<C>>) -> Option<Close> {
+        loop {
+            let notified = self.notify.notified();
+            {
+                let mut st = self.lock();
+                if !st.queue.is_empty() || st.close.is_some() {
+                    std::mem::swap(&mut st.queue, out);
+                    return st.close;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits until the unsent bytes are below the limit (for history replay,
+    /// which is the client's own backlog and so waits instead of conflating).
+    pub async fn room(&self) {
+        loop {
+            let notified = self.room.notified();
+            {
+                let st = self.lock();
+                if st.bytes < self.limit || st.finished || st.close.is_some() {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The writer wrote items of total `weight`: release it and report whether
+    /// a stall is over.
+    pub fn written(&self, weight: usize) -> AfterWrite {
+        let mut st = self.lock();
+        st.bytes = st.bytes.saturating_sub(weight);
+        if st.bytes < self.limit {
+            // wake a replay waiting for room
+            self.room.notify_waiters();
+        }
+        if st.stalled_since.is_some() && st.bytes <= self.limit / 2 && st.close.is_none() {
+            st.stalled_since = None;
+            return AfterWrite::Repair(std::mem::take(&mut st.dirty));
+        }
+        AfterWrite::Continue
+    }
+
+    /// How long the client has been stalled, if it is.
+    pub fn stalled_for(&self) -> Option<Duration> {
+        self.lock().stalled_since.map(|s| s.elapsed())
+    }
+
+    /// Closes with 1013 if stalled for longer than the slow-client limit.
+    pub fn check_slow(&self) -> bool {
+        if self.stalled_for().is_some_and(|d| d >= self.slow) {
+            self.close(Close::SLOW);
+            return true;
+        }
+        false
+    }
+
+    /// The writer is gone; refuse further pushes and free the queue.
+    pub fn finish(&self) {
+        let mut st = self.lock();
+        record_peak(st.peak);
+        st.finished = true;
+        st.queue.clear();
+        st.bytes = 0;
+        drop(st);
+        self.room.notify_waiters();
+    }
+
+    /// The highest unsent-bytes level seen (for the memory-bound test and metrics).
+    pub fn peak_bytes(&self) -> usize {
+        self.lock().peak
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+impl<C: Send + 'static> Sink for Outbox<C> {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn push(&self, d: Data) -> Push {
+        Outbox::push(self, d)
+    }
+
+    fn force(&self, d: Data) -> Push {
+        Outbox::force(self, d)
+    }
+
+    fn mark_dirty(&self, symbol: Symbol, channel: Channel) {
+        self.lock().dirty.push((symbol, channel));
+    }
+}

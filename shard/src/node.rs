@@ -1,0 +1,439 @@
+//! The API that protocol layers (WebSocket, gRPC, peers) call: publish,
+//! subscribe, reads. It hides where data lives: the local store and hub today;
+//! the owner pod over gRPC for foreign symbols in a cluster.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    committer::{CommitError, Committer, PublishCmd},
+    domain::{Candle, Epoch, Interval, Position, Symbol, Tick},
+    hub::{CandleData, Channel, Chunk, Data, Head, Hub, Outbox, SnapshotData},
+    metrics as m,
+    ownership::Ownership,
+    store::{Store, StoreError, StoreOptions},
+};
+
+/// Ticks read from the store per page during a resume replay.
+const REPLAY_PAGE: usize = 4_096;
+/// The most ticks or candles one history read returns.
+pub const HISTORY_LIMIT_MAX: usize = 10_000;
+
+/// Everything the shard needs to know, validated by the binary's config.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    pub store: StoreOptions,
+    pub shard_id: u32,
+    pub shards: u32,
+    /// Ticks retained per symbol (at least).
+    pub history_ticks: u64,
+    /// Candle retention per interval, indexed by `Interval::index`, measured
+    /// back from the symbol's newest tick time.
+    pub candle_retention: [Duration; 3],
+    /// How often retention runs.
+    pub prune_interval: Duration,
+    /// A subscriber's unsent-bytes limit; also bounds held data during setup.
+    pub client_queue_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "data dir {path} belongs to shard {found_id} of {found_n}, but this pod is shard {id} of {n}; \
+         refusing to start (point --data-dir at the right volume, or fix --shard-id/--shards)"
+    )]
+    WrongShard {
+        path: PathBuf,
+        found_id: u32,
+        found_n: u32,
+        id: u32,
+        n: u32,
+    },
+    #[error("cannot start the committer thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<CommitError> for SubscribeError {
+    fn from(e: CommitError) -> Self {
+        SubscribeError::Unavailable(e.to_string())
+    }
+}
+
+/// One requested subscription.
+#[derive(Clone, Copy, Debug)]
+pub struct SubRequest {
+    pub symbol: Symbol,
+    pub channel: Channel,
+    pub resume: Option<Position>,
+}
+
+/// The outcome of one subscription, as the `subscribed` reply reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubResult {
+    pub symbol: Symbol,
+    pub channel: Channel,
+    pub epoch: Epoch,
+    /// The position the client will be at once the initial data is delivered.
+    pub seq: u64,
+    pub recovered: bool,
+}
+
+enum Plan {
+    Snapshot(Option<Tick>),
+    Replay { from: u64, to: u64 },
+    Candle(Option<Candle>),
+}
+
+/// Subscriptions registered but not yet live: send the `subscribed` reply,
+/// then call [`Node::activate`].
+pub struct Prepared {
+    pub results: Vec<SubResult>,
+    plans: Vec<Plan>,
+}
+
+pub struct Node {
+    cfg: NodeConfig,
+    store: Arc<Store>,
+    hub: Arc<Hub>,
+    committer: Committer,
+    committer_thread: std::sync::Mutex<Option<thread::JoinHandle<()>>>,
+    ownership: Ownership,
+    next_sink: AtomicU64,
+}
+
+impl Node {
+    /// Opens the store (checking format and identity) and starts the committer.
+    pub fn open(cfg: NodeConfig) -> Result<Arc<Node>, NodeError> {
+        let store = Arc::new(Store::open(&cfg.data_dir, &cfg.store)?);
+        match store.identity()? {
+            None => store.set_identity(cfg.shard_id, cfg.shards)?,
+            Some((id, n)) if (id, n) == (cfg.shard_id, cfg.shards) => {}
+            Some((found_id, found_n)) => {
+                return Err(NodeError::WrongShard {
+                    path: cfg.data_dir.clone(),
+                    found_id,
+                    found_n,
+                    id: cfg.shard_id,
+                    n: cfg.shards,
+                });
+            }
+        }
+        let records = store.load_symbols()?;
+        tracing::info!(symbols = records.len(), dir = %cfg.data_dir.display(), "store open");
+        let hub = Arc::new(Hub::new(cfg.client_queue_bytes));
+        let (committer, join) = Committer::start(store.clone(), hub.clone(), records)?;
+        Ok(Arc::new(Node {
+            ownership: Ownership::new(cfg.shards, cfg.shard_id),
+            cfg,
+            store,
+            hub,
+            committer,
+            committer_thread: std::sync::Mutex::new(Some(join)),
+            next_sink: AtomicU64::new(1),
+        }))
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    pub fn ownership(&self) -> Ownership {
+        self.ownership
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// False once the store failed: the pod must not be ready or live.
+    pub fn is_healthy(&self) -> bool {
+        !self.committer.has_failed()
+    }
+
+    /// A fresh id for a subscriber's outbox.
+    pub fn new_sink_id(&self) -> u64 {
+        self.next_sink.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A new outbox for a subscriber, with the configured limit.
+    pub fn outbox<C: Send + 'static>(&self, slow: Duration) -> Arc<Outbox<C>> {
+        Arc::new(Outbox::new(self.new_sink_id(), self.cfg.client_queue_bytes, slow))
+    }
+
+    /// Queues a publish for the group commit; the ack arrives on `cmd.reply`
+    /// once the tick is durable.
+    pub async fn publish(&self, cmd: PublishCmd) -> Result<(), CommitError> {
+        self.committer.publish(cmd).await
+    }
+
+    /// Registers subscriptions (live data is held), creating epochs for
+    /// symbols without one and checking that resumes can be served.
+    pub async fn prepare<C: Send + 'static>(
+        &self,
+        sink: &Arc<Outbox<C>>,
+        reqs: &[SubRequest],
+    ) -> Result<Prepared, SubscribeError> {
+        let missing: Vec<Symbol> = reqs
+            .iter()
+            .map(|r| r.symbol)
+            .filter(|s| self.hub.get(s).is_none())
+            .collect();
+        if !missing.is_empty() {
+            self.committer.ensure(missing).await?;
+        }
+        let mut results = Vec::with_capacity(reqs.len());
+        let mut plans = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            let Some(h) = self.hub.get(&r.symbol) else {
+                return Err(SubscribeError::Unavailable(format!("symbol {} has no state", r.symbol)));
+            };
+            let dyn_sink: Arc<dyn crate::hub::Sink> = sink.clone();
+            let head = h.attach(dyn_sink, r.channel);
+            let (plan, seq, recovered) = match r.channel {
+                Channel::Candles(i) => (Plan::Candle(head.candles[i.index()]), head.seq, false),
+                Channel::Ticks => match r.resume {
+                    Some(p) if p.epoch == head.epoch && p.seq == head.seq => (
+                        Plan::Replay {
+                            from: p.seq + 1,
+                            to: p.seq,
+                        },
+                        head.seq,
+                        true,
+                    ),
+                    Some(p) if p.epoch == head.epoch && p.seq < head.seq => {
+                        let from = p.seq + 1;
+                        let first = self.read_ticks(r.symbol, from, from, 1).await;
+                        match first {
+                            Ok(t) if t.first().is_some_and(|t| t.seq == from) => {
+                                (Plan::Replay { from, to: head.seq }, head.seq, true)
+                            }
+                            _ => {
+                                let now = h.restart_from_head(sink.id(), r.channel);
+                                (Plan::Snapshot(now.last), now.seq, false)
+                            }
+                        }
+                    }
+                    _ => (Plan::Snapshot(head.last), head.seq, false),
+                },
+            };
+            results.push(SubResult {
+                symbol: r.symbol,
+                channel: r.channel,
+                epoch: head.epoch,
+                seq,
+                recovered,
+            });
+            plans.push(plan);
+        }
+        Ok(Prepared { results, plans })
+    }
+
+    /// Sends each subscription's initial data (snapshot, replayed history or
+    /// current candle), then releases held live data: from here on the
+    /// subscriber sees every tick in order.
+    pub async fn activate<C: Send + 'static>(&self, sink: &Arc<Outbox<C>>, prepared: Prepared) {
+        for (res, plan) in prepared.results.iter().zip(prepared.plans) {
+            let Some(h) = self.hub.get(&res.symbol) else { continue };
+            let mut lost = false;
+            match plan {
+                Plan::Snapshot(Some(tick)) => {
+                    sink.force(Data::Snapshot(Box::new(SnapshotData {
+                        epoch: res.epoch,
+                        tick,
+                        conflated: false,
+                    })));
+                }
+                Plan::Snapshot(None) | Plan::Candle(None) => {}
+                Plan::Candle(Some(candle)) => {
+                    sink.force(Data::Candle(Box::new(CandleData { candle, closed: false })));
+                }
+                Plan::Replay { mut from, to } => {
+                    while from <= to && !lost {
+                        sink.room().await;
+                        if sink.is_closing() {
+                            return;
+                        }
+                        match self.read_ticks(res.symbol, from, to, REPLAY_PAGE).await {
+                            Ok(page) if page.first().is_some_and(|t| t.seq == from) => {
+                                from = page.last().map_or(to, |t| t.seq) + 1;
+                                sink.force(Data::Ticks {
+                                    chunk: Arc::new(Chunk::new(res.symbol, page)),
+                                    from: 0,
+                                });
+                            }
+                            // Pruned under our feet, or a read error: the client
+                            // gets a conflated snapshot instead of a silent gap.
+                            _ => lost = true,
+                        }
+                    }
+                }
+            }
+            h.activate(sink.id(), res.channel, lost);
+        }
+    }
+
+    pub fn unsubscribe(&self, sink_id: u64, symbol: &Symbol, channel: Channel) {
+        if let Some(h) = self.hub.get(symbol) {
+            h.detach(sink_id, channel);
+        }
+    }
+
+    /// The published head of a symbol, if it has state here.
+    pub fn head(&self, symbol: &Symbol) -> Option<Head> {
+        self.hub.get(symbol).map(|h| h.head())
+    }
+
+    /// Every symbol with at least one tick, sorted, with its head.
+    pub fn symbols(&self) -> Vec<(Symbol, Head)> {
+        self.hub
+            .all()
+            .into_iter()
+            .map(|h| (h.symbol(), h.head()))
+            .filter(|(_, head)| head.seq > 0)
+            .collect()
+    }
+
+    /// Durable ticks `from..=to` (clamped to the published head), at most `limit`.
+    pub async fn read_ticks(&self, symbol: Symbol, from: u64, to: u64, limit: usize) -> Result<Vec<Tick>, StoreError> {
+        let head = self.head(&symbol).map_or(0, |h| h.seq);
+        let to = to.min(head);
+        if from > to {
+            return Ok(Vec::new());
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.read_ticks(&symbol, from, to, limit))
+            .await
+            .unwrap_or_else(|e| {
+                Err(StoreError::Corrupt {
+                    key: "-".into(),
+                    what: if e.is_panic() {
+                        "reader panicked"
+                    } else {
+                        "reader cancelled"
+                    },
+                })
+            })
+    }
+
+    /// Candles of `symbol` starting in `from..=to`: closed ones from the store,
+    /// then the current one if it falls in the range.
+    pub async fn read_candles(
+        &self,
+        symbol: Symbol,
+        interval: Interval,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> Result<Vec<(Candle, bool)>, StoreError> {
+        let store = self.store.clone();
+        let current = self.head(&symbol).and_then(|h| h.candles[interval.index()]);
+        let mut out: Vec<(Candle, bool)> =
+            tokio::task::spawn_blocking(move || store.read_candles(&symbol, interval, from, to, limit))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Corrupt {
+                        key: "-".into(),
+                        what: "reader failed",
+                    })
+                })?
+                .into_iter()
+                .map(|c| (c, true))
+                .collect();
+        if let Some(c) = current
+            && (from..=to).contains(&c.start)
+            && out.len() < limit
+            && out.last().is_none_or(|(l, _)| l.start < c.start)
+        {
+            out.push((c, false));
+        }
+        Ok(out)
+    }
+
+    /// Runs retention (ticks beyond `history_ticks`, candles beyond their
+    /// retention) and the ≤ 10/s candle conflation tick until `stop`.
+    pub fn start_background(self: &Arc<Self>, tracker: &TaskTracker, stop: CancellationToken) {
+        let node = self.clone();
+        let token = stop.clone();
+        tracker.spawn(async move {
+            let mut every = tokio::time::interval(node.cfg.prune_interval);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = every.tick() => {}
+                }
+                let n = node.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || n.prune()).await {
+                    tracing::error!(error = %e, "retention task failed");
+                }
+            }
+        });
+        let hub = self.hub.clone();
+        tracker.spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(100));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = every.tick() => hub.flush_candles(),
+                }
+            }
+        });
+    }
+
+    /// One retention pass over every symbol (blocking).
+    pub fn prune(&self) {
+        let mut removed = 0;
+        for h in self.hub.all() {
+            let head = h.head();
+            let sym = h.symbol();
+            let keep_from = head.seq.saturating_sub(self.cfg.history_ticks) + 1;
+            match self.store.prune_ticks(&sym, keep_from) {
+                Ok(n) => removed += n,
+                Err(e) => tracing::warn!(symbol = %sym, error = %e, "tick retention failed"),
+            }
+            let Some(newest) = head.last.map(|t| t.ts) else {
+                continue;
+            };
+            for i in Interval::ALL {
+                let keep = self.cfg.candle_retention[i.index()].as_micros() as i64;
+                if let Err(e) = self.store.prune_candles(&sym, i, newest.saturating_sub(keep)) {
+                    tracing::warn!(symbol = %sym, error = %e, "candle retention failed");
+                }
+            }
+        }
+        metrics::counter!(m::PRUNED_TICKS).increment(removed);
+        metrics::gauge!(m::STORE_BYTES).set(self.store.size_on_disk() as f64);
+    }
+
+    /// Commits everything queued, flushes and stops the committer thread.
+    /// Call after every publisher has stopped.
+    pub async fn shutdown(&self) {
+        self.committer.stop().await;
+        let join = self.committer_thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(j) = join {
+            let _ = tokio::task::spawn_blocking(move || j.join()).await;
+        }
+        if let Err(e) = self.store.flush() {
+            tracing::error!(error = %e, "final flush failed");
+        }
+    }
+}

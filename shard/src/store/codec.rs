@@ -1,0 +1,246 @@
+//! Binary layout of everything the store writes. Big-endian integers, decimals as
+//! `rust_decimal`'s 16-byte exact serialisation. Every value starts with a
+//! layout version byte so a later version can read (or clearly refuse) it.
+
+use rust_decimal::Decimal;
+
+use crate::domain::{Candle, Epoch, Interval, Symbol, Tick};
+
+pub(crate) const VALUE_V1: u8 = 1;
+
+const HAS_BID: u8 = 1;
+const HAS_ASK: u8 = 2;
+const HAS_BID_SIZE: u8 = 4;
+const HAS_ASK_SIZE: u8 = 8;
+
+/// Largest encoded tick (without symbol and seq): ts + flags + 6 decimals.
+pub(crate) const MAX_TICK_LEN: usize = 8 + 1 + 6 * 16;
+
+pub(crate) fn put_tick(out: &mut Vec<u8>, t: &Tick) {
+    out.extend_from_slice(&t.ts.to_be_bytes());
+    let flags = (t.bid.is_some() as u8 * HAS_BID)
+        | (t.ask.is_some() as u8 * HAS_ASK)
+        | (t.bid_size.is_some() as u8 * HAS_BID_SIZE)
+        | (t.ask_size.is_some() as u8 * HAS_ASK_SIZE);
+    out.push(flags);
+    out.extend_from_slice(&t.price.serialize());
+    out.extend_from_slice(&t.size.serialize());
+    for d in [t.bid, t.ask, t.bid_size, t.ask_size].into_iter().flatten() {
+        out.extend_from_slice(&d.serialize());
+    }
+}
+
+pub(crate) fn put_candle(out: &mut Vec<u8>, c: &Candle) {
+    out.extend_from_slice(&c.start.to_be_bytes());
+    for d in [c.open, c.high, c.low, c.close, c.volume] {
+        out.extend_from_slice(&d.serialize());
+    }
+    out.extend_from_slice(&c.count.to_be_bytes());
+}
+
+/// A cursor over a stored value; every read fails cleanly on truncated input.
+pub(crate) struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
+        Reader { buf }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    pub(crate) fn bytes<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.buf.split_first_chunk::<N>()?;
+        self.buf = rest;
+        Some(*head)
+    }
+
+    pub(crate) fn u8(&mut self) -> Option<u8> {
+        self.bytes::<1>().map(|b| b[0])
+    }
+
+    pub(crate) fn u32(&mut self) -> Option<u32> {
+        self.bytes().map(u32::from_be_bytes)
+    }
+
+    pub(crate) fn u64(&mut self) -> Option<u64> {
+        self.bytes().map(u64::from_be_bytes)
+    }
+
+    pub(crate) fn i64(&mut self) -> Option<i64> {
+        self.bytes().map(i64::from_be_bytes)
+    }
+
+    pub(crate) fn decimal(&mut self) -> Option<Decimal> {
+        self.bytes().map(Decimal::deserialize)
+    }
+
+    pub(crate) fn tick(&mut self, symbol: Symbol, seq: u64) -> Option<Tick> {
+        let ts = self.i64()?;
+        let flags = self.u8()?;
+        let price = self.decimal()?;
+        let size = self.decimal()?;
+        let mut opt = |bit: u8| -> Option<Option<Decimal>> {
+            if flags & bit != 0 {
+                self.decimal().map(Some)
+            } else {
+                Some(None)
+            }
+        };
+        let bid = opt(HAS_BID)?;
+        let ask = opt(HAS_ASK)?;
+        let bid_size = opt(HAS_BID_SIZE)?;
+        let ask_size = opt(HAS_ASK_SIZE)?;
+        Some(Tick {
+            symbol,
+            seq,
+            ts,
+            price,
+            size,
+            bid,
+            ask,
+            bid_size,
+            ask_size,
+        })
+    }
+
+    pub(crate) fn candle(&mut self, symbol: Symbol, interval: Interval) -> Option<Candle> {
+        Some(Candle {
+            symbol,
+            interval,
+            start: self.i64()?,
+            open: self.decimal()?,
+            high: self.decimal()?,
+            low: self.decimal()?,
+            close: self.decimal()?,
+            volume: self.decimal()?,
+            count: self.u64()?,
+        })
+    }
+}
+
+/// The durable state of one symbol, written once per group commit that touches it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SymbolRecord {
+    pub symbol: Symbol,
+    pub epoch: Epoch,
+    /// The last assigned (and, once committed, durable) seq; 0 = no ticks yet.
+    pub last_seq: u64,
+    pub last: Option<Tick>,
+    /// The current (open) candle of each interval, indexed by `Interval::index`.
+    pub candles: [Option<Candle>; 3],
+}
+
+impl SymbolRecord {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        out.push(VALUE_V1);
+        out.extend_from_slice(self.epoch.as_bytes());
+        out.extend_from_slice(&self.last_seq.to_be_bytes());
+        match &self.last {
+            Some(t) => {
+                out.push(1);
+                put_tick(out, t);
+            }
+            None => out.push(0),
+        }
+        for c in &self.candles {
+            match c {
+                Some(c) => {
+                    out.push(1);
+                    put_candle(out, c);
+                }
+                None => out.push(0),
+            }
+        }
+    }
+
+    pub(crate) fn decode(symbol: Symbol, buf: &[u8]) -> Option<SymbolRecord> {
+        let mut r = Reader::new(buf);
+        if r.u8()? != VALUE_V1 {
+            return None;
+        }
+        let epoch = Epoch::from_bytes(r.bytes()?);
+        let last_seq = r.u64()?;
+        let last = match r.u8()? {
+            0 => None,
+            _ => Some(r.tick(symbol, last_seq)?),
+        };
+        let mut candles = [None; 3];
+        for (i, slot) in candles.iter_mut().enumerate() {
+            if r.u8()? != 0 {
+                *slot = Some(r.candle(symbol, Interval::from_index(i as u8)?)?);
+            }
+        }
+        r.is_empty().then_some(SymbolRecord {
+            symbol,
+            epoch,
+            last_seq,
+            last,
+            candles,
+        })
+    }
+}
+
+/// Publisher de-duplication state of one `(publisher_id, symbol)` pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DedupState {
+    /// The last accepted `publisher_seq`.
+    pub publisher_seq: u64,
+    /// The `seq` it was stored under.
+    pub seq: u64,
+}
+
+impl DedupState {
+    pub(crate) fn encode(&self) -> [u8; 17] {
+        let mut out = [0u8; 17];
+        out[0] = VALUE_V1;
+        out[1..9].copy_from_slice(&self.publisher_seq.to_be_bytes());
+        out[9..].copy_from_slice(&self.seq.to_be_bytes());
+        out
+    }
+
+    pub(crate) fn decode(buf: &[u8]) -> Option<DedupState> {
+        let mut r = Reader::new(buf);
+        (r.u8()? == VALUE_V1).then_some(())?;
+        Some(DedupState {
+            publisher_seq: r.u64()?,
+            seq: r.u64()?,
+        })
+    }
+}
+
+/// A block of consecutive ticks of one symbol: the unit written per group commit.
+pub(crate) fn encode_block(ticks: &[Tick], out: &mut Vec<u8>) {
+    out.reserve(5 + ticks.len() * MAX_TICK_LEN);
+    out.push(VALUE_V1);
+    out.extend_from_slice(&(ticks.len() as u32).to_be_bytes());
+    for t in ticks {
+        put_tick(out, t);
+    }
+}
+
+/// Decodes a block whose first tick has `first_seq`; calls `f` for each tick.
+pub(crate) fn decode_block(symbol: Symbol, first_seq: u64, buf: &[u8], mut f: impl FnMut(Tick) -> bool) -> Option<()> {
+    let mut r = Reader::new(buf);
+    if r.u8()? != VALUE_V1 {
+        return None;
+    }
+    let n = r.u32()?;
+    for i in 0..u64::from(n) {
+        let t = r.tick(symbol, first_seq + i)?;
+        if !f(t) {
+            return Some(());
+        }
+    }
+    r.is_empty().then_some(())
+}
+
+/// The number of ticks in a block, without decoding them.
+pub(crate) fn block_len(buf: &[u8]) -> Option<u64> {
+    let mut r = Reader::new(buf);
+    (r.u8()? == VALUE_V1).then_some(())?;
+    r.u32().map(u64::from)
+}

@@ -1,0 +1,355 @@
+//! The shard store on sled.
+//!
+//! One sled tree holds everything (see [`keys`]). Writes happen only in
+//! [`Store::commit`], called by the committer thread with one batch per group
+//! commit: `apply_batch` (atomic) then `flush` (durable). Ticks are stored in
+//! per-symbol blocks, one key per symbol per commit, which is what makes durable
+//! group commit fast on sled (one key per tick tops out near 130k/s here).
+//!
+//! Every method here blocks: call it from the committer thread or
+//! `spawn_blocking`, never on an async worker.
+
+mod codec;
+mod keys;
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+pub use codec::{DedupState, SymbolRecord};
+
+use crate::domain::{Candle, Interval, Symbol, Tick};
+
+/// The layout version of the data directory. Bump it on any incompatible
+/// change; an older version is then migrated or refused, never misread.
+pub const FORMAT_VERSION: u32 = 1;
+
+const TREE: &str = "tickshard";
+const META_FORMAT: &str = "format";
+const META_IDENTITY: &str = "identity";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "data dir {path} has format version {found}; this tickshard reads version {expected}. \
+         Use a tickshard release that matches the data, or point --data-dir at an empty directory"
+    )]
+    FormatMismatch { path: PathBuf, found: u32, expected: u32 },
+    #[error("data dir {path} holds data but no tickshard format marker: refusing to touch it")]
+    Foreign { path: PathBuf },
+    #[error("data dir {path} is locked by another process (is another tickshard using it?)")]
+    Locked { path: PathBuf },
+    #[error("corrupt record under key {key:?}: {what}")]
+    Corrupt { key: String, what: &'static str },
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+}
+
+/// Options for opening the store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// sled page cache size in bytes.
+    pub cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { cache_bytes: 256 << 20 }
+    }
+}
+
+pub struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+    path: PathBuf,
+}
+
+/// The writes of one group commit, applied atomically by [`Store::commit`].
+#[derive(Default)]
+pub struct CommitBatch {
+    batch: sled::Batch,
+    scratch: Vec<u8>,
+    keys: usize,
+}
+
+impl CommitBatch {
+    pub fn put_block(&mut self, first: &Tick, ticks: &[Tick]) {
+        self.scratch.clear();
+        codec::encode_block(ticks, &mut self.scratch);
+        self.batch
+            .insert(keys::ticks(&first.symbol, first.seq), self.scratch.as_slice());
+        self.keys += 1;
+    }
+
+    pub fn put_symbol(&mut self, rec: &SymbolRecord) {
+        self.scratch.clear();
+        rec.encode(&mut self.scratch);
+        self.batch.insert(keys::symbol(&rec.symbol), self.scratch.as_slice());
+        self.keys += 1;
+    }
+
+    pub fn put_closed_candle(&mut self, c: &Candle) {
+        self.scratch.clear();
+        codec::put_candle(&mut self.scratch, c);
+        self.batch
+            .insert(keys::candle(&c.symbol, c.interval, c.start), self.scratch.as_slice());
+        self.keys += 1;
+    }
+
+    pub fn put_dedup(&mut self, sym: &Symbol, publisher: &str, st: DedupState) {
+        self.batch.insert(keys::dedup(sym, publisher), &st.encode()[..]);
+        self.keys += 1;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys == 0
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `path`, checking the format version.
+    pub fn open(path: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(opts.cache_bytes)
+            .flush_every_ms(None)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked {
+                    path: path.to_path_buf(),
+                },
+                e => StoreError::Sled(e),
+            })?;
+        let tree = db.open_tree(TREE)?;
+        let store = Store {
+            db,
+            tree,
+            path: path.to_path_buf(),
+        };
+        store.check_format()?;
+        Ok(store)
+    }
+
+    fn check_format(&self) -> Result<(), StoreError> {
+        match self.tree.get(keys::meta(META_FORMAT))? {
+            Some(v) => {
+                let found = codec::Reader::new(&v).u32().ok_or(StoreError::Corrupt {
+                    key: "M format".into(),
+                    what: "format version is not a u32",
+                })?;
+                if found != FORMAT_VERSION {
+                    return Err(StoreError::FormatMismatch {
+                        path: self.path.clone(),
+                        found,
+                        expected: FORMAT_VERSION,
+                    });
+                }
+            }
+            None if !self.tree.is_empty() => {
+                return Err(StoreError::Foreign {
+                    path: self.path.clone(),
+                });
+            }
+            None => {
+                self.tree
+                    .insert(keys::meta(META_FORMAT), &FORMAT_VERSION.to_be_bytes()[..])?;
+                self.db.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The `(shard_id, shards)` this data directory was created for, if recorded.
+    pub fn identity(&self) -> Result<Option<(u32, u32)>, StoreError> {
+        let Some(v) = self.tree.get(keys::meta(META_IDENTITY))? else {
+            return Ok(None);
+        };
+        let mut r = codec::Reader::new(&v);
+        match (r.u32(), r.u32()) {
+            (Some(id), Some(n)) => Ok(Some((id, n))),
+            _ => Err(StoreError::Corrupt {
+                key: "M identity".into(),
+                what: "identity is not two u32",
+            }),
+        }
+    }
+
+    pub fn set_identity(&self, shard_id: u32, shards: u32) -> Result<(), StoreError> {
+        let mut v = shard_id.to_be_bytes().to_vec();
+        v.extend_from_slice(&shards.to_be_bytes());
+        self.tree.insert(keys::meta(META_IDENTITY), v)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Every symbol's durable state, for the committer to start from.
+    pub fn load_symbols(&self) -> Result<Vec<SymbolRecord>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([keys::SYMBOL]) {
+            let (k, v) = kv?;
+            let corrupt = |what| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                what,
+            };
+            let sym = keys::symbol_of(&k).ok_or_else(|| corrupt("bad symbol key"))?;
+            out.push(SymbolRecord::decode(sym, &v).ok_or_else(|| corrupt("bad symbol record"))?);
+        }
+        Ok(out)
+    }
+
+    pub fn dedup(&self, sym: &Symbol, publisher: &str) -> Result<Option<DedupState>, StoreError> {
+        let k = keys::dedup(sym, publisher);
+        match self.tree.get(&k)? {
+            None => Ok(None),
+            Some(v) => DedupState::decode(&v).map(Some).ok_or(StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                what: "bad de-dup record",
+            }),
+        }
+    }
+
+    /// Applies one group commit atomically and makes it durable. Returns the
+    /// time spent in `flush`.
+    pub fn commit(&self, batch: CommitBatch) -> Result<Duration, StoreError> {
+        if !batch.is_empty() {
+            self.tree.apply_batch(batch.batch)?;
+        }
+        let t = Instant::now();
+        self.db.flush()?;
+        Ok(t.elapsed())
+    }
+
+    /// Ticks `from..=to` of `sym` in seq order, at most `limit`. Callers clamp
+    /// `to` to the durable seq: blocks past it may exist before their flush.
+    pub fn read_ticks(&self, sym: &Symbol, from: u64, to: u64, limit: usize) -> Result<Vec<Tick>, StoreError> {
+        let mut out = Vec::new();
+        if from > to || limit == 0 {
+            return Ok(out);
+        }
+        let prefix = keys::prefix(keys::TICKS, sym);
+        // The block holding `from` is the last one starting at or before it.
+        let start = match self.tree.range(prefix.clone()..=keys::ticks(sym, from)).next_back() {
+            Some(kv) => kv?.0.to_vec(),
+            None => keys::ticks(sym, from),
+        };
+        for kv in self.tree.range(start..=keys::ticks(sym, to)) {
+            let (k, v) = kv?;
+            let first = keys::trailing_u64(&k).ok_or(StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                what: "bad tick block key",
+            })?;
+            let mut done = false;
+            codec::decode_block(*sym, first, &v, |t| {
+                if t.seq > to || out.len() >= limit {
+                    done = true;
+                    return false;
+                }
+                if t.seq >= from {
+                    out.push(t);
+                }
+                true
+            })
+            .ok_or_else(|| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                what: "bad tick block",
+            })?;
+            if done {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Closed candles of `sym` with `from <= start <= to`, oldest first.
+    pub fn read_candles(
+        &self,
+        sym: &Symbol,
+        interval: Interval,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> Result<Vec<Candle>, StoreError> {
+        let mut out = Vec::new();
+        if from > to {
+            return Ok(out);
+        }
+        for kv in self
+            .tree
+            .range(keys::candle(sym, interval, from)..=keys::candle(sym, interval, to))
+            .take(limit)
+        {
+            let (k, v) = kv?;
+            let c = codec::Reader::new(&v)
+                .candle(*sym, interval)
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    what: "bad candle",
+                })?;
+            out.push(c);
+        }
+        Ok(out)
+    }
+
+    /// Deletes whole tick blocks of `sym` whose every seq is below `keep_from`.
+    /// Returns the number of ticks removed.
+    pub fn prune_ticks(&self, sym: &Symbol, keep_from: u64) -> Result<u64, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        let mut iter = self.tree.scan_prefix(keys::prefix(keys::TICKS, sym)).peekable();
+        while let Some(kv) = iter.next() {
+            let (k, v) = kv?;
+            // A block ends where the next one starts (blocks are consecutive).
+            let next_first = match iter.peek() {
+                Some(Ok((nk, _))) => keys::trailing_u64(nk),
+                _ => None,
+            };
+            let Some(next_first) = next_first else { break };
+            if next_first > keep_from {
+                break;
+            }
+            removed += codec::block_len(&v).unwrap_or(0);
+            batch.remove(k);
+        }
+        if removed > 0 {
+            self.tree.apply_batch(batch)?;
+        }
+        Ok(removed)
+    }
+
+    /// Deletes closed candles of one interval that start before `before`.
+    pub fn prune_candles(&self, sym: &Symbol, interval: Interval, before: i64) -> Result<u64, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        for kv in self
+            .tree
+            .range(keys::candle_prefix(sym, interval)..keys::candle(sym, interval, before))
+        {
+            batch.remove(kv?.0);
+            removed += 1;
+        }
+        if removed > 0 {
+            self.tree.apply_batch(batch)?;
+        }
+        Ok(removed)
+    }
+
+    /// A final flush, for shutdown.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Bytes sled uses on disk (for metrics and the retention benchmark).
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests;

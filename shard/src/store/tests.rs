@@ -1,0 +1,147 @@
+use rust_decimal::Decimal;
+
+use super::*;
+use crate::domain::{Epoch, Symbol, Tick};
+
+fn sym(s: &str) -> Symbol {
+    Symbol::parse(s).unwrap()
+}
+
+fn tick(s: Symbol, seq: u64) -> Tick {
+    Tick {
+        symbol: s,
+        seq,
+        ts: 1_700_000_000_000_000 + seq as i64,
+        price: Decimal::new(6_701_250 + seq as i64, 2),
+        size: Decimal::new(1, 2),
+        bid: (seq % 2 == 0).then(|| Decimal::new(6_701_240, 2)),
+        ask: None,
+        bid_size: Some(Decimal::new(5, 0)),
+        ask_size: None,
+    }
+}
+
+fn write_blocks(store: &Store, s: Symbol, blocks: &[std::ops::RangeInclusive<u64>]) {
+    for r in blocks {
+        let ticks: Vec<Tick> = r.clone().map(|q| tick(s, q)).collect();
+        let mut b = CommitBatch::default();
+        b.put_block(&ticks[0], &ticks);
+        store.commit(b).unwrap();
+    }
+}
+
+#[test]
+fn reads_cross_block_boundaries_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    let (a, ab) = (sym("A"), sym("AB"));
+    write_blocks(&store, a, &[1..=3, 4..=4, 5..=9]);
+    write_blocks(&store, ab, &[1..=100]);
+    let got: Vec<u64> = store.read_ticks(&a, 2, 6, 100).unwrap().iter().map(|t| t.seq).collect();
+    assert_eq!(got, vec![2, 3, 4, 5, 6]);
+    let got = store.read_ticks(&a, 1, 9, 100).unwrap();
+    assert_eq!(got, (1..=9).map(|q| tick(a, q)).collect::<Vec<_>>());
+    assert_eq!(store.read_ticks(&a, 8, 100, 100).unwrap().len(), 2);
+    assert_eq!(store.read_ticks(&a, 3, 9, 2).unwrap().len(), 2);
+    assert!(store.read_ticks(&a, 10, 20, 100).unwrap().is_empty());
+    // "A" never sees "AB"'s ticks (length-prefixed keys)
+    assert_eq!(store.read_ticks(&ab, 99, 200, 100).unwrap().len(), 2);
+}
+
+#[test]
+fn prune_removes_whole_old_blocks_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    let s = sym("X");
+    write_blocks(&store, s, &[1..=10, 11..=20, 21..=30]);
+    assert_eq!(store.prune_ticks(&s, 15).unwrap(), 10);
+    assert_eq!(store.read_ticks(&s, 1, 30, 100).unwrap()[0].seq, 11);
+    assert_eq!(store.prune_ticks(&s, 15).unwrap(), 0);
+    // the newest block is never removed
+    assert_eq!(store.prune_ticks(&s, 1_000).unwrap(), 10);
+    assert_eq!(store.read_ticks(&s, 1, 30, 100).unwrap().len(), 10);
+}
+
+#[test]
+fn symbol_records_dedup_and_candles_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sym("ETH-USD");
+    let t = tick(s, 7);
+    let candle = Candle {
+        symbol: s,
+        interval: Interval::M1,
+        start: 1_700_000_040_000_000,
+        open: Decimal::new(1, 0),
+        high: Decimal::new(3, 0),
+        low: Decimal::new(1, 1),
+        close: Decimal::new(2, 0),
+        volume: Decimal::new(12345, 4),
+        count: 9,
+    };
+    let rec = SymbolRecord {
+        symbol: s,
+        epoch: Epoch::random(),
+        last_seq: 7,
+        last: Some(t),
+        candles: [None, Some(candle), None],
+    };
+    {
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let mut b = CommitBatch::default();
+        b.put_symbol(&rec);
+        b.put_dedup(
+            &s,
+            "pub-1",
+            DedupState {
+                publisher_seq: 42,
+                seq: 7,
+            },
+        );
+        b.put_closed_candle(&candle);
+        store.commit(b).unwrap();
+        store.set_identity(0, 1).unwrap();
+    }
+    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    assert_eq!(store.load_symbols().unwrap(), vec![rec]);
+    assert_eq!(
+        store.dedup(&s, "pub-1").unwrap(),
+        Some(DedupState {
+            publisher_seq: 42,
+            seq: 7
+        })
+    );
+    assert_eq!(store.dedup(&s, "pub-2").unwrap(), None);
+    assert_eq!(store.identity().unwrap(), Some((0, 1)));
+    let got = store.read_candles(&s, Interval::M1, 0, i64::MAX, 10).unwrap();
+    assert_eq!(got, vec![candle]);
+    assert!(
+        store
+            .read_candles(&s, Interval::S1, 0, i64::MAX, 10)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.prune_candles(&s, Interval::M1, candle.start + 1).unwrap(), 1);
+}
+
+#[test]
+fn wrong_format_version_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        store
+            .tree
+            .insert(keys::meta(META_FORMAT), &99u32.to_be_bytes()[..])
+            .unwrap();
+        store.flush().unwrap();
+    }
+    let err = Store::open(dir.path(), &StoreOptions::default()).err().unwrap();
+    assert!(matches!(
+        err,
+        StoreError::FormatMismatch {
+            found: 99,
+            expected: FORMAT_VERSION,
+            ..
+        }
+    ));
+    assert!(err.to_string().contains("format version 99"), "{err}");
+}

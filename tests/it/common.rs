@@ -1,0 +1,324 @@
+//! The one harness every integration test uses: start the real `tickshard`
+//! binary on port 0 with a temp data dir, find its listeners from the lines it
+//! prints, talk to it with real clients, and always clean up.
+#![allow(dead_code, clippy::unwrap_used, clippy::print_stderr)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use tickshard_feed::client::{
+    publisher::{Acked, Publisher, PublisherConfig},
+    ws::{Incoming, ServerMsg, WsConn},
+};
+use tickshard_proto::v1 as pb;
+
+/// Upper bound for any single wait in a test.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct Server {
+    child: Option<Child>,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub dir: PathBuf,
+    log: PathBuf,
+    args: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Starts a server on a fresh temp data dir.
+    pub fn start(args: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let mut s = Server::start_in(&dir, args);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Starts a server on `dir` (kept across restarts by the caller).
+    pub fn start_in(dir: &Path, args: &[&str]) -> Server {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Server::spawn(dir, args, None).unwrap_or_else(|e| panic!("server did not start: {e}"))
+    }
+
+    /// Tries to start; returns the exit status and stderr if it refuses.
+    pub fn try_start_in(dir: &Path, args: &[&str]) -> Result<Server, (ExitStatus, String)> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Server::spawn(dir, args.clone(), None).map_err(|_| {
+            let log = dir.with_extension("log");
+            let mut c = base_command(dir, &args.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &log);
+            let status = c.status().unwrap();
+            (status, std::fs::read_to_string(&log).unwrap_or_default())
+        })
+    }
+
+    fn spawn(dir: &Path, args: Vec<String>, ports: Option<(SocketAddr, SocketAddr)>) -> Result<Server, String> {
+        std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+        let log = dir.with_extension(format!("{}.log", fastrand::u32(..)));
+        let (http, grpc) = ports.map_or(("127.0.0.1:0".to_string(), "127.0.0.1:0".to_string()), |(h, g)| {
+            (h.to_string(), g.to_string())
+        });
+        let mut full = vec!["--http-addr".to_string(), http, "--grpc-addr".to_string(), grpc];
+        full.extend(args.iter().cloned());
+        let mut cmd = base_command(dir, &full.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &log);
+        cmd.stdout(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut h, mut g) = (None, None);
+        let deadline = Instant::now() + WAIT;
+        while h.is_none() || g.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    let addr = line.rsplit(' ').next().and_then(|a| a.parse().ok());
+                    if line.starts_with("tickshard: http listening on ") {
+                        h = addr;
+                    } else if line.starts_with("tickshard: grpc listening on ") {
+                        g = addr;
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(std::fs::read_to_string(&log).unwrap_or_default());
+                }
+            }
+        }
+        Ok(Server {
+            child: Some(child),
+            http: h.unwrap(),
+            grpc: g.unwrap(),
+            dir: dir.to_path_buf(),
+            log,
+            args,
+            _tmp: None,
+        })
+    }
+
+    /// Restarts on the same data dir and the same ports (after a stop or kill).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the server first");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match Server::spawn(&self.dir, self.args.clone(), Some((self.http, self.grpc))) {
+                Ok(mut s) => {
+                    self.child = s.child.take();
+                    self.log = s.log.clone();
+                    return;
+                }
+                // the old process's ports may linger for a moment
+                Err(e) if Instant::now() < deadline && e.contains("Address already in use") => {
+                    std::thread::yield_now();
+                }
+                Err(e) => panic!("restart failed: {e}"),
+            }
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.http)
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM (the drain), without waiting.
+    pub fn sigterm(&self) {
+        let st = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// Waits for the process to exit (bounded), returning its status.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let mut c = self.child.take().unwrap();
+        let pid = c.id();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(c.wait());
+        });
+        match rx.recv_timeout(within) {
+            Ok(st) => st.unwrap(),
+            Err(_) => {
+                let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+                let _ = rx.recv_timeout(WAIT);
+                panic!("server did not exit within {within:?}\n{}", self.log_text());
+            }
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn ws(&self) -> WsConn {
+        WsConn::connect(&self.ws_url(), WAIT).await.unwrap()
+    }
+
+    pub async fn publisher(&self, id: &str) -> Publisher {
+        Publisher::connect(PublisherConfig::new(vec![self.grpc_url()], id))
+            .await
+            .unwrap()
+    }
+
+    pub async fn feed(&self) -> pb::feed_client::FeedClient<tonic::transport::Channel> {
+        pb::feed_client::FeedClient::connect(self.grpc_url()).await.unwrap()
+    }
+
+    /// GET a path on the HTTP listener: (status, body).
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.http, path).await
+    }
+
+    /// The value of a metric (sum over its label sets), 0 if absent.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, body) = self.get("/metrics").await;
+        body.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- server log ({}) ----\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+fn base_command(dir: &Path, args: &[&str], log: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tickshard"));
+    c.arg("--data-dir").arg(dir).args(args);
+    c.env_remove("TICKSHARD_SHARD_ID");
+    c.env("TICKSHARD_LOG", "info,tickshard_feed=debug");
+    c.stdin(Stdio::null()).stderr(std::fs::File::create(log).unwrap());
+    c
+}
+
+/// A minimal HTTP/1.1 GET over a fresh connection.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A tick with the given decimals (ts must be unique per symbol in most tests).
+pub fn tick(symbol: &str, ts: i64, price: &str, size: &str) -> pb::Tick {
+    pb::Tick {
+        symbol: symbol.into(),
+        ts_micros: ts,
+        price: price.into(),
+        size: size.into(),
+        ..Default::default()
+    }
+}
+
+/// Publishes `ticks` and waits for every ack; panics on any rejection.
+pub async fn publish_all(p: &mut Publisher, ticks: impl IntoIterator<Item = pb::Tick>) -> Vec<Acked> {
+    for t in ticks {
+        p.send(t).await.unwrap();
+    }
+    let mut acks = tokio::time::timeout(WAIT, p.flush()).await.unwrap().unwrap();
+    acks.sort_by_key(|a| a.request_id);
+    for a in &acks {
+        assert!(a.error.is_none(), "rejected: {a:?}");
+    }
+    acks
+}
+
+/// Receives the next parsed message, bounded in time.
+pub async fn recv(c: &mut WsConn) -> ServerMsg {
+    match recv_any(c).await {
+        Incoming::Text(t) => ServerMsg::parse(&t).unwrap_or_else(|| panic!("not a protocol message: {t}")),
+        Incoming::Close { code, reason } => panic!("unexpected close {code} {reason}"),
+    }
+}
+
+pub async fn recv_any(c: &mut WsConn) -> Incoming {
+    tokio::time::timeout(WAIT, c.recv())
+        .await
+        .expect("timed out waiting for a frame")
+        .unwrap()
+}
+
+/// Waits (bounded) until the connection closes; returns the close code.
+pub async fn recv_close(c: &mut WsConn) -> u16 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, c.recv())
+            .await
+            .expect("timed out waiting for a close")
+        {
+            Ok(Incoming::Close { code, .. }) => return code,
+            Ok(Incoming::Text(_)) => {}
+            Err(e) => panic!("connection broke without a close frame: {e}"),
+        }
+    }
+}
+
+/// Polls `cond` until true, bounded by [`WAIT`]. For conditions with no event
+/// to wait on (a metric, a background prune); never a fixed sleep.
+pub async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -1,0 +1,288 @@
+//! The gRPC `Feed` API (contract §5) end to end.
+
+use futures_util::StreamExt;
+use tickshard_feed::client::ws::ServerMsg;
+use tickshard_proto::v1::{self as pb, event::Kind};
+
+use crate::common::*;
+
+const T0: i64 = 1_732_530_000_000_000;
+
+fn req(id: u64, publisher: &str, pseq: u64, t: pb::Tick) -> pb::PublishRequest {
+    pb::PublishRequest {
+        request_id: id,
+        publisher_id: publisher.into(),
+        publisher_seq: pseq,
+        tick: Some(t),
+    }
+}
+
+/// A raw Publish stream: send requests, read acks one by one.
+struct RawStream {
+    tx: tokio::sync::mpsc::Sender<pb::PublishRequest>,
+    acks: tonic::Streaming<pb::PublishAck>,
+}
+
+impl RawStream {
+    async fn open(srv: &Server) -> RawStream {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        let acks = srv.feed().await.publish(out).await.unwrap().into_inner();
+        RawStream { tx, acks }
+    }
+
+    async fn call(&mut self, r: pb::PublishRequest) -> pb::PublishAck {
+        self.tx.send(r).await.unwrap();
+        tokio::time::timeout(WAIT, self.acks.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_durable_ack_and_both_kinds_of_subscriber_get_the_exact_tick() {
+    let srv = Server::start(&["--no-sim"]);
+    let mut ws = srv.ws().await;
+    ws.send_text(r#"{"op":"subscribe","symbols":["EUR/USD"]}"#)
+        .await
+        .unwrap();
+    assert!(matches!(recv(&mut ws).await, ServerMsg::Subscribed { .. }));
+    let mut grpc = srv
+        .feed()
+        .await
+        .subscribe(pb::SubscribeRequest {
+            symbols: vec!["eur/usd".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(Ok(pb::Event {
+        kind: Some(Kind::Subscribed(s)),
+    })) = grpc.next().await
+    else {
+        panic!()
+    };
+    assert_eq!((s.symbols[0].symbol.as_str(), s.symbols[0].seq), ("EUR/USD", 0));
+
+    let mut raw = RawStream::open(&srv).await;
+    let t = pb::Tick {
+        bid: "1.08510".into(),
+        ask: "1.08514".into(),
+        bid_size: "1000000".into(),
+        ask_size: "0.0".into(),
+        ..tick("EUR/USD", T0 + 7, "1.08512", "250000.00")
+    };
+    let ack = raw.call(req(77, "p1", 1, t.clone())).await;
+    assert_eq!(
+        (ack.request_id, ack.seq, ack.duplicate, ack.error),
+        (77, 1, false, None)
+    );
+    assert_eq!(ack.epoch, s.symbols[0].epoch);
+
+    let ServerMsg::Tick(w) = recv(&mut ws).await else {
+        panic!()
+    };
+    assert_eq!(
+        (
+            w.seq,
+            w.ts,
+            w.price.as_str(),
+            w.size.as_str(),
+            w.bid.as_deref(),
+            w.ask.as_deref(),
+            w.bid_size.as_deref(),
+            w.ask_size.as_deref()
+        ),
+        (
+            1,
+            T0 + 7,
+            "1.08512",
+            "250000.00",
+            Some("1.08510"),
+            Some("1.08514"),
+            Some("1000000"),
+            Some("0.0")
+        )
+    );
+    let ev = tokio::time::timeout(WAIT, grpc.next()).await.unwrap().unwrap().unwrap();
+    let Some(Kind::Tick(g)) = ev.kind else { panic!("{ev:?}") };
+    assert_eq!(
+        g,
+        pb::Tick {
+            symbol: "EUR/USD".into(),
+            seq: 1,
+            ..t
+        }
+    );
+    // and it is in the store
+    let snap = srv
+        .feed()
+        .await
+        .get_snapshot(pb::SnapshotRequest {
+            symbols: vec!["EUR/USD".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snap.snapshots[0].last.as_ref().unwrap().price, "1.08512");
+    let list = srv
+        .feed()
+        .await
+        .list_symbols(pb::ListSymbolsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        list.symbols,
+        vec![pb::SymbolInfo {
+            symbol: "EUR/USD".into(),
+            owner_shard: 0,
+            seq: 1,
+            epoch: ack.epoch
+        }]
+    );
+}
+
+#[tokio::test]
+async fn retries_are_deduplicated_and_bad_ticks_are_rejected_per_request() {
+    let srv = Server::start(&["--no-sim"]);
+    let mut raw = RawStream::open(&srv).await;
+    let a = raw.call(req(1, "pub-A", 1, tick("BTC-USD", T0 + 1, "1", "1"))).await;
+    let b = raw.call(req(2, "pub-A", 2, tick("BTC-USD", T0 + 2, "2", "1"))).await;
+    assert_eq!((a.seq, b.seq), (1, 2));
+    // the same publisher_seq again: a retry, acked with the original seq, not stored
+    let again = raw.call(req(3, "pub-A", 2, tick("BTC-USD", T0 + 2, "2", "1"))).await;
+    assert_eq!((again.seq, again.duplicate), (2, true));
+    // an older one: duplicate, original seq no longer known
+    let old = raw.call(req(4, "pub-A", 1, tick("BTC-USD", T0 + 1, "1", "1"))).await;
+    assert_eq!((old.seq, old.duplicate), (0, true));
+    // another publisher, or another symbol, has its own sequence
+    assert_eq!(
+        raw.call(req(5, "pub-B", 1, tick("BTC-USD", T0 + 3, "3", "1")))
+            .await
+            .seq,
+        3
+    );
+    assert_eq!(
+        raw.call(req(6, "pub-A", 1, tick("ETH-USD", T0 + 3, "3", "1")))
+            .await
+            .seq,
+        1
+    );
+    // bad ticks: per-request error, no seq consumed, the stream goes on
+    let cases = [
+        (tick("b@d", T0, "1", "1"), "invalid_symbol"),
+        (tick("BTC-USD", T0, "0", "1"), "invalid_tick"),
+        (tick("BTC-USD", T0, "1", "-1"), "invalid_tick"),
+        (tick("BTC-USD", 0, "1", "1"), "invalid_tick"),
+        (tick("BTC-USD", T0, "1.0e3", "1"), "invalid_tick"),
+        (
+            pb::Tick {
+                bid: "5".into(),
+                ask: "4".into(),
+                ..tick("BTC-USD", T0, "1", "1")
+            },
+            "invalid_tick",
+        ),
+    ];
+    for (i, (t, code)) in cases.into_iter().enumerate() {
+        let r = raw.call(req(100 + i as u64, "pub-C", 1 + i as u64, t)).await;
+        assert_eq!((r.seq, r.error.as_ref().map(|e| e.code.as_str())), (0, Some(code)));
+    }
+    assert_eq!(
+        raw.call(req(200, "pub-A", 3, tick("BTC-USD", T0 + 9, "9", "1")))
+            .await
+            .seq,
+        4,
+        "no seq was consumed"
+    );
+    // the store holds each tick once
+    let h = srv
+        .feed()
+        .await
+        .get_history(pb::HistoryRequest {
+            symbol: "BTC-USD".into(),
+            from_seq: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.ticks.iter().map(|t| t.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    assert!(!h.truncated);
+    let h = srv
+        .feed()
+        .await
+        .get_history(pb::HistoryRequest {
+            symbol: "BTC-USD".into(),
+            from_seq: 2,
+            to_seq: 3,
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((h.ticks.len(), h.ticks[0].seq, h.truncated), (1, 2, true));
+}
+
+#[tokio::test]
+async fn grpc_subscribe_resumes_like_websocket() {
+    let srv = Server::start(&["--no-sim"]);
+    let mut p = srv.publisher("g").await;
+    let acks = publish_all(&mut p, (1..=20).map(|i| tick("AAPL", T0 + i, "189.84", "10"))).await;
+    let epoch = acks[0].epoch.clone();
+    let mut resume = std::collections::HashMap::new();
+    resume.insert("AAPL".to_string(), pb::Position { seq: 15, epoch });
+    let mut s = srv
+        .feed()
+        .await
+        .subscribe(pb::SubscribeRequest {
+            symbols: vec!["AAPL".into()],
+            resume,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(Ok(pb::Event {
+        kind: Some(Kind::Subscribed(st)),
+    })) = s.next().await
+    else {
+        panic!()
+    };
+    assert_eq!((st.symbols[0].seq, st.symbols[0].recovered), (20, true));
+    for want in 16..=20 {
+        let ev = tokio::time::timeout(WAIT, s.next()).await.unwrap().unwrap().unwrap();
+        let Some(Kind::Tick(t)) = ev.kind else { panic!("{ev:?}") };
+        assert_eq!(t.seq, want);
+    }
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_served() {
+    let srv = Server::start(&["--no-sim"]);
+    let channel = tonic::transport::Endpoint::from_shared(srv.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in ["", "tickshard.v1.Feed"] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the real `tickshard` binary on loopback, real clients.
+//! One test binary (one link) with a module per area.
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
+
+mod common;
+mod durability;
+mod grpc_api;
+mod slow_consumer;
+mod ws_protocol;

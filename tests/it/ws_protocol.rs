@@ -1,0 +1,480 @@
+//! WebSocket protocol v1 (contract §4) end to end.
+
+use tickshard_feed::client::ws::{Incoming, OpCode, ServerMsg, TickMsg};
+
+use crate::common::*;
+
+const T0: i64 = 1_732_530_000_000_000;
+
+fn as_tick(m: ServerMsg) -> TickMsg {
+    match m {
+        ServerMsg::Tick(t) => t,
+        other => panic!("expected a tick, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn snapshot_then_every_tick_in_order_with_exact_decimals() {
+    let srv = Server::start(&["--no-sim"]);
+    let mut p = srv.publisher("snap").await;
+    publish_all(
+        &mut p,
+        (1..=50).map(|i| tick("BTC-USD", T0 + i, &format!("67012.{i:02}"), "0.010")),
+    )
+    .await;
+
+    let mut c = srv.ws().await;
+    c.send_text(r#"{"op":"subscribe","id":1,"symbols":["btc-usd"]}"#)
+        .await
+        .unwrap();
+    let ServerMsg::Subscribed { id, symbols } = recv(&mut c).await else {
+        panic!()
+    };
+    assert_eq!(id.as_deref(), Some("1"));
+    assert_eq!(
+        (symbols[0].symbol.as_str(), symbols[0].seq, symbols[0].recovered),
+        ("BTC-USD", 50, false)
+    );
+    assert_eq!(symbols[0].epoch.len(), 12);
+    let ServerMsg::Snapshot(s) = recv(&mut c).await else {
+        panic!()
+    };
+    assert_eq!((s.seq, s.price.as_str(), s.size.as_str()), (50, "67012.50", "0.010"));
+    assert_eq!(s.epoch.as_deref(), Some(symbols[0].epoch.as_str()));
+
+    // live ticks follow the snapshot with no gap, scale preserved exactly
+    let acks = publish_all(
+        &mut p,
+        (51..=250).map(|i| pb_tick_with_quote("BTC-USD", T0 + i, &format!("67012.{:03}", i), "0.5")),
+    )
+    .await;
+    assert_eq!(acks.first().unwrap().seq, 51);
+    for i in 51..=250u64 {
+        let t = as_tick(recv(&mut c).await);
+        assert_eq!(t.seq, i);
+        assert_eq!(t.price, format!("67012.{i:03}"));
+        assert_eq!(t.bid.as_deref(), Some("67012.000"));
+        assert_eq!(t.ask_size, None, "absent optional fields are omitted");
+    }
+}
+
+fn pb_tick_with_quote(symbol: &str, ts: i64, price: &str, size: &str) -> tickshard_proto::v1::Tick {
+    tickshard_proto::v1::Tick {
+        bid: "67012.000".into(),
+        ask: "99999.999".into(),
+        ..tick(symbol, ts, price, size)
+    }
+}
+
+#[tokio::test]
+async fn a_symbol_without_ticks_gets_an_epoch_and_seq_zero_then_its_first_tick() {
+    let srv = Server::start(&["--no-sim"]);
+    let mut c = srv.ws().await;
+    c.send_text(r#"{"op":"subscribe","symbols":["NEW-1"]}"#).await.unwrap();
+    let ServerMsg::Subscribed { symbols, .. } = recv(&mut c).await else {
+        panic!()
+    };
+    assert_eq!((symbols[0].seq, symbols[0].recovered), (0, false));
+    assert_eq!(symbols[0].epoch.len(), 12);
+    let mut p = srv.publisher("first").await;
+    let acks = publish_all(&mut p, [tick("NEW-1", T0, "1.5", "2")]).await;
+    assert_eq!(
+        acks[0].epoch, symbols[0].epoch,
+        "the epoch made on subscribe is the one the first tick gets"
+    );
+    let t = as_tick(recv(&mut c).await);
+    assert_eq!((t.seq, t.price.as_str()), (1, "1.5"));
+    // `symbols` lists only symbols with ticks
+    c.send_text(r#"{"op":"symbols","id":"s"}"#).await.unwrap();
+    assert_eq!(
+        recv(&mut c).await,
+        ServerMsg::Symbols {
+            id: Some("\"s\"".into()),
+            symbols: vec!["NEW-1".into()]
+        }
+    );
+}
+
+#[tokio::test]
+async fn every_error_code_keeps_the_connection_usable() {
+    let srv = Server::start(&[
+        "--no-sim",
+        "--max-subscriptions",
+        "3",
+        "--max-client-rate",
+        "20",
+        "--client-burst",
+        "40",
+    ]);
+    let mut c = srv.ws().await;
+    let cases: [(&str, &str); 7] = [
+        ("{not json", "bad_json"),
+        (r#"[1,2]"#, "bad_json"),
+        (r#"{"op":"dance","id":5}"#, "unknown_op"),
+        (r#"{"op":"subscribe","id":6,"symbols":["b@d"]}"#, "invalid_symbol"),
+        (
+            r#"{"op":"subscribe","id":7,"symbols":["A","B","C","D"]}"#,
+            "too_many_subscriptions",
+        ),
+        (
+            r#"{"op":"subscribe","id":8,"symbols":["A"],"channels":["candles:5m"]}"#,
+            "bad_json",
+        ),
+        (r#"{"op":"unsubscribe","id":9}"#, "bad_json"),
+    ];
+    for (msg, code) in cases {
+        c.send_text(msg).await.unwrap();
+        match recv(&mut c).await {
+            ServerMsg::Error { code: got, message, .. } => {
+                assert_eq!(got, code, "{msg}");
+                assert!(!message.is_empty());
+            }
+            other => panic!("{msg}: expected error {code}, got {other:?}"),
+        }
+        c.send_text(r#"{"op":"ping","id":42}"#).await.unwrap();
+        assert_eq!(
+            recv(&mut c).await,
+            ServerMsg::Pong { id: Some("42".into()) },
+            "usable after {code}"
+        );
+    }
+    // the invalid symbol error names the bad symbol, and the id is echoed
+    c.send_text(r#"{"op":"subscribe","id":6,"symbols":["ok","b@d"]}"#)
+        .await
+        .unwrap();
+    let ServerMsg::Error { id, message, .. } = recv(&mut c).await else {
+        panic!()
+    };
+    assert_eq!(id.as_deref(), Some("6"));
+    assert!(message.contains("'b@d'"), "{message}");
+    // a subscribe past the limit is rejected whole; existing ones stay
+    c.send_text(r#"{"op":"subscribe","id":10,"symbols":["A","B"]}"#)
+        .await
+        .unwrap();
+    assert!(matches!(recv(&mut c).await, ServerMsg::Subscribed { .. }));
+    c.send_text(r#"{"op":"subscribe","id":11,"symbols":["C","D"]}"#)
+        .await
+        .unwrap();
+    let ServerMsg::Error { code, .. } = recv(&mut c).await else {
+        panic!()
+    };
+    assert_eq!(code, "too_many_subscriptions");
+    let mut p = srv.publisher("err").await;
+    publish_all(&mut p, [tick("B", T0, "2", "1")]).await;
+    assert_eq!(
+        as_tick(recv(&mut c).await).symbol,
+        "B",
+        "existing subscriptions keep flowing"
+    );
+    // binary frames are not JSON text
+    c.send_frame(true, OpCode::Binary, b"\x01\x02").await.unwrap();
+    let ServerMsg::Error { code, .. } = recv(&mut c).await else {
+        panic!()
+    };
+    assert_eq!(code, "bad_json");
+    // past the message rate: rate_limited, not processed, then usable again
+    let mut limited = 0;
+    for i in 0..80 {
+        c.send_text(&format!(r#"{{"op":"ping","id":{i}}}"#)).await.unwrap();
+    }
+    for _ in 0..80 {
+        match recv(&mut c).await {
+            ServerMsg::Error { code, .. } if code == "rate_limited" => limited += 1,
+            ServerMsg::Pong { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(limited > 0, "a burst past the limit is rate limited");
+}
+
+#[tokio::test]
+async fn fragmented_messages_are_reassembled_and_oversized_ones_close_with_1009() {
+    let srv = Server::start(&["--no-sim", "--max-message-bytes", "1024"]);
+    let mut c = srv.ws().await;
+    c.send_frame(false, OpCode::Text, br#"{"op":"pi"#).await.unwrap();
+    c.send_frame(true, OpCode::Continuation, br#"ng","id":1}"#)
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut c).await, ServerMsg::Pong { id: Some("1".into()) });
+    // one frame over the limit
+    let big = format!(r#"{{"op":"ping","pad":"{}"}}"#, "x".repeat(2000));
+    c.send_text(&big).await.unwrap();
+    let ServerMsg::Error { code, .. } = recv(&mut c).await else {
+        panic!()
+    };
+    assert_eq!(code, "message_too_large");
+    assert_eq!(recv_close(&mut c).await, 1009);
+    // fragments that add up past the limit
+    let mut c = srv.ws().await;
+    c.send_frame(false, OpCode::Text, &[b' '; 400]).await.unwrap();
+    for _ in 0..2 {
+        c.send_frame(false, OpCode::Continuation, &[b' '; 400]).await.unwrap();
+    }
+    let ServerMsg::Error { code, .. } = recv(&mut c).await else {
+        panic!()
+    };
+    assert_eq!(code, "message_too_large");
+    assert_eq!(recv_close(&mut c).await, 1009);
+}
+
+#[tokio::test]
+async fn a_sustained_flood_is_closed_with_1008() {
+    // 10× a rate of 5/s is 50/s; sustained for 10 s the client is closed.
+    let srv = Server::start(&["--no-sim", "--max-client-rate", "5", "--client-burst", "5"]);
+    let mut c = srv.ws().await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(10)); // 100 msg/s
+    let mut limited = 0;
+    let code = loop {
+        assert!(tokio::time::Instant::now() < deadline, "not closed for flooding");
+        every.tick().await;
+        if c.send_text(r#"{"op":"ping"}"#).await.is_err() {
+            break recv_close(&mut c).await;
+        }
+        // drain replies without blocking the flood
+        while let Ok(Ok(m)) = tokio::time::timeout(std::time::Duration::ZERO, c.recv()).await {
+            match m {
+                Incoming::Close { code, .. } => {
+                    assert!(limited > 0);
+                    assert_eq!(code, 1008);
+                    return;
+                }
+                Incoming::Text(t) if t.contains("rate_limited") => limited += 1,
+                Incoming::Text(_) => {}
+            }
+        }
+    };
+    assert_eq!(code, 1008);
+}
+
+#[tokio::test]
+async fn resume_with_the_right_epoch_replays_exactly_the_missed_ticks() {
+    let srv = Server::start(&["--no-sim"]);
+    let mut p = srv.publisher("resume").await;
+    publish_all(&mut p, (1..=10).map(|i| tick("ETH-USD", T0 + i, "3012.5", "0.4"))).await;
+    let mut c = srv.ws().await;
+    c.send_text(r#"{"op":"subscribe","symbols":["ETH-USD"]}"#)
+        .await
+        .unwrap();
+    let ServerMsg::Subscribed { symbols, .. } = recv(&mut c).await else {
+        panic!()
+    };
+    let epoch = symbols[0].epoch.clone();
+    let ServerMsg::Snapshot(s) = recv(&mut c).await else {
+        panic!()
+    };
+    assert_eq!(s.seq, 10);
+    c.close().await;
+    drop(c);
+
+    // 5000 ticks arrive while the client is away (several group commits)
+    for chunk in (11..=5010).collect::<Vec<i64>>().chunks(1000) {
+        publish_all(
+            &mut p,
+            chunk
+                .iter()
+                .map(|&i| tick("ETH-USD", T0 + i, &format!("3012.{i}"), "0.4")),
+        )
+        .await;
+    }
+    let mut c = srv.ws().await;
+    c.send_text(&format!(
+        r#"{{"op":"subscribe","id":2,"symbols":["ETH-USD"],"resume":{{"ETH-USD":{{"seq":10,"epoch":"{epoch}"}}}}}}"#
+    ))
+    .await
+    .unwrap();
+    let ServerMsg::Subscribed { symbols, .. } = recv(&mut c).await else {
+        panic!()
+    };
+    assert_eq!((symbols[0].seq, symbols[0].recovered), (5010, true));
+    // live ticks published during the replay must follow it, in order
+    let live = tokio::spawn(async move {
+        publish_all(&mut p, (5011..=5100).map(|i| tick("ETH-USD", T0 + i, "1", "1"))).await;
+    });
+    for i in 11..=5100u64 {
+        let t = as_tick(recv(&mut c).await);
+        assert_eq!(t.seq, i, "no gap, no duplicate");
+        if i <= 5010 {
+            assert_eq!(t.price, format!("3012.{i}"));
+        }
+    }
+    live.await.unwrap();
+
+    // a wrong epoch (or an unknown one) gets a snapshot and recovered=false
+    let mut c = srv.ws().await;
+    c.send_text(r#"{"op":"subscribe","symbols":["ETH-USD"],"resume":{"ETH-USD":{"seq":10,"epoch":"000000000001"}}}"#)
+        .await
+        .unwrap();
+    let ServerMsg::Subscribed { symbols, .. } = recv(&mut c).await else {
+        panic!()
+    };
+    assert!(!symbols[0].recovered);
+    let ServerMsg::Snapshot(s) = recv(&mut c).await else {
+        panic!()
+    };
+    assert_eq!(s.seq, 5100);
+    // a position already current: recovered, nothing replayed, live follows
+    let mut c = srv.ws().await;
+    c.send_text(&format!(
+        r#"{{"op":"subscribe","symbols":["ETH-USD"],"resume":{{"ETH-USD":{{"seq":5100,"epoch":"{epoch}"}}}}}}"#
+    ))
+    .await
+    .unwrap();
+    let ServerMsg::Subscribed { symbols, .. } = recv(&mut c).await else {
+        panic!()
+    };
+    assert!(symbols[0].recovered);
+    let mut p = srv.publisher("resume-2").await;
+    publish_all(&mut p, [tick("ETH-USD", T0 + 9_999, "7", "1")]).await;
+    assert_eq!(as_tick(recv(&mut c).await).seq, 5101);
+}
+
+#[tokio::test]
+async fn unsubscribe_stops_delivery() {
+    let srv = Server::start(&["--no-sim"]);
+    let mut c = srv.ws().await;
+    c.send_text(r#"{"op":"subscribe","symbols":["A","B"]}"#).await.unwrap();
+    assert!(matches!(recv(&mut c).await, ServerMsg::Subscribed { .. }));
+    c.send_text(r#"{"op":"unsubscribe","id":2,"symbols":["A"]}"#)
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&mut c).await,
+        ServerMsg::Unsubscribed {
+            id: Some("2".into()),
+            symbols: vec!["A".into()]
+        }
+    );
+    let mut p = srv.publisher("unsub").await;
+    publish_all(&mut p, [tick("A", T0, "1", "1"), tick("B", T0, "2", "1")]).await;
+    let t = as_tick(recv(&mut c).await);
+    assert_eq!(t.symbol, "B", "A was unsubscribed");
+}
+
+#[tokio::test]
+async fn candles_close_across_interval_boundaries() {
+    let srv = Server::start(&["--no-sim"]);
+    let mut p = srv.publisher("candles").await;
+    let s = 1_732_530_000_000_000i64; // a whole second (and minute) boundary
+    publish_all(
+        &mut p,
+        [
+            tick("SOL-USD", s + 100, "150.10", "1.5"),
+            tick("SOL-USD", s + 200, "151.00", "0.5"),
+        ],
+    )
+    .await;
+    let mut c = srv.ws().await;
+    c.send_text(r#"{"op":"subscribe","symbols":["SOL-USD"],"channels":["candles:1s","ticks"]}"#)
+        .await
+        .unwrap();
+    let mut candles = Vec::new();
+    let mut ticks = 0;
+    assert!(matches!(recv(&mut c).await, ServerMsg::Subscribed { .. }));
+    // more ticks in the same second, a late one, then one in the next second
+    publish_all(
+        &mut p,
+        [
+            tick("SOL-USD", s + 300, "149.90", "1"),
+            tick("SOL-USD", s + 999_999, "150.50", "2"),
+            tick("SOL-USD", s + 1_000_000 + 5, "152.00", "3"),
+            tick("SOL-USD", s + 999_000, "1.00", "100"), // late: stored, but no candle change
+        ],
+    )
+    .await;
+    while candles
+        .iter()
+        .all(|c: &tickshard_feed::client::ws::CandleMsg| !c.closed)
+        || ticks < 4
+    {
+        match recv(&mut c).await {
+            ServerMsg::Candle(k) => candles.push(k),
+            ServerMsg::Snapshot(_) => {}
+            ServerMsg::Tick(_) => ticks += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    let first = &candles[0];
+    assert_eq!(
+        (first.interval.as_str(), first.start, first.closed),
+        ("1s", s, false),
+        "current candle first"
+    );
+    let closed = candles.iter().find(|k| k.closed).unwrap();
+    assert_eq!(
+        (
+            closed.start,
+            closed.open.as_str(),
+            closed.high.as_str(),
+            closed.low.as_str(),
+            closed.close.as_str(),
+            closed.volume.as_str(),
+            closed.count
+        ),
+        (s, "150.10", "151.00", "149.90", "150.50", "5.0", 4)
+    );
+    // history: the closed candle from the store, the open one from memory
+    let mut f = srv.feed().await;
+    let h = f
+        .get_history(tickshard_proto::v1::HistoryRequest {
+            symbol: "SOL-USD".into(),
+            interval: "1s".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.candles.len(), 2);
+    assert_eq!(
+        (h.candles[0].close.as_str(), h.candles[0].count, h.candles[0].closed),
+        ("150.50", 4, true)
+    );
+    assert_eq!(
+        (h.candles[1].open.as_str(), h.candles[1].count, h.candles[1].closed),
+        ("152.00", 1, false)
+    );
+    // the late tick is a tick (seq 6) and counted in the metric
+    let t = srv
+        .feed()
+        .await
+        .get_history(tickshard_proto::v1::HistoryRequest {
+            symbol: "SOL-USD".into(),
+            from_seq: 6,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.ticks[0].price, "1.00");
+    assert!(srv.metric("tickshard_late_ticks_total").await >= 1.0);
+    // the late tick is late only for 1s: the minute candle includes it
+    let h = srv
+        .feed()
+        .await
+        .get_history(tickshard_proto::v1::HistoryRequest {
+            symbol: "SOL-USD".into(),
+            interval: "1m".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (h.candles.len(), h.candles[0].count, h.candles[0].volume.as_str()),
+        (1, 6, "108.0")
+    );
+}
+
+#[tokio::test]
+async fn non_http_paths_and_health() {
+    let srv = Server::start(&["--no-sim"]);
+    assert_eq!(srv.get("/healthz").await.0, 200);
+    assert_eq!(srv.get("/readyz").await.0, 200);
+    assert_eq!(srv.get("/nope").await.0, 404);
+    assert_eq!(srv.get("/ws").await.0, 426, "plain GET on /ws asks for an upgrade");
+    let (code, page) = srv.get("/").await;
+    assert_eq!(code, 200);
+    assert!(page.contains("<title>tickshard"));
+    let (_, metrics) = srv.get("/metrics").await;
+    assert!(metrics.contains("tickshard_ready 1"), "{metrics}");
+}
