@@ -56,6 +56,21 @@ pub fn main() -> ExitCode {
             telemetry::init_tracing("warn");
             rt.block_on(replay(a))
         }
+        Some(Command::Bench(a)) => {
+            telemetry::init_tracing("warn");
+            let json = a.json;
+            match rt.block_on(crate::bench::run(a)) {
+                Ok(r) => {
+                    let text = if json { r.to_json() } else { r.to_table() };
+                    let _ = writeln!(std::io::stdout().lock(), "{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    say!("bench: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

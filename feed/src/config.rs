@@ -35,6 +35,8 @@ pub enum Command {
     Publish(PublishArgs),
     /// Replay a CSV or NDJSON file of ticks at its recorded pace (or ×N).
     Replay(ReplayArgs),
+    /// Load generator: subscribers + publishers against running servers.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Clone, Args)]

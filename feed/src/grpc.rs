@@ -17,7 +17,7 @@ use tickshard_proto::v1::{
     feed_server::{Feed, FeedServer},
 };
 use tickshard_shard::{
-    committer::{Ack, AckError, PublishCmd},
+    committer::{Ack, AckError, AckTx, PublishCmd},
     domain::{Epoch, ErrorCode, Interval, Position, Symbol},
     hub::{AfterWrite, Channel, Close, Data, Msg, Outbox},
     metrics as m,
@@ -278,7 +278,7 @@ impl Feed for FeedService {
         req: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
         let mut inbound = req.into_inner();
-        let (ack_tx, ack_rx) = tokio::sync::mpsc::unbounded_channel::<Ack>();
+        let (ack_tx, ack_rx) = AckTx::new();
         let (rej_tx, rej_rx) = tokio::sync::mpsc::unbounded_channel::<pb::PublishAck>();
         let window = Arc::new(Semaphore::new(self.shared.publish_window));
         let drained = Arc::new(AtomicBool::new(false));
@@ -355,7 +355,7 @@ impl Feed for FeedService {
                 // in-flight request has been acked.
             });
         }
-        let acks = tokio_stream_from(ack_rx).map(ack_to_pb);
+        let acks = tokio_stream_from(ack_rx).flat_map(stream::iter).map(ack_to_pb);
         let rejects = tokio_stream_from(rej_rx);
         let out = stream::select(acks, rejects)
             .map(move |a| {

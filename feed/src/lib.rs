@@ -9,6 +9,7 @@
 //!
 //! Market-data logic lives in `tickshard_shard`; this crate only speaks protocols.
 
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;

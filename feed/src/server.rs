@@ -269,7 +269,13 @@ async fn handle(
             }
         }
         "/metrics" => {
-            let mut r = Response::new(Full::new(Bytes::from(shared.metrics.render())));
+            let mut text = shared.metrics.render();
+            m::PUBLISH_LATENCY_HISTOGRAM.render(
+                m::PUBLISH_LATENCY,
+                "Publish request received to durable ack.",
+                &mut text,
+            );
+            let mut r = Response::new(Full::new(Bytes::from(text)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -140,7 +140,7 @@ pub async fn run(node: Arc<Node>, rate: u32, stop: CancellationToken) {
     let total: u32 = inst.iter().map(|i| i.weight).sum();
     let mut rng = fastrand::Rng::new();
     // Acks of simulated ticks are not needed: the receiver is dropped.
-    let (ack_tx, _) = tokio::sync::mpsc::unbounded_channel();
+    let (ack_tx, _) = tickshard_shard::committer::AckTx::new();
     let period = Duration::from_millis(10);
     let mut every = tokio::time::interval(period);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

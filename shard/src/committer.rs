@@ -13,10 +13,10 @@ use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
-    time::Instant,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::sync::{mpsc, oneshot};
@@ -25,7 +25,7 @@ use crate::{
     domain::{Candle, CandleAgg, CandleEffect, Epoch, InputError, Interval, Symbol, Tick},
     hub::{Chunk, Head, Hub, SymbolHub},
     metrics as m,
-    store::{CommitBatch, DedupState, Store, SymbolRecord},
+    store::{CommitBatch, DedupState, Store, SymbolDedup, SymbolRecord},
 };
 
 /// Most commands folded into one group commit.
@@ -33,12 +33,32 @@ pub const MAX_BATCH: usize = 16_384;
 /// Capacity of the command queue in front of the committer: publishers wait
 /// (backpressure) when it is full.
 pub const QUEUE_CAPACITY: usize = 65_536;
-/// De-dup states cached in memory before the cache is reset (they are in sled).
-const DEDUP_CACHE_MAX: usize = 1 << 20;
+/// A `(publisher_id, symbol)` de-dup state is forgotten this long after its
+/// last accepted publish (a retry older than that would be stored again).
+pub const DEDUP_HORIZON: Duration = Duration::from_secs(7 * 86_400);
 
-/// Where acks go: one channel per publish stream. Unbounded because the stream
-/// bounds its in-flight requests itself.
-pub type AckTx = mpsc::UnboundedSender<Ack>;
+/// Where acks go: one channel per publish stream, carrying the stream's acks of
+/// one group commit together (one send per stream per commit, not per tick).
+/// Unbounded because the stream bounds its in-flight requests itself.
+#[derive(Clone)]
+pub struct AckTx {
+    id: u64,
+    tx: mpsc::UnboundedSender<Vec<Ack>>,
+}
+
+impl AckTx {
+    pub fn new() -> (AckTx, mpsc::UnboundedReceiver<Vec<Ack>>) {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            AckTx {
+                id: NEXT.fetch_add(1, Ordering::Relaxed),
+                tx,
+            },
+            rx,
+        )
+    }
+}
 
 pub struct PublishCmd {
     /// Validated, `seq` still 0.
@@ -100,11 +120,13 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Starts the committer thread on `store`, publishing to `hub`.
+    /// Starts the committer thread on `store`, publishing to `hub`, from the
+    /// durable state loaded from the store.
     pub fn start(
         store: Arc<Store>,
         hub: Arc<Hub>,
         records: Vec<SymbolRecord>,
+        dedup: Vec<SymbolDedup>,
     ) -> std::io::Result<(Committer, thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let failed = Arc::new(AtomicBool::new(false));
@@ -113,13 +135,16 @@ impl Committer {
             let h = hub.get_or_insert(rec.symbol, || head_of(&rec));
             symbols.insert(rec.symbol, SymState::new(rec, Some(h)));
         }
+        for (sym, entries) in dedup {
+            if let Some(st) = symbols.get_mut(&sym) {
+                st.dedup = entries.into_iter().map(|(id, d)| (Arc::from(id), d)).collect();
+            }
+        }
         metrics::gauge!(m::OWNED_SYMBOLS).set(symbols.len() as f64);
         let mut worker = Worker {
             store,
             hub,
             symbols,
-            dedup: HashMap::new(),
-            generation: 0,
             failed: failed.clone(),
         };
         let join = thread::Builder::new()
@@ -167,13 +192,23 @@ fn head_of(rec: &SymbolRecord) -> Head {
     }
 }
 
+fn wall_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
 struct SymState {
     rec: SymbolRecord,
     aggs: [CandleAgg; 3],
+    /// Every publisher's de-dup state for this symbol (all in memory: the
+    /// horizon bounds it).
+    dedup: HashMap<Arc<str>, DedupState>,
     /// Created after the symbol's first commit is durable.
     hub: Option<Arc<SymbolHub>>,
     // per-batch scratch
     touched: bool,
+    dedup_dirty: bool,
     ticks: Vec<Tick>,
     closed: Vec<Candle>,
 }
@@ -184,8 +219,10 @@ impl SymState {
         SymState {
             rec,
             aggs,
+            dedup: HashMap::new(),
             hub,
             touched: false,
+            dedup_dirty: false,
             ticks: Vec::new(),
             closed: Vec::new(),
         }
@@ -196,16 +233,7 @@ struct Worker {
     store: Arc<Store>,
     hub: Arc<Hub>,
     symbols: HashMap<Symbol, SymState>,
-    dedup: HashMap<(Symbol, Arc<str>), DedupEntry>,
-    /// Group commits so far: marks which de-dup states this batch wrote.
-    generation: u64,
     failed: Arc<AtomicBool>,
-}
-
-struct DedupEntry {
-    state: DedupState,
-    /// The generation whose batch writes this state.
-    generation: u64,
 }
 
 #[derive(Default)]
@@ -229,14 +257,13 @@ impl Worker {
         let late = metrics::counter!(m::LATE_TICKS);
         let flush_hist = metrics::histogram!(m::FLUSH_LATENCY);
         let batch_hist = metrics::histogram!(m::COMMIT_BATCH);
-        let latency = metrics::histogram!(m::PUBLISH_LATENCY);
         let owned = metrics::gauge!(m::OWNED_SYMBOLS);
 
         let mut cmds = Vec::with_capacity(MAX_BATCH);
         let mut acks: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
         let mut ensures = Vec::new();
         let mut touched: Vec<Symbol> = Vec::new();
-        let mut dedup_dirty: Vec<(Symbol, Arc<str>)> = Vec::new();
+        let mut by_stream: HashMap<u64, (mpsc::UnboundedSender<Vec<Ack>>, Vec<Ack>)> = HashMap::new();
 
         while let Some(first) = rx.blocking_recv() {
             cmds.push(first);
@@ -246,18 +273,19 @@ impl Worker {
                     Err(_) => break,
                 }
             }
+            let now = wall_micros();
             let mut counts = Counts::default();
             let mut stop = false;
             for cmd in cmds.drain(..) {
                 match cmd {
                     Cmd::Publish(p) => {
-                        let ack = self.apply(&p, &mut touched, &mut dedup_dirty, &mut counts);
+                        let result = self.apply(&p, now, &mut touched, &mut counts);
                         acks.push(Pending {
                             reply: p.reply,
                             ack: Ack {
                                 request_id: p.request_id,
                                 symbol: p.tick.symbol,
-                                result: ack,
+                                result,
                             },
                             received: p.received,
                         });
@@ -271,11 +299,11 @@ impl Worker {
                     Cmd::Stop => stop = true,
                 }
             }
-            self.generation += 1;
 
             // One atomic batch: per touched symbol its tick block, closed
-            // candles and state; per (publisher, symbol) its de-dup state.
+            // candles, state and (if changed) its publishers' de-dup states.
             let mut batch = CommitBatch::default();
+            let horizon = now - DEDUP_HORIZON.as_micros() as i64;
             for sym in &touched {
                 let Some(st) = self.symbols.get_mut(sym) else { continue };
                 st.rec.candles = st.aggs.map(|a| a.current);
@@ -286,14 +314,12 @@ impl Worker {
                     batch.put_closed_candle(c);
                 }
                 batch.put_symbol(&st.rec);
-            }
-            for k in dedup_dirty.drain(..) {
-                if let Some(d) = self.dedup.get(&k) {
-                    batch.put_dedup(&k.0, &k.1, d.state);
+                if st.dedup_dirty {
+                    st.dedup.retain(|_, d| d.last_used >= horizon);
+                    batch.put_dedup(sym, st.dedup.iter().map(|(id, d)| (&**id, d)));
                 }
             }
-            let result = self.store.commit(batch);
-            match result {
+            match self.store.commit(batch) {
                 Ok(flush) => flush_hist.record(flush.as_secs_f64()),
                 Err(e) => {
                     // The batch may or may not be on disk; in-memory state is
@@ -302,10 +328,10 @@ impl Worker {
                     tracing::error!(error = %e, "group commit failed; the shard stops accepting writes");
                     self.failed.store(true, Ordering::Relaxed);
                     for p in acks.drain(..) {
-                        let _ = p.reply.send(Ack {
+                        let _ = p.reply.tx.send(vec![Ack {
                             result: Err(AckError::Unavailable(format!("store failure: {e}"))),
                             ..p.ack
-                        });
+                        }]);
                     }
                     for r in ensures.drain(..) {
                         let _ = r.send(Err(CommitError::StoreFailed(e.to_string())));
@@ -318,6 +344,7 @@ impl Worker {
             for sym in touched.drain(..) {
                 let Some(st) = self.symbols.get_mut(&sym) else { continue };
                 st.touched = false;
+                st.dedup_dirty = false;
                 let hub = match &st.hub {
                     Some(h) => h.clone(),
                     None => {
@@ -337,19 +364,25 @@ impl Worker {
             late.increment(counts.late);
             batch_hist.record(counts.ticks as f64);
             owned.set(self.symbols.len() as f64);
-            let now = Instant::now();
+            let done = Instant::now();
             for p in acks.drain(..) {
                 if matches!(p.ack.result, Ok(Accepted { duplicate: false, .. })) {
-                    latency.record(now.duration_since(p.received).as_secs_f64());
+                    m::PUBLISH_LATENCY_HISTOGRAM.record_us(done.duration_since(p.received).as_micros() as u64);
                 }
-                // A closed channel means the publisher left; nothing to do.
-                let _ = p.reply.send(p.ack);
+                if p.reply.tx.is_closed() {
+                    continue; // the publisher left (or does not want acks)
+                }
+                by_stream
+                    .entry(p.reply.id)
+                    .or_insert_with(|| (p.reply.tx.clone(), Vec::new()))
+                    .1
+                    .push(p.ack);
+            }
+            for (_, (tx, acks)) in by_stream.drain() {
+                let _ = tx.send(acks);
             }
             for r in ensures.drain(..) {
                 let _ = r.send(Ok(()));
-            }
-            if self.dedup.len() > DEDUP_CACHE_MAX {
-                self.dedup.clear();
             }
             if stop {
                 break;
@@ -365,39 +398,25 @@ impl Worker {
     fn apply(
         &mut self,
         p: &PublishCmd,
+        now: i64,
         touched: &mut Vec<Symbol>,
-        dedup_dirty: &mut Vec<(Symbol, Arc<str>)>,
         counts: &mut Counts,
     ) -> Result<Accepted, AckError> {
-        let sym = p.tick.symbol;
-        let epoch = self.state(sym, touched).rec.epoch;
-        let mut dedup_key = None;
-        if let Some((pid, pseq)) = &p.publisher {
-            let key = (sym, pid.clone());
-            let prev = match self.dedup.get(&key) {
-                Some(d) => Some(d.state),
-                None => self.store.dedup(&sym, pid).map_err(|e| {
-                    tracing::error!(error = %e, symbol = %sym, "de-dup lookup failed");
-                    AckError::Unavailable(format!("store read failed: {e}"))
-                })?,
-            };
-            if let Some(d) = prev
-                && *pseq <= d.publisher_seq
-            {
-                counts.duplicates += 1;
-                // The original seq is known only for the latest accepted request.
-                let seq = if *pseq == d.publisher_seq { d.seq } else { 0 };
-                return Ok(Accepted {
-                    seq,
-                    epoch,
-                    duplicate: true,
-                });
-            }
-            dedup_key = Some((key, *pseq));
+        let st = self.state(p.tick.symbol, touched);
+        let epoch = st.rec.epoch;
+        if let Some((pid, pseq)) = &p.publisher
+            && let Some(d) = st.dedup.get(&**pid)
+            && *pseq <= d.publisher_seq
+        {
+            counts.duplicates += 1;
+            // The original seq is known only for the latest accepted request.
+            let seq = if *pseq == d.publisher_seq { d.seq } else { 0 };
+            return Ok(Accepted {
+                seq,
+                epoch,
+                duplicate: true,
+            });
         }
-        let Some(st) = self.symbols.get_mut(&sym) else {
-            return Err(AckError::Unavailable("symbol state vanished".into()));
-        };
         st.rec.last_seq += 1;
         let mut tick = p.tick;
         tick.seq = st.rec.last_seq;
@@ -405,31 +424,26 @@ impl Worker {
             match st.aggs[i.index()].apply(i, &tick) {
                 CandleEffect::Updated => {}
                 CandleEffect::Rolled { closed } => st.closed.push(closed),
+                // Late for 1s covers late for the coarser intervals.
                 CandleEffect::Late => counts.late += u64::from(i == Interval::S1),
             }
         }
         st.rec.last = Some(tick);
         st.ticks.push(tick);
         counts.ticks += 1;
-        if let Some((key, publisher_seq)) = dedup_key {
-            let state = DedupState {
-                publisher_seq,
+        if let Some((pid, publisher_seq)) = &p.publisher {
+            let d = DedupState {
+                publisher_seq: *publisher_seq,
                 seq: tick.seq,
+                last_used: now,
             };
-            let generation = self.generation;
-            match self.dedup.get_mut(&key) {
-                Some(e) => {
-                    e.state = state;
-                    if e.generation != generation {
-                        e.generation = generation;
-                        dedup_dirty.push(key);
-                    }
-                }
+            match st.dedup.get_mut(&**pid) {
+                Some(e) => *e = d,
                 None => {
-                    self.dedup.insert(key.clone(), DedupEntry { state, generation });
-                    dedup_dirty.push(key);
+                    st.dedup.insert(pid.clone(), d);
                 }
             }
+            st.dedup_dirty = true;
         }
         Ok(Accepted {
             seq: tick.seq,

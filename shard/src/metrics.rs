@@ -45,3 +45,82 @@ pub const PEER_LAG: &str = "tickshard_peer_lag_ticks";
 
 /// Gauge: 1 while ready, 0 while starting or draining.
 pub const READY: &str = "tickshard_ready";
+
+/// A fixed-bucket latency histogram for the hot path: recording is one relaxed
+/// atomic add (no allocation, no clock read), where the `metrics` crate's
+/// Prometheus histograms store every sample. Rendered into `/metrics` as a
+/// standard Prometheus histogram.
+pub struct LatencyHistogram {
+    counts: [std::sync::atomic::AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: std::sync::atomic::AtomicU64,
+}
+
+/// Bucket upper bounds, µs (rendered in seconds).
+pub const LATENCY_BUCKETS_US: [u64; 13] = [
+    50, 100, 250, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
+/// Publish request received → durable ack (the `PUBLISH_LATENCY` metric).
+pub static PUBLISH_LATENCY_HISTOGRAM: LatencyHistogram = LatencyHistogram::new();
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LatencyHistogram {
+    pub const fn new() -> LatencyHistogram {
+        LatencyHistogram {
+            counts: [const { std::sync::atomic::AtomicU64::new(0) }; LATENCY_BUCKETS_US.len() + 1],
+            sum_us: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub fn record_us(&self, us: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let b = LATENCY_BUCKETS_US.partition_point(|&bound| bound < us);
+        self.counts[b].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// Appends the Prometheus text exposition of this histogram.
+    pub fn render(&self, name: &str, help: &str, out: &mut String) {
+        use std::{fmt::Write as _, sync::atomic::Ordering::Relaxed};
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0u64;
+        for (i, c) in self.counts.iter().enumerate() {
+            cumulative += c.load(Relaxed);
+            match LATENCY_BUCKETS_US.get(i) {
+                Some(us) => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", *us as f64 / 1e6);
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_renders_cumulative_buckets() {
+        let h = LatencyHistogram::new();
+        for us in [10, 50, 51, 3_000, 2_000_000] {
+            h.record_us(us);
+        }
+        let mut s = String::new();
+        h.render("x_seconds", "test", &mut s);
+        assert!(s.contains("x_seconds_bucket{le=\"0.00005\"} 2\n"), "{s}");
+        assert!(s.contains("x_seconds_bucket{le=\"0.0001\"} 3\n"), "{s}");
+        assert!(s.contains("x_seconds_bucket{le=\"0.005\"} 4\n"), "{s}");
+        assert!(s.contains("x_seconds_bucket{le=\"+Inf\"} 5\n"), "{s}");
+        assert!(s.contains("x_seconds_count 5\n"), "{s}");
+    }
+}

@@ -137,9 +137,10 @@ impl Node {
             }
         }
         let records = store.load_symbols()?;
+        let dedup = store.load_dedup()?;
         tracing::info!(symbols = records.len(), dir = %cfg.data_dir.display(), "store open");
         let hub = Arc::new(Hub::new(cfg.client_queue_bytes));
-        let (committer, join) = Committer::start(store.clone(), hub.clone(), records)?;
+        let (committer, join) = Committer::start(store.clone(), hub.clone(), records, dedup)?;
         Ok(Arc::new(Node {
             ownership: Ownership::new(cfg.shards, cfg.shard_id),
             cfg,

@@ -2,6 +2,7 @@
 //! One test binary (one link) with a module per area.
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
+mod bench_smoke;
 mod common;
 mod durability;
 mod grpc_api;

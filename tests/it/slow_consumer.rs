@@ -1,7 +1,7 @@
 //! A client that stops reading never slows the shard or other clients; it is
 //! conflated, then closed with 1013, and its memory stays bounded.
 
-use tickshard_feed::client::ws::{Incoming, ServerMsg, WsConn};
+use tickshard_feed::client::ws::{ConnectOpts, Incoming, ServerMsg, WsConn};
 
 use crate::common::*;
 
@@ -12,7 +12,16 @@ const QUEUE: usize = 256 * 1024;
 async fn a_stalled_client_is_conflated_then_closed_1013_and_others_get_everything() {
     let srv = Server::start(&["--no-sim", "--client-queue-bytes", "262144", "--slow-client-ms", "1500"]);
     // the slow client: tiny receive buffer, subscribes, then stops reading
-    let mut slow = WsConn::connect_with(&srv.ws_url(), WAIT, Some(4096)).await.unwrap();
+    let mut slow = WsConn::connect_with(
+        &srv.ws_url(),
+        WAIT,
+        ConnectOpts {
+            recv_buffer: Some(4096),
+            local_ip: None,
+        },
+    )
+    .await
+    .unwrap();
     slow.send_text(r#"{"op":"subscribe","symbols":["BTC-USD"]}"#)
         .await
         .unwrap();

@@ -32,6 +32,16 @@ pub enum Incoming {
     Close { code: u16, reason: String },
 }
 
+/// Socket options for [`WsConn::connect_with`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnectOpts {
+    /// A small receive buffer makes a slow reader fall behind quickly (tests).
+    pub recv_buffer: Option<u32>,
+    /// Source address: spreading connections over 127.0.0.x gives each its own
+    /// ephemeral port range (tens of thousands of connections).
+    pub local_ip: Option<std::net::IpAddr>,
+}
+
 /// One WebSocket connection to a tickshard server.
 pub struct WsConn {
     ws: WebSocket<TokioIo<Upgraded>>,
@@ -52,12 +62,11 @@ fn split_url(url: &str) -> Result<(String, String), ClientError> {
 impl WsConn {
     /// Connects and upgrades, within `timeout`.
     pub async fn connect(url: &str, timeout: Duration) -> Result<WsConn, ClientError> {
-        Self::connect_with(url, timeout, None).await
+        Self::connect_with(url, timeout, ConnectOpts::default()).await
     }
 
-    /// Like [`WsConn::connect`], with an optional small receive buffer (tests use
-    /// it to make a slow reader fall behind quickly).
-    pub async fn connect_with(url: &str, timeout: Duration, recv_buffer: Option<u32>) -> Result<WsConn, ClientError> {
+    /// Like [`WsConn::connect`], with socket options.
+    pub async fn connect_with(url: &str, timeout: Duration, opts: ConnectOpts) -> Result<WsConn, ClientError> {
         let (host, path) = split_url(url)?;
         let fut = async {
             let addr = tokio::net::lookup_host(&host)
@@ -77,8 +86,15 @@ impl WsConn {
                 addr: host.clone(),
                 message: e.to_string(),
             })?;
-            if let Some(n) = recv_buffer {
+            if let Some(n) = opts.recv_buffer {
                 let _ = sock.set_recv_buffer_size(n);
+            }
+            if let Some(ip) = opts.local_ip {
+                sock.bind(std::net::SocketAddr::new(ip, 0))
+                    .map_err(|e| ClientError::Connect {
+                        addr: host.clone(),
+                        message: format!("bind {ip}: {e}"),
+                    })?;
             }
             let stream: TcpStream = sock.connect(addr).await.map_err(|e| ClientError::Connect {
                 addr: host.clone(),
@@ -139,6 +155,22 @@ impl WsConn {
                     let reason = String::from_utf8_lossy(f.payload.get(2..).unwrap_or_default()).into_owned();
                     return Ok(Incoming::Close { code, reason });
                 }
+                _ => {}
+            }
+        }
+    }
+
+    /// The next frame's payload, for load generators: text payloads are
+    /// returned raw (no UTF-8 copy); `None` on close or error.
+    pub async fn recv_raw(&mut self, mut f: impl FnMut(&[u8])) -> Option<()> {
+        loop {
+            let frame = self.ws.read_frame().await.ok()?;
+            match frame.opcode {
+                OpCode::Text => {
+                    f(&frame.payload);
+                    return Some(());
+                }
+                OpCode::Close => return None,
                 _ => {}
             }
         }

@@ -58,6 +58,12 @@ impl<'a> Reader<'a> {
         Some(*head)
     }
 
+    pub(crate) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.buf.split_at_checked(n)?;
+        self.buf = rest;
+        Some(head)
+    }
+
     pub(crate) fn u8(&mut self) -> Option<u8> {
         self.bytes::<1>().map(|b| b[0])
     }
@@ -191,25 +197,48 @@ pub struct DedupState {
     pub publisher_seq: u64,
     /// The `seq` it was stored under.
     pub seq: u64,
+    /// Wall-clock µs of the last accepted publish (for expiry).
+    pub last_used: i64,
 }
 
-impl DedupState {
-    pub(crate) fn encode(&self) -> [u8; 17] {
-        let mut out = [0u8; 17];
-        out[0] = VALUE_V1;
-        out[1..9].copy_from_slice(&self.publisher_seq.to_be_bytes());
-        out[9..].copy_from_slice(&self.seq.to_be_bytes());
-        out
+/// Encodes every publisher's de-dup state of one symbol: one value per symbol,
+/// written once per group commit that changes it.
+pub(crate) fn encode_dedup<'a>(entries: impl Iterator<Item = (&'a str, &'a DedupState)>, out: &mut Vec<u8>) {
+    out.push(VALUE_V1);
+    let at = out.len();
+    out.extend_from_slice(&0u32.to_be_bytes());
+    let mut n = 0u32;
+    for (id, st) in entries {
+        let id = &id.as_bytes()[..id.len().min(u16::MAX as usize)];
+        out.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        out.extend_from_slice(id);
+        out.extend_from_slice(&st.publisher_seq.to_be_bytes());
+        out.extend_from_slice(&st.seq.to_be_bytes());
+        out.extend_from_slice(&st.last_used.to_be_bytes());
+        n += 1;
     }
+    out[at..at + 4].copy_from_slice(&n.to_be_bytes());
+}
 
-    pub(crate) fn decode(buf: &[u8]) -> Option<DedupState> {
-        let mut r = Reader::new(buf);
-        (r.u8()? == VALUE_V1).then_some(())?;
-        Some(DedupState {
-            publisher_seq: r.u64()?,
-            seq: r.u64()?,
-        })
+pub(crate) fn decode_dedup(buf: &[u8]) -> Option<Vec<(String, DedupState)>> {
+    let mut r = Reader::new(buf);
+    (r.u8()? == VALUE_V1).then_some(())?;
+    let n = r.u32()?;
+    let mut out = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let len = u16::from_be_bytes(r.bytes()?) as usize;
+        let id = r.take(len)?;
+        let id = std::str::from_utf8(id).ok()?.to_owned();
+        out.push((
+            id,
+            DedupState {
+                publisher_seq: r.u64()?,
+                seq: r.u64()?,
+                last_used: r.i64()?,
+            },
+        ));
     }
+    r.is_empty().then_some(out)
 }
 
 /// A block of consecutive ticks of one symbol: the unit written per group commit.

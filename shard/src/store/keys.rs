@@ -6,7 +6,7 @@
 //! S <len u8> <symbol>                      SymbolRecord
 //! T <len u8> <symbol> <first_seq u64 BE>   block of consecutive ticks
 //! C <len u8> <symbol> <interval u8> <start u64 BE>   closed candle
-//! D <len u8> <symbol> <publisher_id>       DedupState
+//! D <len u8> <symbol>                      every publisher's DedupState of the symbol
 //! ```
 //! The length prefix makes every symbol's keys a contiguous, exact prefix range;
 //! big-endian numbers make range scans follow seq and time order.
@@ -57,10 +57,8 @@ pub(crate) fn candle_prefix(sym: &Symbol, interval: Interval) -> Vec<u8> {
     k
 }
 
-pub(crate) fn dedup(sym: &Symbol, publisher: &str) -> Vec<u8> {
-    let mut k = prefix(DEDUP, sym);
-    k.extend_from_slice(publisher.as_bytes());
-    k
+pub(crate) fn dedup(sym: &Symbol) -> Vec<u8> {
+    prefix(DEDUP, sym)
 }
 
 /// The symbol of an `S` key.

@@ -19,6 +19,9 @@ use std::{
 
 pub use codec::{DedupState, SymbolRecord};
 
+/// Every publisher's de-dup state of one symbol.
+pub type SymbolDedup = (Symbol, Vec<(String, DedupState)>);
+
 use crate::domain::{Candle, Interval, Symbol, Tick};
 
 /// The layout version of the data directory. Bump it on any incompatible
@@ -97,8 +100,11 @@ impl CommitBatch {
         self.keys += 1;
     }
 
-    pub fn put_dedup(&mut self, sym: &Symbol, publisher: &str, st: DedupState) {
-        self.batch.insert(keys::dedup(sym, publisher), &st.encode()[..]);
+    /// Every publisher's de-dup state of `sym` (one key per symbol).
+    pub fn put_dedup<'a>(&mut self, sym: &Symbol, entries: impl Iterator<Item = (&'a str, &'a DedupState)>) {
+        self.scratch.clear();
+        codec::encode_dedup(entries, &mut self.scratch);
+        self.batch.insert(keys::dedup(sym), self.scratch.as_slice());
         self.keys += 1;
     }
 
@@ -203,15 +209,22 @@ impl Store {
         Ok(out)
     }
 
-    pub fn dedup(&self, sym: &Symbol, publisher: &str) -> Result<Option<DedupState>, StoreError> {
-        let k = keys::dedup(sym, publisher);
-        match self.tree.get(&k)? {
-            None => Ok(None),
-            Some(v) => DedupState::decode(&v).map(Some).ok_or(StoreError::Corrupt {
+    /// Every symbol's publisher de-dup states, for the committer to start from.
+    pub fn load_dedup(&self) -> Result<Vec<SymbolDedup>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([keys::DEDUP]) {
+            let (k, v) = kv?;
+            let corrupt = |what| StoreError::Corrupt {
                 key: String::from_utf8_lossy(&k).into_owned(),
-                what: "bad de-dup record",
-            }),
+                what,
+            };
+            let sym = keys::symbol_of(&k).ok_or_else(|| corrupt("bad de-dup key"))?;
+            out.push((
+                sym,
+                codec::decode_dedup(&v).ok_or_else(|| corrupt("bad de-dup record"))?,
+            ));
         }
+        Ok(out)
     }
 
     /// Applies one group commit atomically and makes it durable. Returns the

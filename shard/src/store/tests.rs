@@ -89,28 +89,24 @@ fn symbol_records_dedup_and_candles_survive_reopen() {
         let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
         let mut b = CommitBatch::default();
         b.put_symbol(&rec);
-        b.put_dedup(
-            &s,
-            "pub-1",
-            DedupState {
-                publisher_seq: 42,
-                seq: 7,
-            },
-        );
+        let d = DedupState {
+            publisher_seq: 42,
+            seq: 7,
+            last_used: 5,
+        };
+        b.put_dedup(&s, [("pub-1", &d)].into_iter());
         b.put_closed_candle(&candle);
         store.commit(b).unwrap();
         store.set_identity(0, 1).unwrap();
     }
     let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
     assert_eq!(store.load_symbols().unwrap(), vec![rec]);
-    assert_eq!(
-        store.dedup(&s, "pub-1").unwrap(),
-        Some(DedupState {
-            publisher_seq: 42,
-            seq: 7
-        })
-    );
-    assert_eq!(store.dedup(&s, "pub-2").unwrap(), None);
+    let d = DedupState {
+        publisher_seq: 42,
+        seq: 7,
+        last_used: 5,
+    };
+    assert_eq!(store.load_dedup().unwrap(), vec![(s, vec![("pub-1".to_string(), d)])]);
     assert_eq!(store.identity().unwrap(), Some((0, 1)));
     let got = store.read_candles(&s, Interval::M1, 0, i64::MAX, 10).unwrap();
     assert_eq!(got, vec![candle]);
