@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
 mod bench_smoke;
+mod client_lib;
 mod common;
 mod durability;
 mod grpc_api;

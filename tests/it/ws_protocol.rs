@@ -478,3 +478,63 @@ async fn non_http_paths_and_health() {
     let (_, metrics) = srv.get("/metrics").await;
     assert!(metrics.contains("tickshard_ready 1"), "{metrics}");
 }
+
+#[tokio::test]
+async fn the_server_pings_and_drops_a_silent_client() {
+    let srv = Server::start(&["--no-sim", "--ping-interval-ms", "100", "--idle-timeout-ms", "400"]);
+    // a client that answers pings stays connected past the idle timeout
+    let mut alive = srv.ws().await;
+    let mut silent = srv.ws().await;
+    silent.set_auto_pong(false);
+    // the silent one sees pings, then a close (1001) once 400 ms pass without a frame
+    let silent_task = tokio::spawn(async move {
+        let code = recv_close(&mut silent).await;
+        (code, silent.pings)
+    });
+    // meanwhile the live client keeps reading, which answers the pings
+    let (code, pings) = tokio::select! {
+        r = silent_task => r.unwrap(),
+        m = alive.recv() => panic!("the live client got {m:?}"),
+    };
+    assert_eq!(code, 1001);
+    assert!(pings >= 1, "server pings were sent");
+    alive.send_text(r#"{"op":"ping","id":1}"#).await.unwrap();
+    assert_eq!(
+        recv(&mut alive).await,
+        ServerMsg::Pong { id: Some("1".into()) },
+        "answered pings keep a client"
+    );
+}
+
+#[tokio::test]
+async fn the_simulated_market_publishes_through_the_real_path() {
+    let srv = Server::start(&["--sim-rate", "2000"]);
+    let mut c = srv.ws().await;
+    c.send_text(r#"{"op":"subscribe","symbols":["BTC-USD","EUR/USD"]}"#)
+        .await
+        .unwrap();
+    assert!(matches!(recv(&mut c).await, ServerMsg::Subscribed { .. }));
+    let mut last = std::collections::HashMap::new();
+    let mut ticks = 0;
+    while ticks < 40 {
+        match recv(&mut c).await {
+            ServerMsg::Snapshot(t) => {
+                last.insert(t.symbol.clone(), t.seq);
+            }
+            ServerMsg::Tick(t) => {
+                let prev = last.insert(t.symbol.clone(), t.seq);
+                if let Some(p) = prev {
+                    assert_eq!(t.seq, p + 1, "gapless");
+                }
+                let (bid, ask) = (t.bid.unwrap(), t.ask.unwrap());
+                assert!(
+                    bid.parse::<f64>().unwrap() <= ask.parse::<f64>().unwrap(),
+                    "{bid} <= {ask}"
+                );
+                ticks += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(srv.metric("tickshard_ticks_accepted_total").await >= 40.0);
+}

@@ -45,6 +45,8 @@ pub struct ConnectOpts {
 /// One WebSocket connection to a tickshard server.
 pub struct WsConn {
     ws: WebSocket<TokioIo<Upgraded>>,
+    /// Pings received from the server so far.
+    pub pings: u64,
 }
 
 /// `ws://host:port/path` → (`host:port`, `path`).
@@ -117,7 +119,7 @@ impl WsConn {
                     addr: host.clone(),
                     message: e.to_string(),
                 })?;
-            Ok(WsConn { ws })
+            Ok(WsConn { ws, pings: 0 })
         };
         tokio::time::timeout(timeout, fut)
             .await
@@ -155,9 +157,16 @@ impl WsConn {
                     let reason = String::from_utf8_lossy(f.payload.get(2..).unwrap_or_default()).into_owned();
                     return Ok(Incoming::Close { code, reason });
                 }
+                OpCode::Ping => self.pings += 1,
                 _ => {}
             }
         }
+    }
+
+    /// Whether server pings are answered (the default); tests turn it off to
+    /// play a dead client.
+    pub fn set_auto_pong(&mut self, on: bool) {
+        self.ws.set_auto_pong(on);
     }
 
     /// The next frame's payload, for load generators: text payloads are
