@@ -115,6 +115,10 @@ pub struct ServeArgs {
     /// Concurrent HTTP/WebSocket connections accepted (keep below the open-file limit).
     #[arg(long, env = "TICKSHARD_MAX_CONNECTIONS", default_value_t = 18_000)]
     pub max_connections: usize,
+    /// Unsent bytes per peer follower stream before it is closed (the follower
+    /// re-follows and resumes; peers are never conflated).
+    #[arg(long, env = "TICKSHARD_PEER_QUEUE_BYTES", default_value_t = 64 << 20)]
+    pub peer_queue_bytes: usize,
     /// Unacked publishes in flight per gRPC Publish stream (backpressure past it).
     #[arg(long, env = "TICKSHARD_PUBLISH_WINDOW", default_value_t = 8_192)]
     pub publish_window: usize,
@@ -319,6 +323,8 @@ impl ServeArgs {
                 candle_retention: [self.retain_candles_1s, self.retain_candles_1m, self.retain_candles_1h],
                 prune_interval: Duration::from_millis(self.prune_interval_ms.max(10)),
                 client_queue_bytes: self.client_queue_bytes,
+                peers: peers.clone(),
+                peer_queue_bytes: self.peer_queue_bytes,
             },
             ws: WsLimits {
                 max_message_bytes: self.max_message_bytes,

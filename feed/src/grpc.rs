@@ -4,35 +4,31 @@
 use std::{
     collections::{HashMap, VecDeque},
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Instant,
+    sync::Arc,
+    time::Duration,
 };
 
-use futures_util::{Stream, StreamExt, stream};
+use futures_util::{Stream, stream};
 use tickshard_proto::v1::{
     self as pb,
+    cluster_server::ClusterServer,
     feed_server::{Feed, FeedServer},
 };
 use tickshard_shard::{
-    committer::{Ack, AckError, AckTx, PublishCmd},
-    domain::{Epoch, ErrorCode, Interval, Position, Symbol},
+    cluster::service::{self, ClusterService, parse_symbol},
+    domain::{Epoch, Position, Symbol},
     hub::{AfterWrite, Channel, Close, Data, Msg, Outbox},
     metrics as m,
-    node::{HISTORY_LIMIT_MAX, SubRequest, SubResult},
+    node::{SubRequest, SubResult},
+    publish::{self, Origin},
     wire,
 };
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming, transport::server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::server::Shared;
-
-/// Default number of ticks or candles a history read returns.
-const HISTORY_LIMIT_DEFAULT: usize = 1_000;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -53,13 +49,21 @@ pub fn start(
         .register_encoded_file_descriptor_set(tickshard_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| e.to_string())?;
+    let cluster = ClusterServer::new(ClusterService::new(
+        shared.node.clone(),
+        shared.stopping().clone(),
+        shared.publish_window,
+    ));
     let feed = FeedServer::new(FeedService { shared });
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(
         tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(health)
             .add_service(reflection)
             .add_service(feed)
+            .add_service(cluster)
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned()),
     );
     Ok((reporter, task))
@@ -80,45 +84,6 @@ pub async fn set_serving(reporter: &HealthReporter, serving: bool) {
 
 pub struct FeedService {
     shared: Arc<Shared>,
-}
-
-fn parse_symbol(s: &str) -> Result<Symbol, Status> {
-    Symbol::parse(s).map_err(|e| Status::invalid_argument(e.to_string()))
-}
-
-fn reject(request_id: u64, symbol: &str, code: ErrorCode, message: String) -> pb::PublishAck {
-    metrics::counter!(m::TICKS_REJECTED, "code" => code.as_str()).increment(1);
-    pb::PublishAck {
-        request_id,
-        symbol: symbol.to_owned(),
-        seq: 0,
-        epoch: String::new(),
-        duplicate: false,
-        error: Some(pb::Error {
-            code: code.as_str().to_owned(),
-            message,
-        }),
-    }
-}
-
-fn ack_to_pb(a: Ack) -> pb::PublishAck {
-    match a.result {
-        Ok(ok) => pb::PublishAck {
-            request_id: a.request_id,
-            symbol: a.symbol.as_str().to_owned(),
-            seq: ok.seq,
-            epoch: ok.epoch.to_string(),
-            duplicate: ok.duplicate,
-            error: None,
-        },
-        Err(e) => {
-            let code = match &e {
-                AckError::Input(i) => i.code(),
-                AckError::Unavailable(_) => ErrorCode::Unavailable,
-            };
-            reject(a.request_id, a.symbol.as_str(), code, e.to_string())
-        }
-    }
 }
 
 /// One subscription request, validated.
@@ -247,6 +212,8 @@ async fn next_event(mut st: SubState) -> Option<(Result<pb::Event, Status>, SubS
                         }
                         Data::Snapshot(s) => event(pb::event::Kind::Snapshot(wire::snapshot_to_pb(&s, false))),
                         Data::Candle(c) => event(pb::event::Kind::Candle(wire::candle_to_pb(&c.candle, c.closed))),
+                        // gRPC has no such event; the stream resumes when the owner is back.
+                        Data::Unavailable(_) => continue,
                     }
                 }
             };
@@ -277,102 +244,13 @@ impl Feed for FeedService {
         &self,
         req: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
-        let mut inbound = req.into_inner();
-        let (ack_tx, ack_rx) = AckTx::new();
-        let (rej_tx, rej_rx) = tokio::sync::mpsc::unbounded_channel::<pb::PublishAck>();
-        let window = Arc::new(Semaphore::new(self.shared.publish_window));
-        let drained = Arc::new(AtomicBool::new(false));
-        let node = self.shared.node.clone();
-        let draining = self.shared.draining().clone();
-        {
-            let window = window.clone();
-            let drained = drained.clone();
-            tokio::spawn(async move {
-                let mut publishers: HashMap<String, Arc<str>> = HashMap::new();
-                loop {
-                    // Bound the requests in flight: wait for acks past the window.
-                    let permit = tokio::select! {
-                        _ = draining.cancelled() => { drained.store(true, Ordering::Relaxed); break }
-                        p = window.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                    };
-                    // `Streaming::message` is cancel-safe: a message is never lost.
-                    let msg = tokio::select! {
-                        _ = draining.cancelled() => { drained.store(true, Ordering::Relaxed); break }
-                        m = inbound.message() => m,
-                    };
-                    let r = match msg {
-                        Ok(Some(r)) => r,
-                        Ok(None) => break,
-                        Err(status) => {
-                            tracing::debug!(%status, "publish stream ended");
-                            break;
-                        }
-                    };
-                    permit.forget();
-                    let received = Instant::now();
-                    let Some(t) = r.tick.as_ref() else {
-                        let _ = rej_tx.send(reject(
-                            r.request_id,
-                            "",
-                            ErrorCode::InvalidTick,
-                            "request has no tick".into(),
-                        ));
-                        continue;
-                    };
-                    let tick = match wire::tick_from_pb(t) {
-                        Ok(t) => t,
-                        Err(e) => {
-                            let _ = rej_tx.send(reject(r.request_id, &t.symbol, e.code(), e.to_string()));
-                            continue;
-                        }
-                    };
-                    let publisher = if r.publisher_id.is_empty() {
-                        None
-                    } else {
-                        let id = publishers
-                            .entry(r.publisher_id.clone())
-                            .or_insert_with(|| Arc::from(r.publisher_id.as_str()))
-                            .clone();
-                        Some((id, r.publisher_seq))
-                    };
-                    let cmd = PublishCmd {
-                        tick,
-                        publisher,
-                        request_id: r.request_id,
-                        reply: ack_tx.clone(),
-                        received,
-                    };
-                    if let Err(e) = node.publish(cmd).await {
-                        let _ = rej_tx.send(reject(
-                            r.request_id,
-                            t.symbol.as_str(),
-                            ErrorCode::Unavailable,
-                            e.to_string(),
-                        ));
-                    }
-                }
-                // Dropping the senders ends the response stream once every
-                // in-flight request has been acked.
-            });
-        }
-        let acks = tokio_stream_from(ack_rx).flat_map(stream::iter).map(ack_to_pb);
-        let rejects = tokio_stream_from(rej_rx);
-        let out = stream::select(acks, rejects)
-            .map(move |a| {
-                window.add_permits(1);
-                Ok(a)
-            })
-            .chain(
-                stream::once(async move {
-                    drained.load(Ordering::Relaxed).then(|| {
-                        Err(Status::unavailable(
-                            "server is draining: reconnect and resend unacked requests",
-                        ))
-                    })
-                })
-                .filter_map(|x| async move { x }),
-            );
-        Ok(Response::new(Box::pin(out)))
+        Ok(Response::new(publish::serve(
+            self.shared.node.clone(),
+            req.into_inner(),
+            self.shared.publish_window,
+            self.shared.stopping().clone(),
+            Origin::Client,
+        )))
     }
 
     async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
@@ -393,6 +271,10 @@ impl Feed for FeedService {
             .prepare(&outbox, &reqs)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
+        if let Some((r, why)) = prepared.failed.first() {
+            // gRPC has no per-symbol error: the whole call is retryable.
+            return Err(Status::unavailable(format!("{}: {why}", r.symbol)));
+        }
         let subscribed = event(pb::event::Kind::Subscribed(pb::Subscribed {
             symbols: per_symbol(&prepared.results),
         }));
@@ -413,92 +295,27 @@ impl Feed for FeedService {
     }
 
     async fn get_snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<Response<pb::SnapshotResponse>, Status> {
-        let mut snapshots = Vec::new();
-        for s in &req.get_ref().symbols {
-            let sym = parse_symbol(s)?;
-            if let Some(head) = self.shared.node.head(&sym)
-                && let Some(last) = head.last
-            {
-                snapshots.push(pb::Snapshot {
-                    last: Some(wire::tick_to_pb(&last)),
-                    epoch: head.epoch.to_string(),
-                    recovered: false,
-                    conflated: false,
-                });
-            }
-        }
-        Ok(Response::new(pb::SnapshotResponse { snapshots }))
+        let syms = req
+            .get_ref()
+            .symbols
+            .iter()
+            .map(|s| parse_symbol(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        service::routed_snapshot(&self.shared.node, &syms)
+            .await
+            .map(Response::new)
     }
 
     async fn get_history(&self, req: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
-        let r = req.into_inner();
-        let sym = parse_symbol(&r.symbol)?;
-        let node = &self.shared.node;
-        let epoch = node.head(&sym).map(|h| h.epoch.to_string()).unwrap_or_default();
-        let limit = match r.limit {
-            0 => HISTORY_LIMIT_DEFAULT,
-            n => (n as usize).min(HISTORY_LIMIT_MAX),
-        };
-        let internal = |e: tickshard_shard::store::StoreError| Status::internal(format!("store read failed: {e}"));
-        if r.interval.is_empty() {
-            let to = if r.to_seq == 0 { u64::MAX } else { r.to_seq };
-            let mut ticks = node
-                .read_ticks(sym, r.from_seq.max(1), to, limit + 1)
-                .await
-                .map_err(internal)?;
-            let truncated = ticks.len() > limit;
-            ticks.truncate(limit);
-            Ok(Response::new(pb::HistoryResponse {
-                epoch,
-                ticks: ticks.iter().map(wire::tick_to_pb).collect(),
-                candles: Vec::new(),
-                truncated,
-            }))
-        } else {
-            let interval = Interval::parse(&r.interval).ok_or_else(|| {
-                Status::invalid_argument(format!("unknown interval '{}'; expected 1s, 1m or 1h", r.interval))
-            })?;
-            let to = if r.to_micros == 0 { i64::MAX } else { r.to_micros };
-            let mut candles = node
-                .read_candles(sym, interval, r.from_micros, to, limit + 1)
-                .await
-                .map_err(internal)?;
-            let truncated = candles.len() > limit;
-            candles.truncate(limit);
-            Ok(Response::new(pb::HistoryResponse {
-                epoch,
-                ticks: Vec::new(),
-                candles: candles
-                    .iter()
-                    .map(|(c, closed)| wire::candle_to_pb(c, *closed))
-                    .collect(),
-                truncated,
-            }))
-        }
+        service::routed_history(&self.shared.node, req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn list_symbols(
         &self,
         _req: Request<pb::ListSymbolsRequest>,
     ) -> Result<Response<pb::ListSymbolsResponse>, Status> {
-        let own = self.shared.node.ownership();
-        let symbols = self
-            .shared
-            .node
-            .symbols()
-            .into_iter()
-            .map(|(s, h)| pb::SymbolInfo {
-                symbol: s.as_str().to_owned(),
-                owner_shard: own.owner(&s),
-                seq: h.seq,
-                epoch: h.epoch.to_string(),
-            })
-            .collect();
-        Ok(Response::new(pb::ListSymbolsResponse { symbols }))
+        Ok(Response::new(service::all_symbols(&self.shared.node).await))
     }
-}
-
-/// A `Stream` over an unbounded receiver (what `tokio-stream`'s wrapper does).
-fn tokio_stream_from<T: Send + 'static>(rx: tokio::sync::mpsc::UnboundedReceiver<T>) -> impl Stream<Item = T> + Send {
-    stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
 }

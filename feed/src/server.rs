@@ -38,6 +38,8 @@ pub struct Listeners {
 pub enum RunError {
     #[error(transparent)]
     Node(#[from] NodeError),
+    #[error(transparent)]
+    Cluster(#[from] tickshard_shard::cluster::ClusterError),
     #[error("gRPC server: {0}")]
     Grpc(String),
     #[error("startup task failed: {0}")]
@@ -60,7 +62,10 @@ pub struct Shared {
     pub node: Arc<Node>,
     pub ws: ws::WsLimits,
     pub publish_window: usize,
+    /// Set at SIGTERM: not ready, no new WebSockets or subscriptions.
     draining: CancellationToken,
+    /// Set once clients are closed: publish and peer streams stop taking work.
+    stopping: CancellationToken,
     ready: AtomicBool,
     metrics: PrometheusHandle,
     /// Open subscriber connections, closed one by one during the drain.
@@ -76,6 +81,13 @@ impl Shared {
 
     pub fn draining(&self) -> &CancellationToken {
         &self.draining
+    }
+
+    /// Cancelled when publish streams (and peer streams) must wind down: after
+    /// the clients are closed, so the shard keeps taking publishes for its
+    /// symbols while it drains (its owner downtime is only the restart itself).
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.stopping
     }
 
     pub fn is_ready(&self) -> bool {
@@ -103,6 +115,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let node_cfg = cfg.node.clone();
     let node = tokio::task::spawn_blocking(move || Node::open(node_cfg)).await??;
+    node.check_cluster().await?;
     let background = CancellationToken::new();
     let bg_tracker = TaskTracker::new();
     node.start_background(&bg_tracker, background.clone());
@@ -112,6 +125,7 @@ pub async fn run(
         ws: cfg.ws.clone(),
         publish_window: cfg.publish_window,
         draining: CancellationToken::new(),
+        stopping: CancellationToken::new(),
         ready: AtomicBool::new(false),
         metrics,
         conns: Mutex::new(HashMap::new()),
@@ -134,6 +148,7 @@ pub async fn run(
         .map(|rate| tokio::spawn(sim::run(node.clone(), rate, sim_stop.clone())));
 
     shared.ready.store(true, Ordering::Relaxed);
+    node.set_ready(true);
     metrics::gauge!(m::READY).set(1.0);
     grpc::set_serving(&health, true).await;
     tracing::info!(
@@ -146,9 +161,11 @@ pub async fn run(
     shutdown.cancelled().await;
     let deadline = tokio::time::Instant::now() + cfg.drain + Duration::from_secs(15);
 
-    // 1. Not ready; refuse new WebSockets and subscriptions; gRPC streams end.
+    // 1. Not ready; refuse new WebSockets and subscriptions (publishes and
+    //    peer streams go on until the clients are closed).
     tracing::info!(drain_ms = cfg.drain.as_millis() as u64, "draining");
     shared.draining.cancel();
+    node.set_ready(false);
     metrics::gauge!(m::READY).set(0.0);
     grpc::set_serving(&health, false).await;
     sim_stop.cancel();
@@ -175,7 +192,8 @@ pub async fn run(
         tracing::warn!("some client connections did not close in time");
     }
 
-    // 3. gRPC: publish streams ack what they took and end; wait for them.
+    // 3. gRPC: publish and peer streams ack what they took and end; wait.
+    shared.stopping.cancel();
     grpc_stop.cancel();
     match tokio::time::timeout_at(deadline, grpc_task).await {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server ended with an error"),

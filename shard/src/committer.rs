@@ -58,6 +58,11 @@ impl AckTx {
             rx,
         )
     }
+
+    /// Sends acks that did not come from a group commit (forwarded, failed).
+    pub fn send(&self, acks: Vec<Ack>) -> Result<(), Vec<Ack>> {
+        self.tx.send(acks).map_err(|e| e.0)
+    }
 }
 
 pub struct PublishCmd {
@@ -99,6 +104,12 @@ pub struct Accepted {
 pub enum AckError {
     #[error(transparent)]
     Input(#[from] InputError),
+    /// Rejected by the owner shard (a forwarded publish).
+    #[error("{message}")]
+    Rejected {
+        code: crate::domain::ErrorCode,
+        message: String,
+    },
     /// Retryable: the owner could not make the tick durable or is unreachable.
     #[error("{0}")]
     Unavailable(String),
@@ -110,6 +121,8 @@ pub enum CommitError {
     StoreFailed(String),
     #[error("the committer has stopped")]
     Stopped,
+    #[error("symbol {0} is not owned by shard {1} (the cluster configuration disagrees)")]
+    NotOwner(String, u32),
 }
 
 /// The committer's handle: cheap to clone, used by every publisher.

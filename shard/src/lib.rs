@@ -14,11 +14,13 @@
 //!
 //! This crate knows nothing of HTTP, WebSocket or JSON.
 
+pub mod cluster;
 pub mod committer;
 pub mod domain;
 pub mod hub;
 pub mod metrics;
 pub mod node;
 pub mod ownership;
+pub mod publish;
 pub mod store;
 pub mod wire;

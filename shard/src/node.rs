@@ -1,6 +1,6 @@
 //! The API that protocol layers (WebSocket, gRPC, peers) call: publish,
-//! subscribe, reads. It hides where data lives: the local store and hub today;
-//! the owner pod over gRPC for foreign symbols in a cluster.
+//! subscribe, reads. It hides where data lives: the local store and hub for
+//! symbols this pod owns, the owner pod over its peer link for the others.
 
 use std::{
     path::PathBuf,
@@ -15,12 +15,14 @@ use std::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    cluster::{Cluster, ClusterConfig, ClusterError, MirrorLease, PeerError},
     committer::{CommitError, Committer, PublishCmd},
     domain::{Candle, Epoch, Interval, Position, Symbol, Tick},
-    hub::{CandleData, Channel, Chunk, Data, Head, Hub, Outbox, SnapshotData},
+    hub::{CandleData, Channel, Chunk, Data, Head, Hub, Outbox, SnapshotData, SymbolHub},
     metrics as m,
     ownership::Ownership,
     store::{Store, StoreError, StoreOptions},
+    wire,
 };
 
 /// Ticks read from the store per page during a resume replay.
@@ -44,6 +46,10 @@ pub struct NodeConfig {
     pub prune_interval: Duration,
     /// A subscriber's unsent-bytes limit; also bounds held data during setup.
     pub client_queue_bytes: usize,
+    /// gRPC URL of every shard, by id (used when `shards > 1`).
+    pub peers: Vec<String>,
+    /// Unsent bytes per peer follower before its stream is closed.
+    pub peer_queue_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +75,21 @@ pub enum NodeError {
 pub enum SubscribeError {
     #[error("{0}")]
     Unavailable(String),
+}
+
+impl From<PeerError> for SubscribeError {
+    fn from(e: PeerError) -> Self {
+        SubscribeError::Unavailable(e.to_string())
+    }
+}
+
+/// A read that may go to another shard.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
 }
 
 impl From<CommitError> for SubscribeError {
@@ -107,6 +128,9 @@ enum Plan {
 pub struct Prepared {
     pub results: Vec<SubResult>,
     plans: Vec<Plan>,
+    /// Requests that cannot be served now (their owner shard is unavailable),
+    /// with why. Nothing of them is registered; the caller may retry them.
+    pub failed: Vec<(SubRequest, String)>,
 }
 
 pub struct Node {
@@ -117,6 +141,9 @@ pub struct Node {
     committer_thread: std::sync::Mutex<Option<thread::JoinHandle<()>>>,
     ownership: Ownership,
     next_sink: AtomicU64,
+    cluster: Option<Arc<Cluster>>,
+    instance: String,
+    ready: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -141,6 +168,21 @@ impl Node {
         tracing::info!(symbols = records.len(), dir = %cfg.data_dir.display(), "store open");
         let hub = Arc::new(Hub::new(cfg.client_queue_bytes));
         let (committer, join) = Committer::start(store.clone(), hub.clone(), records, dedup)?;
+        let cluster = (cfg.shards > 1).then(|| {
+            Cluster::new(
+                ClusterConfig {
+                    shard_id: cfg.shard_id,
+                    shards: cfg.shards,
+                    peers: cfg.peers.clone(),
+                    peer_queue_bytes: cfg.peer_queue_bytes,
+                    connect_timeout: Duration::from_secs(2),
+                },
+                hub.clone(),
+            )
+        });
+        let instance = cluster
+            .as_ref()
+            .map_or_else(|| format!("{:016x}", fastrand::u64(..)), |c| c.instance().to_string());
         Ok(Arc::new(Node {
             ownership: Ownership::new(cfg.shards, cfg.shard_id),
             cfg,
@@ -149,7 +191,36 @@ impl Node {
             committer,
             committer_thread: std::sync::Mutex::new(Some(join)),
             next_sink: AtomicU64::new(1),
+            cluster,
+            instance,
+            ready: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// Before serving: refuses an inconsistent cluster (see [`Cluster::check_topology`]).
+    pub async fn check_cluster(&self) -> Result<(), ClusterError> {
+        match &self.cluster {
+            Some(c) => c.check_topology().await,
+            None => Ok(()),
+        }
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    /// Random per process start (peers see a restart as a new instance).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Set by the server once it serves, cleared when it drains.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && self.is_healthy()
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -179,10 +250,52 @@ impl Node {
         Arc::new(Outbox::new(self.new_sink_id(), self.cfg.client_queue_bytes, slow))
     }
 
-    /// Queues a publish for the group commit; the ack arrives on `cmd.reply`
-    /// once the tick is durable.
+    /// Routes a publish to the symbol's owner: this pod's group commit, or the
+    /// owner over its peer link. The ack arrives on `cmd.reply` once the tick is
+    /// durable (or as UNAVAILABLE if the owner cannot be reached).
     pub async fn publish(&self, cmd: PublishCmd) -> Result<(), CommitError> {
+        let owner = self.ownership.owner(&cmd.tick.symbol);
+        match self.cluster.as_ref().and_then(|c| c.peer(owner)) {
+            Some(peer) => {
+                peer.forward(cmd).await;
+                Ok(())
+            }
+            None => self.committer.publish(cmd).await,
+        }
+    }
+
+    /// A publish forwarded by a peer: stored here only if this pod owns the
+    /// symbol (never forwarded again).
+    pub async fn publish_as_owner(&self, cmd: PublishCmd) -> Result<(), CommitError> {
+        if !self.ownership.is_local(&cmd.tick.symbol) {
+            return Err(CommitError::NotOwner(cmd.tick.symbol.to_string(), self.ownership.me()));
+        }
         self.committer.publish(cmd).await
+    }
+
+    /// Makes sure symbols this pod owns have a durable epoch.
+    pub async fn ensure_local(&self, symbols: Vec<Symbol>) -> Result<(), CommitError> {
+        let missing: Vec<Symbol> = symbols.into_iter().filter(|s| self.hub.get(s).is_none()).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        self.committer.ensure(missing).await
+    }
+
+    /// The hub a subscription of `symbol` attaches to: the symbol's own (owned
+    /// here) or its mirror (followed from the owner; the lease holds the mirror
+    /// until the subscription is attached).
+    async fn hub_for(&self, symbol: Symbol) -> Result<(Arc<SymbolHub>, Option<MirrorLease>), SubscribeError> {
+        let owner = self.ownership.owner(&symbol);
+        if let Some(peer) = self.cluster.as_ref().and_then(|c| c.peer(owner)) {
+            let lease = peer.mirror(symbol).await?;
+            return Ok((lease.hub.clone(), Some(lease)));
+        }
+        self.ensure_local(vec![symbol]).await?;
+        self.hub
+            .get(&symbol)
+            .map(|h| (h, None))
+            .ok_or_else(|| SubscribeError::Unavailable(format!("symbol {symbol} has no state")))
     }
 
     /// Registers subscriptions (live data is held), creating epochs for
@@ -192,19 +305,22 @@ impl Node {
         sink: &Arc<Outbox<C>>,
         reqs: &[SubRequest],
     ) -> Result<Prepared, SubscribeError> {
-        let missing: Vec<Symbol> = reqs
-            .iter()
-            .map(|r| r.symbol)
-            .filter(|s| self.hub.get(s).is_none())
-            .collect();
-        if !missing.is_empty() {
-            self.committer.ensure(missing).await?;
-        }
-        let mut results = Vec::with_capacity(reqs.len());
+        let mut results: Vec<SubResult> = Vec::with_capacity(reqs.len());
         let mut plans = Vec::with_capacity(reqs.len());
+        let mut failed = Vec::new();
         for r in reqs {
-            let Some(h) = self.hub.get(&r.symbol) else {
-                return Err(SubscribeError::Unavailable(format!("symbol {} has no state", r.symbol)));
+            let (h, _lease) = match self.hub_for(r.symbol).await {
+                Ok(h) => h,
+                Err(SubscribeError::Unavailable(why)) if !self.ownership.is_local(&r.symbol) => {
+                    failed.push((*r, why));
+                    continue;
+                }
+                Err(e) => {
+                    for done in &results {
+                        self.unsubscribe(sink.id(), &done.symbol, done.channel);
+                    }
+                    return Err(e);
+                }
             };
             let dyn_sink: Arc<dyn crate::hub::Sink> = sink.clone();
             let head = h.attach(dyn_sink, r.channel);
@@ -226,11 +342,30 @@ impl Node {
                             Ok(t) if t.first().is_some_and(|t| t.seq == from) => {
                                 (Plan::Replay { from, to: head.seq }, head.seq, true)
                             }
+                            // The owner is down: this cannot be decided now.
+                            Err(ReadError::Peer(e)) => {
+                                h.detach(sink.id(), r.channel);
+                                failed.push((*r, e.to_string()));
+                                continue;
+                            }
                             _ => {
                                 let now = h.restart_from_head(sink.id(), r.channel);
                                 (Plan::Snapshot(now.last), now.seq, false)
                             }
                         }
+                    }
+                    // Ahead of this pod's mirror (it lags the owner, or the owner
+                    // is down): skip what the client has; live ticks follow.
+                    Some(p) if p.epoch == head.epoch && p.seq > head.seq && h.is_foreign() => {
+                        h.deliver_after(sink.id(), r.channel, p.seq);
+                        (
+                            Plan::Replay {
+                                from: p.seq + 1,
+                                to: p.seq,
+                            },
+                            p.seq,
+                            true,
+                        )
                     }
                     _ => (Plan::Snapshot(head.last), head.seq, false),
                 },
@@ -244,7 +379,7 @@ impl Node {
             });
             plans.push(plan);
         }
-        Ok(Prepared { results, plans })
+        Ok(Prepared { results, plans, failed })
     }
 
     /// Sends each subscription's initial data (snapshot, replayed history or
@@ -267,6 +402,7 @@ impl Node {
                     sink.force(Data::Candle(Box::new(CandleData { candle, closed: false })));
                 }
                 Plan::Replay { mut from, to } => {
+                    let mut wait = Duration::from_millis(20);
                     while from <= to && !lost {
                         sink.room().await;
                         if sink.is_closing() {
@@ -280,7 +416,14 @@ impl Node {
                                     from: 0,
                                 });
                             }
-                            // Pruned under our feet, or a read error: the client
+                            // The owner went away mid-replay: wait for it (live
+                            // data is held meanwhile, up to the queue limit).
+                            Err(ReadError::Peer(e)) => {
+                                tracing::debug!(symbol = %res.symbol, error = %e, "replay waits for the owner");
+                                tokio::time::sleep(wait).await;
+                                wait = (wait * 2).min(Duration::from_millis(250));
+                            }
+                            // Pruned under our feet, or a store error: the client
                             // gets a conflated snapshot instead of a silent gap.
                             _ => lost = true,
                         }
@@ -312,8 +455,42 @@ impl Node {
             .collect()
     }
 
-    /// Durable ticks `from..=to` (clamped to the published head), at most `limit`.
-    pub async fn read_ticks(&self, symbol: Symbol, from: u64, to: u64, limit: usize) -> Result<Vec<Tick>, StoreError> {
+    /// Durable ticks `from..=to` of any symbol: from this pod's store, or from
+    /// the owner's.
+    pub async fn read_ticks(&self, symbol: Symbol, from: u64, to: u64, limit: usize) -> Result<Vec<Tick>, ReadError> {
+        let owner = self.ownership.owner(&symbol);
+        let Some(peer) = self.cluster.as_ref().and_then(|c| c.peer(owner)) else {
+            return Ok(self.read_local_ticks(symbol, from, to, limit).await?);
+        };
+        let resp = peer
+            .history(tickshard_proto::v1::HistoryRequest {
+                symbol: symbol.as_str().to_owned(),
+                from_seq: from,
+                to_seq: to,
+                limit: limit.min(HISTORY_LIMIT_MAX) as u32,
+                ..Default::default()
+            })
+            .await?;
+        Ok(resp
+            .ticks
+            .iter()
+            .filter_map(|t| {
+                let mut tick = wire::tick_from_pb(t).ok()?;
+                tick.seq = t.seq;
+                Some(tick)
+            })
+            .collect())
+    }
+
+    /// Durable ticks `from..=to` of a symbol this pod owns (clamped to the
+    /// published head), at most `limit`.
+    pub async fn read_local_ticks(
+        &self,
+        symbol: Symbol,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<Tick>, StoreError> {
         let head = self.head(&symbol).map_or(0, |h| h.seq);
         let to = to.min(head);
         if from > to {
@@ -334,9 +511,9 @@ impl Node {
             })
     }
 
-    /// Candles of `symbol` starting in `from..=to`: closed ones from the store,
-    /// then the current one if it falls in the range.
-    pub async fn read_candles(
+    /// Candles of a symbol this pod owns starting in `from..=to`: closed ones
+    /// from the store, then the current one if it falls in the range.
+    pub async fn read_local_candles(
         &self,
         symbol: Symbol,
         interval: Interval,
@@ -369,8 +546,12 @@ impl Node {
     }
 
     /// Runs retention (ticks beyond `history_ticks`, candles beyond their
-    /// retention) and the ≤ 10/s candle conflation tick until `stop`.
+    /// retention), the ≤ 10/s candle conflation tick and the peer links until
+    /// `stop`.
     pub fn start_background(self: &Arc<Self>, tracker: &TaskTracker, stop: CancellationToken) {
+        if let Some(c) = &self.cluster {
+            c.start(tracker, stop.clone());
+        }
         let node = self.clone();
         let token = stop.clone();
         tracker.spawn(async move {

@@ -57,6 +57,22 @@ pub fn candle_to_pb(c: &Candle, closed: bool) -> pb::Candle {
     }
 }
 
+/// A candle from a peer (already validated by its owner); `None` if malformed.
+pub fn candle_from_pb(c: &pb::Candle) -> Option<Candle> {
+    use crate::domain::{Interval, Symbol, parse_decimal};
+    Some(Candle {
+        symbol: Symbol::parse(&c.symbol).ok()?,
+        interval: Interval::parse(&c.interval)?,
+        start: c.start_micros,
+        open: parse_decimal(&c.open)?,
+        high: parse_decimal(&c.high)?,
+        low: parse_decimal(&c.low)?,
+        close: parse_decimal(&c.close)?,
+        volume: parse_decimal(&c.volume)?,
+        count: c.count,
+    })
+}
+
 pub fn snapshot_to_pb(s: &SnapshotData, recovered: bool) -> pb::Snapshot {
     pb::Snapshot {
         last: Some(tick_to_pb(&s.tick)),

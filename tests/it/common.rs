@@ -47,6 +47,19 @@ impl Server {
         Server::spawn(dir, args, None).unwrap_or_else(|e| panic!("server did not start: {e}"))
     }
 
+    /// Starts a server on fixed addresses (cluster pods: peers must be known
+    /// before they start).
+    pub fn start_at(dir: &Path, http: SocketAddr, grpc: SocketAddr, args: &[&str]) -> Server {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Server::spawn(dir, args, Some((http, grpc))).unwrap_or_else(|e| panic!("server did not start: {e}"))
+    }
+
+    /// Like [`Server::start_at`], but returns the log if the server refuses.
+    pub fn try_start_at(dir: &Path, http: SocketAddr, grpc: SocketAddr, args: &[&str]) -> Result<Server, String> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Server::spawn(dir, args, Some((http, grpc)))
+    }
+
     /// Tries to start; returns the exit status and stderr if it refuses.
     pub fn try_start_in(dir: &Path, args: &[&str]) -> Result<Server, (ExitStatus, String)> {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -320,5 +333,85 @@ where
     while !cond().await {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// N pods of one cluster on loopback. Each pod gets its own address
+/// 127.a.b.(10+i) (random a, b per cluster, fixed ports), so the peer list is
+/// known before any pod starts and a pod restarts on the same address.
+pub struct TestCluster {
+    pub pods: Vec<Server>,
+    pub peers: String,
+    pub args: Vec<String>,
+    _tmp: tempfile::TempDir,
+}
+
+impl TestCluster {
+    pub fn addrs(n: usize) -> Vec<(SocketAddr, SocketAddr)> {
+        let (a, b) = (fastrand::u8(1..=254), fastrand::u8(0..=255));
+        (0..n)
+            .map(|i| {
+                let ip = std::net::Ipv4Addr::new(127, a, b, 10 + i as u8);
+                (SocketAddr::from((ip, 18080)), SocketAddr::from((ip, 18051)))
+            })
+            .collect()
+    }
+
+    /// Starts `n` pods (all at once, as `podManagementPolicy: Parallel` does).
+    pub fn start(n: usize, extra: &[&str]) -> TestCluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let addrs = Self::addrs(n);
+        let peers = addrs
+            .iter()
+            .map(|(_, g)| format!("http://{g}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let dir = tmp.path().join(format!("pod-{i}"));
+                let (http, grpc) = addrs[i];
+                let mut a = vec![
+                    "--no-sim".to_string(),
+                    "--shards".into(),
+                    n.to_string(),
+                    "--shard-id".into(),
+                    i.to_string(),
+                    "--peers".into(),
+                    peers.clone(),
+                ];
+                a.extend(args.iter().cloned());
+                std::thread::spawn(move || {
+                    let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+                    Server::start_at(&dir, http, grpc, &a)
+                })
+            })
+            .collect();
+        let pods = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        TestCluster {
+            pods,
+            peers,
+            args,
+            _tmp: tmp,
+        }
+    }
+
+    pub fn ws_urls(&self) -> Vec<String> {
+        self.pods.iter().map(|p| p.ws_url()).collect()
+    }
+
+    pub fn grpc_urls(&self) -> Vec<String> {
+        self.pods.iter().map(|p| p.grpc_url()).collect()
+    }
+
+    /// Waits (bounded) until every pod's peer links are up.
+    pub async fn wait_linked(&self) {
+        let n = self.pods.len() as f64;
+        for p in &self.pods {
+            eventually("peer links up", || async {
+                p.metric("tickshard_peer_up").await >= n - 1.0
+            })
+            .await;
+        }
     }
 }

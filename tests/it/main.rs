@@ -4,6 +4,7 @@
 
 mod bench_smoke;
 mod client_lib;
+mod cluster;
 mod common;
 mod durability;
 mod grpc_api;

@@ -70,6 +70,8 @@ struct Stream {
 
 pub struct Publisher {
     cfg: PublisherConfig,
+    /// Requests acked `unavailable` (owner down), resent when due.
+    retry: VecDeque<(tokio::time::Instant, u64)>,
     next_endpoint: usize,
     next_request: u64,
     publisher_seqs: HashMap<String, u64>,
@@ -88,6 +90,7 @@ impl Publisher {
             return Err(ClientError::BadAddress("no gRPC endpoint given".into()));
         }
         let mut p = Publisher {
+            retry: VecDeque::new(),
             next_endpoint: fastrand::usize(..cfg.endpoints.len()),
             cfg,
             next_request: 1,
@@ -95,7 +98,7 @@ impl Publisher {
             unacked: BTreeMap::new(),
             ready: VecDeque::new(),
             stream: None,
-            backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
+            backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(250)),
             reconnects: 0,
         };
         p.stream = Some(p.open().await?);
@@ -131,6 +134,8 @@ impl Publisher {
 
     /// Publishes one tick: returns its request id once it is sent (waiting for
     /// acks while the window is full). Its outcome comes from [`Self::next_ack`].
+    /// Not cancel-safe (drop it and the request may only go out on the next
+    /// reconnect); [`Self::next_ack`] is.
     pub async fn send(&mut self, tick: pb::Tick) -> Result<u64, ClientError> {
         while self.unacked.len() >= self.cfg.window {
             self.pump().await?;
@@ -189,22 +194,63 @@ impl Publisher {
         Ok(out)
     }
 
+    /// (symbol, attempts) of the first few unacked requests, for diagnostics.
+    pub fn unacked_summary(&self) -> Vec<(String, u32)> {
+        self.unacked
+            .values()
+            .take(8)
+            .map(|p| {
+                (
+                    p.req.tick.as_ref().map(|t| t.symbol.clone()).unwrap_or_default(),
+                    p.attempts,
+                )
+            })
+            .collect()
+    }
+
     /// Requests sent and not yet acked.
     pub fn in_flight(&self) -> usize {
         self.unacked.len()
     }
 
-    /// Reads one ack from the stream, or repairs the stream.
+    /// Resends due retries, then reads one ack from the stream (or repairs
+    /// the stream). Cancel-safe: a request is only ever dropped from
+    /// `unacked` by its final ack, and every reconnect resends all of them.
     async fn pump(&mut self) -> Result<(), ClientError> {
+        let now = tokio::time::Instant::now();
+        while let Some(&(due, id)) = self.retry.front() {
+            if due > now {
+                break;
+            }
+            let (Some(p), Some(s)) = (self.unacked.get_mut(&id), &self.stream) else {
+                // acked meanwhile, or no stream: a reconnect resends everything
+                self.retry.pop_front();
+                continue;
+            };
+            // `try_send`, never an await here: a retry is only taken off the
+            // list once it is really queued, even if this future is dropped.
+            match s.tx.try_send(p.req.clone()) {
+                Ok(()) => {
+                    p.attempts += 1;
+                    self.retry.pop_front();
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => break,
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.stream = None;
+                    break;
+                }
+            }
+        }
+        let next_retry = self.retry.front().map(|r| r.0);
         let Some(s) = self.stream.as_mut() else {
             return self.reconnect().await;
         };
-        let msg = if self.cfg.give_up_after.is_zero() {
-            s.acks.message().await
-        } else {
-            match tokio::time::timeout(self.cfg.give_up_after, s.acks.message()).await {
-                Ok(m) => m,
-                Err(_) => return Err(ClientError::Timeout("no ack")),
+        let give_up = (!self.cfg.give_up_after.is_zero()).then_some(self.cfg.give_up_after);
+        let msg = tokio::select! {
+            m = s.acks.message() => m,
+            _ = tokio::time::sleep_until(next_retry.unwrap_or(now)), if next_retry.is_some() => return Ok(()),
+            _ = tokio::time::sleep(give_up.unwrap_or_default()), if give_up.is_some() => {
+                return Err(ClientError::Timeout("no ack"));
             }
         };
         match msg {
@@ -226,15 +272,9 @@ impl Publisher {
         let retry = ack.error.as_ref().is_some_and(|e| e.code == "unavailable");
         if retry {
             // The owner is down: resend this request after a pause.
-            tokio::time::sleep(self.backoff.next_delay()).await;
-            if let Some(p) = self.unacked.get_mut(&ack.request_id) {
-                p.attempts += 1;
-                let req = p.req.clone();
-                if let Some(s) = &self.stream
-                    && s.tx.send(req).await.is_err()
-                {
-                    self.stream = None;
-                }
+            if self.unacked.contains_key(&ack.request_id) {
+                let due = tokio::time::Instant::now() + self.backoff.next_delay();
+                self.retry.push_back((due, ack.request_id));
             }
             return;
         }
@@ -260,6 +300,7 @@ impl Publisher {
             match self.open().await {
                 Ok(s) => {
                     self.reconnects += 1;
+                    self.retry.clear(); // everything unacked is resent below
                     let mut broke = false;
                     for p in self.unacked.values_mut() {
                         p.attempts += 1;

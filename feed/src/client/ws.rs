@@ -395,7 +395,7 @@ impl Subscriber {
             cfg,
             conn: None,
             next_url: start,
-            backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
+            backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(250)),
             positions: HashMap::new(),
         }
     }

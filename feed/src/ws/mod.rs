@@ -102,7 +102,9 @@ struct Connection {
     /// Milliseconds since `started` of the last frame from the client.
     last_seen: AtomicU64,
     /// This connection's subscriptions. A std mutex: never held across `.await`.
-    subs: Mutex<HashSet<(Symbol, Channel)>>,
+    subs: Arc<Mutex<Subs>>,
+    /// Cancelled when the connection ends (stops its deferred subscribes).
+    closed: tokio_util::sync::CancellationToken,
 }
 
 impl Connection {
@@ -113,7 +115,8 @@ impl Connection {
             outbox,
             started: Instant::now(),
             last_seen: AtomicU64::new(0),
-            subs: Mutex::new(HashSet::new()),
+            subs: Arc::new(Mutex::new(Subs::default())),
+            closed: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -174,7 +177,8 @@ impl Connection {
             }
         }
         self.outbox.finish();
-        let subs = std::mem::take(&mut *self.subs.lock().unwrap_or_else(|p| p.into_inner()));
+        self.closed.cancel();
+        let subs = std::mem::take(&mut self.subs.lock().unwrap_or_else(|p| p.into_inner()).active);
         for (sym, ch) in subs {
             self.shared.node.unsubscribe(self.outbox.id(), &sym, ch);
         }
@@ -221,6 +225,16 @@ impl Connection {
                                 json::candle(&mut buf, &c.candle, c.closed);
                                 msgs += 1;
                                 bytes += buf.len() as u64;
+                                tx.write_frame(Frame::text(Payload::Borrowed(&buf))).await
+                            }
+                            Data::Unavailable(sym) => {
+                                buf.clear();
+                                json::unavailable(
+                                    &mut buf,
+                                    &sym,
+                                    "the shard that owns this symbol is unavailable; data resumes without a gap when it is back",
+                                );
+                                msgs += 1;
                                 tx.write_frame(Frame::text(Payload::Borrowed(&buf))).await
                             }
                         }
@@ -375,6 +389,14 @@ impl Flood {
     }
 }
 
+/// A connection's subscriptions: every requested symbol×channel (`active`),
+/// and those waiting for their owner shard to come back (`retrying`).
+#[derive(Default)]
+struct Subs {
+    active: HashSet<(Symbol, Channel)>,
+    retrying: HashSet<(Symbol, Channel)>,
+}
+
 /// The reader's state: subscriptions, limits and scratch buffers.
 struct Session<'a> {
     conn: &'a Connection,
@@ -385,7 +407,7 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    fn subs(&self) -> std::sync::MutexGuard<'_, HashSet<(Symbol, Channel)>> {
+    fn subs(&self) -> std::sync::MutexGuard<'_, Subs> {
         self.conn.subs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -448,13 +470,22 @@ impl Session<'_> {
         match req.op {
             protocol::Op::Ping => self.send(|o| json::pong(o, id)),
             protocol::Op::Symbols => {
-                let list: Vec<Symbol> = self.conn.shared.node.symbols().into_iter().map(|(s, _)| s).collect();
+                let all = tickshard_shard::cluster::service::all_symbols(&self.conn.shared.node).await;
+                let list: Vec<Symbol> = all
+                    .symbols
+                    .iter()
+                    .filter_map(|s| Symbol::parse(&s.symbol).ok())
+                    .collect();
                 self.send(|o| json::symbol_list(o, "symbols", id, &list));
             }
             protocol::Op::Unsubscribe { symbols, channels } => {
                 for s in &symbols {
                     for c in &channels {
-                        let removed = self.subs().remove(&(*s, *c));
+                        let removed = {
+                            let mut subs = self.subs();
+                            subs.retrying.remove(&(*s, *c));
+                            subs.active.remove(&(*s, *c))
+                        };
                         if removed {
                             self.conn.shared.node.unsubscribe(self.conn.outbox.id(), s, *c);
                         }
@@ -491,9 +522,9 @@ impl Session<'_> {
             let new = symbols
                 .iter()
                 .flat_map(|s| channels.iter().map(move |c| (*s, *c)))
-                .filter(|p| !subs.contains(p))
+                .filter(|p| !subs.active.contains(p))
                 .count();
-            (subs.len(), new)
+            (subs.active.len(), new)
         };
         let max = self.conn.shared.ws.max_subscriptions;
         if have + new_pairs > max {
@@ -523,21 +554,104 @@ impl Session<'_> {
         let node = &self.conn.shared.node;
         // Recorded before registering, so a connection that ends mid-subscribe
         // still detaches everything it attached.
-        self.subs().extend(reqs.iter().map(|r| (r.symbol, r.channel)));
-        let prepared = match node.prepare(&self.conn.outbox, &reqs).await {
+        {
+            let mut subs = self.subs();
+            for r in &reqs {
+                subs.active.insert((r.symbol, r.channel));
+                // this request supersedes a deferred one for the same pair
+                subs.retrying.remove(&(r.symbol, r.channel));
+            }
+        }
+        let mut prepared = match node.prepare(&self.conn.outbox, &reqs).await {
             Ok(p) => p,
             Err(e) => {
                 for r in &reqs {
-                    self.subs().remove(&(r.symbol, r.channel));
+                    self.subs().active.remove(&(r.symbol, r.channel));
                     node.unsubscribe(self.conn.outbox.id(), &r.symbol, r.channel);
                 }
                 self.error(id, ErrorCode::Unavailable, &e.to_string());
                 return;
             }
         };
-        let reply = per_symbol(&prepared.results);
-        self.send(|o| json::subscribed(o, id, &reply));
-        node.activate(&self.conn.outbox, prepared).await;
+        let failed = std::mem::take(&mut prepared.failed);
+        if !prepared.results.is_empty() {
+            let reply = per_symbol(&prepared.results);
+            self.send(|o| json::subscribed(o, id, &reply));
+            node.activate(&self.conn.outbox, prepared).await;
+        }
+        if !failed.is_empty() {
+            self.defer(id, failed);
+        }
+    }
+
+    /// Subscriptions whose owner shard is down: the client is told (an
+    /// `unavailable` error per symbol) and the server keeps retrying them; when
+    /// the owner is back they complete with their own `subscribed` reply and
+    /// the usual snapshot or replay — the client need not do anything.
+    fn defer(&mut self, id: Option<&[u8]>, failed: Vec<(SubRequest, String)>) {
+        let mut told = Vec::new();
+        for (r, why) in &failed {
+            self.subs().retrying.insert((r.symbol, r.channel));
+            if !told.contains(&r.symbol) {
+                told.push(r.symbol);
+                let mut out = Vec::new();
+                json::unavailable(
+                    &mut out,
+                    &r.symbol,
+                    &format!("{why}; subscribing as soon as it is back"),
+                );
+                let w = out.len();
+                self.conn.outbox.control(Ctl::Text(out), w);
+            }
+        }
+        let (node, outbox, subs, closed) = (
+            self.conn.shared.node.clone(),
+            self.conn.outbox.clone(),
+            self.conn.subs.clone(),
+            self.conn.closed.clone(),
+        );
+        let id = id.map(<[u8]>::to_vec);
+        let mut reqs: Vec<SubRequest> = failed.into_iter().map(|(r, _)| r).collect();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(100);
+            loop {
+                tokio::select! {
+                    _ = closed.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+                reqs.retain(|r| {
+                    let subs = subs.lock().unwrap_or_else(|p| p.into_inner());
+                    subs.retrying.contains(&(r.symbol, r.channel))
+                });
+                if reqs.is_empty() {
+                    return;
+                }
+                let Ok(mut prepared) = node.prepare(&outbox, &reqs).await else {
+                    continue;
+                };
+                reqs = std::mem::take(&mut prepared.failed)
+                    .into_iter()
+                    .map(|(r, _)| r)
+                    .collect();
+                if !prepared.results.is_empty() {
+                    {
+                        let mut subs = subs.lock().unwrap_or_else(|p| p.into_inner());
+                        for r in &prepared.results {
+                            subs.retrying.remove(&(r.symbol, r.channel));
+                        }
+                    }
+                    let mut out = Vec::new();
+                    json::subscribed(&mut out, id.as_deref(), &per_symbol(&prepared.results));
+                    let w = out.len();
+                    outbox.control(Ctl::Text(out), w);
+                    node.activate(&outbox, prepared).await;
+                }
+                if reqs.is_empty() {
+                    return;
+                }
+            }
+        });
     }
 }
 

@@ -89,6 +89,9 @@ pub enum Data {
     },
     Snapshot(Box<SnapshotData>),
     Candle(Box<CandleData>),
+    /// The symbol's owner is unreachable; data resumes (without a gap) when it
+    /// is back.
+    Unavailable(Symbol),
 }
 
 pub struct SnapshotData {
@@ -110,6 +113,7 @@ impl Data {
             Data::Ticks { chunk, from } => chunk.ticks.len().saturating_sub(*from) * APPROX_TICK_BYTES,
             Data::Snapshot(_) => APPROX_TICK_BYTES + 64,
             Data::Candle(_) => 256,
+            Data::Unavailable(_) => 128,
         }
     }
 }

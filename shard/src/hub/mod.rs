@@ -96,6 +96,9 @@ struct Entry {
     pending: Option<Pending>,
     /// The sink refused data as gone; removed at the end of the delivery.
     gone: bool,
+    /// Deliver only ticks with a higher seq (a client resuming ahead of this
+    /// pod's mirror of the symbol already has them).
+    after: u64,
 }
 
 #[derive(Default)]
@@ -115,6 +118,8 @@ struct State {
 
 pub struct SymbolHub {
     symbol: Symbol,
+    /// A mirror of a symbol owned by another shard, fed by a peer follow.
+    foreign: bool,
     pending_limit: usize,
     state: Mutex<State>,
 }
@@ -126,6 +131,71 @@ impl SymbolHub {
 
     pub fn symbol(&self) -> Symbol {
         self.symbol
+    }
+
+    pub fn is_foreign(&self) -> bool {
+        self.foreign
+    }
+
+    /// Publishes ticks received from the owner (a mirror); candles unchanged.
+    pub fn publish_ticks(&self, chunk: Arc<Chunk>) {
+        let current = self.lock().head.candles;
+        self.publish(chunk, &[], current);
+    }
+
+    /// Publishes a candle received from the owner (a mirror): closed ones are
+    /// forced through, updates are already conflated by the owner.
+    pub fn publish_candle(&self, candle: Candle, closed: bool) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        if !closed {
+            st.head.candles[candle.interval.index()] = Some(candle);
+        }
+        let limit = self.pending_limit;
+        let mut gone = false;
+        for e in st.entries.iter_mut() {
+            if e.channel == Channel::Candles(candle.interval) {
+                let d = Data::Candle(Box::new(CandleData { candle, closed }));
+                e.gone = deliver(e, self.symbol, d, closed, limit);
+                gone |= e.gone;
+            }
+        }
+        if gone {
+            st.entries.retain(|e| !e.gone);
+        }
+    }
+
+    /// The owner could not resume this mirror from where it was: it starts over
+    /// at `last` (epoch `epoch`). Tick subscribers get a conflated snapshot, so
+    /// they know they missed data.
+    pub fn reset(&self, epoch: Epoch, last: Option<Tick>) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        st.head.epoch = epoch;
+        st.head.seq = last.map_or(0, |t| t.seq);
+        st.head.last = last;
+        let head = st.head;
+        for e in st.entries.iter_mut().filter(|e| e.channel == Channel::Ticks) {
+            match &mut e.pending {
+                Some(p) => {
+                    p.items.clear();
+                    p.overflow = true;
+                }
+                None => resnapshot(e, &head),
+            }
+        }
+    }
+
+    /// Tells every subscriber that the owner is unreachable.
+    pub fn notify_unavailable(&self) {
+        let st = self.lock();
+        let mut told = Vec::new();
+        for e in st.entries.iter().filter(|e| e.pending.is_none()) {
+            if !told.contains(&e.sink.id()) {
+                told.push(e.sink.id());
+                e.sink.force(Data::Unavailable(self.symbol));
+            }
+        }
     }
 
     pub fn head(&self) -> Head {
@@ -222,8 +292,17 @@ impl SymbolHub {
             needs_snapshot: false,
             pending: Some(Pending::default()),
             gone: false,
+            after: 0,
         });
         st.head
+    }
+
+    /// Makes a subscription skip ticks up to `seq` (see [`Entry::after`]).
+    pub fn deliver_after(&self, sink_id: u64, channel: Channel, seq: u64) {
+        let mut st = self.lock();
+        if let Some(e) = find(&mut st.entries, sink_id, channel) {
+            e.after = seq;
+        }
     }
 
     /// Gives up a replay that cannot be served: drops held data and returns the
@@ -251,9 +330,11 @@ impl SymbolHub {
             resnapshot(e, &head);
             return;
         }
+        // Held data continues the catch-up the caller just sent (paced by the
+        // queue's room): it is forced through rather than conflated. It is
+        // bounded by the pending limit.
         for d in p.items {
-            let force = matches!(&d, Data::Candle(c) if c.closed);
-            deliver(e, self.symbol, d, force, usize::MAX);
+            deliver(e, self.symbol, d, true, usize::MAX);
         }
     }
 
@@ -305,6 +386,18 @@ fn resnapshot(e: &mut Entry, head: &Head) {
 
 /// Offers `d` to one subscription; returns true if its sink is gone.
 fn deliver(e: &mut Entry, symbol: Symbol, d: Data, force: bool, pending_limit: usize) -> bool {
+    let d = match d {
+        Data::Ticks { chunk, from } if e.after > 0 => {
+            // skip the ticks the subscriber already has
+            let first = chunk.first_seq();
+            let from = from.max((e.after + 1).saturating_sub(first) as usize);
+            if from >= chunk.ticks.len() {
+                return false;
+            }
+            Data::Ticks { chunk, from }
+        }
+        d => d,
+    };
     if let Some(p) = &mut e.pending {
         if !p.overflow {
             p.bytes += d.weight();
@@ -359,6 +452,23 @@ impl Hub {
 
     /// The hub of `symbol`, created with `head` if it does not exist yet.
     pub fn get_or_insert(&self, symbol: Symbol, head: impl FnOnce() -> Head) -> Arc<SymbolHub> {
+        self.insert_with(symbol, false, head)
+    }
+
+    /// The mirror hub of a symbol owned by another shard.
+    pub fn get_or_insert_foreign(&self, symbol: Symbol, head: impl FnOnce() -> Head) -> Arc<SymbolHub> {
+        self.insert_with(symbol, true, head)
+    }
+
+    /// Removes `hub` (only if it is still the one registered).
+    pub fn remove(&self, hub: &Arc<SymbolHub>) {
+        let mut map = self.symbols.write().unwrap_or_else(|p| p.into_inner());
+        if map.get(&hub.symbol).is_some_and(|h| Arc::ptr_eq(h, hub)) {
+            map.remove(&hub.symbol);
+        }
+    }
+
+    fn insert_with(&self, symbol: Symbol, foreign: bool, head: impl FnOnce() -> Head) -> Arc<SymbolHub> {
         if let Some(h) = self.get(&symbol) {
             return h;
         }
@@ -367,6 +477,7 @@ impl Hub {
             .or_insert_with(|| {
                 Arc::new(SymbolHub {
                     symbol,
+                    foreign,
                     pending_limit: self.pending_limit,
                     state: Mutex::new(State {
                         head: head(),
@@ -378,13 +489,14 @@ impl Hub {
             .clone()
     }
 
-    /// Every symbol hub, sorted by symbol.
+    /// Every hub of a symbol this shard owns, sorted by symbol.
     pub fn all(&self) -> Vec<Arc<SymbolHub>> {
         let mut v: Vec<_> = self
             .symbols
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
+            .filter(|h| !h.foreign)
             .cloned()
             .collect();
         v.sort_by_key(|h| h.symbol);

@@ -94,6 +94,9 @@ pub struct Outbox<C> {
     id: u64,
     limit: usize,
     slow: Duration,
+    /// Close at once instead of conflating (peer followers: they re-follow and
+    /// resume without a gap, which a conflated snapshot would not give).
+    close_on_stall: bool,
     state: Mutex<State<C>>,
     /// Wakes the writer (one waiter, so a permit is stored if it is busy).
     notify: Notify,
@@ -119,6 +122,7 @@ impl<C: Send + 'static> Outbox<C> {
             id,
             limit,
             slow,
+            close_on_stall: false,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 bytes: 0,
@@ -131,6 +135,12 @@ impl<C: Send + 'static> Outbox<C> {
             notify: Notify::new(),
             room: Notify::new(),
         }
+    }
+
+    /// An outbox that closes with 1013 when it would stall (see the field).
+    pub fn closing_on_stall(mut self) -> Outbox<C> {
+        self.close_on_stall = true;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State<C>> {
@@ -171,6 +181,11 @@ impl<C: Send + 'static> Outbox<C> {
         // A client with nothing unsent is not behind: it takes any one chunk
         // (a big group commit can exceed the limit on its own).
         if st.bytes > 0 && st.bytes + w > self.limit {
+            if self.close_on_stall {
+                drop(st);
+                self.close(Close::SLOW);
+                return Push::Gone;
+            }
             st.stalled_since = Some(Instant::now());
             record_peak(st.peak);
             metrics::counter!(crate::metrics::CONFLATIONS).increment(1);

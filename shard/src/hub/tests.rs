@@ -56,7 +56,7 @@ async fn drain(o: &Outbox<()>) -> Vec<Seen> {
             match d {
                 Data::Ticks { chunk, from } => out.extend(chunk.ticks[from..].iter().map(|t| Seen::Tick(t.seq))),
                 Data::Snapshot(s) => out.push(Seen::Snap(s.tick.seq, s.conflated)),
-                Data::Candle(_) => {}
+                Data::Candle(_) | Data::Unavailable(_) => {}
             }
         }
     }

@@ -1,0 +1,602 @@
+//! One link to another shard: its connection, the Forward stream, the Follow
+//! stream and the mirrors it feeds.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use futures_util::FutureExt as _;
+use tickshard_proto::v1::{self as pb, cluster_client::ClusterClient};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use super::ClusterConfig;
+use crate::{
+    committer::{Accepted, Ack, AckError, PublishCmd},
+    domain::{Epoch, ErrorCode, Symbol, Tick},
+    hub::{Channel as SubChannel, Chunk, Head, Hub, SymbolHub},
+    metrics as m, wire,
+};
+
+/// How long a subscribe waits for the owner to start a new follow.
+const FOLLOW_START_TIMEOUT: Duration = Duration::from_secs(5);
+/// A mirror without local subscribers is unfollowed after this long.
+const MIRROR_IDLE: Duration = Duration::from_secs(5);
+/// Unary calls to a peer (reads, topology).
+const RPC_TIMEOUT: Duration = Duration::from_secs(5);
+/// Forwarded publishes queued in front of the link.
+const FORWARD_QUEUE: usize = 16_384;
+/// Reconnect back-off bounds. The cap is low on purpose: a restarting owner is
+/// back within about a second in a rolling upgrade, and every extra
+/// millisecond of back-off is client-visible gap for its symbols.
+const RECONNECT_MIN: Duration = Duration::from_millis(20);
+const RECONNECT_MAX: Duration = Duration::from_millis(200);
+/// Ticks of one symbol folded into one mirror chunk when they arrive together.
+const MIRROR_BATCH: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("shard {0} is unavailable")]
+    Down(u32),
+    #[error("shard {0} did not answer in time")]
+    Timeout(u32),
+    #[error("shard {shard}: {status}")]
+    Rpc { shard: u32, status: tonic::Status },
+}
+
+/// Asks the session to follow a new symbol (unfollows come from the sweep,
+/// inside the session).
+enum FollowCmd {
+    Follow(Symbol),
+}
+
+struct Mirror {
+    hub: Arc<SymbolHub>,
+    /// True once the mirror's head is the owner's (after `started`, and the
+    /// snapshot if one was needed).
+    ready: watch::Sender<bool>,
+    /// Subscribes between "mirror found" and "attached".
+    leases: u32,
+    idle_since: Option<Instant>,
+}
+
+/// A forwarded publish waiting for the owner's ack.
+struct Forwarded {
+    reply: crate::committer::AckTx,
+    request_id: u64,
+    symbol: Symbol,
+}
+
+pub struct Peer {
+    pub id: u32,
+    addr: String,
+    me: u32,
+    shards: u32,
+    connect_timeout: Duration,
+    hub: Arc<Hub>,
+    up: AtomicBool,
+    channel: Mutex<Option<Channel>>,
+    fwd_tx: mpsc::Sender<PublishCmd>,
+    fwd_rx: tokio::sync::Mutex<mpsc::Receiver<PublishCmd>>,
+    follow_tx: mpsc::UnboundedSender<FollowCmd>,
+    follow_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<FollowCmd>>,
+    mirrors: Mutex<HashMap<Symbol, Mirror>>,
+    up_gauge: metrics::Gauge,
+    lag_gauge: metrics::Gauge,
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+fn follow_request(sym: Symbol, head: Option<Head>) -> pb::FollowRequest {
+    let resume = head.filter(|h| !h.epoch.is_none()).map(|h| pb::Position {
+        seq: h.seq,
+        epoch: h.epoch.to_string(),
+    });
+    pb::FollowRequest {
+        kind: Some(pb::follow_request::Kind::Follow(pb::FollowSymbol {
+            symbol: sym.as_str().to_owned(),
+            channels: vec![
+                SubChannel::Ticks.as_str().into(),
+                "candles:1s".into(),
+                "candles:1m".into(),
+                "candles:1h".into(),
+            ],
+            resume,
+        })),
+    }
+}
+
+/// A subscription's hold on a mirror: while held, the mirror is not unfollowed.
+pub struct MirrorLease {
+    pub hub: Arc<SymbolHub>,
+    peer: Arc<Peer>,
+}
+
+impl Drop for MirrorLease {
+    fn drop(&mut self) {
+        let mut mirrors = self.peer.lock_mirrors();
+        if let Some(m) = mirrors.get_mut(&self.hub.symbol()) {
+            m.leases = m.leases.saturating_sub(1);
+        }
+    }
+}
+
+impl Peer {
+    pub(super) fn new(id: u32, addr: String, cfg: &ClusterConfig, hub: Arc<Hub>) -> Peer {
+        let (fwd_tx, fwd_rx) = mpsc::channel(FORWARD_QUEUE);
+        let (follow_tx, follow_rx) = mpsc::unbounded_channel();
+        let label = id.to_string();
+        let up_gauge = metrics::gauge!(m::PEER_UP, "peer" => label.clone());
+        up_gauge.set(0.0);
+        Peer {
+            id,
+            addr,
+            me: cfg.shard_id,
+            shards: cfg.shards,
+            connect_timeout: cfg.connect_timeout,
+            hub,
+            up: AtomicBool::new(false),
+            channel: Mutex::new(None),
+            fwd_tx,
+            fwd_rx: tokio::sync::Mutex::new(fwd_rx),
+            follow_tx,
+            follow_rx: tokio::sync::Mutex::new(follow_rx),
+            mirrors: Mutex::new(HashMap::new()),
+            up_gauge,
+            lag_gauge: metrics::gauge!(m::PEER_LAG, "peer" => label),
+        }
+    }
+
+    fn lock_mirrors(&self) -> MutexGuard<'_, HashMap<Symbol, Mirror>> {
+        self.mirrors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn set_up(&self, up: Option<Channel>) {
+        self.up.store(up.is_some(), Ordering::Relaxed);
+        self.up_gauge.set(if up.is_some() { 1.0 } else { 0.0 });
+        *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = up;
+    }
+
+    /// Sends a publish for a symbol this peer owns; the ack comes back on
+    /// `cmd.reply` once the owner made it durable, or at once as UNAVAILABLE.
+    pub async fn forward(&self, cmd: PublishCmd) {
+        if !self.is_up() {
+            self.unavailable(cmd);
+            return;
+        }
+        if let Err(e) = self.fwd_tx.send(cmd).await {
+            self.unavailable(e.0);
+        }
+    }
+
+    fn unavailable(&self, cmd: PublishCmd) {
+        let _ = cmd.reply.send(vec![Ack {
+            request_id: cmd.request_id,
+            symbol: cmd.tick.symbol,
+            result: Err(AckError::Unavailable(format!(
+                "shard {} (owner of {}) is unavailable; retry",
+                self.id, cmd.tick.symbol
+            ))),
+        }]);
+    }
+
+    /// The mirror of `sym`, followed from this peer, once its head is the
+    /// owner's. The lease keeps it followed until the subscriber is attached.
+    pub async fn mirror(self: &Arc<Self>, sym: Symbol) -> Result<MirrorLease, PeerError> {
+        let mut ready = {
+            let mut mirrors = self.lock_mirrors();
+            let m = mirrors.entry(sym).or_insert_with(|| {
+                let hub = self.hub.get_or_insert_foreign(sym, || Head {
+                    epoch: Epoch::default(),
+                    seq: 0,
+                    last: None,
+                    candles: [None; 3],
+                });
+                let _ = self.follow_tx.send(FollowCmd::Follow(sym));
+                Mirror {
+                    hub,
+                    ready: watch::channel(false).0,
+                    leases: 0,
+                    idle_since: None,
+                }
+            });
+            m.leases += 1;
+            m.idle_since = None;
+            m.ready.subscribe()
+        };
+        let lease = MirrorLease {
+            hub: self
+                .lock_mirrors()
+                .get(&sym)
+                .map(|m| m.hub.clone())
+                .ok_or(PeerError::Down(self.id))?,
+            peer: self.clone(),
+        };
+        if *ready.borrow() {
+            return Ok(lease);
+        }
+        if !self.is_up() {
+            return Err(PeerError::Down(self.id));
+        }
+        match tokio::time::timeout(FOLLOW_START_TIMEOUT, ready.wait_for(|r| *r)).await {
+            Ok(Ok(_)) => Ok(lease),
+            _ => Err(PeerError::Down(self.id)),
+        }
+    }
+
+    fn client(&self) -> Result<ClusterClient<Channel>, PeerError> {
+        let ch = self.channel.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        ch.filter(|_| self.is_up())
+            .map(ClusterClient::new)
+            .ok_or(PeerError::Down(self.id))
+    }
+
+    async fn call<T, F>(&self, f: impl FnOnce(ClusterClient<Channel>) -> F) -> Result<T, PeerError>
+    where
+        F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let client = self.client()?;
+        match tokio::time::timeout(RPC_TIMEOUT, f(client)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => Err(PeerError::Down(self.id)),
+            Ok(Err(status)) => Err(PeerError::Rpc { shard: self.id, status }),
+            Err(_) => Err(PeerError::Timeout(self.id)),
+        }
+    }
+
+    pub async fn history(&self, req: pb::HistoryRequest) -> Result<pb::HistoryResponse, PeerError> {
+        self.call(|mut c| async move { c.local_history(req).await }).await
+    }
+
+    pub async fn snapshots(&self, symbols: Vec<String>) -> Result<pb::SnapshotResponse, PeerError> {
+        self.call(|mut c| async move { c.local_snapshot(pb::SnapshotRequest { symbols }).await })
+            .await
+    }
+
+    pub async fn symbols(&self) -> Result<pb::ListSymbolsResponse, PeerError> {
+        self.call(|mut c| async move { c.local_symbols(pb::ListSymbolsRequest {}).await })
+            .await
+    }
+
+    /// Connects (resolving DNS anew) and checks the peer's topology.
+    async fn connect(&self) -> Result<Channel, String> {
+        let ep = Endpoint::from_shared(self.addr.clone())
+            .map_err(|e| format!("bad peer address {}: {e}", self.addr))?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        let ch = ep.connect().await.map_err(|e| format!("connect {}: {e}", self.addr))?;
+        let req = pb::TopologyRequest {
+            caller_shard: self.me,
+            shards: self.shards,
+        };
+        let t = tokio::time::timeout(RPC_TIMEOUT, ClusterClient::new(ch.clone()).topology(req))
+            .await
+            .map_err(|_| "topology: timeout".to_string())?
+            .map_err(|e| format!("topology: {e}"))?
+            .into_inner();
+        if t.shards != self.shards || t.shard_id != self.id {
+            tracing::error!(
+                peer = self.id, addr = %self.addr, their_id = t.shard_id, their_shards = t.shards,
+                "peer topology disagrees with ours; not syncing with it"
+            );
+            return Err("topology mismatch".into());
+        }
+        if !t.ready {
+            return Err("peer not ready".into());
+        }
+        Ok(ch)
+    }
+
+    /// Keeps the link up until `stop`: connect, sync, and on any failure back
+    /// off (with jitter) and start over, resuming every followed symbol.
+    pub(super) async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut fwd_rx = self.fwd_rx.lock().await;
+        let mut follow_rx = self.follow_rx.lock().await;
+        let mut backoff = RECONNECT_MIN;
+        loop {
+            if stop.is_cancelled() {
+                break;
+            }
+            match self.connect().await {
+                Ok(ch) => {
+                    backoff = RECONNECT_MIN;
+                    self.set_up(Some(ch.clone()));
+                    tracing::info!(peer = self.id, "peer link up");
+                    let why = self.session(ch, &mut fwd_rx, &mut follow_rx, &stop).await;
+                    self.set_up(None);
+                    tracing::info!(peer = self.id, reason = %why, "peer link down");
+                    for m in self.lock_mirrors().values() {
+                        m.hub.notify_unavailable();
+                    }
+                }
+                Err(e) => tracing::debug!(peer = self.id, error = %e, "peer unreachable"),
+            }
+            // Forwards queued while the link was going down fail now.
+            while let Ok(cmd) = fwd_rx.try_recv() {
+                self.unavailable(cmd);
+            }
+            // Follow commands are replayed from the mirror map on reconnect.
+            while follow_rx.try_recv().is_ok() {}
+            let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(backoff + jitter) => {}
+            }
+            backoff = (backoff * 2).min(RECONNECT_MAX);
+        }
+        self.set_up(None);
+    }
+
+    /// One connected session: both streams until either breaks.
+    async fn session(
+        &self,
+        ch: Channel,
+        fwd_rx: &mut mpsc::Receiver<PublishCmd>,
+        follow_rx: &mut mpsc::UnboundedReceiver<FollowCmd>,
+        stop: &CancellationToken,
+    ) -> String {
+        let mut client = ClusterClient::new(ch);
+        // Forward: requests out through a bounded queue; acks read by their own
+        // task so a full queue never stops acks from flowing.
+        let (out_tx, out_rx) = mpsc::channel::<pb::PublishRequest>(FORWARD_QUEUE);
+        let out = futures_util::stream::unfold(out_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        let mut acks = match client.forward(out).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => return format!("forward: {e}"),
+        };
+        let pending: Arc<Mutex<HashMap<u64, Forwarded>>> = Arc::new(Mutex::new(HashMap::new()));
+        let mut ack_reader = {
+            let pending = pending.clone();
+            tokio::spawn(async move {
+                loop {
+                    match acks.message().await {
+                        Ok(Some(a)) => {
+                            let f = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&a.request_id);
+                            if let Some(f) = f {
+                                let result = match a.error {
+                                    None => Ok(Accepted {
+                                        seq: a.seq,
+                                        epoch: Epoch::parse(&a.epoch).unwrap_or_default(),
+                                        duplicate: a.duplicate,
+                                    }),
+                                    Some(e) if e.code == ErrorCode::Unavailable.as_str() => {
+                                        Err(AckError::Unavailable(e.message))
+                                    }
+                                    Some(e) => Err(AckError::Rejected {
+                                        code: ErrorCode::ALL
+                                            .into_iter()
+                                            .find(|c| c.as_str() == e.code)
+                                            .unwrap_or(ErrorCode::InvalidTick),
+                                        message: e.message,
+                                    }),
+                                };
+                                let _ = f.reply.send(vec![Ack {
+                                    request_id: f.request_id,
+                                    symbol: f.symbol,
+                                    result,
+                                }]);
+                            }
+                        }
+                        Ok(None) => return "forward stream ended".to_string(),
+                        Err(e) => return format!("forward stream: {e}"),
+                    }
+                }
+            })
+        };
+
+        // Follow: one stream for every mirror of this peer's symbols.
+        let (fo_tx, fo_rx) = mpsc::unbounded_channel::<pb::FollowRequest>();
+        let fo_out = futures_util::stream::unfold(fo_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        let mut events = match client.follow(fo_out).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                ack_reader.abort();
+                return format!("follow: {e}");
+            }
+        };
+        for (sym, m) in self.lock_mirrors().iter() {
+            let _ = fo_tx.send(follow_request(*sym, Some(m.hub.head())));
+        }
+
+        let mut next_id = 1u64;
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        let why = loop {
+            tokio::select! {
+                _ = stop.cancelled() => break "stopping".to_string(),
+                r = &mut ack_reader => break r.unwrap_or_else(|e| e.to_string()),
+                cmd = fwd_rx.recv() => {
+                    let Some(cmd) = cmd else { break "forward queue closed".into() };
+                    let id = next_id;
+                    next_id += 1;
+                    let req = pb::PublishRequest {
+                        request_id: id,
+                        publisher_id: cmd.publisher.as_ref().map(|(p, _)| p.to_string()).unwrap_or_default(),
+                        publisher_seq: cmd.publisher.as_ref().map_or(0, |(_, s)| *s),
+                        tick: Some(wire::tick_to_pb(&cmd.tick)),
+                    };
+                    pending.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                        id,
+                        Forwarded { reply: cmd.reply, request_id: cmd.request_id, symbol: cmd.tick.symbol },
+                    );
+                    if out_tx.send(req).await.is_err() {
+                        break "forward stream closed".into();
+                    }
+                }
+                c = follow_rx.recv() => {
+                    let req = match c {
+                        Some(FollowCmd::Follow(sym)) => {
+                            let head = self.lock_mirrors().get(&sym).map(|m| m.hub.head());
+                            follow_request(sym, head)
+                        }
+                        None => break "follow queue closed".into(),
+                    };
+                    if fo_tx.send(req).is_err() {
+                        break "follow stream closed".into();
+                    }
+                }
+                ev = events.message() => {
+                    let first = match ev {
+                        Ok(Some(e)) => e,
+                        Ok(None) => break "follow stream ended".into(),
+                        Err(e) => break format!("follow stream: {e}"),
+                    };
+                    // Take every event that is already here, so consecutive
+                    // ticks of a symbol reach its subscribers as one chunk.
+                    let mut batch = vec![first];
+                    while batch.len() < MIRROR_BATCH {
+                        match events.message().now_or_never() {
+                            Some(Ok(Some(e))) => batch.push(e),
+                            _ => break,
+                        }
+                    }
+                    if let Err(sym) = self.apply(batch) {
+                        // A gap: start that symbol over from the mirror's head.
+                        let _ = fo_tx.send(pb::FollowRequest {
+                            kind: Some(pb::follow_request::Kind::Unfollow(pb::UnfollowSymbol { symbol: sym.as_str().to_owned() })),
+                        });
+                        let head = self.lock_mirrors().get(&sym).map(|m| m.hub.head());
+                        let _ = fo_tx.send(follow_request(sym, head));
+                    }
+                }
+                _ = sweep.tick() => self.sweep(&fo_tx),
+            }
+        };
+        ack_reader.abort();
+        // Forwards the owner never acked: the publisher must retry (de-dup makes
+        // it exact if the owner did store them).
+        let lost: Vec<Forwarded> = pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, f)| f)
+            .collect();
+        for f in lost {
+            let _ = f.reply.send(vec![Ack {
+                request_id: f.request_id,
+                symbol: f.symbol,
+                result: Err(AckError::Unavailable(format!(
+                    "link to shard {} broke before the ack; retry",
+                    self.id
+                ))),
+            }]);
+        }
+        why
+    }
+
+    /// Applies follow events to the mirrors. `Err(symbol)` on a gap.
+    fn apply(&self, events: Vec<pb::FollowEvent>) -> Result<(), Symbol> {
+        let mut run: Option<(Arc<SymbolHub>, Vec<Tick>)> = None;
+        let flush = |run: &mut Option<(Arc<SymbolHub>, Vec<Tick>)>| {
+            if let Some((hub, ticks)) = run.take()
+                && !ticks.is_empty()
+            {
+                hub.publish_ticks(Arc::new(Chunk::new(hub.symbol(), ticks)));
+            }
+        };
+        let mut lag = None;
+        let mut gap = None;
+        for ev in events {
+            lag = Some(ev.owner_micros);
+            let Ok(sym) = Symbol::parse(&ev.symbol) else { continue };
+            let Some(kind) = ev.kind else { continue };
+            let mirrors = self.lock_mirrors();
+            let Some(m) = mirrors.get(&sym) else { continue }; // unfollowed meanwhile
+            match kind {
+                pb::follow_event::Kind::Tick(t) => {
+                    let Ok(mut tick) = wire::tick_from_pb(&t) else { continue };
+                    tick.seq = t.seq;
+                    if run.as_ref().is_some_and(|(h, _)| !Arc::ptr_eq(h, &m.hub)) {
+                        flush(&mut run);
+                    }
+                    let (hub, ticks) = run.get_or_insert_with(|| (m.hub.clone(), Vec::new()));
+                    let expected = ticks.last().map_or_else(|| hub.head().seq, |t| t.seq) + 1;
+                    if tick.seq < expected {
+                        continue; // already have it (overlap after a re-follow)
+                    }
+                    if tick.seq > expected {
+                        tracing::warn!(symbol = %sym, expected, got = tick.seq, "gap from the owner; re-following");
+                        gap = Some(sym);
+                        continue;
+                    }
+                    ticks.push(tick);
+                }
+                pb::follow_event::Kind::Started(st) => {
+                    flush(&mut run);
+                    let epoch = Epoch::parse(&st.epoch).unwrap_or_default();
+                    if st.recovered && m.hub.head().epoch == epoch {
+                        m.ready.send_replace(true);
+                    } else if st.seq == 0 {
+                        m.hub.reset(epoch, None);
+                        m.ready.send_replace(true);
+                    }
+                    // otherwise a snapshot follows
+                }
+                pb::follow_event::Kind::Snapshot(s) => {
+                    flush(&mut run);
+                    let last = s.last.as_ref().and_then(|t| {
+                        let mut tick = wire::tick_from_pb(t).ok()?;
+                        tick.seq = t.seq;
+                        Some(tick)
+                    });
+                    m.hub.reset(Epoch::parse(&s.epoch).unwrap_or_default(), last);
+                    m.ready.send_replace(true);
+                }
+                pb::follow_event::Kind::Candle(c) => {
+                    flush(&mut run);
+                    if let Some(candle) = wire::candle_from_pb(&c) {
+                        m.hub.publish_candle(candle, c.closed);
+                    }
+                }
+            }
+        }
+        flush(&mut run);
+        if let Some(sent) = lag {
+            self.lag_gauge.set((now_micros() - sent).max(0) as f64 / 1e6);
+        }
+        gap.map_or(Ok(()), Err)
+    }
+
+    /// Unfollows mirrors that have had no local subscriber for a while.
+    fn sweep(&self, fo_tx: &mpsc::UnboundedSender<pb::FollowRequest>) {
+        let now = Instant::now();
+        let mut mirrors = self.lock_mirrors();
+        let mut gone = Vec::new();
+        for (sym, m) in mirrors.iter_mut() {
+            if m.leases > 0 || m.hub.subscriber_count() > 0 {
+                m.idle_since = None;
+                continue;
+            }
+            let since = *m.idle_since.get_or_insert(now);
+            if now.duration_since(since) >= MIRROR_IDLE {
+                gone.push(*sym);
+            }
+        }
+        for sym in gone {
+            if let Some(m) = mirrors.remove(&sym) {
+                self.hub.remove(&m.hub);
+                let _ = fo_tx.send(pb::FollowRequest {
+                    kind: Some(pb::follow_request::Kind::Unfollow(pb::UnfollowSymbol {
+                        symbol: sym.as_str().to_owned(),
+                    })),
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! The owner side of shard-to-shard sync: the `Cluster` gRPC service, and the
+//! local reads that both it and the public `Feed` service use.
+
+use std::{
+    collections::{HashSet, VecDeque},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures_util::{Stream, stream};
+use tickshard_proto::v1::{self as pb, cluster_server::Cluster as ClusterApi};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    domain::{Epoch, Interval, Position, Symbol},
+    hub::{AfterWrite, Channel, Close, Data, Msg, Outbox},
+    node::{HISTORY_LIMIT_MAX, Node, SubRequest},
+    publish::{self, AckStream, Origin},
+    wire,
+};
+
+/// Default number of ticks or candles a history read returns.
+pub const HISTORY_LIMIT_DEFAULT: usize = 1_000;
+
+pub fn parse_symbol(s: &str) -> Result<Symbol, Status> {
+    Symbol::parse(s).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// Snapshots of symbols this pod owns (symbols without ticks are omitted).
+pub fn local_snapshot(node: &Node, symbols: &[Symbol]) -> pb::SnapshotResponse {
+    let snapshots = symbols
+        .iter()
+        .filter_map(|s| node.head(s))
+        .filter_map(|h| {
+            h.last.map(|last| pb::Snapshot {
+                last: Some(wire::tick_to_pb(&last)),
+                epoch: h.epoch.to_string(),
+                recovered: false,
+                conflated: false,
+            })
+        })
+        .collect();
+    pb::SnapshotResponse { snapshots }
+}
+
+/// History (ticks or candles) of a symbol this pod owns.
+pub async fn local_history(node: &Node, r: pb::HistoryRequest) -> Result<pb::HistoryResponse, Status> {
+    let sym = parse_symbol(&r.symbol)?;
+    let epoch = node.head(&sym).map(|h| h.epoch.to_string()).unwrap_or_default();
+    let limit = match r.limit {
+        0 => HISTORY_LIMIT_DEFAULT,
+        n => (n as usize).min(HISTORY_LIMIT_MAX),
+    };
+    let internal = |e: crate::store::StoreError| Status::internal(format!("store read failed: {e}"));
+    if r.interval.is_empty() {
+        let to = if r.to_seq == 0 { u64::MAX } else { r.to_seq };
+        let mut ticks = node
+            .read_local_ticks(sym, r.from_seq.max(1), to, limit + 1)
+            .await
+            .map_err(internal)?;
+        let truncated = ticks.len() > limit;
+        ticks.truncate(limit);
+        Ok(pb::HistoryResponse {
+            epoch,
+            ticks: ticks.iter().map(wire::tick_to_pb).collect(),
+            candles: Vec::new(),
+            truncated,
+        })
+    } else {
+        let interval = Interval::parse(&r.interval).ok_or_else(|| {
+            Status::invalid_argument(format!("unknown interval '{}'; expected 1s, 1m or 1h", r.interval))
+        })?;
+        let to = if r.to_micros == 0 { i64::MAX } else { r.to_micros };
+        let mut candles = node
+            .read_local_candles(sym, interval, r.from_micros, to, limit + 1)
+            .await
+            .map_err(internal)?;
+        let truncated = candles.len() > limit;
+        candles.truncate(limit);
+        Ok(pb::HistoryResponse {
+            epoch,
+            ticks: Vec::new(),
+            candles: candles
+                .iter()
+                .map(|(c, closed)| wire::candle_to_pb(c, *closed))
+                .collect(),
+            truncated,
+        })
+    }
+}
+
+/// Every symbol with ticks that this pod owns.
+pub fn local_symbols(node: &Node) -> pb::ListSymbolsResponse {
+    let own = node.ownership();
+    let symbols = node
+        .symbols()
+        .into_iter()
+        .map(|(s, h)| pb::SymbolInfo {
+            symbol: s.as_str().to_owned(),
+            owner_shard: own.owner(&s),
+            seq: h.seq,
+            epoch: h.epoch.to_string(),
+        })
+        .collect();
+    pb::ListSymbolsResponse { symbols }
+}
+
+/// Snapshots of any symbols: this pod's own, and the others' from their owners.
+pub async fn routed_snapshot(node: &Node, symbols: &[Symbol]) -> Result<pb::SnapshotResponse, Status> {
+    let own = node.ownership();
+    let local: Vec<Symbol> = symbols.iter().copied().filter(|s| own.is_local(s)).collect();
+    let mut out = local_snapshot(node, &local);
+    if let Some(cluster) = node.cluster() {
+        for peer in cluster.peers() {
+            let theirs: Vec<String> = symbols
+                .iter()
+                .filter(|s| own.owner(s) == peer.id)
+                .map(|s| s.as_str().to_owned())
+                .collect();
+            if theirs.is_empty() {
+                continue;
+            }
+            let r = peer
+                .snapshots(theirs)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            out.snapshots.extend(r.snapshots);
+        }
+    }
+    Ok(out)
+}
+
+/// History of any symbol, from its owner.
+pub async fn routed_history(node: &Node, r: pb::HistoryRequest) -> Result<pb::HistoryResponse, Status> {
+    let sym = parse_symbol(&r.symbol)?;
+    let owner = node.ownership().owner(&sym);
+    match node.cluster().and_then(|c| c.peer(owner)) {
+        None => local_history(node, r).await,
+        Some(peer) => peer.history(r).await.map_err(|e| Status::unavailable(e.to_string())),
+    }
+}
+
+/// Every symbol with ticks on any shard, sorted. Shards that cannot be reached
+/// are skipped (and logged): the list is what is known now.
+pub async fn all_symbols(node: &Node) -> pb::ListSymbolsResponse {
+    let mut out = local_symbols(node);
+    if let Some(cluster) = node.cluster() {
+        let calls = cluster.peers().map(|p| async move { (p.id, p.symbols().await) });
+        for (id, r) in futures_util::future::join_all(calls).await {
+            match r {
+                Ok(r) => out.symbols.extend(r.symbols),
+                Err(e) => tracing::warn!(peer = id, error = %e, "symbol list without this shard"),
+            }
+        }
+    }
+    out.symbols.sort_by(|a, b| a.symbol.cmp(&b.symbol));
+    out
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+pub struct ClusterService {
+    node: Arc<Node>,
+    stopping: CancellationToken,
+    window: usize,
+}
+
+impl ClusterService {
+    pub fn new(node: Arc<Node>, stopping: CancellationToken, window: usize) -> ClusterService {
+        ClusterService { node, stopping, window }
+    }
+}
+
+type FollowStream = Pin<Box<dyn Stream<Item = Result<pb::FollowEvent, Status>> + Send>>;
+
+/// Cleans a follower up when its stream ends.
+struct FollowGuard {
+    node: Arc<Node>,
+    outbox: Arc<Outbox<pb::FollowEvent>>,
+    subs: Arc<Mutex<HashSet<Symbol>>>,
+}
+
+impl Drop for FollowGuard {
+    fn drop(&mut self) {
+        self.outbox.finish();
+        for s in self.subs.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            for ch in CHANNELS {
+                self.node.unsubscribe(self.outbox.id(), &s, ch);
+            }
+        }
+    }
+}
+
+const CHANNELS: [Channel; 4] = [
+    Channel::Ticks,
+    Channel::Candles(Interval::S1),
+    Channel::Candles(Interval::M1),
+    Channel::Candles(Interval::H1),
+];
+
+struct FollowState {
+    guard: FollowGuard,
+    queue: VecDeque<Msg<pb::FollowEvent>>,
+    expanded: VecDeque<pb::FollowEvent>,
+    taken: usize,
+    close: Option<Close>,
+    done: bool,
+}
+
+fn event(symbol: Symbol, kind: pb::follow_event::Kind) -> pb::FollowEvent {
+    pb::FollowEvent {
+        symbol: symbol.as_str().to_owned(),
+        kind: Some(kind),
+        owner_micros: now_micros(),
+    }
+}
+
+async fn next_follow_event(mut st: FollowState) -> Option<(Result<pb::FollowEvent, Status>, FollowState)> {
+    loop {
+        if st.done {
+            return None;
+        }
+        if let Some(ev) = st.expanded.pop_front() {
+            return Some((Ok(ev), st));
+        }
+        if let Some(msg) = st.queue.pop_front() {
+            let ev = match msg {
+                Msg::Control(ev) => ev,
+                Msg::Data(d) => {
+                    st.taken += d.weight();
+                    match d {
+                        Data::Ticks { chunk, from } => {
+                            let ticks = chunk.ticks.get(from..).unwrap_or_default();
+                            st.expanded.extend(
+                                ticks
+                                    .iter()
+                                    .map(|t| event(chunk.symbol, pb::follow_event::Kind::Tick(wire::tick_to_pb(t)))),
+                            );
+                            continue;
+                        }
+                        Data::Snapshot(s) => event(
+                            s.tick.symbol,
+                            pb::follow_event::Kind::Snapshot(wire::snapshot_to_pb(&s, false)),
+                        ),
+                        Data::Candle(c) => event(
+                            c.candle.symbol,
+                            pb::follow_event::Kind::Candle(wire::candle_to_pb(&c.candle, c.closed)),
+                        ),
+                        Data::Unavailable(_) => continue, // owners never send it
+                    }
+                }
+            };
+            return Some((Ok(ev), st));
+        }
+        if let Some(c) = st.close.take() {
+            st.done = true;
+            let status = match c {
+                Close::SLOW => Status::resource_exhausted("follower too slow: re-follow and resume"),
+                _ => Status::unavailable("owner is restarting: re-follow and resume"),
+            };
+            return Some((Err(status), st));
+        }
+        let outbox = st.guard.outbox.clone();
+        if let AfterWrite::Repair(stalled) = outbox.written(std::mem::take(&mut st.taken)) {
+            st.guard.node.hub().repair(outbox.id(), &stalled);
+        }
+        st.close = outbox.take(&mut st.queue).await;
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterApi for ClusterService {
+    type ForwardStream = AckStream;
+    type FollowStream = FollowStream;
+
+    async fn topology(&self, req: Request<pb::TopologyRequest>) -> Result<Response<pb::TopologyResponse>, Status> {
+        let own = self.node.ownership();
+        let r = req.get_ref();
+        if r.shards != own.shards() {
+            tracing::error!(
+                caller = r.caller_shard,
+                their_shards = r.shards,
+                our_shards = own.shards(),
+                "a peer disagrees on the shard count"
+            );
+        }
+        Ok(Response::new(pb::TopologyResponse {
+            shard_id: own.me(),
+            shards: own.shards(),
+            ready: self.node.is_ready() && !self.stopping.is_cancelled(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            instance: self.node.instance().to_string(),
+        }))
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Streaming<pb::PublishRequest>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
+        if self.stopping.is_cancelled() {
+            return Err(Status::unavailable("stopping"));
+        }
+        Ok(Response::new(publish::serve(
+            self.node.clone(),
+            req.into_inner(),
+            self.window,
+            self.stopping.clone(),
+            Origin::Peer,
+        )))
+    }
+
+    async fn follow(&self, req: Request<Streaming<pb::FollowRequest>>) -> Result<Response<Self::FollowStream>, Status> {
+        if self.stopping.is_cancelled() {
+            return Err(Status::unavailable("stopping"));
+        }
+        let mut inbound = req.into_inner();
+        let node = self.node.clone();
+        let outbox: Arc<Outbox<pb::FollowEvent>> = Arc::new(
+            Outbox::new(
+                node.new_sink_id(),
+                node.config().peer_queue_bytes,
+                Duration::from_secs(10),
+            )
+            .closing_on_stall(),
+        );
+        let subs: Arc<Mutex<HashSet<Symbol>>> = Arc::new(Mutex::new(HashSet::new()));
+        {
+            let (node, outbox, subs, stopping) = (node.clone(), outbox.clone(), subs.clone(), self.stopping.clone());
+            tokio::spawn(async move {
+                loop {
+                    let msg = tokio::select! {
+                        _ = stopping.cancelled() => { outbox.close(Close::RESTART); break }
+                        m = inbound.message() => m,
+                    };
+                    let Ok(Some(msg)) = msg else {
+                        outbox.close(Close {
+                            code: 1000,
+                            reason: "follower left",
+                        });
+                        break;
+                    };
+                    match msg.kind {
+                        Some(pb::follow_request::Kind::Follow(f)) => {
+                            let Ok(sym) = Symbol::parse(&f.symbol) else { continue };
+                            if !node.ownership().is_local(&sym) {
+                                tracing::error!(symbol = %sym, "asked to serve a symbol this shard does not own");
+                                continue;
+                            }
+                            subs.lock().unwrap_or_else(|p| p.into_inner()).insert(sym);
+                            let resume = f.resume.map(|p| Position {
+                                seq: p.seq,
+                                epoch: Epoch::parse(&p.epoch).unwrap_or_default(),
+                            });
+                            let reqs: Vec<SubRequest> = CHANNELS
+                                .iter()
+                                .map(|&channel| SubRequest {
+                                    symbol: sym,
+                                    channel,
+                                    resume: (channel == Channel::Ticks).then_some(resume).flatten(),
+                                })
+                                .collect();
+                            let (node, outbox) = (node.clone(), outbox.clone());
+                            tokio::spawn(async move {
+                                match node.prepare(&outbox, &reqs).await {
+                                    Ok(prepared) => {
+                                        let r = prepared.results[0];
+                                        outbox.control(
+                                            event(sym, pb::follow_event::Kind::Started(wire::sub_result_to_pb(&r))),
+                                            64,
+                                        );
+                                        node.activate(&outbox, prepared).await;
+                                    }
+                                    Err(e) => tracing::warn!(symbol = %sym, error = %e, "cannot serve a follow"),
+                                }
+                            });
+                        }
+                        Some(pb::follow_request::Kind::Unfollow(u)) => {
+                            let Ok(sym) = Symbol::parse(&u.symbol) else { continue };
+                            subs.lock().unwrap_or_else(|p| p.into_inner()).remove(&sym);
+                            for ch in CHANNELS {
+                                node.unsubscribe(outbox.id(), &sym, ch);
+                            }
+                        }
+                        None => {}
+                    }
+                }
+            });
+        }
+        let st = FollowState {
+            guard: FollowGuard { node, outbox, subs },
+            queue: VecDeque::new(),
+            expanded: VecDeque::new(),
+            taken: 0,
+            close: None,
+            done: false,
+        };
+        Ok(Response::new(Box::pin(stream::unfold(st, next_follow_event))))
+    }
+
+    async fn local_snapshot(
+        &self,
+        req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        let syms = req
+            .get_ref()
+            .symbols
+            .iter()
+            .map(|s| parse_symbol(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Response::new(local_snapshot(&self.node, &syms)))
+    }
+
+    async fn local_history(&self, req: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+        local_history(&self.node, req.into_inner()).await.map(Response::new)
+    }
+
+    async fn local_symbols(
+        &self,
+        _req: Request<pb::ListSymbolsRequest>,
+    ) -> Result<Response<pb::ListSymbolsResponse>, Status> {
+        Ok(Response::new(local_symbols(&self.node)))
+    }
+
+    async fn ensure(&self, req: Request<pb::EnsureRequest>) -> Result<Response<pb::EnsureResponse>, Status> {
+        let syms = req
+            .get_ref()
+            .symbols
+            .iter()
+            .map(|s| parse_symbol(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.node
+            .ensure_local(syms.clone())
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let symbols = syms
+            .iter()
+            .filter_map(|s| {
+                self.node.head(s).map(|h| pb::SymbolState {
+                    symbol: s.as_str().to_owned(),
+                    epoch: h.epoch.to_string(),
+                    seq: h.seq,
+                    recovered: false,
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::EnsureResponse { symbols }))
+    }
+}

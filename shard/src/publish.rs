@@ -1,0 +1,189 @@
+//! Serving one gRPC publish stream: the public `Feed.Publish` and the peer
+//! `Cluster.Forward` share it. Requests are read while fewer than `window` are
+//! unacked, validated (bad ones are rejected at once and consume no seq),
+//! submitted (locally, or forwarded to the owner), and acked when durable.
+//! While draining, the stream stops taking requests, acks what it took, and ends
+//! with UNAVAILABLE so the publisher resends the rest elsewhere.
+
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use futures_util::{Stream, StreamExt, stream};
+use tickshard_proto::v1 as pb;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+
+use crate::{
+    committer::{Ack, AckError, AckTx, PublishCmd},
+    domain::ErrorCode,
+    metrics as m,
+    node::Node,
+    wire,
+};
+
+pub type AckStream = Pin<Box<dyn Stream<Item = Result<pb::PublishAck, Status>> + Send>>;
+
+/// Who is publishing: a client (route to the owner) or a peer forwarding to us
+/// as the owner (never forward again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Client,
+    Peer,
+}
+
+pub fn reject(request_id: u64, symbol: &str, code: ErrorCode, message: String) -> pb::PublishAck {
+    metrics::counter!(m::TICKS_REJECTED, "code" => code.as_str()).increment(1);
+    pb::PublishAck {
+        request_id,
+        symbol: symbol.to_owned(),
+        seq: 0,
+        epoch: String::new(),
+        duplicate: false,
+        error: Some(pb::Error {
+            code: code.as_str().to_owned(),
+            message,
+        }),
+    }
+}
+
+pub fn ack_to_pb(a: Ack) -> pb::PublishAck {
+    match a.result {
+        Ok(ok) => pb::PublishAck {
+            request_id: a.request_id,
+            symbol: a.symbol.as_str().to_owned(),
+            seq: ok.seq,
+            epoch: ok.epoch.to_string(),
+            duplicate: ok.duplicate,
+            error: None,
+        },
+        Err(e) => {
+            let code = e.code();
+            reject(a.request_id, a.symbol.as_str(), code, e.to_string())
+        }
+    }
+}
+
+impl AckError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            AckError::Input(i) => i.code(),
+            AckError::Rejected { code, .. } => *code,
+            AckError::Unavailable(_) => ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// A `Stream` over an unbounded receiver.
+fn receiver_stream<T: Send + 'static>(rx: tokio::sync::mpsc::UnboundedReceiver<T>) -> impl Stream<Item = T> + Send {
+    stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
+}
+
+/// Serves one publish stream until the client ends it, or the drain starts.
+pub fn serve(
+    node: Arc<Node>,
+    mut inbound: Streaming<pb::PublishRequest>,
+    window: usize,
+    draining: CancellationToken,
+    origin: Origin,
+) -> AckStream {
+    let (ack_tx, ack_rx) = AckTx::new();
+    let (rej_tx, rej_rx) = tokio::sync::mpsc::unbounded_channel::<pb::PublishAck>();
+    let permits = Arc::new(Semaphore::new(window.max(1)));
+    let drained = Arc::new(AtomicBool::new(false));
+    {
+        let permits = permits.clone();
+        let drained = drained.clone();
+        tokio::spawn(async move {
+            let mut publishers: HashMap<String, Arc<str>> = HashMap::new();
+            loop {
+                // Bound the requests in flight: wait for acks past the window.
+                let permit = tokio::select! {
+                    _ = draining.cancelled() => { drained.store(true, Ordering::Relaxed); break }
+                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                };
+                // `Streaming::message` is cancel-safe: a message is never lost.
+                let msg = tokio::select! {
+                    _ = draining.cancelled() => { drained.store(true, Ordering::Relaxed); break }
+                    m = inbound.message() => m,
+                };
+                let r = match msg {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%status, "publish stream ended");
+                        break;
+                    }
+                };
+                permit.forget();
+                let received = Instant::now();
+                let Some(t) = r.tick.as_ref() else {
+                    let _ = rej_tx.send(reject(
+                        r.request_id,
+                        "",
+                        ErrorCode::InvalidTick,
+                        "request has no tick".into(),
+                    ));
+                    continue;
+                };
+                let tick = match wire::tick_from_pb(t) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let _ = rej_tx.send(reject(r.request_id, &t.symbol, e.code(), e.to_string()));
+                        continue;
+                    }
+                };
+                let publisher = if r.publisher_id.is_empty() {
+                    None
+                } else {
+                    let id = publishers
+                        .entry(r.publisher_id.clone())
+                        .or_insert_with(|| Arc::from(r.publisher_id.as_str()))
+                        .clone();
+                    Some((id, r.publisher_seq))
+                };
+                let cmd = PublishCmd {
+                    tick,
+                    publisher,
+                    request_id: r.request_id,
+                    reply: ack_tx.clone(),
+                    received,
+                };
+                let sent = match origin {
+                    Origin::Client => node.publish(cmd).await,
+                    Origin::Peer => node.publish_as_owner(cmd).await,
+                };
+                if let Err(e) = sent {
+                    let _ = rej_tx.send(reject(r.request_id, &t.symbol, ErrorCode::Unavailable, e.to_string()));
+                }
+            }
+            // Dropping the senders ends the response stream once every
+            // in-flight request has been acked.
+        });
+    }
+    let acks = receiver_stream(ack_rx).flat_map(stream::iter).map(ack_to_pb);
+    let rejects = receiver_stream(rej_rx);
+    let out = stream::select(acks, rejects)
+        .map(move |a| {
+            permits.add_permits(1);
+            Ok(a)
+        })
+        .chain(
+            stream::once(async move {
+                drained.load(Ordering::Relaxed).then(|| {
+                    Err(Status::unavailable(
+                        "server is draining: reconnect and resend unacked requests",
+                    ))
+                })
+            })
+            .filter_map(|x| async move { x }),
+        );
+    Box::pin(out)
+}

@@ -1,0 +1,426 @@
+//! Three real processes as one feed (contract §2, §4, §7).
+
+use std::{collections::HashMap, time::Duration};
+
+use tickshard_feed::client::ws::{Event, ServerMsg, Subscriber, SubscriberConfig};
+use tickshard_proto::v1 as pb;
+use tickshard_shard::{domain::Symbol, ownership::Ownership};
+
+use crate::common::*;
+
+const T0: i64 = 1_732_530_000_000_000;
+
+/// `n` symbols owned by `shard` (of `shards`).
+fn owned_by(shard: u32, shards: u32, n: usize) -> Vec<String> {
+    let own = Ownership::new(shards, 0);
+    (0..)
+        .map(|i| format!("SYM-{i}"))
+        .filter(|s| own.owner(&Symbol::parse(s).unwrap()) == shard)
+        .take(n)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_pods_serve_every_symbol_from_any_pod() {
+    let c = TestCluster::start(3, &[]);
+    c.wait_linked().await;
+    // 30 symbols spread over all shards, published through pod 0
+    let symbols: Vec<String> = (0..30).map(|i| format!("SPREAD-{i}")).collect();
+    let own = Ownership::new(3, 0);
+    let owners: Vec<u32> = symbols.iter().map(|s| own.owner(&Symbol::parse(s).unwrap())).collect();
+    for shard in 0..3 {
+        assert!(
+            owners.contains(&shard),
+            "the 30 symbols land on every shard: {owners:?}"
+        );
+    }
+    let mut p = c.pods[0].publisher("spread").await;
+    publish_all(
+        &mut p,
+        symbols
+            .iter()
+            .enumerate()
+            .map(|(i, s)| tick(s, T0 + i as i64, "1", "1")),
+    )
+    .await;
+    // every pod lists every symbol with its one owner
+    let mut lists = Vec::new();
+    for pod in &c.pods {
+        let l = pod
+            .feed()
+            .await
+            .list_symbols(pb::ListSymbolsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        lists.push(l.symbols);
+    }
+    assert_eq!(lists[0].len(), 30);
+    for (s, o) in symbols.iter().zip(&owners) {
+        let info = lists[0].iter().find(|i| &i.symbol == s).unwrap();
+        assert_eq!((info.owner_shard, info.seq), (*o, 1));
+    }
+    assert_eq!(lists[0], lists[1]);
+    assert_eq!(lists[0], lists[2]);
+
+    // a client on pod 2 gets every tick of symbols owned by pods 0 and 1, once, in order
+    let foreign: Vec<String> = owned_by(0, 3, 3).into_iter().chain(owned_by(1, 3, 3)).collect();
+    let mut sub = Subscriber::new(SubscriberConfig {
+        urls: vec![c.pods[2].ws_url()],
+        symbols: foreign.clone(),
+        channels: vec!["ticks".into()],
+        connect_timeout: Duration::from_secs(2),
+    });
+    assert!(matches!(sub.next().await, Event::Connected { .. }));
+    let Event::Message(ServerMsg::Subscribed { symbols: st, .. }) = sub.next().await else {
+        panic!()
+    };
+    assert_eq!(st.len(), 6);
+    // publishing through any pod gives the same seq stream
+    let mut pubs = Vec::new();
+    for (i, pod) in c.pods.iter().enumerate() {
+        pubs.push(pod.publisher(&format!("via-{i}")).await);
+    }
+    let mut acked: HashMap<String, Vec<u64>> = HashMap::new();
+    for round in 0..30i64 {
+        for (i, p) in pubs.iter_mut().enumerate() {
+            let acks = publish_all(
+                p,
+                foreign
+                    .iter()
+                    .map(|s| tick(s, T0 + round * 10 + i as i64, &format!("1{round}.{i}"), "1")),
+            )
+            .await;
+            for (s, a) in foreign.iter().zip(acks) {
+                acked.entry(s.clone()).or_default().push(a.seq);
+            }
+        }
+    }
+    for (s, seqs) in &acked {
+        assert_eq!(
+            seqs,
+            &(1..=90).collect::<Vec<u64>>(),
+            "{s}: one gapless seq stream whichever pod took the publish"
+        );
+    }
+    let mut seen: HashMap<String, Vec<u64>> = HashMap::new();
+    while seen.values().map(Vec::len).sum::<usize>() < 6 * 90 {
+        match tokio::time::timeout(WAIT, sub.next()).await.unwrap() {
+            Event::Message(ServerMsg::Tick(t)) => seen.entry(t.symbol).or_default().push(t.seq),
+            other => panic!("{other:?}"),
+        }
+    }
+    for s in &foreign {
+        assert_eq!(
+            seen[s],
+            (1..=90).collect::<Vec<u64>>(),
+            "{s} on pod 2: exactly once, in order"
+        );
+    }
+    // reads of foreign symbols are answered from the owner
+    let h = c.pods[2]
+        .feed()
+        .await
+        .get_history(pb::HistoryRequest {
+            symbol: foreign[0].clone(),
+            from_seq: 89,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.ticks.iter().map(|t| t.seq).collect::<Vec<_>>(), vec![89, 90]);
+    let snap = c.pods[1]
+        .feed()
+        .await
+        .get_snapshot(pb::SnapshotRequest {
+            symbols: foreign.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snap.snapshots.len(), 6);
+    assert!(snap.snapshots.iter().all(|s| s.last.as_ref().unwrap().seq == 90));
+    // and the WebSocket symbols op lists every shard's symbols
+    let mut ws = c.pods[1].ws().await;
+    ws.send_text(r#"{"op":"symbols"}"#).await.unwrap();
+    let ServerMsg::Symbols { symbols: all, .. } = recv(&mut ws).await else {
+        panic!()
+    };
+    assert_eq!(all.len(), 36);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inconsistent_cluster_configs_are_refused() {
+    let c = TestCluster::start(3, &[]);
+    c.wait_linked().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = TestCluster::addrs(1)[0];
+    // another N than the running pods
+    let four = format!("{},http://{}", c.peers, extra.1);
+    let e = Server::try_start_at(
+        &tmp.path().join("a"),
+        extra.0,
+        extra.1,
+        &["--no-sim", "--shards", "4", "--shard-id", "3", "--peers", &four],
+    )
+    .err()
+    .expect("a pod with another N must refuse to start");
+    assert!(
+        e.contains("reports shard 0 of 3") && e.contains("refusing to start"),
+        "{e}"
+    );
+    // a second process claiming shard 1 (pod 1's address answers first)
+    let e = Server::try_start_at(
+        &tmp.path().join("b"),
+        extra.0,
+        extra.1,
+        &["--no-sim", "--shards", "3", "--shard-id", "1", "--peers", &c.peers],
+    )
+    .err()
+    .expect("a duplicate shard id must refuse to start");
+    assert!(e.contains("shard id 1 is already served"), "{e}");
+    // a pod started on another shard's data dir
+    let e = Server::try_start_at(
+        &c.pods[0].dir,
+        extra.0,
+        extra.1,
+        &["--no-sim", "--shards", "3", "--shard-id", "2", "--peers", &c.peers],
+    )
+    .err()
+    .expect("must refuse");
+    assert!(e.contains("belongs to shard 0 of 3") || e.contains("locked"), "{e}");
+}
+
+/// What one subscriber saw.
+#[derive(Default)]
+struct Seen {
+    seqs: HashMap<String, Vec<u64>>,
+    snapshots: u64,
+    unavailable: u64,
+    reconnects: u64,
+    max_gap: Duration,
+}
+
+/// `kubectl rollout restart` with load: a publisher at ~2,000 ticks/s over 30
+/// symbols, two resuming subscribers per pod, pods restarted 2, 1, 0 one at a
+/// time (stop, start on the same data dir, wait until ready).
+async fn rolling_restart(kill: bool) -> Duration {
+    let mut c = TestCluster::start(3, &["--drain-ms", "300"]);
+    c.wait_linked().await;
+    let symbols: Vec<String> = (0..30).map(|i| format!("ROLL-{i}")).collect();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (acked_tx, acked_rx) = tokio::sync::watch::channel(0u64);
+
+    let sub_stop = tokio_util::sync::CancellationToken::new();
+    let mut subscribers = Vec::new();
+    let mut progress = Vec::new();
+    for i in 0..6 {
+        let mut sub = Subscriber::new(SubscriberConfig {
+            urls: c.ws_urls(),
+            symbols: symbols.clone(),
+            channels: vec!["ticks".into()],
+            connect_timeout: Duration::from_secs(2),
+        })
+        .starting_at(i % 3);
+        assert!(matches!(
+            tokio::time::timeout(WAIT, sub.next()).await.unwrap(),
+            Event::Connected { .. }
+        ));
+        assert!(matches!(
+            tokio::time::timeout(WAIT, sub.next()).await.unwrap(),
+            Event::Message(ServerMsg::Subscribed { .. })
+        ));
+        let stop = sub_stop.clone();
+        let count = std::sync::Arc::new(std::sync::Mutex::new(HashMap::<String, u64>::new()));
+        progress.push(count.clone());
+        subscribers.push(tokio::spawn(async move {
+            let mut seen = Seen::default();
+            let mut last = tokio::time::Instant::now();
+            loop {
+                let ev = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    ev = sub.next() => ev,
+                };
+                match ev {
+                    Event::Message(ServerMsg::Tick(t)) => {
+                        let now = tokio::time::Instant::now();
+                        seen.max_gap = seen.max_gap.max(now - last);
+                        last = now;
+                        count.lock().unwrap().insert(t.symbol.clone(), t.seq);
+                        seen.seqs.entry(t.symbol).or_default().push(t.seq);
+                    }
+                    Event::Message(ServerMsg::Snapshot(_)) => seen.snapshots += 1,
+                    Event::Message(ServerMsg::Error { code, .. }) if code == "unavailable" => seen.unavailable += 1,
+                    Event::Connected { .. } => seen.reconnects += 1,
+                    _ => {}
+                }
+            }
+            seen
+        }));
+    }
+
+    let publisher = {
+        let (stop, urls, symbols) = (stop.clone(), c.grpc_urls(), symbols.clone());
+        tokio::spawn(async move {
+            let mut p = tickshard_feed::client::publisher::Publisher::connect(
+                tickshard_feed::client::publisher::PublisherConfig::new(urls, "roller"),
+            )
+            .await
+            .unwrap();
+            let mut acked: HashMap<String, u64> = HashMap::new();
+            let mut n = 0i64;
+            let mut total = 0u64;
+            let mut every = tokio::time::interval(Duration::from_millis(1));
+            let mut record = |a: tickshard_feed::client::publisher::Acked, total: &mut u64| {
+                assert!(a.error.is_none(), "{a:?}");
+                let e = acked.entry(a.symbol).or_default();
+                *e = (*e).max(a.seq);
+                *total += 1;
+            };
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = every.tick() => {
+                        for _ in 0..2 {
+                            let s = &symbols[(n % 30) as usize];
+                            let sent = tokio::time::timeout(Duration::from_secs(30), p.send(tick(s, T0 + n, "100.25", "1"))).await;
+                            assert!(sent.is_ok(), "publisher stuck: {} unacked ({:?})", p.in_flight(), p.unacked_summary());
+                            n += 1;
+                        }
+                    }
+                    a = p.next_ack() => {
+                        if let Some(a) = a.unwrap() {
+                            record(a, &mut total);
+                            let _ = acked_tx.send(total);
+                        }
+                    }
+                }
+            }
+            let flushed = tokio::time::timeout(Duration::from_secs(30), p.flush()).await;
+            let Ok(flushed) = flushed else {
+                panic!(
+                    "publisher: {} requests never acked ({:?}), {} reconnects",
+                    p.in_flight(),
+                    p.unacked_summary(),
+                    p.reconnects
+                );
+            };
+            for a in flushed.unwrap() {
+                record(a, &mut total);
+            }
+            (acked, n as u64)
+        })
+    };
+
+    let mut acked_rx = acked_rx;
+    let wait_acks = |more: u64| {
+        let target = *acked_rx.borrow() + more;
+        let mut rx = acked_rx.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|n| *n >= target))
+                .await
+                .expect("publishing stalled")
+                .unwrap();
+        }
+    };
+    wait_acks(2_000).await;
+    for pod in [2, 1, 0] {
+        if kill {
+            c.pods[pod].kill9();
+        } else {
+            c.pods[pod].sigterm();
+            assert!(c.pods[pod].wait_exit(Duration::from_secs(30)).success());
+        }
+        c.pods[pod].restart();
+        let p = &c.pods[pod];
+        eventually("restarted pod ready", || async { p.get("/readyz").await.0 == 200 }).await;
+        wait_acks(2_000).await;
+    }
+    let _ = &mut acked_rx;
+    // stop publishing; every acked tick must reach every subscriber
+    stop.cancel();
+    let (acked, sent) = publisher.await.unwrap();
+    assert!(sent >= 10_000, "only {sent} ticks were published");
+    for (i, p) in progress.iter().enumerate() {
+        let behind = || {
+            let p = p.lock().unwrap();
+            acked
+                .iter()
+                .filter(|(sym, seq)| p.get(*sym).is_none_or(|got| got < *seq))
+                .map(|(sym, seq)| format!("{sym}: {:?}/{seq}", p.get(sym)))
+                .collect::<Vec<_>>()
+        };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !behind().is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "subscriber {i} is missing acked ticks: {:?}",
+                behind()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    sub_stop.cancel();
+    let mut max_gap = Duration::ZERO;
+    for (i, s) in subscribers.into_iter().enumerate() {
+        let seen = s.await.unwrap();
+        assert_eq!(seen.snapshots, 0, "subscriber {i}: a resume never needs a snapshot");
+        for sym in &symbols {
+            let got = seen.seqs.get(sym).cloned().unwrap_or_default();
+            let want: Vec<u64> = (1..=got.len() as u64).collect();
+            assert_eq!(got, want, "subscriber {i}, {sym}: every tick once, in order");
+        }
+        max_gap = max_gap.max(seen.max_gap);
+        eprintln!(
+            "subscriber {i}: {} ticks, {} reconnects, {} unavailable notices, max gap {:?}",
+            seen.seqs.values().map(Vec::len).sum::<usize>(),
+            seen.reconnects,
+            seen.unavailable,
+            seen.max_gap
+        );
+    }
+    // nothing acked was lost: every acked seq is in the owner's store
+    for (sym, &seq) in &acked {
+        let h = c.pods[0]
+            .feed()
+            .await
+            .get_history(pb::HistoryRequest {
+                symbol: sym.clone(),
+                from_seq: 1,
+                limit: 10_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            h.ticks.len() as u64 >= seq,
+            "{sym}: acked {seq}, stored {}",
+            h.ticks.len()
+        );
+        assert_eq!(
+            h.ticks.iter().map(|t| t.seq).collect::<Vec<_>>(),
+            (1..=h.ticks.len() as u64).collect::<Vec<_>>()
+        );
+    }
+    max_gap
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_with_sigterm_loses_and_duplicates_nothing() {
+    let gap = rolling_restart(false).await;
+    eprintln!(
+        "rolling restart (SIGTERM): max client-visible gap {} ms",
+        gap.as_millis()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_with_sigkill_loses_nothing_acked() {
+    let gap = rolling_restart(true).await;
+    eprintln!(
+        "rolling restart (SIGKILL): max client-visible gap {} ms",
+        gap.as_millis()
+    );
+}
