@@ -41,6 +41,13 @@ pub struct BenchArgs {
     /// Symbol name prefix (`BN0`, `BN1`, …).
     #[arg(long, default_value = "BN")]
     pub prefix: String,
+    /// Use only symbols owned by this shard (with `--of`): compare a client on
+    /// the owner pod with one on another pod.
+    #[arg(long, requires = "of")]
+    pub owned_by: Option<u32>,
+    /// The shard count for `--owned-by`.
+    #[arg(long)]
+    pub of: Option<u32>,
     /// Ticks per second published in total; 0 = as fast as acks allow.
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
@@ -352,7 +359,25 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
     let usage0_server = server_pid.as_deref().and_then(proc_usage);
     let stop = CancellationToken::new();
     let recording = Arc::new(AtomicBool::new(false));
-    let symbols: Vec<String> = (0..a.symbols).map(|i| format!("{}{i}", a.prefix)).collect();
+    let own = a
+        .owned_by
+        .zip(a.of)
+        .map(|(s, n)| (s, tickshard_shard::ownership::Ownership::new(n, 0)));
+    let symbols: Vec<String> = (0..)
+        .map(|i| format!("{}{i}", a.prefix))
+        .filter(|s| {
+            own.is_none_or(|(shard, o)| {
+                tickshard_shard::domain::Symbol::parse(s).is_ok_and(|sym| o.owner(&sym) == shard)
+            })
+        })
+        .take(a.symbols)
+        .collect();
+    // gap checks index by the number in the name
+    let max_index = symbols
+        .iter()
+        .filter_map(|s| s[a.prefix.len()..].parse::<usize>().ok())
+        .max()
+        .unwrap_or(0);
     let sub_msg = if a.idle {
         None
     } else {
@@ -380,7 +405,7 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
             ready_tx.clone(),
             sub_msg.clone(),
             a.prefix.clone().into_bytes(),
-            a.symbols,
+            max_index + 1,
             connected.clone(),
         );
         tasks.push(tokio::spawn(async move {

@@ -290,6 +290,15 @@ impl ServeArgs {
             Some(p) if p.contains("{}") => (0..self.shards).map(|i| p.replace("{}", &i.to_string())).collect(),
             Some(p) => p.split(',').map(|s| s.trim().to_string()).collect(),
         };
+        if let Some(bad) = peers
+            .iter()
+            .find(|p| !(p.starts_with("http://") || p.starts_with("https://")))
+        {
+            return Err(cfg_err(
+                "--peers",
+                format!("'{bad}' is not a URL like http://host:50051"),
+            ));
+        }
         if peers.len() != self.shards as usize {
             return Err(cfg_err(
                 "--peers",
@@ -388,7 +397,9 @@ mod tests {
             .validate()
             .unwrap_err();
         assert_eq!(e.flag, "--shard-id");
-        let e = args(&["--shards", "3", "--peers", "a,b"]).validate().unwrap_err();
+        let e = args(&["--shards", "3", "--peers", "http://a,http://b"])
+            .validate()
+            .unwrap_err();
         assert_eq!(e.flag, "--peers");
         let c = args(&["--shards", "3", "--peers", "http://ts-{}.h:50051"])
             .validate()

@@ -76,4 +76,10 @@ fn describe() {
     );
     describe_counter!(m::CLIENT_ERRORS, "Errors sent to WebSocket clients, by code.");
     describe_gauge!(m::READY, "1 while ready, 0 while starting or draining.");
+    describe_gauge!(m::PEER_UP, "1 while the link to a peer shard is up, by peer.");
+    describe_gauge!(
+        m::PEER_LAG,
+        metrics::Unit::Seconds,
+        "Follow lag behind a peer shard, by peer."
+    );
 }

@@ -40,8 +40,9 @@ pub const CLIENT_ERRORS: &str = "tickshard_client_errors_total";
 
 /// Gauge, label `peer`: 1 if the peer link is up, 0 if down.
 pub const PEER_UP: &str = "tickshard_peer_up";
-/// Gauge, label `peer`: ticks the followed symbols lag behind the owner.
-pub const PEER_LAG: &str = "tickshard_peer_lag_ticks";
+/// Gauge, label `peer`: seconds between the owner sending the last follow event
+/// and this pod applying it (owner and follower clocks assumed in sync).
+pub const PEER_LAG: &str = "tickshard_peer_lag_seconds";
 
 /// Gauge: 1 while ready, 0 while starting or draining.
 pub const READY: &str = "tickshard_ready";

@@ -424,3 +424,179 @@ async fn rolling_restart_with_sigkill_loses_nothing_acked() {
         gap.as_millis()
     );
 }
+
+/// A TCP proxy that can cut every connection through it (a network partition
+/// between two pods) and heal.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(listen: std::net::SocketAddr, target: std::net::SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Default::default();
+        let task = {
+            let (cut, conns) = (cut.clone(), conns.clone());
+            tokio::spawn(async move {
+                while let Ok((mut down, _)) = listener.accept().await {
+                    if cut.load(std::sync::atomic::Ordering::SeqCst) {
+                        continue; // dropped: the partition refuses new links too
+                    }
+                    conns.lock().unwrap().push(tokio::spawn(async move {
+                        if let Ok(mut up) = tokio::net::TcpStream::connect(target).await {
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                        }
+                    }));
+                }
+            })
+        };
+        Proxy {
+            addr: listen,
+            cut,
+            conns,
+            task,
+        }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_partition_heals_without_gap_or_duplicate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let addrs = TestCluster::addrs(4); // three pods and the proxy
+    let proxy = Proxy::start(addrs[3].1, addrs[0].1).await;
+    let real: Vec<String> = addrs[..3].iter().map(|(_, g)| format!("http://{g}")).collect();
+    let via_proxy = format!("http://{},http://{},http://{}", proxy.addr, addrs[1].1, addrs[2].1);
+    let mut pods = Vec::new();
+    for (i, &(http, grpc)) in addrs.iter().take(3).enumerate() {
+        let peers = if i == 2 { via_proxy.clone() } else { real.join(",") };
+        pods.push(Server::start_at(
+            &tmp.path().join(format!("pod-{i}")),
+            http,
+            grpc,
+            &[
+                "--no-sim",
+                "--shards",
+                "3",
+                "--shard-id",
+                &i.to_string(),
+                "--peers",
+                &peers,
+            ],
+        ));
+    }
+    for (i, p) in pods.iter().enumerate() {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while p.metric("tickshard_peer_up").await < 2.0 {
+            let (_, m) = p.get("/metrics").await;
+            let up: Vec<&str> = m.lines().filter(|l| l.starts_with("tickshard_peer_up")).collect();
+            assert!(tokio::time::Instant::now() < deadline, "pod {i} not linked: {up:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // a client on pod 2 follows symbols owned by pod 0 (through the proxy)
+    let symbols = owned_by(0, 3, 3);
+    let mut sub = Subscriber::new(SubscriberConfig {
+        urls: vec![pods[2].ws_url()],
+        symbols: symbols.clone(),
+        channels: vec!["ticks".into()],
+        connect_timeout: Duration::from_secs(2),
+    });
+    assert!(matches!(
+        tokio::time::timeout(WAIT, sub.next()).await.unwrap(),
+        Event::Connected { .. }
+    ));
+    assert!(matches!(
+        tokio::time::timeout(WAIT, sub.next()).await.unwrap(),
+        Event::Message(ServerMsg::Subscribed { .. })
+    ));
+    // the publisher talks to pod 0 directly: the partition does not stop it
+    let mut p = pods[0].publisher("partition").await;
+    let mut acked: HashMap<String, u64> = HashMap::new();
+    let mut publish = async |p: &mut tickshard_feed::client::publisher::Publisher, round: i64| {
+        let acks = publish_all(
+            p,
+            symbols
+                .iter()
+                .enumerate()
+                .map(|(i, s)| tick(s, T0 + round * 10 + i as i64, "7.5", "1")),
+        )
+        .await;
+        for (s, a) in symbols.iter().zip(acks) {
+            acked.insert(s.clone(), a.seq);
+        }
+    };
+    let mut seen: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut notices = 0;
+    for round in 0..20 {
+        publish(&mut p, round).await;
+    }
+    proxy.cut();
+    // ticks keep coming on pod 0 while pod 2 is cut off from it
+    for round in 20..40 {
+        publish(&mut p, round).await;
+    }
+    // pod 2 notices the partition and tells the client
+    while notices == 0 {
+        match tokio::time::timeout(WAIT, sub.next())
+            .await
+            .expect("no unavailable notice")
+        {
+            Event::Message(ServerMsg::Tick(t)) => seen.entry(t.symbol).or_default().push(t.seq),
+            Event::Message(ServerMsg::Error { code, symbol, .. }) if code == "unavailable" => {
+                assert!(symbol.is_some_and(|s| symbols.contains(&s)));
+                notices += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    proxy.heal();
+    for round in 40..60 {
+        publish(&mut p, round).await;
+    }
+    // after healing, the mirror re-follows from where it was: no gap, no duplicate
+    let caught_up = |seen: &HashMap<String, Vec<u64>>| {
+        acked
+            .iter()
+            .all(|(s, &q)| seen.get(s).and_then(|v| v.last()) == Some(&q))
+    };
+    while !caught_up(&seen) {
+        match tokio::time::timeout(WAIT, sub.next())
+            .await
+            .expect("the follower did not catch up")
+        {
+            Event::Message(ServerMsg::Tick(t)) => seen.entry(t.symbol).or_default().push(t.seq),
+            Event::Message(ServerMsg::Error { code, .. }) if code == "unavailable" => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    for s in &symbols {
+        assert_eq!(
+            seen[s],
+            (1..=60).collect::<Vec<u64>>(),
+            "{s}: every tick once, in order, across the partition"
+        );
+    }
+    assert!(pods[2].metric("tickshard_peer_up").await >= 2.0, "the link is back up");
+}
