@@ -26,7 +26,7 @@ use tickshard_shard::{
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{config::ServeConfig, grpc, sim, ws};
+use crate::{config::ServeConfig, grpc, sim, ws, ws::json};
 
 /// Bound listeners, handed to [`run`].
 pub struct Listeners {
@@ -326,15 +326,143 @@ async fn handle(
                 }
             }
         }
-        "/" | "/index.html" => {
-            let mut r = Response::new(Full::new(Bytes::from_static(crate::dashboard::INDEX_HTML.as_bytes())));
+        "/api/candles" => candles_api(req.uri().query().unwrap_or_default(), &shared).await,
+        path => match crate::dashboard::asset(path) {
+            Some((content_type, body)) => {
+                let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+                r.headers_mut()
+                    .insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
+                r
+            }
+            None => text(StatusCode::NOT_FOUND, "not found\n"),
+        },
+    };
+    Ok(resp)
+}
+
+/// `GET /api/candles?symbol=BTC-USD&interval=1m&limit=500[&from=µs&to=µs]`: the
+/// candle history the dashboard loads before it subscribes to live candles
+/// (oldest first; without `from`, the most recent `limit` candles).
+async fn candles_api(query: &str, shared: &Shared) -> Response<Body> {
+    let mut symbol = "";
+    let mut interval = "1m";
+    let (mut limit, mut from, mut to) = (500u32, 0i64, 0i64);
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "symbol" => symbol = v,
+            "interval" => interval = v,
+            "limit" => limit = v.parse().unwrap_or(limit),
+            "from" => from = v.parse().unwrap_or(0),
+            "to" => to = v.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    let symbol = percent_decode(symbol);
+    // Without `from`, the most recent `limit` candles: back from the interval of
+    // the symbol's newest tick (event time, so replayed history works too).
+    if from == 0
+        && let (Ok(sym), Some(iv)) = (
+            tickshard_shard::domain::Symbol::parse(&symbol),
+            tickshard_shard::domain::Interval::parse(interval),
+        )
+        && let Ok(snap) = tickshard_shard::cluster::service::routed_snapshot(&shared.node, &[sym]).await
+        && let Some(last) = snap.snapshots.first().and_then(|s| s.last.as_ref())
+    {
+        let newest = iv.start_of(last.ts_micros);
+        from = newest.saturating_sub(iv.micros().saturating_mul(i64::from(limit.clamp(1, 10_000)) - 1));
+    }
+    let req = tickshard_proto::v1::HistoryRequest {
+        symbol: symbol.clone(),
+        interval: interval.to_string(),
+        from_micros: from,
+        to_micros: to,
+        limit,
+        ..Default::default()
+    };
+    match tickshard_shard::cluster::service::routed_history(&shared.node, req).await {
+        Ok(h) => {
+            let sym = tickshard_shard::domain::Symbol::parse(&symbol)
+                .map(|s| s.to_string())
+                .unwrap_or(symbol);
+            let mut r = Response::new(Full::new(Bytes::from(crate::dashboard::candles_json(
+                &sym, interval, &h,
+            ))));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
-                header::HeaderValue::from_static("text/html; charset=utf-8"),
+                header::HeaderValue::from_static("application/json"),
             );
             r
         }
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
-    };
-    Ok(resp)
+        Err(status) => {
+            let code = match status.code() {
+                tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            let mut body = Vec::new();
+            json::error(
+                &mut body,
+                None,
+                if code == StatusCode::BAD_REQUEST {
+                    "bad_request"
+                } else {
+                    "unavailable"
+                },
+                status.message(),
+            );
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            *r.status_mut() = code;
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+    }
+}
+
+/// Decodes `%XX` escapes (and `+` as a space) of a query parameter; invalid
+/// escapes are kept as they are (the symbol check then rejects them).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 3;
+                    }
+                    Err(_) => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(super::percent_decode("EUR%2FUSD"), "EUR/USD");
+        assert_eq!(super::percent_decode("A%3aB"), "A:B");
+        assert_eq!(super::percent_decode("100%"), "100%");
+        assert_eq!(super::percent_decode("%zz"), "%zz");
+    }
 }

@@ -25,8 +25,8 @@ use crate::{
     wire,
 };
 
-/// Ticks read from the store per page during a resume replay.
-const REPLAY_PAGE: usize = 4_096;
+/// Ticks read per page during a resume replay (~160 KiB queued at a time).
+const REPLAY_PAGE: usize = 1_024;
 /// The most ticks or candles one history read returns.
 pub const HISTORY_LIMIT_MAX: usize = 10_000;
 
@@ -425,7 +425,14 @@ impl Node {
                             }
                             // Pruned under our feet, or a store error: the client
                             // gets a conflated snapshot instead of a silent gap.
-                            _ => lost = true,
+                            other => {
+                                tracing::info!(
+                                    symbol = %res.symbol, sink = sink.id(), from, to,
+                                    got = ?other.as_ref().map(|p| p.first().map(|t| t.seq)),
+                                    "replay cannot continue; sending a conflated snapshot"
+                                );
+                                lost = true;
+                            }
                         }
                     }
                 }

@@ -250,7 +250,10 @@ async fn rolling_restart(kill: bool) -> Duration {
                         count.lock().unwrap().insert(t.symbol.clone(), t.seq);
                         seen.seqs.entry(t.symbol).or_default().push(t.seq);
                     }
-                    Event::Message(ServerMsg::Snapshot(_)) => seen.snapshots += 1,
+                    Event::Message(ServerMsg::Snapshot(s)) => {
+                        eprintln!("subscriber {i}: unexpected snapshot {s:?}");
+                        seen.snapshots += 1
+                    }
                     Event::Message(ServerMsg::Error { code, .. }) if code == "unavailable" => seen.unavailable += 1,
                     Event::Connected { .. } => seen.reconnects += 1,
                     _ => {}
@@ -272,6 +275,8 @@ async fn rolling_restart(kill: bool) -> Duration {
             let mut n = 0i64;
             let mut total = 0u64;
             let mut every = tokio::time::interval(Duration::from_millis(1));
+            let t_start = tokio::time::Instant::now();
+            let mut last_ack = t_start;
             let mut record = |a: tickshard_feed::client::publisher::Acked, total: &mut u64| {
                 assert!(a.error.is_none(), "{a:?}");
                 let e = acked.entry(a.symbol).or_default();
@@ -289,8 +294,15 @@ async fn rolling_restart(kill: bool) -> Duration {
                             n += 1;
                         }
                     }
-                    a = p.next_ack() => {
+                    // (only while something is in flight: with nothing unacked,
+                    // `next_ack` returns at once and this loop would spin)
+                    a = p.next_ack(), if p.in_flight() > 0 => {
                         if let Some(a) = a.unwrap() {
+                            let now = tokio::time::Instant::now();
+                            if now - last_ack > Duration::from_millis(500) {
+                                eprintln!("publisher: no ack for {:?} (until {:?} after start); in flight {}", now - last_ack, now - t_start, p.in_flight());
+                            }
+                            last_ack = now;
                             record(a, &mut total);
                             let _ = acked_tx.send(total);
                         }
@@ -324,8 +336,10 @@ async fn rolling_restart(kill: bool) -> Duration {
                 .unwrap();
         }
     };
+    let t0 = std::time::Instant::now();
     wait_acks(2_000).await;
     for pod in [2, 1, 0] {
+        eprintln!("restarting pod {pod} at {:?}", t0.elapsed());
         if kill {
             c.pods[pod].kill9();
         } else {
@@ -335,6 +349,7 @@ async fn rolling_restart(kill: bool) -> Duration {
         c.pods[pod].restart();
         let p = &c.pods[pod];
         eventually("restarted pod ready", || async { p.get("/readyz").await.0 == 200 }).await;
+        eprintln!("pod {pod} ready at {:?}", t0.elapsed());
         wait_acks(2_000).await;
     }
     let _ = &mut acked_rx;

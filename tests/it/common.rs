@@ -239,7 +239,7 @@ fn base_command(dir: &Path, args: &[&str], log: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tickshard"));
     c.arg("--data-dir").arg(dir).args(args);
     c.env_remove("TICKSHARD_SHARD_ID");
-    c.env("TICKSHARD_LOG", "info,tickshard_feed=debug");
+    c.env("TICKSHARD_LOG", "info,tickshard_feed=debug,tickshard_shard::hub=debug");
     c.stdin(Stdio::null()).stderr(std::fs::File::create(log).unwrap());
     c
 }

@@ -196,16 +196,27 @@ async fn a_data_dir_of_another_shard_or_format_is_refused_clearly() {
     }
     let (st, log) = Server::try_start_in(
         &dir,
-        &["--no-sim", "--shards", "3", "--shard-id", "1", "--peers", "a,b,c"],
+        &[
+            "--no-sim",
+            "--shards",
+            "3",
+            "--shard-id",
+            "1",
+            "--peers",
+            "http://a:1,http://b:1,http://c:1",
+        ],
     )
     .err()
     .expect("must refuse");
     assert!(!st.success());
     assert!(log.contains("belongs to shard 0 of 1"), "{log}");
     // bad flags are named
-    let (st, log) = Server::try_start_in(&dir, &["--shards", "2", "--shard-id", "5", "--peers", "a,b"])
-        .err()
-        .unwrap();
+    let (st, log) = Server::try_start_in(
+        &dir,
+        &["--shards", "2", "--shard-id", "5", "--peers", "http://a:1,http://b:1"],
+    )
+    .err()
+    .unwrap();
     assert_eq!(st.code(), Some(2));
     assert!(log.contains("--shard-id"), "{log}");
 }

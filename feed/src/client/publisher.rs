@@ -61,6 +61,9 @@ pub struct Acked {
 struct Pending {
     req: pb::PublishRequest,
     attempts: u32,
+    /// Its owner shard answered `unavailable`: it waits for a retry and does
+    /// not hold a window slot, so other shards' symbols keep flowing.
+    parked: bool,
 }
 
 struct Stream {
@@ -72,6 +75,8 @@ pub struct Publisher {
     cfg: PublisherConfig,
     /// Requests acked `unavailable` (owner down), resent when due.
     retry: VecDeque<(tokio::time::Instant, u64)>,
+    /// How many unacked requests are parked.
+    parked: usize,
     next_endpoint: usize,
     next_request: u64,
     publisher_seqs: HashMap<String, u64>,
@@ -91,6 +96,7 @@ impl Publisher {
         }
         let mut p = Publisher {
             retry: VecDeque::new(),
+            parked: 0,
             next_endpoint: fastrand::usize(..cfg.endpoints.len()),
             cfg,
             next_request: 1,
@@ -137,7 +143,9 @@ impl Publisher {
     /// Not cancel-safe (drop it and the request may only go out on the next
     /// reconnect); [`Self::next_ack`] is.
     pub async fn send(&mut self, tick: pb::Tick) -> Result<u64, ClientError> {
-        while self.unacked.len() >= self.cfg.window {
+        // Parked requests (owner down) do not count against the window, up to
+        // a hard cap on everything unacked.
+        while self.unacked.len() - self.parked >= self.cfg.window || self.unacked.len() >= 4 * self.cfg.window {
             self.pump().await?;
         }
         let seq = self.publisher_seqs.entry(tick.symbol.to_ascii_uppercase()).or_insert(0);
@@ -155,13 +163,20 @@ impl Publisher {
             Pending {
                 req: req.clone(),
                 attempts: 1,
+                parked: false,
             },
         );
-        if let Some(s) = &self.stream
-            && s.tx.send(req).await.is_err()
-        {
-            // The stream broke; `pump` reconnects and resends everything.
-            self.stream = None;
+        match &self.stream {
+            Some(s) => {
+                if s.tx.send(req).await.is_err() {
+                    // The stream broke; `pump` reconnects and resends everything.
+                    self.stream = None;
+                }
+            }
+            // No stream (it broke earlier): reconnect now, which resends every
+            // unacked request including this one. Waiting here is the
+            // publisher's backpressure while no server takes its requests.
+            None => self.reconnect().await?,
         }
         Ok(request_id)
     }
@@ -218,6 +233,7 @@ impl Publisher {
     /// `unacked` by its final ack, and every reconnect resends all of them.
     async fn pump(&mut self) -> Result<(), ClientError> {
         let now = tokio::time::Instant::now();
+        let mut queue_full = false;
         while let Some(&(due, id)) = self.retry.front() {
             if due > now {
                 break;
@@ -234,14 +250,23 @@ impl Publisher {
                     p.attempts += 1;
                     self.retry.pop_front();
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => break,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // The stream is not taking requests now: wait for acks
+                    // (or its failure) instead of spinning on the due retry.
+                    queue_full = true;
+                    break;
+                }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     self.stream = None;
                     break;
                 }
             }
         }
-        let next_retry = self.retry.front().map(|r| r.0);
+        let next_retry = if queue_full {
+            None
+        } else {
+            self.retry.front().map(|r| r.0)
+        };
         let Some(s) = self.stream.as_mut() else {
             return self.reconnect().await;
         };
@@ -272,7 +297,11 @@ impl Publisher {
         let retry = ack.error.as_ref().is_some_and(|e| e.code == "unavailable");
         if retry {
             // The owner is down: resend this request after a pause.
-            if self.unacked.contains_key(&ack.request_id) {
+            if let Some(p) = self.unacked.get_mut(&ack.request_id) {
+                if !p.parked {
+                    p.parked = true;
+                    self.parked += 1;
+                }
                 let due = tokio::time::Instant::now() + self.backoff.next_delay();
                 self.retry.push_back((due, ack.request_id));
             }
@@ -280,6 +309,9 @@ impl Publisher {
         }
         self.backoff.reset();
         if let Some(p) = self.unacked.remove(&ack.request_id) {
+            if p.parked {
+                self.parked -= 1;
+            }
             self.ready.push_back(Acked {
                 request_id: ack.request_id,
                 symbol: ack.symbol,

@@ -555,6 +555,14 @@ impl Peer {
                         tick.seq = t.seq;
                         Some(tick)
                     });
+                    let had = m.hub.head();
+                    if !had.epoch.is_none() {
+                        tracing::info!(
+                            symbol = %sym, peer = self.id, our_seq = had.seq, our_epoch = %had.epoch,
+                            their_seq = last.map(|t| t.seq), their_epoch = %s.epoch,
+                            "the owner could not resume this mirror; starting over from its snapshot"
+                        );
+                    }
                     m.hub.reset(Epoch::parse(&s.epoch).unwrap_or_default(), last);
                     m.ready.send_replace(true);
                 }

@@ -340,6 +340,7 @@ impl SymbolHub {
 
     /// Sends a conflated snapshot to a subscription that fell behind.
     pub fn repair(&self, sink_id: u64, channel: Channel) {
+        tracing::debug!(symbol = %self.symbol, sink = sink_id, %channel, "client caught up after a stall: conflated snapshot");
         let mut st = self.lock();
         let st = &mut *st;
         let head = st.head;

@@ -256,14 +256,16 @@ impl<C: Send + 'static> Outbox<C> {
         }
     }
 
-    /// Waits until the unsent bytes are below the limit (for history replay,
-    /// which is the client's own backlog and so waits instead of conflating).
+    /// Waits until the unsent bytes are below half the limit (for history
+    /// replay: the client's own backlog waits instead of conflating, and
+    /// leaves the other half for live data, so a big resume never makes the
+    /// live ticks of its other subscriptions stall).
     pub async fn room(&self) {
         loop {
             let notified = self.room.notified();
             {
                 let st = self.lock();
-                if st.bytes < self.limit || st.finished || st.close.is_some() {
+                if st.bytes <= self.limit / 2 || st.finished || st.close.is_some() {
                     return;
                 }
             }
@@ -276,7 +278,7 @@ impl<C: Send + 'static> Outbox<C> {
     pub fn written(&self, weight: usize) -> AfterWrite {
         let mut st = self.lock();
         st.bytes = st.bytes.saturating_sub(weight);
-        if st.bytes < self.limit {
+        if st.bytes <= self.limit / 2 {
             // wake a replay waiting for room
             self.room.notify_waiters();
         }

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Cross-object consistency checks of the rendered manifests, which a schema
+cannot see. Usage: check.py RENDERED.yaml [...]; exits 1 listing every problem.
+
+- the StatefulSet's selector matches its pod labels; its serviceName is a
+  headless Service that publishes not-ready addresses
+- every Service, the PDB and the NetworkPolicy select the pods; every named
+  port they use exists on the container
+- every probe's port exists on the container
+- terminationGracePeriodSeconds > preStop sleep + TICKSHARD_DRAIN_MS + 5 s flush margin
+- replicas == TICKSHARD_SHARDS (the shard count is part of the ownership map)
+- TICKSHARD_PEERS is a template on the headless Service with the gRPC port
+- the pod runs as non-root with a read-only root filesystem
+"""
+import sys
+
+import yaml
+
+
+def matches(selector, labels):
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def check(docs, name):
+    problems = []
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    sts_list = by_kind.get("StatefulSet", [])
+    if len(sts_list) != 1:
+        return [f"{name}: expected one StatefulSet, found {len(sts_list)}"]
+    sts = sts_list[0]
+    spec = sts["spec"]
+    tmpl = spec["template"]
+    labels = tmpl["metadata"].get("labels", {})
+    pod = tmpl["spec"]
+    (c,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+
+    def port_ok(p):
+        return p in ports if isinstance(p, str) else p in ports.values()
+
+    if not matches(spec["selector"]["matchLabels"], labels):
+        problems.append("StatefulSet selector does not match its pod labels")
+    services = {s["metadata"]["name"]: s for s in by_kind.get("Service", [])}
+    headless = services.get(spec.get("serviceName"))
+    if headless is None:
+        problems.append(f"serviceName {spec.get('serviceName')!r} is not a Service here")
+    else:
+        if headless["spec"].get("clusterIP") != "None":
+            problems.append("serviceName is not a headless Service (clusterIP: None)")
+        if not headless["spec"].get("publishNotReadyAddresses"):
+            problems.append("the headless Service must publish not-ready addresses (peers find restarting shards)")
+    for s in services.values():
+        n = s["metadata"]["name"]
+        if not matches(s["spec"].get("selector", {}), labels):
+            problems.append(f"Service {n} does not select the pods")
+        for p in s["spec"]["ports"]:
+            if not port_ok(p.get("targetPort", p["port"])):
+                problems.append(f"Service {n} targets port {p.get('targetPort')!r}, not on the container")
+    for pdb in by_kind.get("PodDisruptionBudget", []):
+        if not matches(pdb["spec"]["selector"]["matchLabels"], labels):
+            problems.append("PodDisruptionBudget does not select the pods")
+    for np in by_kind.get("NetworkPolicy", []):
+        if not matches(np["spec"]["podSelector"]["matchLabels"], labels):
+            problems.append("NetworkPolicy does not select the pods")
+        for rule in np["spec"].get("ingress", []):
+            for p in rule.get("ports", []):
+                if not port_ok(p["port"]):
+                    problems.append(f"NetworkPolicy allows port {p['port']!r}, not on the container")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        pr = c.get(probe)
+        if pr is None:
+            problems.append(f"no {probe}")
+        elif not port_ok(pr["httpGet"]["port"]):
+            problems.append(f"{probe} port {pr['httpGet']['port']!r} is not on the container")
+    if c.get("readinessProbe", {}).get("httpGet", {}).get("path") != "/readyz":
+        problems.append("readinessProbe must be /readyz")
+    if c.get("livenessProbe", {}).get("httpGet", {}).get("path") != "/healthz":
+        problems.append("livenessProbe must be /healthz (never depends on peers)")
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    pre = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    drain = int(env.get("TICKSHARD_DRAIN_MS") or 5000) / 1000
+    if grace <= pre + drain + 5:
+        problems.append(f"terminationGracePeriodSeconds {grace} <= preStop {pre} + drain {drain} + 5 s flush margin")
+    shards = env.get("TICKSHARD_SHARDS")
+    if str(spec.get("replicas")) != str(shards):
+        problems.append(f"replicas {spec.get('replicas')} != TICKSHARD_SHARDS {shards}")
+    peers = env.get("TICKSHARD_PEERS") or ""
+    if "{}" not in peers or f".{spec.get('serviceName')}:" not in peers or f":{ports.get('grpc')}" not in peers:
+        problems.append(f"TICKSHARD_PEERS {peers!r} must be a {{}} template on the headless Service and the grpc port")
+    psc = pod.get("securityContext", {})
+    csc = c.get("securityContext", {})
+    if not psc.get("runAsNonRoot") or not csc.get("readOnlyRootFilesystem"):
+        problems.append("the pod must run as non-root with a read-only root filesystem")
+    if csc.get("capabilities", {}).get("drop") != ["ALL"]:
+        problems.append("the container must drop ALL capabilities")
+    return [f"{name}: {p}" for p in problems]
+
+
+def main():
+    problems = []
+    for path in sys.argv[1:]:
+        with open(path) as f:
+            docs = [d for d in yaml.safe_load_all(f) if d]
+        problems += check(docs, path)
+    for p in problems:
+        print(p)
+    if problems:
+        sys.exit(1)
+    print(f"consistent: {', '.join(sys.argv[1:])}")
+
+
+if __name__ == "__main__":
+    main()
