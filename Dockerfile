@@ -29,7 +29,8 @@ COPY shard/src shard/src
 COPY feed/src feed/src
 RUN cargo build --release --locked --bin tickshard \
  && cp target/release/tickshard /tickshard \
- && strip /tickshard
+ && strip /tickshard \
+ && mkdir -p /data-empty
 
 # ---- runtime -----------------------------------------------------------------
 FROM ${RUNTIME_IMAGE}
@@ -42,6 +43,9 @@ LABEL org.opencontainers.image.title="tickshard" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/tickshard/tickshard"
 COPY --from=builder /tickshard /usr/local/bin/tickshard
+# an empty /data owned by the runtime user: a fresh volume mounted there
+# inherits it, so the shard can write without an init container
+COPY --from=builder --chown=65532:65532 /data-empty /data
 # distroless "nonroot" is uid/gid 65532; /data is the shard's volume
 USER 65532:65532
 ENV TICKSHARD_DATA_DIR=/data \

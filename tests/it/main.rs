@@ -6,6 +6,7 @@ mod bench_smoke;
 mod client_lib;
 mod cluster;
 mod common;
+mod docker;
 mod durability;
 mod grpc_api;
 mod slow_consumer;

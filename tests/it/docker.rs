@@ -1,0 +1,241 @@
+//! A StatefulSet in miniature: three containers of the real image, named and
+//! hostnamed `tickshard-0..2`, with the env the manifests set, a volume each,
+//! on a private Docker network, reached only through ports published on
+//! 127.0.0.1. Then what `kubectl rollout restart` does (replace the highest
+//! ordinal first, stop with the grace period, start on the same volume, wait
+//! for /readyz), a canary of a new image tag on the highest ordinal only, and a
+//! kill -9 of a container — each under load, checked by the same driver as the
+//! process cluster tests.
+//!
+//! Needs a Docker engine and the image: `.ci/docker.sh` builds it and runs
+//! `TICKSHARD_IMAGE=tickshard:ci cargo test --test it docker -- --ignored`.
+
+use std::{process::Command, time::Duration};
+
+use crate::{cluster::rollout_under_load, common::*};
+
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().expect("docker CLI");
+    assert!(
+        out.status.success(),
+        "docker {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+struct DockerSet {
+    id: String,
+    image: String,
+    n: usize,
+}
+
+impl DockerSet {
+    fn name(&self, i: usize) -> String {
+        format!("ts-{}-{i}", self.id)
+    }
+
+    fn http(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", 28080 + i)
+    }
+
+    fn grpc(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", 28051 + i)
+    }
+
+    fn start(image: &str, n: usize) -> DockerSet {
+        let set = DockerSet {
+            id: format!("{:08x}", fastrand::u32(..)),
+            image: image.to_string(),
+            n,
+        };
+        docker(&["network", "create", &format!("ts-net-{}", set.id)]);
+        for i in 0..n {
+            docker(&["volume", "create", &set.name(i)]);
+            set.run(i, image);
+        }
+        set
+    }
+
+    /// `docker run` pod `i` as the StatefulSet would: hostname = pod name, the
+    /// manifests' env and security context, its own volume.
+    fn run(&self, i: usize, image: &str) {
+        let (name, host, shards) = (self.name(i), format!("tickshard-{i}"), self.n.to_string());
+        let (http, grpc) = (format!("{}:8080", self.http(i)), format!("{}:50051", self.grpc(i)));
+        let volume = format!("{name}:/data");
+        let net = format!("ts-net-{}", self.id);
+        docker(&[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--hostname",
+            &host,
+            "--network",
+            &net,
+            "--network-alias",
+            &host,
+            "-v",
+            &volume,
+            "-p",
+            &http,
+            "-p",
+            &grpc,
+            "--read-only",
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            "-e",
+            &format!("POD_NAME={host}"),
+            "-e",
+            &format!("TICKSHARD_SHARDS={shards}"),
+            "-e",
+            "TICKSHARD_PEERS=http://tickshard-{}:50051",
+            "-e",
+            "TICKSHARD_DATA_DIR=/data",
+            "-e",
+            "TICKSHARD_NO_SIM=true",
+            "-e",
+            "TICKSHARD_DRAIN_MS=5000",
+            "-e",
+            "TICKSHARD_LOG=info",
+            "-e",
+            "TOKIO_WORKER_THREADS=2",
+            image,
+        ]);
+    }
+
+    async fn ready(&self, i: usize) {
+        let addr = self.http(i).parse().unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while http_get_quiet(addr, "/readyz").await != Some(200) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} not ready:\n{}",
+                self.name(i),
+                docker(&["logs", "--tail", "30", &self.name(i)])
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// What `kubectl rollout restart` does to one pod: stop within the grace
+    /// period (SIGTERM, then SIGKILL after 30 s), recreate on the same volume.
+    async fn replace(&self, i: usize, image: &str) {
+        docker(&["stop", "-t", "30", &self.name(i)]);
+        let status = docker(&["inspect", "-f", "{{.State.ExitCode}}", &self.name(i)]);
+        assert_eq!(status, "0", "{} must exit 0 after SIGTERM", self.name(i));
+        docker(&["rm", &self.name(i)]);
+        self.run(i, image);
+        self.ready(i).await;
+    }
+
+    async fn kill9(&self, i: usize) {
+        docker(&["kill", "-s", "KILL", &self.name(i)]);
+        docker(&["start", &self.name(i)]);
+        self.ready(i).await;
+    }
+
+    fn ws_urls(&self) -> Vec<String> {
+        (0..self.n).map(|i| format!("ws://{}/ws", self.http(i))).collect()
+    }
+
+    fn grpc_urls(&self) -> Vec<String> {
+        (0..self.n).map(|i| format!("http://{}", self.grpc(i))).collect()
+    }
+}
+
+impl Drop for DockerSet {
+    fn drop(&mut self) {
+        for i in 0..self.n {
+            if std::thread::panicking() {
+                let logs = Command::new("docker")
+                    .args(["logs", "--tail", "40", &self.name(i)])
+                    .output();
+                if let Ok(l) = logs {
+                    eprintln!("---- {} ----\n{}", self.name(i), String::from_utf8_lossy(&l.stderr));
+                }
+            }
+            let _ = Command::new("docker").args(["rm", "-f", "-v", &self.name(i)]).output();
+            let _ = Command::new("docker")
+                .args(["volume", "rm", "-f", &self.name(i)])
+                .output();
+        }
+        let _ = Command::new("docker")
+            .args(["network", "rm", &format!("ts-net-{}", self.id)])
+            .output();
+        let _ = Command::new("docker")
+            .args(["image", "rm", &format!("{}-canary", self.image)])
+            .output();
+    }
+}
+
+/// Status of a GET, or None if the server does not answer (yet).
+async fn http_get_quiet(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    String::from_utf8_lossy(&buf).split(' ').nth(1)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Docker engine and the image; run by .ci/docker.sh"]
+async fn a_statefulset_in_miniature_rolls_out_without_loss() {
+    let image = std::env::var("TICKSHARD_IMAGE").expect("TICKSHARD_IMAGE names the image under test");
+    let set = DockerSet::start(&image, 3);
+    for i in 0..3 {
+        set.ready(i).await;
+    }
+    // peer links up on every pod (metrics through the published ports)
+    for i in 0..3 {
+        let addr: std::net::SocketAddr = set.http(i).parse().unwrap();
+        eventually("peer links up", || async {
+            let (_, m) = http_get(addr, "/metrics").await;
+            m.lines()
+                .filter(|l| l.starts_with("tickshard_peer_up") && l.ends_with(" 1"))
+                .count()
+                == 2
+        })
+        .await;
+    }
+    let (ws, grpc) = (set.ws_urls(), set.grpc_urls());
+
+    // 1. kubectl rollout restart: highest ordinal first
+    let gap = rollout_under_load(ws.clone(), grpc.clone(), "ROLLOUT", &[2, 1, 0], async |i| {
+        set.replace(i, &image).await
+    })
+    .await;
+    eprintln!("docker rollout restart: max client-visible gap {} ms", gap.as_millis());
+
+    // 2. canary: a new image tag, only on the highest ordinal
+    let canary = format!("{image}-canary");
+    docker(&["tag", &image, &canary]);
+    let gap = rollout_under_load(ws.clone(), grpc.clone(), "CANARY", &[2], async |i| {
+        set.replace(i, &canary).await
+    })
+    .await;
+    let running = docker(&["inspect", "-f", "{{.Config.Image}}", &set.name(2)]);
+    assert_eq!(running, canary, "tickshard-2 runs the canary");
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.Config.Image}}", &set.name(1)]),
+        image,
+        "the others do not"
+    );
+    eprintln!("docker canary: max client-visible gap {} ms", gap.as_millis());
+
+    // 3. kill -9 of a container, restarted in place
+    let gap = rollout_under_load(ws, grpc, "KILL", &[1], async |i| set.kill9(i).await).await;
+    eprintln!("docker kill -9: max client-visible gap {} ms", gap.as_millis());
+}
