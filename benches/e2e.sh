@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end figures of one tickshard node on loopback (BENCHMARKS.md).
-# Usage: benches/e2e.sh [ingest|fanout|latency|all]   (release build, ~2 min for all)
+# Usage: benches/e2e.sh [ingest|fanout|latency|connections|all]   (release build, ~2 min for all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -q
@@ -12,7 +12,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$DIR"' EXIT
 
 start() {
   rm -rf "$DIR/data"
-  "$BIN" --no-sim --data-dir "$DIR/data" --http-addr $HTTP --grpc-addr $GRPC --log warn > "$DIR/out" 2> "$DIR/err" &
+  "$BIN" --no-sim --data-dir "$DIR/data" --http-addr $HTTP --grpc-addr $GRPC --max-connections 19500 --log warn > "$DIR/out" 2> "$DIR/err" &
   PID=$!
   for _ in $(seq 100); do grep -q "grpc listening" "$DIR/out" 2>/dev/null && return; sleep 0.1; done
   echo "server did not start"; cat "$DIR/err"; exit 1
@@ -40,5 +40,11 @@ if [[ $what == latency || $what == all ]]; then
   echo "## latency: 1000 subscribers x 10 symbols, 1000 ticks/s in"
   start
   bench --subscribers 1000 --symbols 10 --publishers 1 --rate 1000 --duration 8 --warmup 2
+  stop
+fi
+if [[ $what == connections || $what == all ]]; then
+  echo "## connections: 19,000 idle subscribers (the open-file hard limit here is 20,000)"
+  start
+  bench --idle --subscribers 19000 --source-ips 8 --connect-concurrency 512
   stop
 fi

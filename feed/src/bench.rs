@@ -26,6 +26,17 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
+    /// The system under test: `tickshard`, `nats` (nats-server with its
+    /// websocket listener) or `naive` (the tokio-tungstenite broadcast baseline,
+    /// `cargo bench --bench naive_ws`). Same workload, same measurements.
+    #[arg(long, default_value = "tickshard", value_parser = ["tickshard", "nats", "naive"])]
+    pub target: String,
+    /// nats: the NATS TCP address publishers use.
+    #[arg(long, default_value = "127.0.0.1:4222")]
+    pub nats: String,
+    /// naive: the baseline's TCP address for JSON tick lines.
+    #[arg(long, default_value = "127.0.0.1:19081")]
+    pub naive_pub: String,
     /// WebSocket URLs of the servers under test (subscribers are spread over them).
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws", value_delimiter = ',')]
     pub ws: Vec<String>,
@@ -294,7 +305,7 @@ impl RawWs {
             if opcode == 0x8 {
                 return None;
             }
-            if opcode == 0x1 {
+            if opcode == 0x1 || opcode == 0x2 {
                 f(&b[hl..hl + len]);
                 frames += 1;
             }
@@ -316,6 +327,121 @@ impl RawWs {
         };
         b.len() >= hl + len
     }
+}
+
+/// Splits NATS protocol data (possibly cut across WebSocket frames) into the
+/// payloads of its `MSG <subject> <sid> <len>\r\n<payload>\r\n` messages.
+fn nats_messages(buf: &mut Vec<u8>, data: &[u8], mut f: impl FnMut(&[u8])) {
+    buf.extend_from_slice(data);
+    let mut at = 0;
+    loop {
+        let rest = &buf[at..];
+        let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+            break;
+        };
+        let line = &rest[..eol];
+        if let Some(args) = line.strip_prefix(b"MSG ") {
+            let len = args
+                .rsplit(|&b| b == b' ')
+                .next()
+                .and_then(|n| std::str::from_utf8(n).ok()?.parse::<usize>().ok())
+                .unwrap_or(0);
+            let start = eol + 2;
+            if rest.len() < start + len + 2 {
+                break; // the payload has not fully arrived
+            }
+            f(&rest[start..start + len]);
+            at += start + len + 2;
+        } else {
+            at += eol + 2; // INFO, PING, PONG, +OK …
+        }
+    }
+    buf.drain(..at);
+}
+
+/// Publishes JSON tick lines: to NATS over TCP (`PUB ticks.<symbol>`), or to
+/// the naive baseline (one line per tick). Neither acks, so "published" is
+/// what was written.
+async fn line_publisher(
+    target: &str,
+    addr: &str,
+    symbols: Vec<String>,
+    rate: u64,
+    stop: CancellationToken,
+    published: Arc<AtomicU64>,
+) -> Result<(), String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
+    let sock = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let _ = sock.set_nodelay(true);
+    let (r, w) = sock.into_split();
+    let mut w = BufWriter::with_capacity(64 * 1024, w);
+    let nats = target == "nats";
+    if nats {
+        let mut info = String::new();
+        BufReader::new(r)
+            .read_line(&mut info)
+            .await
+            .map_err(|e| e.to_string())?;
+        w.write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let mut seqs = vec![0u64; symbols.len()];
+    let mut n = 0u64;
+    let mut owed = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut line = Vec::with_capacity(256);
+    loop {
+        let batch = if rate == 0 {
+            64
+        } else {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            owed += rate;
+            let b = owed / 1000;
+            owed %= 1000;
+            b
+        };
+        if stop.is_cancelled() {
+            break;
+        }
+        for _ in 0..batch {
+            let s = (n as usize) % symbols.len();
+            n += 1;
+            seqs[s] += 1;
+            line.clear();
+            let _ = write!(
+                line,
+                "{{\"type\":\"tick\",\"symbol\":\"{}\",\"seq\":{},\"ts\":{},\"price\":\"67012.50\",\"size\":\"0.01\",\"bid\":\"67012.40\",\"ask\":\"67012.60\"}}",
+                symbols[s],
+                seqs[s],
+                now_us()
+            );
+            let r = if nats {
+                let head = format!("PUB ticks.{} {}\r\n", symbols[s], line.len());
+                async {
+                    w.write_all(head.as_bytes()).await?;
+                    w.write_all(&line).await?;
+                    w.write_all(b"\r\n").await
+                }
+                .await
+            } else {
+                line.push(b'\n');
+                w.write_all(&line).await
+            };
+            r.map_err(|e| e.to_string())?;
+        }
+        w.flush().await.map_err(|e| e.to_string())?;
+        published.fetch_add(batch, Ordering::Relaxed);
+        if rate == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    Ok(())
 }
 
 /// The report of one run.
@@ -378,12 +504,25 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
         .filter_map(|s| s[a.prefix.len()..].parse::<usize>().ok())
         .max()
         .unwrap_or(0);
+    let nats = a.target == "nats";
     let sub_msg = if a.idle {
         None
+    } else if nats {
+        let subs: String = symbols
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("SUB ticks.{s} {i}\r\n"))
+            .collect();
+        Some(format!(
+            "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1}}\r\n{subs}PING\r\n"
+        ))
+    } else if a.target == "naive" {
+        Some("{}".to_string()) // the baseline broadcasts everything; it ignores client messages
     } else {
         let list = symbols.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(",");
         Some(format!("{{\"op\":\"subscribe\",\"symbols\":[{list}]}}"))
     };
+    let naive = a.target == "naive";
 
     // 1. Subscribers (connection setup rate measured here).
     let setup = Instant::now();
@@ -418,16 +557,20 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
                 }
             };
             if let Some(m) = &msg {
-                let mut subscribed = false;
+                let mut subscribed = naive; // the baseline has no reply
                 if c.send_text(m).await.is_err() {
                     let _ = ready.send(Err("subscribe failed".into())).await;
                     return;
                 }
                 while !subscribed {
-                    if c.read_frames(|p| subscribed |= p.starts_with(b"{\"type\":\"subscribed\""))
-                        .await
-                        .is_none()
-                    {
+                    // tickshard: `subscribed`; NATS: the PONG after our SUBs
+                    let ok = c
+                        .read_frames(|p| {
+                            subscribed |=
+                                p.starts_with(b"{\"type\":\"subscribed\"") || p.windows(4).any(|w| w == b"PONG")
+                        })
+                        .await;
+                    if ok.is_none() {
                         let _ = ready.send(Err("closed while subscribing".into())).await;
                         return;
                     }
@@ -443,12 +586,19 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
             let mut st = SubStats::default();
             let mut h = hist();
             let mut last = vec![0u64; n_sym];
+            let mut nats_buf: Vec<u8> = Vec::new();
             loop {
                 let rec = recording.load(Ordering::Relaxed);
                 let r = tokio::select! {
                     biased;
                     _ = stop.cancelled() => break,
-                    r = c.read_frames(|p| on_frame(p, &prefix, &mut last, &mut st, &mut h, rec)) => r,
+                    r = c.read_frames(|p| {
+                        if nats {
+                            nats_messages(&mut nats_buf, p, |m| on_frame(m, &prefix, &mut last, &mut st, &mut h, rec));
+                        } else {
+                            on_frame(p, &prefix, &mut last, &mut st, &mut h, rec)
+                        }
+                    }) => r,
                 };
                 if r.is_none() {
                     st.closed = true;
@@ -505,8 +655,17 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
         );
         let rate = a.rate / a.publishers.max(1) as u64;
         let window = a.window.max(1);
+        let (target, line_addr) = (
+            a.target.clone(),
+            if nats { a.nats.clone() } else { a.naive_pub.clone() },
+        );
         pubs.push(tokio::spawn(async move {
-            if let Err(e) = publisher(k, url, symbols, rate, window, stop, recording, published, ack_hists).await {
+            let r = if target == "tickshard" {
+                publisher(k, url, symbols, rate, window, stop, recording, published, ack_hists).await
+            } else {
+                line_publisher(&target, &line_addr, symbols, rate, stop, published).await
+            };
+            if let Err(e) = r {
                 let _ = writeln!(std::io::stderr(), "bench: publisher {k}: {e}");
             }
         }));

@@ -1,0 +1,164 @@
+//! criterion micro-benchmarks of the tick hot path (BENCHMARKS.md):
+//! client-message parse (simd-json vs serde_json), tick → frame encode, decimal
+//! formatting, store append + group commit, fan-out of one tick to 1,000 queues.
+//!
+//! `cargo bench --bench hot_path` (add `-- --quick` for a fast pass).
+#![allow(clippy::unwrap_used)]
+
+use std::{collections::VecDeque, hint::black_box, io::Write as _, sync::Arc, time::Duration};
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use tickshard_feed::ws::{json, protocol};
+use tickshard_shard::{
+    domain::{Epoch, Symbol, Tick, TickFields},
+    hub::{Channel, Chunk, Head, Hub, Msg, Outbox},
+    store::{CommitBatch, Store, StoreOptions},
+};
+
+const SUBSCRIBE: &str = r#"{"op":"subscribe","id":17,"symbols":["BTC-USD","ETH-USD","SOL-USD","EUR/USD"],"channels":["ticks","candles:1m"],"resume":{"BTC-USD":{"seq":1042,"epoch":"9f2c41d07a3e"}}}"#;
+
+fn tick(sym: &str, seq: u64) -> Tick {
+    let mut t = TickFields {
+        symbol: sym,
+        ts: 1_732_530_000_123_456 + seq as i64,
+        price: "67012.50",
+        size: "0.0100",
+        bid: "67012.40",
+        ask: "67012.60",
+        bid_size: "4.20",
+        ask_size: "1.05",
+    }
+    .validate()
+    .unwrap();
+    t.seq = seq;
+    t
+}
+
+fn parse(c: &mut Criterion) {
+    let mut g = c.benchmark_group("parse_subscribe");
+    g.throughput(Throughput::Bytes(SUBSCRIBE.len() as u64));
+    let mut buffers = simd_json::Buffers::default();
+    g.bench_function("simd_json_in_place", |b| {
+        b.iter_batched_ref(
+            || SUBSCRIBE.as_bytes().to_vec(),
+            |buf| black_box(protocol::parse(buf, &mut buffers).unwrap()),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("serde_json_value", |b| {
+        b.iter(|| black_box(serde_json::from_slice::<serde_json::Value>(black_box(SUBSCRIBE.as_bytes())).unwrap()))
+    });
+    g.finish();
+}
+
+fn encode(c: &mut Criterion) {
+    let t = tick("BTC-USD", 1043);
+    let mut g = c.benchmark_group("encode");
+    let mut out = Vec::with_capacity(256);
+    g.bench_function("tick_frame", |b| {
+        b.iter(|| {
+            out.clear();
+            json::tick(&mut out, black_box(&t));
+            black_box(out.len())
+        })
+    });
+    let ticks: Vec<Tick> = (1..=64).map(|s| tick("BTC-USD", s)).collect();
+    g.throughput(Throughput::Elements(64));
+    g.bench_function("chunk_of_64_once", |b| {
+        b.iter(|| {
+            let chunk = Chunk::new(ticks[0].symbol, ticks.clone());
+            black_box(chunk.encoded(json::encode_ticks).bytes.len())
+        })
+    });
+    g.finish();
+    let mut g = c.benchmark_group("decimal_format");
+    let d = t.price;
+    let mut out = Vec::with_capacity(64);
+    g.bench_function("display_into_reused_vec", |b| {
+        b.iter(|| {
+            out.clear();
+            let _ = write!(out, "{}", black_box(d));
+            black_box(out.len())
+        })
+    });
+    g.bench_function("to_string", |b| b.iter(|| black_box(black_box(d).to_string())));
+    g.finish();
+}
+
+fn store(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    let symbols: Vec<String> = (0..64).map(|i| format!("S{i}")).collect();
+    let mut next = vec![1u64; 64];
+    let mut g = c.benchmark_group("store_group_commit");
+    g.sample_size(20).measurement_time(Duration::from_secs(5));
+    for per_symbol in [1usize, 16] {
+        g.throughput(Throughput::Elements((64 * per_symbol) as u64));
+        g.bench_function(format!("64_symbols_x_{per_symbol}_ticks_flush"), |b| {
+            b.iter(|| {
+                let mut batch = CommitBatch::default();
+                for (i, s) in symbols.iter().enumerate() {
+                    let ticks: Vec<Tick> = (0..per_symbol as u64).map(|k| tick(s, next[i] + k)).collect();
+                    next[i] += per_symbol as u64;
+                    batch.put_block(&ticks[0], &ticks);
+                }
+                store.commit(batch).unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
+fn fanout(c: &mut Criterion) {
+    let hub = Hub::new(64 << 20);
+    let sym = Symbol::parse("BTC-USD").unwrap();
+    let h = hub.get_or_insert(sym, || Head {
+        epoch: Epoch::random(),
+        seq: 0,
+        last: None,
+        candles: [None; 3],
+    });
+    let outboxes: Vec<Arc<Outbox<()>>> = (0..1_000)
+        .map(|i| Arc::new(Outbox::new(i, 64 << 20, Duration::from_secs(10))))
+        .collect();
+    for o in &outboxes {
+        h.attach(o.clone(), Channel::Ticks);
+        h.activate(o.id(), Channel::Ticks, false);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut seq = 0u64;
+    let mut q: VecDeque<Msg<()>> = VecDeque::new();
+    let mut g = c.benchmark_group("fanout");
+    g.throughput(Throughput::Elements(1_000));
+    g.bench_function("one_tick_to_1000_queues", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                seq += 1;
+                let chunk = Arc::new(Chunk::new(sym, vec![tick("BTC-USD", seq)]));
+                let t = std::time::Instant::now();
+                h.publish(chunk, &[], [None; 3]);
+                total += t.elapsed();
+                // the writers' side, outside the measurement: drain every queue
+                rt.block_on(async {
+                    for o in &outboxes {
+                        let _ = o.take(&mut q).await;
+                        let w: usize = q
+                            .drain(..)
+                            .map(|m| if let Msg::Data(d) = m { d.weight() } else { 0 })
+                            .sum();
+                        o.written(w);
+                    }
+                });
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, parse, encode, store, fanout);
+criterion_main!(benches);
