@@ -1,14 +1,9 @@
 //! The public gRPC API (`tickshard.v1.Feed`, contract §5), plus the standard
 //! health service and server reflection, on the gRPC listener.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    pin::Pin,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
 
-use futures_util::{Stream, stream};
+use futures_util::Stream;
 use tickshard_proto::v1::{
     self as pb,
     cluster_server::ClusterServer,
@@ -17,7 +12,8 @@ use tickshard_proto::v1::{
 use tickshard_shard::{
     cluster::service::{self, ClusterService, parse_symbol},
     domain::{Epoch, Position, Symbol},
-    hub::{AfterWrite, Channel, Close, Data, Msg, Outbox},
+    events::outbox_events,
+    hub::{Channel, Data, Outbox},
     metrics as m,
     node::{SubRequest, SubResult},
     publish::{self, Origin},
@@ -145,18 +141,6 @@ fn sub_requests(r: &pb::SubscribeRequest, max: usize) -> Result<Vec<SubRequest>,
     Ok(out)
 }
 
-fn per_symbol(results: &[SubResult]) -> Vec<pb::SymbolState> {
-    let mut out: Vec<SubResult> = Vec::new();
-    for r in results {
-        match out.iter_mut().find(|o| o.symbol == r.symbol) {
-            Some(o) if r.channel == Channel::Ticks => *o = *r,
-            Some(_) => {}
-            None => out.push(*r),
-        }
-    }
-    out.iter().map(wire::sub_result_to_pb).collect()
-}
-
 fn event(kind: pb::event::Kind) -> pb::Event {
     pb::Event { kind: Some(kind) }
 }
@@ -176,62 +160,6 @@ impl Drop for SubGuard {
         }
         self.shared.deregister(self.outbox.id());
         metrics::gauge!(m::CLIENTS_CONNECTED, "protocol" => "grpc").decrement(1.0);
-    }
-}
-
-struct SubState {
-    guard: SubGuard,
-    queue: VecDeque<Msg<pb::Event>>,
-    /// The rest of a chunk being sent tick by tick.
-    expanded: VecDeque<pb::Event>,
-    /// Weight of the items taken from the outbox and not yet reported written.
-    taken: usize,
-    close: Option<Close>,
-    done: bool,
-}
-
-async fn next_event(mut st: SubState) -> Option<(Result<pb::Event, Status>, SubState)> {
-    loop {
-        if st.done {
-            return None;
-        }
-        if let Some(ev) = st.expanded.pop_front() {
-            return Some((Ok(ev), st));
-        }
-        if let Some(msg) = st.queue.pop_front() {
-            let ev = match msg {
-                Msg::Control(ev) => ev,
-                Msg::Data(d) => {
-                    st.taken += d.weight();
-                    match d {
-                        Data::Ticks { chunk, from } => {
-                            let ticks = chunk.ticks.get(from..).unwrap_or_default();
-                            st.expanded
-                                .extend(ticks.iter().map(|t| event(pb::event::Kind::Tick(wire::tick_to_pb(t)))));
-                            continue;
-                        }
-                        Data::Snapshot(s) => event(pb::event::Kind::Snapshot(wire::snapshot_to_pb(&s, false))),
-                        Data::Candle(c) => event(pb::event::Kind::Candle(wire::candle_to_pb(&c.candle, c.closed))),
-                        // gRPC has no such event; the stream resumes when the owner is back.
-                        Data::Unavailable(_) => continue,
-                    }
-                }
-            };
-            return Some((Ok(ev), st));
-        }
-        if let Some(c) = st.close.take() {
-            st.done = true;
-            let status = match c {
-                Close::SLOW => Status::resource_exhausted("client too slow: resume from your last position"),
-                _ => Status::unavailable("server is restarting: reconnect and resume"),
-            };
-            return Some((Err(status), st));
-        }
-        let outbox = st.guard.outbox.clone();
-        if let AfterWrite::Repair(stalled) = outbox.written(std::mem::take(&mut st.taken)) {
-            st.guard.shared.node.hub().repair(outbox.id(), &stalled);
-        }
-        st.close = outbox.take(&mut st.queue).await;
     }
 }
 
@@ -276,22 +204,27 @@ impl Feed for FeedService {
             return Err(Status::unavailable(format!("{}: {why}", r.symbol)));
         }
         let subscribed = event(pb::event::Kind::Subscribed(pb::Subscribed {
-            symbols: per_symbol(&prepared.results),
+            symbols: SubResult::per_symbol(&prepared.results)
+                .iter()
+                .map(wire::sub_result_to_pb)
+                .collect(),
         }));
         outbox.control(subscribed, 64);
         {
             let outbox = outbox.clone();
             tokio::spawn(async move { node.activate(&outbox, prepared).await });
         }
-        let st = SubState {
-            guard,
-            queue: VecDeque::new(),
-            expanded: VecDeque::new(),
-            taken: 0,
-            close: None,
-            done: false,
-        };
-        Ok(Response::new(Box::pin(stream::unfold(st, next_event))))
+        let events = outbox_events(outbox, self.shared.node.hub().clone(), guard, |d, out| match d {
+            Data::Ticks { chunk, from } => {
+                let ticks = chunk.ticks.get(from..).unwrap_or_default();
+                out.extend(ticks.iter().map(|t| event(pb::event::Kind::Tick(wire::tick_to_pb(t)))));
+            }
+            Data::Snapshot(s) => out.push_back(event(pb::event::Kind::Snapshot(wire::snapshot_to_pb(&s, false)))),
+            Data::Candle(c) => out.push_back(event(pb::event::Kind::Candle(wire::candle_to_pb(&c.candle, c.closed)))),
+            // gRPC has no such event; the stream resumes when the owner is back.
+            Data::Unavailable(_) => {}
+        });
+        Ok(Response::new(Box::pin(events)))
     }
 
     async fn get_snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<Response<pb::SnapshotResponse>, Status> {

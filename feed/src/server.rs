@@ -237,8 +237,12 @@ async fn serve_http(listener: TcpListener, shared: Arc<Shared>, max_connections:
             },
         };
         let shared = shared.clone();
+        // The permit lives as long as the connection: the HTTP task, and the
+        // WebSocket task if the connection is upgraded.
+        let permit = Arc::new(permit);
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| handle(req, shared.clone(), peer));
+            let held = permit.clone();
+            let svc = hyper::service::service_fn(move |req| handle(req, shared.clone(), peer, held.clone()));
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), svc)
@@ -265,6 +269,7 @@ async fn handle(
     mut req: Request<Incoming>,
     shared: Arc<Shared>,
     peer: SocketAddr,
+    permit: Arc<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<Response<Body>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n"));
@@ -314,6 +319,7 @@ async fn handle(
                     Ok((resp, fut)) => {
                         let s = shared.clone();
                         shared.tracker.spawn(async move {
+                            let _permit = permit;
                             match fut.await {
                                 // Only the raw stream is kept: `ws::serve` splits it
                                 // and sets the WebSocket up itself.

@@ -17,6 +17,7 @@
 pub mod cluster;
 pub mod committer;
 pub mod domain;
+pub mod events;
 pub mod hub;
 pub mod metrics;
 pub mod node;

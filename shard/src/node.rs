@@ -117,6 +117,22 @@ pub struct SubResult {
     pub recovered: bool,
 }
 
+impl SubResult {
+    /// One entry per symbol for a `subscribed` reply: the symbol's ticks
+    /// subscription if it has one, else its first.
+    pub fn per_symbol(results: &[SubResult]) -> Vec<SubResult> {
+        let mut out: Vec<SubResult> = Vec::new();
+        for r in results {
+            match out.iter_mut().find(|o| o.symbol == r.symbol) {
+                Some(o) if r.channel == Channel::Ticks => *o = *r,
+                Some(_) => {}
+                None => out.push(*r),
+            }
+        }
+        out
+    }
+}
+
 enum Plan {
     Snapshot(Option<Tick>),
     Replay { from: u64, to: u64 },

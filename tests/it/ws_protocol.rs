@@ -538,3 +538,21 @@ async fn the_simulated_market_publishes_through_the_real_path() {
     }
     assert!(srv.metric("tickshard_ticks_accepted_total").await >= 40.0);
 }
+
+#[tokio::test]
+async fn connections_past_the_limit_wait_for_a_free_slot() {
+    let srv = Server::start(&["--no-sim", "--max-connections", "2"]);
+    let mut a = srv.ws().await;
+    let b = srv.ws().await;
+    // a third is not served while two WebSockets hold the slots
+    let third = tickshard_feed::client::ws::WsConn::connect(&srv.ws_url(), std::time::Duration::from_millis(500)).await;
+    assert!(third.is_err(), "a third connection must wait");
+    a.close().await;
+    assert_eq!(recv_close(&mut a).await, 1000);
+    drop(a);
+    drop(b);
+    // once a slot is free, new connections are served again
+    let mut c = srv.ws().await;
+    c.send_text(r#"{"op":"ping","id":1}"#).await.unwrap();
+    assert_eq!(recv(&mut c).await, ServerMsg::Pong { id: Some("1".into()) });
+}

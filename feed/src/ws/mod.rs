@@ -575,7 +575,7 @@ impl Session<'_> {
         };
         let failed = std::mem::take(&mut prepared.failed);
         if !prepared.results.is_empty() {
-            let reply = per_symbol(&prepared.results);
+            let reply = SubResult::per_symbol(&prepared.results);
             self.send(|o| json::subscribed(o, id, &reply));
             node.activate(&self.conn.outbox, prepared).await;
         }
@@ -642,7 +642,7 @@ impl Session<'_> {
                         }
                     }
                     let mut out = Vec::new();
-                    json::subscribed(&mut out, id.as_deref(), &per_symbol(&prepared.results));
+                    json::subscribed(&mut out, id.as_deref(), &SubResult::per_symbol(&prepared.results));
                     let w = out.len();
                     outbox.control(Ctl::Text(out), w);
                     node.activate(&outbox, prepared).await;
@@ -653,19 +653,6 @@ impl Session<'_> {
             }
         });
     }
-}
-
-/// One `subscribed` entry per symbol: its ticks subscription if it has one.
-fn per_symbol(results: &[SubResult]) -> Vec<SubResult> {
-    let mut out: Vec<SubResult> = Vec::new();
-    for r in results {
-        match out.iter_mut().find(|o| o.symbol == r.symbol) {
-            Some(o) if r.channel == Channel::Ticks => *o = *r,
-            Some(_) => {}
-            None => out.push(*r),
-        }
-    }
-    out
 }
 
 /// Used by the HTTP layer for the upgrade response body.

@@ -2,20 +2,21 @@
 //! local reads that both it and the public `Feed` service use.
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::HashSet,
     pin::Pin,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use futures_util::{Stream, stream};
+use futures_util::Stream;
 use tickshard_proto::v1::{self as pb, cluster_server::Cluster as ClusterApi};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     domain::{Epoch, Interval, Position, Symbol},
-    hub::{AfterWrite, Channel, Close, Data, Msg, Outbox},
+    events::outbox_events,
+    hub::{Channel, Close, Data, Outbox},
     node::{HISTORY_LIMIT_MAX, Node, SubRequest},
     publish::{self, AckStream, Origin},
     wire,
@@ -204,73 +205,11 @@ const CHANNELS: [Channel; 4] = [
     Channel::Candles(Interval::H1),
 ];
 
-struct FollowState {
-    guard: FollowGuard,
-    queue: VecDeque<Msg<pb::FollowEvent>>,
-    expanded: VecDeque<pb::FollowEvent>,
-    taken: usize,
-    close: Option<Close>,
-    done: bool,
-}
-
 fn event(symbol: Symbol, kind: pb::follow_event::Kind) -> pb::FollowEvent {
     pb::FollowEvent {
         symbol: symbol.as_str().to_owned(),
         kind: Some(kind),
         owner_micros: now_micros(),
-    }
-}
-
-async fn next_follow_event(mut st: FollowState) -> Option<(Result<pb::FollowEvent, Status>, FollowState)> {
-    loop {
-        if st.done {
-            return None;
-        }
-        if let Some(ev) = st.expanded.pop_front() {
-            return Some((Ok(ev), st));
-        }
-        if let Some(msg) = st.queue.pop_front() {
-            let ev = match msg {
-                Msg::Control(ev) => ev,
-                Msg::Data(d) => {
-                    st.taken += d.weight();
-                    match d {
-                        Data::Ticks { chunk, from } => {
-                            let ticks = chunk.ticks.get(from..).unwrap_or_default();
-                            st.expanded.extend(
-                                ticks
-                                    .iter()
-                                    .map(|t| event(chunk.symbol, pb::follow_event::Kind::Tick(wire::tick_to_pb(t)))),
-                            );
-                            continue;
-                        }
-                        Data::Snapshot(s) => event(
-                            s.tick.symbol,
-                            pb::follow_event::Kind::Snapshot(wire::snapshot_to_pb(&s, false)),
-                        ),
-                        Data::Candle(c) => event(
-                            c.candle.symbol,
-                            pb::follow_event::Kind::Candle(wire::candle_to_pb(&c.candle, c.closed)),
-                        ),
-                        Data::Unavailable(_) => continue, // owners never send it
-                    }
-                }
-            };
-            return Some((Ok(ev), st));
-        }
-        if let Some(c) = st.close.take() {
-            st.done = true;
-            let status = match c {
-                Close::SLOW => Status::resource_exhausted("follower too slow: re-follow and resume"),
-                _ => Status::unavailable("owner is restarting: re-follow and resume"),
-            };
-            return Some((Err(status), st));
-        }
-        let outbox = st.guard.outbox.clone();
-        if let AfterWrite::Repair(stalled) = outbox.written(std::mem::take(&mut st.taken)) {
-            st.guard.node.hub().repair(outbox.id(), &stalled);
-        }
-        st.close = outbox.take(&mut st.queue).await;
     }
 }
 
@@ -392,15 +331,32 @@ impl ClusterApi for ClusterService {
                 }
             });
         }
-        let st = FollowState {
-            guard: FollowGuard { node, outbox, subs },
-            queue: VecDeque::new(),
-            expanded: VecDeque::new(),
-            taken: 0,
-            close: None,
-            done: false,
-        };
-        Ok(Response::new(Box::pin(stream::unfold(st, next_follow_event))))
+        let hub = node.hub().clone();
+        let events = outbox_events(
+            outbox.clone(),
+            hub,
+            FollowGuard { node, outbox, subs },
+            |d, out| match d {
+                Data::Ticks { chunk, from } => {
+                    let ticks = chunk.ticks.get(from..).unwrap_or_default();
+                    out.extend(
+                        ticks
+                            .iter()
+                            .map(|t| event(chunk.symbol, pb::follow_event::Kind::Tick(wire::tick_to_pb(t)))),
+                    );
+                }
+                Data::Snapshot(s) => out.push_back(event(
+                    s.tick.symbol,
+                    pb::follow_event::Kind::Snapshot(wire::snapshot_to_pb(&s, false)),
+                )),
+                Data::Candle(c) => out.push_back(event(
+                    c.candle.symbol,
+                    pb::follow_event::Kind::Candle(wire::candle_to_pb(&c.candle, c.closed)),
+                )),
+                Data::Unavailable(_) => {} // owners never send it
+            },
+        );
+        Ok(Response::new(Box::pin(events)))
     }
 
     async fn local_snapshot(
