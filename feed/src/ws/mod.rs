@@ -83,7 +83,11 @@ pub async fn serve(upgraded: hyper::upgrade::Upgraded, shared: Arc<Shared>, peer
     let stream = parts.io.into_inner();
     let _ = stream.set_nodelay(true);
     let (r, w) = stream.into_split();
-    let reader = std::io::Cursor::new(parts.read_buf).chain(r);
+    // Bytes the client sent after the upgrade request, if any. Copied out, so
+    // hyper's whole 8 KiB read buffer is not kept alive for the connection's life.
+    let early = bytes::Bytes::copy_from_slice(&parts.read_buf);
+    drop(parts.read_buf);
+    let reader = std::io::Cursor::new(early).chain(r);
     let writer = BufWriter::with_capacity(WRITE_BUFFER, w);
     let (mut rx, mut tx) = fastwebsockets::after_handshake_split(reader, writer, Role::Server);
     rx.set_auto_close(false);
