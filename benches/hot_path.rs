@@ -100,7 +100,7 @@ fn store(c: &mut Criterion) {
                 for (i, s) in symbols.iter().enumerate() {
                     let ticks: Vec<Tick> = (0..per_symbol as u64).map(|k| tick(s, next[i] + k)).collect();
                     next[i] += per_symbol as u64;
-                    batch.put_block(&ticks[0], &ticks);
+                    batch.put_block(&ticks, std::iter::empty());
                 }
                 store.commit(batch).unwrap()
             })

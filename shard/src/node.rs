@@ -67,8 +67,8 @@ pub enum NodeError {
         id: u32,
         n: u32,
     },
-    #[error("cannot start the committer thread: {0}")]
-    Thread(#[from] std::io::Error),
+    #[error(transparent)]
+    Start(#[from] crate::committer::StartError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -612,7 +612,12 @@ impl Node {
             let sym = h.symbol();
             let keep_from = head.seq.saturating_sub(self.cfg.history_ticks) + 1;
             match self.store.prune_ticks(&sym, keep_from) {
-                Ok(n) => removed += n,
+                Ok(p) => {
+                    removed += p.removed;
+                    if p.held_back {
+                        self.committer.request_snapshot(sym);
+                    }
+                }
                 Err(e) => tracing::warn!(symbol = %sym, error = %e, "tick retention failed"),
             }
             let Some(newest) = head.last.map(|t| t.ts) else {

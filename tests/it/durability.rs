@@ -153,10 +153,14 @@ async fn retention_prunes_old_ticks_and_resume_past_it_is_not_recovered() {
         let acks = publish_all(&mut p, (0..100).map(|i| tick("R", T0 + wave * 100 + i, "1", "1"))).await;
         epoch = acks[0].epoch.clone();
     }
+    // Waves are separate commits, so the block holding seq 901 starts there and
+    // everything before it goes (retention first asks for a snapshot of R's
+    // state if the one on disk is older than what it removes).
     eventually("old ticks pruned", || async {
-        history(&srv, "R", 1).await.first().is_some_and(|t| t.seq > 1)
+        history(&srv, "R", 1).await.first().is_some_and(|t| t.seq > 800)
     })
     .await;
+    assert!(srv.metric("tickshard_pruned_ticks_total").await >= 800.0);
     let h = history(&srv, "R", 1).await;
     let first = h[0].seq;
     assert!(
@@ -167,7 +171,6 @@ async fn retention_prunes_old_ticks_and_resume_past_it_is_not_recovered() {
         h.iter().map(|t| t.seq).collect::<Vec<_>>(),
         (first..=1000).collect::<Vec<_>>()
     );
-    assert!(srv.metric("tickshard_pruned_ticks_total").await >= 100.0);
     // resuming from a pruned position is not recoverable: snapshot
     let mut c = srv.ws().await;
     c.send_text(&format!(

@@ -2,9 +2,14 @@
 //!
 //! Loop: take every queued command (up to [`MAX_BATCH`]), assign `seq`s,
 //! de-duplicate, fold candles, write one atomic batch (one key per touched
-//! symbol for its tick block, one for its state), `flush` once, then fan the
+//! symbol: its tick block with the de-dup states it changed; a state snapshot
+//! every [`SNAPSHOT_EVERY`] commits of the symbol), `flush` once, then fan the
 //! batch out to the hub and ack every request in it. While a flush runs, new
 //! requests queue up, so batches grow with load by themselves.
+//!
+//! On start the committer folds the blocks written after each symbol's
+//! snapshot into its state with the same code that applies a live publish
+//! ([`SymState::fold`]), so recovered state is exactly the state that was acked.
 //!
 //! It runs on its own OS thread: sled calls block, and must never stall the
 //! async runtime.
@@ -36,6 +41,11 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 /// A `(publisher_id, symbol)` de-dup state is forgotten this long after its
 /// last accepted publish (a retry older than that would be stored again).
 pub const DEDUP_HORIZON: Duration = Duration::from_secs(7 * 86_400);
+/// A symbol's state is snapshotted once per this many commits that touch it
+/// (staggered across symbols), and on shutdown. sled's cost is per key, so
+/// writing the state every commit would double the commit's cost; start-up
+/// folds at most this many blocks per symbol.
+pub const SNAPSHOT_EVERY: u32 = 64;
 
 /// Where acks go: one channel per publish stream, carrying the stream's acks of
 /// one group commit together (one send per stream per commit, not per tick).
@@ -82,6 +92,9 @@ pub enum Cmd {
         symbols: Vec<Symbol>,
         reply: oneshot::Sender<Result<(), CommitError>>,
     },
+    /// Snapshots the symbol's state in the next commit (retention asks, so
+    /// that it may remove the blocks before it).
+    Snapshot(Symbol),
     /// Commits everything queued before it, flushes and ends the thread.
     Stop,
 }
@@ -115,6 +128,14 @@ pub enum AckError {
     Unavailable(String),
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("recovering the shard state: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("starting the committer thread: {0}")]
+    Thread(std::io::Error),
+}
+
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum CommitError {
     #[error("the shard store failed and stopped accepting writes: {0}")]
@@ -140,19 +161,37 @@ impl Committer {
         hub: Arc<Hub>,
         records: Vec<SymbolRecord>,
         dedup: Vec<SymbolDedup>,
-    ) -> std::io::Result<(Committer, thread::JoinHandle<()>)> {
+    ) -> Result<(Committer, thread::JoinHandle<()>), StartError> {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let failed = Arc::new(AtomicBool::new(false));
+        let mut dedup: HashMap<Symbol, Vec<(String, DedupState)>> = dedup.into_iter().collect();
         let mut symbols = HashMap::with_capacity(records.len());
+        let mut folded = 0usize;
         for rec in records {
-            let h = hub.get_or_insert(rec.symbol, || head_of(&rec));
-            symbols.insert(rec.symbol, SymState::new(rec, Some(h)));
-        }
-        for (sym, entries) in dedup {
-            if let Some(st) = symbols.get_mut(&sym) {
-                st.dedup = entries.into_iter().map(|(id, d)| (Arc::from(id), d)).collect();
+            let sym = rec.symbol;
+            let mut st = SymState::new(rec);
+            for (id, d) in dedup.remove(&sym).unwrap_or_default() {
+                st.dedup.insert(Arc::from(id), d);
             }
+            let tail = store.load_tail(&sym, st.rec.last_seq)?;
+            folded += tail.len();
+            st.since_snapshot = tail.len() as u32;
+            for block in tail {
+                for tick in block.ticks {
+                    st.fold(tick);
+                }
+                for (id, d) in block.dedup {
+                    st.dedup.insert(Arc::from(id), d);
+                }
+            }
+            let horizon = wall_micros() - DEDUP_HORIZON.as_micros() as i64;
+            st.dedup.retain(|_, d| d.last_used >= horizon);
+            st.closed.clear(); // stored with the blocks that closed them
+            st.ticks.clear();
+            st.hub = Some(hub.get_or_insert(sym, || head_of(&st.rec)));
+            symbols.insert(sym, st);
         }
+        tracing::info!(symbols = symbols.len(), blocks = folded, "shard state recovered");
         metrics::gauge!(m::OWNED_SYMBOLS).set(symbols.len() as f64);
         let mut worker = Worker {
             store,
@@ -162,7 +201,8 @@ impl Committer {
         };
         let join = thread::Builder::new()
             .name("tickshard-commit".into())
-            .spawn(move || worker.run(rx))?;
+            .spawn(move || worker.run(rx))
+            .map_err(StartError::Thread)?;
         Ok((Committer { tx, failed }, join))
     }
 
@@ -182,6 +222,12 @@ impl Committer {
             .await
             .map_err(|_| CommitError::Stopped)?;
         rx.await.map_err(|_| CommitError::Stopped)?
+    }
+
+    /// Asks for a snapshot of `sym`'s state in the next commit, if the queue
+    /// has room (retention asks again on its next pass otherwise).
+    pub fn request_snapshot(&self, sym: Symbol) {
+        let _ = self.tx.try_send(Cmd::Snapshot(sym));
     }
 
     /// Commits everything queued so far, flushes, and stops the thread. Publishes
@@ -205,6 +251,12 @@ fn head_of(rec: &SymbolRecord) -> Head {
     }
 }
 
+/// Adds `st`'s state snapshot (record and every de-dup state) to `batch`.
+fn snapshot(batch: &mut CommitBatch, st: &SymState) {
+    batch.put_symbol(&st.rec);
+    batch.put_dedup(&st.rec.symbol, st.dedup.iter().map(|(id, d)| (&**id, d)));
+}
+
 fn wall_micros() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -219,26 +271,53 @@ struct SymState {
     dedup: HashMap<Arc<str>, DedupState>,
     /// Created after the symbol's first commit is durable.
     hub: Option<Arc<SymbolHub>>,
+    /// Commits of this symbol since its last durable snapshot; `u32::MAX`
+    /// forces one (a new symbol: its epoch lives only in the snapshot).
+    since_snapshot: u32,
     // per-batch scratch
     touched: bool,
-    dedup_dirty: bool,
+    /// Publishers whose de-dup state this batch changed.
+    dedup_changed: Vec<Arc<str>>,
     ticks: Vec<Tick>,
     closed: Vec<Candle>,
 }
 
 impl SymState {
-    fn new(rec: SymbolRecord, hub: Option<Arc<SymbolHub>>) -> SymState {
+    fn new(rec: SymbolRecord) -> SymState {
         let aggs = rec.candles.map(|current| CandleAgg { current });
         SymState {
             rec,
             aggs,
             dedup: HashMap::new(),
-            hub,
+            hub: None,
+            // Staggered, so that symbols published together do not all
+            // snapshot in the same commit.
+            since_snapshot: fastrand::u32(..SNAPSHOT_EVERY),
             touched: false,
-            dedup_dirty: false,
+            dedup_changed: Vec::new(),
             ticks: Vec::new(),
             closed: Vec::new(),
         }
+    }
+
+    /// Appends `tick` (its seq already assigned) to the symbol's state: last
+    /// tick, seq, candles (closing ones go to `closed`). Returns whether it was
+    /// late for the 1s candle. Used for live publishes and for recovery alike.
+    fn fold(&mut self, tick: Tick) -> bool {
+        let mut late = false;
+        for i in Interval::ALL {
+            match self.aggs[i.index()].apply(i, &tick) {
+                CandleEffect::Updated => {}
+                CandleEffect::Rolled { closed } => self.closed.push(closed),
+                // Late for 1s covers late for the coarser intervals.
+                CandleEffect::Late => late |= i == Interval::S1,
+            }
+        }
+        self.rec.last_seq = tick.seq;
+        self.rec.last = Some(tick);
+        self.rec.candles = self.aggs.map(|a| a.current);
+        self.ticks.push(tick);
+        late
     }
 }
 
@@ -265,6 +344,7 @@ struct Pending {
 
 impl Worker {
     fn run(&mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let mut stopped = false;
         let accepted = metrics::counter!(m::TICKS_ACCEPTED);
         let duplicates = metrics::counter!(m::TICKS_DUPLICATE);
         let late = metrics::counter!(m::LATE_TICKS);
@@ -277,6 +357,7 @@ impl Worker {
         let mut ensures = Vec::new();
         let mut touched: Vec<Symbol> = Vec::new();
         let mut by_stream: HashMap<u64, (mpsc::UnboundedSender<Vec<Ack>>, Vec<Ack>)> = HashMap::new();
+        let mut per_stream: HashMap<u64, usize> = HashMap::new();
 
         while let Some(first) = rx.blocking_recv() {
             cmds.push(first);
@@ -309,27 +390,31 @@ impl Worker {
                         }
                         ensures.push(reply);
                     }
+                    Cmd::Snapshot(sym) => {
+                        if self.symbols.contains_key(&sym) {
+                            self.state(sym, &mut touched).since_snapshot = u32::MAX;
+                        }
+                    }
                     Cmd::Stop => stop = true,
                 }
             }
 
-            // One atomic batch: per touched symbol its tick block, closed
-            // candles, state and (if changed) its publishers' de-dup states.
+            // One atomic batch: per touched symbol its tick block (with the
+            // de-dup states it changed), closed candles, and when due a
+            // snapshot of its state.
             let mut batch = CommitBatch::default();
             let horizon = now - DEDUP_HORIZON.as_micros() as i64;
             for sym in &touched {
                 let Some(st) = self.symbols.get_mut(sym) else { continue };
-                st.rec.candles = st.aggs.map(|a| a.current);
-                if let Some(first) = st.ticks.first() {
-                    batch.put_block(first, &st.ticks);
-                }
+                let changed = st.dedup_changed.iter().filter_map(|id| st.dedup.get_key_value(id));
+                batch.put_block(&st.ticks, changed.map(|(id, d)| (&**id, d)));
                 for c in &st.closed {
                     batch.put_closed_candle(c);
                 }
-                batch.put_symbol(&st.rec);
-                if st.dedup_dirty {
+                st.since_snapshot = st.since_snapshot.saturating_add(1);
+                if st.since_snapshot >= SNAPSHOT_EVERY {
                     st.dedup.retain(|_, d| d.last_used >= horizon);
-                    batch.put_dedup(sym, st.dedup.iter().map(|(id, d)| (&**id, d)));
+                    snapshot(&mut batch, st);
                 }
             }
             match self.store.commit(batch) {
@@ -357,7 +442,10 @@ impl Worker {
             for sym in touched.drain(..) {
                 let Some(st) = self.symbols.get_mut(&sym) else { continue };
                 st.touched = false;
-                st.dedup_dirty = false;
+                st.dedup_changed.clear();
+                if st.since_snapshot >= SNAPSHOT_EVERY {
+                    st.since_snapshot = 0;
+                }
                 let hub = match &st.hub {
                     Some(h) => h.clone(),
                     None => {
@@ -378,6 +466,11 @@ impl Worker {
             batch_hist.record(counts.ticks as f64);
             owned.set(self.symbols.len() as f64);
             let done = Instant::now();
+            // Size each stream's ack vector once (acks are large; growing
+            // them showed up in the committer's profile).
+            for p in &acks {
+                *per_stream.entry(p.reply.id).or_default() += 1;
+            }
             for p in acks.drain(..) {
                 if matches!(p.ack.result, Ok(Accepted { duplicate: false, .. })) {
                     m::PUBLISH_LATENCY_HISTOGRAM.record_us(done.duration_since(p.received).as_micros() as u64);
@@ -387,22 +480,42 @@ impl Worker {
                 }
                 by_stream
                     .entry(p.reply.id)
-                    .or_insert_with(|| (p.reply.tx.clone(), Vec::new()))
+                    .or_insert_with(|| {
+                        let n = per_stream.get(&p.reply.id).copied().unwrap_or(0);
+                        (p.reply.tx.clone(), Vec::with_capacity(n))
+                    })
                     .1
                     .push(p.ack);
             }
             for (_, (tx, acks)) in by_stream.drain() {
                 let _ = tx.send(acks);
             }
+            per_stream.clear();
             for r in ensures.drain(..) {
                 let _ = r.send(Ok(()));
             }
             if stop {
+                stopped = true;
                 break;
             }
         }
-        if let Err(e) = self.store.flush() {
-            tracing::error!(error = %e, "final flush failed");
+        if !stopped {
+            // Every handle was dropped without `stop`: everything acked is
+            // durable already; leave the rest to recovery, as after a crash.
+            tracing::debug!("committer stopped without a shutdown snapshot");
+            return;
+        }
+        // Snapshot every symbol with blocks after its snapshot, so the next
+        // start folds nothing.
+        let mut batch = CommitBatch::default();
+        for st in self.symbols.values_mut() {
+            if st.since_snapshot > 0 {
+                snapshot(&mut batch, st);
+                st.since_snapshot = 0;
+            }
+        }
+        if let Err(e) = self.store.commit(batch) {
+            tracing::error!(error = %e, "final snapshot failed");
         }
         tracing::debug!("committer stopped");
     }
@@ -430,19 +543,9 @@ impl Worker {
                 duplicate: true,
             });
         }
-        st.rec.last_seq += 1;
         let mut tick = p.tick;
-        tick.seq = st.rec.last_seq;
-        for i in Interval::ALL {
-            match st.aggs[i.index()].apply(i, &tick) {
-                CandleEffect::Updated => {}
-                CandleEffect::Rolled { closed } => st.closed.push(closed),
-                // Late for 1s covers late for the coarser intervals.
-                CandleEffect::Late => counts.late += u64::from(i == Interval::S1),
-            }
-        }
-        st.rec.last = Some(tick);
-        st.ticks.push(tick);
+        tick.seq = st.rec.last_seq + 1;
+        counts.late += u64::from(st.fold(tick));
         counts.ticks += 1;
         if let Some((pid, publisher_seq)) = &p.publisher {
             let d = DedupState {
@@ -456,7 +559,9 @@ impl Worker {
                     st.dedup.insert(pid.clone(), d);
                 }
             }
-            st.dedup_dirty = true;
+            if !st.dedup_changed.iter().any(|id| **id == **pid) {
+                st.dedup_changed.push(pid.clone());
+            }
         }
         Ok(Accepted {
             seq: tick.seq,
@@ -469,16 +574,15 @@ impl Worker {
     /// marking it touched by this batch.
     fn state(&mut self, sym: Symbol, touched: &mut Vec<Symbol>) -> &mut SymState {
         let st = self.symbols.entry(sym).or_insert_with(|| {
-            SymState::new(
-                SymbolRecord {
-                    symbol: sym,
-                    epoch: Epoch::random(),
-                    last_seq: 0,
-                    last: None,
-                    candles: [None; 3],
-                },
-                None,
-            )
+            let mut st = SymState::new(SymbolRecord {
+                symbol: sym,
+                epoch: Epoch::random(),
+                last_seq: 0,
+                last: None,
+                candles: [None; 3],
+            });
+            st.since_snapshot = u32::MAX; // the epoch must be durable
+            st
         });
         if !st.touched {
             st.touched = true;
@@ -487,3 +591,6 @@ impl Worker {
         st
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -7,6 +7,9 @@ use rust_decimal::Decimal;
 use crate::domain::{Candle, Epoch, Interval, Symbol, Tick};
 
 pub(crate) const VALUE_V1: u8 = 1;
+/// Tick blocks of format 2: the ticks, then the de-dup states their commit
+/// changed (format 1 blocks hold only the ticks).
+pub(crate) const BLOCK_V2: u8 = 2;
 
 const HAS_BID: u8 = 1;
 const HAS_ASK: u8 = 2;
@@ -128,7 +131,9 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The durable state of one symbol, written once per group commit that touches it.
+/// A snapshot of one symbol's state, as of its `last_seq`. Written when the
+/// symbol is created and then every few commits (not every commit): the tick
+/// blocks after `last_seq` bring it up to date (`Store::load_tail`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SymbolRecord {
     pub symbol: Symbol,
@@ -201,10 +206,21 @@ pub struct DedupState {
     pub last_used: i64,
 }
 
-/// Encodes every publisher's de-dup state of one symbol: one value per symbol,
-/// written once per group commit that changes it.
+/// Encodes every publisher's de-dup state of one symbol: the symbol's de-dup
+/// snapshot, written with its [`SymbolRecord`] snapshot.
 pub(crate) fn encode_dedup<'a>(entries: impl Iterator<Item = (&'a str, &'a DedupState)>, out: &mut Vec<u8>) {
     out.push(VALUE_V1);
+    put_dedup_entries(entries, out);
+}
+
+pub(crate) fn decode_dedup(buf: &[u8]) -> Option<Vec<(String, DedupState)>> {
+    let mut r = Reader::new(buf);
+    (r.u8()? == VALUE_V1).then_some(())?;
+    let out = r.dedup_entries()?;
+    r.is_empty().then_some(out)
+}
+
+fn put_dedup_entries<'a>(entries: impl Iterator<Item = (&'a str, &'a DedupState)>, out: &mut Vec<u8>) {
     let at = out.len();
     out.extend_from_slice(&0u32.to_be_bytes());
     let mut n = 0u32;
@@ -220,56 +236,74 @@ pub(crate) fn encode_dedup<'a>(entries: impl Iterator<Item = (&'a str, &'a Dedup
     out[at..at + 4].copy_from_slice(&n.to_be_bytes());
 }
 
-pub(crate) fn decode_dedup(buf: &[u8]) -> Option<Vec<(String, DedupState)>> {
-    let mut r = Reader::new(buf);
-    (r.u8()? == VALUE_V1).then_some(())?;
-    let n = r.u32()?;
-    let mut out = Vec::with_capacity(n as usize);
-    for _ in 0..n {
-        let len = u16::from_be_bytes(r.bytes()?) as usize;
-        let id = r.take(len)?;
-        let id = std::str::from_utf8(id).ok()?.to_owned();
-        out.push((
-            id,
-            DedupState {
-                publisher_seq: r.u64()?,
-                seq: r.u64()?,
-                last_used: r.i64()?,
-            },
-        ));
+impl Reader<'_> {
+    fn dedup_entries(&mut self) -> Option<Vec<(String, DedupState)>> {
+        let n = self.u32()?;
+        let mut out = Vec::with_capacity((n as usize).min(1024));
+        for _ in 0..n {
+            let len = u16::from_be_bytes(self.bytes()?) as usize;
+            let id = std::str::from_utf8(self.take(len)?).ok()?.to_owned();
+            out.push((
+                id,
+                DedupState {
+                    publisher_seq: self.u64()?,
+                    seq: self.u64()?,
+                    last_used: self.i64()?,
+                },
+            ));
+        }
+        Some(out)
     }
-    r.is_empty().then_some(out)
 }
 
-/// A block of consecutive ticks of one symbol: the unit written per group commit.
-pub(crate) fn encode_block(ticks: &[Tick], out: &mut Vec<u8>) {
-    out.reserve(5 + ticks.len() * MAX_TICK_LEN);
-    out.push(VALUE_V1);
+/// A block of consecutive ticks of one symbol, the unit written per group
+/// commit, followed by the de-dup states that commit changed (so the symbol's
+/// state needs no second key per commit: see `Store::load_tail`).
+pub(crate) fn encode_block<'a>(
+    ticks: &[Tick],
+    dedup: impl Iterator<Item = (&'a str, &'a DedupState)>,
+    out: &mut Vec<u8>,
+) {
+    out.reserve(9 + ticks.len() * MAX_TICK_LEN);
+    out.push(BLOCK_V2);
     out.extend_from_slice(&(ticks.len() as u32).to_be_bytes());
     for t in ticks {
         put_tick(out, t);
     }
+    put_dedup_entries(dedup, out);
 }
 
-/// Decodes a block whose first tick has `first_seq`; calls `f` for each tick.
-pub(crate) fn decode_block(symbol: Symbol, first_seq: u64, buf: &[u8], mut f: impl FnMut(Tick) -> bool) -> Option<()> {
+/// Decodes a block whose first tick has `first_seq`, calling `f` for each tick
+/// until it returns false. Returns the de-dup trailer when every tick was read.
+pub(crate) fn decode_block(
+    symbol: Symbol,
+    first_seq: u64,
+    buf: &[u8],
+    mut f: impl FnMut(Tick) -> bool,
+) -> Option<Vec<(String, DedupState)>> {
     let mut r = Reader::new(buf);
-    if r.u8()? != VALUE_V1 {
+    let version = r.u8()?;
+    if version != VALUE_V1 && version != BLOCK_V2 {
         return None;
     }
     let n = r.u32()?;
     for i in 0..u64::from(n) {
         let t = r.tick(symbol, first_seq + i)?;
         if !f(t) {
-            return Some(());
+            return Some(Vec::new());
         }
     }
-    r.is_empty().then_some(())
+    let dedup = if version == BLOCK_V2 {
+        r.dedup_entries()?
+    } else {
+        Vec::new()
+    };
+    r.is_empty().then_some(dedup)
 }
 
 /// The number of ticks in a block, without decoding them.
 pub(crate) fn block_len(buf: &[u8]) -> Option<u64> {
     let mut r = Reader::new(buf);
-    (r.u8()? == VALUE_V1).then_some(())?;
+    matches!(r.u8()?, VALUE_V1 | BLOCK_V2).then_some(())?;
     r.u32().map(u64::from)
 }

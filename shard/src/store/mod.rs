@@ -4,7 +4,14 @@
 //! [`Store::commit`], called by the committer thread with one batch per group
 //! commit: `apply_batch` (atomic) then `flush` (durable). Ticks are stored in
 //! per-symbol blocks, one key per symbol per commit, which is what makes durable
-//! group commit fast on sled (one key per tick tops out near 130k/s here).
+//! group commit fast on sled (one key per tick tops out near 130k/s here, and
+//! sled's cost is per key, not per byte).
+//!
+//! A symbol's state (its [`SymbolRecord`]: epoch, last seq, last tick, open
+//! candles; and its publishers' de-dup states) is *not* rewritten every commit.
+//! It is snapshotted every few commits; each tick block carries the de-dup
+//! states its commit changed, and [`Store::load_tail`] returns the blocks after
+//! the snapshot so the committer can fold them forward on start-up.
 //!
 //! Every method here blocks: call it from the committer thread or
 //! `spawn_blocking`, never on an async worker.
@@ -22,11 +29,33 @@ pub use codec::{DedupState, SymbolRecord};
 /// Every publisher's de-dup state of one symbol.
 pub type SymbolDedup = (Symbol, Vec<(String, DedupState)>);
 
+/// What [`Store::prune_ticks`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pruned {
+    pub removed: u64,
+    /// Blocks that retention would remove are still needed by the symbol's
+    /// state (its snapshot is older): a newer snapshot lets them go.
+    pub held_back: bool,
+}
+
+/// One tick block written after a symbol's last snapshot.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TailBlock {
+    pub ticks: Vec<Tick>,
+    /// The de-dup states the block's commit changed.
+    pub dedup: Vec<(String, DedupState)>,
+}
+
 use crate::domain::{Candle, Interval, Symbol, Tick};
 
 /// The layout version of the data directory. Bump it on any incompatible
 /// change; an older version is then migrated or refused, never misread.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// 2: symbol and de-dup records are snapshots; tick blocks carry de-dup
+/// changes. A format 1 directory is upgraded in place on open (its records are
+/// complete snapshots, so reading it as format 2 is exact); a format 2
+/// directory is refused by a format 1 binary.
+pub const FORMAT_VERSION: u32 = 2;
 
 const TREE: &str = "tickshard";
 const META_FORMAT: &str = "format";
@@ -77,14 +106,17 @@ pub struct CommitBatch {
 }
 
 impl CommitBatch {
-    pub fn put_block(&mut self, first: &Tick, ticks: &[Tick]) {
+    /// One commit's ticks of one symbol, with the de-dup states it changed.
+    pub fn put_block<'a>(&mut self, ticks: &[Tick], dedup: impl Iterator<Item = (&'a str, &'a DedupState)>) {
+        let Some(first) = ticks.first() else { return };
         self.scratch.clear();
-        codec::encode_block(ticks, &mut self.scratch);
+        codec::encode_block(ticks, dedup, &mut self.scratch);
         self.batch
             .insert(keys::ticks(&first.symbol, first.seq), self.scratch.as_slice());
         self.keys += 1;
     }
 
+    /// A snapshot of a symbol's state (as of `rec.last_seq`).
     pub fn put_symbol(&mut self, rec: &SymbolRecord) {
         self.scratch.clear();
         rec.encode(&mut self.scratch);
@@ -100,7 +132,7 @@ impl CommitBatch {
         self.keys += 1;
     }
 
-    /// Every publisher's de-dup state of `sym` (one key per symbol).
+    /// A snapshot of every publisher's de-dup state of `sym` (one key per symbol).
     pub fn put_dedup<'a>(&mut self, sym: &Symbol, entries: impl Iterator<Item = (&'a str, &'a DedupState)>) {
         self.scratch.clear();
         codec::encode_dedup(entries, &mut self.scratch);
@@ -145,12 +177,23 @@ impl Store {
                     key: "M format".into(),
                     what: "format version is not a u32",
                 })?;
-                if found != FORMAT_VERSION {
-                    return Err(StoreError::FormatMismatch {
-                        path: self.path.clone(),
-                        found,
-                        expected: FORMAT_VERSION,
-                    });
+                match found {
+                    FORMAT_VERSION => {}
+                    1 => {
+                        // Format 1 rewrote every symbol's record and de-dup
+                        // state each commit: they are exact snapshots.
+                        self.tree
+                            .insert(keys::meta(META_FORMAT), &FORMAT_VERSION.to_be_bytes()[..])?;
+                        self.db.flush()?;
+                        tracing::info!(path = %self.path.display(), from = 1, to = FORMAT_VERSION, "data dir format upgraded");
+                    }
+                    _ => {
+                        return Err(StoreError::FormatMismatch {
+                            path: self.path.clone(),
+                            found,
+                            expected: FORMAT_VERSION,
+                        });
+                    }
                 }
             }
             None if !self.tree.is_empty() => {
@@ -223,6 +266,32 @@ impl Store {
                 sym,
                 codec::decode_dedup(&v).ok_or_else(|| corrupt("bad de-dup record"))?,
             ));
+        }
+        Ok(out)
+    }
+
+    /// The tick blocks of `sym` written after its snapshot at `after_seq`, in
+    /// seq order, checked to be consecutive.
+    pub fn load_tail(&self, sym: &Symbol, after_seq: u64) -> Result<Vec<TailBlock>, StoreError> {
+        let mut out = Vec::new();
+        let mut next = after_seq + 1;
+        for kv in self.tree.range(keys::ticks(sym, next)..=keys::ticks(sym, u64::MAX)) {
+            let (k, v) = kv?;
+            let corrupt = |what| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                what,
+            };
+            if keys::trailing_u64(&k) != Some(next) {
+                return Err(corrupt("tick blocks after the symbol snapshot are not consecutive"));
+            }
+            let mut ticks = Vec::new();
+            let dedup = codec::decode_block(*sym, next, &v, |t| {
+                ticks.push(t);
+                true
+            })
+            .ok_or_else(|| corrupt("bad tick block"))?;
+            next += ticks.len() as u64;
+            out.push(TailBlock { ticks, dedup });
         }
         Ok(out)
     }
@@ -309,9 +378,17 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes whole tick blocks of `sym` whose every seq is below `keep_from`.
-    /// Returns the number of ticks removed.
-    pub fn prune_ticks(&self, sym: &Symbol, keep_from: u64) -> Result<u64, StoreError> {
+    /// Deletes whole tick blocks of `sym` whose every seq is below `keep_from`,
+    /// never one the symbol's state needs (after its snapshot). Returns the
+    /// number of ticks removed and whether the snapshot held retention back.
+    pub fn prune_ticks(&self, sym: &Symbol, keep_from: u64) -> Result<Pruned, StoreError> {
+        // Snapshots only move forward, so a stale read here is only more careful.
+        let snapshot = match self.tree.get(keys::symbol(sym))? {
+            Some(v) => SymbolRecord::decode(*sym, &v).map_or(0, |r| r.last_seq),
+            None => 0,
+        };
+        let held_back = keep_from > snapshot + 1;
+        let keep_from = keep_from.min(snapshot + 1);
         let mut batch = sled::Batch::default();
         let mut removed = 0;
         let mut iter = self.tree.scan_prefix(keys::prefix(keys::TICKS, sym)).peekable();
@@ -332,7 +409,7 @@ impl Store {
         if removed > 0 {
             self.tree.apply_batch(batch)?;
         }
-        Ok(removed)
+        Ok(Pruned { removed, held_back })
     }
 
     /// Deletes closed candles of one interval that start before `before`.
@@ -361,6 +438,26 @@ impl Store {
     /// Bytes sled uses on disk (for metrics and the retention benchmark).
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// Opens `path` again in the same process. sled releases its directory lock
+/// from its own I/O threads shortly after the last handle is dropped, so this
+/// polls (bounded) while the directory is still locked.
+#[cfg(test)]
+pub(crate) fn reopen(path: &Path) -> Result<Store, StoreError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Store::open(path, &StoreOptions::default()) {
+            Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+                #[expect(
+                    clippy::disallowed_methods,
+                    reason = "sled signals nothing when it releases its lock"
+                )]
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            r => return r,
+        }
     }
 }
 

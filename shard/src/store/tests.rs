@@ -25,7 +25,7 @@ fn write_blocks(store: &Store, s: Symbol, blocks: &[std::ops::RangeInclusive<u64
     for r in blocks {
         let ticks: Vec<Tick> = r.clone().map(|q| tick(s, q)).collect();
         let mut b = CommitBatch::default();
-        b.put_block(&ticks[0], &ticks);
+        b.put_block(&ticks, std::iter::empty());
         store.commit(b).unwrap();
     }
 }
@@ -48,18 +48,78 @@ fn reads_cross_block_boundaries_exactly() {
     assert_eq!(store.read_ticks(&ab, 99, 200, 100).unwrap().len(), 2);
 }
 
+fn snapshot_at(store: &Store, s: Symbol, last_seq: u64) {
+    let mut b = CommitBatch::default();
+    b.put_symbol(&SymbolRecord {
+        symbol: s,
+        epoch: Epoch::random(),
+        last_seq,
+        last: Some(tick(s, last_seq)),
+        candles: [None; 3],
+    });
+    store.commit(b).unwrap();
+}
+
 #[test]
-fn prune_removes_whole_old_blocks_only() {
+fn prune_removes_whole_old_blocks_only_and_never_past_the_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
     let s = sym("X");
     write_blocks(&store, s, &[1..=10, 11..=20, 21..=30]);
-    assert_eq!(store.prune_ticks(&s, 15).unwrap(), 10);
+    snapshot_at(&store, s, 10);
+    // blocks after the snapshot (11..) are the symbol's state: kept
+    assert_eq!(
+        store.prune_ticks(&s, 25).unwrap(),
+        Pruned {
+            removed: 10,
+            held_back: true
+        }
+    );
     assert_eq!(store.read_ticks(&s, 1, 30, 100).unwrap()[0].seq, 11);
-    assert_eq!(store.prune_ticks(&s, 15).unwrap(), 0);
+    assert_eq!(store.prune_ticks(&s, 25).unwrap().removed, 0);
+    snapshot_at(&store, s, 30);
+    assert_eq!(
+        store.prune_ticks(&s, 15).unwrap(),
+        Pruned {
+            removed: 0,
+            held_back: false
+        }
+    );
     // the newest block is never removed
-    assert_eq!(store.prune_ticks(&s, 1_000).unwrap(), 10);
+    assert_eq!(store.prune_ticks(&s, 1_000).unwrap().removed, 10);
     assert_eq!(store.read_ticks(&s, 1, 30, 100).unwrap().len(), 10);
+}
+
+#[test]
+fn the_tail_after_a_snapshot_carries_ticks_and_dedup_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    let s = sym("T");
+    write_blocks(&store, s, &[1..=5]);
+    let d = DedupState {
+        publisher_seq: 9,
+        seq: 8,
+        last_used: 77,
+    };
+    let ticks: Vec<Tick> = (6..=8).map(|q| tick(s, q)).collect();
+    let mut b = CommitBatch::default();
+    b.put_block(&ticks, [("pub-a", &d)].into_iter());
+    store.commit(b).unwrap();
+    let tail = store
+        .load_tail(&s, 3)
+        .expect_err("3 is inside a block: not a snapshot point");
+    assert!(tail.to_string().contains("not consecutive"), "{tail}");
+    assert_eq!(
+        store.load_tail(&s, 5).unwrap(),
+        vec![TailBlock {
+            ticks,
+            dedup: vec![("pub-a".to_string(), d)],
+        }]
+    );
+    assert_eq!(store.load_tail(&s, 0).unwrap().len(), 2);
+    assert!(store.load_tail(&s, 8).unwrap().is_empty());
+    // a block with a trailer still reads as ticks
+    assert_eq!(store.read_ticks(&s, 1, 8, 100).unwrap().len(), 8);
 }
 
 #[test]
@@ -99,7 +159,7 @@ fn symbol_records_dedup_and_candles_survive_reopen() {
         store.commit(b).unwrap();
         store.set_identity(0, 1).unwrap();
     }
-    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    let store = reopen(dir.path()).unwrap();
     assert_eq!(store.load_symbols().unwrap(), vec![rec]);
     let d = DedupState {
         publisher_seq: 42,
@@ -130,7 +190,7 @@ fn wrong_format_version_is_refused_clearly() {
             .unwrap();
         store.flush().unwrap();
     }
-    let err = Store::open(dir.path(), &StoreOptions::default()).err().unwrap();
+    let err = reopen(dir.path()).err().unwrap();
     assert!(matches!(
         err,
         StoreError::FormatMismatch {
@@ -140,4 +200,26 @@ fn wrong_format_version_is_refused_clearly() {
         }
     ));
     assert!(err.to_string().contains("format version 99"), "{err}");
+}
+
+#[test]
+fn a_format_1_dir_is_upgraded_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sym("OLD");
+    {
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        snapshot_at(&store, s, 4);
+        write_blocks(&store, s, &[1..=4]);
+        store
+            .tree
+            .insert(keys::meta(META_FORMAT), &1u32.to_be_bytes()[..])
+            .unwrap();
+        store.flush().unwrap();
+    }
+    let store = reopen(dir.path()).unwrap();
+    let v = store.tree.get(keys::meta(META_FORMAT)).unwrap().unwrap();
+    assert_eq!(&v[..], &FORMAT_VERSION.to_be_bytes()[..]);
+    assert_eq!(store.load_symbols().unwrap()[0].last_seq, 4);
+    assert!(store.load_tail(&s, 4).unwrap().is_empty());
+    assert_eq!(store.read_ticks(&s, 1, 4, 10).unwrap().len(), 4);
 }
