@@ -24,7 +24,7 @@ what=${1:-all}
 if [[ $what == ingest || $what == all ]]; then
   echo "## ingest: durable acked publishes, 64 symbols, 4 streams, no subscribers"
   start
-  for w in 64 256 1024 4096; do
+  for w in ${WINDOWS:-64 256 1024 4096}; do
     echo "### window $w per stream"
     bench --subscribers 0 --symbols 64 --publishers 4 --window $w --duration 8 --warmup 2
   done
