@@ -51,11 +51,14 @@ use crate::domain::{Candle, Interval, Symbol, Tick};
 /// The layout version of the data directory. Bump it on any incompatible
 /// change; an older version is then migrated or refused, never misread.
 ///
-/// 2: symbol and de-dup records are snapshots; tick blocks carry de-dup
-/// changes. A format 1 directory is upgraded in place on open (its records are
-/// complete snapshots, so reading it as format 2 is exact); a format 2
-/// directory is refused by a format 1 binary.
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: tick blocks are written with compact decimals (`BLOCK_V3`).
+/// 2: symbol and de-dup records are snapshots; tick blocks after a snapshot
+/// carry the de-dup states their commit changed.
+/// 1: records rewritten every commit.
+/// Formats 1 and 2 are upgraded in place on open (their blocks stay readable;
+/// format 1 records are exact snapshots); a newer directory is refused by an
+/// older binary, which could not read its blocks.
+pub const FORMAT_VERSION: u32 = 3;
 
 const TREE: &str = "tickshard";
 const META_FORMAT: &str = "format";
@@ -179,13 +182,14 @@ impl Store {
                 })?;
                 match found {
                     FORMAT_VERSION => {}
-                    1 => {
+                    1 | 2 => {
                         // Format 1 rewrote every symbol's record and de-dup
-                        // state each commit: they are exact snapshots.
+                        // state each commit: they are exact snapshots. Old
+                        // blocks keep their own version byte.
                         self.tree
                             .insert(keys::meta(META_FORMAT), &FORMAT_VERSION.to_be_bytes()[..])?;
                         self.db.flush()?;
-                        tracing::info!(path = %self.path.display(), from = 1, to = FORMAT_VERSION, "data dir format upgraded");
+                        tracing::info!(path = %self.path.display(), from = found, to = FORMAT_VERSION, "data dir format upgraded");
                     }
                     _ => {
                         return Err(StoreError::FormatMismatch {

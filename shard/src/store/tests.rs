@@ -203,23 +203,76 @@ fn wrong_format_version_is_refused_clearly() {
 }
 
 #[test]
-fn a_format_1_dir_is_upgraded_in_place() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = sym("OLD");
-    {
-        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
-        snapshot_at(&store, s, 4);
-        write_blocks(&store, s, &[1..=4]);
-        store
-            .tree
-            .insert(keys::meta(META_FORMAT), &1u32.to_be_bytes()[..])
-            .unwrap();
-        store.flush().unwrap();
+fn format_1_and_2_dirs_are_upgraded_in_place_and_their_blocks_stay_readable() {
+    for old in [1u32, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = sym("OLD");
+        let ticks: Vec<Tick> = (1..=4).map(|q| tick(s, q)).collect();
+        {
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            snapshot_at(&store, s, 4);
+            // a block as formats 1 and 2 wrote it: 16-byte decimals
+            let mut v = vec![codec::VALUE_V1];
+            v.extend_from_slice(&4u32.to_be_bytes());
+            for t in &ticks {
+                codec::put_tick(&mut v, t);
+            }
+            store.tree.insert(keys::ticks(&s, 1), v).unwrap();
+            store
+                .tree
+                .insert(keys::meta(META_FORMAT), &old.to_be_bytes()[..])
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let store = reopen(dir.path()).unwrap();
+        let v = store.tree.get(keys::meta(META_FORMAT)).unwrap().unwrap();
+        assert_eq!(&v[..], &FORMAT_VERSION.to_be_bytes()[..]);
+        assert_eq!(store.load_symbols().unwrap()[0].last_seq, 4);
+        assert!(store.load_tail(&s, 4).unwrap().is_empty());
+        assert_eq!(store.read_ticks(&s, 1, 4, 10).unwrap(), ticks);
     }
-    let store = reopen(dir.path()).unwrap();
-    let v = store.tree.get(keys::meta(META_FORMAT)).unwrap().unwrap();
-    assert_eq!(&v[..], &FORMAT_VERSION.to_be_bytes()[..]);
-    assert_eq!(store.load_symbols().unwrap()[0].last_seq, 4);
-    assert!(store.load_tail(&s, 4).unwrap().is_empty());
-    assert_eq!(store.read_ticks(&s, 1, 4, 10).unwrap().len(), 4);
+}
+
+#[test]
+fn compact_decimals_round_trip_exactly_and_bad_input_is_refused() {
+    use proptest::prelude::*;
+    let edge = [
+        Decimal::ZERO,
+        -Decimal::ZERO,
+        Decimal::new(-0, 8),
+        Decimal::new(6_701_250, 2),
+        Decimal::new(1, 28),
+        Decimal::MAX,
+        Decimal::MIN,
+        Decimal::from_i128_with_scale(1 << 95, 0),
+    ];
+    let check = |d: Decimal| {
+        let mut out = Vec::new();
+        codec::put_decimal_compact(&mut out, d);
+        let mut r = codec::Reader::new(&out);
+        let back = r.decimal_compact().expect("decodes");
+        // the same bits: value, scale and sign (so "-0.00" stays "-0.00")
+        assert_eq!(back.serialize(), d.serialize(), "{d}");
+        assert!(r.is_empty());
+        out.len()
+    };
+    for d in edge {
+        check(d);
+    }
+    assert_eq!(check(Decimal::new(6_701_250, 2)), 5, "a price in 5 bytes");
+    proptest!(ProptestConfig::with_cases(2_000), |(m in any::<i128>(), scale in 0u32..=28)| {
+        let m = m % (1i128 << 96);
+        check(Decimal::from_i128_with_scale(m, scale));
+    });
+    // truncated, overlong, scale out of range: refused, not misread
+    for bad in [
+        &[2u8][..],
+        &[2, 0x80],
+        &[29, 1],
+        &[
+            0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
+        ],
+    ] {
+        assert_eq!(codec::Reader::new(bad).decimal_compact(), None, "{bad:?}");
+    }
 }
