@@ -90,17 +90,34 @@ fn store(c: &mut Criterion) {
     let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
     let symbols: Vec<String> = (0..64).map(|i| format!("S{i}")).collect();
     let mut next = vec![1u64; 64];
+    let mut commit = 0u64;
     let mut g = c.benchmark_group("store_group_commit");
     g.sample_size(20).measurement_time(Duration::from_secs(5));
     for per_symbol in [1usize, 16] {
         g.throughput(Throughput::Elements((64 * per_symbol) as u64));
-        g.bench_function(format!("64_symbols_x_{per_symbol}_ticks_flush"), |b| {
+        // What the committer writes per commit: one log record for all symbols.
+        g.bench_function(format!("64_symbols_x_{per_symbol}_ticks_log_flush"), |b| {
             b.iter(|| {
                 let mut batch = CommitBatch::default();
                 for (i, s) in symbols.iter().enumerate() {
                     let ticks: Vec<Tick> = (0..per_symbol as u64).map(|k| tick(s, next[i] + k)).collect();
                     next[i] += per_symbol as u64;
-                    batch.put_block(&ticks, std::iter::empty());
+                    batch.log_ticks(&ticks, std::iter::empty());
+                }
+                commit += 1;
+                batch.seal_log(commit);
+                store.commit(batch).unwrap()
+            })
+        });
+        // The same ticks as one block key per symbol (format 2's commit, and
+        // what compaction writes).
+        g.bench_function(format!("64_symbols_x_{per_symbol}_ticks_blocks_flush"), |b| {
+            b.iter(|| {
+                let mut batch = CommitBatch::default();
+                for (i, s) in symbols.iter().enumerate() {
+                    let ticks: Vec<Tick> = (0..per_symbol as u64).map(|k| tick(s, next[i] + k)).collect();
+                    next[i] += per_symbol as u64;
+                    batch.put_ticks(&ticks, usize::MAX);
                 }
                 store.commit(batch).unwrap()
             })

@@ -323,9 +323,7 @@ impl ServeArgs {
         Ok(ServeConfig {
             node: NodeConfig {
                 data_dir: self.data_dir.clone(),
-                store: StoreOptions {
-                    cache_bytes: self.cache_mb << 20,
-                },
+                store: StoreOptions::for_history(self.cache_mb << 20, self.history_ticks),
                 shard_id,
                 shards: self.shards,
                 history_ticks: self.history_ticks,

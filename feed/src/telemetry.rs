@@ -57,6 +57,10 @@ fn describe() {
         "sled flush of one group commit."
     );
     describe_histogram!(m::COMMIT_BATCH, "Ticks per group commit.");
+    describe_counter!(
+        m::COMPACTIONS,
+        "Symbols compacted: their logged ticks written as tick blocks and their state snapshotted."
+    );
     describe_gauge!(m::OWNED_SYMBOLS, "Symbols with state on this shard.");
     describe_counter!(m::PRUNED_TICKS, "Ticks removed by retention.");
     describe_gauge!(m::STORE_BYTES, metrics::Unit::Bytes, "Bytes sled uses on disk.");

@@ -14,6 +14,8 @@ pub const LATE_TICKS: &str = "tickshard_late_ticks_total";
 pub const PUBLISH_LATENCY: &str = "tickshard_publish_latency_seconds";
 /// Histogram (seconds): one sled flush of a group commit.
 pub const FLUSH_LATENCY: &str = "tickshard_sled_flush_seconds";
+/// Counter: symbols compacted (logged ticks → tick blocks + state snapshot).
+pub const COMPACTIONS: &str = "tickshard_compactions_total";
 /// Histogram: ticks per group commit.
 pub const COMMIT_BATCH: &str = "tickshard_commit_batch_ticks";
 /// Gauge: symbols this shard owns (has a record for).

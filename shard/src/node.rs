@@ -506,7 +506,8 @@ impl Node {
     }
 
     /// Durable ticks `from..=to` of a symbol this pod owns (clamped to the
-    /// published head), at most `limit`.
+    /// published head), at most `limit`: from the store's tick blocks, then
+    /// from the chunks the hub holds until compaction moves them there.
     pub async fn read_local_ticks(
         &self,
         symbol: Symbol,
@@ -514,24 +515,38 @@ impl Node {
         to: u64,
         limit: usize,
     ) -> Result<Vec<Tick>, StoreError> {
-        let head = self.head(&symbol).map_or(0, |h| h.seq);
-        let to = to.min(head);
-        if from > to {
+        let Some(hub) = self.hub.get(&symbol) else {
+            return Ok(Vec::new());
+        };
+        // The held chunks first: compaction writes blocks before it releases
+        // chunks, so whatever is not held any more is in the store by now.
+        let recent = hub.recent(from);
+        let to = to.min(recent.head);
+        if from > to || limit == 0 {
             return Ok(Vec::new());
         }
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.read_ticks(&symbol, from, to, limit))
-            .await
-            .unwrap_or_else(|e| {
-                Err(StoreError::Corrupt {
-                    key: "-".into(),
-                    what: if e.is_panic() {
-                        "reader panicked"
-                    } else {
-                        "reader cancelled"
-                    },
-                })
-            })
+        let mut out = if from < recent.first {
+            let store = self.store.clone();
+            let stored_to = to.min(recent.first - 1);
+            tokio::task::spawn_blocking(move || store.read_ticks(&symbol, from, stored_to, limit))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(StoreError::Corrupt {
+                        key: "-".into(),
+                        what: if e.is_panic() {
+                            "reader panicked"
+                        } else {
+                            "reader cancelled"
+                        },
+                    })
+                })?
+        } else {
+            Vec::new()
+        };
+        let held = recent.chunks.iter().flat_map(|c| c.ticks.iter());
+        let room = limit.saturating_sub(out.len());
+        out.extend(held.filter(|t| t.seq >= from && t.seq <= to).take(room).copied());
+        Ok(out)
     }
 
     /// Candles of a symbol this pod owns starting in `from..=to`: closed ones
@@ -604,20 +619,18 @@ impl Node {
         });
     }
 
-    /// One retention pass over every symbol (blocking).
+    /// One retention pass over every symbol (blocking). Ticks still in the
+    /// store's log are not in blocks yet: the pass asks for a compaction, so
+    /// the next pass finds them there.
     pub fn prune(&self) {
+        self.committer.request_compaction();
         let mut removed = 0;
         for h in self.hub.all() {
             let head = h.head();
             let sym = h.symbol();
             let keep_from = head.seq.saturating_sub(self.cfg.history_ticks) + 1;
             match self.store.prune_ticks(&sym, keep_from) {
-                Ok(p) => {
-                    removed += p.removed;
-                    if p.held_back {
-                        self.committer.request_snapshot(sym);
-                    }
-                }
+                Ok(n) => removed += n,
                 Err(e) => tracing::warn!(symbol = %sym, error = %e, "tick retention failed"),
             }
             let Some(newest) = head.last.map(|t| t.ts) else {

@@ -1,21 +1,33 @@
-//! The group-commit thread: the only writer of the store.
+//! The group-commit thread: the only writer of ticks, symbol state and de-dup
+//! state.
 //!
 //! Loop: take every queued command (up to [`MAX_BATCH`]), assign `seq`s,
-//! de-duplicate, fold candles, write one atomic batch (one key per touched
-//! symbol: its tick block with the de-dup states it changed; a state snapshot
-//! every [`SNAPSHOT_EVERY`] commits of the symbol), `flush` once, then fan the
-//! batch out to the hub and ack every request in it. While a flush runs, new
-//! requests queue up, so batches grow with load by themselves.
+//! de-duplicate, fold candles, write one atomic batch (one *log record* with
+//! every touched symbol's ticks and changed de-dup states, closed candles,
+//! records of new symbols), `flush` once, then fan the batch out to the hub and
+//! ack every request in it. While a flush runs, new requests queue up, so
+//! batches grow with load by themselves.
 //!
-//! On start the committer folds the blocks written after each symbol's
-//! snapshot into its state with the same code that applies a live publish
-//! ([`SymState::fold`]), so recovered state is exactly the state that was acked.
+//! Each commit also *compacts* a few symbols ([`COMPACT_PER_COMMIT`], picked
+//! by [`Worker::pick_compactions`]): their logged ticks become per-symbol tick
+//! blocks and their state is snapshotted, in the same atomic batch, and log
+//! records no symbol needs any more are removed. A commit thus writes one log
+//! key plus a few per-symbol keys, whatever the number of symbols touched
+//! (writing one block and one state key per touched symbol per commit, as
+//! format 2 did, made sled's per-key cost the bottleneck). Until a symbol is
+//! compacted, its hub holds the published chunks for readers
+//! (`SymbolHub::recent`).
+//!
+//! On start the committer folds the log (and, for a format 2 directory, the
+//! tick blocks after each snapshot) into the state with the same code that
+//! applies a live publish ([`SymState::fold`]), so recovered state is exactly
+//! the state that was acked, and compacts it before serving.
 //!
 //! It runs on its own OS thread: sled calls block, and must never stall the
 //! async runtime.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -41,11 +53,17 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 /// A `(publisher_id, symbol)` de-dup state is forgotten this long after its
 /// last accepted publish (a retry older than that would be stored again).
 pub const DEDUP_HORIZON: Duration = Duration::from_secs(7 * 86_400);
-/// A symbol's state is snapshotted once per this many commits that touch it
-/// (staggered across symbols), and on shutdown. sled's cost is per key, so
-/// writing the state every commit would double the commit's cost; start-up
-/// folds at most this many blocks per symbol.
-pub const SNAPSHOT_EVERY: u32 = 64;
+/// A symbol is compacted once this many of its commits are in the log (or a
+/// block's worth of ticks).
+pub const COMPACT_AFTER: usize = 32;
+/// Most symbols compacted per commit, so compaction costs every commit a
+/// little instead of some commits a lot.
+pub const COMPACT_PER_COMMIT: usize = 4;
+/// Most symbols compacted in a commit that retention asked for.
+pub const COMPACT_ASKED_PER_COMMIT: usize = 256;
+/// A symbol holding the log back this many records is compacted: start-up
+/// folds at most about this many log records.
+pub const LOG_SPAN: u64 = 256;
 
 /// Where acks go: one channel per publish stream, carrying the stream's acks of
 /// one group commit together (one send per stream per commit, not per tick).
@@ -92,9 +110,10 @@ pub enum Cmd {
         symbols: Vec<Symbol>,
         reply: oneshot::Sender<Result<(), CommitError>>,
     },
-    /// Snapshots the symbol's state in the next commit (retention asks, so
-    /// that it may remove the blocks before it).
-    Snapshot(Symbol),
+    /// Compacts every symbol with ticks in the log (up to
+    /// [`COMPACT_ASKED_PER_COMMIT`]) in the next commit: retention asks, so
+    /// that idle symbols' ticks reach the blocks it prunes.
+    Compact,
     /// Commits everything queued before it, flushes and ends the thread.
     Stop,
 }
@@ -132,6 +151,8 @@ pub enum AckError {
 pub enum StartError {
     #[error("recovering the shard state: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("recovering the shard state: the log holds {0} ticks of {1} from seq {2}, expected seq {3}")]
+    Log(usize, Symbol, u64, u64),
     #[error("starting the committer thread: {0}")]
     Thread(std::io::Error),
 }
@@ -166,16 +187,18 @@ impl Committer {
         let failed = Arc::new(AtomicBool::new(false));
         let mut dedup: HashMap<Symbol, Vec<(String, DedupState)>> = dedup.into_iter().collect();
         let mut symbols = HashMap::with_capacity(records.len());
-        let mut folded = 0usize;
+        let mut dirty = Vec::new();
         for rec in records {
             let sym = rec.symbol;
             let mut st = SymState::new(rec);
             for (id, d) in dedup.remove(&sym).unwrap_or_default() {
                 st.dedup.insert(Arc::from(id), d);
             }
+            // Format 2 leaves tick blocks after the snapshot: fold them.
             let tail = store.load_tail(&sym, st.rec.last_seq)?;
-            folded += tail.len();
-            st.since_snapshot = tail.len() as u32;
+            if !tail.is_empty() {
+                dirty.push(sym);
+            }
             for block in tail {
                 for tick in block.ticks {
                     st.fold(tick);
@@ -184,20 +207,81 @@ impl Committer {
                     st.dedup.insert(Arc::from(id), d);
                 }
             }
-            let horizon = wall_micros() - DEDUP_HORIZON.as_micros() as i64;
-            st.dedup.retain(|_, d| d.last_used >= horizon);
-            st.closed.clear(); // stored with the blocks that closed them
-            st.ticks.clear();
-            st.hub = Some(hub.get_or_insert(sym, || head_of(&st.rec)));
+            st.ticks.clear(); // already in blocks
             symbols.insert(sym, st);
         }
-        tracing::info!(symbols = symbols.len(), blocks = folded, "shard state recovered");
+        let log = store.load_log()?;
+        let mut folded = 0usize;
+        for section in log.iter().flat_map(|(_, sections)| sections) {
+            let Some(first) = section.ticks.first() else { continue };
+            let st = symbols
+                .get_mut(&first.symbol)
+                .ok_or(crate::store::StoreError::Corrupt {
+                    key: format!("L… {}", first.symbol),
+                    what: "log record of a symbol without a record",
+                })?;
+            if first.seq <= st.rec.last_seq {
+                // A compaction snapshotted this symbol past this commit but
+                // stopped before it removed the log record.
+                continue;
+            }
+            if first.seq != st.rec.last_seq + 1 {
+                return Err(StartError::Log(
+                    section.ticks.len(),
+                    first.symbol,
+                    first.seq,
+                    st.rec.last_seq + 1,
+                ));
+            }
+            if !st.touched {
+                st.touched = true;
+                dirty.push(first.symbol);
+            }
+            folded += section.ticks.len();
+            for tick in &section.ticks {
+                st.fold(*tick);
+            }
+            for (id, d) in &section.dedup {
+                st.dedup.insert(Arc::from(id.as_str()), *d);
+            }
+        }
+        // Compact what was folded before serving: blocks, snapshots, no log.
+        let horizon = wall_micros() - DEDUP_HORIZON.as_micros() as i64;
+        let mut batch = CommitBatch::default();
+        for sym in &dirty {
+            let Some(st) = symbols.get_mut(sym) else { continue };
+            batch.put_ticks(&st.ticks, store.block_ticks());
+            st.dedup.retain(|_, d| d.last_used >= horizon);
+            snapshot(&mut batch, st);
+        }
+        for (commit, _) in &log {
+            batch.remove_log(*commit);
+        }
+        store.commit(batch)?;
+        for st in symbols.values_mut() {
+            st.dedup.retain(|_, d| d.last_used >= horizon);
+            st.closed.clear(); // stored with the commits that closed them
+            st.ticks.clear();
+            st.touched = false;
+            st.hub = Some(hub.get_or_insert(st.rec.symbol, || head_of(&st.rec)));
+        }
+        tracing::info!(
+            symbols = symbols.len(),
+            log_records = log.len(),
+            ticks = folded,
+            "shard state recovered"
+        );
         metrics::gauge!(m::OWNED_SYMBOLS).set(symbols.len() as f64);
+
+        let next_commit = log.last().map_or(1, |(c, _)| c + 1);
         let mut worker = Worker {
             store,
             hub,
             symbols,
             failed: failed.clone(),
+            next_commit,
+            log_floor: next_commit,
+            log_refs: BTreeMap::new(),
         };
         let join = thread::Builder::new()
             .name("tickshard-commit".into())
@@ -224,10 +308,10 @@ impl Committer {
         rx.await.map_err(|_| CommitError::Stopped)?
     }
 
-    /// Asks for a snapshot of `sym`'s state in the next commit, if the queue
+    /// Asks for a compaction of the log after the next commit, if the queue
     /// has room (retention asks again on its next pass otherwise).
-    pub fn request_snapshot(&self, sym: Symbol) {
-        let _ = self.tx.try_send(Cmd::Snapshot(sym));
+    pub fn request_compaction(&self) {
+        let _ = self.tx.try_send(Cmd::Compact);
     }
 
     /// Commits everything queued so far, flushes, and stops the thread. Publishes
@@ -257,6 +341,16 @@ fn snapshot(batch: &mut CommitBatch, st: &SymState) {
     batch.put_dedup(&st.rec.symbol, st.dedup.iter().map(|(id, d)| (&**id, d)));
 }
 
+/// One symbol less needs log record `from` and after.
+fn unref(refs: &mut BTreeMap<u64, u32>, from: u64) {
+    if let Some(n) = refs.get_mut(&from) {
+        *n -= 1;
+        if *n == 0 {
+            refs.remove(&from);
+        }
+    }
+}
+
 fn wall_micros() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -271,11 +365,20 @@ struct SymState {
     dedup: HashMap<Arc<str>, DedupState>,
     /// Created after the symbol's first commit is durable.
     hub: Option<Arc<SymbolHub>>,
-    /// Commits of this symbol since its last durable snapshot; `u32::MAX`
-    /// forces one (a new symbol: its epoch lives only in the snapshot).
-    since_snapshot: u32,
+    /// Chunks published since the symbol's last compaction: their ticks are
+    /// in the log, not yet in tick blocks.
+    uncompacted: Vec<Arc<Chunk>>,
+    uncompacted_ticks: usize,
+    /// The oldest log record holding ticks of this symbol that no snapshot
+    /// covers yet.
+    log_from: Option<u64>,
     // per-batch scratch
     touched: bool,
+    /// Created in this batch: its (empty) record goes into the commit, so the
+    /// epoch is durable and the log can be folded onto it.
+    created: bool,
+    /// Compacted in this batch.
+    compacted: bool,
     /// Publishers whose de-dup state this batch changed.
     dedup_changed: Vec<Arc<str>>,
     ticks: Vec<Tick>,
@@ -290,10 +393,12 @@ impl SymState {
             aggs,
             dedup: HashMap::new(),
             hub: None,
-            // Staggered, so that symbols published together do not all
-            // snapshot in the same commit.
-            since_snapshot: fastrand::u32(..SNAPSHOT_EVERY),
+            uncompacted: Vec::new(),
+            uncompacted_ticks: 0,
+            log_from: None,
             touched: false,
+            created: false,
+            compacted: false,
             dedup_changed: Vec::new(),
             ticks: Vec::new(),
             closed: Vec::new(),
@@ -326,6 +431,13 @@ struct Worker {
     hub: Arc<Hub>,
     symbols: HashMap<Symbol, SymState>,
     failed: Arc<AtomicBool>,
+    /// The number of the next log record.
+    next_commit: u64,
+    /// The oldest log record not removed yet.
+    log_floor: u64,
+    /// How many symbols have each `log_from`: the first key is the oldest log
+    /// record still needed.
+    log_refs: BTreeMap<u64, u32>,
 }
 
 #[derive(Default)]
@@ -343,13 +455,15 @@ struct Pending {
 }
 
 impl Worker {
+    /// Serves commands until `Stop` (which compacts everything), until every
+    /// handle is dropped, or until the store fails.
     fn run(&mut self, mut rx: mpsc::Receiver<Cmd>) {
-        let mut stopped = false;
         let accepted = metrics::counter!(m::TICKS_ACCEPTED);
         let duplicates = metrics::counter!(m::TICKS_DUPLICATE);
         let late = metrics::counter!(m::LATE_TICKS);
         let flush_hist = metrics::histogram!(m::FLUSH_LATENCY);
         let batch_hist = metrics::histogram!(m::COMMIT_BATCH);
+        let compactions = metrics::counter!(m::COMPACTIONS);
         let owned = metrics::gauge!(m::OWNED_SYMBOLS);
 
         let mut cmds = Vec::with_capacity(MAX_BATCH);
@@ -370,6 +484,7 @@ impl Worker {
             let now = wall_micros();
             let mut counts = Counts::default();
             let mut stop = false;
+            let mut compact = false;
             for cmd in cmds.drain(..) {
                 match cmd {
                     Cmd::Publish(p) => {
@@ -390,62 +505,108 @@ impl Worker {
                         }
                         ensures.push(reply);
                     }
-                    Cmd::Snapshot(sym) => {
-                        if self.symbols.contains_key(&sym) {
-                            self.state(sym, &mut touched).since_snapshot = u32::MAX;
-                        }
-                    }
+                    Cmd::Compact => compact = true,
                     Cmd::Stop => stop = true,
                 }
             }
 
-            // One atomic batch: per touched symbol its tick block (with the
-            // de-dup states it changed), closed candles, and when due a
-            // snapshot of its state.
+            // One atomic batch: a few symbols compacted (their uncompacted
+            // and new ticks as tick blocks, a snapshot of their state), one
+            // log record with every other touched symbol's new ticks and
+            // changed de-dup states, the log records no symbol needs any
+            // more removed, closed candles, records of new symbols.
+            let commit = self.next_commit;
+            let limit = if stop {
+                usize::MAX
+            } else if compact {
+                COMPACT_ASKED_PER_COMMIT
+            } else {
+                COMPACT_PER_COMMIT
+            };
+            let compacting = self.pick_compactions(commit, limit);
             let mut batch = CommitBatch::default();
+            let block_ticks = self.store.block_ticks();
             let horizon = now - DEDUP_HORIZON.as_micros() as i64;
+            for sym in &compacting {
+                let Some(st) = self.symbols.get_mut(sym) else { continue };
+                let mut ticks = Vec::with_capacity(st.uncompacted_ticks + st.ticks.len());
+                ticks.extend(st.uncompacted.iter().flat_map(|c| c.ticks.iter().copied()));
+                ticks.extend_from_slice(&st.ticks);
+                batch.put_ticks(&ticks, block_ticks);
+                st.dedup.retain(|_, d| d.last_used >= horizon);
+                snapshot(&mut batch, st);
+                st.uncompacted.clear();
+                st.uncompacted_ticks = 0;
+                if let Some(from) = st.log_from.take() {
+                    unref(&mut self.log_refs, from);
+                }
+                st.compacted = true;
+            }
             for sym in &touched {
                 let Some(st) = self.symbols.get_mut(sym) else { continue };
-                let changed = st.dedup_changed.iter().filter_map(|id| st.dedup.get_key_value(id));
-                batch.put_block(&st.ticks, changed.map(|(id, d)| (&**id, d)));
                 for c in &st.closed {
                     batch.put_closed_candle(c);
                 }
-                st.since_snapshot = st.since_snapshot.saturating_add(1);
-                if st.since_snapshot >= SNAPSHOT_EVERY {
-                    st.dedup.retain(|_, d| d.last_used >= horizon);
-                    snapshot(&mut batch, st);
+                if st.compacted {
+                    continue;
+                }
+                if st.created {
+                    batch.put_symbol(&SymbolRecord {
+                        symbol: *sym,
+                        epoch: st.rec.epoch,
+                        last_seq: 0,
+                        last: None,
+                        candles: [None; 3],
+                    });
+                }
+                if st.ticks.is_empty() {
+                    continue;
+                }
+                let changed = st.dedup_changed.iter().filter_map(|id| st.dedup.get_key_value(id));
+                batch.log_ticks(&st.ticks, changed.map(|(id, d)| (&**id, d)));
+                if st.log_from.is_none() {
+                    st.log_from = Some(commit);
+                    *self.log_refs.entry(commit).or_default() += 1;
                 }
             }
-            match self.store.commit(batch) {
-                Ok(flush) => flush_hist.record(flush.as_secs_f64()),
-                Err(e) => {
-                    // The batch may or may not be on disk; in-memory state is
-                    // ahead of what is durable. Fail everything and stop: the
-                    // process must restart and recover from the store.
-                    tracing::error!(error = %e, "group commit failed; the shard stops accepting writes");
-                    self.failed.store(true, Ordering::Relaxed);
-                    for p in acks.drain(..) {
-                        let _ = p.reply.tx.send(vec![Ack {
-                            result: Err(AckError::Unavailable(format!("store failure: {e}"))),
-                            ..p.ack
-                        }]);
-                    }
-                    for r in ensures.drain(..) {
-                        let _ = r.send(Err(CommitError::StoreFailed(e.to_string())));
-                    }
-                    return;
+            if batch.seal_log(commit) {
+                self.next_commit += 1;
+            }
+            let floor = self.log_refs.keys().next().copied().unwrap_or(self.next_commit);
+            for old in self.log_floor..floor {
+                batch.remove_log(old);
+            }
+            self.log_floor = self.log_floor.max(floor);
+            let failed = self
+                .store
+                .commit(batch)
+                .map(|t| flush_hist.record(t.as_secs_f64()))
+                .err()
+                .map(|e| e.to_string());
+            if let Some(e) = failed {
+                // The batch may or may not be on disk; in-memory state is
+                // ahead of what is durable. Fail everything and stop: the
+                // process must restart and recover from the store.
+                tracing::error!(error = %e, "group commit failed; the shard stops accepting writes");
+                self.failed.store(true, Ordering::Relaxed);
+                for p in acks.drain(..) {
+                    let _ = p.reply.tx.send(vec![Ack {
+                        result: Err(AckError::Unavailable(format!("store failure: {e}"))),
+                        ..p.ack
+                    }]);
                 }
+                for r in ensures.drain(..) {
+                    let _ = r.send(Err(CommitError::StoreFailed(e.clone())));
+                }
+                return;
             }
 
             // Durable: fan out, then ack.
             for sym in touched.drain(..) {
                 let Some(st) = self.symbols.get_mut(&sym) else { continue };
                 st.touched = false;
+                st.created = false;
                 st.dedup_changed.clear();
-                if st.since_snapshot >= SNAPSHOT_EVERY {
-                    st.since_snapshot = 0;
-                }
                 let hub = match &st.hub {
                     Some(h) => h.clone(),
                     None => {
@@ -455,10 +616,24 @@ impl Worker {
                     }
                 };
                 let chunk = Arc::new(Chunk::new(sym, std::mem::take(&mut st.ticks)));
+                if !chunk.ticks.is_empty() && !st.compacted {
+                    st.uncompacted_ticks += chunk.ticks.len();
+                    st.uncompacted.push(chunk.clone());
+                }
                 if hub.publish(chunk, &st.closed, st.rec.candles) {
-                    self.hub.mark_candles_dirty(hub);
+                    self.hub.mark_candles_dirty(hub.clone());
                 }
                 st.closed.clear();
+            }
+            // Compacted symbols: their ticks are in blocks now, so the hub
+            // need not hold them for readers.
+            compactions.increment(compacting.len() as u64);
+            for sym in compacting {
+                let Some(st) = self.symbols.get_mut(&sym) else { continue };
+                st.compacted = false;
+                if let Some(h) = &st.hub {
+                    h.release_recent(st.rec.last_seq);
+                }
             }
             accepted.increment(counts.ticks);
             duplicates.increment(counts.duplicates);
@@ -495,29 +670,40 @@ impl Worker {
                 let _ = r.send(Ok(()));
             }
             if stop {
-                stopped = true;
-                break;
+                tracing::debug!("committer stopped");
+                return;
             }
         }
-        if !stopped {
-            // Every handle was dropped without `stop`: everything acked is
-            // durable already; leave the rest to recovery, as after a crash.
-            tracing::debug!("committer stopped without a shutdown snapshot");
-            return;
+        // Every handle was dropped without `stop`: everything acked is durable
+        // in the log; recovery folds it, as after a crash.
+        tracing::debug!("committer stopped without a final compaction");
+    }
+
+    /// Picks at most `limit` symbols to compact in commit `commit`: those
+    /// with a block's worth of uncompacted ticks, [`COMPACT_AFTER`] commits
+    /// of them, or that hold the log back [`LOG_SPAN`] records; all of them
+    /// when `limit` is unbounded (stop) or asked for (retention). Oldest log
+    /// first.
+    fn pick_compactions(&self, commit: u64, limit: usize) -> Vec<Symbol> {
+        let block_ticks = self.store.block_ticks();
+        let everything = limit > COMPACT_PER_COMMIT;
+        let mut due: Vec<(u64, Symbol)> = self
+            .symbols
+            .values()
+            .filter(|st| !st.uncompacted.is_empty() || (everything && !st.ticks.is_empty()))
+            .filter(|st| {
+                everything
+                    || st.uncompacted_ticks + st.ticks.len() >= block_ticks
+                    || st.uncompacted.len() >= COMPACT_AFTER
+                    || st.log_from.is_some_and(|from| commit - from >= LOG_SPAN)
+            })
+            .map(|st| (st.log_from.unwrap_or(commit), st.rec.symbol))
+            .collect();
+        if due.len() > limit {
+            due.select_nth_unstable(limit);
+            due.truncate(limit);
         }
-        // Snapshot every symbol with blocks after its snapshot, so the next
-        // start folds nothing.
-        let mut batch = CommitBatch::default();
-        for st in self.symbols.values_mut() {
-            if st.since_snapshot > 0 {
-                snapshot(&mut batch, st);
-                st.since_snapshot = 0;
-            }
-        }
-        if let Err(e) = self.store.commit(batch) {
-            tracing::error!(error = %e, "final snapshot failed");
-        }
-        tracing::debug!("committer stopped");
+        due.into_iter().map(|(_, s)| s).collect()
     }
 
     /// De-duplicates, assigns the next seq and folds candles for one publish.
@@ -581,7 +767,7 @@ impl Worker {
                 last: None,
                 candles: [None; 3],
             });
-            st.since_snapshot = u32::MAX; // the epoch must be durable
+            st.created = true; // the epoch must be durable
             st
         });
         if !st.touched {

@@ -1,5 +1,5 @@
-//! Recovery: the state folded from snapshots plus tail blocks is exactly the
-//! state that was acked, after a crash and after a clean stop.
+//! Recovery: the state folded from snapshots plus the log is exactly the state
+//! that was acked, after a crash and after a clean stop.
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
@@ -82,10 +82,14 @@ fn heads(hub: &Hub) -> Heads {
         .collect()
 }
 
-/// Enough commits that every symbol has a snapshot and blocks after it.
+/// Waves of publishes: each is at least one commit.
+const WAVES: i64 = COMPACT_AFTER as i64 + 20;
+
+/// Enough commits that a compaction ran (snapshots, blocks) and log records
+/// follow it.
 async fn publish_waves(c: &Committer) {
     let per_wave = 4;
-    for wave in 0..(SNAPSHOT_EVERY as i64 + 20) {
+    for wave in 0..WAVES {
         let ticks: Vec<Tick> = (0..per_wave)
             .flat_map(|i| {
                 SYMBOLS.iter().map(move |s| {
@@ -110,29 +114,29 @@ async fn state_after_a_crash_is_the_acked_state() {
     let dir = tempfile::tempdir().unwrap();
     let r = start(dir.path());
     publish_waves(&r.committer).await;
+    // one more commit, so the log is never empty (a compaction may just have
+    // taken every record)
+    publish(&r.committer, "p2", 1, &[tick("ETH-USD", T0 + 3_600_000_000, 5)]).await;
     let before = heads(&r.hub);
-    // the test must exercise the fold: some symbol has blocks after its snapshot
-    let tails: usize = r
-        .store
-        .load_symbols()
-        .unwrap()
-        .iter()
-        .map(|rec| r.store.load_tail(&rec.symbol, rec.last_seq).unwrap().len())
-        .sum();
-    assert!(tails > 0, "no tail blocks: the snapshot is written every commit");
 
-    // a crash: the committer goes away without its shutdown snapshot
+    // a crash: the committer goes away without its final compaction
     drop(r.committer);
     tokio::task::spawn_blocking(move || r.join.join().unwrap())
         .await
         .unwrap();
+    // the test must exercise the fold of log records onto snapshots
+    assert!(
+        r.store.load_symbols().unwrap().iter().any(|rec| rec.last_seq > 0),
+        "no compaction ran"
+    );
+    assert!(!r.store.load_log().unwrap().is_empty(), "nothing to fold");
     drop(r.store);
 
     let r = start(dir.path());
     assert_eq!(heads(&r.hub), before, "epoch, seq, last tick and open candles");
     // de-dup state: the last request of p1 is still a duplicate with its seq,
     // and the next publisher_seq is accepted with the next seq
-    let last_pseq = (SNAPSHOT_EVERY as u64 + 20) * 12;
+    let last_pseq = WAVES as u64 * 12;
     let last = tick("SOL-USD", T0, 1);
     let acks = publish(&r.committer, "p1", last_pseq, &[last]).await;
     let want = before["SOL-USD"].1;
@@ -144,11 +148,12 @@ async fn state_after_a_crash_is_the_acked_state() {
     let acks = publish(&r.committer, "p1", last_pseq + 1, &[last]).await;
     assert!(matches!(acks[0].result, Ok(Accepted { duplicate: false, seq, .. }) if seq == want + 1));
 
-    // a clean stop snapshots every symbol: the next start folds nothing
+    // a clean stop compacts everything: the next start folds nothing
     r.committer.stop().await;
     tokio::task::spawn_blocking(move || r.join.join().unwrap())
         .await
         .unwrap();
+    assert!(r.store.load_log().unwrap().is_empty());
     for rec in r.store.load_symbols().unwrap() {
         assert!(
             r.store.load_tail(&rec.symbol, rec.last_seq).unwrap().is_empty(),
@@ -177,4 +182,50 @@ async fn retention_never_removes_blocks_after_the_snapshot() {
     drop(r.store);
     let r = start(dir.path());
     assert_eq!(heads(&r.hub), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symbol_compacted_while_an_idle_one_holds_the_log_recovers_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = start(dir.path());
+    // B's one commit keeps log record 1 alive; A is compacted after
+    // COMPACT_AFTER commits, so records 1.. hold A's sections that A's
+    // snapshot already covers
+    publish(&r.committer, "pb", 1, &[tick("BTC-USD", T0, 100)]).await;
+    for i in 0..(COMPACT_AFTER as i64 + 8) {
+        publish(
+            &r.committer,
+            "pa",
+            1 + i as u64,
+            &[tick("ETH-USD", T0 + i * 400_000, 200 + i)],
+        )
+        .await;
+    }
+    let before = heads(&r.hub);
+    drop(r.committer);
+    tokio::task::spawn_blocking(move || r.join.join().unwrap())
+        .await
+        .unwrap();
+    let eth = Symbol::parse("ETH-USD").unwrap();
+    let records = r.store.load_symbols().unwrap();
+    let snap = records.iter().find(|rec| rec.symbol == eth).unwrap().last_seq;
+    assert!(
+        snap >= COMPACT_AFTER as u64,
+        "ETH-USD was compacted (snapshot at {snap})"
+    );
+    let log = r.store.load_log().unwrap();
+    assert_eq!(log.first().map(|(c, _)| *c), Some(1), "BTC-USD holds record 1");
+    assert!(
+        log.iter()
+            .flat_map(|(_, s)| s)
+            .any(|s| s.ticks[0].symbol == eth && s.ticks[0].seq <= snap),
+        "the log holds ETH-USD sections the snapshot covers"
+    );
+    drop(r.store);
+    let r = start(dir.path());
+    assert_eq!(heads(&r.hub), before);
+    // and the history reads back whole from the blocks start-up compacted
+    let ticks = r.store.read_ticks(&eth, 1, u64::MAX, usize::MAX).unwrap();
+    assert_eq!(ticks.len() as u64, before["ETH-USD"].1);
+    assert!(ticks.iter().enumerate().all(|(i, t)| t.seq == i as u64 + 1));
 }

@@ -14,7 +14,7 @@ mod chunk;
 mod outbox;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     fmt,
     sync::{Arc, Mutex, MutexGuard, RwLock},
 };
@@ -114,6 +114,20 @@ struct State {
     /// been sent to candle subscribers yet.
     candle_dirty: u8,
     entries: Vec<Entry>,
+    /// An owned symbol's published chunks whose ticks are durable in the
+    /// store's log but not yet in its tick blocks (released by compaction).
+    recent: VecDeque<Arc<Chunk>>,
+}
+
+/// What [`SymbolHub::recent`] found.
+pub struct Recent {
+    /// The published head seq.
+    pub head: u64,
+    /// The first seq held in memory (`head + 1` if none): ticks before it are
+    /// in the store's tick blocks.
+    pub first: u64,
+    /// The held chunks with ticks at or after the requested seq.
+    pub chunks: Vec<Arc<Chunk>>,
 }
 
 pub struct SymbolHub {
@@ -202,6 +216,38 @@ impl SymbolHub {
         self.lock().head
     }
 
+    /// The head, and the chunks not yet compacted into the store that hold
+    /// ticks at or after `from` (see [`Recent`]).
+    pub fn recent(&self, from: u64) -> Recent {
+        let st = self.lock();
+        let head = st.head.seq;
+        let first = st
+            .recent
+            .front()
+            .and_then(|c| c.ticks.first())
+            .map_or(head + 1, |t| t.seq);
+        let chunks = st
+            .recent
+            .iter()
+            .filter(|c| c.ticks.last().is_some_and(|t| t.seq >= from))
+            .cloned()
+            .collect();
+        Recent { head, first, chunks }
+    }
+
+    /// Compaction wrote every tick up to `upto` into the store's blocks: the
+    /// chunks holding only such ticks are no longer needed here.
+    pub fn release_recent(&self, upto: u64) {
+        let mut st = self.lock();
+        while st
+            .recent
+            .front()
+            .is_some_and(|c| c.ticks.last().is_none_or(|t| t.seq <= upto))
+        {
+            st.recent.pop_front();
+        }
+    }
+
     pub fn subscriber_count(&self) -> usize {
         self.lock().entries.len()
     }
@@ -215,6 +261,9 @@ impl SymbolHub {
         if let Some(t) = chunk.ticks.last() {
             st.head.seq = t.seq;
             st.head.last = Some(*t);
+            if !self.foreign {
+                st.recent.push_back(chunk.clone());
+            }
         }
         let was_dirty = st.candle_dirty != 0;
         for i in Interval::ALL {
@@ -484,6 +533,7 @@ impl Hub {
                         head: head(),
                         candle_dirty: 0,
                         entries: Vec::new(),
+                        recent: VecDeque::new(),
                     }),
                 })
             })

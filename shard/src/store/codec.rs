@@ -365,3 +365,53 @@ pub(crate) fn block_len(buf: &[u8]) -> Option<u64> {
     matches!(r.u8()?, VALUE_V1 | BLOCK_V2 | BLOCK_V3).then_some(())?;
     r.u32().map(u64::from)
 }
+
+/// Log records (`L` keys) of format 4.
+pub(crate) const LOG_V1: u8 = 1;
+
+/// Appends one symbol's part of a log record: the symbol, its first seq and a
+/// length-prefixed block (ticks + the de-dup states the commit changed).
+pub(crate) fn put_log_section<'a>(
+    out: &mut Vec<u8>,
+    ticks: &[Tick],
+    dedup: impl Iterator<Item = (&'a str, &'a DedupState)>,
+) {
+    let Some(first) = ticks.first() else { return };
+    if out.is_empty() {
+        out.push(LOG_V1);
+    }
+    out.push(first.symbol.len() as u8);
+    out.extend_from_slice(first.symbol.as_bytes());
+    out.extend_from_slice(&first.seq.to_be_bytes());
+    let at = out.len();
+    out.extend_from_slice(&0u32.to_be_bytes());
+    encode_block(ticks, dedup, out);
+    let len = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// One symbol's part of a log record.
+#[derive(Debug, PartialEq, Eq)]
+pub struct LogSection {
+    pub ticks: Vec<Tick>,
+    pub dedup: Vec<(String, DedupState)>,
+}
+
+pub(crate) fn decode_log(buf: &[u8]) -> Option<Vec<LogSection>> {
+    let mut r = Reader::new(buf);
+    (r.u8()? == LOG_V1).then_some(())?;
+    let mut out = Vec::new();
+    while !r.is_empty() {
+        let len = usize::from(r.u8()?);
+        let symbol = Symbol::from_stored(r.take(len)?)?;
+        let first_seq = r.u64()?;
+        let block_len = r.u32()? as usize;
+        let mut ticks = Vec::new();
+        let dedup = decode_block(symbol, first_seq, r.take(block_len)?, |t| {
+            ticks.push(t);
+            true
+        })?;
+        out.push(LogSection { ticks, dedup });
+    }
+    Some(out)
+}

@@ -7,6 +7,8 @@
 //! T <len u8> <symbol> <first_seq u64 BE>   block of consecutive ticks
 //! C <len u8> <symbol> <interval u8> <start u64 BE>   closed candle
 //! D <len u8> <symbol>                      every publisher's DedupState of the symbol
+//! L <commit u64 BE>                        log record: one group commit's ticks and
+//!                                          de-dup changes, all symbols (until compacted)
 //! ```
 //! The length prefix makes every symbol's keys a contiguous, exact prefix range;
 //! big-endian numbers make range scans follow seq and time order.
@@ -18,6 +20,7 @@ pub(crate) const SYMBOL: u8 = b'S';
 pub(crate) const TICKS: u8 = b'T';
 pub(crate) const CANDLE: u8 = b'C';
 pub(crate) const DEDUP: u8 = b'D';
+pub(crate) const LOG: u8 = b'L';
 
 pub(crate) fn meta(name: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + name.len());
@@ -59,6 +62,12 @@ pub(crate) fn candle_prefix(sym: &Symbol, interval: Interval) -> Vec<u8> {
 
 pub(crate) fn dedup(sym: &Symbol) -> Vec<u8> {
     prefix(DEDUP, sym)
+}
+
+pub(crate) fn log(commit: u64) -> [u8; 9] {
+    let mut k = [LOG; 9];
+    k[1..].copy_from_slice(&commit.to_be_bytes());
+    k
 }
 
 /// The symbol of an `S` key.

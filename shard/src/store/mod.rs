@@ -1,17 +1,23 @@
 //! The shard store on sled.
 //!
-//! One sled tree holds everything (see [`keys`]). Writes happen only in
-//! [`Store::commit`], called by the committer thread with one batch per group
-//! commit: `apply_batch` (atomic) then `flush` (durable). Ticks are stored in
-//! per-symbol blocks, one key per symbol per commit, which is what makes durable
-//! group commit fast on sled (one key per tick tops out near 130k/s here, and
-//! sled's cost is per key, not per byte).
+//! One sled tree holds everything (see [`keys`]). sled's cost is per inserted
+//! key (≈ 10–20 µs: leaf copy-on-write, splits), not per byte, so the write
+//! path is shaped to insert few keys:
 //!
-//! A symbol's state (its [`SymbolRecord`]: epoch, last seq, last tick, open
-//! candles; and its publishers' de-dup states) is *not* rewritten every commit.
-//! It is snapshotted every few commits; each tick block carries the de-dup
-//! states its commit changed, and [`Store::load_tail`] returns the blocks after
-//! the snapshot so the committer can fold them forward on start-up.
+//! - **Group commit** ([`Store::commit`], the committer thread): one *log
+//!   record* key per commit holding every touched symbol's new ticks and the
+//!   de-dup states the commit changed, plus closed candles and the records of
+//!   new symbols; `apply_batch` (atomic) then `flush` (durable).
+//! - **Compaction** (also the committer, a few symbols per commit, in the
+//!   same batch): a symbol's logged ticks move into its tick blocks and its
+//!   state is snapshotted ([`SymbolRecord`] + de-dup states); log records no
+//!   symbol needs any more are removed.
+//! - **Recovery**: snapshot, then [`Store::load_tail`] (blocks after the
+//!   snapshot: only in format 2 and 3 directories), then [`Store::load_log`], folded
+//!   in commit order by the committer.
+//!
+//! Reads of a symbol's ticks come from its blocks; ticks still in the log are
+//! served from memory (the hub keeps the chunks since the last compaction).
 //!
 //! Every method here blocks: call it from the committer thread or
 //! `spawn_blocking`, never on an async worker.
@@ -24,19 +30,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use codec::{DedupState, SymbolRecord};
+pub use codec::{DedupState, LogSection, SymbolRecord};
 
 /// Every publisher's de-dup state of one symbol.
 pub type SymbolDedup = (Symbol, Vec<(String, DedupState)>);
-
-/// What [`Store::prune_ticks`] did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Pruned {
-    pub removed: u64,
-    /// Blocks that retention would remove are still needed by the symbol's
-    /// state (its snapshot is older): a newer snapshot lets them go.
-    pub held_back: bool,
-}
 
 /// One tick block written after a symbol's last snapshot.
 #[derive(Debug, PartialEq, Eq)]
@@ -51,14 +48,20 @@ use crate::domain::{Candle, Interval, Symbol, Tick};
 /// The layout version of the data directory. Bump it on any incompatible
 /// change; an older version is then migrated or refused, never misread.
 ///
+/// 4: each commit is one log record (all symbols), compacted into tick
+/// blocks + snapshots.
 /// 3: tick blocks are written with compact decimals (`BLOCK_V3`).
 /// 2: symbol and de-dup records are snapshots; tick blocks after a snapshot
 /// carry the de-dup states their commit changed.
 /// 1: records rewritten every commit.
-/// Formats 1 and 2 are upgraded in place on open (their blocks stay readable;
-/// format 1 records are exact snapshots); a newer directory is refused by an
-/// older binary, which could not read its blocks.
-pub const FORMAT_VERSION: u32 = 3;
+/// Formats 1 to 3 are upgraded in place on open (their blocks stay readable;
+/// recovery folds format 2 and 3 blocks after the snapshots; none has a log);
+/// a newer directory is refused by an older binary.
+pub const FORMAT_VERSION: u32 = 4;
+
+/// Most ticks in one tick block written by compaction (at most: see
+/// [`StoreOptions::block_ticks`]).
+pub const BLOCK_TICKS: usize = 1024;
 
 const TREE: &str = "tickshard";
 const META_FORMAT: &str = "format";
@@ -86,11 +89,28 @@ pub enum StoreError {
 pub struct StoreOptions {
     /// sled page cache size in bytes.
     pub cache_bytes: u64,
+    /// Most ticks per tick block written by compaction: retention removes
+    /// whole blocks, so this is its granularity (see [`StoreOptions::for_history`]).
+    pub block_ticks: usize,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { cache_bytes: 256 << 20 }
+        StoreOptions {
+            cache_bytes: 256 << 20,
+            block_ticks: BLOCK_TICKS,
+        }
+    }
+}
+
+impl StoreOptions {
+    /// Blocks of at most an eighth of the retained history (16 to
+    /// [`BLOCK_TICKS`] ticks), so retention keeps at most ~1/8 more than asked.
+    pub fn for_history(cache_bytes: u64, history_ticks: u64) -> StoreOptions {
+        StoreOptions {
+            cache_bytes,
+            block_ticks: (history_ticks / 8).clamp(16, BLOCK_TICKS as u64) as usize,
+        }
     }
 }
 
@@ -98,6 +118,7 @@ pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
     path: PathBuf,
+    block_ticks: usize,
 }
 
 /// The writes of one group commit, applied atomically by [`Store::commit`].
@@ -105,18 +126,62 @@ pub struct Store {
 pub struct CommitBatch {
     batch: sled::Batch,
     scratch: Vec<u8>,
+    log: Vec<u8>,
     keys: usize,
 }
 
 impl CommitBatch {
-    /// One commit's ticks of one symbol, with the de-dup states it changed.
-    pub fn put_block<'a>(&mut self, ticks: &[Tick], dedup: impl Iterator<Item = (&'a str, &'a DedupState)>) {
+    /// Adds one symbol's ticks of this commit, with the de-dup states it
+    /// changed, to the commit's log record (see [`CommitBatch::seal_log`]).
+    pub fn log_ticks<'a>(&mut self, ticks: &[Tick], dedup: impl Iterator<Item = (&'a str, &'a DedupState)>) {
+        codec::put_log_section(&mut self.log, ticks, dedup);
+    }
+
+    /// Writes the log record built by [`CommitBatch::log_ticks`] as commit
+    /// number `commit` (if it holds any ticks).
+    /// Returns whether it wrote one.
+    pub fn seal_log(&mut self, commit: u64) -> bool {
+        if self.log.is_empty() {
+            return false;
+        }
+        self.batch.insert(&keys::log(commit), std::mem::take(&mut self.log));
+        self.keys += 1;
+        true
+    }
+
+    /// Removes a compacted log record.
+    pub fn remove_log(&mut self, commit: u64) {
+        self.batch.remove(&keys::log(commit));
+        self.keys += 1;
+    }
+
+    /// A tick block as format 2 wrote it (ticks + the de-dup states its
+    /// commit changed), for upgrade tests.
+    #[cfg(test)]
+    pub(crate) fn put_format2_block<'a>(
+        &mut self,
+        ticks: &[Tick],
+        dedup: impl Iterator<Item = (&'a str, &'a DedupState)>,
+    ) {
         let Some(first) = ticks.first() else { return };
         self.scratch.clear();
         codec::encode_block(ticks, dedup, &mut self.scratch);
         self.batch
             .insert(keys::ticks(&first.symbol, first.seq), self.scratch.as_slice());
         self.keys += 1;
+    }
+
+    /// Consecutive ticks of one symbol as tick blocks of at most `max`
+    /// ticks ([`Store::block_ticks`]), keyed by their first seq.
+    pub fn put_ticks(&mut self, ticks: &[Tick], max: usize) {
+        for block in ticks.chunks(max.max(1)) {
+            let Some(first) = block.first() else { continue };
+            self.scratch.clear();
+            codec::encode_block(block, std::iter::empty(), &mut self.scratch);
+            self.batch
+                .insert(keys::ticks(&first.symbol, first.seq), self.scratch.as_slice());
+            self.keys += 1;
+        }
     }
 
     /// A snapshot of a symbol's state (as of `rec.last_seq`).
@@ -168,6 +233,7 @@ impl Store {
             db,
             tree,
             path: path.to_path_buf(),
+            block_ticks: opts.block_ticks.max(1),
         };
         store.check_format()?;
         Ok(store)
@@ -182,9 +248,11 @@ impl Store {
                 })?;
                 match found {
                     FORMAT_VERSION => {}
-                    1 | 2 => {
+                    1..=3 => {
                         // Format 1 rewrote every symbol's record and de-dup
-                        // state each commit: they are exact snapshots. Old
+                        // state each commit: they are exact snapshots. Formats
+                        // 2 and 3 leave tick blocks after the snapshots, which
+                        // recovery folds (`load_tail`). None has a log; old
                         // blocks keep their own version byte.
                         self.tree
                             .insert(keys::meta(META_FORMAT), &FORMAT_VERSION.to_be_bytes()[..])?;
@@ -216,6 +284,11 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Most ticks per block written by compaction.
+    pub fn block_ticks(&self) -> usize {
+        self.block_ticks
     }
 
     /// The `(shard_id, shards)` this data directory was created for, if recorded.
@@ -300,15 +373,37 @@ impl Store {
         Ok(out)
     }
 
+    /// Every log record not yet compacted, in commit order.
+    pub fn load_log(&self) -> Result<Vec<(u64, Vec<LogSection>)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([keys::LOG]) {
+            let (k, v) = kv?;
+            let corrupt = |what| StoreError::Corrupt {
+                key: format!("{:?}", &*k),
+                what,
+            };
+            let commit = keys::trailing_u64(&k).ok_or_else(|| corrupt("bad log key"))?;
+            out.push((commit, codec::decode_log(&v).ok_or_else(|| corrupt("bad log record"))?));
+        }
+        Ok(out)
+    }
+
     /// Applies one group commit atomically and makes it durable. Returns the
     /// time spent in `flush`.
     pub fn commit(&self, batch: CommitBatch) -> Result<Duration, StoreError> {
-        if !batch.is_empty() {
-            self.tree.apply_batch(batch.batch)?;
-        }
+        self.apply(batch)?;
         let t = Instant::now();
         self.db.flush()?;
         Ok(t.elapsed())
+    }
+
+    /// Applies a batch atomically without flushing: it becomes durable with
+    /// the next flush.
+    pub fn apply(&self, batch: CommitBatch) -> Result<(), StoreError> {
+        if !batch.is_empty() {
+            self.tree.apply_batch(batch.batch)?;
+        }
+        Ok(())
     }
 
     /// Ticks `from..=to` of `sym` in seq order, at most `limit`. Callers clamp
@@ -383,15 +478,14 @@ impl Store {
     }
 
     /// Deletes whole tick blocks of `sym` whose every seq is below `keep_from`,
-    /// never one the symbol's state needs (after its snapshot). Returns the
-    /// number of ticks removed and whether the snapshot held retention back.
-    pub fn prune_ticks(&self, sym: &Symbol, keep_from: u64) -> Result<Pruned, StoreError> {
+    /// never one after the symbol's snapshot (recovery may need it). Returns
+    /// the number of ticks removed.
+    pub fn prune_ticks(&self, sym: &Symbol, keep_from: u64) -> Result<u64, StoreError> {
         // Snapshots only move forward, so a stale read here is only more careful.
         let snapshot = match self.tree.get(keys::symbol(sym))? {
             Some(v) => SymbolRecord::decode(*sym, &v).map_or(0, |r| r.last_seq),
             None => 0,
         };
-        let held_back = keep_from > snapshot + 1;
         let keep_from = keep_from.min(snapshot + 1);
         let mut batch = sled::Batch::default();
         let mut removed = 0;
@@ -413,7 +507,7 @@ impl Store {
         if removed > 0 {
             self.tree.apply_batch(batch)?;
         }
-        Ok(Pruned { removed, held_back })
+        Ok(removed)
     }
 
     /// Deletes closed candles of one interval that start before `before`.

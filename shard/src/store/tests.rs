@@ -25,7 +25,7 @@ fn write_blocks(store: &Store, s: Symbol, blocks: &[std::ops::RangeInclusive<u64
     for r in blocks {
         let ticks: Vec<Tick> = r.clone().map(|q| tick(s, q)).collect();
         let mut b = CommitBatch::default();
-        b.put_block(&ticks, std::iter::empty());
+        b.put_ticks(&ticks, usize::MAX);
         store.commit(b).unwrap();
     }
 }
@@ -68,26 +68,67 @@ fn prune_removes_whole_old_blocks_only_and_never_past_the_snapshot() {
     write_blocks(&store, s, &[1..=10, 11..=20, 21..=30]);
     snapshot_at(&store, s, 10);
     // blocks after the snapshot (11..) are the symbol's state: kept
-    assert_eq!(
-        store.prune_ticks(&s, 25).unwrap(),
-        Pruned {
-            removed: 10,
-            held_back: true
-        }
-    );
+    assert_eq!(store.prune_ticks(&s, 25).unwrap(), 10);
     assert_eq!(store.read_ticks(&s, 1, 30, 100).unwrap()[0].seq, 11);
-    assert_eq!(store.prune_ticks(&s, 25).unwrap().removed, 0);
+    assert_eq!(store.prune_ticks(&s, 25).unwrap(), 0);
     snapshot_at(&store, s, 30);
-    assert_eq!(
-        store.prune_ticks(&s, 15).unwrap(),
-        Pruned {
-            removed: 0,
-            held_back: false
-        }
-    );
+    assert_eq!(store.prune_ticks(&s, 15).unwrap(), 0);
     // the newest block is never removed
-    assert_eq!(store.prune_ticks(&s, 1_000).unwrap().removed, 10);
+    assert_eq!(store.prune_ticks(&s, 1_000).unwrap(), 10);
     assert_eq!(store.read_ticks(&s, 1, 30, 100).unwrap().len(), 10);
+}
+
+#[test]
+fn log_records_round_trip_and_compaction_splits_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    let (a, b) = (sym("A"), sym("B-LONGER.NAME"));
+    let d = DedupState {
+        publisher_seq: 3,
+        seq: 12,
+        last_used: 99,
+    };
+    let ta: Vec<Tick> = (10..=12).map(|q| tick(a, q)).collect();
+    let tb: Vec<Tick> = (1..=1).map(|q| tick(b, q)).collect();
+    for commit in [7, 8] {
+        let mut batch = CommitBatch::default();
+        batch.log_ticks(&ta, [("pub-a", &d)].into_iter());
+        batch.log_ticks(&tb, std::iter::empty());
+        batch.log_ticks(&[], std::iter::empty()); // nothing to log
+        assert!(batch.seal_log(commit));
+        store.commit(batch).unwrap();
+    }
+    assert!(
+        !CommitBatch::default().seal_log(9),
+        "an empty log record is not written"
+    );
+    let want = vec![
+        LogSection {
+            ticks: ta.clone(),
+            dedup: vec![("pub-a".to_string(), d)],
+        },
+        LogSection {
+            ticks: tb,
+            dedup: vec![],
+        },
+    ];
+    let log = store.load_log().unwrap();
+    assert_eq!(log.len(), 2);
+    assert_eq!((log[0].0, &log[0].1), (7, &want));
+    assert_eq!(log[1].0, 8);
+    // logged ticks are not in the blocks
+    assert!(store.read_ticks(&a, 1, 100, 100).unwrap().is_empty());
+
+    // compaction: blocks of at most BLOCK_TICKS, log records removed
+    let many: Vec<Tick> = (1..=2 * BLOCK_TICKS as u64 + 5).map(|q| tick(a, q)).collect();
+    let mut batch = CommitBatch::default();
+    batch.put_ticks(&many, BLOCK_TICKS);
+    batch.remove_log(7);
+    batch.remove_log(8);
+    store.commit(batch).unwrap();
+    assert!(store.load_log().unwrap().is_empty());
+    assert_eq!(store.tree.scan_prefix(keys::prefix(keys::TICKS, &a)).count(), 3);
+    assert_eq!(store.read_ticks(&a, 1, u64::MAX, usize::MAX).unwrap(), many);
 }
 
 #[test]
@@ -103,7 +144,7 @@ fn the_tail_after_a_snapshot_carries_ticks_and_dedup_changes() {
     };
     let ticks: Vec<Tick> = (6..=8).map(|q| tick(s, q)).collect();
     let mut b = CommitBatch::default();
-    b.put_block(&ticks, [("pub-a", &d)].into_iter());
+    b.put_format2_block(&ticks, [("pub-a", &d)].into_iter());
     store.commit(b).unwrap();
     let tail = store
         .load_tail(&s, 3)
@@ -203,8 +244,8 @@ fn wrong_format_version_is_refused_clearly() {
 }
 
 #[test]
-fn format_1_and_2_dirs_are_upgraded_in_place_and_their_blocks_stay_readable() {
-    for old in [1u32, 2] {
+fn older_format_dirs_are_upgraded_in_place_and_their_blocks_stay_readable() {
+    for old in [1u32, 2, 3] {
         let dir = tempfile::tempdir().unwrap();
         let s = sym("OLD");
         let ticks: Vec<Tick> = (1..=4).map(|q| tick(s, q)).collect();
@@ -229,6 +270,7 @@ fn format_1_and_2_dirs_are_upgraded_in_place_and_their_blocks_stay_readable() {
         assert_eq!(&v[..], &FORMAT_VERSION.to_be_bytes()[..]);
         assert_eq!(store.load_symbols().unwrap()[0].last_seq, 4);
         assert!(store.load_tail(&s, 4).unwrap().is_empty());
+        assert!(store.load_log().unwrap().is_empty());
         assert_eq!(store.read_ticks(&s, 1, 4, 10).unwrap(), ticks);
     }
 }
