@@ -27,7 +27,7 @@
 //! async runtime.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -341,11 +341,11 @@ fn snapshot(batch: &mut CommitBatch, st: &SymState) {
     batch.put_dedup(&st.rec.symbol, st.dedup.iter().map(|(id, d)| (&**id, d)));
 }
 
-/// One symbol less needs log record `from` and after.
-fn unref(refs: &mut BTreeMap<u64, u32>, from: u64) {
-    if let Some(n) = refs.get_mut(&from) {
-        *n -= 1;
-        if *n == 0 {
+/// `sym` no longer needs log record `from` (it was compacted).
+fn unref(refs: &mut BTreeMap<u64, HashSet<Symbol>>, from: u64, sym: &Symbol) {
+    if let Some(set) = refs.get_mut(&from) {
+        set.remove(sym);
+        if set.is_empty() {
             refs.remove(&from);
         }
     }
@@ -435,9 +435,9 @@ struct Worker {
     next_commit: u64,
     /// The oldest log record not removed yet.
     log_floor: u64,
-    /// How many symbols have each `log_from`: the first key is the oldest log
-    /// record still needed.
-    log_refs: BTreeMap<u64, u32>,
+    /// The symbols with each `log_from`: the first key is the oldest log
+    /// record still needed, and every symbol with uncompacted ticks is here.
+    log_refs: BTreeMap<u64, HashSet<Symbol>>,
 }
 
 #[derive(Default)]
@@ -523,7 +523,7 @@ impl Worker {
             } else {
                 COMPACT_PER_COMMIT
             };
-            let compacting = self.pick_compactions(commit, limit);
+            let compacting = self.pick_compactions(commit, limit, &touched);
             let mut batch = CommitBatch::default();
             let block_ticks = self.store.block_ticks();
             let horizon = now - DEDUP_HORIZON.as_micros() as i64;
@@ -538,7 +538,7 @@ impl Worker {
                 st.uncompacted.clear();
                 st.uncompacted_ticks = 0;
                 if let Some(from) = st.log_from.take() {
-                    unref(&mut self.log_refs, from);
+                    unref(&mut self.log_refs, from, sym);
                 }
                 st.compacted = true;
             }
@@ -566,7 +566,7 @@ impl Worker {
                 batch.log_ticks(&st.ticks, changed.map(|(id, d)| (&**id, d)));
                 if st.log_from.is_none() {
                     st.log_from = Some(commit);
-                    *self.log_refs.entry(commit).or_default() += 1;
+                    self.log_refs.entry(commit).or_default().insert(*sym);
                 }
             }
             if batch.seal_log(commit) {
@@ -679,26 +679,33 @@ impl Worker {
         tracing::debug!("committer stopped without a final compaction");
     }
 
-    /// Picks at most `limit` symbols to compact in commit `commit`: those
-    /// with a block's worth of uncompacted ticks, [`COMPACT_AFTER`] commits
-    /// of them, or that hold the log back [`LOG_SPAN`] records; all of them
-    /// when `limit` is unbounded (stop) or asked for (retention). Oldest log
-    /// first.
-    fn pick_compactions(&self, commit: u64, limit: usize) -> Vec<Symbol> {
+    /// Picks at most `limit` symbols to compact in commit `commit`: touched
+    /// ones with a block's worth of uncompacted ticks or [`COMPACT_AFTER`]
+    /// commits of them, and those holding the log back [`LOG_SPAN`] records;
+    /// every symbol with uncompacted ticks when `limit` is above
+    /// [`COMPACT_PER_COMMIT`] (stop, retention). Oldest log first. Costs
+    /// O(touched + picked), not O(symbols).
+    fn pick_compactions(&self, commit: u64, limit: usize, touched: &[Symbol]) -> Vec<Symbol> {
         let block_ticks = self.store.block_ticks();
         let everything = limit > COMPACT_PER_COMMIT;
-        let mut due: Vec<(u64, Symbol)> = self
-            .symbols
-            .values()
-            .filter(|st| !st.uncompacted.is_empty() || (everything && !st.ticks.is_empty()))
-            .filter(|st| {
-                everything
-                    || st.uncompacted_ticks + st.ticks.len() >= block_ticks
-                    || st.uncompacted.len() >= COMPACT_AFTER
-                    || st.log_from.is_some_and(|from| commit - from >= LOG_SPAN)
-            })
-            .map(|st| (st.log_from.unwrap_or(commit), st.rec.symbol))
-            .collect();
+        let mut due: Vec<(u64, Symbol)> = Vec::new();
+        for (&from, syms) in &self.log_refs {
+            if due.len() >= limit || (!everything && commit - from < LOG_SPAN) {
+                break;
+            }
+            due.extend(syms.iter().map(|s| (from, *s)));
+        }
+        for sym in touched {
+            let Some(st) = self.symbols.get(sym) else { continue };
+            let ready = st.uncompacted_ticks + st.ticks.len() >= block_ticks
+                || st.uncompacted.len() >= COMPACT_AFTER
+                || (everything && !st.ticks.is_empty());
+            if ready {
+                due.push((st.log_from.unwrap_or(commit), *sym));
+            }
+        }
+        due.sort_unstable_by_key(|&(_, s)| s);
+        due.dedup_by_key(|&mut (_, s)| s);
         if due.len() > limit {
             due.select_nth_unstable(limit);
             due.truncate(limit);

@@ -229,3 +229,51 @@ async fn a_symbol_compacted_while_an_idle_one_holds_the_log_recovers_exactly() {
     assert_eq!(ticks.len() as u64, before["ETH-USD"].1);
     assert!(ticks.iter().enumerate().all(|(i, t)| t.seq == i as u64 + 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_symbol_does_not_hold_the_log_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = start(dir.path());
+    publish(&r.committer, "pb", 1, &[tick("BTC-USD", T0, 100)]).await;
+    // (commits that log nothing, because they compact ETH-USD, take no record
+    // number: go well past LOG_SPAN records)
+    for i in 0..(2 * LOG_SPAN as i64) {
+        publish(
+            &r.committer,
+            "pa",
+            1 + i as u64,
+            &[tick("ETH-USD", T0 + i * 1_000, 200 + i)],
+        )
+        .await;
+    }
+    let before = heads(&r.hub);
+    drop(r.committer);
+    tokio::task::spawn_blocking(move || r.join.join().unwrap())
+        .await
+        .unwrap();
+    let btc = Symbol::parse("BTC-USD").unwrap();
+    let rec = r
+        .store
+        .load_symbols()
+        .unwrap()
+        .into_iter()
+        .find(|rec| rec.symbol == btc)
+        .unwrap();
+    assert_eq!(
+        rec.last_seq, 1,
+        "BTC-USD was compacted once it held the log back LOG_SPAN commits"
+    );
+    let log = r.store.load_log().unwrap();
+    assert!(
+        log.len() as u64 <= LOG_SPAN,
+        "the log stays bounded: {} records",
+        log.len()
+    );
+    assert!(
+        log.iter()
+            .all(|(_, sections)| sections.iter().all(|s| s.ticks[0].symbol != btc))
+    );
+    drop(r.store);
+    let r = start(dir.path());
+    assert_eq!(heads(&r.hub), before);
+}
