@@ -3,11 +3,13 @@
 //! One task per connection runs three futures: the *reader* (frames → requests;
 //! never inside a `select!` that could cancel `read_frame` and then read again),
 //! the *writer* (drains the connection's [`Outbox`] and writes everything queued
-//! with one flush through a `BufWriter`), and a *housekeeping* tick (server pings,
-//! idle timeout, slow-client close, close deadline). Tick frames are encoded once
+//! with one flush through a buffer that grows on demand, `LazyBufWriter`), and
+//! a *housekeeping* tick (server pings, idle timeout, slow-client close, close
+//! deadline). Tick frames are encoded once
 //! per chunk and shared by every connection ([`json::encode_ticks`]).
 
 pub mod json;
+mod lazy_buf;
 pub mod protocol;
 
 use std::{
@@ -33,12 +35,13 @@ use tickshard_shard::{
     node::{SubRequest, SubResult},
 };
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, BufWriter},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite},
     net::TcpStream,
     time::Instant,
 };
 use tracing::Instrument as _;
 
+use self::lazy_buf::LazyBufWriter;
 use crate::server::Shared;
 
 /// Size of the per-connection write buffer: frames are copied into it and
@@ -88,7 +91,7 @@ pub async fn serve(upgraded: hyper::upgrade::Upgraded, shared: Arc<Shared>, peer
     let early = bytes::Bytes::copy_from_slice(&parts.read_buf);
     drop(parts.read_buf);
     let reader = std::io::Cursor::new(early).chain(r);
-    let writer = BufWriter::with_capacity(WRITE_BUFFER, w);
+    let writer = LazyBufWriter::new(WRITE_BUFFER, w);
     let (mut rx, mut tx) = fastwebsockets::after_handshake_split(reader, writer, Role::Server);
     rx.set_auto_close(false);
     rx.set_auto_pong(false);
@@ -124,7 +127,7 @@ impl Connection {
         }
     }
 
-    async fn run<R, W>(self, rx: WebSocketRead<R>, tx: WebSocketWrite<BufWriter<W>>)
+    async fn run<R, W>(self, rx: WebSocketRead<R>, tx: WebSocketWrite<LazyBufWriter<W>>)
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -191,7 +194,7 @@ impl Connection {
         tracing::debug!("disconnected");
     }
 
-    async fn write_loop<W: AsyncWrite + Unpin>(&self, mut tx: WebSocketWrite<BufWriter<W>>) {
+    async fn write_loop<W: AsyncWrite + Unpin>(&self, mut tx: WebSocketWrite<LazyBufWriter<W>>) {
         let msgs_sent = metrics::counter!(m::MESSAGES_SENT, "protocol" => "ws");
         let bytes_sent = metrics::counter!(m::BYTES_SENT, "protocol" => "ws");
         let mut q = VecDeque::new();
