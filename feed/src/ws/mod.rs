@@ -305,7 +305,11 @@ impl Connection {
                 OpCode::Text | OpCode::Binary if frame.fin && assembly.is_none() => {
                     let binary = frame.opcode == OpCode::Binary;
                     let mut payload = frame.payload;
-                    if !session.message(payload.to_mut(), binary).await {
+                    // Boxed: handling a message (subscribe: prepare, replay)
+                    // is a large future, and inline it would make every
+                    // connection's task ~3 KiB bigger for its whole life.
+                    // One allocation per client message, never per tick.
+                    if !Box::pin(session.message(payload.to_mut(), binary)).await {
                         return;
                     }
                 }
@@ -334,7 +338,8 @@ impl Connection {
                         && let Some(mut msg) = assembly.take()
                     {
                         let binary = msg.first() == Some(&0);
-                        if !session.message(&mut msg, binary).await {
+                        if !Box::pin(session.message(&mut msg, binary)).await {
+                            // boxed: see above
                             return;
                         }
                     }
