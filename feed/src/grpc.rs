@@ -10,7 +10,7 @@ use tickshard_proto::v1::{
     feed_server::{Feed, FeedServer},
 };
 use tickshard_shard::{
-    cluster::service::{self, ClusterService, parse_symbol},
+    cluster::service::{self, ClusterService, parse_symbol, parse_symbols},
     domain::{Epoch, Position, Symbol},
     events::outbox_events,
     hub::{Channel, Data, Outbox},
@@ -228,12 +228,7 @@ impl Feed for FeedService {
     }
 
     async fn get_snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<Response<pb::SnapshotResponse>, Status> {
-        let syms = req
-            .get_ref()
-            .symbols
-            .iter()
-            .map(|s| parse_symbol(s))
-            .collect::<Result<Vec<_>, _>>()?;
+        let syms = parse_symbols(&req.get_ref().symbols)?;
         service::routed_snapshot(&self.shared.node, &syms)
             .await
             .map(Response::new)

@@ -29,6 +29,11 @@ pub fn parse_symbol(s: &str) -> Result<Symbol, Status> {
     Symbol::parse(s).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
+/// Every symbol of a request, or INVALID_ARGUMENT for the first bad one.
+pub fn parse_symbols(symbols: &[String]) -> Result<Vec<Symbol>, Status> {
+    symbols.iter().map(|s| parse_symbol(s)).collect()
+}
+
 /// Snapshots of symbols this pod owns (symbols without ticks are omitted).
 pub fn local_snapshot(node: &Node, symbols: &[Symbol]) -> pb::SnapshotResponse {
     let snapshots = symbols
@@ -61,8 +66,7 @@ pub async fn local_history(node: &Node, r: pb::HistoryRequest) -> Result<pb::His
             .read_local_ticks(sym, r.from_seq.max(1), to, limit + 1)
             .await
             .map_err(internal)?;
-        let truncated = ticks.len() > limit;
-        ticks.truncate(limit);
+        let truncated = truncate(&mut ticks, limit);
         Ok(pb::HistoryResponse {
             epoch,
             ticks: ticks.iter().map(wire::tick_to_pb).collect(),
@@ -78,8 +82,7 @@ pub async fn local_history(node: &Node, r: pb::HistoryRequest) -> Result<pb::His
             .read_local_candles(sym, interval, r.from_micros, to, limit + 1)
             .await
             .map_err(internal)?;
-        let truncated = candles.len() > limit;
-        candles.truncate(limit);
+        let truncated = truncate(&mut candles, limit);
         Ok(pb::HistoryResponse {
             epoch,
             ticks: Vec::new(),
@@ -90,6 +93,14 @@ pub async fn local_history(node: &Node, r: pb::HistoryRequest) -> Result<pb::His
             truncated,
         })
     }
+}
+
+/// Keeps the first `limit` items; true if there were more (read `limit + 1`
+/// to know).
+fn truncate<T>(items: &mut Vec<T>, limit: usize) -> bool {
+    let more = items.len() > limit;
+    items.truncate(limit);
+    more
 }
 
 /// Every symbol with ticks that this pod owns.
@@ -363,12 +374,7 @@ impl ClusterApi for ClusterService {
         &self,
         req: Request<pb::SnapshotRequest>,
     ) -> Result<Response<pb::SnapshotResponse>, Status> {
-        let syms = req
-            .get_ref()
-            .symbols
-            .iter()
-            .map(|s| parse_symbol(s))
-            .collect::<Result<Vec<_>, _>>()?;
+        let syms = parse_symbols(&req.get_ref().symbols)?;
         Ok(Response::new(local_snapshot(&self.node, &syms)))
     }
 
@@ -384,12 +390,7 @@ impl ClusterApi for ClusterService {
     }
 
     async fn ensure(&self, req: Request<pb::EnsureRequest>) -> Result<Response<pb::EnsureResponse>, Status> {
-        let syms = req
-            .get_ref()
-            .symbols
-            .iter()
-            .map(|s| parse_symbol(s))
-            .collect::<Result<Vec<_>, _>>()?;
+        let syms = parse_symbols(&req.get_ref().symbols)?;
         self.node
             .ensure_local(syms.clone())
             .await

@@ -341,6 +341,18 @@ fn snapshot(batch: &mut CommitBatch, st: &SymState) {
     batch.put_dedup(&st.rec.symbol, st.dedup.iter().map(|(id, d)| (&**id, d)));
 }
 
+/// Which symbols a commit compacts.
+#[derive(Clone, Copy)]
+enum Pick {
+    /// At most [`COMPACT_PER_COMMIT`]: touched symbols with a block's worth
+    /// of uncompacted ticks or [`COMPACT_AFTER`] commits of them, and those
+    /// holding the log back [`LOG_SPAN`] records.
+    Due,
+    /// Every symbol with uncompacted ticks, up to this many (stop: all;
+    /// retention: [`COMPACT_ASKED_PER_COMMIT`]).
+    Everything(usize),
+}
+
 /// `sym` no longer needs log record `from` (it was compacted).
 fn unref(refs: &mut BTreeMap<u64, HashSet<Symbol>>, from: u64, sym: &Symbol) {
     if let Some(set) = refs.get_mut(&from) {
@@ -516,14 +528,14 @@ impl Worker {
             // changed de-dup states, the log records no symbol needs any
             // more removed, closed candles, records of new symbols.
             let commit = self.next_commit;
-            let limit = if stop {
-                usize::MAX
+            let pick = if stop {
+                Pick::Everything(usize::MAX)
             } else if compact {
-                COMPACT_ASKED_PER_COMMIT
+                Pick::Everything(COMPACT_ASKED_PER_COMMIT)
             } else {
-                COMPACT_PER_COMMIT
+                Pick::Due
             };
-            let compacting = self.pick_compactions(commit, limit, &touched);
+            let compacting = self.pick_compactions(commit, &touched, pick);
             let mut batch = CommitBatch::default();
             let block_ticks = self.store.block_ticks();
             let horizon = now - DEDUP_HORIZON.as_micros() as i64;
@@ -679,15 +691,14 @@ impl Worker {
         tracing::debug!("committer stopped without a final compaction");
     }
 
-    /// Picks at most `limit` symbols to compact in commit `commit`: touched
-    /// ones with a block's worth of uncompacted ticks or [`COMPACT_AFTER`]
-    /// commits of them, and those holding the log back [`LOG_SPAN`] records;
-    /// every symbol with uncompacted ticks when `limit` is above
-    /// [`COMPACT_PER_COMMIT`] (stop, retention). Oldest log first. Costs
+    /// Picks the symbols to compact in commit `commit`, oldest log first, in
     /// O(touched + picked), not O(symbols).
-    fn pick_compactions(&self, commit: u64, limit: usize, touched: &[Symbol]) -> Vec<Symbol> {
+    fn pick_compactions(&self, commit: u64, touched: &[Symbol], pick: Pick) -> Vec<Symbol> {
         let block_ticks = self.store.block_ticks();
-        let everything = limit > COMPACT_PER_COMMIT;
+        let (everything, limit) = match pick {
+            Pick::Due => (false, COMPACT_PER_COMMIT),
+            Pick::Everything(limit) => (true, limit),
+        };
         let mut due: Vec<(u64, Symbol)> = Vec::new();
         for (&from, syms) in &self.log_refs {
             if due.len() >= limit || (!everything && commit - from < LOG_SPAN) {

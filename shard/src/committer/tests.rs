@@ -31,6 +31,16 @@ fn start(dir: &std::path::Path) -> Running {
     }
 }
 
+/// A crash: the committer's handles go away without `stop` (so no final
+/// compaction); waits for its thread and returns the store to inspect.
+async fn crash(r: Running) -> Arc<Store> {
+    drop(r.committer);
+    tokio::task::spawn_blocking(move || r.join.join().unwrap())
+        .await
+        .unwrap();
+    r.store
+}
+
 fn tick(sym: &str, ts: i64, cents: i64) -> Tick {
     Tick {
         symbol: Symbol::parse(sym).unwrap(),
@@ -120,17 +130,14 @@ async fn state_after_a_crash_is_the_acked_state() {
     let before = heads(&r.hub);
 
     // a crash: the committer goes away without its final compaction
-    drop(r.committer);
-    tokio::task::spawn_blocking(move || r.join.join().unwrap())
-        .await
-        .unwrap();
+    let store = crash(r).await;
     // the test must exercise the fold of log records onto snapshots
     assert!(
-        r.store.load_symbols().unwrap().iter().any(|rec| rec.last_seq > 0),
+        store.load_symbols().unwrap().iter().any(|rec| rec.last_seq > 0),
         "no compaction ran"
     );
-    assert!(!r.store.load_log().unwrap().is_empty(), "nothing to fold");
-    drop(r.store);
+    assert!(!store.load_log().unwrap().is_empty(), "nothing to fold");
+    drop(store);
 
     let r = start(dir.path());
     assert_eq!(heads(&r.hub), before, "epoch, seq, last tick and open candles");
@@ -167,24 +174,6 @@ async fn state_after_a_crash_is_the_acked_state() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_never_removes_blocks_after_the_snapshot() {
-    let dir = tempfile::tempdir().unwrap();
-    let r = start(dir.path());
-    publish_waves(&r.committer).await;
-    let before = heads(&r.hub);
-    for (sym, (_, seq, _, _)) in &before {
-        r.store.prune_ticks(&Symbol::parse(sym).unwrap(), seq + 1).unwrap();
-    }
-    drop(r.committer);
-    tokio::task::spawn_blocking(move || r.join.join().unwrap())
-        .await
-        .unwrap();
-    drop(r.store);
-    let r = start(dir.path());
-    assert_eq!(heads(&r.hub), before);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_symbol_compacted_while_an_idle_one_holds_the_log_recovers_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let r = start(dir.path());
@@ -202,18 +191,15 @@ async fn a_symbol_compacted_while_an_idle_one_holds_the_log_recovers_exactly() {
         .await;
     }
     let before = heads(&r.hub);
-    drop(r.committer);
-    tokio::task::spawn_blocking(move || r.join.join().unwrap())
-        .await
-        .unwrap();
+    let store = crash(r).await;
     let eth = Symbol::parse("ETH-USD").unwrap();
-    let records = r.store.load_symbols().unwrap();
+    let records = store.load_symbols().unwrap();
     let snap = records.iter().find(|rec| rec.symbol == eth).unwrap().last_seq;
     assert!(
         snap >= COMPACT_AFTER as u64,
         "ETH-USD was compacted (snapshot at {snap})"
     );
-    let log = r.store.load_log().unwrap();
+    let log = store.load_log().unwrap();
     assert_eq!(log.first().map(|(c, _)| *c), Some(1), "BTC-USD holds record 1");
     assert!(
         log.iter()
@@ -221,7 +207,7 @@ async fn a_symbol_compacted_while_an_idle_one_holds_the_log_recovers_exactly() {
             .any(|s| s.ticks[0].symbol == eth && s.ticks[0].seq <= snap),
         "the log holds ETH-USD sections the snapshot covers"
     );
-    drop(r.store);
+    drop(store);
     let r = start(dir.path());
     assert_eq!(heads(&r.hub), before);
     // and the history reads back whole from the blocks start-up compacted
@@ -247,13 +233,9 @@ async fn an_idle_symbol_does_not_hold_the_log_forever() {
         .await;
     }
     let before = heads(&r.hub);
-    drop(r.committer);
-    tokio::task::spawn_blocking(move || r.join.join().unwrap())
-        .await
-        .unwrap();
+    let store = crash(r).await;
     let btc = Symbol::parse("BTC-USD").unwrap();
-    let rec = r
-        .store
+    let rec = store
         .load_symbols()
         .unwrap()
         .into_iter()
@@ -263,7 +245,7 @@ async fn an_idle_symbol_does_not_hold_the_log_forever() {
         rec.last_seq, 1,
         "BTC-USD was compacted once it held the log back LOG_SPAN commits"
     );
-    let log = r.store.load_log().unwrap();
+    let log = store.load_log().unwrap();
     assert!(
         log.len() as u64 <= LOG_SPAN,
         "the log stays bounded: {} records",
@@ -273,7 +255,7 @@ async fn an_idle_symbol_does_not_hold_the_log_forever() {
         log.iter()
             .all(|(_, sections)| sections.iter().all(|s| s.ticks[0].symbol != btc))
     );
-    drop(r.store);
+    drop(store);
     let r = start(dir.path());
     assert_eq!(heads(&r.hub), before);
 }

@@ -155,10 +155,10 @@ impl CommitBatch {
         self.keys += 1;
     }
 
-    /// A tick block as format 2 wrote it (ticks + the de-dup states its
-    /// commit changed), for upgrade tests.
+    /// A tick block followed by the de-dup states its commit changed, as
+    /// format 3 wrote blocks after a snapshot (for upgrade tests).
     #[cfg(test)]
-    pub(crate) fn put_format2_block<'a>(
+    pub(crate) fn put_block_with_dedup<'a>(
         &mut self,
         ticks: &[Tick],
         dedup: impl Iterator<Item = (&'a str, &'a DedupState)>,
@@ -391,19 +391,12 @@ impl Store {
     /// Applies one group commit atomically and makes it durable. Returns the
     /// time spent in `flush`.
     pub fn commit(&self, batch: CommitBatch) -> Result<Duration, StoreError> {
-        self.apply(batch)?;
-        let t = Instant::now();
-        self.db.flush()?;
-        Ok(t.elapsed())
-    }
-
-    /// Applies a batch atomically without flushing: it becomes durable with
-    /// the next flush.
-    pub fn apply(&self, batch: CommitBatch) -> Result<(), StoreError> {
         if !batch.is_empty() {
             self.tree.apply_batch(batch.batch)?;
         }
-        Ok(())
+        let t = Instant::now();
+        self.db.flush()?;
+        Ok(t.elapsed())
     }
 
     /// Ticks `from..=to` of `sym` in seq order, at most `limit`. Callers clamp

@@ -144,7 +144,7 @@ fn the_tail_after_a_snapshot_carries_ticks_and_dedup_changes() {
     };
     let ticks: Vec<Tick> = (6..=8).map(|q| tick(s, q)).collect();
     let mut b = CommitBatch::default();
-    b.put_format2_block(&ticks, [("pub-a", &d)].into_iter());
+    b.put_block_with_dedup(&ticks, [("pub-a", &d)].into_iter());
     store.commit(b).unwrap();
     let tail = store
         .load_tail(&s, 3)
