@@ -8,10 +8,13 @@
 use std::{collections::VecDeque, hint::black_box, io::Write as _, sync::Arc, time::Duration};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use tickshard_feed::ws::{json, protocol};
+use tickshard_feed::{
+    grpc,
+    ws::{json, protocol},
+};
 use tickshard_shard::{
     domain::{Epoch, Symbol, Tick, TickFields},
-    hub::{Channel, Chunk, Head, Hub, Msg, Outbox},
+    hub::{Channel, Chunk, Format, Head, Hub, Msg, Outbox},
     store::{CommitBatch, Store, StoreOptions},
 };
 
@@ -67,7 +70,7 @@ fn encode(c: &mut Criterion) {
     g.bench_function("chunk_of_64_once", |b| {
         b.iter(|| {
             let chunk = Chunk::new(ticks[0].symbol, ticks.clone());
-            black_box(chunk.encoded(json::encode_ticks).bytes.len())
+            black_box(chunk.encoded(Format::Json, json::encode_ticks).frames_from(0).count())
         })
     });
     g.finish();
@@ -82,6 +85,44 @@ fn encode(c: &mut Criterion) {
         })
     });
     g.bench_function("to_string", |b| b.iter(|| black_box(black_box(d).to_string())));
+    g.finish();
+}
+
+/// gRPC `Subscribe`: one chunk of 10 ticks rendered for 1,000 subscribers, as
+/// tonic's generated code would (a prost encode per tick per subscriber) and
+/// as tickshard does (one encode, a shared slice per subscriber).
+fn grpc_render(c: &mut Criterion) {
+    use prost::Message as _;
+    use tickshard_proto::v1 as pb;
+    let ticks: Vec<Tick> = (1..=10).map(|s| tick("BTC-USD", s)).collect();
+    let mut g = c.benchmark_group("grpc_render_10_ticks_to_1000_subscribers");
+    g.throughput(Throughput::Elements(10 * 1000));
+    g.bench_function("encode_per_subscriber", |b| {
+        b.iter(|| {
+            let mut n = 0;
+            for _ in 0..1000 {
+                for t in &ticks {
+                    let ev = pb::Event {
+                        kind: Some(pb::event::Kind::Tick(tickshard_shard::wire::tick_to_pb(t))),
+                    };
+                    n += black_box(ev.encode_to_vec()).len();
+                }
+            }
+            n
+        })
+    });
+    let mut out = VecDeque::with_capacity(16);
+    g.bench_function("encode_once_shared", |b| {
+        b.iter(|| {
+            let chunk = Chunk::new(ticks[0].symbol, ticks.clone());
+            let mut n = 0;
+            for _ in 0..1000 {
+                out.extend(chunk.encoded(Format::Protobuf, grpc::encode_tick_events).shared_from(0));
+                n += out.drain(..).map(|b| black_box(b).len()).sum::<usize>();
+            }
+            n
+        })
+    });
     g.finish();
 }
 
@@ -177,5 +218,5 @@ fn fanout(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parse, encode, store, fanout);
+criterion_group!(benches, parse, encode, grpc_render, store, fanout);
 criterion_main!(benches);

@@ -6,7 +6,7 @@ use std::io::Write as _;
 
 use tickshard_shard::{
     domain::{Candle, Decimal, Epoch, Symbol, Tick},
-    hub::Encoded,
+    hub::Frames,
     node::SubResult,
 };
 
@@ -93,12 +93,11 @@ pub fn tick(out: &mut Vec<u8>, t: &Tick) {
 }
 
 /// Encodes every tick of a chunk once; the result is shared by all subscribers.
-pub fn encode_ticks(ticks: &[Tick], enc: &mut Encoded) {
-    enc.bytes.reserve(ticks.len() * 150);
-    enc.ends.reserve(ticks.len());
+pub fn encode_ticks(ticks: &[Tick], frames: &mut Frames) {
+    frames.reserve(ticks.len(), ticks.len() * 150);
     for t in ticks {
-        tick(&mut enc.bytes, t);
-        enc.ends.push(enc.bytes.len() as u32);
+        tick(&mut frames.bytes, t);
+        frames.end_frame();
     }
 }
 

@@ -30,7 +30,7 @@ use hyper_util::rt::TokioIo;
 use simd_json::Buffers;
 use tickshard_shard::{
     domain::{ErrorCode, Symbol},
-    hub::{AfterWrite, Channel, Close, Data, Msg, Outbox},
+    hub::{AfterWrite, Channel, Close, Data, Format, Msg, Outbox},
     metrics as m,
     node::{SubRequest, SubResult},
 };
@@ -208,7 +208,7 @@ impl Connection {
                         weight += d.weight();
                         match d {
                             Data::Ticks { chunk, from } => {
-                                let enc = chunk.encoded(json::encode_ticks);
+                                let enc = chunk.encoded(Format::Json, json::encode_ticks);
                                 let mut r = Ok(());
                                 for f in enc.frames_from(from) {
                                     msgs += 1;

@@ -1,5 +1,7 @@
 use std::sync::OnceLock;
 
+use bytes::Bytes;
+
 use crate::domain::{Candle, Epoch, Symbol, Tick};
 
 /// What the queue accounting charges for one tick: roughly its JSON frame.
@@ -10,30 +12,62 @@ pub const APPROX_TICK_BYTES: usize = 160;
 /// Consecutive accepted ticks of one symbol from one group commit (or one page
 /// of history), shared by every subscriber through an `Arc`.
 ///
-/// The protocol encoding is done once, by the first writer that needs it
+/// Each protocol's encoding is done once, by the first writer that needs it
 /// ([`Chunk::encoded`]), and the same bytes are then written to every
-/// subscriber: encode once per tick, never once per subscriber.
+/// subscriber of that protocol: encode once per tick, never once per subscriber.
 pub struct Chunk {
     pub symbol: Symbol,
     pub ticks: Vec<Tick>,
-    encoded: OnceLock<Encoded>,
+    json: OnceLock<Encoded>,
+    protobuf: OnceLock<Encoded>,
 }
 
-/// Pre-encoded frames: frame `i` is `bytes[ends[i-1]..ends[i]]` (`ends[-1] = 0`).
+/// The wire formats a chunk's ticks are encoded in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// WebSocket protocol v1 text frames.
+    Json,
+    /// `tickshard.v1.Event` messages of the gRPC `Subscribe` stream.
+    Protobuf,
+}
+
+/// Frames being encoded: an encoder appends a frame's bytes to `bytes`, then
+/// calls [`Frames::end_frame`].
 #[derive(Default)]
-pub struct Encoded {
+pub struct Frames {
     pub bytes: Vec<u8>,
-    pub ends: Vec<u32>,
+    ends: Vec<u32>,
+}
+
+impl Frames {
+    pub fn reserve(&mut self, frames: usize, bytes: usize) {
+        self.bytes.reserve(bytes);
+        self.ends.reserve(frames);
+    }
+
+    pub fn end_frame(&mut self) {
+        self.ends.push(self.bytes.len() as u32);
+    }
+}
+
+/// Pre-encoded frames, one per tick: frame `i` is `bytes[ends[i-1]..ends[i]]`
+/// (`ends[-1] = 0`).
+pub struct Encoded {
+    bytes: Bytes,
+    ends: Vec<u32>,
 }
 
 impl Encoded {
+    fn start(&self, from: usize) -> usize {
+        match from {
+            0 => 0,
+            _ => self.ends.get(from - 1).map_or(self.bytes.len(), |&e| e as usize),
+        }
+    }
+
     /// The frames from tick index `from` on.
     pub fn frames_from(&self, from: usize) -> impl Iterator<Item = &[u8]> {
-        let mut start = if from == 0 {
-            0
-        } else {
-            self.ends.get(from - 1).map_or(self.bytes.len(), |&e| e as usize)
-        };
+        let mut start = self.start(from);
         self.ends.iter().skip(from).map(move |&end| {
             let f = self.bytes.get(start..end as usize).unwrap_or_default();
             start = end as usize;
@@ -41,14 +75,16 @@ impl Encoded {
         })
     }
 
-    /// Bytes of the frames from tick index `from` on.
-    pub fn len_from(&self, from: usize) -> usize {
-        let start = if from == 0 {
-            0
-        } else {
-            self.ends.get(from - 1).map_or(self.bytes.len(), |&e| e as usize)
-        };
-        self.bytes.len() - start
+    /// The frames from tick index `from` on, as handles on the shared bytes
+    /// (a reference count each, no copy): for streams that need owned items.
+    pub fn shared_from(&self, from: usize) -> impl Iterator<Item = Bytes> + '_ {
+        let mut start = self.start(from);
+        self.ends.iter().skip(from).map(move |&end| {
+            let end = (end as usize).min(self.bytes.len());
+            let f = self.bytes.slice(start.min(end)..end);
+            start = end;
+            f
+        })
     }
 }
 
@@ -57,7 +93,8 @@ impl Chunk {
         Chunk {
             symbol,
             ticks,
-            encoded: OnceLock::new(),
+            json: OnceLock::new(),
+            protobuf: OnceLock::new(),
         }
     }
 
@@ -69,12 +106,20 @@ impl Chunk {
         self.ticks.last().map_or(0, |t| t.seq)
     }
 
-    /// The encoded frames, produced by `encode` on first use only.
-    pub fn encoded(&self, encode: impl FnOnce(&[Tick], &mut Encoded)) -> &Encoded {
-        self.encoded.get_or_init(|| {
-            let mut e = Encoded::default();
-            encode(&self.ticks, &mut e);
-            e
+    /// The ticks encoded in `format`, produced by `encode` on first use only
+    /// (`encode` must end one frame per tick).
+    pub fn encoded(&self, format: Format, encode: impl FnOnce(&[Tick], &mut Frames)) -> &Encoded {
+        let cell = match format {
+            Format::Json => &self.json,
+            Format::Protobuf => &self.protobuf,
+        };
+        cell.get_or_init(|| {
+            let mut f = Frames::default();
+            encode(&self.ticks, &mut f);
+            Encoded {
+                bytes: Bytes::from(f.bytes),
+                ends: f.ends,
+            }
         })
     }
 }

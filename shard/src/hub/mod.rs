@@ -19,7 +19,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard, RwLock},
 };
 
-pub use chunk::{APPROX_TICK_BYTES, CandleData, Chunk, Data, Encoded, SnapshotData};
+pub use chunk::{APPROX_TICK_BYTES, CandleData, Chunk, Data, Encoded, Format, Frames, SnapshotData};
 pub use outbox::{AfterWrite, Close, Msg, Outbox};
 
 use crate::domain::{Candle, Epoch, Interval, Symbol, Tick};

@@ -1,8 +1,14 @@
 //! The public gRPC API (`tickshard.v1.Feed`, contract §5), plus the standard
 //! health service and server reflection, on the gRPC listener.
 
+mod subscribe;
+
+use subscribe::FeedRoutes;
+pub use subscribe::encode_tick_events;
+
 use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
 
+use bytes::Bytes;
 use futures_util::Stream;
 use tickshard_proto::v1::{
     self as pb,
@@ -12,12 +18,10 @@ use tickshard_proto::v1::{
 use tickshard_shard::{
     cluster::service::{self, ClusterService, parse_symbol, parse_symbols},
     domain::{Epoch, Position, Symbol},
-    events::outbox_events,
-    hub::{Channel, Data, Outbox},
+    hub::{Channel, Outbox},
     metrics as m,
-    node::{SubRequest, SubResult},
+    node::SubRequest,
     publish::{self, Origin},
-    wire,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -50,7 +54,7 @@ pub fn start(
         shared.stopping().clone(),
         shared.publish_window,
     ));
-    let feed = FeedServer::new(FeedService { shared });
+    let feed = FeedRoutes::new(FeedService { shared });
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(
         tonic::transport::Server::builder()
@@ -141,14 +145,10 @@ fn sub_requests(r: &pb::SubscribeRequest, max: usize) -> Result<Vec<SubRequest>,
     Ok(out)
 }
 
-fn event(kind: pb::event::Kind) -> pb::Event {
-    pb::Event { kind: Some(kind) }
-}
-
 /// Cleans a gRPC subscriber up when tonic drops its stream (client gone).
 struct SubGuard {
     shared: Arc<Shared>,
-    outbox: Arc<Outbox<pb::Event>>,
+    outbox: Arc<Outbox<Bytes>>,
     subs: Vec<(Symbol, Channel)>,
 }
 
@@ -181,50 +181,10 @@ impl Feed for FeedService {
         )))
     }
 
-    async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
-        if self.shared.is_draining() {
-            return Err(Status::unavailable("server is draining: connect to another server"));
-        }
-        let reqs = sub_requests(req.get_ref(), self.shared.ws.max_subscriptions)?;
-        let node = self.shared.node.clone();
-        let outbox: Arc<Outbox<pb::Event>> = node.outbox(self.shared.ws.slow_client);
-        metrics::gauge!(m::CLIENTS_CONNECTED, "protocol" => "grpc").increment(1.0);
-        let guard = SubGuard {
-            shared: self.shared.clone(),
-            outbox: outbox.clone(),
-            subs: reqs.iter().map(|r| (r.symbol, r.channel)).collect(),
-        };
-        self.shared.register(outbox.id(), outbox.clone());
-        let prepared = node
-            .prepare(&outbox, &reqs)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        if let Some((r, why)) = prepared.failed.first() {
-            // gRPC has no per-symbol error: the whole call is retryable.
-            return Err(Status::unavailable(format!("{}: {why}", r.symbol)));
-        }
-        let subscribed = event(pb::event::Kind::Subscribed(pb::Subscribed {
-            symbols: SubResult::per_symbol(&prepared.results)
-                .iter()
-                .map(wire::sub_result_to_pb)
-                .collect(),
-        }));
-        outbox.control(subscribed, 64);
-        {
-            let outbox = outbox.clone();
-            tokio::spawn(async move { node.activate(&outbox, prepared).await });
-        }
-        let events = outbox_events(outbox, self.shared.node.hub().clone(), guard, |d, out| match d {
-            Data::Ticks { chunk, from } => {
-                let ticks = chunk.ticks.get(from..).unwrap_or_default();
-                out.extend(ticks.iter().map(|t| event(pb::event::Kind::Tick(wire::tick_to_pb(t)))));
-            }
-            Data::Snapshot(s) => out.push_back(event(pb::event::Kind::Snapshot(wire::snapshot_to_pb(&s, false)))),
-            Data::Candle(c) => out.push_back(event(pb::event::Kind::Candle(wire::candle_to_pb(&c.candle, c.closed)))),
-            // gRPC has no such event; the stream resumes when the owner is back.
-            Data::Unavailable(_) => {}
-        });
-        Ok(Response::new(Box::pin(events)))
+    /// Never called: [`FeedRoutes`] serves `Subscribe` with pre-encoded
+    /// events before the generated router would reach this.
+    async fn subscribe(&self, _req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        Err(Status::internal("Subscribe is routed to the encode-once handler"))
     }
 
     async fn get_snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<Response<pb::SnapshotResponse>, Status> {

@@ -1,0 +1,278 @@
+//! `Feed.Subscribe` with encode-once tick events.
+//!
+//! tonic's generated server converts every response item with prost, which for
+//! a stream of ticks would mean one protobuf encode (and a string per decimal)
+//! per tick *per subscriber*. Instead each chunk's ticks are encoded once into
+//! `tickshard.v1.Event` messages ([`Format::Protobuf`], cached in the chunk),
+//! and every subscriber's stream yields reference-counted slices of those bytes
+//! through [`PreEncodedCodec`]. [`FeedRoutes`] sends the `Subscribe` path to
+//! that hand-built handler and everything else to the generated `FeedServer`;
+//! the bytes on the wire are the same `Event` messages, so generated clients
+//! (and grpcurl through reflection) see no difference.
+
+use std::{convert::Infallible, sync::Arc};
+
+use bytes::{BufMut as _, Bytes};
+use prost::Message as _;
+use tickshard_proto::v1::{self as pb, feed_server::FeedServer};
+use tickshard_shard::{
+    domain::Tick,
+    events::outbox_events,
+    hub::{Data, Format, Frames, Outbox},
+    metrics as m,
+    node::SubResult,
+    wire,
+};
+use tonic::{
+    Request, Response, Status,
+    codec::{BufferSettings, Codec, EncodeBuf, Encoder},
+    codegen::{Body, BoxFuture, Service, StdError, http},
+    server::{Grpc, NamedService, ServerStreamingService},
+};
+use tonic_prost::ProstDecoder;
+
+use super::{BoxStream, FeedService, SubGuard, sub_requests};
+
+const SUBSCRIBE_PATH: &str = "/tickshard.v1.Feed/Subscribe";
+
+/// `tickshard.v1.Feed`: `Subscribe` by [`subscribe`], the rest by the
+/// generated server.
+#[derive(Clone)]
+pub struct FeedRoutes {
+    generated: FeedServer<FeedService>,
+    service: Arc<FeedService>,
+}
+
+impl FeedRoutes {
+    pub fn new(service: FeedService) -> FeedRoutes {
+        let service = Arc::new(service);
+        FeedRoutes {
+            generated: FeedServer::from_arc(service.clone()),
+            service,
+        }
+    }
+}
+
+impl NamedService for FeedRoutes {
+    const NAME: &'static str = <FeedServer<FeedService> as NamedService>::NAME;
+}
+
+impl<B> Service<http::Request<B>> for FeedRoutes
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        Service::<http::Request<B>>::poll_ready(&mut self.generated, cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != SUBSCRIBE_PATH {
+            return self.generated.call(req);
+        }
+        let method = SubscribeSvc(self.service.clone());
+        Box::pin(async move { Ok(Grpc::new(PreEncodedCodec).server_streaming(method, req).await) })
+    }
+}
+
+struct SubscribeSvc(Arc<FeedService>);
+
+impl ServerStreamingService<pb::SubscribeRequest> for SubscribeSvc {
+    type Response = Bytes;
+    type ResponseStream = BoxStream<Bytes>;
+    type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, req: Request<pb::SubscribeRequest>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move { subscribe(&service, req).await })
+    }
+}
+
+/// Decodes `SubscribeRequest`s with prost; writes response items, which are
+/// already-encoded `Event` messages, as they are.
+#[derive(Clone, Copy, Default)]
+pub struct PreEncodedCodec;
+
+pub struct PreEncodedEncoder;
+
+impl Encoder for PreEncodedEncoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Codec for PreEncodedCodec {
+    type Encode = Bytes;
+    type Decode = pb::SubscribeRequest;
+    type Encoder = PreEncodedEncoder;
+    type Decoder = ProstDecoder<pb::SubscribeRequest>;
+
+    fn encoder(&mut self) -> PreEncodedEncoder {
+        PreEncodedEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstDecoder::new(BufferSettings::default())
+    }
+}
+
+/// Encodes every tick of a chunk once as an `Event`; shared by all gRPC
+/// subscribers.
+pub fn encode_tick_events(ticks: &[Tick], frames: &mut Frames) {
+    frames.reserve(ticks.len(), ticks.len() * 96);
+    for t in ticks {
+        event(pb::event::Kind::Tick(wire::tick_to_pb(t))).encode_raw(&mut frames.bytes);
+        frames.end_frame();
+    }
+}
+
+fn event(kind: pb::event::Kind) -> pb::Event {
+    pb::Event { kind: Some(kind) }
+}
+
+fn encoded(kind: pb::event::Kind) -> Bytes {
+    Bytes::from(event(kind).encode_to_vec())
+}
+
+/// Renders one hub item into encoded `Event`s: a chunk's ticks are slices of
+/// the chunk's shared encoding, the rarer snapshots and candles are encoded
+/// per subscriber.
+pub fn render(d: Data, out: &mut std::collections::VecDeque<Bytes>) {
+    match d {
+        Data::Ticks { chunk, from } => {
+            out.extend(chunk.encoded(Format::Protobuf, encode_tick_events).shared_from(from));
+        }
+        Data::Snapshot(s) => out.push_back(encoded(pb::event::Kind::Snapshot(wire::snapshot_to_pb(&s, false)))),
+        Data::Candle(c) => out.push_back(encoded(pb::event::Kind::Candle(wire::candle_to_pb(
+            &c.candle, c.closed,
+        )))),
+        // gRPC has no such event; the stream resumes when the owner is back.
+        Data::Unavailable(_) => {}
+    }
+}
+
+async fn subscribe(
+    service: &FeedService,
+    req: Request<pb::SubscribeRequest>,
+) -> Result<Response<BoxStream<Bytes>>, Status> {
+    let shared = &service.shared;
+    if shared.is_draining() {
+        return Err(Status::unavailable("server is draining: connect to another server"));
+    }
+    let reqs = sub_requests(req.get_ref(), shared.ws.max_subscriptions)?;
+    let node = shared.node.clone();
+    let outbox: Arc<Outbox<Bytes>> = node.outbox(shared.ws.slow_client);
+    metrics::gauge!(m::CLIENTS_CONNECTED, "protocol" => "grpc").increment(1.0);
+    let guard = SubGuard {
+        shared: shared.clone(),
+        outbox: outbox.clone(),
+        subs: reqs.iter().map(|r| (r.symbol, r.channel)).collect(),
+    };
+    shared.register(outbox.id(), outbox.clone());
+    let prepared = node
+        .prepare(&outbox, &reqs)
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    if let Some((r, why)) = prepared.failed.first() {
+        // gRPC has no per-symbol error: the whole call is retryable.
+        return Err(Status::unavailable(format!("{}: {why}", r.symbol)));
+    }
+    let subscribed = encoded(pb::event::Kind::Subscribed(pb::Subscribed {
+        symbols: SubResult::per_symbol(&prepared.results)
+            .iter()
+            .map(wire::sub_result_to_pb)
+            .collect(),
+    }));
+    outbox.control(subscribed, 64);
+    {
+        let outbox = outbox.clone();
+        tokio::spawn(async move { node.activate(&outbox, prepared).await });
+    }
+    let events = outbox_events(outbox, shared.node.hub().clone(), guard, render);
+    Ok(Response::new(Box::pin(events)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use tickshard_shard::{
+        domain::{Symbol, TickFields},
+        hub::Chunk,
+    };
+
+    use super::*;
+
+    fn ticks() -> Vec<Tick> {
+        (1..=3)
+            .map(|seq| {
+                let mut t = TickFields {
+                    symbol: "BTC-USD",
+                    ts: 1_732_530_000_000_000 + seq as i64,
+                    price: "67012.50",
+                    size: "0.0100",
+                    bid: "67012.40",
+                    ask: "67012.600",
+                    bid_size: "4.20",
+                    ask_size: "1.05",
+                }
+                .validate()
+                .unwrap();
+                t.seq = seq;
+                t
+            })
+            .collect()
+    }
+
+    /// What tonic's generated code would have sent: the same `Event`s,
+    /// decimals exact, from the requested index on.
+    #[test]
+    fn pre_encoded_ticks_decode_to_the_generated_events() {
+        let ts = ticks();
+        let chunk = Arc::new(Chunk::new(Symbol::parse("BTC-USD").unwrap(), ts.clone()));
+        let mut out = VecDeque::new();
+        render(Data::Ticks { chunk, from: 1 }, &mut out);
+        let got: Vec<pb::Event> = out.iter().map(|b| pb::Event::decode(b.clone()).unwrap()).collect();
+        let want: Vec<pb::Event> = ts[1..]
+            .iter()
+            .map(|t| event(pb::event::Kind::Tick(wire::tick_to_pb(t))))
+            .collect();
+        assert_eq!(got, want);
+        let Some(pb::event::Kind::Tick(t)) = &got[0].kind else {
+            panic!("not a tick: {:?}", got[0]);
+        };
+        assert_eq!((t.seq, t.price.as_str(), t.ask.as_str()), (2, "67012.50", "67012.600"));
+    }
+
+    /// Encode once: two subscribers of the same chunk get the same bytes, not
+    /// two encodings.
+    #[test]
+    fn subscribers_share_one_encoding() {
+        let chunk = Arc::new(Chunk::new(Symbol::parse("BTC-USD").unwrap(), ticks()));
+        let (mut a, mut b) = (VecDeque::new(), VecDeque::new());
+        render(
+            Data::Ticks {
+                chunk: chunk.clone(),
+                from: 0,
+            },
+            &mut a,
+        );
+        render(Data::Ticks { chunk, from: 2 }, &mut b);
+        assert_eq!(a.len(), 3);
+        assert_eq!(b.len(), 1);
+        assert_eq!(a[2], b[0]);
+        assert_eq!(
+            a[2].as_ptr(),
+            b[0].as_ptr(),
+            "the second subscriber re-encoded the tick"
+        );
+    }
+}
