@@ -14,6 +14,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::{FutureExt as _, future::Either};
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
 use hyper_util::rt::TokioIo;
@@ -318,15 +319,20 @@ async fn handle(
                     }
                     Ok((resp, fut)) => {
                         let s = shared.clone();
-                        shared.tracker.spawn(async move {
-                            let _permit = permit;
-                            match fut.await {
-                                // Only the raw stream is kept: `ws::serve` splits it
-                                // and sets the WebSocket up itself.
-                                Ok(websocket) => ws::serve(websocket.into_inner().into_inner(), s, peer).await,
-                                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-                            }
-                        });
+                        // Only the raw stream is kept: `ws::serve` splits it and
+                        // sets the WebSocket up itself. Combinators rather than an
+                        // async block, which would hold a second copy of the
+                        // connection's future: the task is no bigger than it.
+                        let task = fut
+                            .then(move |upgraded| match upgraded {
+                                Ok(websocket) => Either::Left(ws::serve(websocket.into_inner().into_inner(), s, peer)),
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "upgrade failed");
+                                    Either::Right(std::future::ready(()))
+                                }
+                            })
+                            .map(move |()| drop(permit));
+                        shared.tracker.spawn(task);
                         resp.map(|_| ws::empty_body())
                     }
                 }

@@ -556,3 +556,98 @@ async fn connections_past_the_limit_wait_for_a_free_slot() {
     c.send_text(r#"{"op":"ping","id":1}"#).await.unwrap();
     assert_eq!(recv(&mut c).await, ServerMsg::Pong { id: Some("1".into()) });
 }
+
+/// A masked client text frame (mask key 0, so the payload reads as is).
+fn client_frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x81];
+    match payload.len() {
+        n @ 0..=125 => f.push(0x80 | n as u8),
+        n => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&[0, 0, 0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Reads server text frames until `n` have arrived; returns their payloads.
+async fn read_server_frames(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, n: usize) -> Vec<String> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    while out.len() < n {
+        let frame = (buf.len() >= 2)
+            .then(|| match buf[1] & 0x7f {
+                126 if buf.len() >= 4 => Some((4, u16::from_be_bytes([buf[2], buf[3]]) as usize)),
+                126 | 127 => None,
+                l => Some((2, l as usize)),
+            })
+            .flatten()
+            .filter(|(h, l)| buf.len() >= h + l);
+        if let Some((h, l)) = frame {
+            if buf[0] & 0x0f == 1 {
+                out.push(String::from_utf8_lossy(&buf[h..h + l]).into_owned());
+            }
+            buf.drain(..h + l);
+            continue;
+        }
+        let mut chunk = [0u8; 4096];
+        let got = tokio::time::timeout(WAIT, s.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(got > 0, "server closed; frames so far: {out:?}");
+        buf.extend_from_slice(&chunk[..got]);
+    }
+    out
+}
+
+/// The reader keeps no buffer between bursts of client frames, so frames that
+/// arrive together, frames cut anywhere, and frames sent in the same packet as
+/// the upgrade request must all be read, whole and in order.
+#[tokio::test]
+async fn frames_pipelined_cut_or_sent_with_the_upgrade_are_all_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let srv = Server::start(&["--no-sim"]);
+    let mut s = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(srv.http))
+        .await
+        .unwrap()
+        .unwrap();
+    let ping = |id: u32| client_frame(format!(r#"{{"op":"ping","id":{id}}}"#).as_bytes());
+    // The upgrade request and the first frame in one write.
+    let mut first = b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .to_vec();
+    first.extend(ping(1));
+    s.write_all(&first).await.unwrap();
+    let mut buf = Vec::new();
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 1024];
+        let got = tokio::time::timeout(WAIT, s.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(got > 0, "no upgrade response");
+        buf.extend_from_slice(&chunk[..got]);
+    }
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(buf.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&buf));
+    buf.drain(..end);
+    assert_eq!(
+        read_server_frames(&mut s, &mut buf, 1).await,
+        [r#"{"type":"pong","id":1}"#]
+    );
+
+    // Two whole frames and the start of a third (cut inside its header), in one write.
+    let mut burst = [ping(2), ping(3)].concat();
+    let third = ping(4);
+    burst.extend_from_slice(&third[..1]);
+    s.write_all(&burst).await.unwrap();
+    let got = read_server_frames(&mut s, &mut buf, 2).await;
+    assert_eq!(got, [r#"{"type":"pong","id":2}"#, r#"{"type":"pong","id":3}"#]);
+    // The rest of the third, cut inside its payload, then a long frame (16-bit length).
+    s.write_all(&third[1..third.len() - 3]).await.unwrap();
+    let mut rest = third[third.len() - 3..].to_vec();
+    let pad = "x".repeat(300);
+    rest.extend(client_frame(
+        format!(r#"{{"op":"ping","id":5,"pad":"{pad}"}}"#).as_bytes(),
+    ));
+    s.write_all(&rest).await.unwrap();
+    let got = read_server_frames(&mut s, &mut buf, 2).await;
+    assert_eq!(got, [r#"{"type":"pong","id":4}"#, r#"{"type":"pong","id":5}"#]);
+}

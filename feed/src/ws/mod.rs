@@ -1,13 +1,15 @@
 //! WebSocket protocol v1 (contract §4) over fastwebsockets.
 //!
 //! One task per connection runs three futures: the *reader* (frames → requests;
-//! never inside a `select!` that could cancel `read_frame` and then read again),
+//! never inside a `select!` that could cancel `read_frame` and then read again;
+//! it holds a read buffer only while client frames are arriving, `client_read`),
 //! the *writer* (drains the connection's [`Outbox`] and writes everything queued
 //! with one flush through a buffer that grows on demand, `LazyBufWriter`), and
 //! a *housekeeping* tick (server pings, idle timeout, slow-client close, close
 //! deadline). Tick frames are encoded once
 //! per chunk and shared by every connection ([`json::encode_ticks`]).
 
+mod client_read;
 pub mod json;
 mod lazy_buf;
 pub mod protocol;
@@ -24,7 +26,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError, WebSocketRead, WebSocketWrite};
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket, WebSocketError, WebSocketWrite};
+use futures_util::future::Either;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hyper_util::rt::TokioIo;
 use simd_json::Buffers;
@@ -34,14 +37,13 @@ use tickshard_shard::{
     metrics as m,
     node::{SubRequest, SubResult},
 };
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite},
-    net::TcpStream,
-    time::Instant,
-};
+use tokio::{io::AsyncWrite, net::TcpStream, time::Instant};
 use tracing::Instrument as _;
 
-use self::lazy_buf::LazyBufWriter;
+use self::{
+    client_read::{ClientRead, Tracked},
+    lazy_buf::LazyBufWriter,
+};
 use crate::server::Shared;
 
 /// Size of the per-connection write buffer: frames are copied into it and
@@ -73,14 +75,20 @@ pub enum Ctl {
 
 type WsOutbox = Outbox<Ctl>;
 
-/// Takes over an upgraded HTTP connection and serves it until it closes.
-pub async fn serve(upgraded: hyper::upgrade::Upgraded, shared: Arc<Shared>, peer: SocketAddr) {
+/// Takes over an upgraded HTTP connection: the future that serves it until it
+/// closes. Set up here, outside the future, so that the connection's
+/// long-lived task holds only what it needs (no copy of the set-up state).
+pub fn serve(
+    upgraded: hyper::upgrade::Upgraded,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+) -> impl Future<Output = ()> + Send {
     // Take the TCP stream back from hyper so the halves are split without a lock.
     let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(p) => p,
         Err(_) => {
             tracing::error!("upgraded connection is not a TCP stream");
-            return;
+            return Either::Right(std::future::ready(()));
         }
     };
     let stream = parts.io.into_inner();
@@ -90,16 +98,15 @@ pub async fn serve(upgraded: hyper::upgrade::Upgraded, shared: Arc<Shared>, peer
     // hyper's whole 8 KiB read buffer is not kept alive for the connection's life.
     let early = bytes::Bytes::copy_from_slice(&parts.read_buf);
     drop(parts.read_buf);
-    let reader = std::io::Cursor::new(early).chain(r);
-    let writer = LazyBufWriter::new(WRITE_BUFFER, w);
-    let (mut rx, mut tx) = fastwebsockets::after_handshake_split(reader, writer, Role::Server);
-    rx.set_auto_close(false);
-    rx.set_auto_pong(false);
-    rx.set_max_message_size(shared.ws.max_message_bytes + 1);
+    let rx = ClientRead::new(early, r);
+    // The read half made here (and its buffer) is dropped at once: the reader
+    // builds its own when data arrives (`client_read`).
+    let (_, mut tx) =
+        fastwebsockets::after_handshake_split(tokio::io::empty(), LazyBufWriter::new(WRITE_BUFFER, w), Role::Server);
     tx.set_writev(false);
     let conn = Connection::new(shared);
     let span = tracing::debug_span!("ws", %peer, conn = conn.outbox.id());
-    conn.run(rx, tx).instrument(span).await;
+    Either::Left(conn.run(rx, tx).instrument(span))
 }
 
 struct Connection {
@@ -127,9 +134,8 @@ impl Connection {
         }
     }
 
-    async fn run<R, W>(self, rx: WebSocketRead<R>, tx: WebSocketWrite<LazyBufWriter<W>>)
+    async fn run<W>(self, rx: ClientRead, tx: WebSocketWrite<LazyBufWriter<W>>)
     where
-        R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         let gauge = metrics::gauge!(m::CLIENTS_CONNECTED, "protocol" => "ws");
@@ -137,9 +143,8 @@ impl Connection {
         self.shared.register(self.outbox.id(), self.outbox.clone());
         tracing::debug!("connected");
 
-        let reader = self.read_loop(rx);
-        let writer = self.write_loop(tx);
-        tokio::pin!(reader, writer);
+        let mut reader = Box::pin(self.read_loop(rx));
+        let mut writer = Box::pin(self.write_loop(tx));
         let house = self
             .shared
             .ws
@@ -279,19 +284,41 @@ impl Connection {
         }
     }
 
-    async fn read_loop<R: AsyncRead + Unpin>(&self, mut rx: WebSocketRead<R>) {
+    /// Reads client frames. The fastwebsockets reader (and its 8 KiB buffer)
+    /// exists only while frames are arriving: it is built when the socket is
+    /// readable and dropped when the frame tracker proves its buffer empty
+    /// (`client_read`).
+    async fn read_loop(&self, rx: ClientRead) {
         let limits = &self.shared.ws;
         let mut session = Session {
             conn: self,
             limiter: RateLimiter::direct(Quota::per_second(limits.max_client_rate).allow_burst(limits.client_burst)),
             flood: Flood::new(limits.max_client_rate.get().saturating_mul(10)),
-            buffers: Buffers::default(),
+            buffers: None,
             out: Vec::new(),
         };
         let mut assembly: Option<Vec<u8>> = None;
-        let mut obligated = |_f: Frame<'_>| async { Ok::<(), std::io::Error>(()) };
+        let boundary = AtomicU64::new(0);
+        let mut frames_read = 0u64;
+        let mut idle = Some(rx);
+        let mut active: Option<WebSocket<Tracked<'_>>> = None;
         loop {
-            let frame = match rx.read_frame(&mut obligated).await {
+            let reader = match (&mut active, idle.take()) {
+                (Some(ws), _) => ws,
+                (None, Some(raw)) => {
+                    if let Err(e) = raw.readable().await {
+                        tracing::debug!(error = %e, "read ended");
+                        return;
+                    }
+                    let mut ws = WebSocket::after_handshake(Tracked::new(raw, frames_read, &boundary), Role::Server);
+                    ws.set_auto_close(false);
+                    ws.set_auto_pong(false);
+                    ws.set_max_message_size(limits.max_message_bytes + 1);
+                    active.insert(ws)
+                }
+                (None, None) => return,
+            };
+            let frame = match reader.read_frame().await {
                 Ok(f) => f,
                 Err(WebSocketError::FrameTooLarge) => return session.too_large(),
                 Err(e) => {
@@ -299,6 +326,13 @@ impl Connection {
                     return;
                 }
             };
+            frames_read += 1;
+            // Everything the reader buffered has been returned: let its buffer go.
+            if boundary.load(Ordering::Relaxed) == frames_read
+                && let Some(ws) = active.take()
+            {
+                idle = Some(ws.into_inner().into_inner());
+            }
             self.last_seen
                 .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
             match frame.opcode {
@@ -414,7 +448,8 @@ struct Session<'a> {
     conn: &'a Connection,
     limiter: DefaultDirectRateLimiter,
     flood: Flood,
-    buffers: Buffers,
+    /// simd-json's scratch space, made on the first message.
+    buffers: Option<Buffers>,
     out: Vec<u8>,
 }
 
@@ -471,7 +506,7 @@ impl Session<'_> {
             );
             return true;
         }
-        let req = match protocol::parse(buf, &mut self.buffers) {
+        let req = match protocol::parse(buf, self.buffers.get_or_insert_with(Buffers::default)) {
             Ok(r) => r,
             Err(e) => {
                 self.error(e.id.as_deref(), e.code, &e.message);
