@@ -406,25 +406,12 @@ async fn line_publisher(
     }
     let mut seqs = vec![0u64; symbols.len()];
     let mut n = 0u64;
-    let mut owed = 0u64;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut pace = Pacer::new(rate);
     let mut line = Vec::with_capacity(256);
     loop {
-        let batch = if rate == 0 {
-            64
-        } else {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            owed += rate;
-            let b = owed / 1000;
-            owed %= 1000;
-            b
-        };
-        if stop.is_cancelled() {
+        let Some(batch) = pace.next(&stop, 64).await else {
             break;
-        }
+        };
         for _ in 0..batch {
             let s = (n as usize) % symbols.len();
             n += 1;
@@ -791,20 +778,10 @@ async fn publisher(
     let publisher_id = format!("bench-{k}-{}", now_us());
     let mut pseq = vec![0u64; symbols.len()];
     let mut id = 0u64;
-    let mut owed = 0u64;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut pace = Pacer::new(rate);
     loop {
-        let batch = if rate == 0 {
-            window as u64 / 4
-        } else {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            owed += rate;
-            let n = owed / 1000;
-            owed %= 1000;
-            n
+        let Some(batch) = pace.next(&stop, window as u64 / 4).await else {
+            break;
         };
         for _ in 0..batch {
             let permit = tokio::select! {
@@ -905,5 +882,38 @@ impl Report {
             o(self.server_rss_per_conn_kb, " KiB"),
             self.gen_cpu_pct
         )
+    }
+}
+
+/// Paces a publisher at `rate` ticks/s in 1 ms steps (0: as fast as it can).
+struct Pacer {
+    rate: u64,
+    owed: u64,
+    tick: tokio::time::Interval,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Pacer {
+        Pacer {
+            rate,
+            owed: 0,
+            tick: tokio::time::interval(Duration::from_millis(1)),
+        }
+    }
+
+    /// How many ticks to publish now (`unpaced` at rate 0); `None` once `stop`
+    /// is cancelled.
+    async fn next(&mut self, stop: &CancellationToken, unpaced: u64) -> Option<u64> {
+        if self.rate == 0 {
+            return (!stop.is_cancelled()).then_some(unpaced);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = self.tick.tick() => {}
+        }
+        self.owed += self.rate;
+        let n = self.owed / 1000;
+        self.owed %= 1000;
+        Some(n)
     }
 }
