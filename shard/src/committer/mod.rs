@@ -632,18 +632,21 @@ impl Worker {
                     st.uncompacted_ticks += chunk.ticks.len();
                     st.uncompacted.push(chunk.clone());
                 }
-                if hub.publish(chunk, &st.closed, st.rec.candles) {
+                // A symbol compacted in this commit has its ticks in blocks
+                // now: the hub releases what it held and does not hold this.
+                let compacted_upto = std::mem::take(&mut st.compacted).then_some(st.rec.last_seq);
+                if hub.publish(chunk, &st.closed, st.rec.candles, compacted_upto) {
                     self.hub.mark_candles_dirty(hub.clone());
                 }
                 st.closed.clear();
             }
-            // Compacted symbols: their ticks are in blocks now, so the hub
-            // need not hold them for readers.
+            // Compacted symbols this commit did not touch.
             compactions.increment(compacting.len() as u64);
             for sym in compacting {
                 let Some(st) = self.symbols.get_mut(&sym) else { continue };
-                st.compacted = false;
-                if let Some(h) = &st.hub {
+                if std::mem::take(&mut st.compacted)
+                    && let Some(h) = &st.hub
+                {
                     h.release_recent(st.rec.last_seq);
                 }
             }

@@ -119,6 +119,18 @@ struct State {
     recent: VecDeque<Arc<Chunk>>,
 }
 
+impl State {
+    fn release_recent(&mut self, upto: u64) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|c| c.ticks.last().is_none_or(|t| t.seq <= upto))
+        {
+            self.recent.pop_front();
+        }
+    }
+}
+
 /// What [`SymbolHub::recent`] found.
 pub struct Recent {
     /// The published head seq.
@@ -154,7 +166,7 @@ impl SymbolHub {
     /// Publishes ticks received from the owner (a mirror); candles unchanged.
     pub fn publish_ticks(&self, chunk: Arc<Chunk>) {
         let current = self.lock().head.candles;
-        self.publish(chunk, &[], current);
+        self.publish(chunk, &[], current, None);
     }
 
     /// Publishes a candle received from the owner (a mirror): closed ones are
@@ -238,14 +250,7 @@ impl SymbolHub {
     /// Compaction wrote every tick up to `upto` into the store's blocks: the
     /// chunks holding only such ticks are no longer needed here.
     pub fn release_recent(&self, upto: u64) {
-        let mut st = self.lock();
-        while st
-            .recent
-            .front()
-            .is_some_and(|c| c.ticks.last().is_none_or(|t| t.seq <= upto))
-        {
-            st.recent.pop_front();
-        }
+        self.lock().release_recent(upto);
     }
 
     pub fn subscriber_count(&self) -> usize {
@@ -253,17 +258,29 @@ impl SymbolHub {
     }
 
     /// Publishes committed data: `chunk` (may be empty of ticks), the candles it
-    /// closed (oldest first) and the new current candles. Returns true if a
-    /// current candle changed and the hub was not yet in the dirty list.
-    pub fn publish(&self, chunk: Arc<Chunk>, closed: &[Candle], current: [Option<Candle>; 3]) -> bool {
+    /// closed (oldest first) and the new current candles. `compacted_upto`:
+    /// the same commit wrote every tick up to that seq into the store's blocks,
+    /// so the held chunks up to it are released (and this one is not held).
+    /// Returns true if a current candle changed and the hub was not yet in the
+    /// dirty list.
+    pub fn publish(
+        &self,
+        chunk: Arc<Chunk>,
+        closed: &[Candle],
+        current: [Option<Candle>; 3],
+        compacted_upto: Option<u64>,
+    ) -> bool {
         let mut st = self.lock();
         let st = &mut *st;
         if let Some(t) = chunk.ticks.last() {
             st.head.seq = t.seq;
             st.head.last = Some(*t);
-            if !self.foreign {
+            if !self.foreign && compacted_upto.is_none_or(|upto| t.seq > upto) {
                 st.recent.push_back(chunk.clone());
             }
+        }
+        if let Some(upto) = compacted_upto {
+            st.release_recent(upto);
         }
         let was_dirty = st.candle_dirty != 0;
         for i in Interval::ALL {
