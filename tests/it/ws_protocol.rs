@@ -572,6 +572,34 @@ fn client_frame(payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// A WebSocket connection by hand: the upgrade request (and `first`, in the
+/// same write); returns the stream and the bytes read past the response.
+async fn raw_ws(srv: &Server, first: &[u8]) -> (tokio::net::TcpStream, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(srv.http))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut req = b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .to_vec();
+    req.extend_from_slice(first);
+    s.write_all(&req).await.unwrap();
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let mut chunk = [0u8; 1024];
+        let got = tokio::time::timeout(WAIT, s.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(got > 0, "no upgrade response");
+        buf.extend_from_slice(&chunk[..got]);
+    };
+    assert!(buf.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&buf));
+    buf.drain(..end);
+    (s, buf)
+}
+
 /// Reads server text frames until `n` have arrived; returns their payloads.
 async fn read_server_frames(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, n: usize) -> Vec<String> {
     use tokio::io::AsyncReadExt;
@@ -605,29 +633,11 @@ async fn read_server_frames(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, n:
 /// the upgrade request must all be read, whole and in order.
 #[tokio::test]
 async fn frames_pipelined_cut_or_sent_with_the_upgrade_are_all_read() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let srv = Server::start(&["--no-sim"]);
-    let mut s = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(srv.http))
-        .await
-        .unwrap()
-        .unwrap();
     let ping = |id: u32| client_frame(format!(r#"{{"op":"ping","id":{id}}}"#).as_bytes());
     // The upgrade request and the first frame in one write.
-    let mut first = b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        .to_vec();
-    first.extend(ping(1));
-    s.write_all(&first).await.unwrap();
-    let mut buf = Vec::new();
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let mut chunk = [0u8; 1024];
-        let got = tokio::time::timeout(WAIT, s.read(&mut chunk)).await.unwrap().unwrap();
-        assert!(got > 0, "no upgrade response");
-        buf.extend_from_slice(&chunk[..got]);
-    }
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    assert!(buf.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&buf));
-    buf.drain(..end);
+    let (mut s, mut buf) = raw_ws(&srv, &ping(1)).await;
     assert_eq!(
         read_server_frames(&mut s, &mut buf, 1).await,
         [r#"{"type":"pong","id":1}"#]
@@ -650,4 +660,39 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     s.write_all(&rest).await.unwrap();
     let got = read_server_frames(&mut s, &mut buf, 2).await;
     assert_eq!(got, [r#"{"type":"pong","id":4}"#, r#"{"type":"pong","id":5}"#]);
+}
+
+/// A client that keeps sending after the server has decided to close (here: an
+/// oversized message) still gets the close frame and a clean end of stream:
+/// the server reads and discards until the client closes, instead of closing
+/// a socket with unread bytes, which makes the kernel send a reset that can
+/// fail the client's close reply and lose the close frame.
+#[tokio::test]
+async fn a_server_close_is_not_turned_into_a_reset_by_late_client_bytes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let srv = Server::start(&["--no-sim", "--max-message-bytes", "1024"]);
+    let (mut s, mut buf) = raw_ws(&srv, &client_frame(&[b' '; 5000])).await;
+    let got = read_server_frames(&mut s, &mut buf, 1).await;
+    assert!(got[0].contains("message_too_large"), "{got:?}");
+    // Wait for the close frame (0x88, code 1009) ...
+    while !(buf.len() >= 4 && buf[0] == 0x88 && buf[2..4] == 1009u16.to_be_bytes()) {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(WAIT, s.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "no close frame");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    // ... then send what a busy client still had in flight, and wait until the
+    // server has let the connection go.
+    s.write_all(&client_frame(br#"{"op":"ping"}"#)).await.unwrap();
+    eventually("the server lets the connection go", || async {
+        srv.metric("tickshard_clients_connected").await == 0.0
+    })
+    .await;
+    // A server that closed its socket with that frame unread has reset the
+    // connection, and the client's close reply (what a WebSocket client sends
+    // on reading the close frame) fails; one that lingered read it and ended
+    // the connection cleanly.
+    s.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xf1])
+        .await
+        .expect("the close reply failed: the server reset the connection");
 }

@@ -37,7 +37,11 @@ use tickshard_shard::{
     metrics as m,
     node::{SubRequest, SubResult},
 };
-use tokio::{io::AsyncWrite, net::TcpStream, time::Instant};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWrite},
+    net::TcpStream,
+    time::Instant,
+};
 use tracing::Instrument as _;
 
 use self::{
@@ -52,6 +56,9 @@ const WRITE_BUFFER: usize = 64 * 1024;
 /// How long a requested close may take before the connection is dropped (a
 /// client that stopped reading never takes the close frame).
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How long a closed connection keeps reading (and discarding) what the
+/// client still sends, waiting for its close or end of stream.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// Per-connection limits (contract §4), from the configuration.
 #[derive(Clone, Debug)]
@@ -182,11 +189,19 @@ impl Connection {
                         let d = *close_deadline.get_or_insert(now + CLOSE_GRACE);
                         if now >= d {
                             tracing::debug!("close not delivered in time; dropping the connection");
+                            reader_done = true; // no lingering for a client that does not read
                             break;
                         }
                     }
                 }
             }
+        }
+        // Lingering close: our close frame is out and the write side shut
+        // down; give the reader a bounded time to see the client's close or
+        // end of stream, so that the socket is not closed with unread bytes
+        // (which makes the kernel send a reset instead of our close).
+        if !reader_done {
+            let _ = tokio::time::timeout(LINGER, &mut reader).await;
         }
         self.outbox.finish();
         self.closed.cancel();
@@ -302,13 +317,13 @@ impl Connection {
         let mut frames_read = 0u64;
         let mut idle = Some(rx);
         let mut active: Option<WebSocket<Tracked<'_>>> = None;
-        loop {
+        let end = 'read: loop {
             let reader = match (&mut active, idle.take()) {
                 (Some(ws), _) => ws,
                 (None, Some(raw)) => {
                     if let Err(e) = raw.readable().await {
                         tracing::debug!(error = %e, "read ended");
-                        return;
+                        break 'read ReadEnd::Gone;
                     }
                     let mut ws = WebSocket::after_handshake(Tracked::new(raw, frames_read, &boundary), Role::Server);
                     ws.set_auto_close(false);
@@ -316,14 +331,17 @@ impl Connection {
                     ws.set_max_message_size(limits.max_message_bytes + 1);
                     active.insert(ws)
                 }
-                (None, None) => return,
+                (None, None) => break 'read ReadEnd::Gone,
             };
             let frame = match reader.read_frame().await {
                 Ok(f) => f,
-                Err(WebSocketError::FrameTooLarge) => return session.too_large(),
+                Err(WebSocketError::FrameTooLarge) => {
+                    session.too_large();
+                    break 'read ReadEnd::Stopped;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "read ended");
-                    return;
+                    break 'read ReadEnd::Gone;
                 }
             };
             frames_read += 1;
@@ -344,13 +362,13 @@ impl Connection {
                     // connection's task ~3 KiB bigger for its whole life.
                     // One allocation per client message, never per tick.
                     if !Box::pin(session.message(payload.to_mut(), binary)).await {
-                        return;
+                        break 'read ReadEnd::Stopped;
                     }
                 }
                 OpCode::Text | OpCode::Binary if assembly.is_some() => {
                     tracing::debug!("new message before the last fragment");
                     self.outbox.close(Close::PROTOCOL);
-                    return;
+                    break 'read ReadEnd::Stopped;
                 }
                 OpCode::Text | OpCode::Binary => {
                     let mut first = frame.payload.to_vec();
@@ -365,7 +383,8 @@ impl Connection {
                         continue;
                     };
                     if a.len() + frame.payload.len() > limits.max_message_bytes {
-                        return session.too_large();
+                        session.too_large();
+                        break 'read ReadEnd::Stopped;
                     }
                     a.extend_from_slice(&frame.payload);
                     if frame.fin
@@ -374,7 +393,7 @@ impl Connection {
                         let binary = msg.first() == Some(&0);
                         if !Box::pin(session.message(&mut msg, binary)).await {
                             // boxed: see above
-                            return;
+                            break 'read ReadEnd::Stopped;
                         }
                     }
                 }
@@ -387,11 +406,36 @@ impl Connection {
                         .map_or(1000, |b| u16::from_be_bytes([b[0], b[1]]));
                     tracing::debug!(code, "client closed");
                     self.outbox.close(Close { code: 1000, reason: "" });
-                    return;
+                    break 'read ReadEnd::Gone;
                 }
+            }
+        };
+        if let ReadEnd::Stopped = end {
+            // Lingering close: this side asked to close, but the client may
+            // still be sending. Read and discard until it closes (bounded by
+            // `run`'s linger), so that closing a socket with unread bytes does
+            // not make the kernel answer with a reset, which can destroy our
+            // close frame before the client reads it.
+            let stream = match active.take() {
+                Some(ws) => Some(ws.into_inner().into_inner()),
+                None => idle.take(),
+            };
+            if let Some(mut s) = stream {
+                let mut scratch = [0u8; 512];
+                while let Ok(n) = s.read(&mut scratch).await
+                    && n > 0
+                {}
             }
         }
     }
+}
+
+/// Why the reader ended.
+enum ReadEnd {
+    /// The client closed, or the stream ended or broke.
+    Gone,
+    /// This side is closing the connection (limits, protocol error).
+    Stopped,
 }
 
 /// Counts client messages per second: a client at ≥ 10× the allowed rate for
