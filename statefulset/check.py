@@ -7,7 +7,8 @@ cannot see. Usage: check.py RENDERED.yaml [...]; exits 1 listing every problem.
 - every Service, the PDB and the NetworkPolicy select the pods; every named
   port they use exists on the container
 - every probe's port exists on the container
-- terminationGracePeriodSeconds > preStop sleep + TICKSHARD_DRAIN_MS + 5 s flush margin
+- terminationGracePeriodSeconds > preStop sleep + TICKSHARD_DRAIN_MS + 5 s margin
+  (the WebSocket lingering close, at most 2 s, and the final flush)
 - replicas == TICKSHARD_SHARDS (the shard count is part of the ownership map)
 - TICKSHARD_PEERS is a template on the headless Service with the gRPC port
 - the pod runs as non-root with a read-only root filesystem
