@@ -140,11 +140,9 @@ fn store(c: &mut Criterion) {
         g.bench_function(format!("64_symbols_x_{per_symbol}_ticks_log_flush"), |b| {
             b.iter(|| {
                 let mut batch = CommitBatch::default();
-                for (i, s) in symbols.iter().enumerate() {
-                    let ticks: Vec<Tick> = (0..per_symbol as u64).map(|k| tick(s, next[i] + k)).collect();
-                    next[i] += per_symbol as u64;
-                    batch.log_ticks(&ticks, std::iter::empty());
-                }
+                next_ticks(&symbols, &mut next, per_symbol, |t| {
+                    batch.log_ticks(t, std::iter::empty())
+                });
                 commit += 1;
                 batch.seal_log(commit);
                 store.commit(batch).unwrap()
@@ -155,16 +153,21 @@ fn store(c: &mut Criterion) {
         g.bench_function(format!("64_symbols_x_{per_symbol}_ticks_blocks_flush"), |b| {
             b.iter(|| {
                 let mut batch = CommitBatch::default();
-                for (i, s) in symbols.iter().enumerate() {
-                    let ticks: Vec<Tick> = (0..per_symbol as u64).map(|k| tick(s, next[i] + k)).collect();
-                    next[i] += per_symbol as u64;
-                    batch.put_ticks(&ticks, usize::MAX);
-                }
+                next_ticks(&symbols, &mut next, per_symbol, |t| batch.put_ticks(t, usize::MAX));
                 store.commit(batch).unwrap()
             })
         });
     }
     g.finish();
+}
+
+/// Each symbol's next `per_symbol` ticks (seqs from `next`), passed to `put`.
+fn next_ticks(symbols: &[String], next: &mut [u64], per_symbol: usize, mut put: impl FnMut(&[Tick])) {
+    for (s, n) in symbols.iter().zip(next.iter_mut()) {
+        let ticks: Vec<Tick> = (0..per_symbol as u64).map(|k| tick(s, *n + k)).collect();
+        *n += per_symbol as u64;
+        put(&ticks);
+    }
 }
 
 fn fanout(c: &mut Criterion) {

@@ -6,9 +6,8 @@ mod subscribe;
 use subscribe::FeedRoutes;
 pub use subscribe::encode_tick_events;
 
-use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
-use bytes::Bytes;
 use futures_util::Stream;
 use tickshard_proto::v1::{
     self as pb,
@@ -16,11 +15,7 @@ use tickshard_proto::v1::{
     feed_server::{Feed, FeedServer},
 };
 use tickshard_shard::{
-    cluster::service::{self, ClusterService, parse_symbol, parse_symbols},
-    domain::{Epoch, Position, Symbol},
-    hub::{Channel, Outbox},
-    metrics as m,
-    node::SubRequest,
+    cluster::service::{self, ClusterService, parse_symbols},
     publish::{self, Origin},
 };
 use tokio::net::TcpListener;
@@ -84,83 +79,6 @@ pub async fn set_serving(reporter: &HealthReporter, serving: bool) {
 
 pub struct FeedService {
     shared: Arc<Shared>,
-}
-
-/// One subscription request, validated.
-fn sub_requests(r: &pb::SubscribeRequest, max: usize) -> Result<Vec<SubRequest>, Status> {
-    if r.symbols.is_empty() {
-        return Err(Status::invalid_argument("symbols is empty"));
-    }
-    let mut channels = Vec::new();
-    for c in &r.channels {
-        let ch = Channel::parse(c).ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "unknown channel '{c}'; expected ticks, candles:1s, candles:1m or candles:1h"
-            ))
-        })?;
-        if !channels.contains(&ch) {
-            channels.push(ch);
-        }
-    }
-    if channels.is_empty() {
-        channels.push(Channel::Ticks);
-    }
-    let mut resume = HashMap::new();
-    for (k, p) in &r.resume {
-        resume.insert(
-            parse_symbol(k)?,
-            Position {
-                seq: p.seq,
-                epoch: Epoch::parse(&p.epoch).unwrap_or_default(),
-            },
-        );
-    }
-    let mut out = Vec::new();
-    for s in &r.symbols {
-        let symbol = parse_symbol(s)?;
-        for &channel in &channels {
-            if out
-                .iter()
-                .any(|q: &SubRequest| q.symbol == symbol && q.channel == channel)
-            {
-                continue;
-            }
-            out.push(SubRequest {
-                symbol,
-                channel,
-                resume: if channel == Channel::Ticks {
-                    resume.get(&symbol).copied()
-                } else {
-                    None
-                },
-            });
-        }
-    }
-    if out.len() > max {
-        return Err(Status::resource_exhausted(format!(
-            "{} symbol×channel subscriptions requested; the limit per stream is {max}",
-            out.len()
-        )));
-    }
-    Ok(out)
-}
-
-/// Cleans a gRPC subscriber up when tonic drops its stream (client gone).
-struct SubGuard {
-    shared: Arc<Shared>,
-    outbox: Arc<Outbox<Bytes>>,
-    subs: Vec<(Symbol, Channel)>,
-}
-
-impl Drop for SubGuard {
-    fn drop(&mut self) {
-        self.outbox.finish();
-        for (s, c) in &self.subs {
-            self.shared.node.unsubscribe(self.outbox.id(), s, *c);
-        }
-        self.shared.deregister(self.outbox.id());
-        metrics::gauge!(m::CLIENTS_CONNECTED, "protocol" => "grpc").decrement(1.0);
-    }
 }
 
 #[tonic::async_trait]

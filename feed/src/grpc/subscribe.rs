@@ -10,17 +10,18 @@
 //! the bytes on the wire are the same `Event` messages, so generated clients
 //! (and grpcurl through reflection) see no difference.
 
-use std::{convert::Infallible, sync::Arc};
+use std::{collections::HashMap, convert::Infallible, sync::Arc};
 
 use bytes::{BufMut as _, Bytes};
 use prost::Message as _;
 use tickshard_proto::v1::{self as pb, feed_server::FeedServer};
 use tickshard_shard::{
-    domain::Tick,
+    cluster::service::parse_symbol,
+    domain::{Epoch, Position, Symbol, Tick},
     events::outbox_events,
-    hub::{Data, Format, Frames, Outbox},
+    hub::{Channel, Data, Format, Frames, Outbox},
     metrics as m,
-    node::SubResult,
+    node::{SubRequest, SubResult},
     wire,
 };
 use tonic::{
@@ -31,7 +32,8 @@ use tonic::{
 };
 use tonic_prost::ProstDecoder;
 
-use super::{BoxStream, FeedService, SubGuard, sub_requests};
+use super::{BoxStream, FeedService};
+use crate::server::Shared;
 
 const SUBSCRIBE_PATH: &str = "/tickshard.v1.Feed/Subscribe";
 
@@ -198,6 +200,83 @@ async fn subscribe(
     }
     let events = outbox_events(outbox, shared.node.hub().clone(), guard, render);
     Ok(Response::new(Box::pin(events)))
+}
+
+/// One subscription request, validated.
+fn sub_requests(r: &pb::SubscribeRequest, max: usize) -> Result<Vec<SubRequest>, Status> {
+    if r.symbols.is_empty() {
+        return Err(Status::invalid_argument("symbols is empty"));
+    }
+    let mut channels = Vec::new();
+    for c in &r.channels {
+        let ch = Channel::parse(c).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "unknown channel '{c}'; expected ticks, candles:1s, candles:1m or candles:1h"
+            ))
+        })?;
+        if !channels.contains(&ch) {
+            channels.push(ch);
+        }
+    }
+    if channels.is_empty() {
+        channels.push(Channel::Ticks);
+    }
+    let mut resume = HashMap::new();
+    for (k, p) in &r.resume {
+        resume.insert(
+            parse_symbol(k)?,
+            Position {
+                seq: p.seq,
+                epoch: Epoch::parse(&p.epoch).unwrap_or_default(),
+            },
+        );
+    }
+    let mut out = Vec::new();
+    for s in &r.symbols {
+        let symbol = parse_symbol(s)?;
+        for &channel in &channels {
+            if out
+                .iter()
+                .any(|q: &SubRequest| q.symbol == symbol && q.channel == channel)
+            {
+                continue;
+            }
+            out.push(SubRequest {
+                symbol,
+                channel,
+                resume: if channel == Channel::Ticks {
+                    resume.get(&symbol).copied()
+                } else {
+                    None
+                },
+            });
+        }
+    }
+    if out.len() > max {
+        return Err(Status::resource_exhausted(format!(
+            "{} symbol×channel subscriptions requested; the limit per stream is {max}",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// Cleans a gRPC subscriber up when tonic drops its stream (client gone).
+struct SubGuard {
+    shared: Arc<Shared>,
+    outbox: Arc<Outbox<Bytes>>,
+    subs: Vec<(Symbol, Channel)>,
+}
+
+impl Drop for SubGuard {
+    fn drop(&mut self) {
+        self.outbox.finish();
+        for (s, c) in &self.subs {
+            self.shared.node.unsubscribe(self.outbox.id(), s, *c);
+        }
+        self.shared.deregister(self.outbox.id());
+        metrics::gauge!(m::CLIENTS_CONNECTED, "protocol" => "grpc").decrement(1.0);
+    }
 }
 
 #[cfg(test)]

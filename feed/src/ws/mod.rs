@@ -164,6 +164,8 @@ impl Connection {
         let mut next_ping = Instant::now() + self.shared.ws.ping_interval;
         let mut close_deadline: Option<Instant> = None;
         let mut reader_done = false;
+        // False when the connection is dropped for not taking its close frame.
+        let mut linger = true;
         loop {
             tokio::select! {
                 () = &mut writer => break,
@@ -189,7 +191,7 @@ impl Connection {
                         let d = *close_deadline.get_or_insert(now + CLOSE_GRACE);
                         if now >= d {
                             tracing::debug!("close not delivered in time; dropping the connection");
-                            reader_done = true; // no lingering for a client that does not read
+                            linger = false;
                             break;
                         }
                     }
@@ -200,7 +202,7 @@ impl Connection {
         // down; give the reader a bounded time to see the client's close or
         // end of stream, so that the socket is not closed with unread bytes
         // (which makes the kernel send a reset instead of our close).
-        if !reader_done {
+        if linger && !reader_done {
             let _ = tokio::time::timeout(LINGER, &mut reader).await;
         }
         self.outbox.finish();

@@ -247,11 +247,13 @@ impl Committer {
         }
         // Compact what was folded before serving: blocks, snapshots, no log.
         let horizon = wall_micros() - DEDUP_HORIZON.as_micros() as i64;
+        for st in symbols.values_mut() {
+            st.dedup.retain(|_, d| d.last_used >= horizon);
+        }
         let mut batch = CommitBatch::default();
         for sym in &dirty {
-            let Some(st) = symbols.get_mut(sym) else { continue };
+            let Some(st) = symbols.get(sym) else { continue };
             batch.put_ticks(&st.ticks, store.block_ticks());
-            st.dedup.retain(|_, d| d.last_used >= horizon);
             snapshot(&mut batch, st);
         }
         for (commit, _) in &log {
@@ -259,7 +261,6 @@ impl Committer {
         }
         store.commit(batch)?;
         for st in symbols.values_mut() {
-            st.dedup.retain(|_, d| d.last_used >= horizon);
             st.closed.clear(); // stored with the commits that closed them
             st.ticks.clear();
             st.touched = false;
@@ -377,9 +378,10 @@ struct SymState {
     dedup: HashMap<Arc<str>, DedupState>,
     /// Created after the symbol's first commit is durable.
     hub: Option<Arc<SymbolHub>>,
-    /// Chunks published since the symbol's last compaction: their ticks are
-    /// in the log, not yet in tick blocks.
-    uncompacted: Vec<Arc<Chunk>>,
+    /// Chunks (and their ticks) published since the symbol's last
+    /// compaction: in the log, not yet in tick blocks. The hub holds the
+    /// chunks themselves (`SymbolHub::recent`) until compaction releases them.
+    uncompacted_chunks: usize,
     uncompacted_ticks: usize,
     /// The oldest log record holding ticks of this symbol that no snapshot
     /// covers yet.
@@ -405,7 +407,7 @@ impl SymState {
             aggs,
             dedup: HashMap::new(),
             hub: None,
-            uncompacted: Vec::new(),
+            uncompacted_chunks: 0,
             uncompacted_ticks: 0,
             log_from: None,
             touched: false,
@@ -541,13 +543,21 @@ impl Worker {
             let horizon = now - DEDUP_HORIZON.as_micros() as i64;
             for sym in &compacting {
                 let Some(st) = self.symbols.get_mut(sym) else { continue };
+                // The ticks since the last compaction: the chunks the hub
+                // holds for readers, then this commit's.
+                let held = st.hub.as_ref().map(|h| h.recent(0).chunks).unwrap_or_default();
                 let mut ticks = Vec::with_capacity(st.uncompacted_ticks + st.ticks.len());
-                ticks.extend(st.uncompacted.iter().flat_map(|c| c.ticks.iter().copied()));
+                ticks.extend(held.iter().flat_map(|c| c.ticks.iter().copied()));
                 ticks.extend_from_slice(&st.ticks);
+                debug_assert_eq!(
+                    ticks.len(),
+                    st.uncompacted_ticks + st.ticks.len(),
+                    "{sym}: hub and committer disagree"
+                );
                 batch.put_ticks(&ticks, block_ticks);
                 st.dedup.retain(|_, d| d.last_used >= horizon);
                 snapshot(&mut batch, st);
-                st.uncompacted.clear();
+                st.uncompacted_chunks = 0;
                 st.uncompacted_ticks = 0;
                 if let Some(from) = st.log_from.take() {
                     unref(&mut self.log_refs, from, sym);
@@ -629,8 +639,8 @@ impl Worker {
                 };
                 let chunk = Arc::new(Chunk::new(sym, std::mem::take(&mut st.ticks)));
                 if !chunk.ticks.is_empty() && !st.compacted {
+                    st.uncompacted_chunks += 1;
                     st.uncompacted_ticks += chunk.ticks.len();
-                    st.uncompacted.push(chunk.clone());
                 }
                 // A symbol compacted in this commit has its ticks in blocks
                 // now: the hub releases what it held and does not hold this.
@@ -712,7 +722,7 @@ impl Worker {
         for sym in touched {
             let Some(st) = self.symbols.get(sym) else { continue };
             let ready = st.uncompacted_ticks + st.ticks.len() >= block_ticks
-                || st.uncompacted.len() >= COMPACT_AFTER
+                || st.uncompacted_chunks >= COMPACT_AFTER
                 || (everything && !st.ticks.is_empty());
             if ready {
                 due.push((st.log_from.unwrap_or(commit), *sym));

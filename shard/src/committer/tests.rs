@@ -92,6 +92,25 @@ fn heads(hub: &Hub) -> Heads {
         .collect()
 }
 
+/// `n` publishes of one `sym` tick each from `publisher` (pseq 1..=n), every
+/// one waited for, so each is its own commit; ticks `step_us` apart.
+async fn one_tick_per_commit(c: &Committer, publisher: &str, sym: &str, n: i64, step_us: i64) {
+    for i in 0..n {
+        publish(c, publisher, 1 + i as u64, &[tick(sym, T0 + i * step_us, 200 + i)]).await;
+    }
+}
+
+/// The seq of `sym`'s snapshot in the store.
+fn snapshot_seq(store: &Store, sym: &Symbol) -> u64 {
+    store
+        .load_symbols()
+        .unwrap()
+        .into_iter()
+        .find(|rec| rec.symbol == *sym)
+        .unwrap()
+        .last_seq
+}
+
 /// Waves of publishes: each is at least one commit.
 const WAVES: i64 = COMPACT_AFTER as i64 + 20;
 
@@ -181,20 +200,11 @@ async fn a_symbol_compacted_while_an_idle_one_holds_the_log_recovers_exactly() {
     // COMPACT_AFTER commits, so records 1.. hold A's sections that A's
     // snapshot already covers
     publish(&r.committer, "pb", 1, &[tick("BTC-USD", T0, 100)]).await;
-    for i in 0..(COMPACT_AFTER as i64 + 8) {
-        publish(
-            &r.committer,
-            "pa",
-            1 + i as u64,
-            &[tick("ETH-USD", T0 + i * 400_000, 200 + i)],
-        )
-        .await;
-    }
+    one_tick_per_commit(&r.committer, "pa", "ETH-USD", COMPACT_AFTER as i64 + 8, 400_000).await;
     let before = heads(&r.hub);
     let store = crash(r).await;
     let eth = Symbol::parse("ETH-USD").unwrap();
-    let records = store.load_symbols().unwrap();
-    let snap = records.iter().find(|rec| rec.symbol == eth).unwrap().last_seq;
+    let snap = snapshot_seq(&store, &eth);
     assert!(
         snap >= COMPACT_AFTER as u64,
         "ETH-USD was compacted (snapshot at {snap})"
@@ -223,26 +233,13 @@ async fn an_idle_symbol_does_not_hold_the_log_forever() {
     publish(&r.committer, "pb", 1, &[tick("BTC-USD", T0, 100)]).await;
     // (commits that log nothing, because they compact ETH-USD, take no record
     // number: go well past LOG_SPAN records)
-    for i in 0..(2 * LOG_SPAN as i64) {
-        publish(
-            &r.committer,
-            "pa",
-            1 + i as u64,
-            &[tick("ETH-USD", T0 + i * 1_000, 200 + i)],
-        )
-        .await;
-    }
+    one_tick_per_commit(&r.committer, "pa", "ETH-USD", 2 * LOG_SPAN as i64, 1_000).await;
     let before = heads(&r.hub);
     let store = crash(r).await;
     let btc = Symbol::parse("BTC-USD").unwrap();
-    let rec = store
-        .load_symbols()
-        .unwrap()
-        .into_iter()
-        .find(|rec| rec.symbol == btc)
-        .unwrap();
     assert_eq!(
-        rec.last_seq, 1,
+        snapshot_seq(&store, &btc),
+        1,
         "BTC-USD was compacted once it held the log back LOG_SPAN commits"
     );
     let log = store.load_log().unwrap();

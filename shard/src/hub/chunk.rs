@@ -58,33 +58,30 @@ pub struct Encoded {
 }
 
 impl Encoded {
-    fn start(&self, from: usize) -> usize {
-        match from {
+    /// The byte ranges of the frames from tick index `from` on.
+    fn ranges_from(&self, from: usize) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        let len = self.bytes.len();
+        let mut start = match from {
             0 => 0,
-            _ => self.ends.get(from - 1).map_or(self.bytes.len(), |&e| e as usize),
-        }
+            _ => self.ends.get(from - 1).map_or(len, |&e| e as usize),
+        };
+        self.ends.iter().skip(from).map(move |&end| {
+            let end = (end as usize).min(len);
+            let r = start.min(end)..end;
+            start = end;
+            r
+        })
     }
 
     /// The frames from tick index `from` on.
     pub fn frames_from(&self, from: usize) -> impl Iterator<Item = &[u8]> {
-        let mut start = self.start(from);
-        self.ends.iter().skip(from).map(move |&end| {
-            let f = self.bytes.get(start..end as usize).unwrap_or_default();
-            start = end as usize;
-            f
-        })
+        self.ranges_from(from).map(|r| &self.bytes[r])
     }
 
     /// The frames from tick index `from` on, as handles on the shared bytes
     /// (a reference count each, no copy): for streams that need owned items.
     pub fn shared_from(&self, from: usize) -> impl Iterator<Item = Bytes> + '_ {
-        let mut start = self.start(from);
-        self.ends.iter().skip(from).map(move |&end| {
-            let end = (end as usize).min(self.bytes.len());
-            let f = self.bytes.slice(start.min(end)..end);
-            start = end;
-            f
-        })
+        self.ranges_from(from).map(|r| self.bytes.slice(r))
     }
 }
 

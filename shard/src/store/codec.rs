@@ -188,8 +188,9 @@ impl<'a> Reader<'a> {
 }
 
 /// A snapshot of one symbol's state, as of its `last_seq`. Written when the
-/// symbol is created and then every few commits (not every commit): the tick
-/// blocks after `last_seq` bring it up to date (`Store::load_tail`).
+/// symbol is created and when it is compacted (not every commit): the log
+/// records after `last_seq` bring it up to date (`Store::load_log`; in format
+/// 2 and 3 directories, the tick blocks after it: `Store::load_tail`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SymbolRecord {
     pub symbol: Symbol,
@@ -312,9 +313,9 @@ impl Reader<'_> {
     }
 }
 
-/// A block of consecutive ticks of one symbol, the unit written per group
-/// commit, followed by the de-dup states that commit changed (so the symbol's
-/// state needs no second key per commit: see `Store::load_tail`).
+/// A block of consecutive ticks of one symbol, followed by de-dup states: a
+/// symbol's section of a log record carries the states its commit changed; a
+/// tick block written by compaction carries none (its snapshot has them).
 pub(crate) fn encode_block<'a>(
     ticks: &[Tick],
     dedup: impl Iterator<Item = (&'a str, &'a DedupState)>,
@@ -359,6 +360,23 @@ pub(crate) fn decode_block(
     r.is_empty().then_some(dedup)
 }
 
+/// A whole decoded tick block: its ticks and the de-dup states its commit
+/// changed (a section of a log record, or a format 2/3 block after a snapshot).
+#[derive(Debug, PartialEq, Eq)]
+pub struct TickBlock {
+    pub ticks: Vec<Tick>,
+    pub dedup: Vec<(String, DedupState)>,
+}
+
+pub(crate) fn decode_whole_block(symbol: Symbol, first_seq: u64, buf: &[u8]) -> Option<TickBlock> {
+    let mut ticks = Vec::new();
+    let dedup = decode_block(symbol, first_seq, buf, |t| {
+        ticks.push(t);
+        true
+    })?;
+    Some(TickBlock { ticks, dedup })
+}
+
 /// The number of ticks in a block, without decoding them.
 pub(crate) fn block_len(buf: &[u8]) -> Option<u64> {
     let mut r = Reader::new(buf);
@@ -390,14 +408,8 @@ pub(crate) fn put_log_section<'a>(
     out[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
-/// One symbol's part of a log record.
-#[derive(Debug, PartialEq, Eq)]
-pub struct LogSection {
-    pub ticks: Vec<Tick>,
-    pub dedup: Vec<(String, DedupState)>,
-}
-
-pub(crate) fn decode_log(buf: &[u8]) -> Option<Vec<LogSection>> {
+/// Decodes a log record: one [`TickBlock`] per symbol it holds.
+pub(crate) fn decode_log(buf: &[u8]) -> Option<Vec<TickBlock>> {
     let mut r = Reader::new(buf);
     (r.u8()? == LOG_V1).then_some(())?;
     let mut out = Vec::new();
@@ -406,12 +418,7 @@ pub(crate) fn decode_log(buf: &[u8]) -> Option<Vec<LogSection>> {
         let symbol = Symbol::from_stored(r.take(len)?)?;
         let first_seq = r.u64()?;
         let block_len = r.u32()? as usize;
-        let mut ticks = Vec::new();
-        let dedup = decode_block(symbol, first_seq, r.take(block_len)?, |t| {
-            ticks.push(t);
-            true
-        })?;
-        out.push(LogSection { ticks, dedup });
+        out.push(decode_whole_block(symbol, first_seq, r.take(block_len)?)?);
     }
     Some(out)
 }

@@ -30,18 +30,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use codec::{DedupState, LogSection, SymbolRecord};
+pub use codec::{DedupState, SymbolRecord, TickBlock};
 
 /// Every publisher's de-dup state of one symbol.
 pub type SymbolDedup = (Symbol, Vec<(String, DedupState)>);
-
-/// One tick block written after a symbol's last snapshot.
-#[derive(Debug, PartialEq, Eq)]
-pub struct TailBlock {
-    pub ticks: Vec<Tick>,
-    /// The de-dup states the block's commit changed.
-    pub dedup: Vec<(String, DedupState)>,
-}
 
 use crate::domain::{Candle, Interval, Symbol, Tick};
 
@@ -155,33 +147,24 @@ impl CommitBatch {
         self.keys += 1;
     }
 
-    /// A tick block followed by the de-dup states its commit changed, as
-    /// format 3 wrote blocks after a snapshot (for upgrade tests).
-    #[cfg(test)]
-    pub(crate) fn put_block_with_dedup<'a>(
-        &mut self,
-        ticks: &[Tick],
-        dedup: impl Iterator<Item = (&'a str, &'a DedupState)>,
-    ) {
+    /// Consecutive ticks of one symbol as tick blocks of at most `max`
+    /// ticks ([`Store::block_ticks`]), keyed by their first seq.
+    pub fn put_ticks(&mut self, ticks: &[Tick], max: usize) {
+        for block in ticks.chunks(max.max(1)) {
+            self.put_block(block, std::iter::empty());
+        }
+    }
+
+    /// One tick block keyed by its first seq (nothing for no ticks). With
+    /// de-dup states it is a block as formats 2 and 3 wrote after a snapshot
+    /// (upgrade tests write those).
+    fn put_block<'a>(&mut self, ticks: &[Tick], dedup: impl Iterator<Item = (&'a str, &'a DedupState)>) {
         let Some(first) = ticks.first() else { return };
         self.scratch.clear();
         codec::encode_block(ticks, dedup, &mut self.scratch);
         self.batch
             .insert(keys::ticks(&first.symbol, first.seq), self.scratch.as_slice());
         self.keys += 1;
-    }
-
-    /// Consecutive ticks of one symbol as tick blocks of at most `max`
-    /// ticks ([`Store::block_ticks`]), keyed by their first seq.
-    pub fn put_ticks(&mut self, ticks: &[Tick], max: usize) {
-        for block in ticks.chunks(max.max(1)) {
-            let Some(first) = block.first() else { continue };
-            self.scratch.clear();
-            codec::encode_block(block, std::iter::empty(), &mut self.scratch);
-            self.batch
-                .insert(keys::ticks(&first.symbol, first.seq), self.scratch.as_slice());
-            self.keys += 1;
-        }
     }
 
     /// A snapshot of a symbol's state (as of `rec.last_seq`).
@@ -349,7 +332,7 @@ impl Store {
 
     /// The tick blocks of `sym` written after its snapshot at `after_seq`, in
     /// seq order, checked to be consecutive.
-    pub fn load_tail(&self, sym: &Symbol, after_seq: u64) -> Result<Vec<TailBlock>, StoreError> {
+    pub fn load_tail(&self, sym: &Symbol, after_seq: u64) -> Result<Vec<TickBlock>, StoreError> {
         let mut out = Vec::new();
         let mut next = after_seq + 1;
         for kv in self.tree.range(keys::ticks(sym, next)..=keys::ticks(sym, u64::MAX)) {
@@ -361,20 +344,15 @@ impl Store {
             if keys::trailing_u64(&k) != Some(next) {
                 return Err(corrupt("tick blocks after the symbol snapshot are not consecutive"));
             }
-            let mut ticks = Vec::new();
-            let dedup = codec::decode_block(*sym, next, &v, |t| {
-                ticks.push(t);
-                true
-            })
-            .ok_or_else(|| corrupt("bad tick block"))?;
-            next += ticks.len() as u64;
-            out.push(TailBlock { ticks, dedup });
+            let block = codec::decode_whole_block(*sym, next, &v).ok_or_else(|| corrupt("bad tick block"))?;
+            next += block.ticks.len() as u64;
+            out.push(block);
         }
         Ok(out)
     }
 
     /// Every log record not yet compacted, in commit order.
-    pub fn load_log(&self) -> Result<Vec<(u64, Vec<LogSection>)>, StoreError> {
+    pub fn load_log(&self) -> Result<Vec<(u64, Vec<TickBlock>)>, StoreError> {
         let mut out = Vec::new();
         for kv in self.tree.scan_prefix([keys::LOG]) {
             let (k, v) = kv?;

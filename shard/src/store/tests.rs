@@ -103,11 +103,11 @@ fn log_records_round_trip_and_compaction_splits_blocks() {
         "an empty log record is not written"
     );
     let want = vec![
-        LogSection {
+        TickBlock {
             ticks: ta.clone(),
             dedup: vec![("pub-a".to_string(), d)],
         },
-        LogSection {
+        TickBlock {
             ticks: tb,
             dedup: vec![],
         },
@@ -144,7 +144,7 @@ fn the_tail_after_a_snapshot_carries_ticks_and_dedup_changes() {
     };
     let ticks: Vec<Tick> = (6..=8).map(|q| tick(s, q)).collect();
     let mut b = CommitBatch::default();
-    b.put_block_with_dedup(&ticks, [("pub-a", &d)].into_iter());
+    b.put_block(&ticks, [("pub-a", &d)].into_iter());
     store.commit(b).unwrap();
     let tail = store
         .load_tail(&s, 3)
@@ -152,7 +152,7 @@ fn the_tail_after_a_snapshot_carries_ticks_and_dedup_changes() {
     assert!(tail.to_string().contains("not consecutive"), "{tail}");
     assert_eq!(
         store.load_tail(&s, 5).unwrap(),
-        vec![TailBlock {
+        vec![TickBlock {
             ticks,
             dedup: vec![("pub-a".to_string(), d)],
         }]
