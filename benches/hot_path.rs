@@ -44,7 +44,7 @@ fn parse(c: &mut Criterion) {
     g.bench_function("simd_json_in_place", |b| {
         b.iter_batched_ref(
             || SUBSCRIBE.as_bytes().to_vec(),
-            |buf| black_box(protocol::parse(buf, &mut buffers).unwrap()),
+            |buf| black_box(protocol::parse(buf, &mut buffers, 1_000).unwrap()),
             BatchSize::SmallInput,
         )
     });

@@ -312,14 +312,22 @@ async fn publish(a: PublishArgs, pace: Option<(Option<Decimal>, bool)>) -> ExitC
             return ExitCode::from(2);
         }
     };
-    let publisher_id = a.publisher_id.clone().unwrap_or_else(|| {
-        format!(
+    let publisher_id = match &a.publisher_id {
+        Some(id) => {
+            if let Err(e) = tickshard_shard::domain::validate_publisher_id(id) {
+                say!("publish: --publisher-id: {e}");
+                return ExitCode::from(2);
+            }
+            id.clone()
+        }
+        // Any file name makes a valid id (printable ASCII, ≤ 128 bytes).
+        None => tickshard_shard::domain::publisher_id_from(&format!(
             "file:{}",
             a.file
                 .file_name()
                 .map_or("-".into(), |f| f.to_string_lossy().into_owned())
-        )
-    });
+        )),
+    };
     let mut p = match Publisher::connect(PublisherConfig::new(a.grpc.clone(), publisher_id)).await {
         Ok(p) => p,
         Err(e) => {

@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
 use clap::{ArgAction, Args, Parser, Subcommand};
-use tickshard_shard::{node::NodeConfig, ownership, store::StoreOptions};
+use tickshard_shard::{committer::CommitterConfig, node::NodeConfig, ownership, store::StoreOptions};
 
 use crate::ws::WsLimits;
 
@@ -119,6 +119,18 @@ pub struct ServeArgs {
     /// re-follows and resumes; peers are never conflated).
     #[arg(long, env = "TICKSHARD_PEER_QUEUE_BYTES", default_value_t = 64 << 20)]
     pub peer_queue_bytes: usize,
+    /// Most symbols this shard holds; a publish or subscribe that would create
+    /// one more is refused with `symbol_limit`.
+    #[arg(long, env = "TICKSHARD_MAX_SYMBOLS", default_value_t = 100_000)]
+    pub max_symbols: usize,
+    /// A symbol created by a subscribe that never received a tick is forgotten
+    /// after this long without subscribers (s, m, h, d).
+    #[arg(long, env = "TICKSHARD_FORGET_UNTICKED_AFTER", default_value = "1h", value_parser = parse_duration)]
+    pub forget_unticked_after: Duration,
+    /// A tick whose `ts` is more than this many milliseconds ahead of the
+    /// owner's clock is `invalid_tick` (0 turns the check off).
+    #[arg(long, env = "TICKSHARD_MAX_FUTURE_MS", default_value_t = 300_000)]
+    pub max_future_ms: u64,
     /// Unacked publishes in flight per gRPC Publish stream (backpressure past it).
     #[arg(long, env = "TICKSHARD_PUBLISH_WINDOW", default_value_t = 8_192)]
     pub publish_window: usize,
@@ -305,6 +317,9 @@ impl ServeArgs {
                 format!("lists {} addresses but --shards is {}", peers.len(), self.shards),
             ));
         }
+        if self.max_symbols == 0 {
+            return Err(cfg_err("--max-symbols", "must be at least 1"));
+        }
         if self.history_ticks == 0 {
             return Err(cfg_err("--history-ticks", "must be at least 1"));
         }
@@ -332,6 +347,11 @@ impl ServeArgs {
                 client_queue_bytes: self.client_queue_bytes,
                 peers: peers.clone(),
                 peer_queue_bytes: self.peer_queue_bytes,
+                committer: CommitterConfig {
+                    max_symbols: self.max_symbols,
+                    max_future: (self.max_future_ms > 0).then(|| Duration::from_millis(self.max_future_ms)),
+                    forget_unticked_after: self.forget_unticked_after,
+                },
             },
             ws: WsLimits {
                 max_message_bytes: self.max_message_bytes,

@@ -363,12 +363,27 @@ async fn candles_api(query: &str, shared: &Shared) -> Response<Body> {
     let (mut limit, mut from, mut to) = (500u32, 0i64, 0i64);
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let number = |name: &str| {
+            format!(
+                "'{name}' must be an integer, got '{}'",
+                v.chars().take(40).collect::<String>()
+            )
+        };
         match k {
             "symbol" => symbol = v,
             "interval" => interval = v,
-            "limit" => limit = v.parse().unwrap_or(limit),
-            "from" => from = v.parse().unwrap_or(0),
-            "to" => to = v.parse().unwrap_or(0),
+            "limit" => match v.parse() {
+                Ok(n) => limit = n,
+                Err(_) => return api_error(StatusCode::BAD_REQUEST, &number("limit")),
+            },
+            "from" => match v.parse() {
+                Ok(n) => from = n,
+                Err(_) => return api_error(StatusCode::BAD_REQUEST, &number("from")),
+            },
+            "to" => match v.parse() {
+                Ok(n) => to = n,
+                Err(_) => return api_error(StatusCode::BAD_REQUEST, &number("to")),
+            },
             _ => {}
         }
     }
@@ -413,26 +428,27 @@ async fn candles_api(query: &str, shared: &Shared) -> Response<Body> {
                 tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
                 _ => StatusCode::SERVICE_UNAVAILABLE,
             };
-            let mut body = Vec::new();
-            json::error(
-                &mut body,
-                None,
-                if code == StatusCode::BAD_REQUEST {
-                    "bad_request"
-                } else {
-                    "unavailable"
-                },
-                status.message(),
-            );
-            let mut r = Response::new(Full::new(Bytes::from(body)));
-            *r.status_mut() = code;
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            );
-            r
+            api_error(code, status.message())
         }
     }
+}
+
+/// A JSON error of the candles API: 400 `bad_request` or 503 `unavailable`.
+fn api_error(status: StatusCode, message: &str) -> Response<Body> {
+    let mut body = Vec::new();
+    let code = if status == StatusCode::BAD_REQUEST {
+        "bad_request"
+    } else {
+        "unavailable"
+    };
+    json::error(&mut body, None, code, message);
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 /// Decodes `%XX` escapes (and `+` as a space) of a query parameter; invalid

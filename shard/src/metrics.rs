@@ -20,6 +20,9 @@ pub const COMPACTIONS: &str = "tickshard_compactions_total";
 pub const COMMIT_BATCH: &str = "tickshard_commit_batch_ticks";
 /// Gauge: symbols this shard owns (has a record for).
 pub const OWNED_SYMBOLS: &str = "tickshard_owned_symbols";
+/// Counter: symbols forgotten because they never had a tick and nobody
+/// subscribed to them for an hour (contract §6).
+pub const SYMBOLS_FORGOTTEN: &str = "tickshard_symbols_forgotten_total";
 /// Counter: ticks removed by retention.
 pub const PRUNED_TICKS: &str = "tickshard_pruned_ticks_total";
 /// Gauge: bytes sled uses on disk.

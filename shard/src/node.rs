@@ -16,8 +16,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     cluster::{Cluster, ClusterConfig, ClusterError, MirrorLease, PeerError},
-    committer::{CommitError, Committer, PublishCmd},
-    domain::{Candle, Epoch, Interval, Position, Symbol, Tick},
+    committer::{CommitError, Committer, CommitterConfig, PublishCmd},
+    domain::{Candle, Epoch, ErrorCode, Interval, Position, Symbol, Tick},
     hub::{CandleData, Channel, Chunk, Data, Head, Hub, Outbox, SnapshotData, SymbolHub},
     metrics as m,
     ownership::Ownership,
@@ -50,6 +50,8 @@ pub struct NodeConfig {
     pub peers: Vec<String>,
     /// Unsent bytes per peer follower before its stream is closed.
     pub peer_queue_bytes: usize,
+    /// Symbol limit, clock check, forgetting of never-ticked symbols.
+    pub committer: CommitterConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,13 +75,32 @@ pub enum NodeError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubscribeError {
+    /// The owner cannot be reached or the store failed: retryable.
     #[error("{0}")]
     Unavailable(String),
+    /// The owner holds its `--max-symbols` and would have to create one more.
+    #[error("{0}")]
+    SymbolLimit(String),
+}
+
+impl SubscribeError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            SubscribeError::Unavailable(_) => ErrorCode::Unavailable,
+            SubscribeError::SymbolLimit(_) => ErrorCode::SymbolLimit,
+        }
+    }
 }
 
 impl From<PeerError> for SubscribeError {
     fn from(e: PeerError) -> Self {
-        SubscribeError::Unavailable(e.to_string())
+        match e {
+            PeerError::Refused {
+                code: ErrorCode::SymbolLimit,
+                message,
+            } => SubscribeError::SymbolLimit(message),
+            e => SubscribeError::Unavailable(e.to_string()),
+        }
     }
 }
 
@@ -94,7 +115,10 @@ pub enum ReadError {
 
 impl From<CommitError> for SubscribeError {
     fn from(e: CommitError) -> Self {
-        SubscribeError::Unavailable(e.to_string())
+        match e {
+            CommitError::SymbolLimit(_) => SubscribeError::SymbolLimit(e.to_string()),
+            e => SubscribeError::Unavailable(e.to_string()),
+        }
     }
 }
 
@@ -134,8 +158,13 @@ impl SubResult {
 }
 
 enum Plan {
+    /// Nothing to send first: the client already has everything up to the head.
+    Live,
     Snapshot(Option<Tick>),
-    Replay { from: u64, to: u64 },
+    Replay {
+        from: u64,
+        to: u64,
+    },
     Candle(Option<Candle>),
 }
 
@@ -183,7 +212,7 @@ impl Node {
         let dedup = store.load_dedup()?;
         tracing::info!(symbols = records.len(), dir = %cfg.data_dir.display(), "store open");
         let hub = Arc::new(Hub::new(cfg.client_queue_bytes));
-        let (committer, join) = Committer::start(store.clone(), hub.clone(), records, dedup)?;
+        let (committer, join) = Committer::start(store.clone(), hub.clone(), records, dedup, cfg.committer.clone())?;
         let cluster = (cfg.shards > 1).then(|| {
             Cluster::new(
                 ClusterConfig {
@@ -314,19 +343,50 @@ impl Node {
             .ok_or_else(|| SubscribeError::Unavailable(format!("symbol {symbol} has no state")))
     }
 
+    /// Attaches `sink` to the hub of `r.symbol` in setup mode. A hub retired
+    /// meanwhile (its never-ticked symbol was forgotten) is looked up again.
+    async fn attach<C: Send + 'static>(
+        &self,
+        sink: &Arc<Outbox<C>>,
+        r: &SubRequest,
+    ) -> Result<(Arc<SymbolHub>, Head, Option<MirrorLease>), SubscribeError> {
+        for _ in 0..3 {
+            let (h, lease) = self.hub_for(r.symbol).await?;
+            let dyn_sink: Arc<dyn crate::hub::Sink> = sink.clone();
+            if let Some(head) = h.attach(dyn_sink, r.channel) {
+                return Ok((h, head, lease));
+            }
+        }
+        Err(SubscribeError::Unavailable(format!(
+            "symbol {} is being re-created; retry",
+            r.symbol
+        )))
+    }
+
     /// Registers subscriptions (live data is held), creating epochs for
-    /// symbols without one and checking that resumes can be served.
+    /// symbols without one (all at once: a subscribe that would take the
+    /// shard past `--max-symbols` creates none and fails with
+    /// [`SubscribeError::SymbolLimit`]) and deciding for each whether its
+    /// resume can be served.
     pub async fn prepare<C: Send + 'static>(
         &self,
         sink: &Arc<Outbox<C>>,
         reqs: &[SubRequest],
     ) -> Result<Prepared, SubscribeError> {
+        let mut local: Vec<Symbol> = reqs
+            .iter()
+            .map(|r| r.symbol)
+            .filter(|s| self.ownership.is_local(s) && self.hub.get(s).is_none())
+            .collect();
+        local.sort_unstable();
+        local.dedup();
+        self.ensure_local(local).await?;
         let mut results: Vec<SubResult> = Vec::with_capacity(reqs.len());
         let mut plans = Vec::with_capacity(reqs.len());
         let mut failed = Vec::new();
         for r in reqs {
-            let (h, _lease) = match self.hub_for(r.symbol).await {
-                Ok(h) => h,
+            let (h, head, _lease) = match self.attach(sink, r).await {
+                Ok(a) => a,
                 Err(SubscribeError::Unavailable(why)) if !self.ownership.is_local(&r.symbol) => {
                     failed.push((*r, why));
                     continue;
@@ -338,23 +398,14 @@ impl Node {
                     return Err(e);
                 }
             };
-            let dyn_sink: Arc<dyn crate::hub::Sink> = sink.clone();
-            let head = h.attach(dyn_sink, r.channel);
             let (plan, seq, recovered) = match r.channel {
                 Channel::Candles(i) => (Plan::Candle(head.candles[i.index()]), head.seq, false),
                 Channel::Ticks => match r.resume {
-                    Some(p) if p.epoch == head.epoch && p.seq == head.seq => (
-                        Plan::Replay {
-                            from: p.seq + 1,
-                            to: p.seq,
-                        },
-                        head.seq,
-                        true,
-                    ),
+                    Some(p) if p.epoch == head.epoch && p.seq == head.seq => (Plan::Live, head.seq, true),
+                    // (p.seq < head.seq, so p.seq + 1 cannot overflow)
                     Some(p) if p.epoch == head.epoch && p.seq < head.seq => {
                         let from = p.seq + 1;
-                        let first = self.read_ticks(r.symbol, from, from, 1).await;
-                        match first {
+                        match self.read_ticks(r.symbol, from, from, 1).await {
                             Ok(t) if t.first().is_some_and(|t| t.seq == from) => {
                                 (Plan::Replay { from, to: head.seq }, head.seq, true)
                             }
@@ -370,18 +421,23 @@ impl Node {
                             }
                         }
                     }
-                    // Ahead of this pod's mirror (it lags the owner, or the owner
-                    // is down): skip what the client has; live ticks follow.
+                    // Ahead of this pod's mirror: the mirror may lag the owner
+                    // (skip what the client has; live ticks follow), or the
+                    // position is beyond anything the owner has (contract §4:
+                    // answered like an unknown one). The owner says which.
                     Some(p) if p.epoch == head.epoch && p.seq > head.seq && h.is_foreign() => {
-                        h.deliver_after(sink.id(), r.channel, p.seq);
-                        (
-                            Plan::Replay {
-                                from: p.seq + 1,
-                                to: p.seq,
-                            },
-                            p.seq,
-                            true,
-                        )
+                        match self.read_ticks(r.symbol, p.seq, p.seq, 1).await {
+                            Ok(t) if t.first().is_some_and(|t| t.seq == p.seq) => {
+                                h.deliver_after(sink.id(), r.channel, p.seq);
+                                (Plan::Live, p.seq, true)
+                            }
+                            Err(ReadError::Peer(e)) => {
+                                h.detach(sink.id(), r.channel);
+                                failed.push((*r, e.to_string()));
+                                continue;
+                            }
+                            _ => (Plan::Snapshot(head.last), head.seq, false),
+                        }
                     }
                     _ => (Plan::Snapshot(head.last), head.seq, false),
                 },
@@ -413,7 +469,7 @@ impl Node {
                         conflated: false,
                     })));
                 }
-                Plan::Snapshot(None) | Plan::Candle(None) => {}
+                Plan::Live | Plan::Snapshot(None) | Plan::Candle(None) => {}
                 Plan::Candle(Some(candle)) => {
                     sink.force(Data::Candle(Box::new(CandleData { candle, closed: false })));
                 }
@@ -528,18 +584,7 @@ impl Node {
         let mut out = if from < recent.first {
             let store = self.store.clone();
             let stored_to = to.min(recent.first - 1);
-            tokio::task::spawn_blocking(move || store.read_ticks(&symbol, from, stored_to, limit))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(StoreError::Corrupt {
-                        key: "-".into(),
-                        what: if e.is_panic() {
-                            "reader panicked"
-                        } else {
-                            "reader cancelled"
-                        },
-                    })
-                })?
+            blocking(move || store.read_ticks(&symbol, from, stored_to, limit)).await?
         } else {
             Vec::new()
         };
@@ -561,18 +606,11 @@ impl Node {
     ) -> Result<Vec<(Candle, bool)>, StoreError> {
         let store = self.store.clone();
         let current = self.head(&symbol).and_then(|h| h.candles[interval.index()]);
-        let mut out: Vec<(Candle, bool)> =
-            tokio::task::spawn_blocking(move || store.read_candles(&symbol, interval, from, to, limit))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(StoreError::Corrupt {
-                        key: "-".into(),
-                        what: "reader failed",
-                    })
-                })?
-                .into_iter()
-                .map(|c| (c, true))
-                .collect();
+        let mut out: Vec<(Candle, bool)> = blocking(move || store.read_candles(&symbol, interval, from, to, limit))
+            .await?
+            .into_iter()
+            .map(|c| (c, true))
+            .collect();
         if let Some(c) = current
             && (from..=to).contains(&c.start)
             && out.len() < limit
@@ -659,4 +697,14 @@ impl Node {
             tracing::error!(error = %e, "final flush failed");
         }
     }
+}
+
+/// Runs a store call on the blocking pool (never on an async worker). A panic
+/// there is a bug, reported as one, not as a damaged store.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Bug(e.to_string())))
 }

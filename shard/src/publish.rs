@@ -23,7 +23,7 @@ use tonic::{Status, Streaming};
 
 use crate::{
     committer::{Ack, AckError, AckTx, PublishCmd},
-    domain::ErrorCode,
+    domain::{ErrorCode, MAX_SYMBOL_LEN, validate_publisher_id},
     metrics as m,
     node::Node,
     wire,
@@ -43,7 +43,9 @@ pub fn reject(request_id: u64, symbol: &str, code: ErrorCode, message: String) -
     metrics::counter!(m::TICKS_REJECTED, "code" => code.as_str()).increment(1);
     pb::PublishAck {
         request_id,
-        symbol: symbol.to_owned(),
+        // Echoed for correlation, but never more than a symbol can be: a
+        // rejected request may carry a megabyte in that field.
+        symbol: symbol.chars().take(MAX_SYMBOL_LEN).collect(),
         seq: 0,
         epoch: String::new(),
         duplicate: false,
@@ -128,11 +130,15 @@ pub fn serve(
                     let _ = rej_tx.send(reject(
                         r.request_id,
                         "",
-                        ErrorCode::InvalidTick,
+                        ErrorCode::InvalidRequest,
                         "request has no tick".into(),
                     ));
                     continue;
                 };
+                if let Err(e) = validate_publisher_id(&r.publisher_id) {
+                    let _ = rej_tx.send(reject(r.request_id, &t.symbol, e.code(), e.to_string()));
+                    continue;
+                }
                 let tick = match wire::tick_from_pb(t) {
                     Ok(t) => t,
                     Err(e) => {

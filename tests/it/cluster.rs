@@ -11,7 +11,7 @@ use crate::common::*;
 const T0: i64 = 1_732_530_000_000_000;
 
 /// `n` symbols owned by `shard` (of `shards`).
-fn owned_by(shard: u32, shards: u32, n: usize) -> Vec<String> {
+pub fn owned_by(shard: u32, shards: u32, n: usize) -> Vec<String> {
     let own = Ownership::new(shards, 0);
     (0..)
         .map(|i| format!("SYM-{i}"))

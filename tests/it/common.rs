@@ -415,3 +415,143 @@ impl TestCluster {
         }
     }
 }
+
+/// A masked client text frame (mask key 0, so the payload reads as is).
+pub fn client_frame(payload: &[u8]) -> Vec<u8> {
+    raw_frame(0x81, payload, true)
+}
+
+/// Any frame by hand: `first` is the first header byte (FIN, RSV, opcode);
+/// `masked` with mask key 0 (the payload reads as is).
+pub fn raw_frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut f = vec![first];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n @ 0..=125 => f.push(mask_bit | n as u8),
+        n => {
+            f.push(mask_bit | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    if masked {
+        f.extend_from_slice(&[0, 0, 0, 0]);
+    }
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A WebSocket connection by hand: the upgrade request (and `first`, in the
+/// same write); returns the stream and the bytes read past the response.
+pub async fn raw_ws(srv: &Server, first: &[u8]) -> (tokio::net::TcpStream, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(srv.http))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut req = b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .to_vec();
+    req.extend_from_slice(first);
+    s.write_all(&req).await.unwrap();
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let mut chunk = [0u8; 1024];
+        let got = tokio::time::timeout(WAIT, s.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(got > 0, "no upgrade response");
+        buf.extend_from_slice(&chunk[..got]);
+    };
+    assert!(buf.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&buf));
+    buf.drain(..end);
+    (s, buf)
+}
+
+/// Reads server text frames until `n` have arrived; returns their payloads.
+pub async fn read_server_frames(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, n: usize) -> Vec<String> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    while out.len() < n {
+        let frame = (buf.len() >= 2)
+            .then(|| match buf[1] & 0x7f {
+                126 if buf.len() >= 4 => Some((4, u16::from_be_bytes([buf[2], buf[3]]) as usize)),
+                126 | 127 => None,
+                l => Some((2, l as usize)),
+            })
+            .flatten()
+            .filter(|(h, l)| buf.len() >= h + l);
+        if let Some((h, l)) = frame {
+            if buf[0] & 0x0f == 1 {
+                out.push(String::from_utf8_lossy(&buf[h..h + l]).into_owned());
+            }
+            buf.drain(..h + l);
+            continue;
+        }
+        let mut chunk = [0u8; 4096];
+        let got = tokio::time::timeout(WAIT, s.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(got > 0, "server closed; frames so far: {out:?}");
+        buf.extend_from_slice(&chunk[..got]);
+    }
+    out
+}
+
+/// Reads until the server's close frame; returns its code (panics if the
+/// connection ends without one).
+pub async fn read_close_code(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> u16 {
+    use tokio::io::AsyncReadExt;
+    loop {
+        // skip whole frames that are not a close
+        while buf.len() >= 2 {
+            let (h, l) = match buf[1] & 0x7f {
+                126 if buf.len() >= 4 => (4, u16::from_be_bytes([buf[2], buf[3]]) as usize),
+                126 | 127 => break,
+                l => (2, l as usize),
+            };
+            if buf.len() < h + l {
+                break;
+            }
+            if buf[0] & 0x0f == 8 && l >= 2 {
+                return u16::from_be_bytes([buf[h], buf[h + 1]]);
+            }
+            buf.drain(..h + l);
+        }
+        let mut chunk = [0u8; 4096];
+        let got = tokio::time::timeout(WAIT, s.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(got > 0, "the connection ended without a close frame");
+        buf.extend_from_slice(&chunk[..got]);
+    }
+}
+
+pub fn req(id: u64, publisher: &str, pseq: u64, t: pb::Tick) -> pb::PublishRequest {
+    pb::PublishRequest {
+        request_id: id,
+        publisher_id: publisher.into(),
+        publisher_seq: pseq,
+        tick: Some(t),
+    }
+}
+
+/// A raw Publish stream: send requests, read acks one by one.
+pub struct RawStream {
+    pub tx: tokio::sync::mpsc::Sender<pb::PublishRequest>,
+    pub acks: tonic::Streaming<pb::PublishAck>,
+}
+
+impl RawStream {
+    pub async fn open(srv: &Server) -> RawStream {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        let acks = srv.feed().await.publish(out).await.unwrap().into_inner();
+        RawStream { tx, acks }
+    }
+
+    pub async fn call(&mut self, r: pb::PublishRequest) -> pb::PublishAck {
+        self.tx.send(r).await.unwrap();
+        tokio::time::timeout(WAIT, self.acks.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    }
+}

@@ -8,39 +8,6 @@ use crate::common::*;
 
 const T0: i64 = 1_732_530_000_000_000;
 
-fn req(id: u64, publisher: &str, pseq: u64, t: pb::Tick) -> pb::PublishRequest {
-    pb::PublishRequest {
-        request_id: id,
-        publisher_id: publisher.into(),
-        publisher_seq: pseq,
-        tick: Some(t),
-    }
-}
-
-/// A raw Publish stream: send requests, read acks one by one.
-struct RawStream {
-    tx: tokio::sync::mpsc::Sender<pb::PublishRequest>,
-    acks: tonic::Streaming<pb::PublishAck>,
-}
-
-impl RawStream {
-    async fn open(srv: &Server) -> RawStream {
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
-        let acks = srv.feed().await.publish(out).await.unwrap().into_inner();
-        RawStream { tx, acks }
-    }
-
-    async fn call(&mut self, r: pb::PublishRequest) -> pb::PublishAck {
-        self.tx.send(r).await.unwrap();
-        tokio::time::timeout(WAIT, self.acks.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-    }
-}
-
 #[tokio::test]
 async fn a_durable_ack_and_both_kinds_of_subscriber_get_the_exact_tick() {
     let srv = Server::start(&["--no-sim"]);

@@ -9,5 +9,6 @@ mod common;
 mod docker;
 mod durability;
 mod grpc_api;
+mod hardening;
 mod slow_consumer;
 mod ws_protocol;

@@ -48,6 +48,7 @@ pub fn start(
         shared.node.clone(),
         shared.stopping().clone(),
         shared.publish_window,
+        shared.ws.max_subscriptions,
     ));
     let feed = FeedRoutes::new(FeedService { shared });
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -106,7 +107,7 @@ impl Feed for FeedService {
     }
 
     async fn get_snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<Response<pb::SnapshotResponse>, Status> {
-        let syms = parse_symbols(&req.get_ref().symbols)?;
+        let syms = parse_symbols(&req.get_ref().symbols, self.shared.ws.max_subscriptions)?;
         service::routed_snapshot(&self.shared.node, &syms)
             .await
             .map(Response::new)

@@ -16,12 +16,12 @@ use bytes::{BufMut as _, Bytes};
 use prost::Message as _;
 use tickshard_proto::v1::{self as pb, feed_server::FeedServer};
 use tickshard_shard::{
-    cluster::service::parse_symbol,
+    cluster::service::{parse_symbol, parse_symbols},
     domain::{Epoch, Position, Symbol, Tick},
     events::outbox_events,
     hub::{Channel, Data, Format, Frames, Outbox},
     metrics as m,
-    node::{SubRequest, SubResult},
+    node::{SubRequest, SubResult, SubscribeError},
     wire,
 };
 use tonic::{
@@ -179,10 +179,10 @@ async fn subscribe(
         subs: reqs.iter().map(|r| (r.symbol, r.channel)).collect(),
     };
     shared.register(outbox.id(), outbox.clone());
-    let prepared = node
-        .prepare(&outbox, &reqs)
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let prepared = node.prepare(&outbox, &reqs).await.map_err(|e| match e {
+        SubscribeError::Unavailable(m) => Status::unavailable(m),
+        SubscribeError::SymbolLimit(m) => Status::resource_exhausted(format!("symbol_limit: {m}")),
+    })?;
     if let Some((r, why)) = prepared.failed.first() {
         // gRPC has no per-symbol error: the whole call is retryable.
         return Err(Status::unavailable(format!("{}: {why}", r.symbol)));
@@ -202,16 +202,25 @@ async fn subscribe(
     Ok(Response::new(Box::pin(events)))
 }
 
-/// One subscription request, validated.
+/// One subscription request, validated: counts first (symbols, repeats once;
+/// resume entries; channels), then the per-symbol requests. Linear in the
+/// request's size.
 fn sub_requests(r: &pb::SubscribeRequest, max: usize) -> Result<Vec<SubRequest>, Status> {
     if r.symbols.is_empty() {
         return Err(Status::invalid_argument("symbols is empty"));
     }
+    if r.resume.len() > max {
+        return Err(Status::resource_exhausted(format!(
+            "resume names more than {max} symbols"
+        )));
+    }
+    let symbols = parse_symbols(&r.symbols, max)?;
     let mut channels = Vec::new();
     for c in &r.channels {
         let ch = Channel::parse(c).ok_or_else(|| {
+            let shown: String = c.chars().take(40).collect();
             Status::invalid_argument(format!(
-                "unknown channel '{c}'; expected ticks, candles:1s, candles:1m or candles:1h"
+                "unknown channel '{shown}'; expected ticks, candles:1s, candles:1m or candles:1h"
             ))
         })?;
         if !channels.contains(&ch) {
@@ -221,7 +230,13 @@ fn sub_requests(r: &pb::SubscribeRequest, max: usize) -> Result<Vec<SubRequest>,
     if channels.is_empty() {
         channels.push(Channel::Ticks);
     }
-    let mut resume = HashMap::new();
+    let pairs = symbols.len() * channels.len();
+    if pairs > max {
+        return Err(Status::resource_exhausted(format!(
+            "{pairs} symbol×channel subscriptions requested; the limit per stream is {max}"
+        )));
+    }
+    let mut resume = HashMap::with_capacity(r.resume.len());
     for (k, p) in &r.resume {
         resume.insert(
             parse_symbol(k)?,
@@ -231,16 +246,9 @@ fn sub_requests(r: &pb::SubscribeRequest, max: usize) -> Result<Vec<SubRequest>,
             },
         );
     }
-    let mut out = Vec::new();
-    for s in &r.symbols {
-        let symbol = parse_symbol(s)?;
+    let mut out = Vec::with_capacity(pairs);
+    for &symbol in &symbols {
         for &channel in &channels {
-            if out
-                .iter()
-                .any(|q: &SubRequest| q.symbol == symbol && q.channel == channel)
-            {
-                continue;
-            }
             out.push(SubRequest {
                 symbol,
                 channel,
@@ -251,12 +259,6 @@ fn sub_requests(r: &pb::SubscribeRequest, max: usize) -> Result<Vec<SubRequest>,
                 },
             });
         }
-    }
-    if out.len() > max {
-        return Err(Status::resource_exhausted(format!(
-            "{} symbol×channel subscriptions requested; the limit per stream is {max}",
-            out.len()
-        )));
     }
     Ok(out)
 }
@@ -329,6 +331,29 @@ mod tests {
             panic!("not a tick: {:?}", got[0]);
         };
         assert_eq!((t.seq, t.price.as_str(), t.ask.as_str()), (2, "67012.50", "67012.600"));
+    }
+
+    /// Issue 10, item 2: counts are checked first and repeats count once.
+    #[test]
+    fn subscribe_requests_are_bounded_and_deduplicated() {
+        let req = |symbols: Vec<String>, channels: &[&str]| pb::SubscribeRequest {
+            symbols,
+            channels: channels.iter().map(|c| c.to_string()).collect(),
+            ..Default::default()
+        };
+        let many: Vec<String> = (0..80_000).map(|i| format!("S{i}")).collect();
+        let e = sub_requests(&req(many, &[]), 1_000).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        let same = vec!["btc-usd".to_string(); 80_000];
+        let ok = sub_requests(&req(same, &["ticks", "ticks", "candles:1m"]), 2).unwrap();
+        assert_eq!(ok.len(), 2);
+        // symbols × channels is what counts
+        let two = vec!["A".to_string(), "B".to_string()];
+        let e = sub_requests(&req(two, &["ticks", "candles:1m"]), 3).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        let mut r = req(vec!["A".into()], &[]);
+        r.resume = (0..5).map(|i| (format!("S{i}"), pb::Position::default())).collect();
+        assert_eq!(sub_requests(&r, 4).unwrap_err().code(), tonic::Code::ResourceExhausted);
     }
 
     /// Encode once: two subscribers of the same chunk get the same bytes, not

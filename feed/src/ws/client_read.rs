@@ -69,6 +69,9 @@ pub struct FrameTracker {
     payload_left: Option<u64>,
     /// Frames whose last byte has been seen.
     completed: u64,
+    /// A frame header without the mask bit was seen: a client must mask
+    /// every frame (RFC 6455 §5.1), so the connection is failed with 1002.
+    unmasked: bool,
 }
 
 impl FrameTracker {
@@ -112,6 +115,9 @@ impl FrameTracker {
                     self.head[self.head_len..self.head_len + n].copy_from_slice(&bytes[..n]);
                     self.head_len += n;
                     bytes = &bytes[n..];
+                    if self.head_len >= 2 && self.head[1] & 0x80 == 0 {
+                        self.unmasked = true;
+                    }
                     // The first two bytes may have made the header longer.
                     if self.head_len == need && self.head_needed() == need {
                         self.payload_left = Some(self.payload_len());
@@ -126,10 +132,26 @@ impl FrameTracker {
         }
     }
 
+    /// True once a frame without the mask bit was seen.
+    pub fn saw_unmasked(&self) -> bool {
+        self.unmasked
+    }
+
     /// `Some(frames completed)` when the bytes seen end exactly after a frame.
     pub fn at_boundary(&self) -> Option<u64> {
         (self.head_len == 0 && self.payload_left.is_none()).then_some(self.completed)
     }
+}
+
+/// The error [`Tracked`] reads fail with once the client sent an unmasked
+/// frame (the reader never sees that frame).
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent an unmasked frame")]
+pub struct UnmaskedFrame;
+
+/// True if a read failed because the client sent an unmasked frame.
+pub fn is_unmasked(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<UnmaskedFrame>())
 }
 
 /// Published by [`Tracked`] after every read: the frames completed if the
@@ -172,6 +194,9 @@ impl AsyncRead for Tracked<'_> {
             this.frames.feed(new);
             let b = this.frames.at_boundary().unwrap_or(MID_FRAME);
             this.boundary.store(b, Ordering::Relaxed);
+        }
+        if this.frames.saw_unmasked() {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, UnmaskedFrame)));
         }
         r
     }
@@ -226,8 +251,11 @@ mod tests {
             assert_eq!(t.at_boundary(), Some(1), "{len}");
         }
         let mut t = FrameTracker::default();
+        t.feed(&frame(10, Some([1, 2, 3, 4])));
+        assert!(!t.saw_unmasked());
         t.feed(&frame(10, None));
-        assert_eq!(t.at_boundary(), Some(1), "unmasked");
+        assert_eq!(t.at_boundary(), Some(2), "unmasked");
+        assert!(t.saw_unmasked());
     }
 
     proptest! {

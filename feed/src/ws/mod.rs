@@ -15,7 +15,7 @@ mod lazy_buf;
 pub mod protocol;
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::SocketAddr,
     num::NonZeroU32,
     sync::{
@@ -314,7 +314,8 @@ impl Connection {
             buffers: None,
             out: Vec::new(),
         };
-        let mut assembly: Option<Vec<u8>> = None;
+        // A fragmented message being assembled: (binary, bytes so far).
+        let mut assembly: Option<(bool, Vec<u8>)> = None;
         let boundary = AtomicU64::new(0);
         let mut frames_read = 0u64;
         let mut idle = Some(rx);
@@ -341,10 +342,17 @@ impl Connection {
                     session.too_large();
                     break 'read ReadEnd::Stopped;
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, "read ended");
-                    break 'read ReadEnd::Gone;
-                }
+                Err(e) => match violation(&e) {
+                    Some(close) => {
+                        tracing::debug!(error = %e, code = close.code, "protocol violation");
+                        self.outbox.close(close);
+                        break 'read ReadEnd::Stopped;
+                    }
+                    None => {
+                        tracing::debug!(error = %e, "read ended");
+                        break 'read ReadEnd::Gone;
+                    }
+                },
             };
             frames_read += 1;
             // Everything the reader buffered has been returned: let its buffer go.
@@ -373,16 +381,13 @@ impl Connection {
                     break 'read ReadEnd::Stopped;
                 }
                 OpCode::Text | OpCode::Binary => {
-                    let mut first = frame.payload.to_vec();
-                    if frame.opcode == OpCode::Binary {
-                        first.insert(0, 0); // marks a binary message
-                    }
-                    assembly = Some(first);
+                    assembly = Some((frame.opcode == OpCode::Binary, frame.payload.to_vec()));
                 }
                 OpCode::Continuation => {
-                    let Some(a) = assembly.as_mut() else {
-                        session.error(None, ErrorCode::BadJson, "continuation frame without a first frame");
-                        continue;
+                    let Some((_, a)) = assembly.as_mut() else {
+                        tracing::debug!("continuation frame without a first frame");
+                        self.outbox.close(Close::PROTOCOL);
+                        break 'read ReadEnd::Stopped;
                     };
                     if a.len() + frame.payload.len() > limits.max_message_bytes {
                         session.too_large();
@@ -390,14 +395,28 @@ impl Connection {
                     }
                     a.extend_from_slice(&frame.payload);
                     if frame.fin
-                        && let Some(mut msg) = assembly.take()
+                        && let Some((binary, mut msg)) = assembly.take()
                     {
-                        let binary = msg.first() == Some(&0);
+                        // fastwebsockets checks single-frame text messages;
+                        // a fragmented one is checked whole (contract §4: 1007).
+                        if !binary && std::str::from_utf8(&msg).is_err() {
+                            self.outbox.close(Close::INVALID_DATA);
+                            break 'read ReadEnd::Stopped;
+                        }
                         if !Box::pin(session.message(&mut msg, binary)).await {
                             // boxed: see above
                             break 'read ReadEnd::Stopped;
                         }
                     }
+                }
+                // Control frames carry at most 125 bytes (RFC 6455 §5.5);
+                // fastwebsockets checks pings only.
+                OpCode::Pong | OpCode::Close
+                    if frame.payload.len() > 125 || frame.payload.len() == 1 && frame.opcode == OpCode::Close =>
+                {
+                    tracing::debug!(len = frame.payload.len(), "malformed control frame");
+                    self.outbox.close(Close::PROTOCOL);
+                    break 'read ReadEnd::Stopped;
                 }
                 OpCode::Ping => self.outbox.control(Ctl::Pong(frame.payload.to_vec()), 16),
                 OpCode::Pong => {}
@@ -429,6 +448,26 @@ impl Connection {
                 {}
             }
         }
+    }
+}
+
+/// The close a read error calls for: 1007 for a text message that is not
+/// UTF-8, 1002 for any other violation of the WebSocket protocol (RSV bits,
+/// an unknown opcode, a fragmented or oversized control frame, an unmasked
+/// client frame); `None` for the end of the stream or an I/O failure.
+fn violation(e: &WebSocketError) -> Option<Close> {
+    match e {
+        WebSocketError::InvalidUTF8 => Some(Close::INVALID_DATA),
+        WebSocketError::ReservedBitsNotZero
+        | WebSocketError::ControlFrameFragmented
+        | WebSocketError::PingFrameTooLarge
+        | WebSocketError::InvalidValue
+        | WebSocketError::InvalidFragment
+        | WebSocketError::InvalidContinuationFrame
+        | WebSocketError::InvalidCloseFrame
+        | WebSocketError::InvalidCloseCode => Some(Close::PROTOCOL),
+        WebSocketError::IoError(io) if client_read::is_unmasked(io) => Some(Close::PROTOCOL),
+        _ => None,
     }
 }
 
@@ -536,9 +575,16 @@ impl Session<'_> {
             return false;
         }
         if self.limiter.check().is_err() {
+            // Not processed, but answered with its id (contract §4), so a
+            // client that correlates replies never waits for one.
+            let id = if binary {
+                None
+            } else {
+                protocol::id_only(buf, self.buffers.get_or_insert_with(Buffers::default))
+            };
             let rate = self.conn.shared.ws.max_client_rate;
             self.error(
-                None,
+                id.as_deref(),
                 ErrorCode::RateLimited,
                 &format!("more than {rate} messages per second; message dropped"),
             );
@@ -552,7 +598,8 @@ impl Session<'_> {
             );
             return true;
         }
-        let req = match protocol::parse(buf, self.buffers.get_or_insert_with(Buffers::default)) {
+        let max = self.conn.shared.ws.max_subscriptions;
+        let req = match protocol::parse(buf, self.buffers.get_or_insert_with(Buffers::default), max) {
             Ok(r) => r,
             Err(e) => {
                 self.error(e.id.as_deref(), e.code, &e.message);
@@ -600,7 +647,7 @@ impl Session<'_> {
         id: Option<&[u8]>,
         symbols: Vec<Symbol>,
         channels: Vec<Channel>,
-        resume: Vec<(Symbol, tickshard_shard::domain::Position)>,
+        resume: HashMap<Symbol, tickshard_shard::domain::Position>,
     ) {
         if self.conn.shared.is_draining() {
             self.error(
@@ -638,9 +685,7 @@ impl Session<'_> {
                 channels.iter().map(move |c| SubRequest {
                     symbol: *s,
                     channel: *c,
-                    resume: (*c == Channel::Ticks)
-                        .then(|| resume.iter().find(|(r, _)| r == s).map(|(_, p)| *p))
-                        .flatten(),
+                    resume: (*c == Channel::Ticks).then(|| resume.get(s).copied()).flatten(),
                 })
             })
             .collect();
@@ -662,7 +707,7 @@ impl Session<'_> {
                     self.subs().active.remove(&(r.symbol, r.channel));
                     node.unsubscribe(self.conn.outbox.id(), &r.symbol, r.channel);
                 }
-                self.error(id, ErrorCode::Unavailable, &e.to_string());
+                self.error(id, e.code(), &e.to_string());
                 return;
             }
         };

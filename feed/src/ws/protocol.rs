@@ -1,9 +1,11 @@
 //! Client → server messages of WebSocket protocol v1 (contract §4), parsed in
 //! place with simd-json (the frame buffer is mutated, nothing is copied).
 
+use std::collections::HashMap;
+
 use simd_json::{BorrowedValue, Buffers, StaticNode, prelude::*};
 use tickshard_shard::{
-    domain::{Epoch, ErrorCode, Position, Symbol},
+    domain::{Epoch, ErrorCode, Position, Symbol, SymbolListError, SymbolSet},
     hub::Channel,
 };
 
@@ -22,7 +24,7 @@ pub enum Op {
     Subscribe {
         symbols: Vec<Symbol>,
         channels: Vec<Channel>,
-        resume: Vec<(Symbol, Position)>,
+        resume: HashMap<Symbol, Position>,
     },
     Unsubscribe {
         symbols: Vec<Symbol>,
@@ -49,18 +51,16 @@ fn bad(id: &Option<Vec<u8>>, code: ErrorCode, message: impl Into<String>) -> Pro
 }
 
 /// Parses one text message. `buf` is used as simd-json's scratch space.
-pub fn parse(buf: &mut [u8], buffers: &mut Buffers) -> Result<Request, ProtoError> {
+/// `max_symbols` bounds every list of symbols in it (contract §4: a request
+/// naming more is refused whole, repeats count once). Costs time linear in
+/// the message's length.
+pub fn parse(buf: &mut [u8], buffers: &mut Buffers, max_symbols: usize) -> Result<Request, ProtoError> {
     let v = simd_json::to_borrowed_value_with_buffers(buf, buffers)
         .map_err(|e| bad(&None, ErrorCode::BadJson, format!("invalid JSON: {e}")))?;
     let Some(obj) = v.as_object() else {
         return Err(bad(&None, ErrorCode::BadJson, "expected a JSON object"));
     };
-    let id = match obj.get("id") {
-        None => None,
-        Some(raw) => {
-            Some(id_json(raw).ok_or_else(|| bad(&None, ErrorCode::BadJson, "\"id\" must be a number or a string"))?)
-        }
-    };
+    let id = id_of(&v)?;
     let Some(op) = obj.get("op").and_then(|o| o.as_str()) else {
         return Err(bad(&id, ErrorCode::BadJson, "missing \"op\" (a string)"));
     };
@@ -68,9 +68,9 @@ pub fn parse(buf: &mut [u8], buffers: &mut Buffers) -> Result<Request, ProtoErro
         "ping" => Op::Ping,
         "symbols" => Op::Symbols,
         "subscribe" => {
-            let symbols = symbols(&v, &id)?;
+            let symbols = symbols(&v, &id, max_symbols)?;
             let channels = channels(&v, &id)?;
-            let resume = resume(&v, &id)?;
+            let resume = resume(&v, &id, max_symbols)?;
             Op::Subscribe {
                 symbols,
                 channels,
@@ -78,7 +78,7 @@ pub fn parse(buf: &mut [u8], buffers: &mut Buffers) -> Result<Request, ProtoErro
             }
         }
         "unsubscribe" => Op::Unsubscribe {
-            symbols: symbols(&v, &id)?,
+            symbols: symbols(&v, &id, max_symbols)?,
             channels: channels(&v, &id)?,
         },
         other => {
@@ -96,6 +96,22 @@ pub fn parse(buf: &mut [u8], buffers: &mut Buffers) -> Result<Request, ProtoErro
     Ok(Request { id, op })
 }
 
+/// Only the `id` of a message, for the reply to a message that is not
+/// processed (`rate_limited`): a client that correlates replies gets one.
+pub fn id_only(buf: &mut [u8], buffers: &mut Buffers) -> Option<Vec<u8>> {
+    let v = simd_json::to_borrowed_value_with_buffers(buf, buffers).ok()?;
+    id_of(&v).ok().flatten()
+}
+
+fn id_of(v: &BorrowedValue<'_>) -> Result<Option<Vec<u8>>, ProtoError> {
+    match v.get("id") {
+        None => Ok(None),
+        Some(raw) => id_json(raw)
+            .map(Some)
+            .ok_or_else(|| bad(&None, ErrorCode::BadJson, "\"id\" must be a number or a string")),
+    }
+}
+
 /// The raw JSON of an `id`: numbers, strings, booleans and null are echoed.
 fn id_json(v: &BorrowedValue<'_>) -> Option<Vec<u8>> {
     let mut out = Vec::new();
@@ -111,24 +127,32 @@ fn id_json(v: &BorrowedValue<'_>) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn symbols(v: &BorrowedValue<'_>, id: &Option<Vec<u8>>) -> Result<Vec<Symbol>, ProtoError> {
+fn symbols(v: &BorrowedValue<'_>, id: &Option<Vec<u8>>, max: usize) -> Result<Vec<Symbol>, ProtoError> {
     let Some(list) = v.get("symbols").and_then(|s| s.as_array()) else {
         return Err(bad(id, ErrorCode::BadJson, "\"symbols\" must be an array of strings"));
     };
     if list.is_empty() {
         return Err(bad(id, ErrorCode::BadJson, "\"symbols\" is empty"));
     }
-    let mut out = Vec::with_capacity(list.len());
+    let mut set = SymbolSet::new(max);
     for s in list {
         let Some(s) = s.as_str() else {
             return Err(bad(id, ErrorCode::BadJson, "\"symbols\" must be an array of strings"));
         };
-        let sym = Symbol::parse(s).map_err(|e| bad(id, ErrorCode::InvalidSymbol, e.to_string()))?;
-        if !out.contains(&sym) {
-            out.push(sym);
-        }
+        set.add(s).map_err(|e| list_error(id, e))?;
     }
-    Ok(out)
+    Ok(set.into_vec())
+}
+
+fn list_error(id: &Option<Vec<u8>>, e: SymbolListError) -> ProtoError {
+    match e {
+        SymbolListError::Invalid(e) => bad(id, ErrorCode::InvalidSymbol, e.to_string()),
+        SymbolListError::TooMany { max } => bad(
+            id,
+            ErrorCode::TooManySubscriptions,
+            format!("the request names more than {max} symbols (the subscription limit per connection)"),
+        ),
+    }
 }
 
 fn channels(v: &BorrowedValue<'_>, id: &Option<Vec<u8>>) -> Result<Vec<Channel>, ProtoError> {
@@ -165,12 +189,12 @@ fn channels(v: &BorrowedValue<'_>, id: &Option<Vec<u8>>) -> Result<Vec<Channel>,
     Ok(out)
 }
 
-fn resume(v: &BorrowedValue<'_>, id: &Option<Vec<u8>>) -> Result<Vec<(Symbol, Position)>, ProtoError> {
+fn resume(v: &BorrowedValue<'_>, id: &Option<Vec<u8>>, max: usize) -> Result<HashMap<Symbol, Position>, ProtoError> {
     let Some(raw) = v.get("resume") else {
-        return Ok(Vec::new());
+        return Ok(HashMap::new());
     };
     if raw.is_null() {
-        return Ok(Vec::new());
+        return Ok(HashMap::new());
     }
     let Some(obj) = raw.as_object() else {
         return Err(bad(
@@ -179,7 +203,10 @@ fn resume(v: &BorrowedValue<'_>, id: &Option<Vec<u8>>) -> Result<Vec<(Symbol, Po
             "\"resume\" must be an object {symbol: {seq, epoch}}",
         ));
     };
-    let mut out = Vec::with_capacity(obj.len());
+    if obj.len() > max {
+        return Err(list_error(id, SymbolListError::TooMany { max }));
+    }
+    let mut out = HashMap::with_capacity(obj.len());
     for (k, pos) in obj.iter() {
         let sym = Symbol::parse(k).map_err(|e| bad(id, ErrorCode::InvalidSymbol, e.to_string()))?;
         let seq = pos.get("seq").and_then(|s| s.as_u64());
@@ -194,7 +221,7 @@ fn resume(v: &BorrowedValue<'_>, id: &Option<Vec<u8>>) -> Result<Vec<(Symbol, Po
         // An epoch that does not parse matches no history: the client then gets
         // a snapshot with recovered=false, as for any other unknown epoch.
         let epoch = Epoch::parse(epoch).unwrap_or_default();
-        out.push((sym, Position { seq, epoch }));
+        out.insert(sym, Position { seq, epoch });
     }
     Ok(out)
 }
@@ -205,7 +232,7 @@ mod tests {
 
     fn p(s: &str) -> Result<Request, ProtoError> {
         let mut b = s.as_bytes().to_vec();
-        parse(&mut b, &mut Buffers::default())
+        parse(&mut b, &mut Buffers::default(), 1_000)
     }
 
     #[test]
@@ -228,8 +255,9 @@ mod tests {
             channels,
             vec![Channel::Ticks, Channel::Candles(tickshard_shard::domain::Interval::M1)]
         );
-        assert_eq!(resume[0].1.seq, 1042);
-        assert_eq!(resume[0].1.epoch.to_string(), "9f2c41d07a3e");
+        let btc = Symbol::parse("BTC-USD").unwrap();
+        assert_eq!(resume[&btc].seq, 1042);
+        assert_eq!(resume[&btc].epoch.to_string(), "9f2c41d07a3e");
         assert_eq!(
             p(r#"{"op":"ping","id":"abc"}"#).unwrap().id.as_deref(),
             Some(&b"\"abc\""[..])
@@ -262,5 +290,51 @@ mod tests {
         // the id is echoed even in errors found after it was read
         let e = p(r#"{"op":"dance","id":9}"#).unwrap_err();
         assert_eq!(e.id.as_deref(), Some(&b"9"[..]));
+    }
+
+    fn subscribe_of(symbols: impl Iterator<Item = String>) -> String {
+        let list: Vec<String> = symbols.map(|s| format!("\"{s}\"")).collect();
+        format!(r#"{{"op":"subscribe","id":5,"symbols":[{}]}}"#, list.join(","))
+    }
+
+    /// Issue 10, item 2: counts are checked while the list is read (a set,
+    /// not a scan per symbol), repeats count once, and the id is echoed.
+    #[test]
+    fn symbol_lists_are_bounded_and_repeats_count_once() {
+        let limit = |s: &str, max: usize| {
+            let mut b = s.as_bytes().to_vec();
+            parse(&mut b, &mut Buffers::default(), max)
+        };
+        // 10,800 distinct symbols in one 64 KiB message: refused, id echoed.
+        let many = subscribe_of((0..10_800).map(|i| format!("S{i}")));
+        let e = limit(&many, 1_000).unwrap_err();
+        assert_eq!(
+            (e.code, e.id.as_deref()),
+            (ErrorCode::TooManySubscriptions, Some(&b"5"[..]))
+        );
+        // The same symbol 10,000 times is one symbol.
+        let same = subscribe_of(std::iter::repeat_n("btc-usd".to_string(), 10_000));
+        let Op::Subscribe { symbols, .. } = limit(&same, 1).unwrap().op else {
+            panic!()
+        };
+        assert_eq!(symbols.len(), 1);
+        // Exactly the limit is fine; a resume map past it is refused too.
+        assert!(limit(&subscribe_of((0..3).map(|i| format!("S{i}"))), 3).is_ok());
+        let resume =
+            r#"{"op":"subscribe","symbols":["A"],"resume":{"A":{"seq":1,"epoch":"x"},"B":{"seq":1,"epoch":"x"}}}"#;
+        assert_eq!(limit(resume, 1).unwrap_err().code, ErrorCode::TooManySubscriptions);
+        let unsub = r#"{"op":"unsubscribe","symbols":["A","B"]}"#;
+        assert_eq!(limit(unsub, 1).unwrap_err().code, ErrorCode::TooManySubscriptions);
+    }
+
+    #[test]
+    fn the_id_alone_is_read_from_any_json_object() {
+        let id = |s: &str| id_only(&mut s.as_bytes().to_vec(), &mut Buffers::default());
+        assert_eq!(
+            id(r#"{"op":"subscribe","id":"x1","symbols":[]}"#).as_deref(),
+            Some(&br#""x1""#[..])
+        );
+        assert_eq!(id(r#"{"op":"ping"}"#), None);
+        assert_eq!(id("not json"), None);
     }
 }

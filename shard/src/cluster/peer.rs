@@ -48,6 +48,21 @@ pub enum PeerError {
     Timeout(u32),
     #[error("shard {shard}: {status}")]
     Rpc { shard: u32, status: tonic::Status },
+    /// The owner answered, and will not serve this (`symbol_limit`, ...).
+    #[error("{message}")]
+    Refused { code: ErrorCode, message: String },
+}
+
+/// Where a mirror stands with its owner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum MirrorState {
+    /// Following asked, the owner's head not known yet.
+    Pending,
+    /// The mirror's head is the owner's (after `started`, and the snapshot if
+    /// one was needed).
+    Ready,
+    /// The owner refused to serve the symbol.
+    Refused(ErrorCode, String),
 }
 
 /// Asks the session to follow a new symbol (unfollows come from the sweep,
@@ -58,9 +73,7 @@ enum FollowCmd {
 
 struct Mirror {
     hub: Arc<SymbolHub>,
-    /// True once the mirror's head is the owner's (after `started`, and the
-    /// snapshot if one was needed).
-    ready: watch::Sender<bool>,
+    ready: watch::Sender<MirrorState>,
     /// Subscribes between "mirror found" and "attached".
     leases: u32,
     idle_since: Option<Instant>,
@@ -209,7 +222,7 @@ impl Peer {
                 let _ = self.follow_tx.send(FollowCmd::Follow(sym));
                 Mirror {
                     hub,
-                    ready: watch::channel(false).0,
+                    ready: watch::channel(MirrorState::Pending).0,
                     leases: 0,
                     idle_since: None,
                 }
@@ -226,14 +239,16 @@ impl Peer {
                 .ok_or(PeerError::Down(self.id))?,
             peer: self.clone(),
         };
-        if *ready.borrow() {
+        if *ready.borrow() == MirrorState::Ready {
             return Ok(lease);
         }
         if !self.is_up() {
             return Err(PeerError::Down(self.id));
         }
-        match tokio::time::timeout(FOLLOW_START_TIMEOUT, ready.wait_for(|r| *r)).await {
-            Ok(Ok(_)) => Ok(lease),
+        let state = tokio::time::timeout(FOLLOW_START_TIMEOUT, ready.wait_for(|r| *r != MirrorState::Pending)).await;
+        match state.as_ref().map(|r| r.as_ref().map(|s| (**s).clone())) {
+            Ok(Ok(MirrorState::Ready)) => Ok(lease),
+            Ok(Ok(MirrorState::Refused(code, message))) => Err(PeerError::Refused { code, message }),
             _ => Err(PeerError::Down(self.id)),
         }
     }
@@ -380,10 +395,7 @@ impl Peer {
                                         Err(AckError::Unavailable(e.message))
                                     }
                                     Some(e) => Err(AckError::Rejected {
-                                        code: ErrorCode::ALL
-                                            .into_iter()
-                                            .find(|c| c.as_str() == e.code)
-                                            .unwrap_or(ErrorCode::InvalidTick),
+                                        code: ErrorCode::parse(&e.code).unwrap_or(ErrorCode::InvalidTick),
                                         message: e.message,
                                     }),
                                 };
@@ -541,10 +553,10 @@ impl Peer {
                     flush(&mut run);
                     let epoch = Epoch::parse(&st.epoch).unwrap_or_default();
                     if st.recovered && m.hub.head().epoch == epoch {
-                        m.ready.send_replace(true);
+                        m.ready.send_replace(MirrorState::Ready);
                     } else if st.seq == 0 {
                         m.hub.reset(epoch, None);
-                        m.ready.send_replace(true);
+                        m.ready.send_replace(MirrorState::Ready);
                     }
                     // otherwise a snapshot follows
                 }
@@ -564,12 +576,23 @@ impl Peer {
                         );
                     }
                     m.hub.reset(Epoch::parse(&s.epoch).unwrap_or_default(), last);
-                    m.ready.send_replace(true);
+                    m.ready.send_replace(MirrorState::Ready);
                 }
                 pb::follow_event::Kind::Candle(c) => {
                     flush(&mut run);
                     if let Some(candle) = wire::candle_from_pb(&c) {
                         m.hub.publish_candle(candle, c.closed);
+                    }
+                }
+                pb::follow_event::Kind::Refused(e) => {
+                    flush(&mut run);
+                    let code = ErrorCode::parse(&e.code).unwrap_or(ErrorCode::Unavailable);
+                    tracing::debug!(symbol = %sym, peer = self.id, %code, message = %e.message, "the owner refused a follow");
+                    // Waiters see the refusal; the next subscribe asks anew.
+                    m.ready.send_replace(MirrorState::Refused(code, e.message));
+                    drop(mirrors);
+                    if let Some(m) = self.lock_mirrors().remove(&sym) {
+                        self.hub.remove(&m.hub);
                     }
                 }
             }

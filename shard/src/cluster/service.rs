@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    domain::{Epoch, Interval, Position, Symbol},
+    domain::{Epoch, ErrorCode, Interval, MAX_SYMBOL_LEN, Position, Symbol, SymbolListError, SymbolSet},
     events::outbox_events,
     hub::{Channel, Close, Data, Outbox},
     node::{HISTORY_LIMIT_MAX, Node, SubRequest},
@@ -29,9 +29,14 @@ pub fn parse_symbol(s: &str) -> Result<Symbol, Status> {
     Symbol::parse(s).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-/// Every symbol of a request, or INVALID_ARGUMENT for the first bad one.
-pub fn parse_symbols(symbols: &[String]) -> Result<Vec<Symbol>, Status> {
-    symbols.iter().map(|s| parse_symbol(s)).collect()
+/// The distinct symbols of a request (repeats count once), or
+/// INVALID_ARGUMENT for the first bad one, or RESOURCE_EXHAUSTED for more than
+/// `max` (checked while reading: linear in the request's size).
+pub fn parse_symbols(symbols: &[String], max: usize) -> Result<Vec<Symbol>, Status> {
+    SymbolSet::parse(symbols.iter().map(String::as_str), max).map_err(|e| match e {
+        SymbolListError::Invalid(e) => Status::invalid_argument(e.to_string()),
+        SymbolListError::TooMany { .. } => Status::resource_exhausted(e.to_string()),
+    })
 }
 
 /// Snapshots of symbols this pod owns (symbols without ticks are omitted).
@@ -177,15 +182,52 @@ fn now_micros() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
+/// At most one log line a minute about callers with another shard count.
+static DISAGREEMENT_LOG: LogLimit = LogLimit::new(Duration::from_secs(60));
+
+/// Lets an event be logged at most once per `every` (a caller can trigger it
+/// at will; the log must not become the attack).
+pub struct LogLimit {
+    every: Duration,
+    last: Mutex<Option<std::time::Instant>>,
+}
+
+impl LogLimit {
+    pub const fn new(every: Duration) -> LogLimit {
+        LogLimit {
+            every,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// True if the event may be logged now.
+    pub fn allow(&self) -> bool {
+        let now = std::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| now.duration_since(t) < self.every) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
+
 pub struct ClusterService {
     node: Arc<Node>,
     stopping: CancellationToken,
     window: usize,
+    /// Most symbols one request may name.
+    max_symbols: usize,
 }
 
 impl ClusterService {
-    pub fn new(node: Arc<Node>, stopping: CancellationToken, window: usize) -> ClusterService {
-        ClusterService { node, stopping, window }
+    pub fn new(node: Arc<Node>, stopping: CancellationToken, window: usize, max_symbols: usize) -> ClusterService {
+        ClusterService {
+            node,
+            stopping,
+            window,
+            max_symbols,
+        }
     }
 }
 
@@ -232,12 +274,14 @@ impl ClusterApi for ClusterService {
     async fn topology(&self, req: Request<pb::TopologyRequest>) -> Result<Response<pb::TopologyResponse>, Status> {
         let own = self.node.ownership();
         let r = req.get_ref();
-        if r.shards != own.shards() {
-            tracing::error!(
+        if r.shards != own.shards() && DISAGREEMENT_LOG.allow() {
+            // Anyone can call this: a warning at most once a minute, never an
+            // error (the caller refuses the link; nothing is wrong here).
+            tracing::warn!(
                 caller = r.caller_shard,
                 their_shards = r.shards,
                 our_shards = own.shards(),
-                "a peer disagrees on the shard count"
+                "a caller disagrees on the shard count (logged at most once a minute)"
             );
         }
         Ok(Response::new(pb::TopologyResponse {
@@ -297,9 +341,29 @@ impl ClusterApi for ClusterService {
                     };
                     match msg.kind {
                         Some(pb::follow_request::Kind::Follow(f)) => {
-                            let Ok(sym) = Symbol::parse(&f.symbol) else { continue };
+                            let refuse = |code: ErrorCode, message: String| {
+                                let symbol = f.symbol.chars().take(MAX_SYMBOL_LEN).collect();
+                                let kind = pb::follow_event::Kind::Refused(pb::Error {
+                                    code: code.as_str().to_owned(),
+                                    message,
+                                });
+                                pb::FollowEvent {
+                                    symbol,
+                                    kind: Some(kind),
+                                    owner_micros: now_micros(),
+                                }
+                            };
+                            let sym = match Symbol::parse(&f.symbol) {
+                                Ok(s) => s,
+                                Err(e) => {
+                                    outbox.control(refuse(e.code(), e.to_string()), 64);
+                                    continue;
+                                }
+                            };
                             if !node.ownership().is_local(&sym) {
-                                tracing::error!(symbol = %sym, "asked to serve a symbol this shard does not own");
+                                tracing::warn!(symbol = %sym, "asked to serve a symbol this shard does not own");
+                                let why = format!("shard {} does not own {sym}", node.ownership().me());
+                                outbox.control(refuse(ErrorCode::Unavailable, why), 64);
                                 continue;
                             }
                             subs.lock().unwrap_or_else(|p| p.into_inner()).insert(sym);
@@ -315,7 +379,7 @@ impl ClusterApi for ClusterService {
                                     resume: (channel == Channel::Ticks).then_some(resume).flatten(),
                                 })
                                 .collect();
-                            let (node, outbox) = (node.clone(), outbox.clone());
+                            let (node, outbox, subs) = (node.clone(), outbox.clone(), subs.clone());
                             tokio::spawn(async move {
                                 match node.prepare(&outbox, &reqs).await {
                                     Ok(prepared) => {
@@ -326,7 +390,20 @@ impl ClusterApi for ClusterService {
                                         );
                                         node.activate(&outbox, prepared).await;
                                     }
-                                    Err(e) => tracing::warn!(symbol = %sym, error = %e, "cannot serve a follow"),
+                                    Err(e) => {
+                                        tracing::debug!(symbol = %sym, error = %e, "refusing a follow");
+                                        subs.lock().unwrap_or_else(|p| p.into_inner()).remove(&sym);
+                                        outbox.control(
+                                            event(
+                                                sym,
+                                                pb::follow_event::Kind::Refused(pb::Error {
+                                                    code: e.code().as_str().to_owned(),
+                                                    message: e.to_string(),
+                                                }),
+                                            ),
+                                            64,
+                                        );
+                                    }
                                 }
                             });
                         }
@@ -374,7 +451,7 @@ impl ClusterApi for ClusterService {
         &self,
         req: Request<pb::SnapshotRequest>,
     ) -> Result<Response<pb::SnapshotResponse>, Status> {
-        let syms = parse_symbols(&req.get_ref().symbols)?;
+        let syms = parse_symbols(&req.get_ref().symbols, self.max_symbols)?;
         Ok(Response::new(local_snapshot(&self.node, &syms)))
     }
 
@@ -390,7 +467,7 @@ impl ClusterApi for ClusterService {
     }
 
     async fn ensure(&self, req: Request<pb::EnsureRequest>) -> Result<Response<pb::EnsureResponse>, Status> {
-        let syms = parse_symbols(&req.get_ref().symbols)?;
+        let syms = parse_symbols(&req.get_ref().symbols, self.max_symbols)?;
         self.node
             .ensure_local(syms.clone())
             .await

@@ -27,7 +27,7 @@
 //! async runtime.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -39,7 +39,7 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    domain::{Candle, CandleAgg, CandleEffect, Epoch, InputError, Interval, Symbol, Tick},
+    domain::{Candle, CandleAgg, CandleEffect, Epoch, ErrorCode, InputError, Interval, Symbol, Tick},
     hub::{Chunk, Head, Hub, SymbolHub},
     metrics as m,
     store::{CommitBatch, DedupState, Store, SymbolDedup, SymbolRecord},
@@ -64,6 +64,30 @@ pub const COMPACT_ASKED_PER_COMMIT: usize = 256;
 /// A symbol holding the log back this many records is compacted: start-up
 /// folds at most about this many log records.
 pub const LOG_SPAN: u64 = 256;
+
+/// The committer's limits (contract §5, §6), from the configuration.
+#[derive(Clone, Debug)]
+pub struct CommitterConfig {
+    /// Most symbols this shard holds: creating one more is refused with
+    /// `symbol_limit`.
+    pub max_symbols: usize,
+    /// A tick whose `ts` is further ahead of this shard's clock is
+    /// `invalid_tick` (`None`: no check).
+    pub max_future: Option<Duration>,
+    /// A symbol created by a subscribe that never received a tick is
+    /// forgotten after this long without subscribers.
+    pub forget_unticked_after: Duration,
+}
+
+impl Default for CommitterConfig {
+    fn default() -> Self {
+        CommitterConfig {
+            max_symbols: 100_000,
+            max_future: Some(Duration::from_secs(300)),
+            forget_unticked_after: Duration::from_secs(3_600),
+        }
+    }
+}
 
 /// Where acks go: one channel per publish stream, carrying the stream's acks of
 /// one group commit together (one send per stream per commit, not per tick).
@@ -112,7 +136,9 @@ pub enum Cmd {
     },
     /// Compacts every symbol with ticks in the log (up to
     /// [`COMPACT_ASKED_PER_COMMIT`]) in the next commit: retention asks, so
-    /// that idle symbols' ticks reach the blocks it prunes.
+    /// that idle symbols' ticks reach the blocks it prunes. Also forgets
+    /// symbols that never had a tick and have had no subscriber for
+    /// [`CommitterConfig::forget_unticked_after`].
     Compact,
     /// Commits everything queued before it, flushes and ends the thread.
     Stop,
@@ -136,7 +162,8 @@ pub struct Accepted {
 pub enum AckError {
     #[error(transparent)]
     Input(#[from] InputError),
-    /// Rejected by the owner shard (a forwarded publish).
+    /// Rejected with a contract code (`symbol_limit`, or a forwarded
+    /// publish's rejection by the owner shard).
     #[error("{message}")]
     Rejected {
         code: crate::domain::ErrorCode,
@@ -165,6 +192,8 @@ pub enum CommitError {
     Stopped,
     #[error("symbol {0} is not owned by shard {1} (the cluster configuration disagrees)")]
     NotOwner(String, u32),
+    #[error("this shard holds its limit of {0} symbols (--max-symbols); refusing to create another")]
+    SymbolLimit(usize),
 }
 
 /// The committer's handle: cheap to clone, used by every publisher.
@@ -182,6 +211,7 @@ impl Committer {
         hub: Arc<Hub>,
         records: Vec<SymbolRecord>,
         dedup: Vec<SymbolDedup>,
+        cfg: CommitterConfig,
     ) -> Result<(Committer, thread::JoinHandle<()>), StartError> {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let failed = Arc::new(AtomicBool::new(false));
@@ -260,11 +290,17 @@ impl Committer {
             batch.remove_log(*commit);
         }
         store.commit(batch)?;
+        let started = Instant::now();
+        let mut unticked = VecDeque::new();
         for st in symbols.values_mut() {
             st.closed.clear(); // stored with the commits that closed them
             st.ticks.clear();
             st.touched = false;
             st.hub = Some(hub.get_or_insert(st.rec.symbol, || head_of(&st.rec)));
+            if st.rec.last_seq == 0 {
+                // Created by a subscribe before the restart: its hour starts now.
+                unticked.push_back((started, st.rec.symbol));
+            }
         }
         tracing::info!(
             symbols = symbols.len(),
@@ -283,6 +319,8 @@ impl Committer {
             next_commit,
             log_floor: next_commit,
             log_refs: BTreeMap::new(),
+            unticked,
+            cfg,
         };
         let join = thread::Builder::new()
             .name("tickshard-commit".into())
@@ -452,6 +490,9 @@ struct Worker {
     /// The symbols with each `log_from`: the first key is the oldest log
     /// record still needed, and every symbol with uncompacted ticks is here.
     log_refs: BTreeMap<u64, HashSet<Symbol>>,
+    /// Symbols without ticks, oldest creation first (checked for forgetting).
+    unticked: VecDeque<(Instant, Symbol)>,
+    cfg: CommitterConfig,
 }
 
 #[derive(Default)]
@@ -514,14 +555,17 @@ impl Worker {
                         });
                     }
                     Cmd::Ensure { symbols, reply } => {
-                        for sym in symbols {
-                            self.state(sym, &mut touched);
-                        }
-                        ensures.push(reply);
+                        let r = self.ensure(&symbols, &mut touched);
+                        ensures.push((reply, r));
                     }
                     Cmd::Compact => compact = true,
                     Cmd::Stop => stop = true,
                 }
+            }
+
+            let mut batch = CommitBatch::default();
+            if compact {
+                self.forget_unticked(&mut batch);
             }
 
             // One atomic batch: a few symbols compacted (their uncompacted
@@ -538,7 +582,6 @@ impl Worker {
                 Pick::Due
             };
             let compacting = self.pick_compactions(commit, &touched, pick);
-            let mut batch = CommitBatch::default();
             let block_ticks = self.store.block_ticks();
             let horizon = now - DEDUP_HORIZON.as_micros() as i64;
             for sym in &compacting {
@@ -617,7 +660,7 @@ impl Worker {
                         ..p.ack
                     }]);
                 }
-                for r in ensures.drain(..) {
+                for (r, _) in ensures.drain(..) {
                     let _ = r.send(Err(CommitError::StoreFailed(e.clone())));
                 }
                 return;
@@ -691,8 +734,8 @@ impl Worker {
                 let _ = tx.send(acks);
             }
             per_stream.clear();
-            for r in ensures.drain(..) {
-                let _ = r.send(Ok(()));
+            for (r, result) in ensures.drain(..) {
+                let _ = r.send(result);
             }
             if stop {
                 tracing::debug!("committer stopped");
@@ -737,7 +780,8 @@ impl Worker {
         due.into_iter().map(|(_, s)| s).collect()
     }
 
-    /// De-duplicates, assigns the next seq and folds candles for one publish.
+    /// De-duplicates, checks the clock and the symbol limit, assigns the next
+    /// seq and folds candles for one publish. A rejected tick consumes no seq.
     fn apply(
         &mut self,
         p: &PublishCmd,
@@ -745,9 +789,8 @@ impl Worker {
         touched: &mut Vec<Symbol>,
         counts: &mut Counts,
     ) -> Result<Accepted, AckError> {
-        let st = self.state(p.tick.symbol, touched);
-        let epoch = st.rec.epoch;
-        if let Some((pid, pseq)) = &p.publisher
+        if let Some(st) = self.symbols.get(&p.tick.symbol)
+            && let Some((pid, pseq)) = &p.publisher
             && let Some(d) = st.dedup.get(&**pid)
             && *pseq <= d.publisher_seq
         {
@@ -756,10 +799,26 @@ impl Worker {
             let seq = if *pseq == d.publisher_seq { d.seq } else { 0 };
             return Ok(Accepted {
                 seq,
-                epoch,
+                epoch: st.rec.epoch,
                 duplicate: true,
             });
         }
+        if let Some(max) = self.cfg.max_future {
+            let max_us = i64::try_from(max.as_micros()).unwrap_or(i64::MAX);
+            if p.tick.ts > now.saturating_add(max_us) {
+                return Err(AckError::Input(InputError::InvalidTick(format!(
+                    "ts {} is {} ms ahead of this shard's clock; at most {} ms are allowed (--max-future-ms)",
+                    p.tick.ts,
+                    (p.tick.ts - now) / 1_000,
+                    max.as_millis()
+                ))));
+            }
+        }
+        let st = self.state(p.tick.symbol, touched).map_err(|e| AckError::Rejected {
+            code: ErrorCode::SymbolLimit,
+            message: e.to_string(),
+        })?;
+        let epoch = st.rec.epoch;
         let mut tick = p.tick;
         tick.seq = st.rec.last_seq + 1;
         counts.late += u64::from(st.fold(tick));
@@ -787,25 +846,79 @@ impl Worker {
         })
     }
 
+    /// Makes sure `symbols` exist (with a durable epoch): all of them, or
+    /// none if that would take the shard past its symbol limit.
+    fn ensure(&mut self, symbols: &[Symbol], touched: &mut Vec<Symbol>) -> Result<(), CommitError> {
+        let new = symbols.iter().filter(|s| !self.symbols.contains_key(s)).count();
+        if new > 0 && self.symbols.len() + new > self.cfg.max_symbols {
+            return Err(CommitError::SymbolLimit(self.cfg.max_symbols));
+        }
+        let now = Instant::now();
+        for &sym in symbols {
+            let st = self.state(sym, touched)?;
+            if st.created {
+                self.unticked.push_back((now, sym));
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets symbols created by a subscribe that never received a tick and
+    /// have had no subscriber for `forget_unticked_after` (contract §6): their
+    /// record is removed in `batch`, their hub retired (a subscribe that races
+    /// with this attaches to a new one). O(symbols forgotten or re-checked).
+    fn forget_unticked(&mut self, batch: &mut CommitBatch) {
+        let now = Instant::now();
+        let ttl = self.cfg.forget_unticked_after;
+        let mut keep = Vec::new();
+        while let Some(&(since, sym)) = self.unticked.front() {
+            if now.duration_since(since) < ttl {
+                break;
+            }
+            self.unticked.pop_front();
+            let Some(st) = self.symbols.get(&sym) else { continue };
+            if st.rec.last_seq > 0 || st.touched {
+                continue; // it has ticks now (or gets some in this batch)
+            }
+            if st.hub.as_ref().is_some_and(|h| !self.hub.retire_if_unused(h)) {
+                keep.push((now, sym)); // subscribed: look again later
+                continue;
+            }
+            self.symbols.remove(&sym);
+            batch.remove_symbol(&sym);
+            metrics::counter!(m::SYMBOLS_FORGOTTEN).increment(1);
+            tracing::debug!(symbol = %sym, "forgot a symbol that never had a tick");
+        }
+        self.unticked.extend(keep);
+    }
+
     /// The state of `sym`, creating it (with a fresh epoch) on first use, and
-    /// marking it touched by this batch.
-    fn state(&mut self, sym: Symbol, touched: &mut Vec<Symbol>) -> &mut SymState {
-        let st = self.symbols.entry(sym).or_insert_with(|| {
-            let mut st = SymState::new(SymbolRecord {
-                symbol: sym,
-                epoch: Epoch::random(),
-                last_seq: 0,
-                last: None,
-                candles: [None; 3],
-            });
-            st.created = true; // the epoch must be durable
-            st
-        });
+    /// marking it touched by this batch. Creating one more symbol than
+    /// [`CommitterConfig::max_symbols`] is refused.
+    fn state(&mut self, sym: Symbol, touched: &mut Vec<Symbol>) -> Result<&mut SymState, CommitError> {
+        let full = self.symbols.len() >= self.cfg.max_symbols;
+        let st = match self.symbols.entry(sym) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(_) if full => {
+                return Err(CommitError::SymbolLimit(self.cfg.max_symbols));
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let mut st = SymState::new(SymbolRecord {
+                    symbol: sym,
+                    epoch: Epoch::random(),
+                    last_seq: 0,
+                    last: None,
+                    candles: [None; 3],
+                });
+                st.created = true; // the epoch must be durable
+                e.insert(st)
+            }
+        };
         if !st.touched {
             st.touched = true;
             touched.push(sym);
         }
-        st
+        Ok(st)
     }
 }
 

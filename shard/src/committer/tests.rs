@@ -22,7 +22,8 @@ fn start(dir: &std::path::Path) -> Running {
     let hub = Arc::new(Hub::new(1 << 20));
     let records = store.load_symbols().unwrap();
     let dedup = store.load_dedup().unwrap();
-    let (committer, join) = Committer::start(store.clone(), hub.clone(), records, dedup).unwrap();
+    let (committer, join) =
+        Committer::start(store.clone(), hub.clone(), records, dedup, CommitterConfig::default()).unwrap();
     Running {
         store,
         hub,

@@ -12,10 +12,12 @@ pub enum ErrorCode {
     RateLimited,
     MessageTooLarge,
     Unavailable,
+    InvalidRequest,
+    SymbolLimit,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownOp,
         ErrorCode::InvalidSymbol,
@@ -24,7 +26,14 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::MessageTooLarge,
         ErrorCode::Unavailable,
+        ErrorCode::InvalidRequest,
+        ErrorCode::SymbolLimit,
     ];
+
+    /// The code a client sent back (a peer's ack); `None` if unknown.
+    pub fn parse(s: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == s)
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -36,6 +45,8 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::MessageTooLarge => "message_too_large",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::SymbolLimit => "symbol_limit",
         }
     }
 }
@@ -54,6 +65,10 @@ pub enum InputError {
     InvalidSymbol { shown: String, why: &'static str },
     #[error("{0}")]
     InvalidTick(String),
+    /// A request that is malformed as a whole (not its tick): a bad
+    /// `publisher_id`, a missing tick.
+    #[error("{0}")]
+    InvalidRequest(String),
 }
 
 impl InputError {
@@ -61,6 +76,7 @@ impl InputError {
         match self {
             InputError::InvalidSymbol { .. } => ErrorCode::InvalidSymbol,
             InputError::InvalidTick(_) => ErrorCode::InvalidTick,
+            InputError::InvalidRequest(_) => ErrorCode::InvalidRequest,
         }
     }
 }

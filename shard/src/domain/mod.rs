@@ -8,6 +8,7 @@ mod candle;
 mod epoch;
 mod error;
 mod num;
+mod publisher;
 mod symbol;
 mod tick;
 
@@ -15,8 +16,9 @@ pub use candle::{Candle, CandleAgg, CandleEffect, Interval};
 pub use epoch::Epoch;
 pub use error::{ErrorCode, InputError};
 pub use num::{MAX_TS_MICROS, parse_decimal};
+pub use publisher::{MAX_PUBLISHER_ID_BYTES, publisher_id_from, validate_publisher_id};
 pub use rust_decimal::Decimal;
-pub use symbol::{MAX_SYMBOL_LEN, Symbol};
+pub use symbol::{MAX_SYMBOL_LEN, Symbol, SymbolListError, SymbolSet};
 pub use tick::{Tick, TickFields};
 
 /// A position in a symbol's history: the last `seq` a client has seen, meaningful

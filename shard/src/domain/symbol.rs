@@ -69,6 +69,68 @@ impl Symbol {
     }
 }
 
+/// Why a list of symbols in one request was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SymbolListError {
+    #[error(transparent)]
+    Invalid(#[from] InputError),
+    #[error("the request names more than {max} symbols")]
+    TooMany { max: usize },
+}
+
+/// The distinct symbols of one request, in first-seen order, at most `max`
+/// (contract §4: repeats count once; a request naming more is refused whole,
+/// before any per-symbol work). Each `add` costs O(length of the input).
+#[derive(Debug)]
+pub struct SymbolSet {
+    seen: std::collections::HashSet<Symbol>,
+    list: Vec<Symbol>,
+    max: usize,
+}
+
+impl SymbolSet {
+    pub fn new(max: usize) -> SymbolSet {
+        SymbolSet {
+            seen: std::collections::HashSet::new(),
+            list: Vec::new(),
+            max,
+        }
+    }
+
+    /// Parses and adds one symbol (a repeat is ignored).
+    pub fn add(&mut self, input: &str) -> Result<Symbol, SymbolListError> {
+        let sym = Symbol::parse(input)?;
+        if self.seen.insert(sym) {
+            if self.list.len() == self.max {
+                return Err(SymbolListError::TooMany { max: self.max });
+            }
+            self.list.push(sym);
+        }
+        Ok(sym)
+    }
+
+    /// Parses a whole list.
+    pub fn parse<'a>(inputs: impl IntoIterator<Item = &'a str>, max: usize) -> Result<Vec<Symbol>, SymbolListError> {
+        let mut set = SymbolSet::new(max);
+        for s in inputs {
+            set.add(s)?;
+        }
+        Ok(set.into_vec())
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub fn into_vec(self) -> Vec<Symbol> {
+        self.list
+    }
+}
+
 /// Shows untrusted input in an error message: at most 40 characters, control
 /// characters escaped, so an error never echoes a megabyte back.
 fn shown(input: &str) -> String {
@@ -131,6 +193,25 @@ mod tests {
         assert!(Symbol::parse(&"A".repeat(32)).is_ok());
         assert!(Symbol::parse("BTC USD").is_err());
         assert!(Symbol::parse("ÄPFEL").is_err());
+    }
+
+    #[test]
+    fn symbol_lists_count_repeats_once_and_stop_past_the_limit() {
+        let got = SymbolSet::parse(["a", "B", "A", "b", "c"], 3).unwrap();
+        assert_eq!(got.iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["A", "B", "C"]);
+        // a million repeats of one symbol is one symbol
+        assert_eq!(
+            SymbolSet::parse(std::iter::repeat_n("X", 1_000_000), 1).unwrap().len(),
+            1
+        );
+        assert_eq!(
+            SymbolSet::parse(["A", "B", "C", "D"], 3),
+            Err(SymbolListError::TooMany { max: 3 })
+        );
+        assert!(matches!(
+            SymbolSet::parse(["A", "b@d"], 3),
+            Err(SymbolListError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -117,6 +117,9 @@ struct State {
     /// An owned symbol's published chunks whose ticks are durable in the
     /// store's log but not yet in its tick blocks (released by compaction).
     recent: VecDeque<Arc<Chunk>>,
+    /// The committer forgot the symbol (it never had a tick): nothing may
+    /// attach any more; a new subscribe gets a new hub and epoch.
+    retired: bool,
 }
 
 impl State {
@@ -347,9 +350,13 @@ impl SymbolHub {
 
     /// Registers `sink` for `channel` in setup mode (live data is held) and
     /// returns the head it starts from. An existing subscription of the same
-    /// sink and channel is replaced.
-    pub fn attach(&self, sink: Arc<dyn Sink>, channel: Channel) -> Head {
+    /// sink and channel is replaced. `None` if the hub was retired (its
+    /// symbol forgotten): ask the node for the symbol's hub again.
+    pub fn attach(&self, sink: Arc<dyn Sink>, channel: Channel) -> Option<Head> {
         let mut st = self.lock();
+        if st.retired {
+            return None;
+        }
         let id = sink.id();
         st.entries.retain(|e| !(e.sink.id() == id && e.channel == channel));
         st.entries.push(Entry {
@@ -360,7 +367,7 @@ impl SymbolHub {
             gone: false,
             after: 0,
         });
-        st.head
+        Some(st.head)
     }
 
     /// Makes a subscription skip ticks up to `seq` (see [`Entry::after`]).
@@ -457,7 +464,7 @@ fn deliver(e: &mut Entry, symbol: Symbol, d: Data, force: bool, pending_limit: u
         Data::Ticks { chunk, from } if e.after > 0 => {
             // skip the ticks the subscriber already has
             let first = chunk.first_seq();
-            let from = from.max((e.after + 1).saturating_sub(first) as usize);
+            let from = from.max(e.after.saturating_add(1).saturating_sub(first).min(usize::MAX as u64) as usize);
             if from >= chunk.ticks.len() {
                 return false;
             }
@@ -551,10 +558,25 @@ impl Hub {
                         candle_dirty: 0,
                         entries: Vec::new(),
                         recent: VecDeque::new(),
+                        retired: false,
                     }),
                 })
             })
             .clone()
+    }
+
+    /// Retires `hub` and removes it if nothing is subscribed to it (atomic
+    /// with respect to `attach`); false if it has subscribers.
+    pub fn retire_if_unused(&self, hub: &Arc<SymbolHub>) -> bool {
+        {
+            let mut st = hub.lock();
+            if !st.entries.is_empty() {
+                return false;
+            }
+            st.retired = true;
+        }
+        self.remove(hub);
+        true
     }
 
     /// Every hub of a symbol this shard owns, sorted by symbol.

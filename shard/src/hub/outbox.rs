@@ -46,6 +46,10 @@ impl Close {
         code: 1002,
         reason: "protocol error",
     };
+    pub const INVALID_DATA: Close = Close {
+        code: 1007,
+        reason: "text message is not UTF-8",
+    };
     pub const POLICY: Close = Close {
         code: 1008,
         reason: "message rate limit exceeded",

@@ -70,7 +70,7 @@ async fn drain(o: &Outbox<()>) -> Vec<Seen> {
 async fn live_data_held_during_setup_follows_in_order() {
     let (_hub, h) = hub_with_head(10);
     let o: Arc<Outbox<()>> = Arc::new(Outbox::new(1, 1 << 20, Duration::from_secs(10)));
-    let head = h.attach(o.clone(), Channel::Ticks);
+    let head = h.attach(o.clone(), Channel::Ticks).unwrap();
     assert_eq!(head.seq, 10);
     // ticks committed while the subscriber is being set up are held ...
     h.publish(chunk(11..=12), &[], [None; 3], None);

@@ -282,7 +282,13 @@ fn put_dedup_entries<'a>(entries: impl Iterator<Item = (&'a str, &'a DedupState)
     out.extend_from_slice(&0u32.to_be_bytes());
     let mut n = 0u32;
     for (id, st) in entries {
-        let id = &id.as_bytes()[..id.len().min(u16::MAX as usize)];
+        // Ids are validated (≤ 128 bytes of ASCII) before they get here; the
+        // cut is a last line of defence and never splits a character.
+        let mut end = id.len().min(usize::from(u16::MAX));
+        while !id.is_char_boundary(end) {
+            end -= 1;
+        }
+        let id = &id.as_bytes()[..end];
         out.extend_from_slice(&(id.len() as u16).to_be_bytes());
         out.extend_from_slice(id);
         out.extend_from_slice(&st.publisher_seq.to_be_bytes());
@@ -299,7 +305,10 @@ impl Reader<'_> {
         let mut out = Vec::with_capacity((n as usize).min(1024));
         for _ in 0..n {
             let len = u16::from_be_bytes(self.bytes()?) as usize;
-            let id = std::str::from_utf8(self.take(len)?).ok()?.to_owned();
+            // Lossy on purpose: an id is only compared, never interpreted,
+            // and a directory an older version wrote with a cut id must
+            // still open (recovery never fails on what a request put there).
+            let id = String::from_utf8_lossy(self.take(len)?).into_owned();
             out.push((
                 id,
                 DedupState {

@@ -74,6 +74,10 @@ pub enum StoreError {
     Corrupt { key: String, what: &'static str },
     #[error("sled: {0}")]
     Sled(#[from] sled::Error),
+    /// A store call panicked or was cancelled: a bug in tickshard, not a
+    /// sign of a damaged data directory.
+    #[error("a store task failed: {0} (a bug in tickshard, not data corruption; please report it)")]
+    Bug(String),
 }
 
 /// Options for opening the store.
@@ -189,6 +193,14 @@ impl CommitBatch {
         codec::encode_dedup(entries, &mut self.scratch);
         self.batch.insert(keys::dedup(sym), self.scratch.as_slice());
         self.keys += 1;
+    }
+
+    /// Removes a symbol's record and de-dup states (a symbol that never had
+    /// a tick: it has no blocks, candles or log sections).
+    pub fn remove_symbol(&mut self, sym: &Symbol) {
+        self.batch.remove(keys::symbol(sym));
+        self.batch.remove(keys::dedup(sym));
+        self.keys += 2;
     }
 
     pub fn is_empty(&self) -> bool {

@@ -318,3 +318,62 @@ fn compact_decimals_round_trip_exactly_and_bad_input_is_refused() {
         assert_eq!(codec::Reader::new(bad).decimal_compact(), None, "{bad:?}");
     }
 }
+
+/// Issue 10, item 1: an older release cut a 65,536-byte `publisher_id` at
+/// 65,535 bytes, inside a UTF-8 character, in both the de-dup snapshot and
+/// the log record; recovery then refused the directory ("bad de-dup
+/// record", "bad log record") and the pod crash-looped. Such bytes must load.
+#[test]
+fn dedup_ids_an_older_release_cut_inside_a_character_still_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sym("BTC-USD");
+    let d = DedupState {
+        publisher_seq: 3,
+        seq: 1,
+        last_used: 5,
+    };
+    // What the old encoder wrote: a u16 length, then the id cut mid-character.
+    let id = "\u{e9}".repeat(32_768); // 65,536 bytes
+    let cut = &id.as_bytes()[..65_535];
+    let mut dedup_value = vec![codec::VALUE_V1];
+    dedup_value.extend_from_slice(&1u32.to_be_bytes());
+    dedup_value.extend_from_slice(&(cut.len() as u16).to_be_bytes());
+    dedup_value.extend_from_slice(cut);
+    for v in [d.publisher_seq, d.seq] {
+        dedup_value.extend_from_slice(&v.to_be_bytes());
+    }
+    dedup_value.extend_from_slice(&d.last_used.to_be_bytes());
+    // The log record: one section whose block's de-dup trailer has that id.
+    let mut block = Vec::new();
+    codec::encode_block(&[tick(s, 1)], std::iter::empty(), &mut block);
+    block.truncate(block.len() - 4); // drop the empty trailer ...
+    block.extend_from_slice(&dedup_value[1..]); // ... and put the cut one
+    let mut log = vec![codec::LOG_V1, s.len() as u8];
+    log.extend_from_slice(s.as_bytes());
+    log.extend_from_slice(&1u64.to_be_bytes());
+    log.extend_from_slice(&(block.len() as u32).to_be_bytes());
+    log.extend_from_slice(&block);
+    {
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        store.tree.insert(keys::dedup(&s), dedup_value).unwrap();
+        store.tree.insert(keys::log(1), log).unwrap();
+        store.flush().unwrap();
+    }
+    let store = reopen(dir.path()).unwrap();
+    let loaded = store.load_dedup().unwrap();
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(loaded[0].1[0].1, d);
+    let log = store.load_log().unwrap();
+    assert_eq!(log[0].1[0].ticks, vec![tick(s, 1)]);
+    assert_eq!(log[0].1[0].dedup[0].1, d);
+    // And what this release writes never cuts a character.
+    let mut b = CommitBatch::default();
+    b.put_dedup(&s, [(id.as_str(), &d)].into_iter());
+    store.commit(b).unwrap();
+    let (_, ids) = &store.load_dedup().unwrap()[0];
+    assert!(
+        id.starts_with(&ids[0].0) && ids[0].0.len() == 65_534,
+        "{}",
+        ids[0].0.len()
+    );
+}

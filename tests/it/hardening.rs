@@ -1,0 +1,364 @@
+//! Issue 10: nothing a client sends can hurt a shard. Each test is the
+//! regression test of one defect seen when tickshard was tried as an attacker
+//! (contract §4–§7), through the real binary.
+
+use tickshard_feed::client::ws::ServerMsg;
+use tickshard_proto::v1 as pb;
+
+use crate::common::*;
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+}
+
+fn error_code(a: &pb::PublishAck) -> &str {
+    a.error.as_ref().map_or("", |e| e.code.as_str())
+}
+
+/// Item 1: a `publisher_id` whose 65,535-byte cut fell inside a UTF-8
+/// character was acked, and the shard could never start again. Now such an id
+/// (and any id over 128 bytes or not printable ASCII) is `invalid_request`,
+/// consumes no seq, and the shard restarts after kill -9 and after SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_id_that_could_break_recovery_is_refused_and_the_shard_restarts() {
+    let mut srv = Server::start(&["--no-sim"]);
+    let mut raw = RawStream::open(&srv).await;
+    let t0 = now_micros();
+    let evil = format!("a{}", "\u{e9}".repeat(32_767)) + "z"; // 65,536 bytes, byte 65,535 inside a char
+    assert_eq!(evil.len(), 65_536);
+    for (i, id) in [evil.clone(), "x".repeat(129), "tab\tid".into(), "caf\u{e9}".into()]
+        .into_iter()
+        .enumerate()
+    {
+        let ack = raw
+            .call(req(i as u64 + 1, &id, 1, tick("BTC-USD", t0, "1.5", "1")))
+            .await;
+        assert_eq!(
+            (error_code(&ack), ack.seq),
+            ("invalid_request", 0),
+            "{}",
+            &id[..id.len().min(20)]
+        );
+        assert!(ack.error.unwrap().message.len() < 200, "the error echoes no megabyte");
+    }
+    let ok = raw
+        .call(req(9, &"p".repeat(128), 1, tick("BTC-USD", t0, "1.5", "1")))
+        .await;
+    assert_eq!((error_code(&ok), ok.seq), ("", 1), "the rejected ones consumed no seq");
+    drop(raw);
+
+    srv.kill9();
+    srv.restart();
+    let mut raw = RawStream::open(&srv).await;
+    let dup = raw
+        .call(req(10, &"p".repeat(128), 1, tick("BTC-USD", t0, "1.5", "1")))
+        .await;
+    assert!(dup.duplicate && dup.seq == 1, "{dup:?}");
+    drop(raw);
+    srv.sigterm();
+    assert!(srv.wait_exit(WAIT).success());
+    srv.restart();
+    let snap = srv
+        .feed()
+        .await
+        .get_snapshot(pb::SnapshotRequest {
+            symbols: vec!["BTC-USD".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snap.snapshots[0].last.as_ref().unwrap().seq, 1);
+}
+
+/// Item 2: request size costs linear time and the count is checked first. A
+/// 4 MiB gRPC Subscribe (quadratic de-duplication used to take minutes) is
+/// refused at once; `GetSnapshot` has the same cap (3.6 MB in used to give
+/// 34 MB out); the same symbol named 100,000 times is one symbol.
+#[tokio::test]
+async fn oversized_symbol_lists_are_refused_whole_and_repeats_count_once() {
+    let srv = Server::start(&["--no-sim"]);
+    let mut feed = srv.feed().await;
+    // Just under tonic's 4 MiB message limit (a larger one is OUT_OF_RANGE).
+    let many: Vec<String> = (0..430_000).map(|i| format!("S{i}")).collect();
+    let e = tokio::time::timeout(
+        WAIT,
+        feed.subscribe(pb::SubscribeRequest {
+            symbols: many.clone(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("answered at once")
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    let e = feed
+        .get_snapshot(pb::SnapshotRequest {
+            symbols: many[..400_000].to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    let same = feed
+        .get_snapshot(pb::SnapshotRequest {
+            symbols: vec!["btc-usd".into(); 100_000],
+        })
+        .await
+        .unwrap();
+    assert!(same.into_inner().snapshots.is_empty());
+    // WebSocket: a subscribe naming 9,900 symbols in under 64 KiB, refused
+    // whole with its id echoed; the connection stays usable.
+    let mut ws = srv.ws().await;
+    let list: Vec<String> = (0..9_900).map(|i| format!("\"{i:x}\"")).collect();
+    let msg = format!(r#"{{"op":"subscribe","id":"big","symbols":[{}]}}"#, list.join(","));
+    assert!(msg.len() <= 65_536, "{}", msg.len());
+    ws.send_text(&msg).await.unwrap();
+    match recv(&mut ws).await {
+        ServerMsg::Error { id, code, .. } => {
+            assert_eq!(
+                (id.as_deref(), code.as_str()),
+                (Some("\"big\""), "too_many_subscriptions")
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    ws.send_text(r#"{"op":"ping","id":2}"#).await.unwrap();
+    assert_eq!(recv(&mut ws).await, ServerMsg::Pong { id: Some("2".into()) });
+}
+
+/// Item 3: `--max-symbols` bounds what clients can create (`symbol_limit` for
+/// a subscribe or a publish that would create one more), and symbols created
+/// by a subscribe that never got a tick are forgotten (here after 1 s, by
+/// default an hour): their records are gone after a restart too.
+#[tokio::test]
+async fn symbols_are_bounded_and_never_ticked_ones_are_forgotten() {
+    let mut srv = Server::start(&[
+        "--no-sim",
+        "--max-symbols",
+        "3",
+        "--forget-unticked-after",
+        "1s",
+        "--prune-interval-ms",
+        "50",
+    ]);
+    let mut ws = srv.ws().await;
+    ws.send_text(r#"{"op":"subscribe","id":1,"symbols":["A","B","C"]}"#)
+        .await
+        .unwrap();
+    let ServerMsg::Subscribed { symbols: first, .. } = recv(&mut ws).await else {
+        panic!()
+    };
+    ws.send_text(r#"{"op":"subscribe","id":2,"symbols":["D"]}"#)
+        .await
+        .unwrap();
+    match recv(&mut ws).await {
+        ServerMsg::Error { id, code, .. } => assert_eq!((id.as_deref(), code.as_str()), (Some("2"), "symbol_limit")),
+        other => panic!("{other:?}"),
+    }
+    let mut raw = RawStream::open(&srv).await;
+    let t0 = now_micros();
+    let ack = raw.call(req(1, "p", 1, tick("E", t0, "1", "1"))).await;
+    assert_eq!((error_code(&ack), ack.seq), ("symbol_limit", 0));
+    let ack = raw.call(req(2, "p", 1, tick("A", t0, "1", "1"))).await;
+    assert_eq!(
+        (error_code(&ack), ack.seq),
+        ("", 1),
+        "an existing symbol still takes ticks"
+    );
+    // B and C never get a tick; once nobody subscribes they are forgotten,
+    // which makes room for D.
+    ws.send_text(r#"{"op":"unsubscribe","id":3,"symbols":["B","C"]}"#)
+        .await
+        .unwrap();
+    eventually("B and C are forgotten", || async {
+        srv.metric("tickshard_symbols_forgotten_total").await >= 2.0
+    })
+    .await;
+    let ack = raw.call(req(3, "p", 1, tick("E", t0, "1", "1"))).await;
+    assert_eq!((error_code(&ack), ack.seq), ("", 1));
+    drop(raw);
+    // After a restart the forgotten ones stay forgotten: B gets a new epoch.
+    srv.kill9();
+    srv.restart();
+    assert_eq!(srv.metric("tickshard_owned_symbols").await, 2.0, "A and E");
+    let mut ws = srv.ws().await;
+    ws.send_text(r#"{"op":"subscribe","id":4,"symbols":["A","B"]}"#)
+        .await
+        .unwrap();
+    let ServerMsg::Subscribed { symbols: again, .. } = recv(&mut ws).await else {
+        panic!()
+    };
+    assert_eq!(again[0].epoch, first[0].epoch, "A kept its epoch (it has a tick)");
+    assert_ne!(again[1].epoch, first[1].epoch, "B was forgotten: a new epoch");
+}
+
+/// Item 5: a tick from the far future (a forged `ts` of 1.8e15 µs, or 2^53)
+/// froze the symbol's candles for good. It is `invalid_tick` now
+/// (`--max-future-ms`, default 5 minutes) and consumes no seq, and candles
+/// keep closing.
+#[tokio::test]
+async fn far_future_ticks_are_refused_and_candles_keep_moving() {
+    let srv = Server::start(&["--no-sim"]);
+    let mut ws = srv.ws().await;
+    ws.send_text(r#"{"op":"subscribe","symbols":["FX"],"channels":["candles:1s"]}"#)
+        .await
+        .unwrap();
+    assert!(matches!(recv(&mut ws).await, ServerMsg::Subscribed { .. }));
+    let mut raw = RawStream::open(&srv).await;
+    let t0 = now_micros();
+    for (i, ts) in [1_800_000_000_000_000, 1 << 53, t0 + 3_600_000_000]
+        .into_iter()
+        .enumerate()
+    {
+        let ack = raw
+            .call(req(i as u64, "p", i as u64 + 1, tick("FX", ts, "1", "1")))
+            .await;
+        assert_eq!((error_code(&ack), ack.seq), ("invalid_tick", 0), "ts {ts}");
+    }
+    let a = raw.call(req(10, "p", 10, tick("FX", t0, "1.10", "1"))).await;
+    let b = raw
+        .call(req(11, "p", 11, tick("FX", t0 + 2_000_000, "1.20", "1")))
+        .await;
+    assert_eq!((a.seq, b.seq), (1, 2), "rejected ticks consumed no seq");
+    let closed = loop {
+        if let ServerMsg::Candle(c) = recv(&mut ws).await
+            && c.closed
+        {
+            break c;
+        }
+    };
+    assert_eq!((closed.close.as_str(), closed.count), ("1.10", 1));
+
+    // 0 turns the check off (replaying recorded future data, say).
+    let off = Server::start(&["--no-sim", "--max-future-ms", "0"]);
+    let mut raw = RawStream::open(&off).await;
+    let ack = raw.call(req(1, "p", 1, tick("FX", t0 + 3_600_000_000, "1", "1"))).await;
+    assert_eq!((error_code(&ack), ack.seq), ("", 1));
+}
+
+/// Item 6: invalid UTF-8 closes with 1007; RSV bits, an unknown opcode, an
+/// oversized or fragmented control frame, an unmasked frame and a stray
+/// continuation close with 1002 (they all closed with 1000, and an unmasked
+/// frame was accepted).
+#[tokio::test]
+async fn websocket_protocol_violations_close_with_1002_or_1007() {
+    let srv = Server::start(&["--no-sim"]);
+    let bad_utf8 = b"{\"op\":\"ping\",\"id\":\"\xff\xfe\"}";
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("text not UTF-8", raw_frame(0x81, bad_utf8, true), 1007),
+        (
+            "fragmented text not UTF-8",
+            [
+                raw_frame(0x01, &bad_utf8[..10], true),
+                raw_frame(0x80, &bad_utf8[10..], true),
+            ]
+            .concat(),
+            1007,
+        ),
+        ("ping over 125 bytes", raw_frame(0x89, &[b'p'; 126], true), 1002),
+        ("fragmented ping", raw_frame(0x09, b"p", true), 1002),
+        ("pong over 125 bytes", raw_frame(0x8a, &[b'p'; 126], true), 1002),
+        ("RSV1 set", raw_frame(0xc1, br#"{"op":"ping"}"#, true), 1002),
+        ("unknown opcode 3", raw_frame(0x83, b"x", true), 1002),
+        ("unmasked frame", raw_frame(0x81, br#"{"op":"ping"}"#, false), 1002),
+        ("continuation without a start", raw_frame(0x80, b"x", true), 1002),
+    ];
+    for (what, frame, want) in cases {
+        let (mut s, mut buf) = raw_ws(&srv, &[]).await;
+        tokio::io::AsyncWriteExt::write_all(&mut s, &frame).await.unwrap();
+        assert_eq!(read_close_code(&mut s, &mut buf).await, want, "{what}");
+    }
+    // The unmasked frame was never processed: no pong came before the close.
+    let (mut s, mut buf) = raw_ws(&srv, &raw_frame(0x81, br#"{"op":"ping","id":1}"#, false)).await;
+    assert_eq!(read_close_code(&mut s, &mut buf).await, 1002);
+    assert!(!String::from_utf8_lossy(&buf).contains("pong"));
+}
+
+/// Item 7: a resume position of 2^64-1 with the right epoch, on a pod that
+/// does not own the symbol, wrapped around (`recovered: true`, then a
+/// conflated snapshot; a debug build panicked). A position beyond what the
+/// owner has is answered like an unknown one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_beyond_the_owner_is_not_recovered_and_does_not_overflow() {
+    let cluster = TestCluster::start(2, &[]);
+    cluster.wait_linked().await;
+    let sym = crate::cluster::owned_by(1, 2, 1).remove(0);
+    let mut p = cluster.pods[1].publisher("p").await;
+    let t0 = now_micros();
+    publish_all(&mut p, (0..3).map(|i| tick(&sym, t0 + i, "2.5", "1"))).await;
+    for pod in &cluster.pods {
+        // first learn the epoch
+        let mut ws = pod.ws().await;
+        ws.send_text(&format!(r#"{{"op":"subscribe","symbols":["{sym}"]}}"#))
+            .await
+            .unwrap();
+        let ServerMsg::Subscribed { symbols, .. } = recv(&mut ws).await else {
+            panic!()
+        };
+        let epoch = symbols[0].epoch.clone();
+        for seq in [u64::MAX, 4] {
+            let mut ws = pod.ws().await;
+            ws.send_text(&format!(
+                r#"{{"op":"subscribe","symbols":["{sym}"],"resume":{{"{sym}":{{"seq":{seq},"epoch":"{epoch}"}}}}}}"#
+            ))
+            .await
+            .unwrap();
+            let ServerMsg::Subscribed { symbols, .. } = recv(&mut ws).await else {
+                panic!()
+            };
+            assert_eq!(
+                (symbols[0].seq, symbols[0].recovered),
+                (3, false),
+                "seq {seq} on {}",
+                pod.http
+            );
+            match recv(&mut ws).await {
+                ServerMsg::Snapshot(s) => assert_eq!((s.seq, s.conflated), (3, false)),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
+
+/// Item 8: a `rate_limited` error echoes the id of the message it answers.
+#[tokio::test]
+async fn rate_limited_errors_echo_the_id() {
+    let srv = Server::start(&["--no-sim", "--max-client-rate", "1", "--client-burst", "1"]);
+    let mut ws = srv.ws().await;
+    for i in 0..3 {
+        ws.send_text(&format!(r#"{{"op":"ping","id":{i}}}"#)).await.unwrap();
+    }
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        match recv(&mut ws).await {
+            ServerMsg::Pong { id } => ids.push((id, "pong".to_string())),
+            ServerMsg::Error { id, code, .. } => ids.push((id, code)),
+            other => panic!("{other:?}"),
+        }
+    }
+    ids.sort();
+    assert_eq!(
+        ids,
+        [
+            (Some("0".into()), "pong".into()),
+            (Some("1".into()), "rate_limited".into()),
+            (Some("2".into()), "rate_limited".into())
+        ]
+    );
+}
+
+/// Item 9: an unparsable `from` or `limit` of `/api/candles` is a 400, not
+/// silently the default.
+#[tokio::test]
+async fn the_candles_api_refuses_unparsable_numbers() {
+    let srv = Server::start(&["--no-sim"]);
+    for q in ["limit=abc", "from=1e9", "to=x", "limit=-1"] {
+        let (status, body) = srv.get(&format!("/api/candles?symbol=BTC-USD&interval=1m&{q}")).await;
+        assert_eq!(status, 400, "{q}: {body}");
+        assert!(body.contains("bad_request"), "{body}");
+    }
+    let (status, _) = srv.get("/api/candles?symbol=BTC-USD&interval=1m&limit=5").await;
+    assert_eq!(status, 200);
+}
