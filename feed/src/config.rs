@@ -7,7 +7,7 @@ use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use tickshard_shard::{committer::CommitterConfig, node::NodeConfig, ownership, store::StoreOptions};
 
-use crate::ws::WsLimits;
+use crate::{grpc::GrpcLimits, ws::WsLimits};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -131,6 +131,23 @@ pub struct ServeArgs {
     /// owner's clock is `invalid_tick` (0 turns the check off).
     #[arg(long, env = "TICKSHARD_MAX_FUTURE_MS", default_value_t = 300_000)]
     pub max_future_ms: u64,
+    /// Concurrent gRPC connections (a connection past it waits to be accepted).
+    #[arg(long, env = "TICKSHARD_MAX_GRPC_CONNECTIONS", default_value_t = 1_024)]
+    pub max_grpc_connections: usize,
+    /// Concurrent streams per gRPC connection (HTTP/2 MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "TICKSHARD_GRPC_MAX_STREAMS", default_value_t = 1_024)]
+    pub grpc_max_streams: u32,
+    /// A gRPC connection that has not completed its HTTP/2 handshake within
+    /// this many milliseconds is closed.
+    #[arg(long, env = "TICKSHARD_GRPC_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub grpc_handshake_timeout_ms: u64,
+    /// An HTTP connection that has not sent a complete request head within
+    /// this many milliseconds is closed.
+    #[arg(long, env = "TICKSHARD_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub http_header_timeout_ms: u64,
+    /// An HTTP connection idle between requests for this many milliseconds is closed.
+    #[arg(long, env = "TICKSHARD_HTTP_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub http_idle_timeout_ms: u64,
     /// Unacked publishes in flight per gRPC Publish stream (backpressure past it).
     #[arg(long, env = "TICKSHARD_PUBLISH_WINDOW", default_value_t = 8_192)]
     pub publish_window: usize,
@@ -268,6 +285,17 @@ pub struct ServeConfig {
     pub drain: Duration,
     pub max_connections: usize,
     pub publish_window: usize,
+    pub grpc: GrpcLimits,
+    pub http: HttpLimits,
+}
+
+/// Bounds of plain HTTP connections (contract §7).
+#[derive(Clone, Debug)]
+pub struct HttpLimits {
+    /// Time to send a complete request head.
+    pub header_timeout: Duration,
+    /// Time a connection may sit idle between requests.
+    pub idle_timeout: Duration,
 }
 
 impl ServeArgs {
@@ -367,6 +395,15 @@ impl ServeArgs {
             drain: Duration::from_millis(self.drain_ms),
             max_connections: self.max_connections.max(1),
             publish_window: self.publish_window.max(1),
+            grpc: GrpcLimits {
+                max_connections: self.max_grpc_connections.max(1),
+                max_streams: self.grpc_max_streams.max(1),
+                handshake_timeout: Duration::from_millis(self.grpc_handshake_timeout_ms.max(1)),
+            },
+            http: HttpLimits {
+                header_timeout: Duration::from_millis(self.http_header_timeout_ms.max(1)),
+                idle_timeout: Duration::from_millis(self.http_idle_timeout_ms.max(1)),
+            },
         })
     }
 }

@@ -1,6 +1,7 @@
 //! tickshard's client-facing layer and binary logic.
 //!
 //! - [`server`]: the serving lifecycle (`run`), HTTP routes and the drain.
+//! - [`http`]: the HTTP accept loop: connection bounds, timeouts, eviction.
 //! - [`ws`]: WebSocket protocol v1 (reader, writer, limits, JSON).
 //! - [`grpc`]: the public `tickshard.v1.Feed` gRPC service, health, reflection.
 //! - [`sim`]: the simulated market.
@@ -15,6 +16,7 @@ pub mod client;
 pub mod config;
 mod dashboard;
 pub mod grpc;
+pub mod http;
 pub mod server;
 pub mod sim;
 pub mod telemetry;

@@ -27,7 +27,7 @@ use tickshard_shard::{
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{config::ServeConfig, grpc, sim, ws, ws::json};
+use crate::{config::ServeConfig, grpc, http, sim, ws, ws::json};
 
 /// Bound listeners, handed to [`run`].
 pub struct Listeners {
@@ -71,8 +71,10 @@ pub struct Shared {
     metrics: PrometheusHandle,
     /// Open subscriber connections, closed one by one during the drain.
     conns: Mutex<HashMap<u64, Arc<dyn Closable>>>,
-    /// Every connection task, so shutdown can wait for them.
+    /// Every WebSocket and gRPC subscriber task, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// WebSocket connections (`--max-connections`), taken at the upgrade.
+    ws_permits: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -131,17 +133,41 @@ pub async fn run(
         metrics,
         conns: Mutex::new(HashMap::new()),
         tracker: TaskTracker::new(),
+        ws_permits: Arc::new(Semaphore::new(cfg.max_connections)),
     });
 
     let http_stop = CancellationToken::new();
-    let http_task = tokio::spawn(serve_http(
-        listeners.http,
-        shared.clone(),
-        cfg.max_connections,
-        http_stop.clone(),
-    ));
+    let http_conns = TaskTracker::new();
+    let http_task = {
+        let shared = shared.clone();
+        tokio::spawn(http::accept_loop(
+            listeners.http,
+            cfg.http.clone(),
+            http_conns.clone(),
+            http_stop.clone(),
+            move |io, peer, track| {
+                let shared = shared.clone();
+                let svc = hyper::service::service_fn(move |req| {
+                    let (shared, track) = (shared.clone(), track.clone());
+                    async move {
+                        track.begin();
+                        let r = handle(req, shared, peer).await;
+                        track.end();
+                        r
+                    }
+                });
+                Box::pin(
+                    hyper::server::conn::http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(io), svc)
+                        .with_upgrades(),
+                )
+            },
+        ))
+    };
     let grpc_stop = CancellationToken::new();
-    let (health, grpc_task) = grpc::start(listeners.grpc, shared.clone(), grpc_stop.clone()).map_err(RunError::Grpc)?;
+    let (health, grpc_task) =
+        grpc::start(listeners.grpc, shared.clone(), cfg.grpc.clone(), grpc_stop.clone()).map_err(RunError::Grpc)?;
 
     let sim_stop = CancellationToken::new();
     let sim_task = cfg
@@ -196,10 +222,8 @@ pub async fn run(
     // 3. gRPC: publish and peer streams ack what they took and end; wait.
     shared.stopping.cancel();
     grpc_stop.cancel();
-    match tokio::time::timeout_at(deadline, grpc_task).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server ended with an error"),
-        Err(_) => tracing::warn!("gRPC server did not stop in time"),
-        _ => {}
+    if tokio::time::timeout_at(deadline, grpc_task).await.is_err() {
+        tracing::warn!("gRPC server did not stop in time");
     }
 
     // 4. Commit and flush everything accepted, stop background work.
@@ -209,52 +233,13 @@ pub async fn run(
     let _ = tokio::time::timeout_at(deadline, bg_tracker.wait()).await;
     http_stop.cancel();
     let _ = http_task.await;
+    http_conns.close();
+    let _ = tokio::time::timeout_at(deadline, http_conns.wait()).await;
     tracing::info!("stopped");
     Ok(())
 }
 
 type Body = Full<Bytes>;
-
-/// Accept loop: a permit per connection taken *before* accepting, back-off on
-/// accept errors (EMFILE), one task per connection.
-async fn serve_http(listener: TcpListener, shared: Arc<Shared>, max_connections: usize, stop: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(max_connections));
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => return,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => { backoff = Duration::from_millis(5); c }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed; backing off");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
-        };
-        let shared = shared.clone();
-        // The permit lives as long as the connection: the HTTP task, and the
-        // WebSocket task if the connection is upgraded.
-        let permit = Arc::new(permit);
-        tokio::spawn(async move {
-            let held = permit.clone();
-            let svc = hyper::service::service_fn(move |req| handle(req, shared.clone(), peer, held.clone()));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "http connection ended with an error");
-            }
-            drop(permit);
-        });
-    }
-}
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
@@ -270,7 +255,6 @@ async fn handle(
     mut req: Request<Incoming>,
     shared: Arc<Shared>,
     peer: SocketAddr,
-    permit: Arc<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<Response<Body>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n"));
@@ -311,7 +295,7 @@ async fn handle(
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining: connect to another server\n")
             } else if !fastwebsockets::upgrade::is_upgrade_request(&req) {
                 text(StatusCode::UPGRADE_REQUIRED, "WebSocket upgrade required\n")
-            } else {
+            } else if let Ok(permit) = shared.ws_permits.clone().try_acquire_owned() {
                 match fastwebsockets::upgrade::upgrade(&mut req) {
                     Err(e) => {
                         tracing::debug!(error = %e, "bad upgrade request");
@@ -336,6 +320,11 @@ async fn handle(
                         resp.map(|_| ws::empty_body())
                     }
                 }
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "this server holds its --max-connections WebSockets: connect to another one\n",
+                )
             }
         }
         "/api/candles" => candles_api(req.uri().query().unwrap_or_default(), &shared).await,

@@ -362,3 +362,153 @@ async fn the_candles_api_refuses_unparsable_numbers() {
     let (status, _) = srv.get("/api/candles?symbol=BTC-USD&interval=1m&limit=5").await;
     assert_eq!(status, 200);
 }
+
+/// Item 4: idle sockets starved the probes (20 silent connections with
+/// `--max-connections 20` left `/healthz` unanswered). Now WebSockets and
+/// plain HTTP are bounded apart, the plain connection idle the longest makes
+/// room for a new one, and a connection without a complete request head in
+/// time (or idle between requests too long) is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_never_starve_the_probes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let srv = Server::start(&[
+        "--no-sim",
+        "--max-connections",
+        "20",
+        "--http-header-timeout-ms",
+        "1500",
+        "--http-idle-timeout-ms",
+        "4000",
+    ]);
+    let probe = || async {
+        tokio::time::timeout(std::time::Duration::from_secs(1), srv.get("/healthz"))
+            .await
+            .expect("/healthz answered within a second")
+    };
+    // More silent sockets than there are plain-connection slots (512).
+    let mut idle = Vec::new();
+    for _ in 0..600 {
+        idle.push(tokio::net::TcpStream::connect(srv.http).await.unwrap());
+        if idle.len() % 100 == 0 {
+            assert_eq!(probe().await.0, 200);
+        }
+    }
+    assert_eq!(probe().await.0, 200);
+    drop(idle);
+
+    // A silent connection and a half-sent request head are closed.
+    let mut silent = tokio::net::TcpStream::connect(srv.http).await.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(srv.http).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n").await.unwrap();
+    let mut buf = [0u8; 256];
+    for s in [&mut silent, &mut slow] {
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.unwrap().unwrap_or(0);
+        assert_eq!(n, 0, "closed without an answer");
+    }
+    // A keep-alive connection may sit idle past the header timeout (not past
+    // the idle timeout) and be used again.
+    let mut ka = tokio::net::TcpStream::connect(srv.http).await.unwrap();
+    let get = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n";
+    ka.write_all(get).await.unwrap();
+    let n = tokio::time::timeout(WAIT, ka.read(&mut buf)).await.unwrap().unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    tokio::time::sleep(std::time::Duration::from_millis(2_000)).await; // idle, on purpose
+    ka.write_all(get).await.unwrap();
+    let n = tokio::time::timeout(WAIT, ka.read(&mut buf)).await.unwrap().unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "still open after 2 s idle");
+    let n = tokio::time::timeout(WAIT, ka.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed after the idle timeout");
+}
+
+/// Item 4, WebSockets: past `--max-connections` an upgrade gets 503 at once
+/// (it used to wait for a slot, holding one of its own), and probes are
+/// answered all along.
+#[tokio::test]
+async fn websockets_past_the_limit_get_503_and_probes_still_answer() {
+    let srv = Server::start(&["--no-sim", "--max-connections", "2"]);
+    let (_a, _b) = (srv.ws().await, srv.ws().await);
+    let third = tickshard_feed::client::ws::WsConn::connect(&srv.ws_url(), WAIT).await;
+    let e = third.err().expect("a third WebSocket is refused").to_string();
+    assert!(e.contains("503"), "{e}");
+    assert_eq!(srv.get("/healthz").await.0, 200);
+    assert_eq!(srv.get("/readyz").await.0, 200);
+}
+
+/// Item 4, gRPC: a connection that never completes the HTTP/2 handshake is
+/// closed (and the log says why); connections and streams per connection
+/// are capped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_connections_and_streams_are_bounded() {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncReadExt;
+    let srv = Server::start(&[
+        "--no-sim",
+        "--grpc-handshake-timeout-ms",
+        "1000",
+        "--max-grpc-connections",
+        "3",
+        "--grpc-max-streams",
+        "2",
+    ]);
+    let mut silent = tokio::net::TcpStream::connect(srv.grpc).await.unwrap();
+    let mut buf = [0u8; 64];
+    // (the server's own SETTINGS come first; then the end of the stream)
+    let closed = tokio::time::timeout(WAIT, async {
+        while let Ok(n) = silent.read(&mut buf).await
+            && n > 0
+        {}
+    })
+    .await;
+    assert!(closed.is_ok(), "a connection without a handshake is closed");
+    eventually("the log says why", || async {
+        srv.log_text().contains("no HTTP/2 handshake")
+    })
+    .await;
+    drop(silent);
+
+    // Streams: a third concurrent stream on one connection waits for a free one.
+    let mut feed = srv.feed().await;
+    let sub = |s: &str| pb::SubscribeRequest {
+        symbols: vec![s.into()],
+        ..Default::default()
+    };
+    let a = feed.subscribe(sub("A")).await.unwrap().into_inner();
+    let _b = feed.subscribe(sub("B")).await.unwrap().into_inner();
+    let mut f3 = feed.clone();
+    let third = tokio::spawn(async move { f3.subscribe(sub("C")).await.map(|r| r.into_inner()) });
+    let early = tokio::time::timeout(std::time::Duration::from_millis(700), async {
+        while !third.is_finished() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(early.is_err(), "a third stream was served past --grpc-max-streams 2");
+    drop(a);
+    let mut c = tokio::time::timeout(WAIT, third).await.unwrap().unwrap().unwrap();
+    assert!(matches!(c.next().await, Some(Ok(_))), "served once a stream ended");
+
+    // Connections: with 3 taken, a 4th is not served until one closes.
+    let held: Vec<_> = futures_util::future::join_all((0..2).map(|_| srv.feed())).await;
+    let url = srv.grpc_url();
+    let fourth = tokio::spawn(async move {
+        let mut f = pb::feed_client::FeedClient::connect(url).await?;
+        f.list_symbols(pb::ListSymbolsRequest {})
+            .await
+            .map_err(Into::<Box<dyn std::error::Error + Send + Sync>>::into)
+    });
+    let early = tokio::time::timeout(std::time::Duration::from_millis(700), async {
+        while !fourth.is_finished() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(
+        early.is_err(),
+        "a 4th connection was served past --max-grpc-connections 3"
+    );
+    drop(held);
+    assert!(tokio::time::timeout(WAIT, fourth).await.unwrap().unwrap().is_ok());
+}

@@ -540,13 +540,13 @@ async fn the_simulated_market_publishes_through_the_real_path() {
 }
 
 #[tokio::test]
-async fn connections_past_the_limit_wait_for_a_free_slot() {
+async fn websockets_past_the_limit_are_refused_until_a_slot_is_free() {
     let srv = Server::start(&["--no-sim", "--max-connections", "2"]);
     let mut a = srv.ws().await;
     let b = srv.ws().await;
-    // a third is not served while two WebSockets hold the slots
+    // a third is refused (503) while two WebSockets hold the slots
     let third = tickshard_feed::client::ws::WsConn::connect(&srv.ws_url(), std::time::Duration::from_millis(500)).await;
-    assert!(third.is_err(), "a third connection must wait");
+    assert!(third.is_err(), "a third connection must not be served");
     a.close().await;
     assert_eq!(recv_close(&mut a).await, 1000);
     drop(a);

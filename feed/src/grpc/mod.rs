@@ -1,12 +1,14 @@
 //! The public gRPC API (`tickshard.v1.Feed`, contract §5), plus the standard
 //! health service and server reflection, on the gRPC listener.
 
+mod serve;
 mod subscribe;
 
+pub use serve::{GrpcLimits, Handshake};
 use subscribe::FeedRoutes;
 pub use subscribe::encode_tick_events;
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc};
 
 use futures_util::Stream;
 use tickshard_proto::v1::{
@@ -20,25 +22,21 @@ use tickshard_shard::{
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming, transport::server::TcpIncoming};
+use tonic::{Request, Response, Status, Streaming, service::Routes};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::server::Shared;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// Starts the gRPC server; returns the health reporter and the server task.
+/// Starts the gRPC server; returns the health reporter and the server task
+/// (it ends once `stop` is cancelled and every connection is closed).
 pub fn start(
     listener: TcpListener,
     shared: Arc<Shared>,
+    limits: GrpcLimits,
     stop: CancellationToken,
-) -> Result<
-    (
-        HealthReporter,
-        tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-    ),
-    String,
-> {
+) -> Result<(HealthReporter, tokio::task::JoinHandle<()>), String> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tickshard_proto::FILE_DESCRIPTOR_SET)
@@ -51,17 +49,12 @@ pub fn start(
         shared.ws.max_subscriptions,
     ));
     let feed = FeedRoutes::new(FeedService { shared });
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(health)
-            .add_service(reflection)
-            .add_service(feed)
-            .add_service(cluster)
-            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned()),
-    );
+    let routes = Routes::new(health)
+        .add_service(reflection)
+        .add_service(feed)
+        .add_service(cluster)
+        .prepare();
+    let task = tokio::spawn(serve::serve(listener, routes, limits, stop));
     Ok((reporter, task))
 }
 

@@ -39,7 +39,6 @@ use tickshard_shard::{
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWrite},
-    net::TcpStream,
     time::Instant,
 };
 use tracing::Instrument as _;
@@ -91,14 +90,14 @@ pub fn serve(
     peer: SocketAddr,
 ) -> impl Future<Output = ()> + Send {
     // Take the TCP stream back from hyper so the halves are split without a lock.
-    let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+    let parts = match upgraded.downcast::<TokioIo<crate::http::Tracked>>() {
         Ok(p) => p,
         Err(_) => {
             tracing::error!("upgraded connection is not a TCP stream");
             return Either::Right(std::future::ready(()));
         }
     };
-    let stream = parts.io.into_inner();
+    let stream = parts.io.into_inner().into_inner();
     let _ = stream.set_nodelay(true);
     let (r, w) = stream.into_split();
     // Bytes the client sent after the upgrade request, if any. Copied out, so

@@ -1,0 +1,275 @@
+//! The HTTP listener's accept loop and connections (contract §7).
+//!
+//! Plain HTTP connections (probes, metrics, the dashboard, the candles API)
+//! and WebSockets are bounded separately, so that clients never starve the
+//! probes:
+//! - a WebSocket takes one of `--max-connections` permits when it upgrades
+//!   (503 when none is free), for its whole life;
+//! - a plain connection takes one of [`PLAIN_CONNECTIONS`] permits while it
+//!   is HTTP. When they are all taken, the connection idle the longest
+//!   (no request in flight: silent, or half a request head) is closed to make
+//!   room, so a probe is always answered.
+//!
+//! A connection that has not sent a complete request head within the header
+//! timeout (10 s), or sits idle between requests for the idle timeout (60 s),
+//! is closed. Every connection task is tracked (the drain waits for it) and
+//! runs in a span with the peer's address.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+    time::Instant,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument as _;
+
+use crate::config::HttpLimits;
+
+/// Plain (not upgraded) HTTP connections open at once, beside the WebSockets.
+pub const PLAIN_CONNECTIONS: usize = 512;
+/// How often a connection's timeouts are checked (their precision).
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// How long a connection asked to close may take to finish its response.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// What the accept loop and a connection's request handler share.
+#[derive(Default)]
+pub struct ConnTrack {
+    id: u64,
+    /// A request is being handled.
+    busy: AtomicBool,
+    /// Requests answered so far.
+    answered: AtomicU64,
+    /// Bytes arrived since the last answer (a next request head is coming).
+    reading: AtomicBool,
+    /// Cancelled to make room for another connection.
+    evict: CancellationToken,
+}
+
+impl ConnTrack {
+    /// Called when a request head is complete (the handler starts).
+    pub fn begin(&self) {
+        self.busy.store(true, Ordering::Relaxed);
+    }
+
+    /// Called when the handler has its response.
+    pub fn end(&self) {
+        self.reading.store(false, Ordering::Relaxed);
+        self.answered.fetch_add(1, Ordering::Relaxed);
+        self.busy.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Plain connections by age, for eviction.
+#[derive(Default)]
+struct Registry {
+    conns: Mutex<BTreeMap<u64, Arc<ConnTrack>>>,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<ConnTrack>>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks the oldest connection without a request in flight to close.
+    fn evict_oldest_idle(&self) -> bool {
+        let mut conns = self.lock();
+        let victim = conns
+            .iter()
+            .find(|(_, c)| !c.busy.load(Ordering::Relaxed) && !c.evict.is_cancelled())
+            .map(|(id, _)| *id);
+        match victim.and_then(|id| conns.remove(&id)) {
+            Some(c) => {
+                c.evict.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Serves `listener` until `stop`; each connection is handed to `serve`
+/// (hyper with the routes) with its [`ConnTrack`].
+pub async fn accept_loop<F>(
+    listener: TcpListener,
+    limits: HttpLimits,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+    serve: F,
+) where
+    F: Fn(Tracked, SocketAddr, Arc<ConnTrack>) -> Conn,
+{
+    let permits = Arc::new(Semaphore::new(PLAIN_CONNECTIONS));
+    let registry = Arc::new(Registry::default());
+    let mut next_id = 0u64;
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Full: make room by closing the connection idle the longest
+                // (its permit comes back when its task ends), else wait.
+                if registry.evict_oldest_idle() {
+                    tracing::debug!("plain HTTP connections full: closed the longest-idle one");
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                }
+            }
+        };
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => { backoff = Duration::from_millis(5); c }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        next_id += 1;
+        let track = Arc::new(ConnTrack {
+            id: next_id,
+            ..ConnTrack::default()
+        });
+        registry.lock().insert(next_id, track.clone());
+        let io = Tracked {
+            inner: stream,
+            track: track.clone(),
+        };
+        let conn = serve(io, peer, track.clone());
+        let (registry, limits, stop) = (registry.clone(), limits.clone(), stop.clone());
+        tasks.spawn(
+            async move {
+                supervise(conn, &track, &limits, &stop).await;
+                registry.lock().remove(&track.id);
+                drop(permit);
+            }
+            .instrument(tracing::debug_span!("http", %peer)),
+        );
+    }
+}
+
+/// A served connection: hyper's HTTP/1 connection with upgrades.
+pub type Conn = Pin<Box<dyn HttpConn + Send>>;
+
+/// What [`supervise`] needs of a connection.
+pub trait HttpConn: Future<Output = Result<(), hyper::Error>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S> HttpConn for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: hyper::body::Body + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+/// Drives a connection, closing it when a timeout passes, when it is
+/// evicted, or at shutdown.
+async fn supervise(mut conn: Conn, track: &ConnTrack, limits: &HttpLimits, stop: &CancellationToken) {
+    let accepted = Instant::now();
+    let mut check = tokio::time::interval(CHECK_EVERY);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut answered = 0;
+    let mut idle_since = accepted;
+    let mut head_since: Option<Instant> = None;
+    let why = loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "HTTP connection ended with an error");
+                }
+                return;
+            }
+            _ = track.evict.cancelled() => break "evicted to make room for a new connection",
+            _ = stop.cancelled() => break "shutting down",
+            _ = check.tick() => {
+                let now = Instant::now();
+                if track.busy.load(Ordering::Relaxed) {
+                    head_since = None;
+                    continue;
+                }
+                let n = track.answered.load(Ordering::Relaxed);
+                if n != answered {
+                    answered = n;
+                    idle_since = now;
+                    head_since = None;
+                }
+                if track.reading.load(Ordering::Relaxed) {
+                    head_since.get_or_insert(now);
+                }
+                let started = if answered == 0 { Some(accepted) } else { head_since };
+                if started.is_some_and(|t| now.duration_since(t) >= limits.header_timeout) {
+                    break "no complete request head in time";
+                }
+                if head_since.is_none() && answered > 0 && now.duration_since(idle_since) >= limits.idle_timeout {
+                    break "idle between requests";
+                }
+            }
+        }
+    };
+    tracing::debug!(reason = why, "closing an HTTP connection");
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
+}
+
+/// A client socket that notes when bytes of a request arrive.
+pub struct Tracked {
+    inner: TcpStream,
+    track: Arc<ConnTrack>,
+}
+
+impl Tracked {
+    pub fn into_inner(self) -> TcpStream {
+        self.inner
+    }
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.track.reading.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
