@@ -297,7 +297,8 @@ impl Node {
 
     /// Routes a publish to the symbol's owner: this pod's group commit, or the
     /// owner over its peer link. The ack arrives on `cmd.reply` once the tick is
-    /// durable (or as UNAVAILABLE if the owner cannot be reached).
+    /// durable, or as UNAVAILABLE (also when this returns an error): every
+    /// request is answered.
     pub async fn publish(&self, cmd: PublishCmd) -> Result<(), CommitError> {
         let owner = self.ownership.owner(&cmd.tick.symbol);
         match self.cluster.as_ref().and_then(|c| c.peer(owner)) {
@@ -313,7 +314,9 @@ impl Node {
     /// symbol (never forwarded again).
     pub async fn publish_as_owner(&self, cmd: PublishCmd) -> Result<(), CommitError> {
         if !self.ownership.is_local(&cmd.tick.symbol) {
-            return Err(CommitError::NotOwner(cmd.tick.symbol.to_string(), self.ownership.me()));
+            let e = CommitError::NotOwner(cmd.tick.symbol.to_string(), self.ownership.me());
+            cmd.unavailable(e.to_string());
+            return Err(e);
         }
         self.committer.publish(cmd).await
     }

@@ -31,6 +31,10 @@ use crate::{
 
 pub type AckStream = Pin<Box<dyn Stream<Item = Result<pb::PublishAck, Status>> + Send>>;
 
+/// Once draining, how long a stream keeps reading requests the client has
+/// already sent, to answer each `unavailable`.
+pub const DRAIN_READ: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Who is publishing: a client (route to the owner) or a peer forwarding to us
 /// as the owner (never forward again).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,12 +112,12 @@ pub fn serve(
             loop {
                 // Bound the requests in flight: wait for acks past the window.
                 let permit = tokio::select! {
-                    _ = draining.cancelled() => { drained.store(true, Ordering::Relaxed); break }
+                    _ = draining.cancelled() => break,
                     p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                 };
                 // `Streaming::message` is cancel-safe: a message is never lost.
                 let msg = tokio::select! {
-                    _ = draining.cancelled() => { drained.store(true, Ordering::Relaxed); break }
+                    _ = draining.cancelled() => break,
                     m = inbound.message() => m,
                 };
                 let r = match msg {
@@ -162,12 +166,29 @@ pub fn serve(
                     reply: ack_tx.clone(),
                     received,
                 };
-                let sent = match origin {
+                if cmd.is_behind_a_hole() {
+                    // An earlier request of this (publisher, symbol) was
+                    // refused: accepting this one would leave a hole that
+                    // the publisher's resend could never fill (contract §5).
+                    cmd.unavailable("an earlier request of this publisher_id and symbol was refused on this stream; resend from it on a new stream".into());
+                    continue;
+                }
+                // Answered in every case (an error here was acked UNAVAILABLE).
+                let _ = match origin {
                     Origin::Client => node.publish(cmd).await,
                     Origin::Peer => node.publish_as_owner(cmd).await,
                 };
-                if let Err(e) = sent {
-                    let _ = rej_tx.send(reject(r.request_id, &t.symbol, ErrorCode::Unavailable, e.to_string()));
+            }
+            if draining.is_cancelled() {
+                drained.store(true, Ordering::Relaxed);
+                // Requests the client has already sent each get an answer
+                // (contract §7: `unavailable`, never silence), for a bounded
+                // time; the stream then ends with UNAVAILABLE.
+                let until = tokio::time::Instant::now() + DRAIN_READ;
+                while let Ok(Ok(Some(r))) = tokio::time::timeout_at(until, inbound.message()).await {
+                    let symbol = r.tick.as_ref().map_or("", |t| t.symbol.as_str());
+                    let why = "server is draining: resend on another server".to_string();
+                    let _ = rej_tx.send(reject(r.request_id, symbol, ErrorCode::Unavailable, why));
                 }
             }
             // Dropping the senders ends the response stream once every

@@ -555,3 +555,29 @@ impl RawStream {
             .unwrap()
     }
 }
+
+/// Every tick of `symbol` from seq `from` on, through `GetHistory` pages.
+pub async fn history(srv: &Server, symbol: &str, from: u64) -> Vec<pb::Tick> {
+    let mut out = Vec::new();
+    let mut from = from;
+    loop {
+        let h = srv
+            .feed()
+            .await
+            .get_history(pb::HistoryRequest {
+                symbol: symbol.into(),
+                from_seq: from,
+                limit: 10_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let more = h.truncated;
+        from = h.ticks.last().map_or(from, |t| t.seq + 1);
+        out.extend(h.ticks);
+        if !more {
+            return out;
+        }
+    }
+}

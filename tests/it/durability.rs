@@ -10,31 +10,6 @@ use crate::common::*;
 
 const T0: i64 = 1_700_000_000_000_000;
 
-async fn history(srv: &Server, symbol: &str, from: u64) -> Vec<pb::Tick> {
-    let mut out = Vec::new();
-    let mut from = from;
-    loop {
-        let h = srv
-            .feed()
-            .await
-            .get_history(pb::HistoryRequest {
-                symbol: symbol.into(),
-                from_seq: from,
-                limit: 10_000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let more = h.truncated;
-        from = h.ticks.last().map_or(from, |t| t.seq + 1);
-        out.extend(h.ticks);
-        if !more {
-            return out;
-        }
-    }
-}
-
 #[tokio::test]
 async fn every_acked_tick_survives_kill_9_with_its_seq() {
     let mut srv = Server::start(&["--no-sim"]);

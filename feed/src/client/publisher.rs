@@ -5,7 +5,10 @@
 //! reconnects (next endpoint, back-off with jitter) and resends all of them, in
 //! order, with the same `publisher_seq`: the server acks already-stored ones as
 //! `duplicate` instead of storing them twice. An ack with error `unavailable`
-//! (the owner shard is down) is retried the same way.
+//! (the owner shard is down) is retried the same way, on a new stream after a
+//! pause: the server refuses every later request of that `(publisher_id,
+//! symbol)` on the old stream (contract §5), so that an in-order resend always
+//! fills the hole.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -61,8 +64,8 @@ pub struct Acked {
 struct Pending {
     req: pb::PublishRequest,
     attempts: u32,
-    /// Its owner shard answered `unavailable`: it waits for a retry and does
-    /// not hold a window slot, so other shards' symbols keep flowing.
+    /// Its owner shard answered `unavailable`: it waits for the next stream
+    /// and does not hold a window slot, so other shards' symbols keep flowing.
     parked: bool,
 }
 
@@ -73,8 +76,9 @@ struct Stream {
 
 pub struct Publisher {
     cfg: PublisherConfig,
-    /// Requests acked `unavailable` (owner down), resent when due.
-    retry: VecDeque<(tokio::time::Instant, u64)>,
+    /// When to move to a new stream because a request was acked `unavailable`
+    /// (its owner is down): everything unacked is resent there, in order.
+    new_stream_at: Option<tokio::time::Instant>,
     /// How many unacked requests are parked.
     parked: usize,
     next_endpoint: usize,
@@ -95,7 +99,7 @@ impl Publisher {
             return Err(ClientError::BadAddress("no gRPC endpoint given".into()));
         }
         let mut p = Publisher {
-            retry: VecDeque::new(),
+            new_stream_at: None,
             parked: 0,
             next_endpoint: fastrand::usize(..cfg.endpoints.len()),
             cfg,
@@ -228,52 +232,23 @@ impl Publisher {
         self.unacked.len()
     }
 
-    /// Resends due retries, then reads one ack from the stream (or repairs
-    /// the stream). Cancel-safe: a request is only ever dropped from
-    /// `unacked` by its final ack, and every reconnect resends all of them.
+    /// Reads one ack from the stream, or repairs the stream: a broken one, or
+    /// one that refused a request as `unavailable` once its pause is over.
+    /// Cancel-safe: a request is only ever dropped from `unacked` by its final
+    /// ack, and every reconnect resends all of them.
     async fn pump(&mut self) -> Result<(), ClientError> {
         let now = tokio::time::Instant::now();
-        let mut queue_full = false;
-        while let Some(&(due, id)) = self.retry.front() {
-            if due > now {
-                break;
-            }
-            let (Some(p), Some(s)) = (self.unacked.get_mut(&id), &self.stream) else {
-                // acked meanwhile, or no stream: a reconnect resends everything
-                self.retry.pop_front();
-                continue;
-            };
-            // `try_send`, never an await here: a retry is only taken off the
-            // list once it is really queued, even if this future is dropped.
-            match s.tx.try_send(p.req.clone()) {
-                Ok(()) => {
-                    p.attempts += 1;
-                    self.retry.pop_front();
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    // The stream is not taking requests now: wait for acks
-                    // (or its failure) instead of spinning on the due retry.
-                    queue_full = true;
-                    break;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    self.stream = None;
-                    break;
-                }
-            }
+        if self.new_stream_at.is_some_and(|at| at <= now) {
+            self.stream = None;
         }
-        let next_retry = if queue_full {
-            None
-        } else {
-            self.retry.front().map(|r| r.0)
-        };
         let Some(s) = self.stream.as_mut() else {
             return self.reconnect().await;
         };
         let give_up = (!self.cfg.give_up_after.is_zero()).then_some(self.cfg.give_up_after);
+        let new_stream_at = self.new_stream_at;
         let msg = tokio::select! {
             m = s.acks.message() => m,
-            _ = tokio::time::sleep_until(next_retry.unwrap_or(now)), if next_retry.is_some() => return Ok(()),
+            _ = tokio::time::sleep_until(new_stream_at.unwrap_or(now)), if new_stream_at.is_some() => return Ok(()),
             _ = tokio::time::sleep(give_up.unwrap_or_default()), if give_up.is_some() => {
                 return Err(ClientError::Timeout("no ack"));
             }
@@ -296,14 +271,15 @@ impl Publisher {
     async fn on_ack(&mut self, ack: pb::PublishAck) {
         let retry = ack.error.as_ref().is_some_and(|e| e.code == "unavailable");
         if retry {
-            // The owner is down: resend this request after a pause.
+            // The owner is down: a new stream, after a pause, with everything
+            // unacked in order (this stream refuses the pair from now on).
             if let Some(p) = self.unacked.get_mut(&ack.request_id) {
                 if !p.parked {
                     p.parked = true;
                     self.parked += 1;
                 }
-                let due = tokio::time::Instant::now() + self.backoff.next_delay();
-                self.retry.push_back((due, ack.request_id));
+                // (the reconnect itself pauses, with back-off)
+                self.new_stream_at.get_or_insert_with(tokio::time::Instant::now);
             }
             return;
         }
@@ -332,9 +308,11 @@ impl Publisher {
             match self.open().await {
                 Ok(s) => {
                     self.reconnects += 1;
-                    self.retry.clear(); // everything unacked is resent below
+                    self.new_stream_at = None; // everything unacked is resent below
+                    self.parked = 0;
                     let mut broke = false;
                     for p in self.unacked.values_mut() {
+                        p.parked = false;
                         p.attempts += 1;
                         if s.tx.send(p.req.clone()).await.is_err() {
                             broke = true;

@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -82,8 +82,16 @@ struct Mirror {
 /// A forwarded publish waiting for the owner's ack.
 struct Forwarded {
     reply: crate::committer::AckTx,
+    publisher: Option<Arc<str>>,
     request_id: u64,
     symbol: Symbol,
+}
+
+impl Forwarded {
+    fn unavailable(self, why: String) {
+        self.reply
+            .unavailable(self.publisher.as_ref(), self.request_id, self.symbol, why);
+    }
 }
 
 pub struct Peer {
@@ -95,8 +103,13 @@ pub struct Peer {
     hub: Arc<Hub>,
     up: AtomicBool,
     channel: Mutex<Option<Channel>>,
-    fwd_tx: mpsc::Sender<PublishCmd>,
-    fwd_rx: tokio::sync::Mutex<mpsc::Receiver<PublishCmd>>,
+    fwd_tx: mpsc::Sender<(u64, PublishCmd)>,
+    fwd_rx: tokio::sync::Mutex<mpsc::Receiver<(u64, PublishCmd)>>,
+    /// Incremented when a session ends (after its unacked forwards are
+    /// refused): a forward queued in an earlier session is never sent in a
+    /// later one, where it could be accepted past a refused request of its
+    /// pair (contract §5, see `AckTx`).
+    generation: AtomicU64,
     follow_tx: mpsc::UnboundedSender<FollowCmd>,
     follow_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<FollowCmd>>,
     mirrors: Mutex<HashMap<Symbol, Mirror>>,
@@ -162,6 +175,7 @@ impl Peer {
             channel: Mutex::new(None),
             fwd_tx,
             fwd_rx: tokio::sync::Mutex::new(fwd_rx),
+            generation: AtomicU64::new(0),
             follow_tx,
             follow_rx: tokio::sync::Mutex::new(follow_rx),
             mirrors: Mutex::new(HashMap::new()),
@@ -185,26 +199,26 @@ impl Peer {
     }
 
     /// Sends a publish for a symbol this peer owns; the ack comes back on
-    /// `cmd.reply` once the owner made it durable, or at once as UNAVAILABLE.
+    /// `cmd.reply` once the owner made it durable, or as UNAVAILABLE.
     pub async fn forward(&self, cmd: PublishCmd) {
-        if !self.is_up() {
+        // The generation is read before the stream's order is checked: a
+        // session that ends refuses its unacked forwards (marking their
+        // pairs) before it moves the generation on, so a request that passes
+        // the check either carries the old generation (and is refused with
+        // it) or saw every refusal of its pair.
+        let generation = self.generation.load(Ordering::Acquire);
+        if !self.is_up() || cmd.is_behind_a_hole() {
             self.unavailable(cmd);
             return;
         }
-        if let Err(e) = self.fwd_tx.send(cmd).await {
-            self.unavailable(e.0);
+        if let Err(e) = self.fwd_tx.send((generation, cmd)).await {
+            self.unavailable(e.0.1);
         }
     }
 
     fn unavailable(&self, cmd: PublishCmd) {
-        let _ = cmd.reply.send(vec![Ack {
-            request_id: cmd.request_id,
-            symbol: cmd.tick.symbol,
-            result: Err(AckError::Unavailable(format!(
-                "shard {} (owner of {}) is unavailable; retry",
-                self.id, cmd.tick.symbol
-            ))),
-        }]);
+        let why = format!("shard {} (owner of {}) is unavailable; retry", self.id, cmd.tick.symbol);
+        cmd.unavailable(why);
     }
 
     /// The mirror of `sym`, followed from this peer, once its head is the
@@ -344,7 +358,7 @@ impl Peer {
                 Err(e) => tracing::debug!(peer = self.id, error = %e, "peer unreachable"),
             }
             // Forwards queued while the link was going down fail now.
-            while let Ok(cmd) = fwd_rx.try_recv() {
+            while let Ok((_, cmd)) = fwd_rx.try_recv() {
                 self.unavailable(cmd);
             }
             // Follow commands are replayed from the mirror map on reconnect.
@@ -363,7 +377,7 @@ impl Peer {
     async fn session(
         &self,
         ch: Channel,
-        fwd_rx: &mut mpsc::Receiver<PublishCmd>,
+        fwd_rx: &mut mpsc::Receiver<(u64, PublishCmd)>,
         follow_rx: &mut mpsc::UnboundedReceiver<FollowCmd>,
         stop: &CancellationToken,
     ) -> String {
@@ -392,7 +406,8 @@ impl Peer {
                                         duplicate: a.duplicate,
                                     }),
                                     Some(e) if e.code == ErrorCode::Unavailable.as_str() => {
-                                        Err(AckError::Unavailable(e.message))
+                                        f.unavailable(e.message);
+                                        continue;
                                     }
                                     Some(e) => Err(AckError::Rejected {
                                         code: ErrorCode::parse(&e.code).unwrap_or(ErrorCode::InvalidTick),
@@ -428,13 +443,18 @@ impl Peer {
         }
 
         let mut next_id = 1u64;
+        let generation = self.generation.load(Ordering::Acquire);
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         let why = loop {
             tokio::select! {
                 _ = stop.cancelled() => break "stopping".to_string(),
                 r = &mut ack_reader => break r.unwrap_or_else(|e| e.to_string()),
                 cmd = fwd_rx.recv() => {
-                    let Some(cmd) = cmd else { break "forward queue closed".into() };
+                    let Some((queued_in, cmd)) = cmd else { break "forward queue closed".into() };
+                    if queued_in != generation || cmd.is_behind_a_hole() {
+                        self.unavailable(cmd);
+                        continue;
+                    }
                     let id = next_id;
                     next_id += 1;
                     let req = pb::PublishRequest {
@@ -445,7 +465,12 @@ impl Peer {
                     };
                     pending.lock().unwrap_or_else(|p| p.into_inner()).insert(
                         id,
-                        Forwarded { reply: cmd.reply, request_id: cmd.request_id, symbol: cmd.tick.symbol },
+                        Forwarded {
+                            publisher: cmd.publisher.map(|(p, _)| p),
+                            reply: cmd.reply,
+                            request_id: cmd.request_id,
+                            symbol: cmd.tick.symbol,
+                        },
                     );
                     if out_tx.send(req).await.is_err() {
                         break "forward stream closed".into();
@@ -500,15 +525,16 @@ impl Peer {
             .map(|(_, f)| f)
             .collect();
         for f in lost {
-            let _ = f.reply.send(vec![Ack {
-                request_id: f.request_id,
-                symbol: f.symbol,
-                result: Err(AckError::Unavailable(format!(
-                    "link to shard {} broke before the ack; retry",
-                    self.id
-                ))),
-            }]);
+            f.unavailable(format!("link to shard {} broke before the ack; retry", self.id));
         }
+        while let Ok((_, cmd)) = fwd_rx.try_recv() {
+            self.unavailable(cmd);
+        }
+        // Only now: a forward queued from here on carries the next
+        // generation and has seen every refusal above; one queued before
+        // with this generation is refused by the next session (see
+        // `Peer::forward`).
+        self.generation.fetch_add(1, Ordering::AcqRel);
         why
     }
 

@@ -92,10 +92,25 @@ impl Default for CommitterConfig {
 /// Where acks go: one channel per publish stream, carrying the stream's acks of
 /// one group commit together (one send per stream per commit, not per tick).
 /// Unbounded because the stream bounds its in-flight requests itself.
+///
+/// It also keeps the stream's *order* (contract §5): once one request of a
+/// `(publisher_id, symbol)` pair was refused as UNAVAILABLE, every later one
+/// of that pair on the stream is refused too, so that none is ever accepted
+/// past a hole (the publisher's in-order resend would be de-duplicated away).
 #[derive(Clone)]
 pub struct AckTx {
     id: u64,
     tx: mpsc::UnboundedSender<Vec<Ack>>,
+    order: Arc<StreamOrder>,
+}
+
+/// The pairs of one stream that have had a request refused as UNAVAILABLE.
+#[derive(Default)]
+struct StreamOrder {
+    /// Fast path: nothing was ever refused on this stream.
+    any: AtomicBool,
+    /// A std mutex, never held across an await.
+    broken: std::sync::Mutex<HashSet<(Arc<str>, Symbol)>>,
 }
 
 impl AckTx {
@@ -106,14 +121,48 @@ impl AckTx {
             AckTx {
                 id: NEXT.fetch_add(1, Ordering::Relaxed),
                 tx,
+                order: Arc::default(),
             },
             rx,
         )
     }
 
     /// Sends acks that did not come from a group commit (forwarded, failed).
+    /// An UNAVAILABLE ack must go through [`PublishCmd::unavailable`] or
+    /// [`AckTx::unavailable`] instead, which keep the stream's order.
     pub fn send(&self, acks: Vec<Ack>) -> Result<(), Vec<Ack>> {
         self.tx.send(acks).map_err(|e| e.0)
+    }
+
+    /// True if an earlier request of `(publisher, symbol)` on this stream was
+    /// refused as UNAVAILABLE: this one must be refused too.
+    pub fn is_broken(&self, publisher: Option<&Arc<str>>, symbol: Symbol) -> bool {
+        let Some(p) = publisher else { return false };
+        self.order.any.load(Ordering::Acquire)
+            && self
+                .order
+                .broken
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&(p.clone(), symbol))
+    }
+
+    /// Refuses one request as UNAVAILABLE: first marks its pair broken on this
+    /// stream (so no later request of the pair can be accepted), then acks.
+    pub fn unavailable(&self, publisher: Option<&Arc<str>>, request_id: u64, symbol: Symbol, why: String) {
+        if let Some(p) = publisher {
+            self.order
+                .broken
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert((p.clone(), symbol));
+            self.order.any.store(true, Ordering::Release);
+        }
+        let _ = self.tx.send(vec![Ack {
+            request_id,
+            symbol,
+            result: Err(AckError::Unavailable(why)),
+        }]);
     }
 }
 
@@ -125,6 +174,24 @@ pub struct PublishCmd {
     pub request_id: u64,
     pub reply: AckTx,
     pub received: Instant,
+}
+
+impl PublishCmd {
+    pub fn publisher_id(&self) -> Option<&Arc<str>> {
+        self.publisher.as_ref().map(|(p, _)| p)
+    }
+
+    /// True if this request must be refused to keep its stream's order.
+    pub fn is_behind_a_hole(&self) -> bool {
+        self.reply.is_broken(self.publisher_id(), self.tick.symbol)
+    }
+
+    /// Refuses this request as UNAVAILABLE (retryable), keeping its stream's
+    /// order (see [`AckTx`]).
+    pub fn unavailable(self, why: String) {
+        self.reply
+            .unavailable(self.publisher_id(), self.request_id, self.tick.symbol, why);
+    }
 }
 
 pub enum Cmd {
@@ -329,12 +396,22 @@ impl Committer {
         Ok((Committer { tx, failed }, join))
     }
 
-    /// Queues a publish; waits only if the queue is full (backpressure).
+    /// Queues a publish; waits only if the queue is full (backpressure). A
+    /// publish that cannot be queued is answered UNAVAILABLE (and the error
+    /// returned): no request is ever dropped without an answer.
     pub async fn publish(&self, cmd: PublishCmd) -> Result<(), CommitError> {
-        if self.failed.load(Ordering::Relaxed) {
-            return Err(CommitError::StoreFailed("see the log".into()));
-        }
-        self.tx.send(Cmd::Publish(cmd)).await.map_err(|_| CommitError::Stopped)
+        let (cmd, err) = if self.failed.load(Ordering::Relaxed) {
+            let why = "an earlier group commit failed (see the log)";
+            (cmd, CommitError::StoreFailed(why.into()))
+        } else {
+            match self.tx.send(Cmd::Publish(cmd)).await {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(Cmd::Publish(cmd))) => (cmd, CommitError::Stopped),
+                Err(_) => return Err(CommitError::Stopped), // (it was a Publish)
+            }
+        };
+        cmd.unavailable(err.to_string());
+        Err(err)
     }
 
     /// Makes sure `symbols` have a durable epoch.
@@ -505,6 +582,7 @@ struct Counts {
 /// An ack to send once the batch is durable.
 struct Pending {
     reply: AckTx,
+    publisher: Option<Arc<str>>,
     ack: Ack,
     received: Instant,
 }
@@ -545,6 +623,7 @@ impl Worker {
                     Cmd::Publish(p) => {
                         let result = self.apply(&p, now, &mut touched, &mut counts);
                         acks.push(Pending {
+                            publisher: p.publisher.map(|(id, _)| id),
                             reply: p.reply,
                             ack: Ack {
                                 request_id: p.request_id,
@@ -655,13 +734,26 @@ impl Worker {
                 tracing::error!(error = %e, "group commit failed; the shard stops accepting writes");
                 self.failed.store(true, Ordering::Relaxed);
                 for p in acks.drain(..) {
-                    let _ = p.reply.tx.send(vec![Ack {
-                        result: Err(AckError::Unavailable(format!("store failure: {e}"))),
-                        ..p.ack
-                    }]);
+                    p.reply.unavailable(
+                        p.publisher.as_ref(),
+                        p.ack.request_id,
+                        p.ack.symbol,
+                        format!("store failure: {e}"),
+                    );
                 }
                 for (r, _) in ensures.drain(..) {
                     let _ = r.send(Err(CommitError::StoreFailed(e.clone())));
+                }
+                // Whatever is still queued is answered, never dropped silently.
+                rx.close();
+                while let Ok(cmd) = rx.try_recv() {
+                    match cmd {
+                        Cmd::Publish(p) => p.unavailable(format!("store failure: {e}")),
+                        Cmd::Ensure { reply, .. } => {
+                            let _ = reply.send(Err(CommitError::StoreFailed(e.clone())));
+                        }
+                        Cmd::Compact | Cmd::Stop => {}
+                    }
                 }
                 return;
             }
