@@ -194,6 +194,10 @@ impl PublishCmd {
     }
 }
 
+#[expect(
+    clippy::large_enum_variant,
+    reason = "nearly every command is a Publish: boxing it would cost an allocation per tick"
+)]
 pub enum Cmd {
     Publish(PublishCmd),
     /// Creates (durably) the epoch of symbols without ticks.
