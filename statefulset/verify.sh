@@ -12,8 +12,8 @@ if [[ ! -x $VENV/bin/kubernetes-validate ]]; then
 fi
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-for overlay in base overlays/dev overlays/prod overlays/canary; do
-  name=${overlay//\//-}
+for overlay in . base overlays/dev overlays/prod overlays/canary; do
+  name=${overlay//\//-}; [[ $overlay == . ]] && name=root
   "$VENV/bin/kubectl" kustomize "$overlay" > "$OUT/$name.yaml"
   "$VENV/bin/kubernetes-validate" --strict -k "$K8S_VERSION" "$OUT/$name.yaml" > "$OUT/$name.validate" \
     || { cat "$OUT/$name.validate"; exit 1; }

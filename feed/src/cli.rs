@@ -199,7 +199,12 @@ async fn tail(a: TailArgs) -> ExitCode {
                 );
                 continue;
             }
-            Event::Message(m) if a.json => format!("{m:?}"),
+            Event::Message(m) if a.json => {
+                if matches!(m, ServerMsg::Tick(_) | ServerMsg::Snapshot(_)) {
+                    seen += 1;
+                }
+                sub.raw().to_owned()
+            }
             Event::Message(ServerMsg::Tick(t)) | Event::Message(ServerMsg::Snapshot(t)) => {
                 seen += 1;
                 format!(

@@ -87,6 +87,8 @@ async function main() {
     await page.waitForFunction(() => window.tickshard.view().candles.length >= 2, null, { timeout: WAIT });
     let v = await view();
     const ohlc = (c) => [c.start, c.open, c.high, c.low, c.close, c.volume, c.count];
+    // volume has its own scale, in its own pane below the prices
+    assert.deepEqual(v.chart, { panes: 2, candlePane: 0, volumePane: 1 });
     assert.deepEqual(v.candles.map(ohlc), [
       [us(s0, 0), "67012.50", "67020.00", "67001.25", "67001.25", "1.760", 3],
       [us(s0 + 1, 0), "67030.75", "67030.75", "67025.00", "67025.00", "0.120", 2],

@@ -115,3 +115,79 @@ async fn publish_cli_sends_a_csv_and_a_second_run_stores_nothing_twice() {
         (1_714_617_360_000_000, "58000.5", "0.00006405")
     );
 }
+
+/// `tickshard tail` prints a symbol's snapshot then every tick with its exact
+/// decimals (`--json`: the frames as sent), resumes without a gap or a
+/// duplicate across a kill -9 of the server, and stops after `--count`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_prints_every_tick_once_across_a_restart() {
+    use std::io::BufRead;
+    let mut srv = Server::start(&["--no-sim"]);
+    let mut p = srv.publisher("tail").await;
+    let t0 = 1_732_530_000_000_000;
+    publish_all(&mut p, [tick("TL", t0, "10.50", "1"), tick("TL", t0 + 1, "10.75", "2")]).await;
+    /// Kills the child if the test fails before it exits.
+    struct Reap(Option<std::process::Child>);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            if let Some(mut c) = self.0.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tickshard"))
+        .args(["tail", "tl", "--json", "--count", "4", "--url", &srv.ws_url()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let mut child = Reap(Some(child));
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let next = || rx.recv_timeout(WAIT).expect("a line from tail");
+    assert!(next().contains("\"type\":\"subscribed\""));
+    let snap = next();
+    assert!(
+        snap.contains("\"type\":\"snapshot\"") && snap.contains("\"seq\":2") && snap.contains("\"price\":\"10.75\""),
+        "{snap}"
+    );
+    drop(p);
+    srv.kill9();
+    srv.restart();
+    let mut p = srv.publisher("tail-2").await;
+    publish_all(
+        &mut p,
+        [
+            tick("TL", t0 + 2, "11.00", "1"),
+            tick("TL", t0 + 3, "11.25", "1"),
+            tick("TL", t0 + 4, "11.50", "1"),
+        ],
+    )
+    .await;
+    let mut ticks = Vec::new();
+    while ticks.len() < 3 {
+        let line = next();
+        if line.contains("\"type\":\"tick\"") {
+            ticks.push(line);
+        }
+    }
+    for (line, (seq, price)) in ticks.iter().zip([(3, "11.00"), (4, "11.25"), (5, "11.50")]) {
+        assert!(
+            line.contains(&format!("\"seq\":{seq},")) && line.contains(&format!("\"price\":\"{price}\"")),
+            "{line}"
+        );
+    }
+    let mut c = child.0.take().unwrap();
+    let (stx, srx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = stx.send(c.wait());
+    });
+    let status = srx.recv_timeout(WAIT).expect("tail stops after --count").unwrap();
+    assert!(status.success());
+}

@@ -230,7 +230,7 @@ async fn grpc_subscribe_resumes_like_websocket() {
 }
 
 #[tokio::test]
-async fn health_and_reflection_are_served() {
+async fn health_is_served_for_both_service_names() {
     let srv = Server::start(&["--no-sim"]);
     let channel = tonic::transport::Endpoint::from_shared(srv.grpc_url())
         .unwrap()
@@ -250,6 +250,66 @@ async fn health_and_reflection_are_served() {
             r.status,
             tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
             "{service:?}"
+        );
+    }
+}
+
+/// Reflection v1 lists the public services and serves their descriptors
+/// (what `grpcurl` needs without proto files).
+#[tokio::test]
+async fn reflection_lists_the_services_and_serves_their_descriptors() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let srv = Server::start(&["--no-sim"]);
+    let channel = tonic::transport::Endpoint::from_shared(srv.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let ask = |m: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    };
+    let reqs = futures_util::stream::iter(vec![
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol("tickshard.v1.Feed".into())),
+    ]);
+    let mut answers = client.server_reflection_info(reqs).await.unwrap().into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = answers.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "tickshard.v1.Feed",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+    }
+    let Some(MessageResponse::FileDescriptorResponse(files)) = answers.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("no descriptor");
+    };
+    let feed = files
+        .file_descriptor_proto
+        .iter()
+        .find(|f| f.windows(10).any(|w| w == b"feed.proto"))
+        .expect("feed.proto's descriptor");
+    for method in [
+        &b"Publish"[..],
+        b"Subscribe",
+        b"GetSnapshot",
+        b"GetHistory",
+        b"ListSymbols",
+    ] {
+        assert!(
+            feed.windows(method.len()).any(|w| w == method),
+            "{}",
+            String::from_utf8_lossy(method)
         );
     }
 }

@@ -386,6 +386,8 @@ pub struct Subscriber {
     next_url: usize,
     backoff: Backoff,
     positions: HashMap<String, Pos>,
+    /// The text of the last message received, as the server sent it.
+    raw: String,
 }
 
 impl Subscriber {
@@ -397,7 +399,13 @@ impl Subscriber {
             next_url: start,
             backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(250)),
             positions: HashMap::new(),
+            raw: String::new(),
         }
+    }
+
+    /// The JSON text of the message [`Subscriber::next`] returned last.
+    pub fn raw(&self) -> &str {
+        &self.raw
     }
 
     /// Starts from the given next URL index (tests use it to pick a pod).
@@ -455,18 +463,22 @@ impl Subscriber {
             return Event::Connected { url };
         };
         match conn.recv().await {
-            Ok(Incoming::Text(t)) => match ServerMsg::parse(&t) {
-                Some(m) => {
-                    self.track(&m);
-                    Event::Message(m)
-                }
-                None => Event::Message(ServerMsg::Error {
-                    id: None,
-                    code: "client_parse".into(),
-                    message: t,
-                    symbol: None,
-                }),
-            },
+            Ok(Incoming::Text(t)) => {
+                let msg = match ServerMsg::parse(&t) {
+                    Some(m) => {
+                        self.track(&m);
+                        m
+                    }
+                    None => ServerMsg::Error {
+                        id: None,
+                        code: "client_parse".into(),
+                        message: t.clone(),
+                        symbol: None,
+                    },
+                };
+                self.raw = t;
+                Event::Message(msg)
+            }
             Ok(Incoming::Close { code, reason }) => {
                 self.conn = None;
                 Event::Disconnected {

@@ -30,6 +30,7 @@ window.tickshard = {
       status: state.status, selected: state.selected, interval: state.interval, rows,
       candles: state.candles.map((c) => ({ ...c })), notices: state.notices.slice(-20),
       gaps: state.gaps, dups: state.dups, reconnects: state.reconnects, unrecovered: state.unrecovered,
+      chart: { panes: chart.panes().length, candlePane: candleSeries.getPane().paneIndex(), volumePane: volumeSeries.getPane().paneIndex() },
     };
   },
   select: (sym) => select(sym),
@@ -151,8 +152,14 @@ const chart = LightweightCharts.createChart($("chart"), {
 const candleSeries = chart.addSeries(LightweightCharts.CandlestickSeries, {
   upColor: "#26a69a", downColor: "#ef5350", borderVisible: false, wickUpColor: "#26a69a", wickDownColor: "#ef5350",
 });
-const volumeSeries = chart.addSeries(LightweightCharts.HistogramSeries, { priceFormat: { type: "volume" }, priceScaleId: "" });
-volumeSeries.priceScale().applyOptions({ scaleMargins: { top: 0.8, bottom: 0 } });
+// Volume in its own pane below the candles, with its own scale: its values
+// never mix with the prices on the candles' scale.
+const volumeSeries = chart.addSeries(LightweightCharts.HistogramSeries, {
+  priceFormat: { type: "volume" }, priceLineVisible: false,
+}, 1);
+chart.panes()[0].setStretchFactor(4);
+chart.panes()[1].setStretchFactor(1);
+volumeSeries.priceScale().applyOptions({ scaleMargins: { top: 0.1, bottom: 0 }, borderColor: "#242b36" });
 
 const bar = (c) => ({ time: Math.floor(c.start / 1e6), open: +c.open, high: +c.high, low: +c.low, close: +c.close });
 const vol = (c) => ({ time: Math.floor(c.start / 1e6), value: +c.volume, color: cmp(c.close, c.open) >= 0 ? "rgba(38,166,154,.5)" : "rgba(239,83,80,.5)" });
