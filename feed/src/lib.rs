@@ -15,6 +15,8 @@ pub mod cli;
 pub mod client;
 pub mod config;
 mod dashboard;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod http;
 pub mod server;

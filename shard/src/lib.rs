@@ -18,6 +18,8 @@ pub mod cluster;
 pub mod committer;
 pub mod domain;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hub;
 pub mod metrics;
 pub mod node;

@@ -11,4 +11,5 @@ mod durability;
 mod grpc_api;
 mod hardening;
 mod slow_consumer;
+mod soak;
 mod ws_protocol;

@@ -119,14 +119,17 @@ impl InputSpec {
 /// One row, or why it could not be read (with its line number).
 pub type Row = Result<pb::Tick, String>;
 
+/// Where the rows come from: a file, or any reader (tests, fuzzing).
+type Input = Box<dyn std::io::Read + Send>;
+
 enum Source {
     Csv {
-        rdr: Box<csv::Reader<File>>,
+        rdr: Box<csv::Reader<Input>>,
         idx: [Option<usize>; 8],
         rec: csv::StringRecord,
     },
     Ndjson {
-        lines: std::io::Lines<BufReader<File>>,
+        lines: std::io::Lines<BufReader<Input>>,
         line: u64,
     },
 }
@@ -140,16 +143,21 @@ pub struct TickReader {
 impl TickReader {
     pub fn open(path: &Path, spec: InputSpec) -> Result<TickReader, ClientError> {
         let file = File::open(path).map_err(|e| ClientError::Input(format!("{}: {e}", path.display())))?;
+        TickReader::from_reader(Box::new(file), &path.display().to_string(), spec)
+    }
+
+    /// Rows from any reader; `name` names it in errors.
+    pub fn from_reader(input: Input, name: &str, spec: InputSpec) -> Result<TickReader, ClientError> {
         let src = if spec.ndjson {
             Source::Ndjson {
-                lines: BufReader::new(file).lines(),
+                lines: BufReader::new(input).lines(),
                 line: 0,
             }
         } else {
-            let mut rdr = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(file);
+            let mut rdr = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(input);
             let headers = rdr
                 .headers()
-                .map_err(|e| ClientError::Input(format!("{}: {e}", path.display())))?
+                .map_err(|e| ClientError::Input(format!("{name}: {e}")))?
                 .clone();
             let find = |name: &str| headers.iter().position(|h| h == name);
             let c = &spec.columns;
@@ -163,19 +171,17 @@ impl TickReader {
                 find(&c.bid_size),
                 find(&c.ask_size),
             ];
-            for (i, name) in [(1, &c.ts), (2, &c.price), (3, &c.size)] {
+            for (i, column) in [(1, &c.ts), (2, &c.price), (3, &c.size)] {
                 if idx[i].is_none() {
                     return Err(ClientError::Input(format!(
-                        "{}: no column '{name}' (columns: {})",
-                        path.display(),
+                        "{name}: no column '{column}' (columns: {})",
                         headers.iter().collect::<Vec<_>>().join(",")
                     )));
                 }
             }
             if idx[0].is_none() && spec.symbol.is_none() {
                 return Err(ClientError::Input(format!(
-                    "{}: no column '{}'; give --symbol for files of one instrument",
-                    path.display(),
+                    "{name}: no column '{}'; give --symbol for files of one instrument",
                     c.symbol
                 )));
             }

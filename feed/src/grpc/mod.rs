@@ -2,7 +2,7 @@
 //! health service and server reflection, on the gRPC listener.
 
 mod serve;
-mod subscribe;
+pub(crate) mod subscribe;
 
 pub use serve::{GrpcLimits, Handshake};
 use subscribe::FeedRoutes;

@@ -205,7 +205,7 @@ async fn subscribe(
 /// One subscription request, validated: counts first (symbols, repeats once;
 /// resume entries; channels), then the per-symbol requests. Linear in the
 /// request's size.
-fn sub_requests(r: &pb::SubscribeRequest, max: usize) -> Result<Vec<SubRequest>, Status> {
+pub(crate) fn sub_requests(r: &pb::SubscribeRequest, max: usize) -> Result<Vec<SubRequest>, Status> {
     if r.symbols.is_empty() {
         return Err(Status::invalid_argument("symbols is empty"));
     }

@@ -158,17 +158,18 @@ pub fn is_unmasked(e: &io::Error) -> bool {
 /// bytes so far end on a frame boundary, else this.
 pub const MID_FRAME: u64 = u64::MAX;
 
-/// [`ClientRead`] with a [`FrameTracker`] over everything it hands out.
-pub struct Tracked<'a> {
-    inner: ClientRead,
+/// A client's byte stream ([`ClientRead`]) with a [`FrameTracker`] over
+/// everything it hands out.
+pub struct Tracked<'a, R = ClientRead> {
+    inner: R,
     frames: FrameTracker,
     boundary: &'a AtomicU64,
 }
 
-impl<'a> Tracked<'a> {
+impl<'a, R> Tracked<'a, R> {
     /// `boundary` must hold the frames completed before `inner` (which must
     /// itself start on a boundary).
-    pub fn new(inner: ClientRead, completed: u64, boundary: &'a AtomicU64) -> Tracked<'a> {
+    pub fn new(inner: R, completed: u64, boundary: &'a AtomicU64) -> Tracked<'a, R> {
         boundary.store(completed, Ordering::Relaxed);
         Tracked {
             inner,
@@ -180,12 +181,12 @@ impl<'a> Tracked<'a> {
         }
     }
 
-    pub fn into_inner(self) -> ClientRead {
+    pub fn into_inner(self) -> R {
         self.inner
     }
 }
 
-impl AsyncRead for Tracked<'_> {
+impl<R: AsyncRead + Unpin> AsyncRead for Tracked<'_, R> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let this = &mut *self;
@@ -204,7 +205,7 @@ impl AsyncRead for Tracked<'_> {
 
 /// fastwebsockets' unsplit reader wants a writable stream (for automatic
 /// pongs and close replies, which are turned off here): nothing is written.
-impl AsyncWrite for Tracked<'_> {
+impl<R> AsyncWrite for Tracked<'_, R> {
     fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, _buf: &[u8]) -> Poll<io::Result<usize>> {
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::Unsupported,

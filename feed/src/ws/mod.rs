@@ -9,7 +9,7 @@
 //! deadline). Tick frames are encoded once
 //! per chunk and shared by every connection ([`json::encode_ticks`]).
 
-mod client_read;
+pub(crate) mod client_read;
 pub mod json;
 mod lazy_buf;
 pub mod protocol;
@@ -454,7 +454,7 @@ impl Connection {
 /// UTF-8, 1002 for any other violation of the WebSocket protocol (RSV bits,
 /// an unknown opcode, a fragmented or oversized control frame, an unmasked
 /// client frame); `None` for the end of the stream or an I/O failure.
-fn violation(e: &WebSocketError) -> Option<Close> {
+pub(crate) fn violation(e: &WebSocketError) -> Option<Close> {
     match e {
         WebSocketError::InvalidUTF8 => Some(Close::INVALID_DATA),
         WebSocketError::ReservedBitsNotZero

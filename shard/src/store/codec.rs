@@ -356,7 +356,7 @@ pub(crate) fn decode_block(
     };
     let n = r.u32()?;
     for i in 0..u64::from(n) {
-        let t = r.tick_with(symbol, first_seq + i, decimal)?;
+        let t = r.tick_with(symbol, first_seq.checked_add(i)?, decimal)?;
         if !f(t) {
             return Some(Vec::new());
         }

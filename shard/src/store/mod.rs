@@ -22,7 +22,7 @@
 //! Every method here blocks: call it from the committer thread or
 //! `spawn_blocking`, never on an async worker.
 
-mod codec;
+pub(crate) mod codec;
 mod keys;
 
 use std::{
