@@ -45,6 +45,16 @@ pub const PLAIN_CONNECTIONS: usize = 512;
 const CHECK_EVERY: Duration = Duration::from_millis(250);
 /// How long a connection asked to close may take to finish its response.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Only a connection idle at least this long is closed to make room: one
+/// that was just accepted is most likely a client about to send its request
+/// (a burst of WebSocket handshakes), not a squatter.
+const EVICT_AFTER_IDLE: Duration = Duration::from_millis(250);
+
+/// Milliseconds since the first call (a clock the tracks can share atomically).
+fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+}
 
 /// What the accept loop and a connection's request handler share.
 #[derive(Default)]
@@ -56,6 +66,8 @@ pub struct ConnTrack {
     answered: AtomicU64,
     /// Bytes arrived since the last answer (a next request head is coming).
     reading: AtomicBool,
+    /// When the connection was accepted or last answered ([`now_ms`]).
+    idle_since_ms: AtomicU64,
     /// Cancelled to make room for another connection.
     evict: CancellationToken,
 }
@@ -68,6 +80,7 @@ impl ConnTrack {
 
     /// Called when the handler has its response.
     pub fn end(&self) {
+        self.idle_since_ms.store(now_ms(), Ordering::Relaxed);
         self.reading.store(false, Ordering::Relaxed);
         self.answered.fetch_add(1, Ordering::Relaxed);
         self.busy.store(false, Ordering::Relaxed);
@@ -85,12 +98,19 @@ impl Registry {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Asks the oldest connection without a request in flight to close.
+    /// Asks the oldest connection idle for at least [`EVICT_AFTER_IDLE`]
+    /// (no request in flight) to close.
     fn evict_oldest_idle(&self) -> bool {
+        let now = now_ms();
+        let min = EVICT_AFTER_IDLE.as_millis() as u64;
         let mut conns = self.lock();
         let victim = conns
             .iter()
-            .find(|(_, c)| !c.busy.load(Ordering::Relaxed) && !c.evict.is_cancelled())
+            .find(|(_, c)| {
+                !c.busy.load(Ordering::Relaxed)
+                    && !c.evict.is_cancelled()
+                    && now.saturating_sub(c.idle_since_ms.load(Ordering::Relaxed)) >= min
+            })
             .map(|(id, _)| *id);
         match victim.and_then(|id| conns.remove(&id)) {
             Some(c) => {
@@ -122,13 +142,17 @@ pub async fn accept_loop<F>(
             Ok(p) => p,
             Err(_) => {
                 // Full: make room by closing the connection idle the longest
-                // (its permit comes back when its task ends), else wait.
-                if registry.evict_oldest_idle() {
-                    tracing::debug!("plain HTTP connections full: closed the longest-idle one");
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                // (its permit comes back when its task ends), else wait for
+                // one, looking again as connections age.
+                loop {
+                    if registry.evict_oldest_idle() {
+                        tracing::debug!("plain HTTP connections full: closed the longest-idle one");
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        p = permits.clone().acquire_owned() => match p { Ok(p) => break p, Err(_) => return },
+                        _ = tokio::time::sleep(EVICT_AFTER_IDLE / 2) => {}
+                    }
                 }
             }
         };
@@ -147,6 +171,7 @@ pub async fn accept_loop<F>(
         next_id += 1;
         let track = Arc::new(ConnTrack {
             id: next_id,
+            idle_since_ms: AtomicU64::new(now_ms()),
             ..ConnTrack::default()
         });
         registry.lock().insert(next_id, track.clone());
