@@ -112,7 +112,8 @@ pub struct ServeArgs {
     /// A client silent for this long (no frame, no pong) is dropped, in milliseconds.
     #[arg(long, env = "TICKSHARD_IDLE_TIMEOUT_MS", default_value_t = 45_000)]
     pub idle_timeout_ms: u64,
-    /// Concurrent HTTP/WebSocket connections accepted (keep below the open-file limit).
+    /// Concurrent subscribers: WebSocket connections and gRPC Subscribe streams
+    /// (past it: HTTP 503 / RESOURCE_EXHAUSTED). Keep below the open-file limit.
     #[arg(long, env = "TICKSHARD_MAX_CONNECTIONS", default_value_t = 18_000)]
     pub max_connections: usize,
     /// Unsent bytes per peer follower stream before it is closed (the follower
@@ -124,7 +125,7 @@ pub struct ServeArgs {
     #[arg(long, env = "TICKSHARD_MAX_SYMBOLS", default_value_t = 100_000)]
     pub max_symbols: usize,
     /// A symbol created by a subscribe that never received a tick is forgotten
-    /// after this long without subscribers (s, m, h, d).
+    /// once it is this old and has no subscriber (s, m, h, d).
     #[arg(long, env = "TICKSHARD_FORGET_UNTICKED_AFTER", default_value = "1h", value_parser = parse_duration)]
     pub forget_unticked_after: Duration,
     /// A tick whose `ts` is more than this many milliseconds ahead of the
@@ -141,6 +142,10 @@ pub struct ServeArgs {
     /// this many milliseconds is closed.
     #[arg(long, env = "TICKSHARD_GRPC_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
     pub grpc_handshake_timeout_ms: u64,
+    /// A gRPC connection without an open stream for this many milliseconds is
+    /// closed (clients reconnect on their next call).
+    #[arg(long, env = "TICKSHARD_GRPC_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub grpc_idle_timeout_ms: u64,
     /// An HTTP connection that has not sent a complete request head within
     /// this many milliseconds is closed.
     #[arg(long, env = "TICKSHARD_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
@@ -399,6 +404,7 @@ impl ServeArgs {
                 max_connections: self.max_grpc_connections.max(1),
                 max_streams: self.grpc_max_streams.max(1),
                 handshake_timeout: Duration::from_millis(self.grpc_handshake_timeout_ms.max(1)),
+                idle_timeout: Duration::from_millis(self.grpc_idle_timeout_ms.max(1)),
             },
             http: HttpLimits {
                 header_timeout: Duration::from_millis(self.http_header_timeout_ms.max(1)),

@@ -6,9 +6,9 @@
 //! - a WebSocket takes one of `--max-connections` permits when it upgrades
 //!   (503 when none is free), for its whole life;
 //! - a plain connection takes one of [`PLAIN_CONNECTIONS`] permits while it
-//!   is HTTP. When they are all taken, the connection idle the longest
-//!   (no request in flight: silent, or half a request head) is closed to make
-//!   room, so a probe is always answered.
+//!   is HTTP. When they are all taken, one is closed to make room (the one
+//!   idle the longest, else the oldest, after its current request), so a
+//!   probe is always answered.
 //!
 //! A connection that has not sent a complete request head within the header
 //! timeout (10 s), or sits idle between requests for the idle timeout (60 s),
@@ -68,6 +68,8 @@ pub struct ConnTrack {
     reading: AtomicBool,
     /// When the connection was accepted or last answered ([`now_ms`]).
     idle_since_ms: AtomicU64,
+    /// When it was accepted ([`now_ms`]).
+    accepted_ms: u64,
     /// Cancelled to make room for another connection.
     evict: CancellationToken,
 }
@@ -98,20 +100,32 @@ impl Registry {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Asks the oldest connection idle for at least [`EVICT_AFTER_IDLE`]
-    /// (no request in flight) to close.
-    fn evict_oldest_idle(&self) -> bool {
+    /// Asks a connection to close to make room: the one idle the longest
+    /// (no request in flight, not reading one) if one has been idle for at
+    /// least [`EVICT_AFTER_IDLE`]; else the oldest connection older than
+    /// that, whatever it is doing (it finishes its request first: a client
+    /// that keeps every slot busy still cannot keep a probe out).
+    fn evict(&self) -> bool {
         let now = now_ms();
         let min = EVICT_AFTER_IDLE.as_millis() as u64;
         let mut conns = self.lock();
-        let victim = conns
+        let aged = |c: &ConnTrack| now.saturating_sub(c.idle_since_ms.load(Ordering::Relaxed)) >= min;
+        let idle = conns
             .iter()
-            .find(|(_, c)| {
-                !c.busy.load(Ordering::Relaxed)
-                    && !c.evict.is_cancelled()
-                    && now.saturating_sub(c.idle_since_ms.load(Ordering::Relaxed)) >= min
+            .filter(|(_, c)| {
+                !c.evict.is_cancelled()
+                    && !c.busy.load(Ordering::Relaxed)
+                    && !c.reading.load(Ordering::Relaxed)
+                    && aged(c)
             })
+            .min_by_key(|(_, c)| c.idle_since_ms.load(Ordering::Relaxed))
             .map(|(id, _)| *id);
+        let victim = idle.or_else(|| {
+            conns
+                .iter()
+                .find(|(_, c)| !c.evict.is_cancelled() && now.saturating_sub(c.accepted_ms) >= min)
+                .map(|(id, _)| *id)
+        });
         match victim.and_then(|id| conns.remove(&id)) {
             Some(c) => {
                 c.evict.cancel();
@@ -145,8 +159,8 @@ pub async fn accept_loop<F>(
                 // (its permit comes back when its task ends), else wait for
                 // one, looking again as connections age.
                 loop {
-                    if registry.evict_oldest_idle() {
-                        tracing::debug!("plain HTTP connections full: closed the longest-idle one");
+                    if registry.evict() {
+                        tracing::debug!("plain HTTP connections full: closing one to make room");
                     }
                     tokio::select! {
                         _ = stop.cancelled() => return,
@@ -169,9 +183,11 @@ pub async fn accept_loop<F>(
             },
         };
         next_id += 1;
+        let now = now_ms();
         let track = Arc::new(ConnTrack {
             id: next_id,
-            idle_since_ms: AtomicU64::new(now_ms()),
+            idle_since_ms: AtomicU64::new(now),
+            accepted_ms: now,
             ..ConnTrack::default()
         });
         registry.lock().insert(next_id, track.clone());

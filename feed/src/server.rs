@@ -73,7 +73,8 @@ pub struct Shared {
     conns: Mutex<HashMap<u64, Arc<dyn Closable>>>,
     /// Every WebSocket and gRPC subscriber task, so shutdown can wait for them.
     pub tracker: TaskTracker,
-    /// WebSocket connections (`--max-connections`), taken at the upgrade.
+    /// Subscribers (`--max-connections`): a WebSocket takes one at the
+    /// upgrade, a gRPC `Subscribe` stream when it starts.
     ws_permits: Arc<Semaphore>,
 }
 
@@ -95,6 +96,11 @@ impl Shared {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed) && !self.is_draining() && self.node.is_healthy()
+    }
+
+    /// A subscriber slot (`--max-connections`), if one is free.
+    pub fn subscriber_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.ws_permits.clone().try_acquire_owned().ok()
     }
 
     pub fn register(&self, id: u64, c: Arc<dyn Closable>) {
@@ -295,7 +301,7 @@ async fn handle(
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining: connect to another server\n")
             } else if !fastwebsockets::upgrade::is_upgrade_request(&req) {
                 text(StatusCode::UPGRADE_REQUIRED, "WebSocket upgrade required\n")
-            } else if let Ok(permit) = shared.ws_permits.clone().try_acquire_owned() {
+            } else if let Some(permit) = shared.subscriber_permit() {
                 match fastwebsockets::upgrade::upgrade(&mut req) {
                     Err(e) => {
                         tracing::debug!(error = %e, "bad upgrade request");

@@ -384,21 +384,34 @@ impl Node {
         local.sort_unstable();
         local.dedup();
         self.ensure_local(local).await?;
-        let mut results: Vec<SubResult> = Vec::with_capacity(reqs.len());
-        let mut plans = Vec::with_capacity(reqs.len());
+        // Every hub first (mirrors are followed, and leased until attached),
+        // so that a refusal (`symbol_limit` from another owner) comes before
+        // anything is attached: a refused subscribe changes nothing.
+        let mut hubs = Vec::with_capacity(reqs.len());
         let mut failed = Vec::new();
         for r in reqs {
-            let (h, head, _lease) = match self.attach(sink, r).await {
-                Ok(a) => a,
+            match self.hub_for(r.symbol).await {
+                Ok(h) => hubs.push((r, h)),
                 Err(SubscribeError::Unavailable(why)) if !self.ownership.is_local(&r.symbol) => {
                     failed.push((*r, why));
-                    continue;
                 }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut results: Vec<SubResult> = Vec::with_capacity(reqs.len());
+        let mut plans = Vec::with_capacity(reqs.len());
+        for (r, (h, lease)) in hubs {
+            let dyn_sink: Arc<dyn crate::hub::Sink> = sink.clone();
+            let attached = match h.attach(dyn_sink, r.channel) {
+                Some(head) => Ok((h, head, lease)),
+                // Retired meanwhile (its never-ticked symbol was forgotten).
+                None => self.attach(sink, r).await,
+            };
+            let (h, head, _lease) = match attached {
+                Ok(a) => a,
                 Err(e) => {
-                    for done in &results {
-                        self.unsubscribe(sink.id(), &done.symbol, done.channel);
-                    }
-                    return Err(e);
+                    failed.push((*r, e.to_string()));
+                    continue;
                 }
             };
             let (plan, seq, recovered) = match r.channel {

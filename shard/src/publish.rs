@@ -31,6 +31,9 @@ use crate::{
 
 pub type AckStream = Pin<Box<dyn Stream<Item = Result<pb::PublishAck, Status>> + Send>>;
 
+/// Most distinct publisher ids a stream keeps interned.
+const MAX_INTERNED_IDS: usize = 1_024;
+
 /// Once draining, how long a stream keeps reading requests the client has
 /// already sent, to answer each `unavailable`.
 pub const DRAIN_READ: std::time::Duration = std::time::Duration::from_secs(1);
@@ -153,6 +156,10 @@ pub fn serve(
                 let publisher = if r.publisher_id.is_empty() {
                     None
                 } else {
+                    // (an intern table of this stream's ids, kept small)
+                    if publishers.len() >= MAX_INTERNED_IDS && !publishers.contains_key(&r.publisher_id) {
+                        publishers.clear();
+                    }
                     let id = publishers
                         .entry(r.publisher_id.clone())
                         .or_insert_with(|| Arc::from(r.publisher_id.as_str()))

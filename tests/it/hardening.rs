@@ -157,6 +157,14 @@ async fn symbols_are_bounded_and_never_ticked_ones_are_forgotten() {
         ServerMsg::Error { id, code, .. } => assert_eq!((id.as_deref(), code.as_str()), (Some("2"), "symbol_limit")),
         other => panic!("{other:?}"),
     }
+    // Refused whole: the subscriptions the connection had stay.
+    ws.send_text(r#"{"op":"subscribe","id":5,"symbols":["A","D"]}"#)
+        .await
+        .unwrap();
+    match recv(&mut ws).await {
+        ServerMsg::Error { id, code, .. } => assert_eq!((id.as_deref(), code.as_str()), (Some("5"), "symbol_limit")),
+        other => panic!("{other:?}"),
+    }
     let mut raw = RawStream::open(&srv).await;
     let t0 = now_micros();
     let ack = raw.call(req(1, "p", 1, tick("E", t0, "1", "1"))).await;
@@ -167,6 +175,10 @@ async fn symbols_are_bounded_and_never_ticked_ones_are_forgotten() {
         ("", 1),
         "an existing symbol still takes ticks"
     );
+    match recv(&mut ws).await {
+        ServerMsg::Tick(t) => assert_eq!((t.symbol.as_str(), t.seq), ("A", 1), "A is still subscribed"),
+        other => panic!("{other:?}"),
+    }
     // B and C never get a tick; once nobody subscribes they are forgotten,
     // which makes room for D.
     ws.send_text(r#"{"op":"unsubscribe","id":3,"symbols":["B","C"]}"#)
@@ -452,6 +464,8 @@ async fn grpc_connections_and_streams_are_bounded() {
         "3",
         "--grpc-max-streams",
         "2",
+        "--grpc-idle-timeout-ms",
+        "1500",
     ]);
     let mut silent = tokio::net::TcpStream::connect(srv.grpc).await.unwrap();
     let mut buf = [0u8; 64];
@@ -511,6 +525,23 @@ async fn grpc_connections_and_streams_are_bounded() {
     );
     drop(held);
     assert!(tokio::time::timeout(WAIT, fourth).await.unwrap().unwrap().is_ok());
+
+    // A connection with no open stream is closed after the idle timeout (the
+    // log says so); one with a stream open is not.
+    let mut idle = srv.feed().await;
+    idle.list_symbols(pb::ListSymbolsRequest {}).await.unwrap();
+    eventually("an idle connection closed", || async {
+        srv.log_text().contains("closing an idle gRPC connection")
+    })
+    .await;
+    let mut still = c;
+    tokio::time::sleep(std::time::Duration::from_millis(2_000)).await; // past the idle timeout, on purpose
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(10), still.next())
+            .await
+            .is_err(),
+        "the subscribe stream is still open, waiting for data"
+    );
 }
 
 const T0: i64 = 1_732_530_000_000_000;

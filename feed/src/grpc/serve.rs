@@ -16,15 +16,15 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
 
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    service::TowerToHyperService,
-};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -32,7 +32,7 @@ use tokio::{
     time::Sleep,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::service::Routes;
+use tonic::{codegen::http, service::Routes};
 use tracing::Instrument as _;
 
 /// The server pings a connection it has read nothing from for this long.
@@ -56,6 +56,10 @@ pub struct GrpcLimits {
     pub max_streams: u32,
     /// Time to complete the HTTP/2 handshake (10 s, contract §5).
     pub handshake_timeout: Duration,
+    /// A connection without an open stream this long is closed (gracefully;
+    /// clients reconnect on their next call), so idle connections cannot
+    /// hold the connection permits for ever.
+    pub idle_timeout: Duration,
 }
 
 /// Serves `routes` on `listener` until `stop`, then closes every connection
@@ -88,12 +92,14 @@ pub async fn serve(listener: TcpListener, routes: Routes, limits: GrpcLimits, st
         };
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(Handshake::new(stream, limits.handshake_timeout));
-        let conn = h2.serve_connection(io, TowerToHyperService::new(routes.clone()));
+        let streams = Arc::new(AtomicUsize::new(0));
+        let conn = h2.serve_connection(io, counted(routes.clone(), streams.clone()));
         let stop = stop.clone();
+        let idle = limits.idle_timeout;
         let span = tracing::info_span!("grpc", %peer);
         conns.spawn(
             async move {
-                run_connection(conn, peer, stop).await;
+                run_connection(conn, &streams, idle, peer, stop).await;
                 drop(permit);
             }
             .instrument(span),
@@ -103,19 +109,106 @@ pub async fn serve(listener: TcpListener, routes: Routes, limits: GrpcLimits, st
     conns.wait().await;
 }
 
-type Conn = hyper::server::conn::http2::Connection<TokioIo<Handshake>, TowerToHyperService<Routes>, TokioExecutor>;
+/// The routes, counting the connection's open streams (a stream is open
+/// from its request until its response body ends or is dropped).
+fn counted(
+    routes: Routes,
+    streams: Arc<AtomicUsize>,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<tonic::body::Body>,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<http::Response<tonic::body::Body>, std::convert::Infallible>> + Send,
+> + Clone {
+    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let mut routes = routes.clone();
+        let open = OpenStream::new(streams.clone());
+        async move {
+            std::future::poll_fn(|cx| {
+                tonic::codegen::Service::<http::Request<hyper::body::Incoming>>::poll_ready(&mut routes, cx)
+            })
+            .await?;
+            let resp = tonic::codegen::Service::call(&mut routes, req).await?;
+            Ok(resp.map(|body| tonic::body::Body::new(Counted { body, _open: open })))
+        }
+    })
+}
 
-/// Drives one connection to its end and says why it ended.
-async fn run_connection(conn: Conn, peer: SocketAddr, stop: CancellationToken) {
+/// One open stream of a connection (decrements the count when dropped).
+struct OpenStream(Arc<AtomicUsize>);
+
+impl OpenStream {
+    fn new(count: Arc<AtomicUsize>) -> OpenStream {
+        count.fetch_add(1, Ordering::Relaxed);
+        OpenStream(count)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its stream counted while it lives.
+struct Counted {
+    body: tonic::body::Body,
+    _open: OpenStream,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Drives one connection to its end and says why it ended; closes it
+/// (gracefully) after `idle` without an open stream.
+async fn run_connection<C>(conn: C, streams: &AtomicUsize, idle: Duration, peer: SocketAddr, stop: CancellationToken)
+where
+    C: Future<Output = Result<(), hyper::Error>> + GracefulShutdown,
+{
     let mut conn = std::pin::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = stop.cancelled() => {
+    let mut check = tokio::time::interval((idle / 6).max(Duration::from_millis(10)));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut idle_since = tokio::time::Instant::now();
+    let why = loop {
+        tokio::select! {
+            r = conn.as_mut() => break Some(r),
+            _ = stop.cancelled() => break None,
+            _ = check.tick() => {
+                let now = tokio::time::Instant::now();
+                if streams.load(Ordering::Relaxed) > 0 {
+                    idle_since = now;
+                } else if now.duration_since(idle_since) >= idle {
+                    tracing::info!(%peer, idle_ms = idle.as_millis() as u64, "closing an idle gRPC connection");
+                    break None;
+                }
+            }
+        }
+    };
+    let result = match why {
+        Some(r) => r,
+        None => {
             conn.as_mut().graceful_shutdown();
             match tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await {
                 Ok(r) => r,
                 Err(_) => {
-                    tracing::warn!(%peer, grace_s = CLOSE_GRACE.as_secs(), "gRPC connection still busy after shutdown's grace; dropping it");
+                    tracing::warn!(%peer, grace_s = CLOSE_GRACE.as_secs(), "gRPC connection still busy after its graceful close; dropping it");
                     return;
                 }
             }
@@ -131,6 +224,24 @@ async fn run_connection(conn: Conn, peer: SocketAddr, stop: CancellationToken) {
                 tracing::warn!(%peer, reason = %why, "gRPC connection closed by the server");
             }
         }
+    }
+}
+
+/// hyper's `graceful_shutdown` of an HTTP/2 connection.
+trait GracefulShutdown {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, E> GracefulShutdown for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: hyper::body::Body + Send + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http2::Connection::graceful_shutdown(self);
     }
 }
 
@@ -198,9 +309,11 @@ impl<S> Handshake<S> {
         if self.deadline.is_none() {
             return;
         }
-        let take = (self.head.len() - self.seen.min(self.head.len())).min(bytes.len());
-        self.head[self.seen..self.seen + take].copy_from_slice(&bytes[..take]);
-        self.seen += bytes.len();
+        if self.seen < self.head.len() {
+            let take = (self.head.len() - self.seen).min(bytes.len());
+            self.head[self.seen..self.seen + take].copy_from_slice(&bytes[..take]);
+        }
+        self.seen = self.seen.saturating_add(bytes.len());
         if self.seen >= self.head.len() {
             let h = &self.head[PREFACE_LEN..];
             let settings_len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
@@ -297,6 +410,25 @@ mod tests {
             got += hs.read(&mut buf).await.unwrap();
         }
         assert!(hs.deadline.is_none(), "handshake complete");
+
+        // Pieces that end past the 33 bytes kept, mid-SETTINGS: no panic,
+        // the clock stops once the payload is whole.
+        for first in [34, 40, 44] {
+            let (mut client, server) = duplex(1024);
+            let mut hs = Handshake::new(server, Duration::from_secs(10));
+            let bytes = preface_and_settings(18);
+            client.write_all(&bytes[..first]).await.unwrap();
+            let mut got = 0;
+            while got < first {
+                got += hs.read(&mut buf).await.unwrap();
+            }
+            assert!(hs.deadline.is_some());
+            client.write_all(&bytes[first..]).await.unwrap();
+            while got < bytes.len() {
+                got += hs.read(&mut buf).await.unwrap();
+            }
+            assert!(hs.deadline.is_none(), "whole after a cut at {first}");
+        }
         let pending = tokio::time::timeout(Duration::from_secs(60), hs.read(&mut buf)).await;
         assert!(
             pending.is_err(),

@@ -170,10 +170,14 @@ async fn subscribe(
         return Err(Status::unavailable("server is draining: connect to another server"));
     }
     let reqs = sub_requests(req.get_ref(), shared.ws.max_subscriptions)?;
+    let permit = shared.subscriber_permit().ok_or_else(|| {
+        Status::resource_exhausted("this server holds its --max-connections subscribers: connect to another one")
+    })?;
     let node = shared.node.clone();
     let outbox: Arc<Outbox<Bytes>> = node.outbox(shared.ws.slow_client);
     metrics::gauge!(m::CLIENTS_CONNECTED, "protocol" => "grpc").increment(1.0);
     let guard = SubGuard {
+        _permit: permit,
         shared: shared.clone(),
         outbox: outbox.clone(),
         subs: reqs.iter().map(|r| (r.symbol, r.channel)).collect(),
@@ -265,6 +269,8 @@ pub(crate) fn sub_requests(r: &pb::SubscribeRequest, max: usize) -> Result<Vec<S
 
 /// Cleans a gRPC subscriber up when tonic drops its stream (client gone).
 struct SubGuard {
+    /// The stream's subscriber slot, held for its life.
+    _permit: tokio::sync::OwnedSemaphorePermit,
     shared: Arc<Shared>,
     outbox: Arc<Outbox<Bytes>>,
     subs: Vec<(Symbol, Channel)>,

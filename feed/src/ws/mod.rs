@@ -691,10 +691,13 @@ impl Session<'_> {
         let node = &self.conn.shared.node;
         // Recorded before registering, so a connection that ends mid-subscribe
         // still detaches everything it attached.
+        let mut added = Vec::new();
         {
             let mut subs = self.subs();
             for r in &reqs {
-                subs.active.insert((r.symbol, r.channel));
+                if subs.active.insert((r.symbol, r.channel)) {
+                    added.push((r.symbol, r.channel));
+                }
                 // this request supersedes a deferred one for the same pair
                 subs.retrying.remove(&(r.symbol, r.channel));
             }
@@ -702,10 +705,13 @@ impl Session<'_> {
         let mut prepared = match node.prepare(&self.conn.outbox, &reqs).await {
             Ok(p) => p,
             Err(e) => {
-                for r in &reqs {
-                    self.subs().active.remove(&(r.symbol, r.channel));
-                    node.unsubscribe(self.conn.outbox.id(), &r.symbol, r.channel);
+                // Refused whole, before anything was attached: the
+                // subscriptions the connection already had stay.
+                let mut subs = self.subs();
+                for pair in &added {
+                    subs.active.remove(pair);
                 }
+                drop(subs);
                 self.error(id, e.code(), &e.to_string());
                 return;
             }

@@ -443,12 +443,16 @@ impl Peer {
         }
 
         let mut next_id = 1u64;
+        let mut reader_done = false;
         let generation = self.generation.load(Ordering::Acquire);
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         let why = loop {
             tokio::select! {
                 _ = stop.cancelled() => break "stopping".to_string(),
-                r = &mut ack_reader => break r.unwrap_or_else(|e| e.to_string()),
+                r = &mut ack_reader => {
+                    reader_done = true;
+                    break r.unwrap_or_else(|e| e.to_string());
+                }
                 cmd = fwd_rx.recv() => {
                     let Some((queued_in, cmd)) = cmd else { break "forward queue closed".into() };
                     if queued_in != generation || cmd.is_behind_a_hole() {
@@ -516,6 +520,12 @@ impl Peer {
             }
         };
         ack_reader.abort();
+        if !reader_done {
+            // Wait for it to be gone: it may have taken an entry off
+            // `pending` and not yet answered it, and the generation must
+            // move on only after every refusal (see `Peer::forward`).
+            let _ = ack_reader.await;
+        }
         // Forwards the owner never acked: the publisher must retry (de-dup makes
         // it exact if the owner did store them).
         let lost: Vec<Forwarded> = pending
@@ -615,6 +625,10 @@ impl Peer {
                     let code = ErrorCode::parse(&e.code).unwrap_or(ErrorCode::Unavailable);
                     tracing::debug!(symbol = %sym, peer = self.id, %code, message = %e.message, "the owner refused a follow");
                     // Waiters see the refusal; the next subscribe asks anew.
+                    // Subscribers of a mirror that was live are told.
+                    if *m.ready.borrow() == MirrorState::Ready {
+                        m.hub.notify_unavailable();
+                    }
                     m.ready.send_replace(MirrorState::Refused(code, e.message));
                     drop(mirrors);
                     if let Some(m) = self.lock_mirrors().remove(&sym) {

@@ -468,6 +468,12 @@ impl ClusterApi for ClusterService {
 
     async fn ensure(&self, req: Request<pb::EnsureRequest>) -> Result<Response<pb::EnsureResponse>, Status> {
         let syms = parse_symbols(&req.get_ref().symbols, self.max_symbols)?;
+        if let Some(s) = syms.iter().find(|s| !self.node.ownership().is_local(s)) {
+            return Err(Status::failed_precondition(format!(
+                "shard {} does not own {s}",
+                self.node.ownership().me()
+            )));
+        }
         self.node
             .ensure_local(syms.clone())
             .await

@@ -53,6 +53,11 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 /// A `(publisher_id, symbol)` de-dup state is forgotten this long after its
 /// last accepted publish (a retry older than that would be stored again).
 pub const DEDUP_HORIZON: Duration = Duration::from_secs(7 * 86_400);
+/// Most publishers whose de-dup state one symbol keeps: past it, the state
+/// used least recently is forgotten (as after [`DEDUP_HORIZON`]), so a client
+/// that makes up a new `publisher_id` per request grows nothing without bound
+/// (a snapshot rewrites all of a symbol's states).
+pub const MAX_PUBLISHERS_PER_SYMBOL: usize = 1_024;
 /// A symbol is compacted once this many of its commits are in the log (or a
 /// block's worth of ticks).
 pub const COMPACT_AFTER: usize = 32;
@@ -75,7 +80,9 @@ pub struct CommitterConfig {
     /// `invalid_tick` (`None`: no check).
     pub max_future: Option<Duration>,
     /// A symbol created by a subscribe that never received a tick is
-    /// forgotten after this long without subscribers.
+    /// forgotten once it is this old and has no subscriber (checked at each
+    /// retention pass; one still subscribed is looked at again this long
+    /// later).
     pub forget_unticked_after: Duration,
 }
 
@@ -928,6 +935,16 @@ impl Worker {
             match st.dedup.get_mut(&**pid) {
                 Some(e) => *e = d,
                 None => {
+                    if st.dedup.len() >= MAX_PUBLISHERS_PER_SYMBOL
+                        && let Some(oldest) = st
+                            .dedup
+                            .iter()
+                            .min_by_key(|(_, d)| d.last_used)
+                            .map(|(id, _)| id.clone())
+                    {
+                        st.dedup.remove(&oldest);
+                        st.dedup_changed.retain(|id| *id != oldest);
+                    }
                     st.dedup.insert(pid.clone(), d);
                 }
             }

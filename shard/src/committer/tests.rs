@@ -257,3 +257,33 @@ async fn an_idle_symbol_does_not_hold_the_log_forever() {
     let r = start(dir.path());
     assert_eq!(heads(&r.hub), before);
 }
+
+/// A client that makes up a new `publisher_id` per request grows a symbol's
+/// de-dup state to [`MAX_PUBLISHERS_PER_SYMBOL`] at most: the state used least
+/// recently goes first (its retry would be stored again, as after the horizon).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symbols_publishers_are_bounded_least_recent_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = start(dir.path());
+    let n = MAX_PUBLISHERS_PER_SYMBOL + 10;
+    for i in 0..n {
+        publish(
+            &r.committer,
+            &format!("p{i}"),
+            1,
+            &[tick("BTC-USD", T0 + i as i64, 100)],
+        )
+        .await;
+    }
+    // the newest are still de-duplicated, the oldest are forgotten
+    let newest = publish(&r.committer, &format!("p{}", n - 1), 1, &[tick("BTC-USD", T0, 100)]).await;
+    assert!(matches!(newest[0].result, Ok(Accepted { duplicate: true, .. })));
+    let oldest = publish(&r.committer, "p0", 1, &[tick("BTC-USD", T0, 100)]).await;
+    assert!(matches!(oldest[0].result, Ok(Accepted { duplicate: false, .. })));
+    r.committer.stop().await;
+    tokio::task::spawn_blocking(move || r.join.join().unwrap())
+        .await
+        .unwrap();
+    let dedup = r.store.load_dedup().unwrap();
+    assert!(dedup[0].1.len() <= MAX_PUBLISHERS_PER_SYMBOL, "{}", dedup[0].1.len());
+}
