@@ -2,17 +2,19 @@
 # Cross-shard figures (BENCHMARKS.md): three pods on loopback; clients on the
 # owner pod of their symbols vs on a non-owner pod (one extra hop: the follow
 # stream). Usage: benches/cluster.sh    (release build, ~1 min)
+# SERVER_BIN=path runs those pods from another release (to compare).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -q
 BIN=target/release/tickshard
+SERVER_BIN=${SERVER_BIN:-$BIN}
 DIR=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$DIR"' EXIT
 PEERS="http://127.0.0.11:18481,http://127.0.0.12:18481,http://127.0.0.13:18481"
 PIDS=()
 for i in 0 1 2; do
   ip=127.0.0.1$((i + 1))
-  "$BIN" --no-sim --shards 3 --shard-id $i --peers "$PEERS" --data-dir "$DIR/pod-$i" \
+  "$SERVER_BIN" --no-sim --shards 3 --shard-id $i --peers "$PEERS" --data-dir "$DIR/pod-$i" \
     --http-addr $ip:18480 --grpc-addr $ip:18481 --log warn > "$DIR/out-$i" 2> "$DIR/err-$i" &
   PIDS+=($!)
 done

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # End-to-end figures of one tickshard node on loopback (BENCHMARKS.md).
 # Usage: benches/e2e.sh [ingest|fanout|latency|connections|all]   (release build, ~2 min for all)
+# SERVER_BIN=path runs that server binary (another release, to compare) with
+# this tree's load generator.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -q
 BIN=target/release/tickshard
+SERVER_BIN=${SERVER_BIN:-$BIN}
 DIR=$(mktemp -d)
 HTTP=127.0.0.1:18480
 GRPC=127.0.0.1:18481
@@ -12,7 +15,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$DIR"' EXIT
 
 start() {
   rm -rf "$DIR/data"
-  "$BIN" --no-sim --data-dir "$DIR/data" --http-addr $HTTP --grpc-addr $GRPC --max-connections 19500 --log warn > "$DIR/out" 2> "$DIR/err" &
+  "$SERVER_BIN" --no-sim --data-dir "$DIR/data" --http-addr $HTTP --grpc-addr $GRPC --max-connections 19500 --log warn > "$DIR/out" 2> "$DIR/err" &
   PID=$!
   for _ in $(seq 100); do grep -q "grpc listening" "$DIR/out" 2>/dev/null && return; sleep 0.1; done
   echo "server did not start"; cat "$DIR/err"; exit 1
