@@ -72,23 +72,13 @@ pub async fn serve(listener: TcpListener, routes: Routes, limits: GrpcLimits, st
         .max_concurrent_streams(limits.max_streams)
         .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
         .keep_alive_timeout(KEEPALIVE_TIMEOUT);
-    let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
             _ = stop.cancelled() => break,
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => { backoff = Duration::from_millis(5); c }
-                Err(e) => {
-                    tracing::warn!(error = %e, "gRPC accept failed; backing off");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
+        let Some((stream, peer)) = crate::http::accept(&listener, &stop).await else {
+            break;
         };
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(Handshake::new(stream, limits.handshake_timeout));
