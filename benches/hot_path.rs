@@ -201,7 +201,7 @@ fn fanout(c: &mut Criterion) {
                 seq += 1;
                 let chunk = Arc::new(Chunk::new(sym, vec![tick("BTC-USD", seq)]));
                 let t = std::time::Instant::now();
-                h.publish(chunk, &[], [None; 3], None);
+                h.publish(chunk, &[], [None; 3]);
                 total += t.elapsed();
                 // the writers' side, outside the measurement: drain every queue
                 rt.block_on(async {

@@ -579,7 +579,7 @@ impl Node {
 
     /// Durable ticks `from..=to` of a symbol this pod owns (clamped to the
     /// published head), at most `limit`: from the store's tick blocks, then
-    /// from the chunks the hub holds until compaction moves them there.
+    /// from the chunks the committer holds until compaction moves them there.
     pub async fn read_local_ticks(
         &self,
         symbol: Symbol,
@@ -590,16 +590,19 @@ impl Node {
         let Some(hub) = self.hub.get(&symbol) else {
             return Ok(Vec::new());
         };
-        // The held chunks first: compaction writes blocks before it releases
-        // chunks, so whatever is not held any more is in the store by now.
-        let recent = hub.recent(from);
-        let to = to.min(recent.head);
+        // The head first, then what is held: compaction writes blocks before
+        // it releases held chunks, so whatever is not held any more is in the
+        // store by now; what was committed after the head is not read.
+        let head = hub.head().seq;
+        let recent = self.committer.held(&symbol).map(|h| h.recent(from)).unwrap_or_default();
+        let first = recent.first.unwrap_or(head.saturating_add(1));
+        let to = to.min(head);
         if from > to || limit == 0 {
             return Ok(Vec::new());
         }
-        let mut out = if from < recent.first {
+        let mut out = if from < first {
             let store = self.store.clone();
-            let stored_to = to.min(recent.first - 1);
+            let stored_to = to.min(first - 1);
             blocking(move || store.read_ticks(&symbol, from, stored_to, limit)).await?
         } else {
             Vec::new()

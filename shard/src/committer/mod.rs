@@ -15,8 +15,8 @@
 //! key plus a few per-symbol keys, whatever the number of symbols touched
 //! (writing one block and one state key per touched symbol per commit, as
 //! format 2 did, made sled's per-key cost the bottleneck). Until a symbol is
-//! compacted, its hub holds the published chunks for readers
-//! (`SymbolHub::recent`).
+//! compacted, its ticks are held in memory ([`held`]) for compaction and
+//! for readers: what the store needs never depends on the fan-out.
 //!
 //! On start the committer folds the log (and, for a format 2 directory, the
 //! tick blocks after each snapshot) into the state with the same code that
@@ -37,6 +37,10 @@ use std::{
 };
 
 use tokio::sync::{mpsc, oneshot};
+
+mod held;
+
+pub use held::{Held, Recent, SymbolHeld};
 
 use crate::{
     domain::{Candle, CandleAgg, CandleEffect, Epoch, ErrorCode, InputError, Interval, Symbol, Tick},
@@ -279,6 +283,7 @@ pub enum CommitError {
 pub struct Committer {
     tx: mpsc::Sender<Cmd>,
     failed: Arc<AtomicBool>,
+    held: Arc<Held>,
 }
 
 impl Committer {
@@ -370,7 +375,9 @@ impl Committer {
         store.commit(batch)?;
         let started = Instant::now();
         let mut unticked = VecDeque::new();
+        let held = Arc::new(Held::default());
         for st in symbols.values_mut() {
+            st.held = held.entry(st.rec.symbol);
             st.closed.clear(); // stored with the commits that closed them
             st.ticks.clear();
             st.touched = false;
@@ -392,6 +399,7 @@ impl Committer {
         let mut worker = Worker {
             store,
             hub,
+            held: held.clone(),
             symbols,
             failed: failed.clone(),
             next_commit,
@@ -404,7 +412,7 @@ impl Committer {
             .name("tickshard-commit".into())
             .spawn(move || worker.run(rx))
             .map_err(StartError::Thread)?;
-        Ok((Committer { tx, failed }, join))
+        Ok((Committer { tx, failed, held }, join))
     }
 
     /// Queues a publish; waits only if the queue is full (backpressure). A
@@ -445,6 +453,12 @@ impl Committer {
     /// sent after this fail with [`CommitError::Stopped`].
     pub async fn stop(&self) {
         let _ = self.tx.send(Cmd::Stop).await;
+    }
+
+    /// The ticks of `symbol` that are durable in the log but not yet in
+    /// tick blocks (see [`held`]).
+    pub fn held(&self, symbol: &Symbol) -> Option<Arc<SymbolHeld>> {
+        self.held.get(symbol)
     }
 
     /// True once a store failure stopped the committer.
@@ -504,9 +518,11 @@ struct SymState {
     dedup: HashMap<Arc<str>, DedupState>,
     /// Created after the symbol's first commit is durable.
     hub: Option<Arc<SymbolHub>>,
-    /// Chunks (and their ticks) published since the symbol's last
-    /// compaction: in the log, not yet in tick blocks. The hub holds the
-    /// chunks themselves (`SymbolHub::recent`) until compaction releases them.
+    /// The chunks committed since the symbol's last compaction: in the log,
+    /// not yet in tick blocks (shared with readers).
+    held: Arc<SymbolHeld>,
+    /// How many chunks and ticks `held` has (kept here: compaction picks by
+    /// them every commit without taking its lock).
     uncompacted_chunks: usize,
     uncompacted_ticks: usize,
     /// The oldest log record holding ticks of this symbol that no snapshot
@@ -533,6 +549,7 @@ impl SymState {
             aggs,
             dedup: HashMap::new(),
             hub: None,
+            held: Arc::default(),
             uncompacted_chunks: 0,
             uncompacted_ticks: 0,
             log_from: None,
@@ -569,6 +586,7 @@ impl SymState {
 struct Worker {
     store: Arc<Store>,
     hub: Arc<Hub>,
+    held: Arc<Held>,
     symbols: HashMap<Symbol, SymState>,
     failed: Arc<AtomicBool>,
     /// The number of the next log record.
@@ -676,16 +694,16 @@ impl Worker {
             let horizon = now - DEDUP_HORIZON.as_micros() as i64;
             for sym in &compacting {
                 let Some(st) = self.symbols.get_mut(sym) else { continue };
-                // The ticks since the last compaction: the chunks the hub
-                // holds for readers, then this commit's.
-                let held = st.hub.as_ref().map(|h| h.recent(0).chunks).unwrap_or_default();
+                // The ticks since the last compaction: the chunks held since,
+                // then this commit's.
+                let held = st.held.all();
                 let mut ticks = Vec::with_capacity(st.uncompacted_ticks + st.ticks.len());
                 ticks.extend(held.iter().flat_map(|c| c.ticks.iter().copied()));
                 ticks.extend_from_slice(&st.ticks);
                 debug_assert_eq!(
                     ticks.len(),
                     st.uncompacted_ticks + st.ticks.len(),
-                    "{sym}: hub and committer disagree"
+                    "{sym}: held ticks and counts disagree"
                 );
                 batch.put_ticks(&ticks, block_ticks);
                 st.dedup.retain(|_, d| d.last_used >= horizon);
@@ -784,14 +802,17 @@ impl Worker {
                     }
                 };
                 let chunk = Arc::new(Chunk::new(sym, std::mem::take(&mut st.ticks)));
-                if !chunk.ticks.is_empty() && !st.compacted {
+                if st.compacted {
+                    // Its ticks are in blocks now (this chunk's too): what
+                    // was held goes, and this is not held.
+                    st.held.release(st.rec.last_seq);
+                    st.compacted = false;
+                } else if !chunk.ticks.is_empty() {
                     st.uncompacted_chunks += 1;
                     st.uncompacted_ticks += chunk.ticks.len();
+                    st.held.push(chunk.clone());
                 }
-                // A symbol compacted in this commit has its ticks in blocks
-                // now: the hub releases what it held and does not hold this.
-                let compacted_upto = std::mem::take(&mut st.compacted).then_some(st.rec.last_seq);
-                if hub.publish(chunk, &st.closed, st.rec.candles, compacted_upto) {
+                if hub.publish(chunk, &st.closed, st.rec.candles) {
                     self.hub.mark_candles_dirty(hub.clone());
                 }
                 st.closed.clear();
@@ -800,10 +821,8 @@ impl Worker {
             compactions.increment(compacting.len() as u64);
             for sym in compacting {
                 let Some(st) = self.symbols.get_mut(&sym) else { continue };
-                if std::mem::take(&mut st.compacted)
-                    && let Some(h) = &st.hub
-                {
-                    h.release_recent(st.rec.last_seq);
+                if std::mem::take(&mut st.compacted) {
+                    st.held.release(st.rec.last_seq);
                 }
             }
             accepted.increment(counts.ticks);
@@ -998,6 +1017,7 @@ impl Worker {
                 continue;
             }
             self.symbols.remove(&sym);
+            self.held.remove(&sym);
             batch.remove_symbol(&sym);
             metrics::counter!(m::SYMBOLS_FORGOTTEN).increment(1);
             tracing::debug!(symbol = %sym, "forgot a symbol that never had a tick");
@@ -1023,6 +1043,7 @@ impl Worker {
                     last: None,
                     candles: [None; 3],
                 });
+                st.held = self.held.entry(sym);
                 st.created = true; // the epoch must be durable
                 e.insert(st)
             }

@@ -287,3 +287,38 @@ async fn a_symbols_publishers_are_bounded_least_recent_first() {
     let dedup = r.store.load_dedup().unwrap();
     assert!(dedup[0].1.len() <= MAX_PUBLISHERS_PER_SYMBOL, "{}", dedup[0].1.len());
 }
+
+/// The committer keeps what it committed to the log but not yet to tick
+/// blocks (compaction takes it from there, readers read it there); the hub
+/// holds nothing the store needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_committer_holds_what_the_log_has_until_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = start(dir.path());
+    let btc = Symbol::parse("BTC-USD").unwrap();
+    one_tick_per_commit(&r.committer, "p", "BTC-USD", 5, 1_000).await;
+    let held = r.committer.held(&btc).unwrap().recent(0);
+    let seqs: Vec<u64> = held.chunks.iter().flat_map(|c| c.ticks.iter().map(|t| t.seq)).collect();
+    assert_eq!(
+        (held.first, seqs),
+        (Some(1), vec![1, 2, 3, 4, 5]),
+        "below COMPACT_AFTER: all in the log"
+    );
+    assert!(
+        r.store.read_ticks(&btc, 1, 5, 10).unwrap().is_empty(),
+        "no tick block yet"
+    );
+    // Enough commits for a compaction: the blocks have what was held.
+    one_tick_per_commit(&r.committer, "q", "BTC-USD", COMPACT_AFTER as i64, 1_000).await;
+    let first_held = r.committer.held(&btc).unwrap().recent(0).first;
+    let snap = snapshot_seq(&r.store, &btc);
+    assert!(
+        snap >= 5 && first_held.is_none_or(|f| f == snap + 1),
+        "held from {first_held:?}, blocks to {snap}"
+    );
+    assert_eq!(r.store.read_ticks(&btc, 1, snap, 100).unwrap().len() as u64, snap);
+    r.committer.stop().await;
+    tokio::task::spawn_blocking(move || r.join.join().unwrap())
+        .await
+        .unwrap();
+}

@@ -14,7 +14,7 @@ mod chunk;
 mod outbox;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     fmt,
     sync::{Arc, Mutex, MutexGuard, RwLock},
 };
@@ -114,35 +114,9 @@ struct State {
     /// been sent to candle subscribers yet.
     candle_dirty: u8,
     entries: Vec<Entry>,
-    /// An owned symbol's published chunks whose ticks are durable in the
-    /// store's log but not yet in its tick blocks (released by compaction).
-    recent: VecDeque<Arc<Chunk>>,
     /// The committer forgot the symbol (it never had a tick): nothing may
     /// attach any more; a new subscribe gets a new hub and epoch.
     retired: bool,
-}
-
-impl State {
-    fn release_recent(&mut self, upto: u64) {
-        while self
-            .recent
-            .front()
-            .is_some_and(|c| c.ticks.last().is_none_or(|t| t.seq <= upto))
-        {
-            self.recent.pop_front();
-        }
-    }
-}
-
-/// What [`SymbolHub::recent`] found.
-pub struct Recent {
-    /// The published head seq.
-    pub head: u64,
-    /// The first seq held in memory (`head + 1` if none): ticks before it are
-    /// in the store's tick blocks.
-    pub first: u64,
-    /// The held chunks with ticks at or after the requested seq.
-    pub chunks: Vec<Arc<Chunk>>,
 }
 
 pub struct SymbolHub {
@@ -169,7 +143,7 @@ impl SymbolHub {
     /// Publishes ticks received from the owner (a mirror); candles unchanged.
     pub fn publish_ticks(&self, chunk: Arc<Chunk>) {
         let current = self.lock().head.candles;
-        self.publish(chunk, &[], current, None);
+        self.publish(chunk, &[], current);
     }
 
     /// Publishes a candle received from the owner (a mirror): closed ones are
@@ -231,59 +205,19 @@ impl SymbolHub {
         self.lock().head
     }
 
-    /// The head, and the chunks not yet compacted into the store that hold
-    /// ticks at or after `from` (see [`Recent`]).
-    pub fn recent(&self, from: u64) -> Recent {
-        let st = self.lock();
-        let head = st.head.seq;
-        let first = st
-            .recent
-            .front()
-            .and_then(|c| c.ticks.first())
-            .map_or(head + 1, |t| t.seq);
-        let chunks = st
-            .recent
-            .iter()
-            .filter(|c| c.ticks.last().is_some_and(|t| t.seq >= from))
-            .cloned()
-            .collect();
-        Recent { head, first, chunks }
-    }
-
-    /// Compaction wrote every tick up to `upto` into the store's blocks: the
-    /// chunks holding only such ticks are no longer needed here.
-    pub fn release_recent(&self, upto: u64) {
-        self.lock().release_recent(upto);
-    }
-
     pub fn subscriber_count(&self) -> usize {
         self.lock().entries.len()
     }
 
     /// Publishes committed data: `chunk` (may be empty of ticks), the candles it
-    /// closed (oldest first) and the new current candles. `compacted_upto`:
-    /// the same commit wrote every tick up to that seq into the store's blocks,
-    /// so the held chunks up to it are released (and this one is not held).
-    /// Returns true if a current candle changed and the hub was not yet in the
-    /// dirty list.
-    pub fn publish(
-        &self,
-        chunk: Arc<Chunk>,
-        closed: &[Candle],
-        current: [Option<Candle>; 3],
-        compacted_upto: Option<u64>,
-    ) -> bool {
+    /// closed (oldest first) and the new current candles. Returns true if a
+    /// current candle changed and the hub was not yet in the dirty list.
+    pub fn publish(&self, chunk: Arc<Chunk>, closed: &[Candle], current: [Option<Candle>; 3]) -> bool {
         let mut st = self.lock();
         let st = &mut *st;
         if let Some(t) = chunk.ticks.last() {
             st.head.seq = t.seq;
             st.head.last = Some(*t);
-            if !self.foreign && compacted_upto.is_none_or(|upto| t.seq > upto) {
-                st.recent.push_back(chunk.clone());
-            }
-        }
-        if let Some(upto) = compacted_upto {
-            st.release_recent(upto);
         }
         let was_dirty = st.candle_dirty != 0;
         for i in Interval::ALL {
@@ -557,7 +491,6 @@ impl Hub {
                         head: head(),
                         candle_dirty: 0,
                         entries: Vec::new(),
-                        recent: VecDeque::new(),
                         retired: false,
                     }),
                 })

@@ -73,7 +73,7 @@ async fn live_data_held_during_setup_follows_in_order() {
     let head = h.attach(o.clone(), Channel::Ticks).unwrap();
     assert_eq!(head.seq, 10);
     // ticks committed while the subscriber is being set up are held ...
-    h.publish(chunk(11..=12), &[], [None; 3], None);
+    h.publish(chunk(11..=12), &[], [None; 3]);
     // ... the caller sends its initial data (here: a replay of 9..=10) ...
     o.force(Data::Ticks {
         chunk: chunk(9..=10),
@@ -81,7 +81,7 @@ async fn live_data_held_during_setup_follows_in_order() {
     });
     // ... and activation releases the held ticks after it.
     h.activate(1, Channel::Ticks, false);
-    h.publish(chunk(13..=13), &[], [None; 3], None);
+    h.publish(chunk(13..=13), &[], [None; 3]);
     let seen = drain(&o).await;
     assert_eq!(seen, (9..=13).map(Seen::Tick).collect::<Vec<_>>());
 }
@@ -97,7 +97,7 @@ async fn a_stalled_subscriber_is_conflated_then_repaired_and_others_are_untouche
         h.activate(o.id(), Channel::Ticks, false);
     }
     for s in 1..=10 {
-        h.publish(chunk(s..=s), &[], [None; 3], None);
+        h.publish(chunk(s..=s), &[], [None; 3]);
     }
     assert_eq!(drain(&fast).await, (1..=10).map(Seen::Tick).collect::<Vec<_>>());
     // slow got 1..=3, then stalled; draining reports the repair list
@@ -105,7 +105,7 @@ async fn a_stalled_subscriber_is_conflated_then_repaired_and_others_are_untouche
     assert_eq!(seen[..3], [Seen::Tick(1), Seen::Tick(2), Seen::Tick(3)]);
     assert_eq!(seen[3], Seen::Snap(u64::MAX, false), "repair requested");
     hub.repair(1, &[(sym(), Channel::Ticks)]);
-    h.publish(chunk(11..=11), &[], [None; 3], None);
+    h.publish(chunk(11..=11), &[], [None; 3]);
     assert_eq!(drain(&slow).await, vec![Seen::Snap(10, true), Seen::Tick(11)]);
     assert!(slow.peak_bytes() <= slow.limit());
 }
@@ -122,10 +122,10 @@ async fn held_data_overflow_turns_into_a_conflated_snapshot() {
     let o: Arc<Outbox<()>> = Arc::new(Outbox::new(7, 1 << 20, Duration::from_secs(10)));
     h.attach(o.clone(), Channel::Ticks);
     for s in 1..=5 {
-        h.publish(chunk(s..=s), &[], [None; 3], None);
+        h.publish(chunk(s..=s), &[], [None; 3]);
     }
     h.activate(7, Channel::Ticks, false);
-    h.publish(chunk(6..=6), &[], [None; 3], None);
+    h.publish(chunk(6..=6), &[], [None; 3]);
     assert_eq!(drain(&o).await, vec![Seen::Snap(5, true), Seen::Tick(6)]);
 }
 
@@ -135,8 +135,8 @@ async fn a_client_stalled_too_long_is_closed_with_1013() {
     let o: Arc<Outbox<()>> = Arc::new(Outbox::new(1, APPROX_TICK_BYTES, Duration::ZERO));
     h.attach(o.clone(), Channel::Ticks);
     h.activate(1, Channel::Ticks, false);
-    h.publish(chunk(1..=1), &[], [None; 3], None);
-    h.publish(chunk(2..=2), &[], [None; 3], None); // stalls
+    h.publish(chunk(1..=1), &[], [None; 3]);
+    h.publish(chunk(2..=2), &[], [None; 3]); // stalls
     // the connection's supervisor checks periodically: stalled for >= 0 ms
     assert!(o.check_slow());
     let mut q = VecDeque::new();
@@ -150,24 +150,4 @@ async fn a_client_stalled_too_long_is_closed_with_1013() {
         }),
         Push::Gone
     );
-}
-
-/// The hub holds published chunks until compaction has put their ticks in the
-/// store's blocks; a chunk compacted in its own commit is never held.
-#[test]
-fn held_chunks_are_released_by_compaction_and_a_compacted_chunk_is_not_held() {
-    let (_hub, h) = hub_with_head(10);
-    h.publish(chunk(11..=12), &[], [None; 3], None);
-    h.publish(chunk(13..=14), &[], [None; 3], None);
-    let r = h.recent(12);
-    assert_eq!((r.head, r.first, r.chunks.len()), (14, 11, 2));
-    // Compacted through 16 in the commit that published 15..=16.
-    h.publish(chunk(15..=16), &[], [None; 3], Some(16));
-    let r = h.recent(11);
-    assert_eq!((r.head, r.first, r.chunks.len()), (16, 17, 0), "nothing held");
-    h.publish(chunk(17..=18), &[], [None; 3], None);
-    h.release_recent(16);
-    let r = h.recent(17);
-    assert_eq!((r.head, r.first, r.chunks.len()), (18, 17, 1));
-    assert_eq!(r.chunks[0].first_seq(), 17);
 }

@@ -17,7 +17,8 @@
 //!   in commit order by the committer.
 //!
 //! Reads of a symbol's ticks come from its blocks; ticks still in the log are
-//! served from memory (the hub keeps the chunks since the last compaction).
+//! served from memory (the committer holds the chunks since the last
+//! compaction: `committer::held`).
 //!
 //! Every method here blocks: call it from the committer thread or
 //! `spawn_blocking`, never on an async worker.
