@@ -3,7 +3,7 @@
 //! `send` (a copy, a frame, a flush, a syscall) per message per subscriber.
 //! Publishers write JSON tick lines to a TCP port; every WebSocket client gets
 //! every line. Run: `cargo bench --bench naive_ws -- [WS_ADDR] [PUB_ADDR]`.
-#![allow(clippy::unwrap_used, clippy::print_stderr)]
+#![allow(clippy::unwrap_used, clippy::print_stderr, clippy::disallowed_methods)]
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::{

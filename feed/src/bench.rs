@@ -7,6 +7,10 @@
 //! gaps, conflations, connection setup rate and the CPU and RSS of the server and
 //! of the generator itself (from `/proc`). Subscribers scan frames for `seq` and
 //! `ts` instead of parsing them, so the generator stays cheap next to the server.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the load generator is a client: its tasks are not the server's to drain"
+)]
 
 use std::{
     io::Write as _,

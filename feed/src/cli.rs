@@ -122,6 +122,10 @@ fn serve(rt: &tokio::runtime::Runtime, args: ServeArgs) -> ExitCode {
             let _ = out.flush();
         };
         let shutdown = CancellationToken::new();
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "the signal listener lives as long as the process"
+        )]
         tokio::spawn(signals(shutdown.clone()));
         match run(cfg, listeners, metrics, shutdown, started).await {
             Ok(()) => ExitCode::SUCCESS,

@@ -187,7 +187,8 @@ pub async fn accept_loop<F>(
         };
         let conn = serve(io, peer, track.clone());
         let (registry, limits, stop) = (registry.clone(), limits.clone(), stop.clone());
-        tasks.spawn(
+        tickshard_shard::tasks::spawn(
+            &tasks,
             async move {
                 supervise(conn, &track, &limits, &stop).await;
                 registry.lock().remove(&track.id);

@@ -23,6 +23,7 @@ use tickshard_shard::{
     hub::{Close, Outbox},
     metrics as m,
     node::{Node, NodeError},
+    tasks,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -144,41 +145,52 @@ pub async fn run(
 
     let http_stop = CancellationToken::new();
     let http_conns = TaskTracker::new();
+    // The listeners' and the simulator's own tasks (awaited one by one below).
+    let lifecycle = TaskTracker::new();
     let http_task = {
         let shared = shared.clone();
-        tokio::spawn(http::accept_loop(
-            listeners.http,
-            cfg.http.clone(),
-            http_conns.clone(),
-            http_stop.clone(),
-            move |io, peer, track| {
-                let shared = shared.clone();
-                let svc = hyper::service::service_fn(move |req| {
-                    let (shared, track) = (shared.clone(), track.clone());
-                    async move {
-                        track.begin();
-                        let r = handle(req, shared, peer).await;
-                        track.end();
-                        r
-                    }
-                });
-                Box::pin(
-                    hyper::server::conn::http1::Builder::new()
-                        .keep_alive(true)
-                        .serve_connection(TokioIo::new(io), svc)
-                        .with_upgrades(),
-                )
-            },
-        ))
+        tasks::spawn(
+            &lifecycle,
+            http::accept_loop(
+                listeners.http,
+                cfg.http.clone(),
+                http_conns.clone(),
+                http_stop.clone(),
+                move |io, peer, track| {
+                    let shared = shared.clone();
+                    let svc = hyper::service::service_fn(move |req| {
+                        let (shared, track) = (shared.clone(), track.clone());
+                        async move {
+                            track.begin();
+                            let r = handle(req, shared, peer).await;
+                            track.end();
+                            r
+                        }
+                    });
+                    Box::pin(
+                        hyper::server::conn::http1::Builder::new()
+                            .keep_alive(true)
+                            .serve_connection(TokioIo::new(io), svc)
+                            .with_upgrades(),
+                    )
+                },
+            ),
+        )
     };
     let grpc_stop = CancellationToken::new();
-    let (health, grpc_task) =
-        grpc::start(listeners.grpc, shared.clone(), cfg.grpc.clone(), grpc_stop.clone()).map_err(RunError::Grpc)?;
+    let (health, grpc_task) = grpc::start(
+        listeners.grpc,
+        shared.clone(),
+        cfg.grpc.clone(),
+        &lifecycle,
+        grpc_stop.clone(),
+    )
+    .map_err(RunError::Grpc)?;
 
     let sim_stop = CancellationToken::new();
     let sim_task = cfg
         .sim
-        .map(|rate| tokio::spawn(sim::run(node.clone(), rate, sim_stop.clone())));
+        .map(|rate| tasks::spawn(&lifecycle, sim::run(node.clone(), rate, sim_stop.clone())));
 
     shared.ready.store(true, Ordering::Relaxed);
     node.set_ready(true);
@@ -231,6 +243,11 @@ pub async fn run(
     if tokio::time::timeout_at(deadline, grpc_task).await.is_err() {
         tracing::warn!("gRPC server did not stop in time");
     }
+    let streams = node.stream_tasks();
+    streams.close();
+    if tokio::time::timeout_at(deadline, streams.wait()).await.is_err() {
+        tracing::warn!("some publish or peer stream tasks did not end in time");
+    }
 
     // 4. Commit and flush everything accepted, stop background work.
     node.shutdown().await;
@@ -241,6 +258,8 @@ pub async fn run(
     let _ = http_task.await;
     http_conns.close();
     let _ = tokio::time::timeout_at(deadline, http_conns.wait()).await;
+    lifecycle.close();
+    let _ = tokio::time::timeout_at(deadline, lifecycle.wait()).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -322,7 +341,7 @@ async fn handle(
                                 }
                             })
                             .map(move |()| drop(permit));
-                        shared.tracker.spawn(task);
+                        tasks::spawn(&shared.tracker, task);
                         resp.map(|_| ws::empty_body())
                     }
                 }

@@ -26,4 +26,5 @@ pub mod node;
 pub mod ownership;
 pub mod publish;
 pub mod store;
+pub mod tasks;
 pub mod wire;

@@ -189,6 +189,9 @@ pub struct Node {
     cluster: Option<Arc<Cluster>>,
     instance: String,
     ready: std::sync::atomic::AtomicBool,
+    /// Tasks serving publish and peer streams (their readers, follow
+    /// handlers): the drain waits for them once the gRPC listener stopped.
+    stream_tasks: TaskTracker,
 }
 
 impl Node {
@@ -239,6 +242,7 @@ impl Node {
             cluster,
             instance,
             ready: std::sync::atomic::AtomicBool::new(false),
+            stream_tasks: TaskTracker::new(),
         }))
     }
 
@@ -270,6 +274,11 @@ impl Node {
 
     pub fn config(&self) -> &NodeConfig {
         &self.cfg
+    }
+
+    /// Where tasks serving publish and peer streams are spawned.
+    pub fn stream_tasks(&self) -> &TaskTracker {
+        &self.stream_tasks
     }
 
     pub fn ownership(&self) -> Ownership {
@@ -649,7 +658,7 @@ impl Node {
         }
         let node = self.clone();
         let token = stop.clone();
-        tracker.spawn(async move {
+        crate::tasks::spawn(tracker, async move {
             let mut every = tokio::time::interval(node.cfg.prune_interval);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -664,7 +673,7 @@ impl Node {
             }
         });
         let hub = self.hub.clone();
-        tracker.spawn(async move {
+        crate::tasks::spawn(tracker, async move {
             let mut every = tokio::time::interval(Duration::from_millis(100));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {

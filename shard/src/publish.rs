@@ -110,7 +110,8 @@ pub fn serve(
     {
         let permits = permits.clone();
         let drained = drained.clone();
-        tokio::spawn(async move {
+        let tasks = node.stream_tasks().clone();
+        crate::tasks::spawn(&tasks, async move {
             let mut publishers: HashMap<String, Arc<str>> = HashMap::new();
             loop {
                 // Bound the requests in flight: wait for acks past the window.

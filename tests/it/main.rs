@@ -1,6 +1,6 @@
 //! Integration tests: the real `tickshard` binary on loopback, real clients.
 //! One test binary (one link) with a module per area.
-#![allow(clippy::unwrap_used, clippy::print_stderr)]
+#![allow(clippy::unwrap_used, clippy::print_stderr, clippy::disallowed_methods)]
 
 mod bench_smoke;
 mod client_lib;

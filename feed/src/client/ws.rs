@@ -20,6 +20,10 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the client library's connection tasks: a client, not the server's drain"
+    )]
     fn execute(&self, fut: F) {
         tokio::spawn(fut);
     }

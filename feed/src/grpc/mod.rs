@@ -21,7 +21,7 @@ use tickshard_shard::{
     publish::{self, Origin},
 };
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming, service::Routes};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
@@ -35,6 +35,7 @@ pub fn start(
     listener: TcpListener,
     shared: Arc<Shared>,
     limits: GrpcLimits,
+    tasks: &TaskTracker,
     stop: CancellationToken,
 ) -> Result<(HealthReporter, tokio::task::JoinHandle<()>), String> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -55,7 +56,7 @@ pub fn start(
         .add_service(feed)
         .add_service(cluster)
         .prepare();
-    let task = tokio::spawn(serve::serve(listener, routes, limits, stop));
+    let task = tickshard_shard::tasks::spawn(tasks, serve::serve(listener, routes, limits, stop));
     Ok((reporter, task))
 }
 

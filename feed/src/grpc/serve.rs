@@ -87,7 +87,8 @@ pub async fn serve(listener: TcpListener, routes: Routes, limits: GrpcLimits, st
         let stop = stop.clone();
         let idle = limits.idle_timeout;
         let span = tracing::info_span!("grpc", %peer);
-        conns.spawn(
+        tickshard_shard::tasks::spawn(
+            &conns,
             async move {
                 run_connection(conn, &streams, idle, peer, stop).await;
                 drop(permit);

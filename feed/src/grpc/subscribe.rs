@@ -200,7 +200,7 @@ async fn subscribe(
     outbox.control(subscribed, 64);
     {
         let outbox = outbox.clone();
-        tokio::spawn(async move { node.activate(&outbox, prepared).await });
+        tickshard_shard::tasks::spawn(&shared.tracker, async move { node.activate(&outbox, prepared).await });
     }
     let events = outbox_events(outbox, shared.node.hub().clone(), guard, render);
     Ok(Response::new(Box::pin(events)))

@@ -79,6 +79,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    #[expect(clippy::disallowed_methods, reason = "a test's reader task")]
     async fn writes_arrive_whole_and_in_order_and_memory_grows_only_with_use() {
         // a small pipe forces partial writes from the inner writer
         let (a, mut b) = tokio::io::duplex(7);

@@ -753,9 +753,10 @@ impl Session<'_> {
             self.conn.subs.clone(),
             self.conn.closed.clone(),
         );
+        let tracker = self.conn.shared.tracker.clone();
         let id = id.map(<[u8]>::to_vec);
         let mut reqs: Vec<SubRequest> = failed.into_iter().map(|(r, _)| r).collect();
-        tokio::spawn(async move {
+        tickshard_shard::tasks::spawn(&tracker, async move {
             let mut delay = Duration::from_millis(100);
             loop {
                 tokio::select! {

@@ -166,7 +166,8 @@ impl Cluster {
         for p in self.peers() {
             let p = p.clone();
             let stop = stop.clone();
-            tracker.spawn(async move { p.run(stop).await });
+            let tasks = tracker.clone();
+            crate::tasks::spawn(tracker, async move { p.run(stop, tasks).await });
         }
     }
 }

@@ -13,7 +13,7 @@ use std::{
 use futures_util::FutureExt as _;
 use tickshard_proto::v1::{self as pb, cluster_client::ClusterClient};
 use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::{Channel, Endpoint};
 
 use super::ClusterConfig;
@@ -335,7 +335,7 @@ impl Peer {
 
     /// Keeps the link up until `stop`: connect, sync, and on any failure back
     /// off (with jitter) and start over, resuming every followed symbol.
-    pub(super) async fn run(self: Arc<Self>, stop: CancellationToken) {
+    pub(super) async fn run(self: Arc<Self>, stop: CancellationToken, tasks: TaskTracker) {
         let mut fwd_rx = self.fwd_rx.lock().await;
         let mut follow_rx = self.follow_rx.lock().await;
         let mut backoff = RECONNECT_MIN;
@@ -348,7 +348,7 @@ impl Peer {
                     backoff = RECONNECT_MIN;
                     self.set_up(Some(ch.clone()));
                     tracing::info!(peer = self.id, "peer link up");
-                    let why = self.session(ch, &mut fwd_rx, &mut follow_rx, &stop).await;
+                    let why = self.session(ch, &mut fwd_rx, &mut follow_rx, &stop, &tasks).await;
                     self.set_up(None);
                     tracing::info!(peer = self.id, reason = %why, "peer link down");
                     for m in self.lock_mirrors().values() {
@@ -380,6 +380,7 @@ impl Peer {
         fwd_rx: &mut mpsc::Receiver<(u64, PublishCmd)>,
         follow_rx: &mut mpsc::UnboundedReceiver<FollowCmd>,
         stop: &CancellationToken,
+        tasks: &TaskTracker,
     ) -> String {
         let mut client = ClusterClient::new(ch);
         // Forward: requests out through a bounded queue; acks read by their own
@@ -393,7 +394,7 @@ impl Peer {
         let pending: Arc<Mutex<HashMap<u64, Forwarded>>> = Arc::new(Mutex::new(HashMap::new()));
         let mut ack_reader = {
             let pending = pending.clone();
-            tokio::spawn(async move {
+            crate::tasks::spawn(tasks, async move {
                 loop {
                     match acks.message().await {
                         Ok(Some(a)) => {

@@ -326,7 +326,7 @@ impl ClusterApi for ClusterService {
         let subs: Arc<Mutex<HashSet<Symbol>>> = Arc::new(Mutex::new(HashSet::new()));
         {
             let (node, outbox, subs, stopping) = (node.clone(), outbox.clone(), subs.clone(), self.stopping.clone());
-            tokio::spawn(async move {
+            crate::tasks::spawn(&self.node.stream_tasks().clone(), async move {
                 loop {
                     let msg = tokio::select! {
                         _ = stopping.cancelled() => { outbox.close(Close::RESTART); break }
@@ -380,7 +380,8 @@ impl ClusterApi for ClusterService {
                                 })
                                 .collect();
                             let (node, outbox, subs) = (node.clone(), outbox.clone(), subs.clone());
-                            tokio::spawn(async move {
+                            let tasks = node.stream_tasks().clone();
+                            crate::tasks::spawn(&tasks, async move {
                                 match node.prepare(&outbox, &reqs).await {
                                     Ok(prepared) => {
                                         let r = prepared.results[0];
