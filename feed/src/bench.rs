@@ -19,7 +19,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use clap::Args;
@@ -99,9 +99,7 @@ pub struct BenchArgs {
 }
 
 fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
+    tickshard_shard::domain::now_micros().max(0) as u64
 }
 
 fn hist() -> Histogram<u64> {
@@ -746,7 +744,7 @@ async fn publisher(
         .await
         .map_err(|e| format!("{url}: {e}"))?;
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::PublishRequest>(window);
-    let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let out = tokio_stream::wrappers::ReceiverStream::new(rx);
     let mut acks = client.publish(out).await.map_err(|e| e.to_string())?.into_inner();
     let ring: Arc<Vec<AtomicU64>> = Arc::new((0..window * 2).map(|_| AtomicU64::new(0)).collect());
     let permits = Arc::new(Semaphore::new(window));

@@ -5,12 +5,12 @@
 use std::{
     io::Write as _,
     process::ExitCode,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use clap::Parser as _;
 use rust_decimal::prelude::ToPrimitive as _;
-use tickshard_shard::domain::{Decimal, parse_decimal};
+use tickshard_shard::domain::{Decimal, now_micros, parse_decimal};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -270,12 +270,6 @@ async fn tail(a: TailArgs) -> ExitCode {
             return ExitCode::SUCCESS;
         }
     }
-}
-
-fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
 }
 
 async fn replay(a: ReplayArgs) -> ExitCode {

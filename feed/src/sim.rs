@@ -4,12 +4,12 @@
 
 use std::{
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use tickshard_shard::{
     committer::PublishCmd,
-    domain::{Decimal, Symbol, Tick},
+    domain::{Decimal, Symbol, Tick, now_micros},
     node::Node,
 };
 use tokio_util::sync::CancellationToken;
@@ -62,12 +62,6 @@ struct Instrument {
     start: i64,
     last_trade: i64,
     weight: u32,
-}
-
-fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(1, |d| d.as_micros() as i64)
 }
 
 impl Instrument {

@@ -14,6 +14,7 @@
 //!
 //! This crate knows nothing of HTTP, WebSocket or JSON.
 
+pub mod backoff;
 pub mod cluster;
 pub mod committer;
 pub mod domain;

@@ -15,6 +15,7 @@ use std::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    backoff::Backoff,
     cluster::{Cluster, ClusterConfig, ClusterError, MirrorLease, PeerError},
     committer::{CommitError, Committer, CommitterConfig, PublishCmd},
     domain::{Candle, Epoch, ErrorCode, Interval, Position, Symbol, Tick},
@@ -499,7 +500,7 @@ impl Node {
                     sink.force(Data::Candle(Box::new(CandleData { candle, closed: false })));
                 }
                 Plan::Replay { mut from, to } => {
-                    let mut wait = Duration::from_millis(20);
+                    let mut wait = Backoff::new(Duration::from_millis(20), Duration::from_millis(250));
                     while from <= to && !lost {
                         sink.room().await;
                         if sink.is_closing() {
@@ -517,8 +518,7 @@ impl Node {
                             // data is held meanwhile, up to the queue limit).
                             Err(ReadError::Peer(e)) => {
                                 tracing::debug!(symbol = %res.symbol, error = %e, "replay waits for the owner");
-                                tokio::time::sleep(wait).await;
-                                wait = (wait * 2).min(Duration::from_millis(250));
+                                wait.wait().await;
                             }
                             // Pruned under our feet, or a store error: the client
                             // gets a conflated snapshot instead of a silent gap.

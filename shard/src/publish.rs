@@ -18,6 +18,7 @@ use std::{
 use futures_util::{Stream, StreamExt, stream};
 use tickshard_proto::v1 as pb;
 use tokio::sync::Semaphore;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
@@ -88,11 +89,6 @@ impl AckError {
             AckError::Unavailable(_) => ErrorCode::Unavailable,
         }
     }
-}
-
-/// A `Stream` over an unbounded receiver.
-fn receiver_stream<T: Send + 'static>(rx: tokio::sync::mpsc::UnboundedReceiver<T>) -> impl Stream<Item = T> + Send {
-    stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
 }
 
 /// Serves one publish stream until the client ends it, or the drain starts.
@@ -203,8 +199,10 @@ pub fn serve(
             // in-flight request has been acked.
         });
     }
-    let acks = receiver_stream(ack_rx).flat_map(stream::iter).map(ack_to_pb);
-    let rejects = receiver_stream(rej_rx);
+    let acks = UnboundedReceiverStream::new(ack_rx)
+        .flat_map(stream::iter)
+        .map(ack_to_pb);
+    let rejects = UnboundedReceiverStream::new(rej_rx);
     let out = stream::select(acks, rejects)
         .map(move |a| {
             permits.add_permits(1);

@@ -14,8 +14,6 @@ pub mod input;
 pub mod publisher;
 pub mod ws;
 
-use std::time::Duration;
-
 /// Errors of the client library.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -33,28 +31,4 @@ pub enum ClientError {
     Input(String),
 }
 
-/// Exponential back-off with full jitter, for reconnects.
-#[derive(Clone, Debug)]
-pub struct Backoff {
-    next: Duration,
-    min: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff { next: min, min, max }
-    }
-
-    /// The next delay (random in `0..=current`), doubling the current one.
-    pub fn next_delay(&mut self) -> Duration {
-        let cur = self.next;
-        self.next = (self.next * 2).min(self.max);
-        let ms = cur.as_millis().max(1) as u64;
-        Duration::from_millis(fastrand::u64(ms / 2..=ms))
-    }
-
-    pub fn reset(&mut self) {
-        self.next = self.min;
-    }
-}
+pub use tickshard_shard::backoff::Backoff;

@@ -133,7 +133,7 @@ impl Publisher {
         })?;
         let mut client = FeedClient::new(channel);
         let (tx, rx) = mpsc::channel(self.cfg.window.max(16));
-        let out = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        let out = tokio_stream::wrappers::ReceiverStream::new(rx);
         let acks = client
             .publish(out)
             .await

@@ -757,13 +757,12 @@ impl Session<'_> {
         let id = id.map(<[u8]>::to_vec);
         let mut reqs: Vec<SubRequest> = failed.into_iter().map(|(r, _)| r).collect();
         tickshard_shard::tasks::spawn(&tracker, async move {
-            let mut delay = Duration::from_millis(100);
+            let mut delay = tickshard_shard::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
             loop {
                 tokio::select! {
                     _ = closed.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
+                    () = delay.wait() => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(2));
                 reqs.retain(|r| {
                     let subs = subs.lock().unwrap_or_else(|p| p.into_inner());
                     subs.retrying.contains(&(r.symbol, r.channel))

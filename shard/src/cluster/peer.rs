@@ -7,19 +7,21 @@ use std::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use futures_util::FutureExt as _;
 use tickshard_proto::v1::{self as pb, cluster_client::ClusterClient};
 use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::{Channel, Endpoint};
 
 use super::ClusterConfig;
 use crate::{
+    backoff::Backoff,
     committer::{Accepted, Ack, AckError, PublishCmd},
-    domain::{Epoch, ErrorCode, Symbol, Tick},
+    domain::{Epoch, ErrorCode, Symbol, Tick, now_micros},
     hub::{Channel as SubChannel, Chunk, Head, Hub, SymbolHub},
     metrics as m, wire,
 };
@@ -32,10 +34,11 @@ const MIRROR_IDLE: Duration = Duration::from_secs(5);
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);
 /// Forwarded publishes queued in front of the link.
 const FORWARD_QUEUE: usize = 16_384;
-/// Reconnect back-off bounds. The cap is low on purpose: a restarting owner is
-/// back within about a second in a rolling upgrade, and every extra
-/// millisecond of back-off is client-visible gap for its symbols.
-const RECONNECT_MIN: Duration = Duration::from_millis(20);
+/// Reconnect back-off bounds (each wait is in the upper half of its step).
+/// The cap is low on purpose: a restarting owner is back within about a
+/// second in a rolling upgrade, and every extra millisecond of back-off is
+/// client-visible gap for its symbols.
+const RECONNECT_MIN: Duration = Duration::from_millis(40);
 const RECONNECT_MAX: Duration = Duration::from_millis(200);
 /// Ticks of one symbol folded into one mirror chunk when they arrive together.
 const MIRROR_BATCH: usize = 512;
@@ -115,12 +118,6 @@ pub struct Peer {
     mirrors: Mutex<HashMap<Symbol, Mirror>>,
     up_gauge: metrics::Gauge,
     lag_gauge: metrics::Gauge,
-}
-
-fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
 }
 
 fn follow_request(sym: Symbol, head: Option<Head>) -> pb::FollowRequest {
@@ -338,14 +335,14 @@ impl Peer {
     pub(super) async fn run(self: Arc<Self>, stop: CancellationToken, tasks: TaskTracker) {
         let mut fwd_rx = self.fwd_rx.lock().await;
         let mut follow_rx = self.follow_rx.lock().await;
-        let mut backoff = RECONNECT_MIN;
+        let mut backoff = Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
         loop {
             if stop.is_cancelled() {
                 break;
             }
             match self.connect().await {
                 Ok(ch) => {
-                    backoff = RECONNECT_MIN;
+                    backoff.reset();
                     self.set_up(Some(ch.clone()));
                     tracing::info!(peer = self.id, "peer link up");
                     let why = self.session(ch, &mut fwd_rx, &mut follow_rx, &stop, &tasks).await;
@@ -363,12 +360,10 @@ impl Peer {
             }
             // Follow commands are replayed from the mirror map on reconnect.
             while follow_rx.try_recv().is_ok() {}
-            let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(backoff + jitter) => {}
+                () = backoff.wait() => {}
             }
-            backoff = (backoff * 2).min(RECONNECT_MAX);
         }
         self.set_up(None);
     }
@@ -386,7 +381,7 @@ impl Peer {
         // Forward: requests out through a bounded queue; acks read by their own
         // task so a full queue never stops acks from flowing.
         let (out_tx, out_rx) = mpsc::channel::<pb::PublishRequest>(FORWARD_QUEUE);
-        let out = futures_util::stream::unfold(out_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        let out = ReceiverStream::new(out_rx);
         let mut acks = match client.forward(out).await {
             Ok(r) => r.into_inner(),
             Err(e) => return format!("forward: {e}"),
@@ -431,7 +426,7 @@ impl Peer {
 
         // Follow: one stream for every mirror of this peer's symbols.
         let (fo_tx, fo_rx) = mpsc::unbounded_channel::<pb::FollowRequest>();
-        let fo_out = futures_util::stream::unfold(fo_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        let fo_out = UnboundedReceiverStream::new(fo_rx);
         let mut events = match client.follow(fo_out).await {
             Ok(r) => r.into_inner(),
             Err(e) => {

@@ -5,7 +5,7 @@ use std::{
     collections::HashSet,
     pin::Pin,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use futures_util::Stream;
@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    domain::{Epoch, ErrorCode, Interval, MAX_SYMBOL_LEN, Position, Symbol, SymbolListError, SymbolSet},
+    domain::{Epoch, ErrorCode, Interval, MAX_SYMBOL_LEN, Position, Symbol, SymbolListError, SymbolSet, now_micros},
     events::outbox_events,
     hub::{Channel, Close, Data, Outbox},
     node::{HISTORY_LIMIT_MAX, Node, SubRequest},
@@ -174,12 +174,6 @@ pub async fn all_symbols(node: &Node) -> pb::ListSymbolsResponse {
     }
     out.symbols.sort_by(|a, b| a.symbol.cmp(&b.symbol));
     out
-}
-
-fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// At most one log line a minute about callers with another shard count.

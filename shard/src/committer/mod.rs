@@ -33,7 +33,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use tokio::sync::{mpsc, oneshot};
@@ -43,7 +43,7 @@ mod held;
 pub use held::{Held, Recent, SymbolHeld};
 
 use crate::{
-    domain::{Candle, CandleAgg, CandleEffect, Epoch, ErrorCode, InputError, Interval, Symbol, Tick},
+    domain::{Candle, CandleAgg, CandleEffect, Epoch, ErrorCode, InputError, Interval, Symbol, Tick, now_micros},
     hub::{Chunk, Head, Hub, SymbolHub},
     metrics as m,
     store::{CommitBatch, DedupState, Store, SymbolDedup, SymbolRecord},
@@ -359,7 +359,7 @@ impl Committer {
             }
         }
         // Compact what was folded before serving: blocks, snapshots, no log.
-        let horizon = wall_micros() - DEDUP_HORIZON.as_micros() as i64;
+        let horizon = now_micros() - DEDUP_HORIZON.as_micros() as i64;
         for st in symbols.values_mut() {
             st.dedup.retain(|_, d| d.last_used >= horizon);
         }
@@ -504,12 +504,6 @@ fn unref(refs: &mut BTreeMap<u64, HashSet<Symbol>>, from: u64, sym: &Symbol) {
     }
 }
 
-fn wall_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
-}
-
 struct SymState {
     rec: SymbolRecord,
     aggs: [CandleAgg; 3],
@@ -643,7 +637,7 @@ impl Worker {
                     Err(_) => break,
                 }
             }
-            let now = wall_micros();
+            let now = now_micros();
             let mut counts = Counts::default();
             let mut stop = false;
             let mut compact = false;

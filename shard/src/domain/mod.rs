@@ -15,7 +15,7 @@ mod tick;
 pub use candle::{Candle, CandleAgg, CandleEffect, Interval};
 pub use epoch::Epoch;
 pub use error::{ErrorCode, InputError};
-pub use num::{MAX_TS_MICROS, parse_decimal};
+pub use num::{MAX_TS_MICROS, now_micros, parse_decimal};
 pub use publisher::{MAX_PUBLISHER_ID_BYTES, publisher_id_from, validate_publisher_id};
 pub use rust_decimal::Decimal;
 pub use symbol::{MAX_SYMBOL_LEN, Symbol, SymbolListError, SymbolSet};

@@ -3,6 +3,13 @@ use rust_decimal::Decimal;
 /// The largest timestamp the contract allows: 2^53 µs, so it fits a JS number.
 pub const MAX_TS_MICROS: i64 = 1 << 53;
 
+/// The wall clock in µs since the Unix epoch (0 if the clock is before it).
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
 /// Parses an exact decimal as exchanges write them: `-?digits(.digits)?`.
 ///
 /// Stricter than `Decimal::from_str` on purpose: no exponent, no `_`, no `+`, no
