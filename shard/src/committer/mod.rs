@@ -39,6 +39,7 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 
 mod held;
+mod recovery;
 
 pub use held::{Held, Recent, SymbolHeld};
 
@@ -298,104 +299,22 @@ impl Committer {
     ) -> Result<(Committer, thread::JoinHandle<()>), StartError> {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let failed = Arc::new(AtomicBool::new(false));
-        let mut dedup: HashMap<Symbol, Vec<(String, DedupState)>> = dedup.into_iter().collect();
-        let mut symbols = HashMap::with_capacity(records.len());
-        let mut dirty = Vec::new();
-        for rec in records {
-            let sym = rec.symbol;
-            let mut st = SymState::new(rec);
-            for (id, d) in dedup.remove(&sym).unwrap_or_default() {
-                st.dedup.insert(Arc::from(id), d);
-            }
-            // Format 2 leaves tick blocks after the snapshot: fold them.
-            let tail = store.load_tail(&sym, st.rec.last_seq)?;
-            if !tail.is_empty() {
-                dirty.push(sym);
-            }
-            for block in tail {
-                for tick in block.ticks {
-                    st.fold(tick);
-                }
-                for (id, d) in block.dedup {
-                    st.dedup.insert(Arc::from(id), d);
-                }
-            }
-            st.ticks.clear(); // already in blocks
-            symbols.insert(sym, st);
-        }
-        let log = store.load_log()?;
-        let mut folded = 0usize;
-        for section in log.iter().flat_map(|(_, sections)| sections) {
-            let Some(first) = section.ticks.first() else { continue };
-            let st = symbols
-                .get_mut(&first.symbol)
-                .ok_or(crate::store::StoreError::Corrupt {
-                    key: format!("L… {}", first.symbol),
-                    what: "log record of a symbol without a record",
-                })?;
-            if first.seq <= st.rec.last_seq {
-                // A compaction snapshotted this symbol past this commit but
-                // stopped before it removed the log record.
-                continue;
-            }
-            if first.seq != st.rec.last_seq + 1 {
-                return Err(StartError::Log(
-                    section.ticks.len(),
-                    first.symbol,
-                    first.seq,
-                    st.rec.last_seq + 1,
-                ));
-            }
-            if !st.touched {
-                st.touched = true;
-                dirty.push(first.symbol);
-            }
-            folded += section.ticks.len();
-            for tick in &section.ticks {
-                st.fold(*tick);
-            }
-            for (id, d) in &section.dedup {
-                st.dedup.insert(Arc::from(id.as_str()), *d);
-            }
-        }
-        // Compact what was folded before serving: blocks, snapshots, no log.
-        let horizon = now_micros() - DEDUP_HORIZON.as_micros() as i64;
-        for st in symbols.values_mut() {
-            st.dedup.retain(|_, d| d.last_used >= horizon);
-        }
-        let mut batch = CommitBatch::default();
-        for sym in &dirty {
-            let Some(st) = symbols.get(sym) else { continue };
-            batch.put_ticks(&st.ticks, store.block_ticks());
-            snapshot(&mut batch, st);
-        }
-        for (commit, _) in &log {
-            batch.remove_log(*commit);
-        }
-        store.commit(batch)?;
+        let recovery::Recovered {
+            mut symbols,
+            next_commit,
+        } = recovery::recover(&store, records, dedup)?;
         let started = Instant::now();
         let mut unticked = VecDeque::new();
         let held = Arc::new(Held::default());
         for st in symbols.values_mut() {
             st.held = held.entry(st.rec.symbol);
-            st.closed.clear(); // stored with the commits that closed them
-            st.ticks.clear();
-            st.touched = false;
             st.hub = Some(hub.get_or_insert(st.rec.symbol, || head_of(&st.rec)));
             if st.rec.last_seq == 0 {
                 // Created by a subscribe before the restart: its hour starts now.
                 unticked.push_back((started, st.rec.symbol));
             }
         }
-        tracing::info!(
-            symbols = symbols.len(),
-            log_records = log.len(),
-            ticks = folded,
-            "shard state recovered"
-        );
         metrics::gauge!(m::OWNED_SYMBOLS).set(symbols.len() as f64);
-
-        let next_commit = log.last().map_or(1, |(c, _)| c + 1);
         let mut worker = Worker {
             store,
             hub,
@@ -610,250 +529,82 @@ struct Pending {
     received: Instant,
 }
 
+type EnsureReply = oneshot::Sender<Result<(), CommitError>>;
+
+/// One group commit's working state; the vectors are reused from round to
+/// round (their capacity is the committer's steady state, not a per-commit
+/// allocation).
+#[derive(Default)]
+struct Round {
+    cmds: Vec<Cmd>,
+    acks: Vec<Pending>,
+    /// Ensure requests and their outcomes, answered after the commit.
+    ensures: Vec<(EnsureReply, Result<(), CommitError>)>,
+    /// Symbols this round changed, in first-touch order.
+    touched: Vec<Symbol>,
+    /// Symbols this round compacts.
+    compacting: Vec<Symbol>,
+    counts: Counts,
+    /// `Cmd::Compact` came: compact what retention needs, forget old
+    /// never-ticked symbols.
+    compact: bool,
+    /// `Cmd::Stop` came: compact everything, then end.
+    stop: bool,
+    by_stream: HashMap<u64, (mpsc::UnboundedSender<Vec<Ack>>, Vec<Ack>)>,
+    per_stream: HashMap<u64, usize>,
+}
+
+/// The committer's metrics, resolved once.
+struct Meters {
+    accepted: metrics::Counter,
+    duplicates: metrics::Counter,
+    late: metrics::Counter,
+    flush: metrics::Histogram,
+    batch: metrics::Histogram,
+    compactions: metrics::Counter,
+    owned: metrics::Gauge,
+}
+
+impl Meters {
+    fn new() -> Meters {
+        Meters {
+            accepted: metrics::counter!(m::TICKS_ACCEPTED),
+            duplicates: metrics::counter!(m::TICKS_DUPLICATE),
+            late: metrics::counter!(m::LATE_TICKS),
+            flush: metrics::histogram!(m::FLUSH_LATENCY),
+            batch: metrics::histogram!(m::COMMIT_BATCH),
+            compactions: metrics::counter!(m::COMPACTIONS),
+            owned: metrics::gauge!(m::OWNED_SYMBOLS),
+        }
+    }
+}
+
 impl Worker {
     /// Serves commands until `Stop` (which compacts everything), until every
-    /// handle is dropped, or until the store fails.
+    /// handle is dropped, or until the store fails. Each round is one group
+    /// commit, in stages: collect → apply → build the batch → commit →
+    /// publish → ack.
     fn run(&mut self, mut rx: mpsc::Receiver<Cmd>) {
-        let accepted = metrics::counter!(m::TICKS_ACCEPTED);
-        let duplicates = metrics::counter!(m::TICKS_DUPLICATE);
-        let late = metrics::counter!(m::LATE_TICKS);
-        let flush_hist = metrics::histogram!(m::FLUSH_LATENCY);
-        let batch_hist = metrics::histogram!(m::COMMIT_BATCH);
-        let compactions = metrics::counter!(m::COMPACTIONS);
-        let owned = metrics::gauge!(m::OWNED_SYMBOLS);
-
-        let mut cmds = Vec::with_capacity(MAX_BATCH);
-        let mut acks: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
-        let mut ensures = Vec::new();
-        let mut touched: Vec<Symbol> = Vec::new();
-        let mut by_stream: HashMap<u64, (mpsc::UnboundedSender<Vec<Ack>>, Vec<Ack>)> = HashMap::new();
-        let mut per_stream: HashMap<u64, usize> = HashMap::new();
-
-        while let Some(first) = rx.blocking_recv() {
-            cmds.push(first);
-            while cmds.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(c) => cmds.push(c),
-                    Err(_) => break,
-                }
-            }
+        let meters = Meters::new();
+        let mut round = Round {
+            cmds: Vec::with_capacity(MAX_BATCH),
+            acks: Vec::with_capacity(MAX_BATCH),
+            ..Round::default()
+        };
+        while collect(&mut rx, &mut round.cmds) {
             let now = now_micros();
-            let mut counts = Counts::default();
-            let mut stop = false;
-            let mut compact = false;
-            for cmd in cmds.drain(..) {
-                match cmd {
-                    Cmd::Publish(p) => {
-                        let result = self.apply(&p, now, &mut touched, &mut counts);
-                        acks.push(Pending {
-                            publisher: p.publisher.map(|(id, _)| id),
-                            reply: p.reply,
-                            ack: Ack {
-                                request_id: p.request_id,
-                                symbol: p.tick.symbol,
-                                result,
-                            },
-                            received: p.received,
-                        });
-                    }
-                    Cmd::Ensure { symbols, reply } => {
-                        let r = self.ensure(&symbols, &mut touched);
-                        ensures.push((reply, r));
-                    }
-                    Cmd::Compact => compact = true,
-                    Cmd::Stop => stop = true,
+            self.apply(&mut round, now);
+            let batch = self.build_batch(&mut round, now);
+            match self.store.commit(batch) {
+                Ok(flush) => meters.flush.record(flush.as_secs_f64()),
+                Err(e) => {
+                    self.fail(&e.to_string(), &mut round, &mut rx);
+                    return;
                 }
             }
-
-            let mut batch = CommitBatch::default();
-            if compact {
-                self.forget_unticked(&mut batch);
-            }
-
-            // One atomic batch: a few symbols compacted (their uncompacted
-            // and new ticks as tick blocks, a snapshot of their state), one
-            // log record with every other touched symbol's new ticks and
-            // changed de-dup states, the log records no symbol needs any
-            // more removed, closed candles, records of new symbols.
-            let commit = self.next_commit;
-            let pick = if stop {
-                Pick::Everything(usize::MAX)
-            } else if compact {
-                Pick::Everything(COMPACT_ASKED_PER_COMMIT)
-            } else {
-                Pick::Due
-            };
-            let compacting = self.pick_compactions(commit, &touched, pick);
-            let block_ticks = self.store.block_ticks();
-            let horizon = now - DEDUP_HORIZON.as_micros() as i64;
-            for sym in &compacting {
-                let Some(st) = self.symbols.get_mut(sym) else { continue };
-                // The ticks since the last compaction: the chunks held since,
-                // then this commit's.
-                let held = st.held.all();
-                let mut ticks = Vec::with_capacity(st.uncompacted_ticks + st.ticks.len());
-                ticks.extend(held.iter().flat_map(|c| c.ticks.iter().copied()));
-                ticks.extend_from_slice(&st.ticks);
-                debug_assert_eq!(
-                    ticks.len(),
-                    st.uncompacted_ticks + st.ticks.len(),
-                    "{sym}: held ticks and counts disagree"
-                );
-                batch.put_ticks(&ticks, block_ticks);
-                st.dedup.retain(|_, d| d.last_used >= horizon);
-                snapshot(&mut batch, st);
-                st.uncompacted_chunks = 0;
-                st.uncompacted_ticks = 0;
-                if let Some(from) = st.log_from.take() {
-                    unref(&mut self.log_refs, from, sym);
-                }
-                st.compacted = true;
-            }
-            for sym in &touched {
-                let Some(st) = self.symbols.get_mut(sym) else { continue };
-                for c in &st.closed {
-                    batch.put_closed_candle(c);
-                }
-                if st.compacted {
-                    continue;
-                }
-                if st.created {
-                    batch.put_symbol(&SymbolRecord {
-                        symbol: *sym,
-                        epoch: st.rec.epoch,
-                        last_seq: 0,
-                        last: None,
-                        candles: [None; 3],
-                    });
-                }
-                if st.ticks.is_empty() {
-                    continue;
-                }
-                let changed = st.dedup_changed.iter().filter_map(|id| st.dedup.get_key_value(id));
-                batch.log_ticks(&st.ticks, changed.map(|(id, d)| (&**id, d)));
-                if st.log_from.is_none() {
-                    st.log_from = Some(commit);
-                    self.log_refs.entry(commit).or_default().insert(*sym);
-                }
-            }
-            if batch.seal_log(commit) {
-                self.next_commit += 1;
-            }
-            let floor = self.log_refs.keys().next().copied().unwrap_or(self.next_commit);
-            for old in self.log_floor..floor {
-                batch.remove_log(old);
-            }
-            self.log_floor = self.log_floor.max(floor);
-            let failed = self
-                .store
-                .commit(batch)
-                .map(|t| flush_hist.record(t.as_secs_f64()))
-                .err()
-                .map(|e| e.to_string());
-            if let Some(e) = failed {
-                // The batch may or may not be on disk; in-memory state is
-                // ahead of what is durable. Fail everything and stop: the
-                // process must restart and recover from the store.
-                tracing::error!(error = %e, "group commit failed; the shard stops accepting writes");
-                self.failed.store(true, Ordering::Relaxed);
-                for p in acks.drain(..) {
-                    p.reply.unavailable(
-                        p.publisher.as_ref(),
-                        p.ack.request_id,
-                        p.ack.symbol,
-                        format!("store failure: {e}"),
-                    );
-                }
-                for (r, _) in ensures.drain(..) {
-                    let _ = r.send(Err(CommitError::StoreFailed(e.clone())));
-                }
-                // Whatever is still queued is answered, never dropped silently.
-                rx.close();
-                while let Ok(cmd) = rx.try_recv() {
-                    match cmd {
-                        Cmd::Publish(p) => p.unavailable(format!("store failure: {e}")),
-                        Cmd::Ensure { reply, .. } => {
-                            let _ = reply.send(Err(CommitError::StoreFailed(e.clone())));
-                        }
-                        Cmd::Compact | Cmd::Stop => {}
-                    }
-                }
-                return;
-            }
-
-            // Durable: fan out, then ack.
-            for sym in touched.drain(..) {
-                let Some(st) = self.symbols.get_mut(&sym) else { continue };
-                st.touched = false;
-                st.created = false;
-                st.dedup_changed.clear();
-                let hub = match &st.hub {
-                    Some(h) => h.clone(),
-                    None => {
-                        let h = self.hub.get_or_insert(sym, || head_of(&st.rec));
-                        st.hub = Some(h.clone());
-                        h
-                    }
-                };
-                let chunk = Arc::new(Chunk::new(sym, std::mem::take(&mut st.ticks)));
-                if st.compacted {
-                    // Its ticks are in blocks now (this chunk's too): what
-                    // was held goes, and this is not held.
-                    st.held.release(st.rec.last_seq);
-                    st.compacted = false;
-                } else if !chunk.ticks.is_empty() {
-                    st.uncompacted_chunks += 1;
-                    st.uncompacted_ticks += chunk.ticks.len();
-                    st.held.push(chunk.clone());
-                }
-                if hub.publish(chunk, &st.closed, st.rec.candles) {
-                    self.hub.mark_candles_dirty(hub.clone());
-                }
-                st.closed.clear();
-            }
-            // Compacted symbols this commit did not touch.
-            compactions.increment(compacting.len() as u64);
-            for sym in compacting {
-                let Some(st) = self.symbols.get_mut(&sym) else { continue };
-                if std::mem::take(&mut st.compacted) {
-                    st.held.release(st.rec.last_seq);
-                }
-            }
-            accepted.increment(counts.ticks);
-            duplicates.increment(counts.duplicates);
-            late.increment(counts.late);
-            batch_hist.record(counts.ticks as f64);
-            owned.set(self.symbols.len() as f64);
-            let done = Instant::now();
-            // Size each stream's ack vector once (acks are large; growing
-            // them showed up in the committer's profile).
-            for p in &acks {
-                *per_stream.entry(p.reply.id).or_default() += 1;
-            }
-            for p in acks.drain(..) {
-                if matches!(p.ack.result, Ok(Accepted { duplicate: false, .. })) {
-                    m::PUBLISH_LATENCY_HISTOGRAM.record_us(done.duration_since(p.received).as_micros() as u64);
-                }
-                if p.reply.tx.is_closed() {
-                    continue; // the publisher left (or does not want acks)
-                }
-                by_stream
-                    .entry(p.reply.id)
-                    .or_insert_with(|| {
-                        let n = per_stream.get(&p.reply.id).copied().unwrap_or(0);
-                        (p.reply.tx.clone(), Vec::with_capacity(n))
-                    })
-                    .1
-                    .push(p.ack);
-            }
-            for (_, (tx, acks)) in by_stream.drain() {
-                let _ = tx.send(acks);
-            }
-            per_stream.clear();
-            for (r, result) in ensures.drain(..) {
-                let _ = r.send(result);
-            }
-            if stop {
+            self.publish(&mut round, &meters);
+            ack(&mut round);
+            if round.stop {
                 tracing::debug!("committer stopped");
                 return;
             }
@@ -861,6 +612,196 @@ impl Worker {
         // Every handle was dropped without `stop`: everything acked is durable
         // in the log; recovery folds it, as after a crash.
         tracing::debug!("committer stopped without a final compaction");
+    }
+
+    /// Applies the round's commands in order: publishes (de-dup, seq,
+    /// candles), ensures, and the compaction and stop requests.
+    fn apply(&mut self, round: &mut Round, now: i64) {
+        round.counts = Counts::default();
+        round.compact = false;
+        let mut cmds = std::mem::take(&mut round.cmds);
+        for cmd in cmds.drain(..) {
+            match cmd {
+                Cmd::Publish(p) => {
+                    let result = self.apply_publish(&p, now, &mut round.touched, &mut round.counts);
+                    round.acks.push(Pending {
+                        publisher: p.publisher.map(|(id, _)| id),
+                        reply: p.reply,
+                        ack: Ack {
+                            request_id: p.request_id,
+                            symbol: p.tick.symbol,
+                            result,
+                        },
+                        received: p.received,
+                    });
+                }
+                Cmd::Ensure { symbols, reply } => {
+                    let r = self.ensure(&symbols, &mut round.touched);
+                    round.ensures.push((reply, r));
+                }
+                Cmd::Compact => round.compact = true,
+                Cmd::Stop => round.stop = true,
+            }
+        }
+        round.cmds = cmds; // (its capacity, for the next round)
+    }
+
+    /// The round's one atomic batch: forgotten symbols removed, a few
+    /// symbols compacted (their held and new ticks as tick blocks, a
+    /// snapshot of their state), one log record with every other touched
+    /// symbol's new ticks and changed de-dup states, the log records no
+    /// symbol needs any more removed, closed candles, records of new symbols.
+    fn build_batch(&mut self, round: &mut Round, now: i64) -> CommitBatch {
+        let mut batch = CommitBatch::default();
+        if round.compact {
+            self.forget_unticked(&mut batch);
+        }
+        let commit = self.next_commit;
+        let pick = if round.stop {
+            Pick::Everything(usize::MAX)
+        } else if round.compact {
+            Pick::Everything(COMPACT_ASKED_PER_COMMIT)
+        } else {
+            Pick::Due
+        };
+        round.compacting = self.pick_compactions(commit, &round.touched, pick);
+        let block_ticks = self.store.block_ticks();
+        let horizon = now - DEDUP_HORIZON.as_micros() as i64;
+        for sym in &round.compacting {
+            let Some(st) = self.symbols.get_mut(sym) else { continue };
+            // The ticks since the last compaction: the chunks held since,
+            // then this commit's.
+            let held = st.held.all();
+            let mut ticks = Vec::with_capacity(st.uncompacted_ticks + st.ticks.len());
+            ticks.extend(held.iter().flat_map(|c| c.ticks.iter().copied()));
+            ticks.extend_from_slice(&st.ticks);
+            debug_assert_eq!(
+                ticks.len(),
+                st.uncompacted_ticks + st.ticks.len(),
+                "{sym}: held ticks and counts disagree"
+            );
+            batch.put_ticks(&ticks, block_ticks);
+            st.dedup.retain(|_, d| d.last_used >= horizon);
+            snapshot(&mut batch, st);
+            st.uncompacted_chunks = 0;
+            st.uncompacted_ticks = 0;
+            if let Some(from) = st.log_from.take() {
+                unref(&mut self.log_refs, from, sym);
+            }
+            st.compacted = true;
+        }
+        for sym in &round.touched {
+            let Some(st) = self.symbols.get_mut(sym) else { continue };
+            for c in &st.closed {
+                batch.put_closed_candle(c);
+            }
+            if st.compacted {
+                continue;
+            }
+            if st.created {
+                batch.put_symbol(&SymbolRecord {
+                    symbol: *sym,
+                    epoch: st.rec.epoch,
+                    last_seq: 0,
+                    last: None,
+                    candles: [None; 3],
+                });
+            }
+            if st.ticks.is_empty() {
+                continue;
+            }
+            let changed = st.dedup_changed.iter().filter_map(|id| st.dedup.get_key_value(id));
+            batch.log_ticks(&st.ticks, changed.map(|(id, d)| (&**id, d)));
+            if st.log_from.is_none() {
+                st.log_from = Some(commit);
+                self.log_refs.entry(commit).or_default().insert(*sym);
+            }
+        }
+        if batch.seal_log(commit) {
+            self.next_commit += 1;
+        }
+        let floor = self.log_refs.keys().next().copied().unwrap_or(self.next_commit);
+        for old in self.log_floor..floor {
+            batch.remove_log(old);
+        }
+        self.log_floor = self.log_floor.max(floor);
+        batch
+    }
+
+    /// The commit failed: the batch may or may not be on disk, and the
+    /// in-memory state is ahead of what is durable. Everything is refused
+    /// (the round and whatever is still queued) and the committer stops: the
+    /// process must restart and recover from the store.
+    fn fail(&mut self, e: &str, round: &mut Round, rx: &mut mpsc::Receiver<Cmd>) {
+        tracing::error!(error = %e, "group commit failed; the shard stops accepting writes");
+        self.failed.store(true, Ordering::Relaxed);
+        let why = format!("store failure: {e}");
+        for p in round.acks.drain(..) {
+            p.reply
+                .unavailable(p.publisher.as_ref(), p.ack.request_id, p.ack.symbol, why.clone());
+        }
+        for (r, _) in round.ensures.drain(..) {
+            let _ = r.send(Err(CommitError::StoreFailed(e.to_owned())));
+        }
+        rx.close();
+        while let Ok(cmd) = rx.try_recv() {
+            match cmd {
+                Cmd::Publish(p) => p.unavailable(why.clone()),
+                Cmd::Ensure { reply, .. } => {
+                    let _ = reply.send(Err(CommitError::StoreFailed(e.to_owned())));
+                }
+                Cmd::Compact | Cmd::Stop => {}
+            }
+        }
+    }
+
+    /// The batch is durable: each touched symbol's chunk goes to the held
+    /// chunks (unless compacted) and then to its hub (subscribers), held
+    /// chunks that compaction made durable in blocks are released.
+    fn publish(&mut self, round: &mut Round, meters: &Meters) {
+        for sym in round.touched.drain(..) {
+            let Some(st) = self.symbols.get_mut(&sym) else { continue };
+            st.touched = false;
+            st.created = false;
+            st.dedup_changed.clear();
+            let hub = match &st.hub {
+                Some(h) => h.clone(),
+                None => {
+                    let h = self.hub.get_or_insert(sym, || head_of(&st.rec));
+                    st.hub = Some(h.clone());
+                    h
+                }
+            };
+            let chunk = Arc::new(Chunk::new(sym, std::mem::take(&mut st.ticks)));
+            if st.compacted {
+                // Its ticks are in blocks now (this chunk's too): what
+                // was held goes, and this is not held.
+                st.held.release(st.rec.last_seq);
+                st.compacted = false;
+            } else if !chunk.ticks.is_empty() {
+                st.uncompacted_chunks += 1;
+                st.uncompacted_ticks += chunk.ticks.len();
+                st.held.push(chunk.clone());
+            }
+            if hub.publish(chunk, &st.closed, st.rec.candles) {
+                self.hub.mark_candles_dirty(hub.clone());
+            }
+            st.closed.clear();
+        }
+        // Compacted symbols this commit did not touch.
+        meters.compactions.increment(round.compacting.len() as u64);
+        for sym in round.compacting.drain(..) {
+            let Some(st) = self.symbols.get_mut(&sym) else { continue };
+            if std::mem::take(&mut st.compacted) {
+                st.held.release(st.rec.last_seq);
+            }
+        }
+        let c = &round.counts;
+        meters.accepted.increment(c.ticks);
+        meters.duplicates.increment(c.duplicates);
+        meters.late.increment(c.late);
+        meters.batch.record(c.ticks as f64);
+        meters.owned.set(self.symbols.len() as f64);
     }
 
     /// Picks the symbols to compact in commit `commit`, oldest log first, in
@@ -898,7 +839,7 @@ impl Worker {
 
     /// De-duplicates, checks the clock and the symbol limit, assigns the next
     /// seq and folds candles for one publish. A rejected tick consumes no seq.
-    fn apply(
+    fn apply_publish(
         &mut self,
         p: &PublishCmd,
         now: i64,
@@ -1047,6 +988,54 @@ impl Worker {
             touched.push(sym);
         }
         Ok(st)
+    }
+}
+
+/// Waits for a command, then takes every one already queued (up to
+/// [`MAX_BATCH`]); false once every handle is gone.
+fn collect(rx: &mut mpsc::Receiver<Cmd>, cmds: &mut Vec<Cmd>) -> bool {
+    let Some(first) = rx.blocking_recv() else { return false };
+    cmds.push(first);
+    while cmds.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(c) => cmds.push(c),
+            Err(_) => break,
+        }
+    }
+    true
+}
+
+/// Acks every request of the round (one send per stream: each stream's acks
+/// in one vector, sized once), then answers the ensures.
+fn ack(round: &mut Round) {
+    let done = Instant::now();
+    for p in &round.acks {
+        *round.per_stream.entry(p.reply.id).or_default() += 1;
+    }
+    for p in round.acks.drain(..) {
+        if matches!(p.ack.result, Ok(Accepted { duplicate: false, .. })) {
+            m::PUBLISH_LATENCY_HISTOGRAM.record_us(done.duration_since(p.received).as_micros() as u64);
+        }
+        if p.reply.tx.is_closed() {
+            continue; // the publisher left (or does not want acks)
+        }
+        let per_stream = &round.per_stream;
+        round
+            .by_stream
+            .entry(p.reply.id)
+            .or_insert_with(|| {
+                let n = per_stream.get(&p.reply.id).copied().unwrap_or(0);
+                (p.reply.tx.clone(), Vec::with_capacity(n))
+            })
+            .1
+            .push(p.ack);
+    }
+    for (_, (tx, acks)) in round.by_stream.drain() {
+        let _ = tx.send(acks);
+    }
+    round.per_stream.clear();
+    for (r, result) in round.ensures.drain(..) {
+        let _ = r.send(result);
     }
 }
 

@@ -322,3 +322,29 @@ async fn the_committer_holds_what_the_log_has_until_compaction() {
         .await
         .unwrap();
 }
+
+/// A compaction retention asks for happens once: later commits go to the log
+/// again (a request must not stay in force).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requested_compaction_happens_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = start(dir.path());
+    let btc = Symbol::parse("BTC-USD").unwrap();
+    one_tick_per_commit(&r.committer, "p", "BTC-USD", 3, 1_000).await;
+    r.committer.request_compaction();
+    publish(&r.committer, "q", 1, &[tick("BTC-USD", T0 + 10_000, 1)]).await;
+    assert!(snapshot_seq(&r.store, &btc) >= 3, "the requested compaction ran");
+    let compacted = snapshot_seq(&r.store, &btc);
+    for i in 0..3 {
+        publish(&r.committer, "q", 2 + i, &[tick("BTC-USD", T0 + 20_000 + i as i64, 1)]).await;
+    }
+    assert_eq!(snapshot_seq(&r.store, &btc), compacted, "no compaction after it");
+    let held = r.committer.held(&btc).unwrap().recent(0);
+    // (seq 4 was compacted with the request or is held, whichever came first)
+    assert_eq!(
+        held.chunks.len() as u64,
+        7 - compacted,
+        "the later commits are held from the log"
+    );
+    assert_eq!(held.first, Some(compacted + 1));
+}
