@@ -3,7 +3,7 @@
 //! loads charts from. The chart library is vendored from npm
 //! (`feed/dashboard/`, `npm run vendor`); the Rust build never runs Node.
 
-use tickshard_proto::v1 as pb;
+use tickshard_shard::reads::History;
 
 use crate::ws::json;
 
@@ -43,36 +43,36 @@ pub fn asset(path: &str) -> Option<(&'static str, &'static str)> {
 /// The JSON body of `GET /api/candles`: `{"symbol","interval","epoch",
 /// "truncated","candles":[{"start","open","high","low","close","volume",
 /// "count","closed"}…]}`, oldest first, decimals as strings.
-pub fn candles_json(symbol: &str, interval: &str, h: &pb::HistoryResponse) -> Vec<u8> {
+pub fn candles_json(symbol: &str, interval: &str, h: &History) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + h.candles.len() * 160);
     out.extend_from_slice(b"{\"symbol\":");
     json::string(&mut out, symbol);
     out.extend_from_slice(b",\"interval\":");
     json::string(&mut out, interval);
     out.extend_from_slice(b",\"epoch\":");
-    json::string(&mut out, &h.epoch);
+    json::string(&mut out, &h.epoch.map(|e| e.to_string()).unwrap_or_default());
     out.extend_from_slice(if h.truncated {
         b",\"truncated\":true"
     } else {
         b",\"truncated\":false"
     });
     out.extend_from_slice(b",\"candles\":[");
-    for (i, c) in h.candles.iter().enumerate() {
+    for (i, (c, closed)) in h.candles.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(format!("{{\"start\":{}", c.start_micros).as_bytes());
+        out.extend_from_slice(format!("{{\"start\":{}", c.start).as_bytes());
         for (k, v) in [
-            ("open", &c.open),
-            ("high", &c.high),
-            ("low", &c.low),
-            ("close", &c.close),
-            ("volume", &c.volume),
+            ("open", c.open),
+            ("high", c.high),
+            ("low", c.low),
+            ("close", c.close),
+            ("volume", c.volume),
         ] {
             out.extend_from_slice(format!(",\"{k}\":").as_bytes());
-            json::string(&mut out, v);
+            json::string(&mut out, &v.to_string());
         }
-        out.extend_from_slice(format!(",\"count\":{},\"closed\":{}}}", c.count, c.closed).as_bytes());
+        out.extend_from_slice(format!(",\"count\":{},\"closed\":{closed}}}", c.count).as_bytes());
     }
     out.extend_from_slice(b"]}");
     out

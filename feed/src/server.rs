@@ -20,9 +20,11 @@ use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tickshard_shard::{
+    domain::{Interval, Symbol},
     hub::{Close, Outbox},
     metrics as m,
     node::{Node, NodeError},
+    reads::{HISTORY_LIMIT_DEFAULT, HISTORY_LIMIT_MAX, HistoryQuery},
     tasks,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
@@ -230,7 +232,7 @@ pub async fn run(
     let n = conns.len().max(1) as u32;
     for (i, c) in conns.into_iter().enumerate() {
         tokio::time::sleep_until(start + cfg.drain * i as u32 / n).await;
-        c.close(Close::RESTART);
+        c.close(Close::Restart);
     }
     shared.tracker.close();
     if tokio::time::timeout_at(deadline, shared.tracker.wait()).await.is_err() {
@@ -401,49 +403,47 @@ async fn candles_api(query: &str, shared: &Shared) -> Response<Body> {
             _ => {}
         }
     }
-    let symbol = percent_decode(symbol);
+    let symbol = match Symbol::parse(&percent_decode(symbol)) {
+        Ok(s) => s,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let Some(iv) = Interval::parse(interval) else {
+        let shown: String = interval.chars().take(16).collect();
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            &format!("unknown interval '{shown}'; expected 1s, 1m or 1h"),
+        );
+    };
+    let limit = match limit {
+        0 => HISTORY_LIMIT_DEFAULT,
+        n => n as usize,
+    };
     // Without `from`, the most recent `limit` candles: back from the interval of
     // the symbol's newest tick (event time, so replayed history works too).
     if from == 0
-        && let (Ok(sym), Some(iv)) = (
-            tickshard_shard::domain::Symbol::parse(&symbol),
-            tickshard_shard::domain::Interval::parse(interval),
-        )
-        && let Ok(snap) = tickshard_shard::cluster::service::routed_snapshot(&shared.node, &[sym]).await
-        && let Some(last) = snap.snapshots.first().and_then(|s| s.last.as_ref())
+        && let Ok(snap) = shared.node.snapshots(&[symbol]).await
+        && let Some(last) = snap.first()
     {
-        let newest = iv.start_of(last.ts_micros);
-        from = newest.saturating_sub(iv.micros().saturating_mul(i64::from(limit.clamp(1, 10_000)) - 1));
+        let newest = iv.start_of(last.tick.ts);
+        let span = iv.micros().saturating_mul(limit.clamp(1, HISTORY_LIMIT_MAX) as i64 - 1);
+        from = newest.saturating_sub(span);
     }
-    let req = tickshard_proto::v1::HistoryRequest {
-        symbol: symbol.clone(),
-        interval: interval.to_string(),
-        from_micros: from,
-        to_micros: to,
-        limit,
-        ..Default::default()
+    let q = HistoryQuery::Candles {
+        interval: iv,
+        from,
+        to: if to == 0 { i64::MAX } else { to },
     };
-    match tickshard_shard::cluster::service::routed_history(&shared.node, req).await {
+    match shared.node.history(symbol, q, limit).await {
         Ok(h) => {
-            let sym = tickshard_shard::domain::Symbol::parse(&symbol)
-                .map(|s| s.to_string())
-                .unwrap_or(symbol);
-            let mut r = Response::new(Full::new(Bytes::from(crate::dashboard::candles_json(
-                &sym, interval, &h,
-            ))));
+            let body = crate::dashboard::candles_json(symbol.as_str(), interval, &h);
+            let mut r = Response::new(Full::new(Bytes::from(body)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("application/json"),
             );
             r
         }
-        Err(status) => {
-            let code = match status.code() {
-                tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
-                _ => StatusCode::SERVICE_UNAVAILABLE,
-            };
-            api_error(code, status.message())
-        }
+        Err(e) => api_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
 }
 

@@ -1,13 +1,13 @@
-//! An outbox drained as a gRPC response stream: the one piece both the public
-//! `Feed.Subscribe` and the peer `Cluster.Follow` use. Each hub item is rendered
-//! into protocol events (a chunk becomes one event per tick), written weight is
-//! reported back to the outbox (so stalls are detected and repaired), and a
-//! close ends the stream with a status that tells the client to come back.
+//! An outbox drained as a stream of protocol events: the one piece both the
+//! public `Feed.Subscribe` and the peer `Cluster.Follow` use. Each hub item is
+//! rendered into events (a chunk becomes one event per tick), written weight
+//! is reported back to the outbox (so stalls are detected and repaired), and
+//! a close ends the stream with its reason (the protocol maps it, e.g.
+//! `wire::close_status`).
 
 use std::{collections::VecDeque, sync::Arc};
 
 use futures_util::{Stream, stream};
-use tonic::Status;
 
 use crate::hub::{AfterWrite, Close, Data, Hub, Msg, Outbox};
 
@@ -33,7 +33,7 @@ pub fn outbox_events<E, G, R>(
     hub: Arc<Hub>,
     guard: G,
     render: R,
-) -> impl Stream<Item = Result<E, Status>> + Send
+) -> impl Stream<Item = Result<E, Close>> + Send
 where
     E: Send + 'static,
     G: Send + 'static,
@@ -70,11 +70,7 @@ where
             }
             if let Some(c) = st.close.take() {
                 st.done = true;
-                let status = match c {
-                    Close::SLOW => Status::resource_exhausted("too slow: reconnect and resume from your last position"),
-                    _ => Status::unavailable("server is restarting: reconnect and resume"),
-                };
-                return Some((Err(status), st));
+                return Some((Err(c), st));
             }
             let outbox = st.outbox.clone();
             if let AfterWrite::Repair(stalled) = outbox.written(std::mem::take(&mut st.taken)) {

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod node;
 pub mod ownership;
 pub mod publish;
+pub mod reads;
 pub mod store;
 pub mod tasks;
 pub mod wire;

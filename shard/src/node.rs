@@ -16,20 +16,18 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     backoff::Backoff,
-    cluster::{Cluster, ClusterConfig, ClusterError, MirrorLease, PeerError},
+    cluster::{Cluster, ClusterConfig, ClusterError, MirrorLease, Peer, PeerError},
     committer::{CommitError, Committer, CommitterConfig, PublishCmd},
     domain::{Candle, Epoch, ErrorCode, Interval, Position, Symbol, Tick},
     hub::{CandleData, Channel, Chunk, Data, Head, Hub, Outbox, SnapshotData, SymbolHub},
     metrics as m,
     ownership::Ownership,
+    reads::HistoryQuery,
     store::{Store, StoreError, StoreOptions},
-    wire,
 };
 
 /// Ticks read per page during a resume replay (~160 KiB queued at a time).
 const REPLAY_PAGE: usize = 1_024;
-/// The most ticks or candles one history read returns.
-pub const HISTORY_LIMIT_MAX: usize = 10_000;
 
 /// Everything the shard needs to know, validated by the binary's config.
 #[derive(Clone, Debug)]
@@ -259,6 +257,12 @@ impl Node {
         self.cluster.as_ref()
     }
 
+    /// The link to the owner of `symbol`; `None` if this pod owns it.
+    pub fn peer_of(&self, symbol: &Symbol) -> Option<&Arc<Peer>> {
+        let owner = self.ownership.owner(symbol);
+        self.cluster.as_ref().and_then(|c| c.peer(owner))
+    }
+
     /// Random per process start (peers see a restart as a new instance).
     pub fn instance(&self) -> &str {
         &self.instance
@@ -310,8 +314,7 @@ impl Node {
     /// durable, or as UNAVAILABLE (also when this returns an error): every
     /// request is answered.
     pub async fn publish(&self, cmd: PublishCmd) -> Result<(), CommitError> {
-        let owner = self.ownership.owner(&cmd.tick.symbol);
-        match self.cluster.as_ref().and_then(|c| c.peer(owner)) {
+        match self.peer_of(&cmd.tick.symbol) {
             Some(peer) => {
                 peer.forward(cmd).await;
                 Ok(())
@@ -344,8 +347,7 @@ impl Node {
     /// here) or its mirror (followed from the owner; the lease holds the mirror
     /// until the subscription is attached).
     async fn hub_for(&self, symbol: Symbol) -> Result<(Arc<SymbolHub>, Option<MirrorLease>), SubscribeError> {
-        let owner = self.ownership.owner(&symbol);
-        if let Some(peer) = self.cluster.as_ref().and_then(|c| c.peer(owner)) {
+        if let Some(peer) = self.peer_of(&symbol) {
             let lease = peer.mirror(symbol).await?;
             return Ok((lease.hub.clone(), Some(lease)));
         }
@@ -562,28 +564,13 @@ impl Node {
     /// Durable ticks `from..=to` of any symbol: from this pod's store, or from
     /// the owner's.
     pub async fn read_ticks(&self, symbol: Symbol, from: u64, to: u64, limit: usize) -> Result<Vec<Tick>, ReadError> {
-        let owner = self.ownership.owner(&symbol);
-        let Some(peer) = self.cluster.as_ref().and_then(|c| c.peer(owner)) else {
-            return Ok(self.read_local_ticks(symbol, from, to, limit).await?);
-        };
-        let resp = peer
-            .history(tickshard_proto::v1::HistoryRequest {
-                symbol: symbol.as_str().to_owned(),
-                from_seq: from,
-                to_seq: to,
-                limit: limit.min(HISTORY_LIMIT_MAX) as u32,
-                ..Default::default()
-            })
-            .await?;
-        Ok(resp
-            .ticks
-            .iter()
-            .filter_map(|t| {
-                let mut tick = wire::tick_from_pb(t).ok()?;
-                tick.seq = t.seq;
-                Some(tick)
-            })
-            .collect())
+        match self.peer_of(&symbol) {
+            None => Ok(self.read_local_ticks(symbol, from, to, limit).await?),
+            Some(peer) => Ok(peer
+                .history(symbol, HistoryQuery::Ticks { from, to }, limit)
+                .await?
+                .ticks),
+        }
     }
 
     /// Durable ticks `from..=to` of a symbol this pod owns (clamped to the

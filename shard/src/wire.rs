@@ -4,9 +4,10 @@
 use tickshard_proto::v1 as pb;
 
 use crate::{
-    domain::{Candle, Decimal, InputError, Tick, TickFields},
-    hub::SnapshotData,
+    domain::{Candle, Decimal, Epoch, InputError, Interval, Symbol, Tick, TickFields},
+    hub::{Close, SnapshotData},
     node::SubResult,
+    reads::{HISTORY_LIMIT_DEFAULT, History, HistoryQuery, LastTick, SymbolInfo},
 };
 
 fn opt(d: Option<Decimal>) -> String {
@@ -88,6 +89,130 @@ pub fn sub_result_to_pb(r: &SubResult) -> pb::SymbolState {
         epoch: r.epoch.to_string(),
         seq: r.seq,
         recovered: r.recovered,
+    }
+}
+
+/// A tick from a peer or a history answer (already validated by its owner),
+/// with its seq; `None` if malformed.
+pub fn stored_tick_from_pb(t: &pb::Tick) -> Option<Tick> {
+    let mut tick = tick_from_pb(t).ok()?;
+    tick.seq = t.seq;
+    Some(tick)
+}
+
+/// A `HistoryRequest` in domain terms: the symbol, the query (ticks by seq,
+/// or candles by interval and time; `to` 0 means "to the end") and the limit
+/// (0: [`HISTORY_LIMIT_DEFAULT`]).
+pub fn history_query(r: &pb::HistoryRequest) -> Result<(Symbol, HistoryQuery, usize), InputError> {
+    let symbol = Symbol::parse(&r.symbol)?;
+    let q = if r.interval.is_empty() {
+        HistoryQuery::Ticks {
+            from: r.from_seq,
+            to: if r.to_seq == 0 { u64::MAX } else { r.to_seq },
+        }
+    } else {
+        let interval = Interval::parse(&r.interval).ok_or_else(|| {
+            let shown: String = r.interval.chars().take(16).collect();
+            InputError::InvalidRequest(format!("unknown interval '{shown}'; expected 1s, 1m or 1h"))
+        })?;
+        HistoryQuery::Candles {
+            interval,
+            from: r.from_micros,
+            to: if r.to_micros == 0 { i64::MAX } else { r.to_micros },
+        }
+    };
+    let limit = match r.limit {
+        0 => HISTORY_LIMIT_DEFAULT,
+        n => n as usize,
+    };
+    Ok((symbol, q, limit))
+}
+
+/// The `HistoryRequest` of a domain query (to a peer).
+pub fn history_request(symbol: Symbol, q: HistoryQuery, limit: usize) -> pb::HistoryRequest {
+    let mut r = pb::HistoryRequest {
+        symbol: symbol.as_str().to_owned(),
+        limit: u32::try_from(limit).unwrap_or(u32::MAX),
+        ..Default::default()
+    };
+    match q {
+        HistoryQuery::Ticks { from, to } => {
+            r.from_seq = from;
+            r.to_seq = to;
+        }
+        HistoryQuery::Candles { interval, from, to } => {
+            r.interval = interval.as_str().to_owned();
+            r.from_micros = from;
+            r.to_micros = to;
+        }
+    }
+    r
+}
+
+pub fn history_to_pb(h: &History) -> pb::HistoryResponse {
+    pb::HistoryResponse {
+        epoch: h.epoch.map(|e| e.to_string()).unwrap_or_default(),
+        ticks: h.ticks.iter().map(tick_to_pb).collect(),
+        candles: h.candles.iter().map(|(c, closed)| candle_to_pb(c, *closed)).collect(),
+        truncated: h.truncated,
+    }
+}
+
+/// A peer's history answer (malformed items are left out).
+pub fn history_from_pb(r: &pb::HistoryResponse) -> History {
+    History {
+        epoch: Epoch::parse(&r.epoch),
+        ticks: r.ticks.iter().filter_map(stored_tick_from_pb).collect(),
+        candles: r
+            .candles
+            .iter()
+            .filter_map(|c| candle_from_pb(c).map(|candle| (candle, c.closed)))
+            .collect(),
+        truncated: r.truncated,
+    }
+}
+
+pub fn last_tick_to_pb(l: &LastTick) -> pb::Snapshot {
+    pb::Snapshot {
+        last: Some(tick_to_pb(&l.tick)),
+        epoch: l.epoch.to_string(),
+        recovered: false,
+        conflated: false,
+    }
+}
+
+pub fn last_tick_from_pb(s: &pb::Snapshot) -> Option<LastTick> {
+    Some(LastTick {
+        epoch: Epoch::parse(&s.epoch)?,
+        tick: stored_tick_from_pb(s.last.as_ref()?)?,
+    })
+}
+
+pub fn symbol_info_to_pb(i: &SymbolInfo) -> pb::SymbolInfo {
+    pb::SymbolInfo {
+        symbol: i.symbol.as_str().to_owned(),
+        owner_shard: i.owner,
+        seq: i.seq,
+        epoch: i.epoch.to_string(),
+    }
+}
+
+pub fn symbol_info_from_pb(i: &pb::SymbolInfo) -> Option<SymbolInfo> {
+    Some(SymbolInfo {
+        symbol: Symbol::parse(&i.symbol).ok()?,
+        owner: i.owner_shard,
+        seq: i.seq,
+        epoch: Epoch::parse(&i.epoch)?,
+    })
+}
+
+/// How a subscriber stream ends when its outbox closes: every close but
+/// [`Close::Slow`] is the server going away (UNAVAILABLE: reconnect and
+/// resume); a slow one is RESOURCE_EXHAUSTED (reconnect and resume too).
+pub fn close_status(c: Close) -> tonic::Status {
+    match c {
+        Close::Slow => tonic::Status::resource_exhausted("too slow: reconnect and resume from your last position"),
+        _ => tonic::Status::unavailable("server is restarting: reconnect and resume"),
     }
 }
 

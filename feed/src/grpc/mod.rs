@@ -17,8 +17,9 @@ use tickshard_proto::v1::{
     feed_server::{Feed, FeedServer},
 };
 use tickshard_shard::{
-    cluster::service::{self, ClusterService, parse_symbols},
+    cluster::service::{ClusterService, parse_symbols, read_status},
     publish::{self, Origin},
+    wire,
 };
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -103,21 +104,26 @@ impl Feed for FeedService {
 
     async fn get_snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<Response<pb::SnapshotResponse>, Status> {
         let syms = parse_symbols(&req.get_ref().symbols, self.shared.ws.max_subscriptions)?;
-        service::routed_snapshot(&self.shared.node, &syms)
-            .await
-            .map(Response::new)
+        let snaps = self.shared.node.snapshots(&syms).await.map_err(read_status)?;
+        Ok(Response::new(pb::SnapshotResponse {
+            snapshots: snaps.iter().map(wire::last_tick_to_pb).collect(),
+        }))
     }
 
     async fn get_history(&self, req: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
-        service::routed_history(&self.shared.node, req.into_inner())
-            .await
-            .map(Response::new)
+        let (symbol, q, limit) =
+            wire::history_query(req.get_ref()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let h = self.shared.node.history(symbol, q, limit).await.map_err(read_status)?;
+        Ok(Response::new(wire::history_to_pb(&h)))
     }
 
     async fn list_symbols(
         &self,
         _req: Request<pb::ListSymbolsRequest>,
     ) -> Result<Response<pb::ListSymbolsResponse>, Status> {
-        Ok(Response::new(service::all_symbols(&self.shared.node).await))
+        let symbols = self.shared.node.all_symbols().await;
+        Ok(Response::new(pb::ListSymbolsResponse {
+            symbols: symbols.iter().map(wire::symbol_info_to_pb).collect(),
+        }))
     }
 }

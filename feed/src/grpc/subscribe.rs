@@ -13,6 +13,7 @@
 use std::{collections::HashMap, convert::Infallible, sync::Arc};
 
 use bytes::{BufMut as _, Bytes};
+use futures_util::StreamExt as _;
 use prost::Message as _;
 use tickshard_proto::v1::{self as pb, feed_server::FeedServer};
 use tickshard_shard::{
@@ -202,7 +203,7 @@ async fn subscribe(
         let outbox = outbox.clone();
         tickshard_shard::tasks::spawn(&shared.tracker, async move { node.activate(&outbox, prepared).await });
     }
-    let events = outbox_events(outbox, shared.node.hub().clone(), guard, render);
+    let events = outbox_events(outbox, shared.node.hub().clone(), guard, render).map(|r| r.map_err(wire::close_status));
     Ok(Response::new(Box::pin(events)))
 }
 

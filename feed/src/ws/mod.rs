@@ -172,14 +172,14 @@ impl Connection {
                     reader_done = true;
                     // The client went away or broke the protocol: make sure the
                     // writer ends too (it writes a close frame if it still can).
-                    self.outbox.close(Close { code: 1000, reason: "" });
+                    self.outbox.close(Close::Normal);
                 }
                 _ = tick.tick() => {
                     let now = Instant::now();
                     let seen = self.started + Duration::from_millis(self.last_seen.load(Ordering::Relaxed));
                     if now.duration_since(seen) >= self.shared.ws.idle_timeout {
                         tracing::debug!("idle timeout");
-                        self.outbox.close(Close::GOING_AWAY);
+                        self.outbox.close(Close::Idle);
                     }
                     self.outbox.check_slow();
                     if now >= next_ping {
@@ -284,7 +284,8 @@ impl Connection {
                 }
             }
             if let Some(c) = close {
-                let _ = tx.write_frame(Frame::close(c.code, c.reason.as_bytes())).await;
+                let (code, reason) = close_frame(c);
+                let _ = tx.write_frame(Frame::close(code, reason.as_bytes())).await;
                 let _ = tx.flush().await;
                 return;
             }
@@ -343,7 +344,7 @@ impl Connection {
                 }
                 Err(e) => match violation(&e) {
                     Some(close) => {
-                        tracing::debug!(error = %e, code = close.code, "protocol violation");
+                        tracing::debug!(error = %e, code = close_frame(close).0, "protocol violation");
                         self.outbox.close(close);
                         break 'read ReadEnd::Stopped;
                     }
@@ -376,7 +377,7 @@ impl Connection {
                 }
                 OpCode::Text | OpCode::Binary if assembly.is_some() => {
                     tracing::debug!("new message before the last fragment");
-                    self.outbox.close(Close::PROTOCOL);
+                    self.outbox.close(Close::Protocol);
                     break 'read ReadEnd::Stopped;
                 }
                 OpCode::Text | OpCode::Binary => {
@@ -385,7 +386,7 @@ impl Connection {
                 OpCode::Continuation => {
                     let Some((_, a)) = assembly.as_mut() else {
                         tracing::debug!("continuation frame without a first frame");
-                        self.outbox.close(Close::PROTOCOL);
+                        self.outbox.close(Close::Protocol);
                         break 'read ReadEnd::Stopped;
                     };
                     if a.len() + frame.payload.len() > limits.max_message_bytes {
@@ -399,7 +400,7 @@ impl Connection {
                         // fastwebsockets checks single-frame text messages;
                         // a fragmented one is checked whole (contract §4: 1007).
                         if !binary && std::str::from_utf8(&msg).is_err() {
-                            self.outbox.close(Close::INVALID_DATA);
+                            self.outbox.close(Close::InvalidData);
                             break 'read ReadEnd::Stopped;
                         }
                         if !Box::pin(session.message(&mut msg, binary)).await {
@@ -414,7 +415,7 @@ impl Connection {
                     if frame.payload.len() > 125 || frame.payload.len() == 1 && frame.opcode == OpCode::Close =>
                 {
                     tracing::debug!(len = frame.payload.len(), "malformed control frame");
-                    self.outbox.close(Close::PROTOCOL);
+                    self.outbox.close(Close::Protocol);
                     break 'read ReadEnd::Stopped;
                 }
                 OpCode::Ping => self.outbox.control(Ctl::Pong(frame.payload.to_vec()), 16),
@@ -425,7 +426,7 @@ impl Connection {
                         .get(..2)
                         .map_or(1000, |b| u16::from_be_bytes([b[0], b[1]]));
                     tracing::debug!(code, "client closed");
-                    self.outbox.close(Close { code: 1000, reason: "" });
+                    self.outbox.close(Close::Normal);
                     break 'read ReadEnd::Gone;
                 }
             }
@@ -450,13 +451,28 @@ impl Connection {
     }
 }
 
+/// The WebSocket close code and reason of a close (contract §4: 1012/1013
+/// say "come back and resume", 1008/1009 "fix the client first").
+pub(crate) fn close_frame(c: Close) -> (u16, &'static str) {
+    match c {
+        Close::Normal => (1000, ""),
+        Close::Idle => (1001, "idle timeout"),
+        Close::Protocol => (1002, "protocol error"),
+        Close::InvalidData => (1007, "text message is not UTF-8"),
+        Close::Flood => (1008, "message rate limit exceeded"),
+        Close::TooBig => (1009, "message too large"),
+        Close::Restart => (1012, "service restart"),
+        Close::Slow => (1013, "client too slow"),
+    }
+}
+
 /// The close a read error calls for: 1007 for a text message that is not
 /// UTF-8, 1002 for any other violation of the WebSocket protocol (RSV bits,
 /// an unknown opcode, a fragmented or oversized control frame, an unmasked
 /// client frame); `None` for the end of the stream or an I/O failure.
 pub(crate) fn violation(e: &WebSocketError) -> Option<Close> {
     match e {
-        WebSocketError::InvalidUTF8 => Some(Close::INVALID_DATA),
+        WebSocketError::InvalidUTF8 => Some(Close::InvalidData),
         WebSocketError::ReservedBitsNotZero
         | WebSocketError::ControlFrameFragmented
         | WebSocketError::PingFrameTooLarge
@@ -464,8 +480,8 @@ pub(crate) fn violation(e: &WebSocketError) -> Option<Close> {
         | WebSocketError::InvalidFragment
         | WebSocketError::InvalidContinuationFrame
         | WebSocketError::InvalidCloseFrame
-        | WebSocketError::InvalidCloseCode => Some(Close::PROTOCOL),
-        WebSocketError::IoError(io) if client_read::is_unmasked(io) => Some(Close::PROTOCOL),
+        | WebSocketError::InvalidCloseCode => Some(Close::Protocol),
+        WebSocketError::IoError(io) if client_read::is_unmasked(io) => Some(Close::Protocol),
         _ => None,
     }
 }
@@ -563,14 +579,14 @@ impl Session<'_> {
             ErrorCode::MessageTooLarge,
             &format!("messages are limited to {max} bytes"),
         );
-        self.conn.outbox.close(Close::TOO_BIG);
+        self.conn.outbox.close(Close::TooBig);
     }
 
     /// Handles one complete client message; false to end the connection.
     async fn message(&mut self, buf: &mut [u8], binary: bool) -> bool {
         if self.flood.record() {
             self.error(None, ErrorCode::RateLimited, "closing: sustained flood of messages");
-            self.conn.outbox.close(Close::POLICY);
+            self.conn.outbox.close(Close::Flood);
             return false;
         }
         if self.limiter.check().is_err() {
@@ -609,12 +625,8 @@ impl Session<'_> {
         match req.op {
             protocol::Op::Ping => self.send(|o| json::pong(o, id)),
             protocol::Op::Symbols => {
-                let all = tickshard_shard::cluster::service::all_symbols(&self.conn.shared.node).await;
-                let list: Vec<Symbol> = all
-                    .symbols
-                    .iter()
-                    .filter_map(|s| Symbol::parse(&s.symbol).ok())
-                    .collect();
+                let all = self.conn.shared.node.all_symbols().await;
+                let list: Vec<Symbol> = all.iter().map(|s| s.symbol).collect();
                 self.send(|o| json::symbol_list(o, "symbols", id, &list));
             }
             protocol::Op::Unsubscribe { symbols, channels } => {

@@ -23,7 +23,9 @@ use crate::{
     committer::{Accepted, Ack, AckError, PublishCmd},
     domain::{Epoch, ErrorCode, Symbol, Tick, now_micros},
     hub::{Channel as SubChannel, Chunk, Head, Hub, SymbolHub},
-    metrics as m, wire,
+    metrics as m,
+    reads::{History, HistoryQuery, LastTick, SymbolInfo},
+    wire,
 };
 
 /// How long a subscribe waits for the owner to start a new follow.
@@ -284,18 +286,28 @@ impl Peer {
         }
     }
 
-    pub async fn history(&self, req: pb::HistoryRequest) -> Result<pb::HistoryResponse, PeerError> {
-        self.call(|mut c| async move { c.local_history(req).await }).await
+    /// History of a symbol this peer owns.
+    pub async fn history(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, PeerError> {
+        let req = wire::history_request(symbol, q, limit);
+        let resp = self.call(|mut c| async move { c.local_history(req).await }).await?;
+        Ok(wire::history_from_pb(&resp))
     }
 
-    pub async fn snapshots(&self, symbols: Vec<String>) -> Result<pb::SnapshotResponse, PeerError> {
-        self.call(|mut c| async move { c.local_snapshot(pb::SnapshotRequest { symbols }).await })
-            .await
+    /// The latest ticks of symbols this peer owns.
+    pub async fn snapshots(&self, symbols: &[Symbol]) -> Result<Vec<LastTick>, PeerError> {
+        let symbols = symbols.iter().map(|s| s.as_str().to_owned()).collect();
+        let resp = self
+            .call(|mut c| async move { c.local_snapshot(pb::SnapshotRequest { symbols }).await })
+            .await?;
+        Ok(resp.snapshots.iter().filter_map(wire::last_tick_from_pb).collect())
     }
 
-    pub async fn symbols(&self) -> Result<pb::ListSymbolsResponse, PeerError> {
-        self.call(|mut c| async move { c.local_symbols(pb::ListSymbolsRequest {}).await })
-            .await
+    /// The symbols with ticks this peer owns.
+    pub async fn symbols(&self) -> Result<Vec<SymbolInfo>, PeerError> {
+        let resp = self
+            .call(|mut c| async move { c.local_symbols(pb::ListSymbolsRequest {}).await })
+            .await?;
+        Ok(resp.symbols.iter().filter_map(wire::symbol_info_from_pb).collect())
     }
 
     /// Connects (resolving DNS anew) and checks the peer's topology.

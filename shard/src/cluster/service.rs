@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt as _};
 use tickshard_proto::v1::{self as pb, cluster_server::Cluster as ClusterApi};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -17,13 +17,10 @@ use crate::{
     domain::{Epoch, ErrorCode, Interval, MAX_SYMBOL_LEN, Position, Symbol, SymbolListError, SymbolSet, now_micros},
     events::outbox_events,
     hub::{Channel, Close, Data, Outbox},
-    node::{HISTORY_LIMIT_MAX, Node, SubRequest},
+    node::{Node, ReadError, SubRequest},
     publish::{self, AckStream, Origin},
     wire,
 };
-
-/// Default number of ticks or candles a history read returns.
-pub const HISTORY_LIMIT_DEFAULT: usize = 1_000;
 
 pub fn parse_symbol(s: &str) -> Result<Symbol, Status> {
     Symbol::parse(s).map_err(|e| Status::invalid_argument(e.to_string()))
@@ -39,141 +36,13 @@ pub fn parse_symbols(symbols: &[String], max: usize) -> Result<Vec<Symbol>, Stat
     })
 }
 
-/// Snapshots of symbols this pod owns (symbols without ticks are omitted).
-pub fn local_snapshot(node: &Node, symbols: &[Symbol]) -> pb::SnapshotResponse {
-    let snapshots = symbols
-        .iter()
-        .filter_map(|s| node.head(s))
-        .filter_map(|h| {
-            h.last.map(|last| pb::Snapshot {
-                last: Some(wire::tick_to_pb(&last)),
-                epoch: h.epoch.to_string(),
-                recovered: false,
-                conflated: false,
-            })
-        })
-        .collect();
-    pb::SnapshotResponse { snapshots }
-}
-
-/// History (ticks or candles) of a symbol this pod owns.
-pub async fn local_history(node: &Node, r: pb::HistoryRequest) -> Result<pb::HistoryResponse, Status> {
-    let sym = parse_symbol(&r.symbol)?;
-    let epoch = node.head(&sym).map(|h| h.epoch.to_string()).unwrap_or_default();
-    let limit = match r.limit {
-        0 => HISTORY_LIMIT_DEFAULT,
-        n => (n as usize).min(HISTORY_LIMIT_MAX),
-    };
-    let internal = |e: crate::store::StoreError| Status::internal(format!("store read failed: {e}"));
-    if r.interval.is_empty() {
-        let to = if r.to_seq == 0 { u64::MAX } else { r.to_seq };
-        let mut ticks = node
-            .read_local_ticks(sym, r.from_seq.max(1), to, limit + 1)
-            .await
-            .map_err(internal)?;
-        let truncated = truncate(&mut ticks, limit);
-        Ok(pb::HistoryResponse {
-            epoch,
-            ticks: ticks.iter().map(wire::tick_to_pb).collect(),
-            candles: Vec::new(),
-            truncated,
-        })
-    } else {
-        let interval = Interval::parse(&r.interval).ok_or_else(|| {
-            Status::invalid_argument(format!("unknown interval '{}'; expected 1s, 1m or 1h", r.interval))
-        })?;
-        let to = if r.to_micros == 0 { i64::MAX } else { r.to_micros };
-        let mut candles = node
-            .read_local_candles(sym, interval, r.from_micros, to, limit + 1)
-            .await
-            .map_err(internal)?;
-        let truncated = truncate(&mut candles, limit);
-        Ok(pb::HistoryResponse {
-            epoch,
-            ticks: Vec::new(),
-            candles: candles
-                .iter()
-                .map(|(c, closed)| wire::candle_to_pb(c, *closed))
-                .collect(),
-            truncated,
-        })
+/// The status of a read that failed: the owner is unreachable (retryable),
+/// or the store failed.
+pub fn read_status(e: ReadError) -> Status {
+    match e {
+        ReadError::Peer(e) => Status::unavailable(e.to_string()),
+        ReadError::Store(e) => Status::internal(format!("store read failed: {e}")),
     }
-}
-
-/// Keeps the first `limit` items; true if there were more (read `limit + 1`
-/// to know).
-fn truncate<T>(items: &mut Vec<T>, limit: usize) -> bool {
-    let more = items.len() > limit;
-    items.truncate(limit);
-    more
-}
-
-/// Every symbol with ticks that this pod owns.
-pub fn local_symbols(node: &Node) -> pb::ListSymbolsResponse {
-    let own = node.ownership();
-    let symbols = node
-        .symbols()
-        .into_iter()
-        .map(|(s, h)| pb::SymbolInfo {
-            symbol: s.as_str().to_owned(),
-            owner_shard: own.owner(&s),
-            seq: h.seq,
-            epoch: h.epoch.to_string(),
-        })
-        .collect();
-    pb::ListSymbolsResponse { symbols }
-}
-
-/// Snapshots of any symbols: this pod's own, and the others' from their owners.
-pub async fn routed_snapshot(node: &Node, symbols: &[Symbol]) -> Result<pb::SnapshotResponse, Status> {
-    let own = node.ownership();
-    let local: Vec<Symbol> = symbols.iter().copied().filter(|s| own.is_local(s)).collect();
-    let mut out = local_snapshot(node, &local);
-    if let Some(cluster) = node.cluster() {
-        for peer in cluster.peers() {
-            let theirs: Vec<String> = symbols
-                .iter()
-                .filter(|s| own.owner(s) == peer.id)
-                .map(|s| s.as_str().to_owned())
-                .collect();
-            if theirs.is_empty() {
-                continue;
-            }
-            let r = peer
-                .snapshots(theirs)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            out.snapshots.extend(r.snapshots);
-        }
-    }
-    Ok(out)
-}
-
-/// History of any symbol, from its owner.
-pub async fn routed_history(node: &Node, r: pb::HistoryRequest) -> Result<pb::HistoryResponse, Status> {
-    let sym = parse_symbol(&r.symbol)?;
-    let owner = node.ownership().owner(&sym);
-    match node.cluster().and_then(|c| c.peer(owner)) {
-        None => local_history(node, r).await,
-        Some(peer) => peer.history(r).await.map_err(|e| Status::unavailable(e.to_string())),
-    }
-}
-
-/// Every symbol with ticks on any shard, sorted. Shards that cannot be reached
-/// are skipped (and logged): the list is what is known now.
-pub async fn all_symbols(node: &Node) -> pb::ListSymbolsResponse {
-    let mut out = local_symbols(node);
-    if let Some(cluster) = node.cluster() {
-        let calls = cluster.peers().map(|p| async move { (p.id, p.symbols().await) });
-        for (id, r) in futures_util::future::join_all(calls).await {
-            match r {
-                Ok(r) => out.symbols.extend(r.symbols),
-                Err(e) => tracing::warn!(peer = id, error = %e, "symbol list without this shard"),
-            }
-        }
-    }
-    out.symbols.sort_by(|a, b| a.symbol.cmp(&b.symbol));
-    out
 }
 
 /// At most one log line a minute about callers with another shard count.
@@ -323,14 +192,11 @@ impl ClusterApi for ClusterService {
             crate::tasks::spawn(&self.node.stream_tasks().clone(), async move {
                 loop {
                     let msg = tokio::select! {
-                        _ = stopping.cancelled() => { outbox.close(Close::RESTART); break }
+                        _ = stopping.cancelled() => { outbox.close(Close::Restart); break }
                         m = inbound.message() => m,
                     };
                     let Ok(Some(msg)) = msg else {
-                        outbox.close(Close {
-                            code: 1000,
-                            reason: "follower left",
-                        });
+                        outbox.close(Close::Normal);
                         break;
                     };
                     match msg.kind {
@@ -438,7 +304,8 @@ impl ClusterApi for ClusterService {
                 )),
                 Data::Unavailable(_) => {} // owners never send it
             },
-        );
+        )
+        .map(|r| r.map_err(wire::close_status));
         Ok(Response::new(Box::pin(events)))
     }
 
@@ -447,18 +314,32 @@ impl ClusterApi for ClusterService {
         req: Request<pb::SnapshotRequest>,
     ) -> Result<Response<pb::SnapshotResponse>, Status> {
         let syms = parse_symbols(&req.get_ref().symbols, self.max_symbols)?;
-        Ok(Response::new(local_snapshot(&self.node, &syms)))
+        let snapshots = self
+            .node
+            .local_snapshots(&syms)
+            .iter()
+            .map(wire::last_tick_to_pb)
+            .collect();
+        Ok(Response::new(pb::SnapshotResponse { snapshots }))
     }
 
     async fn local_history(&self, req: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
-        local_history(&self.node, req.into_inner()).await.map(Response::new)
+        let (symbol, q, limit) =
+            wire::history_query(req.get_ref()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let h = self
+            .node
+            .local_history(symbol, q, limit)
+            .await
+            .map_err(|e| read_status(e.into()))?;
+        Ok(Response::new(wire::history_to_pb(&h)))
     }
 
     async fn local_symbols(
         &self,
         _req: Request<pb::ListSymbolsRequest>,
     ) -> Result<Response<pb::ListSymbolsResponse>, Status> {
-        Ok(Response::new(local_symbols(&self.node)))
+        let symbols = self.node.local_symbols().iter().map(wire::symbol_info_to_pb).collect();
+        Ok(Response::new(pb::ListSymbolsResponse { symbols }))
     }
 
     async fn ensure(&self, req: Request<pb::EnsureRequest>) -> Result<Response<pb::EnsureResponse>, Status> {

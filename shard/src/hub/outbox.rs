@@ -29,43 +29,27 @@ use tokio::{sync::Notify, time::Instant};
 use super::{Channel, Data, Push, Sink};
 use crate::domain::Symbol;
 
-/// Why a connection is being closed, in WebSocket close-code terms (the gRPC
-/// layer maps them to statuses).
+/// Why a subscriber's connection is being closed, in domain terms. Each
+/// protocol maps it once, at its edge: WebSocket close codes in `feed::ws`,
+/// gRPC statuses in [`crate::wire::close_status`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Close {
-    pub code: u16,
-    pub reason: &'static str,
-}
-
-impl Close {
-    pub const GOING_AWAY: Close = Close {
-        code: 1001,
-        reason: "idle timeout",
-    };
-    pub const PROTOCOL: Close = Close {
-        code: 1002,
-        reason: "protocol error",
-    };
-    pub const INVALID_DATA: Close = Close {
-        code: 1007,
-        reason: "text message is not UTF-8",
-    };
-    pub const POLICY: Close = Close {
-        code: 1008,
-        reason: "message rate limit exceeded",
-    };
-    pub const TOO_BIG: Close = Close {
-        code: 1009,
-        reason: "message too large",
-    };
-    pub const RESTART: Close = Close {
-        code: 1012,
-        reason: "service restart",
-    };
-    pub const SLOW: Close = Close {
-        code: 1013,
-        reason: "client too slow",
-    };
+pub enum Close {
+    /// The client ended it (or its stream broke).
+    Normal,
+    /// The client stayed silent past the idle timeout.
+    Idle,
+    /// The client broke the protocol.
+    Protocol,
+    /// The client sent text that is not UTF-8.
+    InvalidData,
+    /// The client flooded past the message rate limits.
+    Flood,
+    /// The client sent a message over the size limit.
+    TooBig,
+    /// The server is restarting: come back (elsewhere) and resume.
+    Restart,
+    /// The client stayed behind too long: come back and resume.
+    Slow,
 }
 
 /// The highest unsent-bytes level any outbox of this process reached.
@@ -177,7 +161,7 @@ impl<C: Send + 'static> Outbox<C> {
         if let Some(since) = st.stalled_since {
             if since.elapsed() >= self.slow {
                 drop(st);
-                self.close(Close::SLOW);
+                self.close(Close::Slow);
                 return Push::Gone;
             }
             return Push::Stalled;
@@ -187,7 +171,7 @@ impl<C: Send + 'static> Outbox<C> {
         if st.bytes > 0 && st.bytes + w > self.limit {
             if self.close_on_stall {
                 drop(st);
-                self.close(Close::SLOW);
+                self.close(Close::Slow);
                 return Push::Gone;
             }
             st.stalled_since = Some(Instant::now());
@@ -224,7 +208,7 @@ impl<C: Send + 'static> Outbox<C> {
         if st.close.is_some() || st.finished {
             return;
         }
-        if close == Close::SLOW {
+        if close == Close::Slow {
             metrics::counter!(crate::metrics::SLOW_CLIENT_CLOSES).increment(1);
         }
         st.close = Some(close);
@@ -298,10 +282,10 @@ impl<C: Send + 'static> Outbox<C> {
         self.lock().stalled_since.map(|s| s.elapsed())
     }
 
-    /// Closes with 1013 if stalled for longer than the slow-client limit.
+    /// Closes ([`Close::Slow`]) if stalled for longer than the slow-client limit.
     pub fn check_slow(&self) -> bool {
         if self.stalled_for().is_some_and(|d| d >= self.slow) {
-            self.close(Close::SLOW);
+            self.close(Close::Slow);
             return true;
         }
         false

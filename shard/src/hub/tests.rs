@@ -140,7 +140,7 @@ async fn a_client_stalled_too_long_is_closed_with_1013() {
     // the connection's supervisor checks periodically: stalled for >= 0 ms
     assert!(o.check_slow());
     let mut q = VecDeque::new();
-    assert_eq!(o.take(&mut q).await, Some(Close::SLOW));
+    assert_eq!(o.take(&mut q).await, Some(Close::Slow));
     assert!(q.is_empty(), "queued data is dropped on close");
     // a closed sink refuses data; the hub drops it on the next forced delivery
     assert_eq!(

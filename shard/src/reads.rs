@@ -1,0 +1,151 @@
+//! Reads of market data, in domain types, routed to the owner: what the gRPC
+//! `Feed` (GetSnapshot, GetHistory, ListSymbols), the WebSocket `symbols` op
+//! and the HTTP candles endpoint ask, and what the peer service answers from
+//! this pod's own data. Each protocol converts at its edge (`wire` for gRPC).
+
+use crate::{
+    domain::{Candle, Epoch, Interval, Symbol, Tick},
+    node::{Node, ReadError},
+    store::StoreError,
+};
+
+/// Ticks or candles a history read returns when no limit is given.
+pub const HISTORY_LIMIT_DEFAULT: usize = 1_000;
+/// The most ticks or candles one history read returns.
+pub const HISTORY_LIMIT_MAX: usize = 10_000;
+
+/// What a history read asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HistoryQuery {
+    /// Ticks with `from <= seq <= to`.
+    Ticks { from: u64, to: u64 },
+    /// Candles of `interval` starting in `from..=to` (µs), the current one
+    /// included if it starts in the range.
+    Candles { interval: Interval, from: i64, to: i64 },
+}
+
+/// A history read's answer, oldest first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct History {
+    /// The symbol's epoch (`None`: the owner has no such symbol).
+    pub epoch: Option<Epoch>,
+    pub ticks: Vec<Tick>,
+    /// Candles and whether each is closed.
+    pub candles: Vec<(Candle, bool)>,
+    /// More was there than the limit let through.
+    pub truncated: bool,
+}
+
+/// A symbol's latest tick, with the epoch its seq belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LastTick {
+    pub epoch: Epoch,
+    pub tick: Tick,
+}
+
+/// A symbol with ticks, as listed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SymbolInfo {
+    pub symbol: Symbol,
+    pub owner: u32,
+    pub seq: u64,
+    pub epoch: Epoch,
+}
+
+/// Keeps the first `limit` items; true if there were more (read `limit + 1`
+/// to know).
+fn truncate<T>(items: &mut Vec<T>, limit: usize) -> bool {
+    let more = items.len() > limit;
+    items.truncate(limit);
+    more
+}
+
+impl Node {
+    /// History of a symbol this pod owns; `limit` is clamped to
+    /// [`HISTORY_LIMIT_MAX`].
+    pub async fn local_history(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, StoreError> {
+        let limit = limit.min(HISTORY_LIMIT_MAX);
+        let epoch = self.head(&symbol).map(|h| h.epoch);
+        let mut h = History {
+            epoch,
+            ..History::default()
+        };
+        match q {
+            HistoryQuery::Ticks { from, to } => {
+                h.ticks = self.read_local_ticks(symbol, from.max(1), to, limit + 1).await?;
+                h.truncated = truncate(&mut h.ticks, limit);
+            }
+            HistoryQuery::Candles { interval, from, to } => {
+                h.candles = self.read_local_candles(symbol, interval, from, to, limit + 1).await?;
+                h.truncated = truncate(&mut h.candles, limit);
+            }
+        }
+        Ok(h)
+    }
+
+    /// History of any symbol, from its owner.
+    pub async fn history(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, ReadError> {
+        match self.peer_of(&symbol) {
+            None => Ok(self.local_history(symbol, q, limit).await?),
+            Some(peer) => Ok(peer.history(symbol, q, limit).await?),
+        }
+    }
+
+    /// The latest tick of each symbol this pod owns (symbols without ticks
+    /// are left out).
+    pub fn local_snapshots(&self, symbols: &[Symbol]) -> Vec<LastTick> {
+        symbols
+            .iter()
+            .filter_map(|s| self.head(s))
+            .filter_map(|h| h.last.map(|tick| LastTick { epoch: h.epoch, tick }))
+            .collect()
+    }
+
+    /// The latest tick of each symbol, from their owners (symbols without
+    /// ticks are left out).
+    pub async fn snapshots(&self, symbols: &[Symbol]) -> Result<Vec<LastTick>, ReadError> {
+        let own = self.ownership();
+        let local: Vec<Symbol> = symbols.iter().copied().filter(|s| own.is_local(s)).collect();
+        let mut out = self.local_snapshots(&local);
+        if let Some(cluster) = self.cluster() {
+            for peer in cluster.peers() {
+                let theirs: Vec<Symbol> = symbols.iter().copied().filter(|s| own.owner(s) == peer.id).collect();
+                if !theirs.is_empty() {
+                    out.extend(peer.snapshots(&theirs).await?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every symbol with ticks that this pod owns, sorted.
+    pub fn local_symbols(&self) -> Vec<SymbolInfo> {
+        let own = self.ownership();
+        self.symbols()
+            .into_iter()
+            .map(|(symbol, h)| SymbolInfo {
+                symbol,
+                owner: own.owner(&symbol),
+                seq: h.seq,
+                epoch: h.epoch,
+            })
+            .collect()
+    }
+
+    /// Every symbol with ticks on any shard, sorted. Shards that cannot be
+    /// reached are left out (and logged): the list is what is known now.
+    pub async fn all_symbols(&self) -> Vec<SymbolInfo> {
+        let mut out = self.local_symbols();
+        if let Some(cluster) = self.cluster() {
+            let calls = cluster.peers().map(|p| async move { (p.id, p.symbols().await) });
+            for (id, r) in futures_util::future::join_all(calls).await {
+                match r {
+                    Ok(r) => out.extend(r),
+                    Err(e) => tracing::warn!(peer = id, error = %e, "symbol list without this shard"),
+                }
+            }
+        }
+        out.sort_by_key(|i| i.symbol);
+        out
+    }
+}
