@@ -377,3 +377,14 @@ fn dedup_ids_an_older_release_cut_inside_a_character_still_load() {
         ids[0].0.len()
     );
 }
+
+/// A tick block whose (corrupt) key puts its first seq near 2^64 is an error,
+/// never an overflow panic.
+#[test]
+fn a_block_whose_seqs_would_overflow_is_refused() {
+    let s = sym("X");
+    let mut block = Vec::new();
+    codec::encode_block(&[tick(s, 1), tick(s, 2)], std::iter::empty(), &mut block);
+    assert!(codec::decode_whole_block(s, u64::MAX - 1, &block).is_some());
+    assert!(codec::decode_whole_block(s, u64::MAX, &block).is_none());
+}
