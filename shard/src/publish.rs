@@ -1,13 +1,16 @@
-//! Serving one gRPC publish stream: the public `Feed.Publish` and the peer
-//! `Cluster.Forward` share it. Requests are read while fewer than `window` are
-//! unacked, validated (bad ones are rejected at once and consume no seq),
+//! Serving one publish stream, in domain terms: the public `Feed.Publish` and
+//! the peer `Cluster.Forward` share it (each converts its protocol at its
+//! edge: `wire::publish_stream` for gRPC). Requests are read while fewer than
+//! `window` are unacked, validated (bad ones are refused at once and consume
+//! no seq), kept in order per `(publisher_id, symbol)` (see `AckTx`),
 //! submitted (locally, or forwarded to the owner), and acked when durable.
-//! While draining, the stream stops taking requests, acks what it took, and ends
-//! with UNAVAILABLE so the publisher resends the rest elsewhere.
+//! While draining, the stream stops taking requests, acks what it took,
+//! answers what it reads in the next [`DRAIN_READ`] `unavailable`, and ends
+//! with [`Drained`] so the publisher resends the rest elsewhere.
 
 use std::{
     collections::HashMap,
-    pin::Pin,
+    fmt::Display,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -16,21 +19,62 @@ use std::{
 };
 
 use futures_util::{Stream, StreamExt, stream};
-use tickshard_proto::v1 as pb;
 use tokio::sync::Semaphore;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Status, Streaming};
 
 use crate::{
     committer::{Ack, AckError, AckTx, PublishCmd},
-    domain::{ErrorCode, MAX_SYMBOL_LEN, validate_publisher_id},
+    domain::{ErrorCode, InputError, MAX_SYMBOL_LEN, Tick, validate_publisher_id},
     metrics as m,
     node::Node,
-    wire,
 };
 
-pub type AckStream = Pin<Box<dyn Stream<Item = Result<pb::PublishAck, Status>> + Send>>;
+/// One request of a publish stream, as its protocol decoded it.
+#[derive(Debug)]
+pub struct Request {
+    pub request_id: u64,
+    /// The symbol as sent (echoed in a refusal, cut to a symbol's length).
+    pub symbol: String,
+    /// The validated tick, or why the request is refused (its contract code).
+    pub tick: Result<Tick, InputError>,
+    pub publisher_id: String,
+    pub publisher_seq: u64,
+}
+
+/// The stream's answer to one request.
+#[derive(Debug)]
+pub enum Answer {
+    /// The committer's (or the owner's) ack: accepted, duplicate or refused.
+    Ack(Ack),
+    /// Refused before it reached a committer.
+    Refused {
+        request_id: u64,
+        /// The symbol as sent, at most a symbol's length.
+        symbol: String,
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+impl Answer {
+    fn refused(request_id: u64, symbol: &str, code: ErrorCode, message: String) -> Answer {
+        metrics::counter!(m::TICKS_REJECTED, "code" => code.as_str()).increment(1);
+        Answer::Refused {
+            request_id,
+            // Echoed for correlation, but never more than a symbol can be: a
+            // refused request may carry a megabyte in that field.
+            symbol: symbol.chars().take(MAX_SYMBOL_LEN).collect(),
+            code,
+            message,
+        }
+    }
+}
+
+/// The end of a stream that the drain stopped: retryable (resend unacked
+/// requests elsewhere).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drained;
 
 /// Most distinct publisher ids a stream keeps interned.
 const MAX_INTERNED_IDS: usize = 1_024;
@@ -47,40 +91,6 @@ pub enum Origin {
     Peer,
 }
 
-pub fn reject(request_id: u64, symbol: &str, code: ErrorCode, message: String) -> pb::PublishAck {
-    metrics::counter!(m::TICKS_REJECTED, "code" => code.as_str()).increment(1);
-    pb::PublishAck {
-        request_id,
-        // Echoed for correlation, but never more than a symbol can be: a
-        // rejected request may carry a megabyte in that field.
-        symbol: symbol.chars().take(MAX_SYMBOL_LEN).collect(),
-        seq: 0,
-        epoch: String::new(),
-        duplicate: false,
-        error: Some(pb::Error {
-            code: code.as_str().to_owned(),
-            message,
-        }),
-    }
-}
-
-pub fn ack_to_pb(a: Ack) -> pb::PublishAck {
-    match a.result {
-        Ok(ok) => pb::PublishAck {
-            request_id: a.request_id,
-            symbol: a.symbol.as_str().to_owned(),
-            seq: ok.seq,
-            epoch: ok.epoch.to_string(),
-            duplicate: ok.duplicate,
-            error: None,
-        },
-        Err(e) => {
-            let code = e.code();
-            reject(a.request_id, a.symbol.as_str(), code, e.to_string())
-        }
-    }
-}
-
 impl AckError {
     pub fn code(&self) -> ErrorCode {
         match self {
@@ -92,15 +102,20 @@ impl AckError {
 }
 
 /// Serves one publish stream until the client ends it, or the drain starts.
-pub fn serve(
+/// `inbound` ends (or fails: logged) when the client does.
+pub fn serve<S, E>(
     node: Arc<Node>,
-    mut inbound: Streaming<pb::PublishRequest>,
+    mut inbound: S,
     window: usize,
     draining: CancellationToken,
     origin: Origin,
-) -> AckStream {
+) -> impl Stream<Item = Result<Answer, Drained>> + Send + 'static
+where
+    S: Stream<Item = Result<Request, E>> + Send + Unpin + 'static,
+    E: Display + Send,
+{
     let (ack_tx, ack_rx) = AckTx::new();
-    let (rej_tx, rej_rx) = tokio::sync::mpsc::unbounded_channel::<pb::PublishAck>();
+    let (rej_tx, rej_rx) = tokio::sync::mpsc::unbounded_channel::<Answer>();
     let permits = Arc::new(Semaphore::new(window.max(1)));
     let drained = Arc::new(AtomicBool::new(false));
     {
@@ -115,38 +130,25 @@ pub fn serve(
                     _ = draining.cancelled() => break,
                     p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                 };
-                // `Streaming::message` is cancel-safe: a message is never lost.
+                // `next` is cancel-safe: a message is never lost.
                 let msg = tokio::select! {
                     _ = draining.cancelled() => break,
-                    m = inbound.message() => m,
+                    m = inbound.next() => m,
                 };
                 let r = match msg {
-                    Ok(Some(r)) => r,
-                    Ok(None) => break,
-                    Err(status) => {
-                        tracing::debug!(%status, "publish stream ended");
+                    Some(Ok(r)) => r,
+                    None => break,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "publish stream ended");
                         break;
                     }
                 };
                 permit.forget();
                 let received = Instant::now();
-                let Some(t) = r.tick.as_ref() else {
-                    let _ = rej_tx.send(reject(
-                        r.request_id,
-                        "",
-                        ErrorCode::InvalidRequest,
-                        "request has no tick".into(),
-                    ));
-                    continue;
-                };
-                if let Err(e) = validate_publisher_id(&r.publisher_id) {
-                    let _ = rej_tx.send(reject(r.request_id, &t.symbol, e.code(), e.to_string()));
-                    continue;
-                }
-                let tick = match wire::tick_from_pb(t) {
+                let tick = match validate_publisher_id(&r.publisher_id).and(r.tick) {
                     Ok(t) => t,
                     Err(e) => {
-                        let _ = rej_tx.send(reject(r.request_id, &t.symbol, e.code(), e.to_string()));
+                        let _ = rej_tx.send(Answer::refused(r.request_id, &r.symbol, e.code(), e.to_string()));
                         continue;
                     }
                 };
@@ -189,34 +191,29 @@ pub fn serve(
                 // (contract §7: `unavailable`, never silence), for a bounded
                 // time; the stream then ends with UNAVAILABLE.
                 let until = tokio::time::Instant::now() + DRAIN_READ;
-                while let Ok(Ok(Some(r))) = tokio::time::timeout_at(until, inbound.message()).await {
-                    let symbol = r.tick.as_ref().map_or("", |t| t.symbol.as_str());
+                while let Ok(Some(Ok(r))) = tokio::time::timeout_at(until, inbound.next()).await {
                     let why = "server is draining: resend on another server".to_string();
-                    let _ = rej_tx.send(reject(r.request_id, symbol, ErrorCode::Unavailable, why));
+                    let _ = rej_tx.send(Answer::refused(r.request_id, &r.symbol, ErrorCode::Unavailable, why));
                 }
             }
             // Dropping the senders ends the response stream once every
             // in-flight request has been acked.
         });
     }
-    let acks = UnboundedReceiverStream::new(ack_rx)
-        .flat_map(stream::iter)
-        .map(ack_to_pb);
-    let rejects = UnboundedReceiverStream::new(rej_rx);
-    let out = stream::select(acks, rejects)
+    let acks = UnboundedReceiverStream::new(ack_rx).flat_map(stream::iter).map(|a| {
+        if let Err(e) = &a.result {
+            metrics::counter!(m::TICKS_REJECTED, "code" => e.code().as_str()).increment(1);
+        }
+        Answer::Ack(a)
+    });
+    let refusals = UnboundedReceiverStream::new(rej_rx);
+    stream::select(acks, refusals)
         .map(move |a| {
             permits.add_permits(1);
             Ok(a)
         })
         .chain(
-            stream::once(async move {
-                drained.load(Ordering::Relaxed).then(|| {
-                    Err(Status::unavailable(
-                        "server is draining: reconnect and resend unacked requests",
-                    ))
-                })
-            })
-            .filter_map(|x| async move { x }),
-        );
-    Box::pin(out)
+            stream::once(async move { drained.load(Ordering::Relaxed).then_some(Err(Drained)) })
+                .filter_map(|x| async move { x }),
+        )
 }

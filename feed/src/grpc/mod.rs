@@ -18,7 +18,7 @@ use tickshard_proto::v1::{
 };
 use tickshard_shard::{
     cluster::service::{ClusterService, parse_symbols, read_status},
-    publish::{self, Origin},
+    publish::Origin,
     wire,
 };
 use tokio::net::TcpListener;
@@ -87,7 +87,7 @@ impl Feed for FeedService {
         &self,
         req: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
-        Ok(Response::new(publish::serve(
+        Ok(Response::new(wire::publish_stream(
             self.shared.node.clone(),
             req.into_inner(),
             self.shared.publish_window,

@@ -18,7 +18,7 @@ use crate::{
     events::outbox_events,
     hub::{Channel, Close, Data, Outbox},
     node::{Node, ReadError, SubRequest},
-    publish::{self, AckStream, Origin},
+    publish::Origin,
     wire,
 };
 
@@ -131,7 +131,7 @@ fn event(symbol: Symbol, kind: pb::follow_event::Kind) -> pb::FollowEvent {
 
 #[tonic::async_trait]
 impl ClusterApi for ClusterService {
-    type ForwardStream = AckStream;
+    type ForwardStream = wire::AckStream;
     type FollowStream = FollowStream;
 
     async fn topology(&self, req: Request<pb::TopologyRequest>) -> Result<Response<pb::TopologyResponse>, Status> {
@@ -163,7 +163,7 @@ impl ClusterApi for ClusterService {
         if self.stopping.is_cancelled() {
             return Err(Status::unavailable("stopping"));
         }
-        Ok(Response::new(publish::serve(
+        Ok(Response::new(wire::publish_stream(
             self.node.clone(),
             req.into_inner(),
             self.window,
