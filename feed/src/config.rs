@@ -7,8 +7,6 @@ use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use tickshard_shard::{committer::CommitterConfig, node::NodeConfig, ownership, store::StoreOptions};
 
-use crate::{grpc::GrpcLimits, ws::WsLimits};
-
 #[derive(Debug, Parser)]
 #[command(
     name = "tickshard",
@@ -292,6 +290,33 @@ pub struct ServeConfig {
     pub publish_window: usize,
     pub grpc: GrpcLimits,
     pub http: HttpLimits,
+}
+
+/// Per-connection limits (contract §4), from the configuration.
+#[derive(Clone, Debug)]
+pub struct WsLimits {
+    pub max_message_bytes: usize,
+    pub max_subscriptions: usize,
+    pub max_client_rate: NonZeroU32,
+    pub client_burst: NonZeroU32,
+    pub slow_client: Duration,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// Bounds of the gRPC listener, from the configuration.
+#[derive(Clone, Debug)]
+pub struct GrpcLimits {
+    /// Concurrent connections (`--max-grpc-connections`).
+    pub max_connections: usize,
+    /// Concurrent streams per connection (`--grpc-max-streams`).
+    pub max_streams: u32,
+    /// Time to complete the HTTP/2 handshake (10 s, contract §5).
+    pub handshake_timeout: Duration,
+    /// A connection without an open stream this long is closed (gracefully;
+    /// clients reconnect on their next call), so idle connections cannot
+    /// hold the connection permits for ever.
+    pub idle_timeout: Duration,
 }
 
 /// Bounds of plain HTTP connections (contract §7).

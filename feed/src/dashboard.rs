@@ -3,7 +3,7 @@
 //! loads charts from. The chart library is vendored from npm
 //! (`feed/dashboard/`, `npm run vendor`); the Rust build never runs Node.
 
-use tickshard_shard::reads::History;
+use tickshard_shard::domain::History;
 
 use crate::ws::json;
 

@@ -14,8 +14,8 @@ use prost::Message as _;
 use simd_json::Buffers;
 use tickshard_proto::v1 as pb;
 use tickshard_shard::{
-    cluster::service::parse_symbols,
     domain::{Epoch, Interval, Symbol, validate_publisher_id},
+    rpc::parse_symbols,
     wire,
 };
 use tokio::io::{AsyncRead, ReadBuf};

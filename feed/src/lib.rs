@@ -20,6 +20,7 @@ pub mod fuzzing;
 pub mod grpc;
 pub mod http;
 pub mod server;
+pub mod shared;
 pub mod sim;
 pub mod telemetry;
 pub mod ws;

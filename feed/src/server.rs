@@ -20,17 +20,22 @@ use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tickshard_shard::{
-    domain::{Interval, Symbol},
-    hub::{Close, Outbox},
+    domain::{HISTORY_LIMIT_DEFAULT, HISTORY_LIMIT_MAX, HistoryQuery, Interval, Symbol},
+    hub::Close,
     metrics as m,
     node::{Node, NodeError},
-    reads::{HISTORY_LIMIT_DEFAULT, HISTORY_LIMIT_MAX, HistoryQuery},
     tasks,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{config::ServeConfig, grpc, http, sim, ws, ws::json};
+use crate::{
+    config::ServeConfig,
+    grpc, http,
+    shared::{Closable, Shared},
+    sim, ws,
+    ws::json,
+};
 
 /// Bound listeners, handed to [`run`].
 pub struct Listeners {
@@ -48,71 +53,6 @@ pub enum RunError {
     Grpc(String),
     #[error("startup task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
-}
-
-/// Anything the drain can close: WebSocket and gRPC subscriber outboxes.
-pub trait Closable: Send + Sync {
-    fn close(&self, close: Close);
-}
-
-impl<C: Send + 'static> Closable for Outbox<C> {
-    fn close(&self, close: Close) {
-        Outbox::close(self, close);
-    }
-}
-
-/// State shared by the HTTP, WebSocket and gRPC layers.
-pub struct Shared {
-    pub node: Arc<Node>,
-    pub ws: ws::WsLimits,
-    pub publish_window: usize,
-    /// Set at SIGTERM: not ready, no new WebSockets or subscriptions.
-    draining: CancellationToken,
-    /// Set once clients are closed: publish and peer streams stop taking work.
-    stopping: CancellationToken,
-    ready: AtomicBool,
-    metrics: PrometheusHandle,
-    /// Open subscriber connections, closed one by one during the drain.
-    conns: Mutex<HashMap<u64, Arc<dyn Closable>>>,
-    /// Every WebSocket and gRPC subscriber task, so shutdown can wait for them.
-    pub tracker: TaskTracker,
-    /// Subscribers (`--max-connections`): a WebSocket takes one at the
-    /// upgrade, a gRPC `Subscribe` stream when it starts.
-    ws_permits: Arc<Semaphore>,
-}
-
-impl Shared {
-    pub fn is_draining(&self) -> bool {
-        self.draining.is_cancelled()
-    }
-
-    pub fn draining(&self) -> &CancellationToken {
-        &self.draining
-    }
-
-    /// Cancelled when publish streams (and peer streams) must wind down: after
-    /// the clients are closed, so the shard keeps taking publishes for its
-    /// symbols while it drains (its owner downtime is only the restart itself).
-    pub fn stopping(&self) -> &CancellationToken {
-        &self.stopping
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed) && !self.is_draining() && self.node.is_healthy()
-    }
-
-    /// A subscriber slot (`--max-connections`), if one is free.
-    pub fn subscriber_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.ws_permits.clone().try_acquire_owned().ok()
-    }
-
-    pub fn register(&self, id: u64, c: Arc<dyn Closable>) {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(id, c);
-    }
-
-    pub fn deregister(&self, id: u64) {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-    }
 }
 
 /// Serves until `shutdown` is cancelled, then drains (contract §7) and returns.

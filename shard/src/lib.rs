@@ -27,6 +27,7 @@ pub mod node;
 pub mod ownership;
 pub mod publish;
 pub mod reads;
+pub mod rpc;
 pub mod store;
 pub mod tasks;
 pub mod wire;

@@ -18,11 +18,10 @@ use crate::{
     backoff::Backoff,
     cluster::{Cluster, ClusterConfig, ClusterError, MirrorLease, Peer, PeerError},
     committer::{CommitError, Committer, CommitterConfig, PublishCmd},
-    domain::{Candle, Epoch, ErrorCode, Interval, Position, Symbol, Tick},
+    domain::{Candle, Epoch, ErrorCode, HistoryQuery, Interval, Position, Symbol, Tick},
     hub::{CandleData, Channel, Chunk, Data, Head, Hub, Outbox, SnapshotData, SymbolHub},
     metrics as m,
     ownership::Ownership,
-    reads::HistoryQuery,
     store::{Store, StoreError, StoreOptions},
 };
 

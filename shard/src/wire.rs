@@ -1,20 +1,14 @@
-//! Conversions between domain types and the generated gRPC types. The only
-//! module of this crate (besides the cluster sync) that touches prost types.
+//! Conversions between domain types and the generated gRPC types: pure
+//! functions, below everything that serves (`rpc`) or calls (`cluster`) gRPC.
 
 use tickshard_proto::v1 as pb;
 
-use std::sync::Arc;
-
-use futures_util::StreamExt as _;
-use tokio_util::sync::CancellationToken;
-
 use crate::{
-    committer::Ack,
-    domain::{Candle, Decimal, Epoch, ErrorCode, InputError, Interval, Symbol, Tick, TickFields},
+    domain::{
+        Candle, Decimal, Epoch, HISTORY_LIMIT_DEFAULT, History, HistoryQuery, InputError, Interval, LastTick, Symbol,
+        SymbolInfo, Tick, TickFields,
+    },
     hub::{Close, SnapshotData},
-    node::{Node, SubResult},
-    publish,
-    reads::{HISTORY_LIMIT_DEFAULT, History, HistoryQuery, LastTick, SymbolInfo},
 };
 
 fn opt(d: Option<Decimal>) -> String {
@@ -87,15 +81,6 @@ pub fn snapshot_to_pb(s: &SnapshotData, recovered: bool) -> pb::Snapshot {
         epoch: s.epoch.to_string(),
         recovered,
         conflated: s.conflated,
-    }
-}
-
-pub fn sub_result_to_pb(r: &SubResult) -> pb::SymbolState {
-    pb::SymbolState {
-        symbol: r.symbol.as_str().to_owned(),
-        epoch: r.epoch.to_string(),
-        seq: r.seq,
-        recovered: r.recovered,
     }
 }
 
@@ -211,91 +196,6 @@ pub fn symbol_info_from_pb(i: &pb::SymbolInfo) -> Option<SymbolInfo> {
         seq: i.seq,
         epoch: Epoch::parse(&i.epoch)?,
     })
-}
-
-/// A gRPC publish stream's answers (the public `Feed.Publish` and the peer
-/// `Cluster.Forward`).
-pub type AckStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::PublishAck, tonic::Status>> + Send>>;
-
-/// Serves a gRPC publish stream: [`publish::serve`] with the requests decoded
-/// from prost and the answers encoded back (a drained stream ends with
-/// UNAVAILABLE: resend the unacked requests elsewhere).
-pub fn publish_stream(
-    node: Arc<Node>,
-    inbound: tonic::Streaming<pb::PublishRequest>,
-    window: usize,
-    draining: CancellationToken,
-    origin: publish::Origin,
-) -> AckStream {
-    let requests = inbound.map(|r| r.map(publish_request_from_pb));
-    let answers = publish::serve(node, requests, window, draining, origin).map(|a| match a {
-        Ok(a) => Ok(answer_to_pb(a)),
-        Err(publish::Drained) => Err(tonic::Status::unavailable(
-            "server is draining: reconnect and resend unacked requests",
-        )),
-    });
-    Box::pin(answers)
-}
-
-/// A `PublishRequest` as the publish stream takes it: the tick validated (a
-/// request without one is `invalid_request`).
-pub fn publish_request_from_pb(r: pb::PublishRequest) -> publish::Request {
-    let (symbol, tick) = match r.tick {
-        Some(t) => {
-            let tick = tick_from_pb(&t);
-            (t.symbol, tick)
-        }
-        None => (
-            String::new(),
-            Err(InputError::InvalidRequest("request has no tick".into())),
-        ),
-    };
-    publish::Request {
-        request_id: r.request_id,
-        symbol,
-        tick,
-        publisher_id: r.publisher_id,
-        publisher_seq: r.publisher_seq,
-    }
-}
-
-pub fn answer_to_pb(a: publish::Answer) -> pb::PublishAck {
-    let refused = |request_id, symbol, code: ErrorCode, message| pb::PublishAck {
-        request_id,
-        symbol,
-        seq: 0,
-        epoch: String::new(),
-        duplicate: false,
-        error: Some(pb::Error {
-            code: code.as_str().to_owned(),
-            message,
-        }),
-    };
-    match a {
-        publish::Answer::Ack(Ack {
-            request_id,
-            symbol,
-            result: Ok(ok),
-        }) => pb::PublishAck {
-            request_id,
-            symbol: symbol.as_str().to_owned(),
-            seq: ok.seq,
-            epoch: ok.epoch.to_string(),
-            duplicate: ok.duplicate,
-            error: None,
-        },
-        publish::Answer::Ack(Ack {
-            request_id,
-            symbol,
-            result: Err(e),
-        }) => refused(request_id, symbol.as_str().to_owned(), e.code(), e.to_string()),
-        publish::Answer::Refused {
-            request_id,
-            symbol,
-            code,
-            message,
-        } => refused(request_id, symbol, code, message),
-    }
 }
 
 /// How a subscriber stream ends when its outbox closes: every close but

@@ -2,6 +2,7 @@
 //! One test binary (one link) with a module per area.
 #![allow(clippy::unwrap_used, clippy::print_stderr, clippy::disallowed_methods)]
 
+mod architecture;
 mod bench_smoke;
 mod client_lib;
 mod cluster;

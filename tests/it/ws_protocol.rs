@@ -551,8 +551,18 @@ async fn websockets_past_the_limit_are_refused_until_a_slot_is_free() {
     assert_eq!(recv_close(&mut a).await, 1000);
     drop(a);
     drop(b);
-    // once a slot is free, new connections are served again
-    let mut c = srv.ws().await;
+    // once a slot is free (the server has ended a connection: a 503 until
+    // then), new connections are served again
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut c = loop {
+        match tickshard_feed::client::ws::WsConn::connect(&srv.ws_url(), WAIT).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "no slot freed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+        }
+    };
     c.send_text(r#"{"op":"ping","id":1}"#).await.unwrap();
     assert_eq!(recv(&mut c).await, ServerMsg::Pong { id: Some("1".into()) });
 }

@@ -4,7 +4,7 @@
 mod serve;
 pub(crate) mod subscribe;
 
-pub use serve::{GrpcLimits, Handshake};
+pub use serve::Handshake;
 use subscribe::FeedRoutes;
 pub use subscribe::encode_tick_events;
 
@@ -17,8 +17,8 @@ use tickshard_proto::v1::{
     feed_server::{Feed, FeedServer},
 };
 use tickshard_shard::{
-    cluster::service::{ClusterService, parse_symbols, read_status},
     publish::Origin,
+    rpc::{self, ClusterService, parse_symbols, read_status},
     wire,
 };
 use tokio::net::TcpListener;
@@ -26,7 +26,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming, service::Routes};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::server::Shared;
+use crate::{config::GrpcLimits, shared::Shared};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -87,7 +87,7 @@ impl Feed for FeedService {
         &self,
         req: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
-        Ok(Response::new(wire::publish_stream(
+        Ok(Response::new(rpc::publish_stream(
             self.shared.node.clone(),
             req.into_inner(),
             self.shared.publish_window,

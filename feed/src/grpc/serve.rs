@@ -33,6 +33,8 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{codegen::http, service::Routes};
+
+use crate::config::GrpcLimits;
 use tracing::Instrument as _;
 
 /// The server pings a connection it has read nothing from for this long.
@@ -46,21 +48,6 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long in-flight streams get to finish once shutdown has asked a
 /// connection to close (GOAWAY) before it is dropped.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
-
-/// Bounds of the gRPC listener, from the configuration.
-#[derive(Clone, Debug)]
-pub struct GrpcLimits {
-    /// Concurrent connections (`--max-grpc-connections`).
-    pub max_connections: usize,
-    /// Concurrent streams per connection (`--grpc-max-streams`).
-    pub max_streams: u32,
-    /// Time to complete the HTTP/2 handshake (10 s, contract §5).
-    pub handshake_timeout: Duration,
-    /// A connection without an open stream this long is closed (gracefully;
-    /// clients reconnect on their next call), so idle connections cannot
-    /// hold the connection permits for ever.
-    pub idle_timeout: Duration,
-}
 
 /// Serves `routes` on `listener` until `stop`, then closes every connection
 /// gracefully and returns once they are gone (each bounded by [`CLOSE_GRACE`]).

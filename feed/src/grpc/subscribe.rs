@@ -17,12 +17,12 @@ use futures_util::StreamExt as _;
 use prost::Message as _;
 use tickshard_proto::v1::{self as pb, feed_server::FeedServer};
 use tickshard_shard::{
-    cluster::service::{parse_symbol, parse_symbols},
     domain::{Epoch, Position, Symbol, Tick},
     events::outbox_events,
     hub::{Channel, Data, Format, Frames, Outbox},
     metrics as m,
     node::{SubRequest, SubResult, SubscribeError},
+    rpc::{parse_symbol, parse_symbols},
     wire,
 };
 use tonic::{
@@ -34,7 +34,7 @@ use tonic::{
 use tonic_prost::ProstDecoder;
 
 use super::{BoxStream, FeedService};
-use crate::server::Shared;
+use crate::shared::Shared;
 
 const SUBSCRIBE_PATH: &str = "/tickshard.v1.Feed/Subscribe";
 
@@ -195,7 +195,7 @@ async fn subscribe(
     let subscribed = encoded(pb::event::Kind::Subscribed(pb::Subscribed {
         symbols: SubResult::per_symbol(&prepared.results)
             .iter()
-            .map(wire::sub_result_to_pb)
+            .map(tickshard_shard::rpc::sub_result_to_pb)
             .collect(),
     }));
     outbox.control(subscribed, 64);

@@ -17,7 +17,6 @@ pub mod protocol;
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     net::SocketAddr,
-    num::NonZeroU32,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -47,7 +46,7 @@ use self::{
     client_read::{ClientRead, Tracked},
     lazy_buf::LazyBufWriter,
 };
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// Size of the per-connection write buffer: frames are copied into it and
 /// written with one syscall per drain.
@@ -58,18 +57,6 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// How long a closed connection keeps reading (and discarding) what the
 /// client still sends, waiting for its close or end of stream.
 const LINGER: Duration = Duration::from_secs(2);
-
-/// Per-connection limits (contract §4), from the configuration.
-#[derive(Clone, Debug)]
-pub struct WsLimits {
-    pub max_message_bytes: usize,
-    pub max_subscriptions: usize,
-    pub max_client_rate: NonZeroU32,
-    pub client_burst: NonZeroU32,
-    pub slow_client: Duration,
-    pub ping_interval: Duration,
-    pub idle_timeout: Duration,
-}
 
 /// Protocol-specific items of a WebSocket outbox.
 pub enum Ctl {

@@ -17,7 +17,6 @@
 //! on failure.
 
 mod peer;
-pub mod service;
 
 use std::{
     sync::{

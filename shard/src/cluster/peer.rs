@@ -21,11 +21,9 @@ use super::ClusterConfig;
 use crate::{
     backoff::Backoff,
     committer::{Accepted, Ack, AckError, PublishCmd},
-    domain::{Epoch, ErrorCode, Symbol, Tick, now_micros},
+    domain::{Epoch, ErrorCode, History, HistoryQuery, LastTick, Symbol, SymbolInfo, Tick, now_micros},
     hub::{Channel as SubChannel, Chunk, Head, Hub, SymbolHub},
-    metrics as m,
-    reads::{History, HistoryQuery, LastTick, SymbolInfo},
-    wire,
+    metrics as m, wire,
 };
 
 /// How long a subscribe waits for the owner to start a new follow.

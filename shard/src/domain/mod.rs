@@ -7,6 +7,7 @@
 mod candle;
 mod epoch;
 mod error;
+mod history;
 mod num;
 mod publisher;
 mod symbol;
@@ -15,6 +16,7 @@ mod tick;
 pub use candle::{Candle, CandleAgg, CandleEffect, Interval};
 pub use epoch::Epoch;
 pub use error::{ErrorCode, InputError};
+pub use history::{HISTORY_LIMIT_DEFAULT, HISTORY_LIMIT_MAX, History, HistoryQuery, LastTick, SymbolInfo};
 pub use num::{MAX_TS_MICROS, now_micros, parse_decimal};
 pub use publisher::{MAX_PUBLISHER_ID_BYTES, publisher_id_from, validate_publisher_id};
 pub use rust_decimal::Decimal;

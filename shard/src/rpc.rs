@@ -1,5 +1,8 @@
-//! The owner side of shard-to-shard sync: the `Cluster` gRPC service, and the
-//! local reads that both it and the public `Feed` service use.
+//! The gRPC edges of the shard: the `Cluster` service (the owner side of
+//! shard-to-shard sync: it serves this pod's data to its peers), the adapter
+//! that serves a gRPC publish stream with [`publish::serve`] (the public
+//! `Feed.Publish` and the peer `Cluster.Forward`), and the conversions that
+//! need the node's types. Above the node; the peer links (`cluster`) below it.
 
 use std::{
     collections::HashSet,
@@ -14,12 +17,16 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    domain::{Epoch, ErrorCode, Interval, MAX_SYMBOL_LEN, Position, Symbol, SymbolListError, SymbolSet, now_micros},
+    committer::Ack,
+    domain::{
+        Epoch, ErrorCode, InputError, Interval, MAX_SYMBOL_LEN, Position, Symbol, SymbolListError, SymbolSet,
+        now_micros,
+    },
     events::outbox_events,
     hub::{Channel, Close, Data, Outbox},
-    node::{Node, ReadError, SubRequest},
-    publish::Origin,
-    wire,
+    node::{Node, ReadError, SubRequest, SubResult},
+    publish::{self, Origin},
+    wire::{self, tick_from_pb},
 };
 
 pub fn parse_symbol(s: &str) -> Result<Symbol, Status> {
@@ -131,7 +138,7 @@ fn event(symbol: Symbol, kind: pb::follow_event::Kind) -> pb::FollowEvent {
 
 #[tonic::async_trait]
 impl ClusterApi for ClusterService {
-    type ForwardStream = wire::AckStream;
+    type ForwardStream = AckStream;
     type FollowStream = FollowStream;
 
     async fn topology(&self, req: Request<pb::TopologyRequest>) -> Result<Response<pb::TopologyResponse>, Status> {
@@ -163,7 +170,7 @@ impl ClusterApi for ClusterService {
         if self.stopping.is_cancelled() {
             return Err(Status::unavailable("stopping"));
         }
-        Ok(Response::new(wire::publish_stream(
+        Ok(Response::new(publish_stream(
             self.node.clone(),
             req.into_inner(),
             self.window,
@@ -246,7 +253,7 @@ impl ClusterApi for ClusterService {
                                     Ok(prepared) => {
                                         let r = prepared.results[0];
                                         outbox.control(
-                                            event(sym, pb::follow_event::Kind::Started(wire::sub_result_to_pb(&r))),
+                                            event(sym, pb::follow_event::Kind::Started(sub_result_to_pb(&r))),
                                             64,
                                         );
                                         node.activate(&outbox, prepared).await;
@@ -366,5 +373,101 @@ impl ClusterApi for ClusterService {
             })
             .collect();
         Ok(Response::new(pb::EnsureResponse { symbols }))
+    }
+}
+
+/// A gRPC publish stream's answers (the public `Feed.Publish` and the peer
+/// `Cluster.Forward`).
+pub type AckStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::PublishAck, tonic::Status>> + Send>>;
+
+/// Serves a gRPC publish stream: [`publish::serve`] with the requests decoded
+/// from prost and the answers encoded back (a drained stream ends with
+/// UNAVAILABLE: resend the unacked requests elsewhere).
+pub fn publish_stream(
+    node: Arc<Node>,
+    inbound: tonic::Streaming<pb::PublishRequest>,
+    window: usize,
+    draining: CancellationToken,
+    origin: publish::Origin,
+) -> AckStream {
+    let requests = inbound.map(|r| r.map(publish_request_from_pb));
+    let answers = publish::serve(node, requests, window, draining, origin).map(|a| match a {
+        Ok(a) => Ok(answer_to_pb(a)),
+        Err(publish::Drained) => Err(tonic::Status::unavailable(
+            "server is draining: reconnect and resend unacked requests",
+        )),
+    });
+    Box::pin(answers)
+}
+
+/// A `PublishRequest` as the publish stream takes it: the tick validated (a
+/// request without one is `invalid_request`).
+pub fn publish_request_from_pb(r: pb::PublishRequest) -> publish::Request {
+    let (symbol, tick) = match r.tick {
+        Some(t) => {
+            let tick = tick_from_pb(&t);
+            (t.symbol, tick)
+        }
+        None => (
+            String::new(),
+            Err(InputError::InvalidRequest("request has no tick".into())),
+        ),
+    };
+    publish::Request {
+        request_id: r.request_id,
+        symbol,
+        tick,
+        publisher_id: r.publisher_id,
+        publisher_seq: r.publisher_seq,
+    }
+}
+
+pub fn answer_to_pb(a: publish::Answer) -> pb::PublishAck {
+    let refused = |request_id, symbol, code: ErrorCode, message| pb::PublishAck {
+        request_id,
+        symbol,
+        seq: 0,
+        epoch: String::new(),
+        duplicate: false,
+        error: Some(pb::Error {
+            code: code.as_str().to_owned(),
+            message,
+        }),
+    };
+    match a {
+        publish::Answer::Ack(Ack {
+            request_id,
+            symbol,
+            result: Ok(ok),
+        }) => pb::PublishAck {
+            request_id,
+            symbol: symbol.as_str().to_owned(),
+            seq: ok.seq,
+            epoch: ok.epoch.to_string(),
+            duplicate: ok.duplicate,
+            error: None,
+        },
+        publish::Answer::Ack(Ack {
+            request_id,
+            symbol,
+            result: Err(e),
+        }) => refused(request_id, symbol.as_str().to_owned(), e.code(), e.to_string()),
+        publish::Answer::Refused {
+            request_id,
+            symbol,
+            code,
+            message,
+        } => refused(request_id, symbol, code, message),
+    }
+}
+
+/// A subscription's outcome as the `Subscribed` event and the follow's
+/// `started` report it.
+pub fn sub_result_to_pb(r: &SubResult) -> pb::SymbolState {
+    pb::SymbolState {
+        symbol: r.symbol.as_str().to_owned(),
+        epoch: r.epoch.to_string(),
+        seq: r.seq,
+        recovered: r.recovered,
     }
 }

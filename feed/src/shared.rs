@@ -1,0 +1,86 @@
+//! The state the HTTP, WebSocket and gRPC layers share: the node, the limits,
+//! the drain's signals and the open subscriber connections. Below every
+//! protocol module (they import it; it imports none of them).
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tickshard_shard::{
+    hub::{Close, Outbox},
+    node::Node,
+};
+use tokio::sync::Semaphore;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::config::WsLimits;
+
+/// Anything the drain can close: WebSocket and gRPC subscriber outboxes.
+pub trait Closable: Send + Sync {
+    fn close(&self, close: Close);
+}
+
+impl<C: Send + 'static> Closable for Outbox<C> {
+    fn close(&self, close: Close) {
+        Outbox::close(self, close);
+    }
+}
+
+/// State shared by the HTTP, WebSocket and gRPC layers.
+pub struct Shared {
+    pub node: Arc<Node>,
+    pub ws: WsLimits,
+    pub publish_window: usize,
+    /// Set at SIGTERM: not ready, no new WebSockets or subscriptions.
+    pub(crate) draining: CancellationToken,
+    /// Set once clients are closed: publish and peer streams stop taking work.
+    pub(crate) stopping: CancellationToken,
+    pub(crate) ready: AtomicBool,
+    pub(crate) metrics: PrometheusHandle,
+    /// Open subscriber connections, closed one by one during the drain.
+    pub(crate) conns: Mutex<HashMap<u64, Arc<dyn Closable>>>,
+    /// Every WebSocket and gRPC subscriber task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Subscribers (`--max-connections`): a WebSocket takes one at the
+    /// upgrade, a gRPC `Subscribe` stream when it starts.
+    pub(crate) ws_permits: Arc<Semaphore>,
+}
+
+impl Shared {
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    pub fn draining(&self) -> &CancellationToken {
+        &self.draining
+    }
+
+    /// Cancelled when publish streams (and peer streams) must wind down: after
+    /// the clients are closed, so the shard keeps taking publishes for its
+    /// symbols while it drains (its owner downtime is only the restart itself).
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.stopping
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && !self.is_draining() && self.node.is_healthy()
+    }
+
+    /// A subscriber slot (`--max-connections`), if one is free.
+    pub fn subscriber_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.ws_permits.clone().try_acquire_owned().ok()
+    }
+
+    pub fn register(&self, id: u64, c: Arc<dyn Closable>) {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(id, c);
+    }
+
+    pub fn deregister(&self, id: u64) {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+}
