@@ -89,7 +89,8 @@ pub struct ServeArgs {
     /// Largest client message in bytes; a larger one closes the socket with 1009.
     #[arg(long, env = "TICKSHARD_MAX_MESSAGE_BYTES", default_value_t = 65_536)]
     pub max_message_bytes: usize,
-    /// Symbol×channel subscriptions per WebSocket connection.
+    /// Symbol×channel subscriptions per WebSocket connection or gRPC Subscribe
+    /// stream; also the most symbols one request may name.
     #[arg(long, env = "TICKSHARD_MAX_SUBSCRIPTIONS", default_value_t = 1_000)]
     pub max_subscriptions: usize,
     /// Client messages per second per connection (past it: `rate_limited`).

@@ -101,13 +101,14 @@ impl AckError {
     }
 }
 
-/// Serves one publish stream until the client ends it, or the drain starts.
-/// `inbound` ends (or fails: logged) when the client does.
+/// Serves one publish stream until the client ends it, or `stop` (the
+/// server's drain, once its clients are closed). `inbound` ends (or fails:
+/// logged) when the client does.
 pub fn serve<S, E>(
     node: Arc<Node>,
     mut inbound: S,
     window: usize,
-    draining: CancellationToken,
+    stop: CancellationToken,
     origin: Origin,
 ) -> impl Stream<Item = Result<Answer, Drained>> + Send + 'static
 where
@@ -127,12 +128,12 @@ where
             loop {
                 // Bound the requests in flight: wait for acks past the window.
                 let permit = tokio::select! {
-                    _ = draining.cancelled() => break,
+                    _ = stop.cancelled() => break,
                     p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                 };
                 // `next` is cancel-safe: a message is never lost.
                 let msg = tokio::select! {
-                    _ = draining.cancelled() => break,
+                    _ = stop.cancelled() => break,
                     m = inbound.next() => m,
                 };
                 let r = match msg {
@@ -185,7 +186,7 @@ where
                     Origin::Peer => node.publish_as_owner(cmd).await,
                 };
             }
-            if draining.is_cancelled() {
+            if stop.is_cancelled() {
                 drained.store(true, Ordering::Relaxed);
                 // Requests the client has already sent each get an answer
                 // (contract §7: `unavailable`, never silence), for a bounded

@@ -387,11 +387,11 @@ pub fn publish_stream(
     node: Arc<Node>,
     inbound: tonic::Streaming<pb::PublishRequest>,
     window: usize,
-    draining: CancellationToken,
+    stop: CancellationToken,
     origin: publish::Origin,
 ) -> AckStream {
     let requests = inbound.map(|r| r.map(publish_request_from_pb));
-    let answers = publish::serve(node, requests, window, draining, origin).map(|a| match a {
+    let answers = publish::serve(node, requests, window, stop, origin).map(|a| match a {
         Ok(a) => Ok(answer_to_pb(a)),
         Err(publish::Drained) => Err(tonic::Status::unavailable(
             "server is draining: reconnect and resend unacked requests",
