@@ -203,7 +203,7 @@ pub async fn accept_loop<F>(
 /// Accept errors (EMFILE: out of file descriptors) back off, doubling from
 /// 5 ms up to 1 s, instead of spinning. Shared by the HTTP and gRPC listeners.
 pub(crate) async fn accept(listener: &TcpListener, stop: &CancellationToken) -> Option<(TcpStream, SocketAddr)> {
-    let mut backoff = tickshard_shard::backoff::Backoff::new(Duration::from_millis(5), Duration::from_secs(1));
+    let mut backoff = tickshard_shard::backoff::Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     loop {
         let err = tokio::select! {
             _ = stop.cancelled() => return None,

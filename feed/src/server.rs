@@ -20,7 +20,7 @@ use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tickshard_shard::{
-    domain::{HISTORY_LIMIT_DEFAULT, HISTORY_LIMIT_MAX, HistoryQuery, Interval, Symbol},
+    domain::{HISTORY_LIMIT_MAX, HistoryQuery, Interval, Symbol},
     hub::Close,
     metrics as m,
     node::{Node, NodeError},
@@ -355,7 +355,7 @@ async fn candles_api(query: &str, shared: &Shared) -> Response<Body> {
         );
     };
     let limit = match limit {
-        0 => HISTORY_LIMIT_DEFAULT,
+        0 => 500, // as when absent
         n => n as usize,
     };
     // Without `from`, the most recent `limit` candles: back from the interval of

@@ -501,10 +501,12 @@ impl Node {
                     sink.force(Data::Candle(Box::new(CandleData { candle, closed: false })));
                 }
                 Plan::Replay { mut from, to } => {
-                    let mut wait = Backoff::new(Duration::from_millis(20), Duration::from_millis(250));
+                    let mut wait = Backoff::new(Duration::from_millis(40), Duration::from_millis(250));
                     while from <= to && !lost {
                         sink.room().await;
-                        if sink.is_closing() {
+                        // (a subscriber that left ends the replay: its task
+                        // must not wait for an owner on nobody's behalf)
+                        if sink.is_gone() {
                             return;
                         }
                         match self.read_ticks(res.symbol, from, to, REPLAY_PAGE).await {

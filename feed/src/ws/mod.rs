@@ -756,7 +756,7 @@ impl Session<'_> {
         let id = id.map(<[u8]>::to_vec);
         let mut reqs: Vec<SubRequest> = failed.into_iter().map(|(r, _)| r).collect();
         tickshard_shard::tasks::spawn(&tracker, async move {
-            let mut delay = tickshard_shard::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+            let mut delay = tickshard_shard::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
             loop {
                 tokio::select! {
                     _ = closed.cancelled() => return,

@@ -34,12 +34,12 @@ const MIRROR_IDLE: Duration = Duration::from_secs(5);
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);
 /// Forwarded publishes queued in front of the link.
 const FORWARD_QUEUE: usize = 16_384;
-/// Reconnect back-off bounds (each wait is in the upper half of its step).
-/// The cap is low on purpose: a restarting owner is back within about a
-/// second in a rolling upgrade, and every extra millisecond of back-off is
-/// client-visible gap for its symbols.
+/// Reconnect back-off bounds (each wait is in the upper half of its step:
+/// 20–40 ms first, then at most 150–300 ms). The cap is low on purpose: a
+/// restarting owner is back within about a second in a rolling upgrade, and
+/// every extra millisecond of back-off is client-visible gap for its symbols.
 const RECONNECT_MIN: Duration = Duration::from_millis(40);
-const RECONNECT_MAX: Duration = Duration::from_millis(200);
+const RECONNECT_MAX: Duration = Duration::from_millis(300);
 /// Ticks of one symbol folded into one mirror chunk when they arrive together.
 const MIRROR_BATCH: usize = 512;
 

@@ -227,6 +227,12 @@ impl<C: Send + 'static> Outbox<C> {
         self.lock().close.is_some()
     }
 
+    /// Closing, or its writer is gone: nobody will read what is queued.
+    pub fn is_gone(&self) -> bool {
+        let st = self.lock();
+        st.close.is_some() || st.finished
+    }
+
     /// Waits until there is something to write, then moves the whole queue into
     /// `out` (reusing its allocation). Returns the close request, if any; the
     /// writer writes `out` first, then closes.
