@@ -13,6 +13,7 @@ use std::{
 use metrics_exporter_prometheus::PrometheusHandle;
 use tickshard_shard::{
     hub::{Close, Outbox},
+    metrics as m,
     node::Node,
 };
 use tokio::sync::Semaphore;
@@ -76,11 +77,36 @@ impl Shared {
         self.ws_permits.clone().try_acquire_owned().ok()
     }
 
-    pub fn register(&self, id: u64, c: Arc<dyn Closable>) {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(id, c);
+    /// Registers a subscriber connection for the drain (which closes it) and
+    /// counts it in `tickshard_clients_connected{protocol}`, until the
+    /// returned guard is dropped.
+    pub fn enter<C: Send + 'static>(self: &Arc<Self>, protocol: &'static str, outbox: Arc<Outbox<C>>) -> Entered {
+        let id = outbox.id();
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(id, outbox);
+        let gauge = metrics::gauge!(m::CLIENTS_CONNECTED, "protocol" => protocol);
+        gauge.increment(1.0);
+        Entered {
+            shared: self.clone(),
+            id,
+            gauge,
+        }
     }
+}
 
-    pub fn deregister(&self, id: u64) {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+/// A registered subscriber connection (see [`Shared::enter`]).
+pub struct Entered {
+    shared: Arc<Shared>,
+    id: u64,
+    gauge: metrics::Gauge,
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        self.shared
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+        self.gauge.decrement(1.0);
     }
 }

@@ -28,6 +28,7 @@ pub mod ownership;
 pub mod publish;
 pub mod reads;
 pub mod rpc;
+pub mod session;
 pub mod store;
 pub mod tasks;
 pub mod wire;

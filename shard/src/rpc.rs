@@ -5,7 +5,7 @@
 //! need the node's types. Above the node; the peer links (`cluster`) below it.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     pin::Pin,
     sync::{Arc, Mutex},
     time::Duration,
@@ -24,8 +24,9 @@ use crate::{
     },
     events::outbox_events,
     hub::{Channel, Close, Data, Outbox},
-    node::{Node, ReadError, SubRequest, SubResult},
+    node::{Node, ReadError, SubResult},
     publish::{self, Origin},
+    session::{self, Session, SessionGuard},
     wire::{self, tick_from_pb},
 };
 
@@ -103,24 +104,6 @@ impl ClusterService {
 
 type FollowStream = Pin<Box<dyn Stream<Item = Result<pb::FollowEvent, Status>> + Send>>;
 
-/// Cleans a follower up when its stream ends.
-struct FollowGuard {
-    node: Arc<Node>,
-    outbox: Arc<Outbox<pb::FollowEvent>>,
-    subs: Arc<Mutex<HashSet<Symbol>>>,
-}
-
-impl Drop for FollowGuard {
-    fn drop(&mut self) {
-        self.outbox.finish();
-        for s in self.subs.lock().unwrap_or_else(|p| p.into_inner()).drain() {
-            for ch in CHANNELS {
-                self.node.unsubscribe(self.outbox.id(), &s, ch);
-            }
-        }
-    }
-}
-
 const CHANNELS: [Channel; 4] = [
     Channel::Ticks,
     Channel::Candles(Interval::S1),
@@ -193,9 +176,10 @@ impl ClusterApi for ClusterService {
             )
             .closing_on_stall(),
         );
-        let subs: Arc<Mutex<HashSet<Symbol>>> = Arc::new(Mutex::new(HashSet::new()));
+        let session = Session::new(node.clone(), outbox.clone());
         {
-            let (node, outbox, subs, stopping) = (node.clone(), outbox.clone(), subs.clone(), self.stopping.clone());
+            let (node, outbox, session, stopping) =
+                (node.clone(), outbox.clone(), session.clone(), self.stopping.clone());
             crate::tasks::spawn(&self.node.stream_tasks().clone(), async move {
                 loop {
                     let msg = tokio::select! {
@@ -233,35 +217,29 @@ impl ClusterApi for ClusterService {
                                 outbox.control(refuse(ErrorCode::Unavailable, why), 64);
                                 continue;
                             }
-                            subs.lock().unwrap_or_else(|p| p.into_inner()).insert(sym);
-                            let resume = f.resume.map(|p| Position {
-                                seq: p.seq,
-                                epoch: Epoch::parse(&p.epoch).unwrap_or_default(),
-                            });
-                            let reqs: Vec<SubRequest> = CHANNELS
-                                .iter()
-                                .map(|&channel| SubRequest {
-                                    symbol: sym,
-                                    channel,
-                                    resume: (channel == Channel::Ticks).then_some(resume).flatten(),
+                            let resume: HashMap<Symbol, Position> = f
+                                .resume
+                                .map(|p| {
+                                    let epoch = Epoch::parse(&p.epoch).unwrap_or_default();
+                                    (sym, Position { seq: p.seq, epoch })
                                 })
+                                .into_iter()
                                 .collect();
-                            let (node, outbox, subs) = (node.clone(), outbox.clone(), subs.clone());
-                            let tasks = node.stream_tasks().clone();
-                            crate::tasks::spawn(&tasks, async move {
-                                match node.prepare(&outbox, &reqs).await {
+                            let reqs = session::requests(&[sym], &CHANNELS, &resume);
+                            let session = session.clone();
+                            crate::tasks::spawn(node.stream_tasks(), async move {
+                                match session.prepare(&reqs).await {
                                     Ok(prepared) => {
                                         let r = prepared.results[0];
-                                        outbox.control(
+                                        session.outbox().control(
                                             event(sym, pb::follow_event::Kind::Started(sub_result_to_pb(&r))),
                                             64,
                                         );
-                                        node.activate(&outbox, prepared).await;
+                                        session.activate(prepared).await;
                                     }
                                     Err(e) => {
                                         tracing::debug!(symbol = %sym, error = %e, "refusing a follow");
-                                        subs.lock().unwrap_or_else(|p| p.into_inner()).remove(&sym);
-                                        outbox.control(
+                                        session.outbox().control(
                                             event(
                                                 sym,
                                                 pb::follow_event::Kind::Refused(pb::Error {
@@ -277,9 +255,8 @@ impl ClusterApi for ClusterService {
                         }
                         Some(pb::follow_request::Kind::Unfollow(u)) => {
                             let Ok(sym) = Symbol::parse(&u.symbol) else { continue };
-                            subs.lock().unwrap_or_else(|p| p.into_inner()).remove(&sym);
                             for ch in CHANNELS {
-                                node.unsubscribe(outbox.id(), &sym, ch);
+                                session.unsubscribe(&sym, ch);
                             }
                         }
                         None => {}
@@ -291,7 +268,8 @@ impl ClusterApi for ClusterService {
         let events = outbox_events(
             outbox.clone(),
             hub,
-            FollowGuard { node, outbox, subs },
+            // dropped with the stream (the follower gone): detaches everything
+            SessionGuard::new(session),
             |d, out| match d {
                 Data::Ticks { chunk, from } => {
                     let ticks = chunk.ticks.get(from..).unwrap_or_default();

@@ -17,12 +17,12 @@ use futures_util::StreamExt as _;
 use prost::Message as _;
 use tickshard_proto::v1::{self as pb, feed_server::FeedServer};
 use tickshard_shard::{
-    domain::{Epoch, Position, Symbol, Tick},
+    domain::{Epoch, Position, Tick},
     events::outbox_events,
     hub::{Channel, Data, Format, Frames, Outbox},
-    metrics as m,
     node::{SubRequest, SubResult, SubscribeError},
     rpc::{parse_symbol, parse_symbols},
+    session::{self, Session, SessionGuard},
     wire,
 };
 use tonic::{
@@ -34,7 +34,6 @@ use tonic::{
 use tonic_prost::ProstDecoder;
 
 use super::{BoxStream, FeedService};
-use crate::shared::Shared;
 
 const SUBSCRIBE_PATH: &str = "/tickshard.v1.Feed/Subscribe";
 
@@ -174,17 +173,16 @@ async fn subscribe(
     let permit = shared.subscriber_permit().ok_or_else(|| {
         Status::resource_exhausted("this server holds its --max-connections subscribers: connect to another one")
     })?;
-    let node = shared.node.clone();
-    let outbox: Arc<Outbox<Bytes>> = node.outbox(shared.ws.slow_client);
-    metrics::gauge!(m::CLIENTS_CONNECTED, "protocol" => "grpc").increment(1.0);
-    let guard = SubGuard {
-        _permit: permit,
-        shared: shared.clone(),
-        outbox: outbox.clone(),
-        subs: reqs.iter().map(|r| (r.symbol, r.channel)).collect(),
-    };
-    shared.register(outbox.id(), outbox.clone());
-    let prepared = node.prepare(&outbox, &reqs).await.map_err(|e| match e {
+    let outbox: Arc<Outbox<Bytes>> = shared.node.outbox(shared.ws.slow_client);
+    let session = Session::new(shared.node.clone(), outbox.clone());
+    // Dropped with the stream (client gone): the session ends (detaching
+    // everything), then the drain registration and the slot go.
+    let guard = (
+        SessionGuard::new(session.clone()),
+        shared.enter("grpc", outbox.clone()),
+        permit,
+    );
+    let prepared = session.prepare(&reqs).await.map_err(|e| match e {
         SubscribeError::Unavailable(m) => Status::unavailable(m),
         SubscribeError::SymbolLimit(m) => Status::resource_exhausted(format!("symbol_limit: {m}")),
     })?;
@@ -199,10 +197,7 @@ async fn subscribe(
             .collect(),
     }));
     outbox.control(subscribed, 64);
-    {
-        let outbox = outbox.clone();
-        tickshard_shard::tasks::spawn(&shared.tracker, async move { node.activate(&outbox, prepared).await });
-    }
+    tickshard_shard::tasks::spawn(&shared.tracker, async move { session.activate(prepared).await });
     let events = outbox_events(outbox, shared.node.hub().clone(), guard, render).map(|r| r.map_err(wire::close_status));
     Ok(Response::new(Box::pin(events)))
 }
@@ -251,41 +246,7 @@ pub(crate) fn sub_requests(r: &pb::SubscribeRequest, max: usize) -> Result<Vec<S
             },
         );
     }
-    let mut out = Vec::with_capacity(pairs);
-    for &symbol in &symbols {
-        for &channel in &channels {
-            out.push(SubRequest {
-                symbol,
-                channel,
-                resume: if channel == Channel::Ticks {
-                    resume.get(&symbol).copied()
-                } else {
-                    None
-                },
-            });
-        }
-    }
-    Ok(out)
-}
-
-/// Cleans a gRPC subscriber up when tonic drops its stream (client gone).
-struct SubGuard {
-    /// The stream's subscriber slot, held for its life.
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    shared: Arc<Shared>,
-    outbox: Arc<Outbox<Bytes>>,
-    subs: Vec<(Symbol, Channel)>,
-}
-
-impl Drop for SubGuard {
-    fn drop(&mut self) {
-        self.outbox.finish();
-        for (s, c) in &self.subs {
-            self.shared.node.unsubscribe(self.outbox.id(), s, *c);
-        }
-        self.shared.deregister(self.outbox.id());
-        metrics::gauge!(m::CLIENTS_CONNECTED, "protocol" => "grpc").decrement(1.0);
-    }
+    Ok(session::requests(&symbols, &channels, &resume))
 }
 
 #[cfg(test)]

@@ -15,10 +15,10 @@ mod lazy_buf;
 pub mod protocol;
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -35,6 +35,7 @@ use tickshard_shard::{
     hub::{AfterWrite, Channel, Close, Data, Format, Msg, Outbox},
     metrics as m,
     node::{SubRequest, SubResult},
+    session::{self, Session, SessionGuard},
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWrite},
@@ -105,25 +106,23 @@ pub fn serve(
 struct Connection {
     shared: Arc<Shared>,
     outbox: Arc<WsOutbox>,
+    /// The subscriptions (and their deferred retries) of this connection.
+    session: SessionGuard<Ctl>,
     started: Instant,
     /// Milliseconds since `started` of the last frame from the client.
     last_seen: AtomicU64,
-    /// This connection's subscriptions. A std mutex: never held across `.await`.
-    subs: Arc<Mutex<Subs>>,
-    /// Cancelled when the connection ends (stops its deferred subscribes).
-    closed: tokio_util::sync::CancellationToken,
 }
 
 impl Connection {
     fn new(shared: Arc<Shared>) -> Connection {
         let outbox = shared.node.outbox(shared.ws.slow_client);
+        let session = SessionGuard::new(Session::new(shared.node.clone(), outbox.clone()));
         Connection {
             shared,
             outbox,
+            session,
             started: Instant::now(),
             last_seen: AtomicU64::new(0),
-            subs: Arc::new(Mutex::new(Subs::default())),
-            closed: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -131,9 +130,7 @@ impl Connection {
     where
         W: AsyncWrite + Unpin,
     {
-        let gauge = metrics::gauge!(m::CLIENTS_CONNECTED, "protocol" => "ws");
-        gauge.increment(1.0);
-        self.shared.register(self.outbox.id(), self.outbox.clone());
+        let entered = self.shared.enter("ws", self.outbox.clone());
         tracing::debug!("connected");
 
         let mut reader = Box::pin(self.read_loop(rx));
@@ -191,14 +188,8 @@ impl Connection {
         if linger && !reader_done {
             let _ = tokio::time::timeout(LINGER, &mut reader).await;
         }
-        self.outbox.finish();
-        self.closed.cancel();
-        let subs = std::mem::take(&mut self.subs.lock().unwrap_or_else(|p| p.into_inner()).active);
-        for (sym, ch) in subs {
-            self.shared.node.unsubscribe(self.outbox.id(), &sym, ch);
-        }
-        self.shared.deregister(self.outbox.id());
-        gauge.decrement(1.0);
+        self.session.end();
+        drop(entered);
         tracing::debug!("disconnected");
     }
 
@@ -294,7 +285,7 @@ impl Connection {
     /// (`client_read`).
     async fn read_loop(&self, rx: ClientRead) {
         let limits = &self.shared.ws;
-        let mut session = Session {
+        let mut state = Reader {
             conn: self,
             limiter: RateLimiter::direct(Quota::per_second(limits.max_client_rate).allow_burst(limits.client_burst)),
             flood: Flood::new(limits.max_client_rate.get().saturating_mul(10)),
@@ -326,7 +317,7 @@ impl Connection {
             let frame = match reader.read_frame().await {
                 Ok(f) => f,
                 Err(WebSocketError::FrameTooLarge) => {
-                    session.too_large();
+                    state.too_large();
                     break 'read ReadEnd::Stopped;
                 }
                 Err(e) => match violation(&e) {
@@ -358,7 +349,7 @@ impl Connection {
                     // is a large future, and inline it would make every
                     // connection's task ~3 KiB bigger for its whole life.
                     // One allocation per client message, never per tick.
-                    if !Box::pin(session.message(payload.to_mut(), binary)).await {
+                    if !Box::pin(state.message(payload.to_mut(), binary)).await {
                         break 'read ReadEnd::Stopped;
                     }
                 }
@@ -377,7 +368,7 @@ impl Connection {
                         break 'read ReadEnd::Stopped;
                     };
                     if a.len() + frame.payload.len() > limits.max_message_bytes {
-                        session.too_large();
+                        state.too_large();
                         break 'read ReadEnd::Stopped;
                     }
                     a.extend_from_slice(&frame.payload);
@@ -390,7 +381,7 @@ impl Connection {
                             self.outbox.close(Close::InvalidData);
                             break 'read ReadEnd::Stopped;
                         }
-                        if !Box::pin(session.message(&mut msg, binary)).await {
+                        if !Box::pin(state.message(&mut msg, binary)).await {
                             // boxed: see above
                             break 'read ReadEnd::Stopped;
                         }
@@ -522,16 +513,8 @@ impl Flood {
     }
 }
 
-/// A connection's subscriptions: every requested symbol×channel (`active`),
-/// and those waiting for their owner shard to come back (`retrying`).
-#[derive(Default)]
-struct Subs {
-    active: HashSet<(Symbol, Channel)>,
-    retrying: HashSet<(Symbol, Channel)>,
-}
-
-/// The reader's state: subscriptions, limits and scratch buffers.
-struct Session<'a> {
+/// The reader's state: limits and scratch buffers.
+struct Reader<'a> {
     conn: &'a Connection,
     limiter: DefaultDirectRateLimiter,
     flood: Flood,
@@ -540,11 +523,7 @@ struct Session<'a> {
     out: Vec<u8>,
 }
 
-impl Session<'_> {
-    fn subs(&self) -> std::sync::MutexGuard<'_, Subs> {
-        self.conn.subs.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
+impl Reader<'_> {
     fn send(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
         let mut out = std::mem::take(&mut self.out);
         out.clear();
@@ -619,14 +598,7 @@ impl Session<'_> {
             protocol::Op::Unsubscribe { symbols, channels } => {
                 for s in &symbols {
                     for c in &channels {
-                        let removed = {
-                            let mut subs = self.subs();
-                            subs.retrying.remove(&(*s, *c));
-                            subs.active.remove(&(*s, *c))
-                        };
-                        if removed {
-                            self.conn.shared.node.unsubscribe(self.conn.outbox.id(), s, *c);
-                        }
+                        self.conn.session.unsubscribe(s, *c);
                     }
                 }
                 self.send(|o| json::symbol_list(o, "unsubscribed", id, &symbols));
@@ -655,62 +627,25 @@ impl Session<'_> {
             );
             return;
         }
-        let (have, new_pairs) = {
-            let subs = self.subs();
-            let new = symbols
-                .iter()
-                .flat_map(|s| channels.iter().map(move |c| (*s, *c)))
-                .filter(|p| !subs.active.contains(p))
-                .count();
-            (subs.active.len(), new)
-        };
+        let reqs = session::requests(&symbols, &channels, &resume);
         let max = self.conn.shared.ws.max_subscriptions;
-        if have + new_pairs > max {
+        let after = self.conn.session.count_after(&reqs);
+        if after > max {
             self.error(
                 id,
                 ErrorCode::TooManySubscriptions,
                 &format!(
-                    "this subscribe would make {} symbol×channel subscriptions; the limit per connection is {max}",
-                    have + new_pairs
+                    "this subscribe would make {after} symbol×channel subscriptions; the limit per connection is {max}"
                 ),
             );
             return;
         }
-        let resume = &resume;
-        let reqs: Vec<SubRequest> = symbols
-            .iter()
-            .flat_map(|s| {
-                channels.iter().map(move |c| SubRequest {
-                    symbol: *s,
-                    channel: *c,
-                    resume: (*c == Channel::Ticks).then(|| resume.get(s).copied()).flatten(),
-                })
-            })
-            .collect();
-        let node = &self.conn.shared.node;
-        // Recorded before registering, so a connection that ends mid-subscribe
-        // still detaches everything it attached.
-        let mut added = Vec::new();
-        {
-            let mut subs = self.subs();
-            for r in &reqs {
-                if subs.active.insert((r.symbol, r.channel)) {
-                    added.push((r.symbol, r.channel));
-                }
-                // this request supersedes a deferred one for the same pair
-                subs.retrying.remove(&(r.symbol, r.channel));
-            }
-        }
-        let mut prepared = match node.prepare(&self.conn.outbox, &reqs).await {
+        let session = &self.conn.session;
+        let mut prepared = match session.prepare(&reqs).await {
             Ok(p) => p,
+            // Refused whole, before anything was attached: the
+            // subscriptions the connection already had stay.
             Err(e) => {
-                // Refused whole, before anything was attached: the
-                // subscriptions the connection already had stay.
-                let mut subs = self.subs();
-                for pair in &added {
-                    subs.active.remove(pair);
-                }
-                drop(subs);
                 self.error(id, e.code(), &e.to_string());
                 return;
             }
@@ -719,7 +654,7 @@ impl Session<'_> {
         if !prepared.results.is_empty() {
             let reply = SubResult::per_symbol(&prepared.results);
             self.send(|o| json::subscribed(o, id, &reply));
-            node.activate(&self.conn.outbox, prepared).await;
+            session.activate(prepared).await;
         }
         if !failed.is_empty() {
             self.defer(id, failed);
@@ -727,13 +662,12 @@ impl Session<'_> {
     }
 
     /// Subscriptions whose owner shard is down: the client is told (an
-    /// `unavailable` error per symbol) and the server keeps retrying them; when
-    /// the owner is back they complete with their own `subscribed` reply and
-    /// the usual snapshot or replay — the client need not do anything.
+    /// `unavailable` error per symbol) and the session keeps retrying them;
+    /// when the owner is back they complete with their own `subscribed` reply
+    /// and the usual snapshot or replay — the client need not do anything.
     fn defer(&mut self, id: Option<&[u8]>, failed: Vec<(SubRequest, String)>) {
         let mut told = Vec::new();
         for (r, why) in &failed {
-            self.subs().retrying.insert((r.symbol, r.channel));
             if !told.contains(&r.symbol) {
                 told.push(r.symbol);
                 let mut out = Vec::new();
@@ -746,54 +680,15 @@ impl Session<'_> {
                 self.conn.outbox.control(Ctl::Text(out), w);
             }
         }
-        let (node, outbox, subs, closed) = (
-            self.conn.shared.node.clone(),
-            self.conn.outbox.clone(),
-            self.conn.subs.clone(),
-            self.conn.closed.clone(),
-        );
-        let tracker = self.conn.shared.tracker.clone();
         let id = id.map(<[u8]>::to_vec);
-        let mut reqs: Vec<SubRequest> = failed.into_iter().map(|(r, _)| r).collect();
-        tickshard_shard::tasks::spawn(&tracker, async move {
-            let mut delay = tickshard_shard::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
-            loop {
-                tokio::select! {
-                    _ = closed.cancelled() => return,
-                    () = delay.wait() => {}
-                }
-                reqs.retain(|r| {
-                    let subs = subs.lock().unwrap_or_else(|p| p.into_inner());
-                    subs.retrying.contains(&(r.symbol, r.channel))
-                });
-                if reqs.is_empty() {
-                    return;
-                }
-                let Ok(mut prepared) = node.prepare(&outbox, &reqs).await else {
-                    continue;
-                };
-                reqs = std::mem::take(&mut prepared.failed)
-                    .into_iter()
-                    .map(|(r, _)| r)
-                    .collect();
-                if !prepared.results.is_empty() {
-                    {
-                        let mut subs = subs.lock().unwrap_or_else(|p| p.into_inner());
-                        for r in &prepared.results {
-                            subs.retrying.remove(&(r.symbol, r.channel));
-                        }
-                    }
-                    let mut out = Vec::new();
-                    json::subscribed(&mut out, id.as_deref(), &SubResult::per_symbol(&prepared.results));
-                    let w = out.len();
-                    outbox.control(Ctl::Text(out), w);
-                    node.activate(&outbox, prepared).await;
-                }
-                if reqs.is_empty() {
-                    return;
-                }
-            }
-        });
+        self.conn
+            .session
+            .retry(&self.conn.shared.tracker, failed, move |session, results| {
+                let mut out = Vec::new();
+                json::subscribed(&mut out, id.as_deref(), &SubResult::per_symbol(results));
+                let w = out.len();
+                session.outbox().control(Ctl::Text(out), w);
+            });
     }
 }
 
