@@ -14,13 +14,16 @@ COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY proto/Cargo.toml proto/build.rs proto/feed.proto proto/cluster.proto proto/
 COPY shard/Cargo.toml shard/
 COPY feed/Cargo.toml feed/
+COPY client/Cargo.toml client/
+COPY loadgen/Cargo.toml loadgen/
 #    The root manifest names its criterion benches; .dockerignore leaves benches/
 #    out of the context, so empty stand-ins keep the manifest valid (both stages).
-RUN mkdir -p src proto/src shard/src feed/src benches \
+RUN mkdir -p src proto/src shard/src feed/src client/src loadgen/src benches \
  && echo 'fn main() {}' > src/main.rs \
- && touch proto/src/lib.rs shard/src/lib.rs feed/src/lib.rs benches/hot_path.rs benches/naive_ws.rs \
+ && touch proto/src/lib.rs shard/src/lib.rs feed/src/lib.rs client/src/lib.rs loadgen/src/lib.rs \
+      benches/hot_path.rs benches/naive_ws.rs \
  && cargo build --release --locked --bin tickshard \
- && rm -rf src proto/src shard/src feed/src \
+ && rm -rf src proto/src shard/src feed/src client/src loadgen/src \
       target/release/tickshard target/release/deps/tickshard* target/release/deps/libtickshard* \
       target/release/.fingerprint/tickshard*
 
@@ -29,6 +32,8 @@ COPY src src
 COPY proto/src proto/src
 COPY shard/src shard/src
 COPY feed/src feed/src
+COPY client/src client/src
+COPY loadgen/src loadgen/src
 RUN cargo build --release --locked --bin tickshard \
  && cp target/release/tickshard /tickshard \
  && strip /tickshard \

@@ -4,38 +4,8 @@
 
 use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
-use clap::{ArgAction, Args, Parser, Subcommand};
+use clap::{ArgAction, Args};
 use tickshard_shard::{committer::CommitterConfig, node::NodeConfig, ownership, store::StoreOptions};
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "tickshard",
-    version,
-    about = "A sharded, durable real-time market-data feed (WebSocket + gRPC).",
-    long_about = "A sharded, durable real-time market-data feed (WebSocket + gRPC).\n\n\
-                  With no sub-command it serves: a one-shard cluster with a simulated market by default.",
-    args_conflicts_with_subcommands = true
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub serve: ServeArgs,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Serve (the default when no sub-command is given).
-    Serve(ServeArgs),
-    /// Print live ticks of some symbols, reconnecting and resuming on failure.
-    Tail(TailArgs),
-    /// Publish a CSV or NDJSON file of ticks through gRPC, as fast as acks allow.
-    Publish(PublishArgs),
-    /// Replay a CSV or NDJSON file of ticks at its recorded pace (or ×N).
-    Replay(ReplayArgs),
-    /// Load generator: subscribers + publishers against running servers.
-    Bench(crate::bench::BenchArgs),
-}
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -158,92 +128,6 @@ pub struct ServeArgs {
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info,tickshard_feed=debug`).
     #[arg(long, env = "TICKSHARD_LOG", default_value = "info")]
     pub log: String,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct TailArgs {
-    /// Symbols to follow.
-    #[arg(required = true)]
-    pub symbols: Vec<String>,
-    /// WebSocket URLs to connect to, comma separated; on failure the next one is tried.
-    #[arg(
-        long,
-        env = "TICKSHARD_URL",
-        default_value = "ws://127.0.0.1:8080/ws",
-        value_delimiter = ','
-    )]
-    pub url: Vec<String>,
-    /// Channels: ticks, candles:1s, candles:1m, candles:1h.
-    #[arg(long, default_value = "ticks", value_delimiter = ',')]
-    pub channels: Vec<String>,
-    /// Print the raw JSON frames instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    /// Stop after this many ticks (0 = never).
-    #[arg(long, default_value_t = 0)]
-    pub count: u64,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct PublishArgs {
-    /// The file: CSV with a header row, or NDJSON (one object per line).
-    pub file: PathBuf,
-    /// gRPC endpoints, comma separated; on failure the next one is tried.
-    #[arg(
-        long,
-        env = "TICKSHARD_GRPC",
-        default_value = "http://127.0.0.1:50051",
-        value_delimiter = ','
-    )]
-    pub grpc: Vec<String>,
-    /// File format [default: from the extension: .csv, .ndjson/.jsonl].
-    #[arg(long, value_parser = ["csv", "ndjson"])]
-    pub format: Option<String>,
-    /// The symbol of every row, for files without a symbol column.
-    #[arg(long)]
-    pub symbol: Option<String>,
-    /// Column (or NDJSON field) holding the symbol.
-    #[arg(long, default_value = "symbol")]
-    pub col_symbol: String,
-    /// Column holding the exchange timestamp.
-    #[arg(long, default_value = "ts")]
-    pub col_ts: String,
-    /// Unit of the timestamp column: us, ms, s or ns.
-    #[arg(long, default_value = "us", value_parser = ["us", "ms", "s", "ns"])]
-    pub ts_unit: String,
-    /// Column holding the price.
-    #[arg(long, default_value = "price")]
-    pub col_price: String,
-    /// Column holding the size.
-    #[arg(long, default_value = "size")]
-    pub col_size: String,
-    /// Optional columns (absent or empty = no value).
-    #[arg(long, default_value = "bid")]
-    pub col_bid: String,
-    #[arg(long, default_value = "ask")]
-    pub col_ask: String,
-    #[arg(long, default_value = "bid_size")]
-    pub col_bid_size: String,
-    #[arg(long, default_value = "ask_size")]
-    pub col_ask_size: String,
-    /// Stable publisher id for de-duplication [default: derived from the file name].
-    #[arg(long)]
-    pub publisher_id: Option<String>,
-    /// Skip rows that fail validation instead of stopping.
-    #[arg(long)]
-    pub skip_invalid: bool,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct ReplayArgs {
-    #[command(flatten)]
-    pub publish: PublishArgs,
-    /// Pace: 1 = recorded speed, 10 = ten times faster, `max` = as fast as acks allow.
-    #[arg(long, default_value = "1")]
-    pub speed: String,
-    /// Shift timestamps so the first row is "now" (keeps candles live on the dashboard).
-    #[arg(long)]
-    pub now: bool,
 }
 
 /// Parses `90`, `90s`, `15m`, `24h`, `30d`, `5y` (a year is 365 days).
@@ -453,6 +337,13 @@ mod tests {
     use clap::Parser as _;
 
     use super::*;
+
+    /// The serve flags as the binary parses them.
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
 
     fn args(extra: &[&str]) -> ServeArgs {
         let mut v = vec!["tickshard", "--shard-id", "0"];

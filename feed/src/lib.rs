@@ -1,18 +1,16 @@
-//! tickshard's client-facing layer and binary logic.
+//! tickshard's client-facing server layer (the client library is
+//! `tickshard_client`, the load generator `tickshard_loadgen`).
 //!
 //! - [`server`]: the serving lifecycle (`run`), HTTP routes and the drain.
 //! - [`http`]: the HTTP accept loop: connection bounds, timeouts, eviction.
 //! - [`ws`]: WebSocket protocol v1 (reader, writer, limits, JSON).
 //! - [`grpc`]: the public `tickshard.v1.Feed` gRPC service, health, reflection.
 //! - [`sim`]: the simulated market.
-//! - [`client`]: the client library (resuming subscriber, retrying publisher).
-//! - [`cli`]: the `tickshard` command line (`serve`, `tail`, `publish`, `replay`).
+//! - [`cli`]: `tickshard serve` (config, listeners, signals).
 //!
 //! Market-data logic lives in `tickshard_shard`; this crate only speaks protocols.
 
-pub mod bench;
 pub mod cli;
-pub mod client;
 pub mod config;
 mod dashboard;
 #[doc(hidden)]

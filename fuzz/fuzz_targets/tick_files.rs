@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| tickshard_feed::fuzzing::tick_files(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tickshard_client::fuzzing::tick_files(data));

@@ -118,9 +118,9 @@ fn module_graph(krate: &str) -> BTreeMap<String, BTreeSet<String>> {
 
 #[test]
 fn no_import_circle_between_the_modules_of_a_crate() {
-    for krate in ["shard", "feed"] {
+    for krate in ["shard", "feed", "client", "loadgen"] {
         let edges = module_graph(krate);
-        assert!(edges.len() > 5, "{krate}: the sources were read ({edges:?})");
+        assert!(edges.len() > 3, "{krate}: the sources were read ({edges:?})");
         assert_eq!(find_cycle(&edges), None, "{krate}: an import circle");
     }
     // the checker itself finds one
@@ -152,4 +152,21 @@ fn the_shard_core_speaks_the_domain_only() {
             );
         }
     }
+}
+
+#[test]
+fn the_server_library_carries_neither_the_client_nor_the_load_generator() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for krate in ["shard", "feed"] {
+        let manifest = std::fs::read_to_string(root.join(krate).join("Cargo.toml")).expect("manifest");
+        for dep in ["tickshard-client", "tickshard-loadgen", "hdrhistogram", "csv"] {
+            assert!(!manifest.contains(dep), "{krate} depends on {dep}");
+        }
+    }
+    // and the client library does not carry the server
+    let manifest = std::fs::read_to_string(root.join("client/Cargo.toml")).expect("manifest");
+    assert!(
+        !manifest.contains("tickshard-feed"),
+        "the client library depends on the server"
+    );
 }

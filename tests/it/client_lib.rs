@@ -3,7 +3,7 @@
 
 use std::{process::Command, time::Duration};
 
-use tickshard_feed::client::ws::{Event, ServerMsg, Subscriber, SubscriberConfig};
+use tickshard_client::ws::{Event, ServerMsg, Subscriber, SubscriberConfig};
 
 use crate::common::*;
 

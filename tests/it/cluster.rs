@@ -2,7 +2,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use tickshard_feed::client::ws::{Event, ServerMsg, Subscriber, SubscriberConfig};
+use tickshard_client::ws::{Event, ServerMsg, Subscriber, SubscriberConfig};
 use tickshard_proto::v1 as pb;
 use tickshard_shard::{domain::Symbol, ownership::Ownership};
 
@@ -294,8 +294,8 @@ pub(crate) async fn rollout_under_load(
     let publisher = {
         let (stop, urls, symbols) = (stop.clone(), grpc_urls.clone(), symbols.clone());
         tokio::spawn(async move {
-            let mut p = tickshard_feed::client::publisher::Publisher::connect(
-                tickshard_feed::client::publisher::PublisherConfig::new(urls, "roller"),
+            let mut p = tickshard_client::publisher::Publisher::connect(
+                tickshard_client::publisher::PublisherConfig::new(urls, "roller"),
             )
             .await
             .unwrap();
@@ -305,7 +305,7 @@ pub(crate) async fn rollout_under_load(
             let mut every = tokio::time::interval(Duration::from_millis(1));
             let t_start = tokio::time::Instant::now();
             let mut last_ack = t_start;
-            let mut record = |a: tickshard_feed::client::publisher::Acked, total: &mut u64| {
+            let mut record = |a: tickshard_client::publisher::Acked, total: &mut u64| {
                 assert!(a.error.is_none(), "{a:?}");
                 let e = acked.entry(a.symbol).or_default();
                 *e = (*e).max(a.seq);
@@ -574,7 +574,7 @@ async fn a_peer_partition_heals_without_gap_or_duplicate() {
     // the publisher talks to pod 0 directly: the partition does not stop it
     let mut p = pods[0].publisher("partition").await;
     let mut acked: HashMap<String, u64> = HashMap::new();
-    let mut publish = async |p: &mut tickshard_feed::client::publisher::Publisher, round: i64| {
+    let mut publish = async |p: &mut tickshard_client::publisher::Publisher, round: i64| {
         let acks = publish_all(
             p,
             symbols

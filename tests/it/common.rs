@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tickshard_feed::client::{
+use tickshard_client::{
     publisher::{Acked, Publisher, PublisherConfig},
     ws::{Incoming, ServerMsg, WsConn},
 };

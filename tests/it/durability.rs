@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tickshard_feed::client::ws::ServerMsg;
+use tickshard_client::ws::ServerMsg;
 use tickshard_proto::v1 as pb;
 
 use crate::common::*;
@@ -110,7 +110,7 @@ async fn while_draining_readyz_is_false_and_new_subscriptions_are_unavailable() 
     assert_eq!(code, "unavailable");
     // new WebSockets are refused
     assert!(
-        tickshard_feed::client::ws::WsConn::connect(&srv.ws_url(), WAIT)
+        tickshard_client::ws::WsConn::connect(&srv.ws_url(), WAIT)
             .await
             .is_err()
     );

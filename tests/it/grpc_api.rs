@@ -1,7 +1,7 @@
 //! The gRPC `Feed` API (contract §5) end to end.
 
 use futures_util::StreamExt;
-use tickshard_feed::client::ws::ServerMsg;
+use tickshard_client::ws::ServerMsg;
 use tickshard_proto::v1::{self as pb, event::Kind};
 
 use crate::common::*;

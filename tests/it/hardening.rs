@@ -2,7 +2,7 @@
 //! regression test of one defect seen when tickshard was tried as an attacker
 //! (contract §4–§7), through the real binary.
 
-use tickshard_feed::client::ws::ServerMsg;
+use tickshard_client::ws::ServerMsg;
 use tickshard_proto::v1 as pb;
 
 use crate::common::*;
@@ -442,7 +442,7 @@ async fn idle_sockets_never_starve_the_probes() {
 async fn websockets_past_the_limit_get_503_and_probes_still_answer() {
     let srv = Server::start(&["--no-sim", "--max-connections", "2"]);
     let (_a, _b) = (srv.ws().await, srv.ws().await);
-    let third = tickshard_feed::client::ws::WsConn::connect(&srv.ws_url(), WAIT).await;
+    let third = tickshard_client::ws::WsConn::connect(&srv.ws_url(), WAIT).await;
     let e = third.err().expect("a third WebSocket is refused").to_string();
     assert!(e.contains("503"), "{e}");
     assert_eq!(srv.get("/healthz").await.0, 200);
@@ -614,7 +614,7 @@ async fn a_refused_request_is_never_overtaken_on_its_stream() {
 /// publisher order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_in_flight_across_owner_restarts_lose_nothing() {
-    use tickshard_feed::client::publisher::{Publisher, PublisherConfig};
+    use tickshard_client::publisher::{Publisher, PublisherConfig};
     let mut c = TestCluster::start(2, &["--drain-ms", "200"]);
     c.wait_linked().await;
     let symbols = crate::cluster::owned_by(1, 2, 3);

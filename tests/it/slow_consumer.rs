@@ -1,7 +1,7 @@
 //! A client that stops reading never slows the shard or other clients; it is
 //! conflated, then closed with 1013, and its memory stays bounded.
 
-use tickshard_feed::client::ws::{ConnectOpts, Incoming, ServerMsg, WsConn};
+use tickshard_client::ws::{ConnectOpts, Incoming, ServerMsg, WsConn};
 
 use crate::common::*;
 

@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use tickshard_feed::client::{
+use tickshard_client::{
     publisher::{Publisher, PublisherConfig},
     ws::{Event, ServerMsg, Subscriber, SubscriberConfig},
 };
@@ -78,7 +78,7 @@ async fn kill_9_soak() {
             let mut sent: HashMap<u64, (String, i64, String)> = HashMap::new();
             let mut every = tokio::time::interval(Duration::from_millis(1));
             let mut n = 0i64;
-            let record = |a: tickshard_feed::client::publisher::Acked, sent: &HashMap<u64, (String, i64, String)>| {
+            let record = |a: tickshard_client::publisher::Acked, sent: &HashMap<u64, (String, i64, String)>| {
                 assert!(a.error.is_none(), "{a:?}");
                 let (sym, ts, price) = sent[&a.request_id].clone();
                 let mut acked = acked.lock().unwrap();

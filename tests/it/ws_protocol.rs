@@ -1,6 +1,6 @@
 //! WebSocket protocol v1 (contract §4) end to end.
 
-use tickshard_feed::client::ws::{Incoming, OpCode, ServerMsg, TickMsg};
+use tickshard_client::ws::{Incoming, OpCode, ServerMsg, TickMsg};
 
 use crate::common::*;
 
@@ -382,11 +382,7 @@ async fn candles_close_across_interval_boundaries() {
         ],
     )
     .await;
-    while candles
-        .iter()
-        .all(|c: &tickshard_feed::client::ws::CandleMsg| !c.closed)
-        || ticks < 4
-    {
+    while candles.iter().all(|c: &tickshard_client::ws::CandleMsg| !c.closed) || ticks < 4 {
         match recv(&mut c).await {
             ServerMsg::Candle(k) => candles.push(k),
             ServerMsg::Snapshot(_) => {}
@@ -545,7 +541,7 @@ async fn websockets_past_the_limit_are_refused_until_a_slot_is_free() {
     let mut a = srv.ws().await;
     let b = srv.ws().await;
     // a third is refused (503) while two WebSockets hold the slots
-    let third = tickshard_feed::client::ws::WsConn::connect(&srv.ws_url(), std::time::Duration::from_millis(500)).await;
+    let third = tickshard_client::ws::WsConn::connect(&srv.ws_url(), std::time::Duration::from_millis(500)).await;
     assert!(third.is_err(), "a third connection must not be served");
     a.close().await;
     assert_eq!(recv_close(&mut a).await, 1000);
@@ -555,7 +551,7 @@ async fn websockets_past_the_limit_are_refused_until_a_slot_is_free() {
     // then), new connections are served again
     let deadline = tokio::time::Instant::now() + WAIT;
     let mut c = loop {
-        match tickshard_feed::client::ws::WsConn::connect(&srv.ws_url(), WAIT).await {
+        match tickshard_client::ws::WsConn::connect(&srv.ws_url(), WAIT).await {
             Ok(c) => break c,
             Err(e) => {
                 assert!(tokio::time::Instant::now() < deadline, "no slot freed: {e}");

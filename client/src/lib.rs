@@ -10,6 +10,8 @@
 //!   `publisher_seq`, so the server's de-duplication makes retries exact.
 //! - [`input`]: CSV / NDJSON tick files.
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod input;
 pub mod publisher;
 pub mod ws;

@@ -1,0 +1,286 @@
+//! `tickshard bench`: an end-to-end load generator.
+//!
+//! Opens C WebSocket subscribers (spread over 127.0.0.x source addresses), each
+//! subscribed to the same S symbols, publishes through K gRPC Publish streams at
+//! P ticks/s (or as fast as acks allow), and reports deliveries/s, publish→receive
+//! latency (the publish wall-clock time travels in `ts`), ack latency, bytes/s,
+//! gaps, conflations, connection setup rate and the CPU and RSS of the server and
+//! of the generator itself (from `/proc`). Subscribers scan frames for `seq` and
+//! `ts` instead of parsing them, so the generator stays cheap next to the server.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the load generator is a client: its tasks are not the server's to drain"
+)]
+
+mod args;
+mod grpc;
+mod lines;
+mod measure;
+mod pacer;
+mod raw_ws;
+mod report;
+
+use std::{
+    io::Write as _,
+    net::{IpAddr, Ipv4Addr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use tokio::sync::{Mutex, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+pub use crate::{args::BenchArgs, report::Report};
+use crate::{
+    grpc::publisher,
+    lines::{line_publisher, nats_messages},
+    measure::{SubResult, SubStats, hist, on_frame, proc_usage, quantiles},
+    raw_ws::RawWs,
+};
+
+pub async fn run(a: BenchArgs) -> Result<Report, String> {
+    let server_pid = a.server_pid.map(|p| p.to_string());
+    let usage0_server = server_pid.as_deref().and_then(proc_usage);
+    let stop = CancellationToken::new();
+    let recording = Arc::new(AtomicBool::new(false));
+    let own = a
+        .owned_by
+        .zip(a.of)
+        .map(|(s, n)| (s, tickshard_shard::ownership::Ownership::new(n, 0)));
+    let symbols: Vec<String> = (0..)
+        .map(|i| format!("{}{i}", a.prefix))
+        .filter(|s| {
+            own.is_none_or(|(shard, o)| {
+                tickshard_shard::domain::Symbol::parse(s).is_ok_and(|sym| o.owner(&sym) == shard)
+            })
+        })
+        .take(a.symbols)
+        .collect();
+    // gap checks index by the number in the name
+    let max_index = symbols
+        .iter()
+        .filter_map(|s| s[a.prefix.len()..].parse::<usize>().ok())
+        .max()
+        .unwrap_or(0);
+    let nats = a.target == "nats";
+    let sub_msg = if a.idle {
+        None
+    } else if nats {
+        let subs: String = symbols
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("SUB ticks.{s} {i}\r\n"))
+            .collect();
+        Some(format!(
+            "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1}}\r\n{subs}PING\r\n"
+        ))
+    } else if a.target == "naive" {
+        Some("{}".to_string()) // the baseline broadcasts everything; it ignores client messages
+    } else {
+        let list = symbols.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(",");
+        Some(format!("{{\"op\":\"subscribe\",\"symbols\":[{list}]}}"))
+    };
+    let naive = a.target == "naive";
+
+    // 1. Subscribers (connection setup rate measured here).
+    let setup = Instant::now();
+    let gate = Arc::new(Semaphore::new(a.connect_concurrency.max(1)));
+    let results: Arc<Mutex<Vec<SubResult>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    let connected = Arc::new(AtomicU64::new(0));
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<(), String>>(a.subscribers + a.slow + 1);
+    for i in 0..a.subscribers + a.slow {
+        let slow = i >= a.subscribers;
+        let idle = a.idle;
+        let url = a.ws[i % a.ws.len()].clone();
+        let local_ip =
+            (a.source_ips > 1).then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % a.source_ips as usize) as u8)));
+        let (gate, stop, recording, results, ready, msg, prefix, n_sym, connected) = (
+            gate.clone(),
+            stop.clone(),
+            recording.clone(),
+            results.clone(),
+            ready_tx.clone(),
+            sub_msg.clone(),
+            a.prefix.clone().into_bytes(),
+            max_index + 1,
+            connected.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let permit = gate.acquire_owned().await;
+            let buf_bytes = if idle { 4096 } else { 256 * 1024 };
+            let mut c = match RawWs::connect(&url, local_ip, slow.then_some(4096), buf_bytes).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = ready.send(Err(e)).await;
+                    return;
+                }
+            };
+            if let Some(m) = &msg {
+                let mut subscribed = naive; // the baseline has no reply
+                if c.send_text(m).await.is_err() {
+                    let _ = ready.send(Err("subscribe failed".into())).await;
+                    return;
+                }
+                while !subscribed {
+                    // tickshard: `subscribed`; NATS: the PONG after our SUBs
+                    let ok = c
+                        .read_frames(|p| {
+                            subscribed |=
+                                p.starts_with(b"{\"type\":\"subscribed\"") || p.windows(4).any(|w| w == b"PONG")
+                        })
+                        .await;
+                    if ok.is_none() {
+                        let _ = ready.send(Err("closed while subscribing".into())).await;
+                        return;
+                    }
+                }
+            }
+            connected.fetch_add(1, Ordering::Relaxed);
+            drop(permit);
+            let _ = ready.send(Ok(())).await;
+            if slow || idle {
+                // slow: never read; idle: only connections are measured, and a
+                // latency histogram (~150 KB to zero) per connection would
+                // make the generator's page faults the connect rate's limit
+                stop.cancelled().await;
+                return;
+            }
+            let mut st = SubStats::default();
+            let mut h = hist();
+            let mut last = vec![0u64; n_sym];
+            let mut nats_buf: Vec<u8> = Vec::new();
+            loop {
+                let rec = recording.load(Ordering::Relaxed);
+                let r = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    r = c.read_frames(|p| {
+                        if nats {
+                            nats_messages(&mut nats_buf, p, |m| on_frame(m, &prefix, &mut last, &mut st, &mut h, rec));
+                        } else {
+                            on_frame(p, &prefix, &mut last, &mut st, &mut h, rec)
+                        }
+                    }) => r,
+                };
+                if r.is_none() {
+                    st.closed = true;
+                    break;
+                }
+            }
+            results.lock().await.push((st, h));
+        }));
+    }
+    drop(ready_tx);
+    let mut failures = 0;
+    for _ in 0..a.subscribers + a.slow {
+        let Some(r) = ready_rx.recv().await else { break };
+        if let Err(e) = r {
+            failures += 1;
+            if failures <= 3 {
+                let _ = writeln!(std::io::stderr(), "bench: subscriber failed: {e}");
+            }
+        }
+    }
+    let setup_secs = setup.elapsed().as_secs_f64();
+    let n_conn = connected.load(Ordering::Relaxed);
+    let mut report = Report {
+        subscribers: n_conn as usize,
+        symbols: a.symbols,
+        connect_per_sec: n_conn as f64 / setup_secs.max(1e-9),
+        ..Report::default()
+    };
+    if a.idle {
+        let usage1 = server_pid.as_deref().and_then(proc_usage);
+        if let (Some((_, r0)), Some((_, r1))) = (usage0_server, usage1) {
+            report.server_rss_mb = Some(r1 as f64 / 1_048_576.0);
+            report.server_rss_per_conn_kb = Some(r1.saturating_sub(r0) as f64 / 1024.0 / n_conn.max(1) as f64);
+        }
+        stop.cancel();
+        for t in tasks {
+            let _ = t.await;
+        }
+        return Ok(report);
+    }
+
+    // 2. Publishers.
+    let published = Arc::new(AtomicU64::new(0));
+    let ack_hists: Arc<Mutex<Vec<Histogram<u64>>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut pubs = Vec::new();
+    for k in 0..a.publishers.max(1) {
+        let url = a.grpc[k % a.grpc.len()].clone();
+        let (stop, recording, published, ack_hists, symbols) = (
+            stop.clone(),
+            recording.clone(),
+            published.clone(),
+            ack_hists.clone(),
+            symbols.clone(),
+        );
+        let rate = a.rate / a.publishers.max(1) as u64;
+        let window = a.window.max(1);
+        let (target, line_addr) = (
+            a.target.clone(),
+            if nats { a.nats.clone() } else { a.naive_pub.clone() },
+        );
+        pubs.push(tokio::spawn(async move {
+            let r = if target == "tickshard" {
+                publisher(k, url, symbols, rate, window, stop, recording, published, ack_hists).await
+            } else {
+                line_publisher(&target, &line_addr, symbols, rate, stop, published).await
+            };
+            if let Err(e) = r {
+                let _ = writeln!(std::io::stderr(), "bench: publisher {k}: {e}");
+            }
+        }));
+    }
+
+    // 3. Warm up, measure, stop.
+    tokio::time::sleep(Duration::from_secs(a.warmup)).await;
+    let self_pid = std::process::id().to_string();
+    let (u_srv0, u_gen0) = (server_pid.as_deref().and_then(proc_usage), proc_usage(&self_pid));
+    let pub0 = published.load(Ordering::Relaxed);
+    recording.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(a.duration)).await;
+    recording.store(false, Ordering::Relaxed);
+    let secs = t0.elapsed().as_secs_f64();
+    let pub1 = published.load(Ordering::Relaxed);
+    let (u_srv1, u_gen1) = (server_pid.as_deref().and_then(proc_usage), proc_usage(&self_pid));
+    stop.cancel();
+    for t in pubs.into_iter().chain(tasks) {
+        let _ = t.await;
+    }
+
+    let mut lat = hist();
+    for (st, h) in results.lock().await.iter() {
+        report.deliveries += st.deliveries;
+        report.bytes_per_sec += st.bytes as f64;
+        report.gaps += st.gaps;
+        report.conflated += st.conflated;
+        report.closed += u64::from(st.closed);
+        let _ = lat.add(h);
+    }
+    let mut acks = hist();
+    for h in ack_hists.lock().await.iter() {
+        let _ = acks.add(h);
+    }
+    report.seconds = secs;
+    report.published = pub1 - pub0;
+    report.publish_per_sec = report.published as f64 / secs;
+    report.deliveries_per_sec = report.deliveries as f64 / secs;
+    report.bytes_per_sec /= secs;
+    report.latency_us = quantiles(&lat);
+    report.ack_us = quantiles(&acks);
+    if let (Some((c0, _)), Some((c1, rss))) = (u_srv0, u_srv1) {
+        report.server_cpu_pct = Some((c1 - c0) / secs * 100.0);
+        report.server_rss_mb = Some(rss as f64 / 1_048_576.0);
+    }
+    if let (Some((c0, _)), Some((c1, _))) = (u_gen0, u_gen1) {
+        report.gen_cpu_pct = (c1 - c0) / secs * 100.0;
+    }
+    Ok(report)
+}

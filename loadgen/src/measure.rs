@@ -1,0 +1,126 @@
+//! What subscribers measure: frames scanned for `seq` and `ts` (not parsed),
+//! latency histograms, and CPU/RSS of a process from `/proc`.
+
+use hdrhistogram::Histogram;
+
+pub(crate) fn now_us() -> u64 {
+    tickshard_shard::domain::now_micros().max(0) as u64
+}
+
+pub(crate) fn hist() -> Histogram<u64> {
+    // 1 µs .. 100 s, 3 significant digits: constant, valid bounds
+    Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
+}
+
+pub(crate) fn quantiles(h: &Histogram<u64>) -> [u64; 5] {
+    if h.is_empty() {
+        return [0; 5];
+    }
+    [
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.9),
+        h.value_at_quantile(0.99),
+        h.value_at_quantile(0.999),
+        h.max(),
+    ]
+}
+
+/// CPU seconds (user + system) and RSS bytes of a process, from /proc.
+pub(crate) fn proc_usage(pid: &str) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // fields 14 and 15 of stat (utime, stime), in clock ticks (100/s on Linux)
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((ticks as f64 / 100.0, rss_kb * 1024))
+}
+
+/// One subscriber's counters and latency histogram.
+pub(crate) type SubResult = (SubStats, Histogram<u64>);
+
+#[derive(Default)]
+pub(crate) struct SubStats {
+    pub deliveries: u64,
+    pub bytes: u64,
+    pub gaps: u64,
+    pub conflated: u64,
+    pub closed: bool,
+}
+
+/// Parses the digits at the start of `p`.
+fn digits(p: &[u8]) -> (u64, usize) {
+    let mut n = 0u64;
+    let mut i = 0;
+    while let Some(&c) = p.get(i) {
+        if !c.is_ascii_digit() {
+            break;
+        }
+        n = n * 10 + u64::from(c - b'0');
+        i += 1;
+    }
+    (n, i)
+}
+
+const TICK_HEAD: &[u8] = b"{\"type\":\"tick\",\"symbol\":\"";
+const SNAP_HEAD: &[u8] = b"{\"type\":\"snapshot\",\"symbol\":\"";
+
+/// A subscriber's view of one text frame: count, latency, gap check. Frames
+/// are scanned by position (the server's field order is fixed), not parsed.
+pub(crate) fn on_frame(
+    p: &[u8],
+    prefix: &[u8],
+    last: &mut [u64],
+    st: &mut SubStats,
+    h: &mut Histogram<u64>,
+    rec: bool,
+) {
+    let (is_tick, rest) = if let Some(r) = p.strip_prefix(TICK_HEAD) {
+        (true, r)
+    } else if let Some(r) = p.strip_prefix(SNAP_HEAD) {
+        (false, r)
+    } else {
+        return;
+    };
+    // <prefix><idx>","epoch":"…" (snapshots) or <prefix><idx>","seq":N,"ts":T
+    let Some(rest) = rest.strip_prefix(prefix) else { return };
+    let (idx, n) = digits(rest);
+    let mut rest = &rest[n..];
+    if !is_tick {
+        // skip ","epoch":"xxxxxxxxxxxx"
+        rest = rest.get(24..).unwrap_or_default();
+    }
+    let Some(rest) = rest
+        .strip_prefix(b"\",\"seq\":".as_slice())
+        .or_else(|| rest.strip_prefix(b",\"seq\":".as_slice()))
+    else {
+        return;
+    };
+    let (seq, n) = digits(rest);
+    if let Some(l) = last.get_mut(idx as usize) {
+        if is_tick && *l != 0 && seq != *l + 1 {
+            st.gaps += 1;
+        }
+        *l = seq;
+    }
+    if !is_tick {
+        if p.ends_with(b"\"conflated\":true}") {
+            st.conflated += 1;
+        }
+        return;
+    }
+    if rec {
+        st.deliveries += 1;
+        st.bytes += p.len() as u64;
+        if let Some(ts) = rest[n..].strip_prefix(b",\"ts\":".as_slice()) {
+            let _ = h.record(now_us().saturating_sub(digits(ts).0).max(1));
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! The client sub-commands: `tail`, `publish`, `replay`, on the client
+//! library.
+
+use std::{
+    io::Write as _,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use rust_decimal::prelude::ToPrimitive as _;
+use tickshard_client::{
+    input::{Columns, InputSpec, TickReader, TsUnit},
+    publisher::{Acked, Publisher, PublisherConfig},
+    ws::{Event, ServerMsg, Subscriber, SubscriberConfig},
+};
+use tickshard_shard::domain::{Decimal, now_micros, parse_decimal};
+
+use crate::args::{PublishArgs, ReplayArgs, TailArgs};
+
+/// Writes a line to stderr (the binary's user-facing errors).
+macro_rules! say {
+    ($($t:tt)*) => {{
+        let _ = writeln!(std::io::stderr().lock(), $($t)*);
+    }};
+}
+
+/// `1732530000123456` → `2024-11-25T10:20:00.123456Z`
+pub fn format_ts(us: i64) -> String {
+    let secs = us.div_euclid(1_000_000);
+    let micros = us.rem_euclid(1_000_000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // civil_from_days (Howard Hinnant)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        rem / 3_600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+pub async fn tail(a: TailArgs) -> ExitCode {
+    let mut sub = Subscriber::new(SubscriberConfig {
+        urls: a.url.clone(),
+        symbols: a.symbols.clone(),
+        channels: a.channels.clone(),
+        connect_timeout: Duration::from_secs(3),
+    });
+    let mut seen = 0u64;
+    let mut out = std::io::stdout();
+    loop {
+        let line = match sub.next().await {
+            Event::Connected { url } => {
+                say!("tail: connected to {url}");
+                continue;
+            }
+            Event::Disconnected { code, reason } => {
+                say!(
+                    "tail: disconnected ({}): {reason}; reconnecting and resuming",
+                    code.map_or("-".into(), |c| c.to_string())
+                );
+                continue;
+            }
+            Event::Message(m) if a.json => {
+                if matches!(m, ServerMsg::Tick(_) | ServerMsg::Snapshot(_)) {
+                    seen += 1;
+                }
+                sub.raw().to_owned()
+            }
+            Event::Message(ServerMsg::Tick(t)) | Event::Message(ServerMsg::Snapshot(t)) => {
+                seen += 1;
+                format!(
+                    "{:<12} #{:<8} {:>14} x {:<12} bid {:>14} ask {:>14}  {}{}",
+                    t.symbol,
+                    t.seq,
+                    t.price,
+                    t.size,
+                    t.bid.as_deref().unwrap_or("-"),
+                    t.ask.as_deref().unwrap_or("-"),
+                    format_ts(t.ts),
+                    if t.epoch.is_some() {
+                        if t.conflated {
+                            "  (snapshot, conflated)"
+                        } else {
+                            "  (snapshot)"
+                        }
+                    } else {
+                        ""
+                    }
+                )
+            }
+            Event::Message(ServerMsg::Candle(c)) => format!(
+                "{:<12} {} {} O {} H {} L {} C {} V {} n {}{}",
+                c.symbol,
+                c.interval,
+                format_ts(c.start),
+                c.open,
+                c.high,
+                c.low,
+                c.close,
+                c.volume,
+                c.count,
+                if c.closed { " closed" } else { "" }
+            ),
+            Event::Message(ServerMsg::Subscribed { symbols, .. }) => symbols
+                .iter()
+                .map(|s| {
+                    format!(
+                        "subscribed {} epoch {} seq {} recovered {}",
+                        s.symbol, s.epoch, s.seq, s.recovered
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+            Event::Message(ServerMsg::Error { code, message, .. }) => {
+                say!("tail: server error {code}: {message}");
+                if code == "invalid_symbol" {
+                    return ExitCode::from(2);
+                }
+                continue;
+            }
+            Event::Message(_) => continue,
+        };
+        if writeln!(out, "{line}").is_err() {
+            return ExitCode::SUCCESS; // stdout closed (e.g. piped to head)
+        }
+        if a.count > 0 && seen >= a.count {
+            return ExitCode::SUCCESS;
+        }
+    }
+}
+
+pub async fn replay(a: ReplayArgs) -> ExitCode {
+    let speed = if a.speed == "max" {
+        None
+    } else {
+        match parse_decimal(&a.speed).filter(|s| *s > Decimal::ZERO) {
+            Some(s) => Some(s),
+            None => {
+                say!("replay: --speed must be a positive number or 'max', not '{}'", a.speed);
+                return ExitCode::from(2);
+            }
+        }
+    };
+    publish(a.publish, Some((speed, a.now))).await
+}
+
+/// `publish` (pace = None) and `replay` (pace = speed, shift-to-now).
+pub async fn publish(a: PublishArgs, pace: Option<(Option<Decimal>, bool)>) -> ExitCode {
+    let Some(ts_unit) = TsUnit::parse(&a.ts_unit) else {
+        say!("publish: unknown --ts-unit {}", a.ts_unit);
+        return ExitCode::from(2);
+    };
+    let spec = InputSpec {
+        ndjson: InputSpec::detect(&a.file, a.format.as_deref()),
+        symbol: a.symbol.clone(),
+        columns: Columns {
+            symbol: a.col_symbol.clone(),
+            ts: a.col_ts.clone(),
+            price: a.col_price.clone(),
+            size: a.col_size.clone(),
+            bid: a.col_bid.clone(),
+            ask: a.col_ask.clone(),
+            bid_size: a.col_bid_size.clone(),
+            ask_size: a.col_ask_size.clone(),
+        },
+        ts_unit,
+    };
+    let reader = match TickReader::open(&a.file, spec) {
+        Ok(r) => r,
+        Err(e) => {
+            say!("publish: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let publisher_id = match &a.publisher_id {
+        Some(id) => {
+            if let Err(e) = tickshard_shard::domain::validate_publisher_id(id) {
+                say!("publish: --publisher-id: {e}");
+                return ExitCode::from(2);
+            }
+            id.clone()
+        }
+        // Any file name makes a valid id (printable ASCII, ≤ 128 bytes).
+        None => tickshard_shard::domain::publisher_id_from(&format!(
+            "file:{}",
+            a.file
+                .file_name()
+                .map_or("-".into(), |f| f.to_string_lossy().into_owned())
+        )),
+    };
+    let mut p = match Publisher::connect(PublisherConfig::new(a.grpc.clone(), publisher_id)).await {
+        Ok(p) => p,
+        Err(e) => {
+            say!("publish: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let started = Instant::now();
+    let (mut sent, mut accepted, mut dups, mut rejected, mut bad_rows) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut first: Option<(i64, tokio::time::Instant, i64)> = None;
+    let mut count = |ack: Acked, rejected: &mut u64| {
+        if let Some((code, msg)) = &ack.error {
+            *rejected += 1;
+            if *rejected <= 10 {
+                say!(
+                    "publish: request {} ({}) rejected: {code}: {msg}",
+                    ack.request_id,
+                    ack.symbol
+                );
+            }
+        } else if ack.duplicate {
+            dups += 1;
+        } else {
+            accepted += 1;
+        }
+    };
+    for row in reader {
+        let mut tick = match row {
+            Ok(t) => t,
+            Err(e) => {
+                bad_rows += 1;
+                say!("publish: {}: {e}", a.file.display());
+                if a.skip_invalid {
+                    continue;
+                }
+                return ExitCode::from(2);
+            }
+        };
+        if let Some((speed, now)) = pace {
+            let (ts0, t0, shift) = *first.get_or_insert_with(|| {
+                (
+                    tick.ts_micros,
+                    tokio::time::Instant::now(),
+                    now_micros() - tick.ts_micros,
+                )
+            });
+            if let Some(speed) = speed {
+                let due = (Decimal::from((tick.ts_micros - ts0).max(0)) / speed)
+                    .to_u64()
+                    .unwrap_or(0);
+                tokio::time::sleep_until(t0 + Duration::from_micros(due)).await;
+            }
+            if now {
+                tick.ts_micros += shift;
+            }
+        }
+        if let Err(e) = p.send(tick).await {
+            say!("publish: {e}");
+            return ExitCode::FAILURE;
+        }
+        sent += 1;
+        while let Some(ack) = p.try_ack() {
+            count(ack, &mut rejected);
+        }
+    }
+    match p.flush().await {
+        Ok(acks) => acks.into_iter().for_each(|ack| count(ack, &mut rejected)),
+        Err(e) => {
+            say!("publish: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    say!(
+        "publish: {sent} sent, {accepted} accepted, {dups} duplicates, {rejected} rejected, {bad_rows} unreadable rows, {secs:.2} s ({:.0} ticks/s), {} reconnects",
+        sent as f64 / secs.max(1e-9),
+        p.reconnects
+    );
+    if rejected > 0 && !a.skip_invalid {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_ts;
+
+    #[test]
+    fn formats_utc() {
+        assert_eq!(format_ts(1_732_530_000_123_456), "2024-11-25T10:20:00.123456Z");
+        assert_eq!(format_ts(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(format_ts(951_782_400_000_000), "2000-02-29T00:00:00.000000Z");
+    }
+}
