@@ -107,6 +107,11 @@ pub struct ServeArgs {
     /// Concurrent streams per gRPC connection (HTTP/2 MAX_CONCURRENT_STREAMS).
     #[arg(long, env = "TICKSHARD_GRPC_MAX_STREAMS", default_value_t = 1_024)]
     pub grpc_max_streams: u32,
+    /// gRPC reads (`GetSnapshot`, `GetHistory`, `ListSymbols`) in flight at
+    /// once; one more is refused at once with UNAVAILABLE (load shedding:
+    /// retry with back-off) rather than queued behind the others.
+    #[arg(long, env = "TICKSHARD_GRPC_MAX_READS", default_value_t = 256)]
+    pub grpc_max_reads: usize,
     /// A gRPC connection that has not completed its HTTP/2 handshake within
     /// this many milliseconds is closed.
     #[arg(long, env = "TICKSHARD_GRPC_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
@@ -196,6 +201,8 @@ pub struct GrpcLimits {
     pub max_connections: usize,
     /// Concurrent streams per connection (`--grpc-max-streams`).
     pub max_streams: u32,
+    /// Reads in flight before the next is shed (`--grpc-max-reads`).
+    pub max_reads: usize,
     /// Time to complete the HTTP/2 handshake (10 s, contract §5).
     pub handshake_timeout: Duration,
     /// A connection without an open stream this long is closed (gracefully;
@@ -313,6 +320,7 @@ impl ServeArgs {
             grpc: GrpcLimits {
                 max_connections: self.max_grpc_connections.max(1),
                 max_streams: self.grpc_max_streams.max(1),
+                max_reads: self.grpc_max_reads.max(1),
                 handshake_timeout: Duration::from_millis(self.grpc_handshake_timeout_ms.max(1)),
                 idle_timeout: Duration::from_millis(self.grpc_idle_timeout_ms.max(1)),
             },

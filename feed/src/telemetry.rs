@@ -78,6 +78,10 @@ fn describe() {
         metrics::Unit::Bytes,
         "Highest unsent bytes one client reached."
     );
+    describe_counter!(
+        m::GRPC_SHED,
+        "gRPC reads refused at once because --grpc-max-reads were in flight, by method."
+    );
     describe_counter!(m::CLIENT_ERRORS, "Errors sent to WebSocket clients, by code.");
     describe_gauge!(m::READY, "1 while ready, 0 while starting or draining.");
     describe_gauge!(m::PEER_UP, "1 while the link to a peer shard is up, by peer.");

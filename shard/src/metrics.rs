@@ -43,6 +43,10 @@ pub const CLIENT_QUEUE_PEAK: &str = "tickshard_client_queue_peak_bytes";
 /// Counter, label `code`: errors sent to WebSocket clients.
 pub const CLIENT_ERRORS: &str = "tickshard_client_errors_total";
 
+/// Counter, label `method`: gRPC reads refused at once (UNAVAILABLE) because
+/// `--grpc-max-reads` were in flight (load shedding).
+pub const GRPC_SHED: &str = "tickshard_grpc_shed_total";
+
 /// Gauge, label `peer`: 1 if the peer link is up, 0 if down.
 pub const PEER_UP: &str = "tickshard_peer_up";
 /// Gauge, label `peer`: seconds between the owner sending the last follow event

@@ -267,3 +267,165 @@ impl<C: Send + 'static> Drop for SessionGuard<C> {
         self.0.end();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The session against a real node (a sled store in a temp dir, its
+    //! committer thread), in-process, on tokio's paused clock: retries wait
+    //! with back-off, so virtual time makes them deterministic and instant.
+
+    use std::path::Path;
+
+    use super::*;
+    use crate::{committer::CommitterConfig, node::NodeConfig, ownership::Ownership, store::StoreOptions};
+
+    fn node(dir: &Path, shards: u32, max_symbols: usize) -> Arc<Node> {
+        let cfg = NodeConfig {
+            data_dir: dir.to_path_buf(),
+            store: StoreOptions::default(),
+            shard_id: 0,
+            shards,
+            history_ticks: 1_000,
+            candle_retention: [Duration::from_secs(3_600); 3],
+            prune_interval: Duration::from_secs(60),
+            client_queue_bytes: 1 << 20,
+            // the other shards' addresses: nothing listens there (and the
+            // links are never started here), so every other owner is down
+            peers: (0..shards).map(|i| format!("http://127.0.0.1:{}", 1 + i)).collect(),
+            peer_queue_bytes: 1 << 20,
+            committer: CommitterConfig {
+                max_symbols,
+                ..CommitterConfig::default()
+            },
+        };
+        Node::open(cfg).expect("open node")
+    }
+
+    fn session(node: &Arc<Node>) -> Arc<Session<()>> {
+        Session::new(node.clone(), node.outbox(Duration::from_secs(10)))
+    }
+
+    fn sym(s: &str) -> Symbol {
+        Symbol::parse(s).expect("symbol")
+    }
+
+    fn subscribers(node: &Node, s: &str) -> usize {
+        node.hub().get(&sym(s)).map_or(0, |h| h.subscriber_count())
+    }
+
+    #[test]
+    fn requests_are_symbols_times_channels_with_resume_on_ticks_only() {
+        let pos = Position {
+            seq: 7,
+            epoch: crate::domain::Epoch::default(),
+        };
+        let resume = HashMap::from([(sym("A"), pos)]);
+        let candles = Channel::Candles(crate::domain::Interval::M1);
+        let reqs = requests(&[sym("A"), sym("B")], &[Channel::Ticks, candles], &resume);
+        let got: Vec<_> = reqs.iter().map(|r| (r.symbol, r.channel, r.resume)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (sym("A"), Channel::Ticks, Some(pos)),
+                (sym("A"), candles, None),
+                (sym("B"), Channel::Ticks, None),
+                (sym("B"), candles, None),
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_subscribe_changes_nothing_and_the_end_detaches_everything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = node(dir.path(), 1, 1);
+        let s = session(&node);
+        let first = requests(&[sym("AAA")], &[Channel::Ticks], &HashMap::new());
+        let prepared = s.prepare(&first).await.expect("first symbol");
+        assert_eq!(prepared.results.len(), 1);
+        s.activate(prepared).await;
+        assert_eq!(subscribers(&node, "AAA"), 1);
+
+        // a second symbol would pass --max-symbols 1: refused whole
+        let both = requests(&[sym("AAA"), sym("BBB")], &[Channel::Ticks], &HashMap::new());
+        let err = s.prepare(&both).await.err().expect("symbol limit");
+        assert!(matches!(err, SubscribeError::SymbolLimit(_)), "{err}");
+        assert_eq!(s.count_after(&first), 1, "the pair it had stays");
+        assert_eq!(subscribers(&node, "AAA"), 1);
+
+        assert!(s.unsubscribe(&sym("AAA"), Channel::Ticks));
+        assert!(!s.unsubscribe(&sym("AAA"), Channel::Ticks), "only once");
+        let prepared = s.prepare(&first).await.expect("again");
+        s.activate(prepared).await;
+        assert_eq!(subscribers(&node, "AAA"), 1);
+        s.end();
+        assert_eq!(subscribers(&node, "AAA"), 0, "the end detaches");
+        assert!(s.outbox().is_gone());
+        let err = s.prepare(&first).await.err().expect("ended");
+        assert!(matches!(err, SubscribeError::Unavailable(_)));
+        assert_eq!(subscribers(&node, "AAA"), 0, "nothing attached after the end");
+        node.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_guard_ends_the_session_while_a_task_still_holds_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = node(dir.path(), 1, 10);
+        let s = session(&node);
+        let held = s.clone();
+        let reqs = requests(&[sym("AAA")], &[Channel::Ticks], &HashMap::new());
+        {
+            let guard = SessionGuard::new(s.clone());
+            let prepared = guard.prepare(&reqs).await.expect("subscribe");
+            guard.activate(prepared).await;
+            assert_eq!(subscribers(&node, "AAA"), 1);
+        }
+        assert!(held.is_ended());
+        assert_eq!(subscribers(&node, "AAA"), 0);
+        node.shutdown().await;
+    }
+
+    /// Symbols another (down) shard owns: the subscribe is deferred; the
+    /// retries go on with back-off until the pair is unsubscribed (or the
+    /// session ends), and then the retry task ends.
+    #[tokio::test(start_paused = true)]
+    async fn deferred_retries_stop_when_unsubscribed_or_ended() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = node(dir.path(), 2, 10);
+        let own = Ownership::new(2, 0);
+        let remote: Vec<Symbol> = (0..)
+            .map(|i| sym(&format!("R{i}")))
+            .filter(|s| !own.is_local(s))
+            .take(2)
+            .collect();
+        for end in [false, true] {
+            let s = session(&node);
+            let reqs = requests(&remote, &[Channel::Ticks], &HashMap::new());
+            let mut prepared = s.prepare(&reqs).await.expect("deferred, not refused");
+            assert!(prepared.results.is_empty());
+            assert_eq!(prepared.failed.len(), 2, "the owner is down");
+            let tracker = TaskTracker::new();
+            let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let seen = calls.clone();
+            s.retry(&tracker, std::mem::take(&mut prepared.failed), move |_, _| {
+                seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            });
+            tracker.close();
+            // a minute of virtual time: many retries, all failing
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            assert!(!tracker.is_empty(), "still retrying while the owner is down");
+            if end {
+                s.end();
+            } else {
+                for r in &remote {
+                    assert!(s.unsubscribe(r, Channel::Ticks));
+                }
+            }
+            tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+                .await
+                .expect("the retry task ends");
+            assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 0);
+            assert_eq!(s.count_after(&[]), 0);
+        }
+        node.shutdown().await;
+    }
+}

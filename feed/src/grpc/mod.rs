@@ -17,11 +17,15 @@ use tickshard_proto::v1::{
     feed_server::{Feed, FeedServer},
 };
 use tickshard_shard::{
+    metrics as m,
     publish::Origin,
     rpc::{self, ClusterService, parse_symbols, read_status},
     wire,
 };
-use tokio::net::TcpListener;
+use tokio::{
+    net::TcpListener,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming, service::Routes};
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -51,7 +55,10 @@ pub fn start(
         shared.publish_window,
         shared.ws.max_subscriptions,
     ));
-    let feed = FeedRoutes::new(FeedService { shared });
+    let feed = FeedRoutes::new(FeedService {
+        shared,
+        reads: ReadLimit::new(limits.max_reads),
+    });
     let routes = Routes::new(health)
         .add_service(reflection)
         .add_service(feed)
@@ -76,6 +83,35 @@ pub async fn set_serving(reporter: &HealthReporter, serving: bool) {
 
 pub struct FeedService {
     shared: Arc<Shared>,
+    reads: ReadLimit,
+}
+
+/// At most `max` reads in flight; one more is shed at once (UNAVAILABLE,
+/// retryable), so a burst of reads cannot pile up behind the store or a peer
+/// and starve everything else of the blocking pool and memory.
+pub struct ReadLimit {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl ReadLimit {
+    pub fn new(max: usize) -> ReadLimit {
+        ReadLimit {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// A slot for one read of `method`, held until the answer is built.
+    pub fn admit(&self, method: &'static str) -> Result<OwnedSemaphorePermit, Status> {
+        self.permits.clone().try_acquire_owned().map_err(|_| {
+            metrics::counter!(m::GRPC_SHED, "method" => method).increment(1);
+            Status::unavailable(format!(
+                "overloaded: {} reads in flight (--grpc-max-reads); retry with back-off",
+                self.max
+            ))
+        })
+    }
 }
 
 #[tonic::async_trait]
@@ -104,6 +140,7 @@ impl Feed for FeedService {
 
     async fn get_snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<Response<pb::SnapshotResponse>, Status> {
         let syms = parse_symbols(&req.get_ref().symbols, self.shared.ws.max_subscriptions)?;
+        let _slot = self.reads.admit("GetSnapshot")?;
         let snaps = self.shared.node.snapshots(&syms).await.map_err(read_status)?;
         Ok(Response::new(pb::SnapshotResponse {
             snapshots: snaps.iter().map(wire::last_tick_to_pb).collect(),
@@ -113,6 +150,7 @@ impl Feed for FeedService {
     async fn get_history(&self, req: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
         let (symbol, q, limit) =
             wire::history_query(req.get_ref()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let _slot = self.reads.admit("GetHistory")?;
         let h = self.shared.node.history(symbol, q, limit).await.map_err(read_status)?;
         Ok(Response::new(wire::history_to_pb(&h)))
     }
@@ -121,9 +159,27 @@ impl Feed for FeedService {
         &self,
         _req: Request<pb::ListSymbolsRequest>,
     ) -> Result<Response<pb::ListSymbolsResponse>, Status> {
+        let _slot = self.reads.admit("ListSymbols")?;
         let symbols = self.shared.node.all_symbols().await;
         Ok(Response::new(pb::ListSymbolsResponse {
             symbols: symbols.iter().map(wire::symbol_info_to_pb).collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_past_the_limit_are_shed_until_one_ends() {
+        let limit = ReadLimit::new(2);
+        let a = limit.admit("GetHistory").expect("first");
+        let _b = limit.admit("GetHistory").expect("second");
+        let shed = limit.admit("GetSnapshot").expect_err("third is shed");
+        assert_eq!(shed.code(), tonic::Code::Unavailable);
+        assert!(shed.message().contains("--grpc-max-reads"), "{}", shed.message());
+        drop(a);
+        assert!(limit.admit("ListSymbols").is_ok(), "a finished read frees its slot");
     }
 }
