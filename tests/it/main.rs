@@ -11,6 +11,7 @@ mod docker;
 mod durability;
 mod grpc_api;
 mod hardening;
+mod in_process;
 mod slow_consumer;
 mod soak;
 mod ws_protocol;
