@@ -46,13 +46,7 @@ async fn three_pods_serve_every_symbol_from_any_pod() {
     // every pod lists every symbol with its one owner
     let mut lists = Vec::new();
     for pod in &c.pods {
-        let l = pod
-            .feed()
-            .await
-            .list_symbols(pb::ListSymbolsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let l = pod.list_symbols().await;
         lists.push(l.symbols);
     }
     assert_eq!(lists[0].len(), 30);

@@ -208,6 +208,27 @@ impl Server {
         pb::feed_client::FeedClient::connect(self.grpc_url()).await.unwrap()
     }
 
+    /// A gRPC `Subscribe`: its `Subscribed` event and the rest of the stream.
+    pub async fn grpc_subscribe(&self, req: pb::SubscribeRequest) -> (pb::Subscribed, tonic::Streaming<pb::Event>) {
+        use futures_util::StreamExt as _;
+        let mut stream = self.feed().await.subscribe(req).await.unwrap().into_inner();
+        match tokio::time::timeout(WAIT, stream.next()).await.expect("timed out") {
+            Some(Ok(pb::Event {
+                kind: Some(pb::event::Kind::Subscribed(s)),
+            })) => (s, stream),
+            other => panic!("expected subscribed, got {other:?}"),
+        }
+    }
+
+    pub async fn list_symbols(&self) -> pb::ListSymbolsResponse {
+        self.feed()
+            .await
+            .list_symbols(pb::ListSymbolsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     /// GET a path on the HTTP listener: (status, body).
     pub async fn get(&self, path: &str) -> (u16, String) {
         http_get(self.http, path).await
@@ -305,6 +326,22 @@ pub async fn recv_any(c: &mut WsConn) -> Incoming {
         .await
         .expect("timed out waiting for a frame")
         .unwrap()
+}
+
+/// The next message, which must be `subscribed`: its symbols.
+pub async fn recv_subscribed(c: &mut WsConn) -> Vec<tickshard_client::ws::SymbolStatus> {
+    match recv(c).await {
+        ServerMsg::Subscribed { symbols, .. } => symbols,
+        other => panic!("expected subscribed, got {other:?}"),
+    }
+}
+
+/// The next message, which must be a snapshot.
+pub async fn recv_snapshot(c: &mut WsConn) -> tickshard_client::ws::TickMsg {
+    match recv(c).await {
+        ServerMsg::Snapshot(s) => s,
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
 }
 
 /// Waits (bounded) until the connection closes; returns the close code.

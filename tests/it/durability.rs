@@ -153,13 +153,9 @@ async fn retention_prunes_old_ticks_and_resume_past_it_is_not_recovered() {
     ))
     .await
     .unwrap();
-    let ServerMsg::Subscribed { symbols, .. } = recv(&mut c).await else {
-        panic!()
-    };
+    let symbols = recv_subscribed(&mut c).await;
     assert!(!symbols[0].recovered);
-    let ServerMsg::Snapshot(s) = recv(&mut c).await else {
-        panic!()
-    };
+    let s = recv_snapshot(&mut c).await;
     assert_eq!(s.seq, 1000);
 }
 

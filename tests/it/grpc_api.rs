@@ -16,22 +16,12 @@ async fn a_durable_ack_and_both_kinds_of_subscriber_get_the_exact_tick() {
         .await
         .unwrap();
     assert!(matches!(recv(&mut ws).await, ServerMsg::Subscribed { .. }));
-    let mut grpc = srv
-        .feed()
-        .await
-        .subscribe(pb::SubscribeRequest {
+    let (s, mut grpc) = srv
+        .grpc_subscribe(pb::SubscribeRequest {
             symbols: vec!["eur/usd".into()],
             ..Default::default()
         })
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(Ok(pb::Event {
-        kind: Some(Kind::Subscribed(s)),
-    })) = grpc.next().await
-    else {
-        panic!()
-    };
+        .await;
     assert_eq!((s.symbols[0].symbol.as_str(), s.symbols[0].seq), ("EUR/USD", 0));
 
     let mut raw = RawStream::open(&srv).await;
@@ -95,13 +85,7 @@ async fn a_durable_ack_and_both_kinds_of_subscriber_get_the_exact_tick() {
         .unwrap()
         .into_inner();
     assert_eq!(snap.snapshots[0].last.as_ref().unwrap().price, "1.08512");
-    let list = srv
-        .feed()
-        .await
-        .list_symbols(pb::ListSymbolsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let list = srv.list_symbols().await;
     assert_eq!(
         list.symbols,
         vec![pb::SymbolInfo {
@@ -204,23 +188,13 @@ async fn grpc_subscribe_resumes_like_websocket() {
     let epoch = acks[0].epoch.clone();
     let mut resume = std::collections::HashMap::new();
     resume.insert("AAPL".to_string(), pb::Position { seq: 15, epoch });
-    let mut s = srv
-        .feed()
-        .await
-        .subscribe(pb::SubscribeRequest {
+    let (st, mut s) = srv
+        .grpc_subscribe(pb::SubscribeRequest {
             symbols: vec!["AAPL".into()],
             resume,
             ..Default::default()
         })
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(Ok(pb::Event {
-        kind: Some(Kind::Subscribed(st)),
-    })) = s.next().await
-    else {
-        panic!()
-    };
+        .await;
     assert_eq!((st.symbols[0].seq, st.symbols[0].recovered), (20, true));
     for want in 16..=20 {
         let ev = tokio::time::timeout(WAIT, s.next()).await.unwrap().unwrap().unwrap();

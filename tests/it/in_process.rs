@@ -15,7 +15,7 @@ use tickshard_shard::{domain::Symbol, ownership::Ownership};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{WAIT, publish_all, recv, recv_close, tick};
+use crate::common::{WAIT, publish_all, recv, recv_close, recv_subscribed, tick};
 
 #[derive(clap::Parser)]
 struct Flags {
@@ -110,9 +110,7 @@ async fn a_websocket_session_served_through_a_peer_in_process() {
     c.send_text(&format!(r#"{{"op":"subscribe","id":1,"symbols":["{symbol}"]}}"#))
         .await
         .unwrap();
-    let ServerMsg::Subscribed { symbols, .. } = recv(&mut c).await else {
-        panic!("subscribed first")
-    };
+    let symbols = recv_subscribed(&mut c).await;
     assert_eq!(symbols[0].seq, 0);
 
     let mut p = tickshard_client::publisher::Publisher::connect(tickshard_client::publisher::PublisherConfig::new(

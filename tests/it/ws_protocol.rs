@@ -36,9 +36,7 @@ async fn snapshot_then_every_tick_in_order_with_exact_decimals() {
         ("BTC-USD", 50, false)
     );
     assert_eq!(symbols[0].epoch.len(), 12);
-    let ServerMsg::Snapshot(s) = recv(&mut c).await else {
-        panic!()
-    };
+    let s = recv_snapshot(&mut c).await;
     assert_eq!((s.seq, s.price.as_str(), s.size.as_str()), (50, "67012.50", "0.010"));
     assert_eq!(s.epoch.as_deref(), Some(symbols[0].epoch.as_str()));
 
@@ -71,9 +69,7 @@ async fn a_symbol_without_ticks_gets_an_epoch_and_seq_zero_then_its_first_tick()
     let srv = Server::start(&["--no-sim"]);
     let mut c = srv.ws().await;
     c.send_text(r#"{"op":"subscribe","symbols":["NEW-1"]}"#).await.unwrap();
-    let ServerMsg::Subscribed { symbols, .. } = recv(&mut c).await else {
-        panic!()
-    };
+    let symbols = recv_subscribed(&mut c).await;
     assert_eq!((symbols[0].seq, symbols[0].recovered), (0, false));
     assert_eq!(symbols[0].epoch.len(), 12);
     let mut p = srv.publisher("first").await;
@@ -256,13 +252,9 @@ async fn resume_with_the_right_epoch_replays_exactly_the_missed_ticks() {
     c.send_text(r#"{"op":"subscribe","symbols":["ETH-USD"]}"#)
         .await
         .unwrap();
-    let ServerMsg::Subscribed { symbols, .. } = recv(&mut c).await else {
-        panic!()
-    };
+    let symbols = recv_subscribed(&mut c).await;
     let epoch = symbols[0].epoch.clone();
-    let ServerMsg::Snapshot(s) = recv(&mut c).await else {
-        panic!()
-    };
+    let s = recv_snapshot(&mut c).await;
     assert_eq!(s.seq, 10);
     c.close().await;
     drop(c);
@@ -283,9 +275,7 @@ async fn resume_with_the_right_epoch_replays_exactly_the_missed_ticks() {
     ))
     .await
     .unwrap();
-    let ServerMsg::Subscribed { symbols, .. } = recv(&mut c).await else {
-        panic!()
-    };
+    let symbols = recv_subscribed(&mut c).await;
     assert_eq!((symbols[0].seq, symbols[0].recovered), (5010, true));
     // live ticks published during the replay must follow it, in order
     let live = tokio::spawn(async move {
@@ -305,13 +295,9 @@ async fn resume_with_the_right_epoch_replays_exactly_the_missed_ticks() {
     c.send_text(r#"{"op":"subscribe","symbols":["ETH-USD"],"resume":{"ETH-USD":{"seq":10,"epoch":"000000000001"}}}"#)
         .await
         .unwrap();
-    let ServerMsg::Subscribed { symbols, .. } = recv(&mut c).await else {
-        panic!()
-    };
+    let symbols = recv_subscribed(&mut c).await;
     assert!(!symbols[0].recovered);
-    let ServerMsg::Snapshot(s) = recv(&mut c).await else {
-        panic!()
-    };
+    let s = recv_snapshot(&mut c).await;
     assert_eq!(s.seq, 5100);
     // a position already current: recovered, nothing replayed, live follows
     let mut c = srv.ws().await;
@@ -320,9 +306,7 @@ async fn resume_with_the_right_epoch_replays_exactly_the_missed_ticks() {
     ))
     .await
     .unwrap();
-    let ServerMsg::Subscribed { symbols, .. } = recv(&mut c).await else {
-        panic!()
-    };
+    let symbols = recv_subscribed(&mut c).await;
     assert!(symbols[0].recovered);
     let mut p = srv.publisher("resume-2").await;
     publish_all(&mut p, [tick("ETH-USD", T0 + 9_999, "7", "1")]).await;
