@@ -383,17 +383,23 @@ async fn candles_api(query: &str, shared: &Shared) -> Response<Body> {
             );
             r
         }
-        Err(e) => api_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(e @ tickshard_shard::Error::Refused { .. }) => api_error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e @ tickshard_shard::Error::Unavailable(_)) => api_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(e @ tickshard_shard::Error::Fault(_)) => {
+            tracing::error!(error = %e, "candles read failed");
+            api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal error (logged)")
+        }
     }
 }
 
-/// A JSON error of the candles API: 400 `bad_request` or 503 `unavailable`.
+/// A JSON error of the candles API: 400 `bad_request`, 503 `unavailable` or
+/// 500 `internal`.
 fn api_error(status: StatusCode, message: &str) -> Response<Body> {
     let mut body = Vec::new();
-    let code = if status == StatusCode::BAD_REQUEST {
-        "bad_request"
-    } else {
-        "unavailable"
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::INTERNAL_SERVER_ERROR => "internal",
+        _ => "unavailable",
     };
     json::error(&mut body, None, code, message);
     let mut r = Response::new(Full::new(Bytes::from(body)));

@@ -18,6 +18,7 @@ pub mod backoff;
 pub mod cluster;
 pub mod committer;
 pub mod domain;
+mod error;
 pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -32,3 +33,5 @@ pub mod session;
 pub mod store;
 pub mod tasks;
 pub mod wire;
+
+pub use error::Error;

@@ -15,10 +15,11 @@ use std::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    Error,
     backoff::Backoff,
-    cluster::{Cluster, ClusterConfig, ClusterError, MirrorLease, Peer, PeerError},
+    cluster::{Cluster, ClusterConfig, ClusterError, MirrorLease, Peer},
     committer::{CommitError, Committer, CommitterConfig, PublishCmd},
-    domain::{Candle, Epoch, ErrorCode, HistoryQuery, Interval, Position, Symbol, Tick},
+    domain::{Candle, Epoch, HistoryQuery, Interval, Position, Symbol, Tick},
     hub::{CandleData, Channel, Chunk, Data, Head, Hub, Outbox, SnapshotData, SymbolHub},
     metrics as m,
     ownership::Ownership,
@@ -69,55 +70,6 @@ pub enum NodeError {
     },
     #[error(transparent)]
     Start(#[from] crate::committer::StartError),
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SubscribeError {
-    /// The owner cannot be reached or the store failed: retryable.
-    #[error("{0}")]
-    Unavailable(String),
-    /// The owner holds its `--max-symbols` and would have to create one more.
-    #[error("{0}")]
-    SymbolLimit(String),
-}
-
-impl SubscribeError {
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            SubscribeError::Unavailable(_) => ErrorCode::Unavailable,
-            SubscribeError::SymbolLimit(_) => ErrorCode::SymbolLimit,
-        }
-    }
-}
-
-impl From<PeerError> for SubscribeError {
-    fn from(e: PeerError) -> Self {
-        match e {
-            PeerError::Refused {
-                code: ErrorCode::SymbolLimit,
-                message,
-            } => SubscribeError::SymbolLimit(message),
-            e => SubscribeError::Unavailable(e.to_string()),
-        }
-    }
-}
-
-/// A read that may go to another shard.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Peer(#[from] PeerError),
-}
-
-impl From<CommitError> for SubscribeError {
-    fn from(e: CommitError) -> Self {
-        match e {
-            CommitError::SymbolLimit(_) => SubscribeError::SymbolLimit(e.to_string()),
-            e => SubscribeError::Unavailable(e.to_string()),
-        }
-    }
 }
 
 /// One requested subscription.
@@ -345,7 +297,7 @@ impl Node {
     /// The hub a subscription of `symbol` attaches to: the symbol's own (owned
     /// here) or its mirror (followed from the owner; the lease holds the mirror
     /// until the subscription is attached).
-    async fn hub_for(&self, symbol: Symbol) -> Result<(Arc<SymbolHub>, Option<MirrorLease>), SubscribeError> {
+    async fn hub_for(&self, symbol: Symbol) -> Result<(Arc<SymbolHub>, Option<MirrorLease>), Error> {
         if let Some(peer) = self.peer_of(&symbol) {
             let lease = peer.mirror(symbol).await?;
             return Ok((lease.hub.clone(), Some(lease)));
@@ -354,7 +306,7 @@ impl Node {
         self.hub
             .get(&symbol)
             .map(|h| (h, None))
-            .ok_or_else(|| SubscribeError::Unavailable(format!("symbol {symbol} has no state")))
+            .ok_or_else(|| Error::unavailable(format!("symbol {symbol} has no state")))
     }
 
     /// Attaches `sink` to the hub of `r.symbol` in setup mode. A hub retired
@@ -363,7 +315,7 @@ impl Node {
         &self,
         sink: &Arc<Outbox<C>>,
         r: &SubRequest,
-    ) -> Result<(Arc<SymbolHub>, Head, Option<MirrorLease>), SubscribeError> {
+    ) -> Result<(Arc<SymbolHub>, Head, Option<MirrorLease>), Error> {
         for _ in 0..3 {
             let (h, lease) = self.hub_for(r.symbol).await?;
             let dyn_sink: Arc<dyn crate::hub::Sink> = sink.clone();
@@ -371,7 +323,7 @@ impl Node {
                 return Ok((h, head, lease));
             }
         }
-        Err(SubscribeError::Unavailable(format!(
+        Err(Error::Unavailable(format!(
             "symbol {} is being re-created; retry",
             r.symbol
         )))
@@ -380,13 +332,13 @@ impl Node {
     /// Registers subscriptions (live data is held), creating epochs for
     /// symbols without one (all at once: a subscribe that would take the
     /// shard past `--max-symbols` creates none and fails with
-    /// [`SubscribeError::SymbolLimit`]) and deciding for each whether its
+    /// [`Error::Refused`] with `symbol_limit`) and deciding for each whether its
     /// resume can be served.
     pub async fn prepare<C: Send + 'static>(
         &self,
         sink: &Arc<Outbox<C>>,
         reqs: &[SubRequest],
-    ) -> Result<Prepared, SubscribeError> {
+    ) -> Result<Prepared, Error> {
         let mut local: Vec<Symbol> = reqs
             .iter()
             .map(|r| r.symbol)
@@ -403,7 +355,7 @@ impl Node {
         for r in reqs {
             match self.hub_for(r.symbol).await {
                 Ok(h) => hubs.push((r, h)),
-                Err(SubscribeError::Unavailable(why)) if !self.ownership.is_local(&r.symbol) => {
+                Err(Error::Unavailable(why)) if !self.ownership.is_local(&r.symbol) => {
                     failed.push((*r, why));
                 }
                 Err(e) => return Err(e),
@@ -437,7 +389,7 @@ impl Node {
                                 (Plan::Replay { from, to: head.seq }, head.seq, true)
                             }
                             // The owner is down: this cannot be decided now.
-                            Err(ReadError::Peer(e)) => {
+                            Err(e @ Error::Unavailable(_)) => {
                                 h.detach(sink.id(), r.channel);
                                 failed.push((*r, e.to_string()));
                                 continue;
@@ -458,7 +410,7 @@ impl Node {
                                 h.deliver_after(sink.id(), r.channel, p.seq);
                                 (Plan::Live, p.seq, true)
                             }
-                            Err(ReadError::Peer(e)) => {
+                            Err(e @ Error::Unavailable(_)) => {
                                 h.detach(sink.id(), r.channel);
                                 failed.push((*r, e.to_string()));
                                 continue;
@@ -519,7 +471,7 @@ impl Node {
                             }
                             // The owner went away mid-replay: wait for it (live
                             // data is held meanwhile, up to the queue limit).
-                            Err(ReadError::Peer(e)) => {
+                            Err(e @ Error::Unavailable(_)) => {
                                 tracing::debug!(symbol = %res.symbol, error = %e, "replay waits for the owner");
                                 wait.wait().await;
                             }
@@ -564,7 +516,7 @@ impl Node {
 
     /// Durable ticks `from..=to` of any symbol: from this pod's store, or from
     /// the owner's.
-    pub async fn read_ticks(&self, symbol: Symbol, from: u64, to: u64, limit: usize) -> Result<Vec<Tick>, ReadError> {
+    pub async fn read_ticks(&self, symbol: Symbol, from: u64, to: u64, limit: usize) -> Result<Vec<Tick>, Error> {
         match self.peer_of(&symbol) {
             None => Ok(self.read_local_ticks(symbol, from, to, limit).await?),
             Some(peer) => Ok(peer

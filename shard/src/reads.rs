@@ -4,8 +4,9 @@
 //! this pod's own data. Each protocol converts at its edge (`wire` for gRPC).
 
 use crate::{
+    Error,
     domain::{HISTORY_LIMIT_MAX, History, HistoryQuery, LastTick, Symbol, SymbolInfo},
-    node::{Node, ReadError},
+    node::Node,
     store::StoreError,
 };
 
@@ -41,7 +42,7 @@ impl Node {
     }
 
     /// History of any symbol, from its owner.
-    pub async fn history(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, ReadError> {
+    pub async fn history(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, Error> {
         match self.peer_of(&symbol) {
             None => Ok(self.local_history(symbol, q, limit).await?),
             Some(peer) => Ok(peer.history(symbol, q, limit).await?),
@@ -60,7 +61,7 @@ impl Node {
 
     /// The latest tick of each symbol, from their owners (symbols without
     /// ticks are left out).
-    pub async fn snapshots(&self, symbols: &[Symbol]) -> Result<Vec<LastTick>, ReadError> {
+    pub async fn snapshots(&self, symbols: &[Symbol]) -> Result<Vec<LastTick>, Error> {
         let own = self.ownership();
         let local: Vec<Symbol> = symbols.iter().copied().filter(|s| own.is_local(s)).collect();
         let mut out = self.local_snapshots(&local);

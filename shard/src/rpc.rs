@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    Error,
     committer::Ack,
     domain::{
         Epoch, ErrorCode, InputError, Interval, MAX_SYMBOL_LEN, Position, Symbol, SymbolListError, SymbolSet,
@@ -24,7 +25,7 @@ use crate::{
     },
     events::outbox_events,
     hub::{Channel, Close, Data, Outbox},
-    node::{Node, ReadError, SubResult},
+    node::{Node, SubResult},
     publish::{self, Origin},
     session::{self, Session, SessionGuard},
     wire::{self, tick_from_pb},
@@ -42,15 +43,6 @@ pub fn parse_symbols(symbols: &[String], max: usize) -> Result<Vec<Symbol>, Stat
         SymbolListError::Invalid(e) => Status::invalid_argument(e.to_string()),
         SymbolListError::TooMany { .. } => Status::resource_exhausted(e.to_string()),
     })
-}
-
-/// The status of a read that failed: the owner is unreachable (retryable),
-/// or the store failed.
-pub fn read_status(e: ReadError) -> Status {
-    match e {
-        ReadError::Peer(e) => Status::unavailable(e.to_string()),
-        ReadError::Store(e) => Status::internal(format!("store read failed: {e}")),
-    }
 }
 
 /// At most one log line a minute about callers with another shard count.
@@ -315,7 +307,7 @@ impl ClusterApi for ClusterService {
             .node
             .local_history(symbol, q, limit)
             .await
-            .map_err(|e| read_status(e.into()))?;
+            .map_err(|e| wire::error_status(Error::from(e)))?;
         Ok(Response::new(wire::history_to_pb(&h)))
     }
 

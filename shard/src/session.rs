@@ -16,10 +16,11 @@ use std::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    Error,
     backoff::Backoff,
     domain::{Position, Symbol},
     hub::{Channel, Outbox},
-    node::{Node, Prepared, SubRequest, SubResult, SubscribeError},
+    node::{Node, Prepared, SubRequest, SubResult},
 };
 
 /// First and longest wait between retries of a deferred subscription.
@@ -107,7 +108,7 @@ impl<C: Send + 'static> Session<C> {
     /// request supersedes a deferred one for the same pair. Requests in
     /// `failed` (owner down) stay recorded; hand them to [`Session::retry`]
     /// or end the session.
-    pub async fn prepare(&self, reqs: &[SubRequest]) -> Result<Prepared, SubscribeError> {
+    pub async fn prepare(&self, reqs: &[SubRequest]) -> Result<Prepared, Error> {
         let mut added = Vec::new();
         {
             let mut pairs = self.pairs();
@@ -129,9 +130,9 @@ impl<C: Send + 'static> Session<C> {
     }
 
     /// [`Node::prepare`], unless the session has ended (before or meanwhile).
-    async fn register(&self, reqs: &[SubRequest]) -> Result<Prepared, SubscribeError> {
+    async fn register(&self, reqs: &[SubRequest]) -> Result<Prepared, Error> {
         if self.is_ended() {
-            return Err(SubscribeError::Unavailable("the subscriber is gone".into()));
+            return Err(Error::unavailable("the subscriber is gone"));
         }
         let prepared = self.node.prepare(&self.outbox, reqs).await;
         if self.is_ended() {
@@ -140,7 +141,7 @@ impl<C: Send + 'static> Session<C> {
             for r in reqs {
                 self.node.unsubscribe(self.outbox.id(), &r.symbol, r.channel);
             }
-            return Err(SubscribeError::Unavailable("the subscriber is gone".into()));
+            return Err(Error::unavailable("the subscriber is gone"));
         }
         prepared
     }
@@ -348,7 +349,7 @@ mod tests {
         // a second symbol would pass --max-symbols 1: refused whole
         let both = requests(&[sym("AAA"), sym("BBB")], &[Channel::Ticks], &HashMap::new());
         let err = s.prepare(&both).await.err().expect("symbol limit");
-        assert!(matches!(err, SubscribeError::SymbolLimit(_)), "{err}");
+        assert_eq!(err.code(), crate::domain::ErrorCode::SymbolLimit, "{err}");
         assert_eq!(s.count_after(&first), 1, "the pair it had stays");
         assert_eq!(subscribers(&node, "AAA"), 1);
 
@@ -361,7 +362,7 @@ mod tests {
         assert_eq!(subscribers(&node, "AAA"), 0, "the end detaches");
         assert!(s.outbox().is_gone());
         let err = s.prepare(&first).await.err().expect("ended");
-        assert!(matches!(err, SubscribeError::Unavailable(_)));
+        assert!(matches!(err, Error::Unavailable(_)));
         assert_eq!(subscribers(&node, "AAA"), 0, "nothing attached after the end");
         node.shutdown().await;
     }

@@ -208,6 +208,27 @@ pub fn close_status(c: Close) -> tonic::Status {
     }
 }
 
+/// The status of a failed subscribe or read (contract §5): a refusal by its
+/// code (bad input INVALID_ARGUMENT; limits RESOURCE_EXHAUSTED, the message
+/// starting with the contract code), unavailability UNAVAILABLE (retry), a
+/// fault INTERNAL.
+pub fn error_status(e: crate::Error) -> tonic::Status {
+    use crate::{Error, domain::ErrorCode as C};
+    match e {
+        Error::Refused { code, message } => match code {
+            C::BadJson | C::UnknownOp | C::InvalidSymbol | C::InvalidTick | C::InvalidRequest => {
+                tonic::Status::invalid_argument(message)
+            }
+            C::TooManySubscriptions | C::RateLimited | C::MessageTooLarge | C::SymbolLimit => {
+                tonic::Status::resource_exhausted(format!("{code}: {message}"))
+            }
+            C::Unavailable => tonic::Status::unavailable(message),
+        },
+        Error::Unavailable(m) => tonic::Status::unavailable(m),
+        Error::Fault(m) => tonic::Status::internal(m),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

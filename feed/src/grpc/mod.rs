@@ -19,7 +19,7 @@ use tickshard_proto::v1::{
 use tickshard_shard::{
     metrics as m,
     publish::Origin,
-    rpc::{self, ClusterService, parse_symbols, read_status},
+    rpc::{self, ClusterService, parse_symbols},
     wire,
 };
 use tokio::{
@@ -141,7 +141,7 @@ impl Feed for FeedService {
     async fn get_snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<Response<pb::SnapshotResponse>, Status> {
         let syms = parse_symbols(&req.get_ref().symbols, self.shared.ws.max_subscriptions)?;
         let _slot = self.reads.admit("GetSnapshot")?;
-        let snaps = self.shared.node.snapshots(&syms).await.map_err(read_status)?;
+        let snaps = self.shared.node.snapshots(&syms).await.map_err(wire::error_status)?;
         Ok(Response::new(pb::SnapshotResponse {
             snapshots: snaps.iter().map(wire::last_tick_to_pb).collect(),
         }))
@@ -151,7 +151,12 @@ impl Feed for FeedService {
         let (symbol, q, limit) =
             wire::history_query(req.get_ref()).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let _slot = self.reads.admit("GetHistory")?;
-        let h = self.shared.node.history(symbol, q, limit).await.map_err(read_status)?;
+        let h = self
+            .shared
+            .node
+            .history(symbol, q, limit)
+            .await
+            .map_err(wire::error_status)?;
         Ok(Response::new(wire::history_to_pb(&h)))
     }
 

@@ -20,7 +20,7 @@ use tickshard_shard::{
     domain::{Epoch, Position, Tick},
     events::outbox_events,
     hub::{Channel, Data, Format, Frames, Outbox},
-    node::{SubRequest, SubResult, SubscribeError},
+    node::{SubRequest, SubResult},
     rpc::{parse_symbol, parse_symbols},
     session::{self, Session, SessionGuard},
     wire,
@@ -182,10 +182,7 @@ async fn subscribe(
         shared.enter("grpc", outbox.clone()),
         permit,
     );
-    let prepared = session.prepare(&reqs).await.map_err(|e| match e {
-        SubscribeError::Unavailable(m) => Status::unavailable(m),
-        SubscribeError::SymbolLimit(m) => Status::resource_exhausted(format!("symbol_limit: {m}")),
-    })?;
+    let prepared = session.prepare(&reqs).await.map_err(wire::error_status)?;
     if let Some((r, why)) = prepared.failed.first() {
         // gRPC has no per-symbol error: the whole call is retryable.
         return Err(Status::unavailable(format!("{}: {why}", r.symbol)));
