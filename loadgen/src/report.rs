@@ -23,63 +23,131 @@ pub struct Report {
     pub gen_cpu_pct: f64,
 }
 
+/// One figure of the report, with how each format shows it.
+enum Value {
+    Count(u64),
+    Rate(f64),
+    Seconds(f64),
+    Percent(f64),
+    Quantiles([u64; 5]),
+    Measured(Option<f64>, &'static str),
+}
+
 impl Report {
+    /// Every figure once: its JSON key, its table label (`None`: JSON only)
+    /// and its value; both formats render this list.
+    fn fields(&self) -> [(&'static str, Option<&'static str>, Value); 18] {
+        use Value::*;
+        [
+            ("subscribers", Some("subscribers"), Count(self.subscribers as u64)),
+            ("symbols", Some("symbols"), Count(self.symbols as u64)),
+            ("seconds", None, Seconds(self.seconds)),
+            ("connect_per_sec", Some("connects/s"), Rate(self.connect_per_sec)),
+            ("published", None, Count(self.published)),
+            ("publish_per_sec", Some("published/s"), Rate(self.publish_per_sec)),
+            ("ack_us", Some("ack latency"), Quantiles(self.ack_us)),
+            ("deliveries", None, Count(self.deliveries)),
+            (
+                "deliveries_per_sec",
+                Some("deliveries/s"),
+                Rate(self.deliveries_per_sec),
+            ),
+            ("latency_us", Some("latency"), Quantiles(self.latency_us)),
+            ("bytes_per_sec", Some("bytes/s"), Rate(self.bytes_per_sec)),
+            ("gaps", Some("gaps"), Count(self.gaps)),
+            ("conflated", Some("conflated"), Count(self.conflated)),
+            ("closed", Some("closed"), Count(self.closed)),
+            ("server_cpu_pct", Some("server CPU"), Measured(self.server_cpu_pct, "%")),
+            (
+                "server_rss_mb",
+                Some("server RSS"),
+                Measured(self.server_rss_mb, " MiB"),
+            ),
+            (
+                "server_rss_per_conn_kb",
+                Some("RSS per connection"),
+                Measured(self.server_rss_per_conn_kb, " KiB"),
+            ),
+            ("gen_cpu_pct", Some("generator CPU"), Percent(self.gen_cpu_pct)),
+        ]
+    }
+
     pub fn to_json(&self) -> String {
-        let q = |v: &[u64; 5]| {
-            format!(
-                "{{\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{},\"max\":{}}}",
-                v[0], v[1], v[2], v[3], v[4]
-            )
-        };
-        let o = |v: Option<f64>| v.map_or("null".to_string(), |x| format!("{x:.1}"));
-        format!(
-            "{{\"subscribers\":{},\"symbols\":{},\"seconds\":{:.2},\"connect_per_sec\":{:.0},\"published\":{},\"publish_per_sec\":{:.0},\"ack_us\":{},\"deliveries\":{},\"deliveries_per_sec\":{:.0},\"latency_us\":{},\"bytes_per_sec\":{:.0},\"gaps\":{},\"conflated\":{},\"closed\":{},\"server_cpu_pct\":{},\"server_rss_mb\":{},\"server_rss_per_conn_kb\":{},\"gen_cpu_pct\":{:.1}}}",
-            self.subscribers,
-            self.symbols,
-            self.seconds,
-            self.connect_per_sec,
-            self.published,
-            self.publish_per_sec,
-            q(&self.ack_us),
-            self.deliveries,
-            self.deliveries_per_sec,
-            q(&self.latency_us),
-            self.bytes_per_sec,
-            self.gaps,
-            self.conflated,
-            self.closed,
-            o(self.server_cpu_pct),
-            o(self.server_rss_mb),
-            o(self.server_rss_per_conn_kb),
-            self.gen_cpu_pct
-        )
+        let body: Vec<String> = self
+            .fields()
+            .into_iter()
+            .map(|(key, _, v)| {
+                let v = match v {
+                    Value::Count(n) => n.to_string(),
+                    Value::Rate(x) => format!("{x:.0}"),
+                    Value::Seconds(x) => format!("{x:.2}"),
+                    Value::Percent(x) => format!("{x:.1}"),
+                    Value::Quantiles(q) => format!(
+                        "{{\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{},\"max\":{}}}",
+                        q[0], q[1], q[2], q[3], q[4]
+                    ),
+                    Value::Measured(x, _) => x.map_or("null".to_string(), |x| format!("{x:.1}")),
+                };
+                format!("\"{key}\":{v}")
+            })
+            .collect();
+        format!("{{{}}}", body.join(","))
     }
 
     pub fn to_table(&self) -> String {
-        let q = |v: &[u64; 5]| {
-            format!(
-                "p50 {} / p90 {} / p99 {} / p99.9 {} / max {} µs",
-                v[0], v[1], v[2], v[3], v[4]
-            )
+        let mut out = String::new();
+        for (_, label, v) in self.fields() {
+            let Some(label) = label else { continue };
+            let v = match v {
+                Value::Count(n) => n.to_string(),
+                Value::Rate(x) | Value::Seconds(x) => format!("{x:.0}"),
+                Value::Percent(x) => format!("{x:.1}%"),
+                Value::Quantiles(q) => format!(
+                    "p50 {} / p90 {} / p99 {} / p99.9 {} / max {} µs",
+                    q[0], q[1], q[2], q[3], q[4]
+                ),
+                Value::Measured(x, unit) => x.map_or("-".to_string(), |x| format!("{x:.1}{unit}")),
+            };
+            out.push_str(&format!("{label:<18} {v}\n"));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Report;
+
+    #[test]
+    fn both_formats_render_the_one_field_list() {
+        let r = Report {
+            subscribers: 3,
+            seconds: 1.5,
+            publish_per_sec: 1234.4,
+            ack_us: [1, 2, 3, 4, 5],
+            server_cpu_pct: Some(12.34),
+            gen_cpu_pct: 7.0,
+            ..Report::default()
         };
-        let o = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |x| format!("{x:.1}{unit}"));
-        format!(
-            "subscribers        {}\nsymbols            {}\nconnects/s         {:.0}\npublished/s        {:.0}\nack latency        {}\ndeliveries/s       {:.0}\nlatency            {}\nbytes/s            {:.0}\ngaps               {}\nconflated          {}\nclosed             {}\nserver CPU         {}\nserver RSS         {}\nRSS per connection {}\ngenerator CPU      {:.1}%\n",
-            self.subscribers,
-            self.symbols,
-            self.connect_per_sec,
-            self.publish_per_sec,
-            q(&self.ack_us),
-            self.deliveries_per_sec,
-            q(&self.latency_us),
-            self.bytes_per_sec,
-            self.gaps,
-            self.conflated,
-            self.closed,
-            o(self.server_cpu_pct, "%"),
-            o(self.server_rss_mb, " MiB"),
-            o(self.server_rss_per_conn_kb, " KiB"),
-            self.gen_cpu_pct
-        )
+        let json = r.to_json();
+        assert!(
+            json.starts_with("{\"subscribers\":3,\"symbols\":0,\"seconds\":1.50,"),
+            "{json}"
+        );
+        assert!(json.contains("\"publish_per_sec\":1234,"), "{json}");
+        assert!(
+            json.contains("\"ack_us\":{\"p50\":1,\"p90\":2,\"p99\":3,\"p999\":4,\"max\":5}"),
+            "{json}"
+        );
+        assert!(
+            json.contains("\"server_cpu_pct\":12.3,\"server_rss_mb\":null,"),
+            "{json}"
+        );
+        assert!(json.ends_with("\"gen_cpu_pct\":7.0}"), "{json}");
+        let table = r.to_table();
+        assert!(table.contains("published/s        1234\n"), "{table}");
+        assert!(table.contains("server CPU         12.3%\n"), "{table}");
+        assert!(table.contains("server RSS         -\n"), "{table}");
+        assert!(!table.contains("seconds"), "JSON-only fields stay out of the table");
     }
 }

@@ -100,7 +100,8 @@ mod tests {
         }
         .into();
         assert_eq!(refused.code(), ErrorCode::SymbolLimit);
-        let failed: Error = CommitError::StoreFailed("disk".into()).into();
+        let failed: Error =
+            CommitError::StoreFailed(std::sync::Arc::new(crate::store::StoreError::Bug("disk".into()))).into();
         assert!(matches!(failed, Error::Fault(_)));
         assert_eq!(failed.code(), ErrorCode::Unavailable, "a fault is retryable elsewhere");
         let input: Error = InputError::InvalidRequest("no tick".into()).into();

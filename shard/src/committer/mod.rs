@@ -269,8 +269,10 @@ pub enum StartError {
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum CommitError {
+    /// A group commit failed: the shard stopped accepting writes (the
+    /// failure, shared by every request it refuses).
     #[error("the shard store failed and stopped accepting writes: {0}")]
-    StoreFailed(String),
+    StoreFailed(Arc<crate::store::StoreError>),
     #[error("the committer has stopped")]
     Stopped,
     #[error("symbol {0} is not owned by shard {1} (the cluster configuration disagrees)")]
@@ -283,9 +285,12 @@ pub enum CommitError {
 #[derive(Clone)]
 pub struct Committer {
     tx: mpsc::Sender<Cmd>,
-    failed: Arc<AtomicBool>,
+    failed: Failure,
     held: Arc<Held>,
 }
+
+/// Set once, by the worker, when a group commit fails.
+type Failure = Arc<std::sync::OnceLock<Arc<crate::store::StoreError>>>;
 
 impl Committer {
     /// Starts the committer thread on `store`, publishing to `hub`, from the
@@ -298,7 +303,7 @@ impl Committer {
         cfg: CommitterConfig,
     ) -> Result<(Committer, thread::JoinHandle<()>), StartError> {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let failed = Arc::new(AtomicBool::new(false));
+        let failed = Failure::default();
         let recovery::Recovered {
             mut symbols,
             next_commit,
@@ -338,9 +343,8 @@ impl Committer {
     /// publish that cannot be queued is answered UNAVAILABLE (and the error
     /// returned): no request is ever dropped without an answer.
     pub async fn publish(&self, cmd: PublishCmd) -> Result<(), CommitError> {
-        let (cmd, err) = if self.failed.load(Ordering::Relaxed) {
-            let why = "an earlier group commit failed (see the log)";
-            (cmd, CommitError::StoreFailed(why.into()))
+        let (cmd, err) = if let Some(e) = self.failed.get() {
+            (cmd, CommitError::StoreFailed(e.clone()))
         } else {
             match self.tx.send(Cmd::Publish(cmd)).await {
                 Ok(()) => return Ok(()),
@@ -382,7 +386,7 @@ impl Committer {
 
     /// True once a store failure stopped the committer.
     pub fn has_failed(&self) -> bool {
-        self.failed.load(Ordering::Relaxed)
+        self.failed.get().is_some()
     }
 }
 
@@ -501,7 +505,7 @@ struct Worker {
     hub: Arc<Hub>,
     held: Arc<Held>,
     symbols: HashMap<Symbol, SymState>,
-    failed: Arc<AtomicBool>,
+    failed: Failure,
     /// The number of the next log record.
     next_commit: u64,
     /// The oldest log record not removed yet.
@@ -598,7 +602,7 @@ impl Worker {
             match self.store.commit(batch) {
                 Ok(flush) => meters.flush.record(flush.as_secs_f64()),
                 Err(e) => {
-                    self.fail(&e.to_string(), &mut round, &mut rx);
+                    self.fail(e, &mut round, &mut rx);
                     return;
                 }
             }
@@ -732,23 +736,23 @@ impl Worker {
     /// in-memory state is ahead of what is durable. Everything is refused
     /// (the round and whatever is still queued) and the committer stops: the
     /// process must restart and recover from the store.
-    fn fail(&mut self, e: &str, round: &mut Round, rx: &mut mpsc::Receiver<Cmd>) {
+    fn fail(&mut self, e: crate::store::StoreError, round: &mut Round, rx: &mut mpsc::Receiver<Cmd>) {
         tracing::error!(error = %e, "group commit failed; the shard stops accepting writes");
-        self.failed.store(true, Ordering::Relaxed);
+        let e = self.failed.get_or_init(|| Arc::new(e)).clone();
         let why = format!("store failure: {e}");
         for p in round.acks.drain(..) {
             p.reply
                 .unavailable(p.publisher.as_ref(), p.ack.request_id, p.ack.symbol, why.clone());
         }
         for (r, _) in round.ensures.drain(..) {
-            let _ = r.send(Err(CommitError::StoreFailed(e.to_owned())));
+            let _ = r.send(Err(CommitError::StoreFailed(e.clone())));
         }
         rx.close();
         while let Ok(cmd) = rx.try_recv() {
             match cmd {
                 Cmd::Publish(p) => p.unavailable(why.clone()),
                 Cmd::Ensure { reply, .. } => {
-                    let _ = reply.send(Err(CommitError::StoreFailed(e.to_owned())));
+                    let _ = reply.send(Err(CommitError::StoreFailed(e.clone())));
                 }
                 Cmd::Compact | Cmd::Stop => {}
             }
