@@ -10,12 +10,12 @@ BIN=target/release/tickshard
 SERVER_BIN=${SERVER_BIN:-$BIN}
 DIR=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$DIR"' EXIT
-PEERS="http://127.0.0.11:18481,http://127.0.0.12:18481,http://127.0.0.13:18481"
+PEERS="http://127.0.0.11:18482,http://127.0.0.12:18482,http://127.0.0.13:18482"
 PIDS=()
 for i in 0 1 2; do
   ip=127.0.0.1$((i + 1))
   "$SERVER_BIN" --no-sim --shards 3 --shard-id $i --peers "$PEERS" --data-dir "$DIR/pod-$i" \
-    --http-addr $ip:18480 --grpc-addr $ip:18481 --log warn > "$DIR/out-$i" 2> "$DIR/err-$i" &
+    --http-addr $ip:18480 --grpc-addr $ip:18481 --peer-addr $ip:18482 --log warn > "$DIR/out-$i" 2> "$DIR/err-$i" &
   PIDS+=($!)
 done
 for i in 0 1 2; do

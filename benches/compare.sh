@@ -34,7 +34,7 @@ websocket {
 }
 CONF
 nats-server -c "$DIR/nats.conf" > "$DIR/nats.log" 2>&1 & NATS_PID=$!
-"$BIN" --no-sim --data-dir "$DIR/data" --http-addr 127.0.0.1:18480 --grpc-addr 127.0.0.1:18481 \
+"$BIN" --no-sim --data-dir "$DIR/data" --http-addr 127.0.0.1:18480 --grpc-addr 127.0.0.1:18481 --peer-addr 127.0.0.1:0 \
   --max-connections 19500 --log warn > "$DIR/ts.out" 2> "$DIR/ts.err" & TS_PID=$!
 "$NAIVE" 127.0.0.1:19080 127.0.0.1:19081 2> "$DIR/naive.err" & NAIVE_PID=$!
 sleep 1

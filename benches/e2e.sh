@@ -15,7 +15,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$DIR"' EXIT
 
 start() {
   rm -rf "$DIR/data"
-  "$SERVER_BIN" --no-sim --data-dir "$DIR/data" --http-addr $HTTP --grpc-addr $GRPC --max-connections 19500 --log warn > "$DIR/out" 2> "$DIR/err" &
+  "$SERVER_BIN" --no-sim --data-dir "$DIR/data" --http-addr $HTTP --grpc-addr $GRPC --peer-addr 127.0.0.1:0 --max-connections 19500 --log warn > "$DIR/out" 2> "$DIR/err" &
   PID=$!
   for _ in $(seq 100); do grep -q "grpc listening" "$DIR/out" 2>/dev/null && return; sleep 0.1; done
   echo "server did not start"; cat "$DIR/err"; exit 1

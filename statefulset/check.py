@@ -89,8 +89,10 @@ def check(docs, name):
     if str(spec.get("replicas")) != str(shards):
         problems.append(f"replicas {spec.get('replicas')} != TICKSHARD_SHARDS {shards}")
     peers = env.get("TICKSHARD_PEERS") or ""
-    if "{}" not in peers or f".{spec.get('serviceName')}:" not in peers or f":{ports.get('grpc')}" not in peers:
-        problems.append(f"TICKSHARD_PEERS {peers!r} must be a {{}} template on the headless Service and the grpc port")
+    if "{}" not in peers or f".{spec.get('serviceName')}:" not in peers or f":{ports.get('peer')}" not in peers:
+        problems.append(f"TICKSHARD_PEERS {peers!r} must be a {{}} template on the headless Service and the peer port")
+    if ports.get("peer") == ports.get("grpc"):
+        problems.append("the peer port (the internal Cluster service) must not be the public gRPC port")
     psc = pod.get("securityContext", {})
     csc = c.get("securityContext", {})
     if not psc.get("runAsNonRoot") or not csc.get("readOnlyRootFilesystem"):

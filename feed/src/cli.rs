@@ -45,9 +45,10 @@ pub fn serve(rt: &tokio::runtime::Runtime, args: ServeArgs) -> ExitCode {
         let listeners = match (
             bind(args.http_addr, "--http-addr").await,
             bind(args.grpc_addr, "--grpc-addr").await,
+            bind(args.peer_addr, "--peer-addr").await,
         ) {
-            (Ok(http), Ok(grpc)) => Listeners { http, grpc },
-            (Err(e), _) | (_, Err(e)) => {
+            (Ok(http), Ok(grpc), Ok(peer)) => Listeners { http, grpc, peer },
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                 say!("tickshard: {e}");
                 return ExitCode::FAILURE;
             }
@@ -57,6 +58,7 @@ pub fn serve(rt: &tokio::runtime::Runtime, args: ServeArgs) -> ExitCode {
         let addrs = [
             ("http", listeners.http.local_addr()),
             ("grpc", listeners.grpc.local_addr()),
+            ("peer", listeners.peer.local_addr()),
         ];
         let started = move || {
             let mut out = std::io::stdout().lock();

@@ -12,9 +12,13 @@ pub struct ServeArgs {
     /// HTTP + WebSocket listener (`/ws`, `/healthz`, `/readyz`, `/metrics`, `/`).
     #[arg(long, env = "TICKSHARD_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
-    /// gRPC listener (`tickshard.v1.Feed`, health, reflection, cluster sync).
+    /// Public gRPC listener (`tickshard.v1.Feed`, health, reflection).
     #[arg(long, env = "TICKSHARD_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
+    /// Shard-to-shard listener: the internal `Cluster` service only, never on
+    /// the public port.
+    #[arg(long, env = "TICKSHARD_PEER_ADDR", default_value = "0.0.0.0:50052")]
+    pub peer_addr: SocketAddr,
     /// The shard's sled directory.
     #[arg(long, env = "TICKSHARD_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -24,9 +28,9 @@ pub struct ServeArgs {
     /// This pod's shard id [default: the ordinal at the end of the hostname, else 0].
     #[arg(long, env = "TICKSHARD_SHARD_ID")]
     pub shard_id: Option<u32>,
-    /// gRPC address of every shard: a template with `{}` for the id
-    /// (`http://tickshard-{}.tickshard-headless:50051`) or a comma list ordered by
-    /// shard id [default: this node only].
+    /// Peer address (`--peer-addr`) of every shard: a template with `{}` for
+    /// the id (`http://tickshard-{}.tickshard-headless:50052`, `https://` with
+    /// peer TLS) or a comma list ordered by shard id [default: this node only].
     #[arg(long, env = "TICKSHARD_PEERS")]
     pub peers: Option<String>,
     /// No built-in simulated market.
@@ -172,7 +176,7 @@ fn cfg_err(flag: &'static str, message: impl Into<String>) -> ConfigError {
 pub struct ServeConfig {
     pub node: NodeConfig,
     pub ws: WsLimits,
-    /// gRPC address of every shard, by shard id.
+    /// Peer address of every shard, by shard id.
     pub peers: Vec<String>,
     pub sim: Option<u32>,
     pub drain: Duration,
@@ -247,7 +251,7 @@ impl ServeArgs {
             ));
         }
         let peers = match &self.peers {
-            None if self.shards == 1 => vec![format!("http://{}", self.grpc_addr)],
+            None if self.shards == 1 => vec![format!("http://{}", self.peer_addr)],
             None => return Err(cfg_err("--peers", "required when --shards is above 1")),
             Some(p) if p.contains("{}") => (0..self.shards).map(|i| p.replace("{}", &i.to_string())).collect(),
             Some(p) => p.split(',').map(|s| s.trim().to_string()).collect(),
@@ -258,7 +262,7 @@ impl ServeArgs {
         {
             return Err(cfg_err(
                 "--peers",
-                format!("'{bad}' is not a URL like http://host:50051"),
+                format!("'{bad}' is not a URL like http://host:50052"),
             ));
         }
         if peers.len() != self.shards as usize {
@@ -370,7 +374,7 @@ mod tests {
         assert_eq!(c.node.client_queue_bytes, 4 << 20);
         assert_eq!(c.node.candle_retention[2], Duration::from_secs(5 * 365 * 86_400));
         assert!(c.sim.is_some());
-        assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.peers, ["http://0.0.0.0:50052"], "one shard: its own peer port");
     }
 
     #[test]
@@ -387,10 +391,10 @@ mod tests {
             .validate()
             .unwrap_err();
         assert_eq!(e.flag, "--peers");
-        let c = args(&["--shards", "3", "--peers", "http://ts-{}.h:50051"])
+        let c = args(&["--shards", "3", "--peers", "http://ts-{}.h:50052"])
             .validate()
             .unwrap();
-        assert_eq!(c.peers[2], "http://ts-2.h:50051");
+        assert_eq!(c.peers[2], "http://ts-2.h:50052");
     }
 
     #[test]

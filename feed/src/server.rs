@@ -41,6 +41,8 @@ use crate::{
 pub struct Listeners {
     pub http: TcpListener,
     pub grpc: TcpListener,
+    /// The shard-to-shard listener (`--peer-addr`, the `Cluster` service only).
+    pub peer: TcpListener,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,13 @@ pub async fn run(
     shutdown: CancellationToken,
     started: impl FnOnce(),
 ) -> Result<(), RunError> {
+    if let Ok(addr) = listeners.peer.local_addr() {
+        tracing::warn!(
+            peer_addr = %addr,
+            "peer links are plaintext and unauthenticated: whoever reaches the peer port can act as a shard; \
+             keep it reachable from tickshard pods only"
+        );
+    }
     let node_cfg = cfg.node.clone();
     let node = tokio::task::spawn_blocking(move || Node::open(node_cfg)).await??;
     node.check_cluster().await?;
@@ -120,8 +129,12 @@ pub async fn run(
         )
     };
     let grpc_stop = CancellationToken::new();
-    let (health, grpc_task) = grpc::start(
+    let grpc::Servers {
+        health,
+        tasks: grpc_tasks,
+    } = grpc::start(
         listeners.grpc,
+        listeners.peer,
         shared.clone(),
         cfg.grpc.clone(),
         &lifecycle,
@@ -182,8 +195,11 @@ pub async fn run(
     // 3. gRPC: publish and peer streams ack what they took and end; wait.
     shared.stopping.cancel();
     grpc_stop.cancel();
-    if tokio::time::timeout_at(deadline, grpc_task).await.is_err() {
-        tracing::warn!("gRPC server did not stop in time");
+    if tokio::time::timeout_at(deadline, futures_util::future::join_all(grpc_tasks))
+        .await
+        .is_err()
+    {
+        tracing::warn!("gRPC servers did not stop in time");
     }
     let streams = node.stream_tasks();
     streams.close();

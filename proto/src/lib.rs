@@ -12,5 +12,6 @@ pub mod v1 {
     tonic::include_proto!("tickshard.v1");
 }
 
-/// The encoded `FileDescriptorSet` of every tickshard proto, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tickshard_descriptor");
+/// The encoded `FileDescriptorSet` of the public API (`feed.proto`), for gRPC
+/// reflection on the public port.
+pub const FEED_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tickshard_feed_descriptor");

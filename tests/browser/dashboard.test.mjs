@@ -28,7 +28,7 @@ let server = null;
 
 function start(http = "127.0.0.1:0", grpc = "127.0.0.1:0") {
   return new Promise((ok, fail) => {
-    const p = spawn(BIN, ["--no-sim", "--data-dir", dataDir, "--http-addr", http, "--grpc-addr", grpc, "--drain-ms", "200"], {
+    const p = spawn(BIN, ["--no-sim", "--data-dir", dataDir, "--http-addr", http, "--grpc-addr", grpc, "--peer-addr", "127.0.0.1:0", "--drain-ms", "200"], {
       stdio: ["ignore", "pipe", "pipe"],
     });
     let out = "", err = "";

@@ -151,11 +151,10 @@ async fn inconsistent_cluster_configs_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let extra = TestCluster::addrs(1)[0];
     // another N than the running pods
-    let four = format!("{},http://{}", c.peers, extra.1);
+    let four = format!("{},http://{}", c.peers, extra.peer);
     let e = Server::try_start_at(
         &tmp.path().join("a"),
-        extra.0,
-        extra.1,
+        extra,
         &["--no-sim", "--shards", "4", "--shard-id", "3", "--peers", &four],
     )
     .err()
@@ -167,8 +166,7 @@ async fn inconsistent_cluster_configs_are_refused() {
     // a second process claiming shard 1 (pod 1's address answers first)
     let e = Server::try_start_at(
         &tmp.path().join("b"),
-        extra.0,
-        extra.1,
+        extra,
         &["--no-sim", "--shards", "3", "--shard-id", "1", "--peers", &c.peers],
     )
     .err()
@@ -177,8 +175,7 @@ async fn inconsistent_cluster_configs_are_refused() {
     // a pod started on another shard's data dir
     let e = Server::try_start_at(
         &c.pods[0].dir,
-        extra.0,
-        extra.1,
+        extra,
         &["--no-sim", "--shards", "3", "--shard-id", "2", "--peers", &c.peers],
     )
     .err()
@@ -519,16 +516,18 @@ impl Drop for Proxy {
 async fn a_peer_partition_heals_without_gap_or_duplicate() {
     let tmp = tempfile::tempdir().unwrap();
     let addrs = TestCluster::addrs(4); // three pods and the proxy
-    let proxy = Proxy::start(addrs[3].1, addrs[0].1).await;
-    let real: Vec<String> = addrs[..3].iter().map(|(_, g)| format!("http://{g}")).collect();
-    let via_proxy = format!("http://{},http://{},http://{}", proxy.addr, addrs[1].1, addrs[2].1);
+    let proxy = Proxy::start(addrs[3].peer, addrs[0].peer).await;
+    let real: Vec<String> = addrs[..3].iter().map(|p| format!("http://{}", p.peer)).collect();
+    let via_proxy = format!(
+        "http://{},http://{},http://{}",
+        proxy.addr, addrs[1].peer, addrs[2].peer
+    );
     let mut pods = Vec::new();
-    for (i, &(http, grpc)) in addrs.iter().take(3).enumerate() {
+    for (i, &ports) in addrs.iter().take(3).enumerate() {
         let peers = if i == 2 { via_proxy.clone() } else { real.join(",") };
         pods.push(Server::start_at(
             &tmp.path().join(format!("pod-{i}")),
-            http,
-            grpc,
+            ports,
             &[
                 "--no-sim",
                 "--shards",

@@ -21,10 +21,20 @@ use tickshard_proto::v1 as pb;
 /// Upper bound for any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// The three listeners of one server.
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub peer: SocketAddr,
+}
+
 pub struct Server {
     child: Option<Child>,
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    /// The shard-to-shard listener (`--peer-addr`).
+    pub peer: SocketAddr,
     pub dir: PathBuf,
     log: PathBuf,
     args: Vec<String>,
@@ -49,15 +59,15 @@ impl Server {
 
     /// Starts a server on fixed addresses (cluster pods: peers must be known
     /// before they start).
-    pub fn start_at(dir: &Path, http: SocketAddr, grpc: SocketAddr, args: &[&str]) -> Server {
+    pub fn start_at(dir: &Path, ports: Ports, args: &[&str]) -> Server {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        Server::spawn(dir, args, Some((http, grpc))).unwrap_or_else(|e| panic!("server did not start: {e}"))
+        Server::spawn(dir, args, Some(ports)).unwrap_or_else(|e| panic!("server did not start: {e}"))
     }
 
     /// Like [`Server::start_at`], but returns the log if the server refuses.
-    pub fn try_start_at(dir: &Path, http: SocketAddr, grpc: SocketAddr, args: &[&str]) -> Result<Server, String> {
+    pub fn try_start_at(dir: &Path, ports: Ports, args: &[&str]) -> Result<Server, String> {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        Server::spawn(dir, args, Some((http, grpc)))
+        Server::spawn(dir, args, Some(ports))
     }
 
     /// Tries to start; returns the exit status and stderr if it refuses.
@@ -71,13 +81,21 @@ impl Server {
         })
     }
 
-    fn spawn(dir: &Path, args: Vec<String>, ports: Option<(SocketAddr, SocketAddr)>) -> Result<Server, String> {
+    fn spawn(dir: &Path, args: Vec<String>, ports: Option<Ports>) -> Result<Server, String> {
         std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
         let log = dir.with_extension(format!("{}.log", fastrand::u32(..)));
-        let (http, grpc) = ports.map_or(("127.0.0.1:0".to_string(), "127.0.0.1:0".to_string()), |(h, g)| {
-            (h.to_string(), g.to_string())
-        });
-        let mut full = vec!["--http-addr".to_string(), http, "--grpc-addr".to_string(), grpc];
+        let [http, grpc, peer] = ports.map_or(
+            ["127.0.0.1:0".to_string(), "127.0.0.1:0".into(), "127.0.0.1:0".into()],
+            |p| [p.http.to_string(), p.grpc.to_string(), p.peer.to_string()],
+        );
+        let mut full = vec![
+            "--http-addr".to_string(),
+            http,
+            "--grpc-addr".to_string(),
+            grpc,
+            "--peer-addr".to_string(),
+            peer,
+        ];
         full.extend(args.iter().cloned());
         let mut cmd = base_command(dir, &full.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &log);
         cmd.stdout(Stdio::piped());
@@ -92,9 +110,9 @@ impl Server {
                 }
             }
         });
-        let (mut h, mut g) = (None, None);
+        let (mut h, mut g, mut p) = (None, None, None);
         let deadline = Instant::now() + WAIT;
-        while h.is_none() || g.is_none() {
+        while h.is_none() || g.is_none() || p.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
@@ -103,6 +121,8 @@ impl Server {
                         h = addr;
                     } else if line.starts_with("tickshard: grpc listening on ") {
                         g = addr;
+                    } else if line.starts_with("tickshard: peer listening on ") {
+                        p = addr;
                     }
                 }
                 Err(_) => {
@@ -116,6 +136,7 @@ impl Server {
             child: Some(child),
             http: h.unwrap(),
             grpc: g.unwrap(),
+            peer: p.unwrap(),
             dir: dir.to_path_buf(),
             log,
             args,
@@ -128,7 +149,7 @@ impl Server {
         assert!(self.child.is_none(), "stop or kill the server first");
         let deadline = Instant::now() + WAIT;
         loop {
-            match Server::spawn(&self.dir, self.args.clone(), Some((self.http, self.grpc))) {
+            match Server::spawn(&self.dir, self.args.clone(), Some(self.ports())) {
                 Ok(mut s) => {
                     self.child = s.child.take();
                     self.log = s.log.clone();
@@ -149,6 +170,18 @@ impl Server {
 
     pub fn grpc_url(&self) -> String {
         format!("http://{}", self.grpc)
+    }
+
+    pub fn peer_url(&self) -> String {
+        format!("http://{}", self.peer)
+    }
+
+    pub fn ports(&self) -> Ports {
+        Ports {
+            http: self.http,
+            grpc: self.grpc,
+            peer: self.peer,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -384,12 +417,16 @@ pub struct TestCluster {
 }
 
 impl TestCluster {
-    pub fn addrs(n: usize) -> Vec<(SocketAddr, SocketAddr)> {
+    pub fn addrs(n: usize) -> Vec<Ports> {
         let (a, b) = (fastrand::u8(1..=254), fastrand::u8(0..=255));
         (0..n)
             .map(|i| {
                 let ip = std::net::Ipv4Addr::new(127, a, b, 10 + i as u8);
-                (SocketAddr::from((ip, 18080)), SocketAddr::from((ip, 18051)))
+                Ports {
+                    http: SocketAddr::from((ip, 18080)),
+                    grpc: SocketAddr::from((ip, 18051)),
+                    peer: SocketAddr::from((ip, 18052)),
+                }
             })
             .collect()
     }
@@ -400,14 +437,14 @@ impl TestCluster {
         let addrs = Self::addrs(n);
         let peers = addrs
             .iter()
-            .map(|(_, g)| format!("http://{g}"))
+            .map(|p| format!("http://{}", p.peer))
             .collect::<Vec<_>>()
             .join(",");
         let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let handles: Vec<_> = (0..n)
             .map(|i| {
                 let dir = tmp.path().join(format!("pod-{i}"));
-                let (http, grpc) = addrs[i];
+                let ports = addrs[i];
                 let mut a = vec![
                     "--no-sim".to_string(),
                     "--shards".into(),
@@ -420,7 +457,7 @@ impl TestCluster {
                 a.extend(args.iter().cloned());
                 std::thread::spawn(move || {
                     let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
-                    Server::start_at(&dir, http, grpc, &a)
+                    Server::start_at(&dir, ports, &a)
                 })
             })
             .collect();

@@ -92,7 +92,7 @@ impl DockerSet {
             "-e",
             &format!("TICKSHARD_SHARDS={shards}"),
             "-e",
-            "TICKSHARD_PEERS=http://tickshard-{}:50051",
+            "TICKSHARD_PEERS=http://tickshard-{}:50052",
             "-e",
             "TICKSHARD_DATA_DIR=/data",
             "-e",

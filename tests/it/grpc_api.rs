@@ -264,6 +264,10 @@ async fn reflection_lists_the_services_and_serves_their_descriptors() {
     ] {
         assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
     }
+    assert!(
+        !names.iter().any(|n| n.contains("Cluster")),
+        "the internal service is not advertised on the public port: {names:?}"
+    );
     let Some(MessageResponse::FileDescriptorResponse(files)) = answers.next().await.unwrap().unwrap().message_response
     else {
         panic!("no descriptor");

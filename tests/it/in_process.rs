@@ -32,7 +32,7 @@ struct InProcess {
 }
 
 /// Starts shard `id` of `peers.len()` in this process; returns once it serves.
-async fn start(id: usize, http: TcpListener, grpc: TcpListener, peers: &[SocketAddr]) -> InProcess {
+async fn start(id: usize, [http, grpc, peer]: [TcpListener; 3], peers: &[SocketAddr]) -> InProcess {
     let dir = tempfile::tempdir().unwrap();
     let peers = peers
         .iter()
@@ -69,7 +69,7 @@ async fn start(id: usize, http: TcpListener, grpc: TcpListener, peers: &[SocketA
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(run(
         cfg,
-        Listeners { http, grpc },
+        Listeners { http, grpc, peer },
         metrics,
         shutdown.clone(),
         move || {
@@ -86,8 +86,9 @@ async fn start(id: usize, http: TcpListener, grpc: TcpListener, peers: &[SocketA
     }
 }
 
-async fn listener() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0").await.unwrap()
+async fn listeners() -> [TcpListener; 3] {
+    let bind = || TcpListener::bind("127.0.0.1:0");
+    [bind().await.unwrap(), bind().await.unwrap(), bind().await.unwrap()]
 }
 
 /// A subscriber on shard 0 to a symbol shard 1 owns: the subscribe and the
@@ -96,10 +97,10 @@ async fn listener() -> TcpListener {
 /// `run` returns cleanly.
 #[tokio::test]
 async fn a_websocket_session_served_through_a_peer_in_process() {
-    let (h0, g0, h1, g1) = (listener().await, listener().await, listener().await, listener().await);
-    let peers = [g0.local_addr().unwrap(), g1.local_addr().unwrap()];
+    let (l0, l1) = (listeners().await, listeners().await);
+    let peers = [l0[2].local_addr().unwrap(), l1[2].local_addr().unwrap()];
     // both must be up for the startup topology check: start them together
-    let (s0, s1) = tokio::join!(start(0, h0, g0, &peers), start(1, h1, g1, &peers));
+    let (s0, s1) = tokio::join!(start(0, l0, &peers), start(1, l1, &peers));
     let own = Ownership::new(2, 0);
     let symbol = (0..)
         .map(|i| format!("IP{i}"))

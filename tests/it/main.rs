@@ -14,4 +14,5 @@ mod hardening;
 mod in_process;
 mod slow_consumer;
 mod soak;
+mod trust;
 mod ws_protocol;

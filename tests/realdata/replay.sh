@@ -18,7 +18,7 @@ fi
 CSV=$CACHE/ob/ob_analytics/_sample_data/trades.csv
 DIR=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$DIR"' EXIT
-"$BIN" --no-sim --data-dir "$DIR/data" --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 > "$DIR/out" 2> "$DIR/err" &
+"$BIN" --no-sim --data-dir "$DIR/data" --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --peer-addr 127.0.0.1:0 > "$DIR/out" 2> "$DIR/err" &
 for _ in $(seq 200); do grep -q "grpc listening" "$DIR/out" 2>/dev/null && break; sleep 0.05; done
 HTTP=$(sed -n 's/.*http listening on //p' "$DIR/out")
 GRPC=$(sed -n 's/.*grpc listening on //p' "$DIR/out")

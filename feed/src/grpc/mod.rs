@@ -1,5 +1,7 @@
-//! The public gRPC API (`tickshard.v1.Feed`, contract §5), plus the standard
-//! health service and server reflection, on the gRPC listener.
+//! The gRPC listeners: the public API (`tickshard.v1.Feed`, contract §5) with
+//! the standard health service and server reflection on `--grpc-addr`, and the
+//! shard-to-shard `Cluster` service alone on `--peer-addr` (contract §8: never
+//! on the public port).
 
 mod serve;
 pub(crate) mod subscribe;
@@ -29,23 +31,33 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming, service::Routes};
 use tonic_health::{ServingStatus, server::HealthReporter};
+use tracing::Instrument as _;
 
 use crate::{config::GrpcLimits, shared::Shared};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// Starts the gRPC server; returns the health reporter and the server task
-/// (it ends once `stop` is cancelled and every connection is closed).
+/// The running gRPC servers.
+pub struct Servers {
+    pub health: HealthReporter,
+    /// The public listener's task and the peer listener's: each ends once
+    /// `stop` is cancelled and its connections are closed.
+    pub tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+/// Starts the public gRPC server on `public` and the `Cluster` service on
+/// `peer`.
 pub fn start(
-    listener: TcpListener,
+    public: TcpListener,
+    peer: TcpListener,
     shared: Arc<Shared>,
     limits: GrpcLimits,
     tasks: &TaskTracker,
     stop: CancellationToken,
-) -> Result<(HealthReporter, tokio::task::JoinHandle<()>), String> {
+) -> Result<Servers, String> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tickshard_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tickshard_proto::FEED_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| e.to_string())?;
@@ -59,13 +71,19 @@ pub fn start(
         shared,
         reads: ReadLimit::new(limits.max_reads),
     });
-    let routes = Routes::new(health)
-        .add_service(reflection)
-        .add_service(feed)
-        .add_service(cluster)
-        .prepare();
-    let task = tickshard_shard::tasks::spawn(tasks, serve::serve(listener, routes, limits, stop));
-    Ok((reporter, task))
+    let public_routes = Routes::new(health).add_service(reflection).add_service(feed).prepare();
+    let peer_routes = Routes::new(cluster).prepare();
+    let spawn = |listener, routes, what| {
+        tickshard_shard::tasks::spawn(
+            tasks,
+            serve::serve(listener, routes, limits.clone(), stop.clone())
+                .instrument(tracing::info_span!("listener", listener = what)),
+        )
+    };
+    Ok(Servers {
+        health: reporter,
+        tasks: [spawn(public, public_routes, "grpc"), spawn(peer, peer_routes, "peer")],
+    })
 }
 
 /// Health of `""` and `tickshard.v1.Feed` (contract §5).
