@@ -5,7 +5,9 @@
 use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
 use clap::{ArgAction, Args};
-use tickshard_shard::{committer::CommitterConfig, node::NodeConfig, ownership, store::StoreOptions};
+use tickshard_shard::{cluster::PeerTls, committer::CommitterConfig, node::NodeConfig, ownership, store::StoreOptions};
+
+use crate::tls::TlsFiles;
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -33,6 +35,25 @@ pub struct ServeArgs {
     /// peer TLS) or a comma list ordered by shard id [default: this node only].
     #[arg(long, env = "TICKSHARD_PEERS")]
     pub peers: Option<String>,
+    /// TLS certificate chain (PEM) of the public listeners: HTTPS/`wss://` and
+    /// gRPC over TLS. Re-read when the file changes. Needs `--tls-key`.
+    #[arg(long, env = "TICKSHARD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `--tls-cert`.
+    #[arg(long, env = "TICKSHARD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// This pod's certificate (PEM) for mutual TLS between pods: served on
+    /// `--peer-addr` and presented when dialing peers (`https://` in
+    /// `--peers`). Needs `--peer-tls-key` and `--peer-tls-ca`.
+    #[arg(long, env = "TICKSHARD_PEER_TLS_CERT", requires_all = ["peer_tls_key", "peer_tls_ca"])]
+    pub peer_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `--peer-tls-cert`.
+    #[arg(long, env = "TICKSHARD_PEER_TLS_KEY", requires_all = ["peer_tls_cert", "peer_tls_ca"])]
+    pub peer_tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signs every pod's peer certificate: a peer connection
+    /// is accepted only with a client certificate it signed.
+    #[arg(long, env = "TICKSHARD_PEER_TLS_CA", requires_all = ["peer_tls_cert", "peer_tls_key"])]
+    pub peer_tls_ca: Option<PathBuf>,
     /// No built-in simulated market.
     #[arg(long, env = "TICKSHARD_NO_SIM", action = ArgAction::SetTrue)]
     pub no_sim: bool,
@@ -178,6 +199,10 @@ pub struct ServeConfig {
     pub ws: WsLimits,
     /// Peer address of every shard, by shard id.
     pub peers: Vec<String>,
+    /// TLS of the public listeners (`--tls-cert`/`--tls-key`).
+    pub tls: Option<TlsFiles>,
+    /// Mutual TLS of the peer listener (its `client_ca` is `--peer-tls-ca`).
+    pub peer_tls: Option<TlsFiles>,
     pub sim: Option<u32>,
     pub drain: Duration,
     pub max_connections: usize,
@@ -250,8 +275,17 @@ impl ServeArgs {
                 ),
             ));
         }
+        let peer_tls = match (&self.peer_tls_cert, &self.peer_tls_key, &self.peer_tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Some(PeerTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            }),
+            _ => None,
+        };
+        let scheme = if peer_tls.is_some() { "https" } else { "http" };
         let peers = match &self.peers {
-            None if self.shards == 1 => vec![format!("http://{}", self.peer_addr)],
+            None if self.shards == 1 => vec![format!("{scheme}://{}", self.peer_addr)],
             None => return Err(cfg_err("--peers", "required when --shards is above 1")),
             Some(p) if p.contains("{}") => (0..self.shards).map(|i| p.replace("{}", &i.to_string())).collect(),
             Some(p) => p.split(',').map(|s| s.trim().to_string()).collect(),
@@ -263,6 +297,18 @@ impl ServeArgs {
             return Err(cfg_err(
                 "--peers",
                 format!("'{bad}' is not a URL like http://host:50052"),
+            ));
+        }
+        if let Some(bad) = peers.iter().find(|p| !p.starts_with(&format!("{scheme}://"))) {
+            return Err(cfg_err(
+                "--peers",
+                if peer_tls.is_some() {
+                    format!("'{bad}' must be an https:// URL: peer links use mutual TLS (--peer-tls-cert)")
+                } else {
+                    format!(
+                        "'{bad}' is https:// but peer TLS is not configured (--peer-tls-cert, --peer-tls-key, --peer-tls-ca)"
+                    )
+                },
             ));
         }
         if peers.len() != self.shards as usize {
@@ -300,6 +346,7 @@ impl ServeArgs {
                 prune_interval: Duration::from_millis(self.prune_interval_ms.max(10)),
                 client_queue_bytes: self.client_queue_bytes,
                 peers: peers.clone(),
+                peer_tls: peer_tls.clone(),
                 peer_queue_bytes: self.peer_queue_bytes,
                 committer: CommitterConfig {
                     max_symbols: self.max_symbols,
@@ -317,6 +364,19 @@ impl ServeArgs {
                 idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             },
             peers,
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: None,
+                }),
+                _ => None,
+            },
+            peer_tls: peer_tls.map(|t| TlsFiles {
+                cert: t.cert,
+                key: t.key,
+                client_ca: Some(t.ca),
+            }),
             sim: (!self.no_sim && self.sim_rate > 0).then_some(self.sim_rate),
             drain: Duration::from_millis(self.drain_ms),
             max_connections: self.max_connections.max(1),

@@ -37,7 +37,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
-use crate::config::HttpLimits;
+use crate::{config::HttpLimits, tls::ReloadingTls};
 
 /// Plain (not upgraded) HTTP connections open at once, beside the WebSockets.
 pub const PLAIN_CONNECTIONS: usize = 512;
@@ -141,12 +141,14 @@ impl Registry {
 pub async fn accept_loop<F>(
     listener: TcpListener,
     limits: HttpLimits,
+    tls: Option<Arc<ReloadingTls>>,
     tasks: TaskTracker,
     stop: CancellationToken,
     serve: F,
 ) where
-    F: Fn(Tracked, SocketAddr, Arc<ConnTrack>) -> Conn,
+    F: Fn(Tracked, SocketAddr, Arc<ConnTrack>) -> Conn + Send + Sync + 'static,
 {
+    let serve = Arc::new(serve);
     let permits = Arc::new(Semaphore::new(PLAIN_CONNECTIONS));
     let registry = Arc::new(Registry::default());
     let mut next_id = 0u64;
@@ -181,16 +183,35 @@ pub async fn accept_loop<F>(
             ..ConnTrack::default()
         });
         registry.lock().insert(next_id, track.clone());
-        let io = Tracked {
-            inner: stream,
-            track: track.clone(),
-        };
-        let conn = serve(io, peer, track.clone());
-        let (registry, limits, stop) = (registry.clone(), limits.clone(), stop.clone());
+        let (registry, limits, stop, serve) = (registry.clone(), limits.clone(), stop.clone(), serve.clone());
+        let tls = tls.as_ref().map(|t| t.acceptor());
         tickshard_shard::tasks::spawn(
             &tasks,
             async move {
-                supervise(conn, &track, &limits, &stop).await;
+                // The TLS handshake counts against the request-head timeout.
+                let inner = match tls {
+                    None => Some(ClientStream::Plain(stream)),
+                    Some(acceptor) => {
+                        match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => Some(ClientStream::Tls(Box::new(s))),
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "TLS handshake failed");
+                                None
+                            }
+                            Err(_) => {
+                                tracing::debug!("no TLS handshake in time; closing");
+                                None
+                            }
+                        }
+                    }
+                };
+                if let Some(inner) = inner {
+                    let io = Tracked {
+                        inner,
+                        track: track.clone(),
+                    };
+                    supervise(serve(io, peer, track.clone()), &track, &limits, &stop).await;
+                }
                 registry.lock().remove(&track.id);
                 drop(permit);
             }
@@ -290,14 +311,55 @@ async fn supervise(mut conn: Conn, track: &ConnTrack, limits: &HttpLimits, stop:
     let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
 }
 
+/// A TLS connection of the HTTP listener.
+pub type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// A client connection: plain TCP, or TLS with `--tls-cert`.
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream>),
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// A client socket that notes when bytes of a request arrive.
 pub struct Tracked {
-    inner: TcpStream,
+    inner: ClientStream,
     track: Arc<ConnTrack>,
 }
 
 impl Tracked {
-    pub fn into_inner(self) -> TcpStream {
+    pub fn into_inner(self) -> ClientStream {
         self.inner
     }
 }

@@ -21,4 +21,5 @@ pub mod server;
 pub mod shared;
 pub mod sim;
 pub mod telemetry;
+pub mod tls;
 pub mod ws;

@@ -33,7 +33,9 @@ use crate::{
     config::ServeConfig,
     grpc, http,
     shared::{Closable, Shared},
-    sim, ws,
+    sim,
+    tls::ReloadingTls,
+    ws,
     ws::json,
 };
 
@@ -53,6 +55,8 @@ pub enum RunError {
     Cluster(#[from] tickshard_shard::cluster::ClusterError),
     #[error("gRPC server: {0}")]
     Grpc(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("startup task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -67,11 +71,30 @@ pub async fn run(
     shutdown: CancellationToken,
     started: impl FnOnce(),
 ) -> Result<(), RunError> {
-    if let Ok(addr) = listeners.peer.local_addr() {
+    // The public TLS files serve two listeners with their own ALPN: HTTP/1.1
+    // (with WebSocket upgrades) and HTTP/2 for gRPC.
+    let http_tls = cfg
+        .tls
+        .clone()
+        .map(|f| ReloadingTls::load(f, &[b"http/1.1"], "--tls-cert"))
+        .transpose()?;
+    let tls = cfg
+        .tls
+        .clone()
+        .map(|f| ReloadingTls::load(f, &[b"h2"], "--tls-cert"))
+        .transpose()?;
+    let peer_tls = cfg
+        .peer_tls
+        .clone()
+        .map(|f| ReloadingTls::load(f, &[b"h2"], "--peer-tls-cert"))
+        .transpose()?;
+    if peer_tls.is_none()
+        && let Ok(addr) = listeners.peer.local_addr()
+    {
         tracing::warn!(
             peer_addr = %addr,
             "peer links are plaintext and unauthenticated: whoever reaches the peer port can act as a shard; \
-             keep it reachable from tickshard pods only"
+             set --peer-tls-cert, --peer-tls-key and --peer-tls-ca for mutual TLS"
         );
     }
     let node_cfg = cfg.node.clone();
@@ -105,6 +128,7 @@ pub async fn run(
             http::accept_loop(
                 listeners.http,
                 cfg.http.clone(),
+                http_tls.clone(),
                 http_conns.clone(),
                 http_stop.clone(),
                 move |io, peer, track| {
@@ -133,14 +157,18 @@ pub async fn run(
         health,
         tasks: grpc_tasks,
     } = grpc::start(
-        listeners.grpc,
-        listeners.peer,
+        [(listeners.grpc, tls.clone()), (listeners.peer, peer_tls.clone())],
         shared.clone(),
         cfg.grpc.clone(),
         &lifecycle,
         grpc_stop.clone(),
     )
     .map_err(RunError::Grpc)?;
+
+    let tls_stop = CancellationToken::new();
+    for t in http_tls.iter().chain(tls.iter()).chain(peer_tls.iter()) {
+        tasks::spawn(&lifecycle, t.clone().watch(tls_stop.clone()));
+    }
 
     let sim_stop = CancellationToken::new();
     let sim_task = cfg
@@ -213,6 +241,7 @@ pub async fn run(
     bg_tracker.close();
     let _ = tokio::time::timeout_at(deadline, bg_tracker.wait()).await;
     http_stop.cancel();
+    tls_stop.cancel();
     let _ = http_task.await;
     http_conns.close();
     let _ = tokio::time::timeout_at(deadline, http_conns.wait()).await;

@@ -47,6 +47,10 @@ pub const CLIENT_ERRORS: &str = "tickshard_client_errors_total";
 /// `--grpc-max-reads` were in flight (load shedding).
 pub const GRPC_SHED: &str = "tickshard_grpc_shed_total";
 
+/// Counter, label `result` (`ok`, `error`): TLS certificate files re-read
+/// after they changed (an `error` keeps the previous ones in force).
+pub const TLS_RELOADS: &str = "tickshard_tls_reloads_total";
+
 /// Gauge, label `peer`: 1 if the peer link is up, 0 if down.
 pub const PEER_UP: &str = "tickshard_peer_up";
 /// Gauge, label `peer`: seconds between the owner sending the last follow event

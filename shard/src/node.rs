@@ -45,8 +45,10 @@ pub struct NodeConfig {
     pub prune_interval: Duration,
     /// A subscriber's unsent-bytes limit; also bounds held data during setup.
     pub client_queue_bytes: usize,
-    /// gRPC URL of every shard, by id (used when `shards > 1`).
+    /// Peer URL of every shard, by id (used when `shards > 1`).
     pub peers: Vec<String>,
+    /// Mutual TLS of peer links (`https://` peers), else plaintext.
+    pub peer_tls: Option<crate::cluster::PeerTls>,
     /// Unsent bytes per peer follower before its stream is closed.
     pub peer_queue_bytes: usize,
     /// Symbol limit, clock check, forgetting of never-ticked symbols.
@@ -172,6 +174,7 @@ impl Node {
                     shard_id: cfg.shard_id,
                     shards: cfg.shards,
                     peers: cfg.peers.clone(),
+                    peer_tls: cfg.peer_tls.clone(),
                     peer_queue_bytes: cfg.peer_queue_bytes,
                     connect_timeout: Duration::from_secs(2),
                 },

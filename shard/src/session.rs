@@ -293,6 +293,7 @@ mod tests {
             // the other shards' addresses: nothing listens there (and the
             // links are never started here), so every other owner is down
             peers: (0..shards).map(|i| format!("http://127.0.0.1:{}", 1 + i)).collect(),
+            peer_tls: None,
             peer_queue_bytes: 1 << 20,
             committer: CommitterConfig {
                 max_symbols,

@@ -433,11 +433,22 @@ impl TestCluster {
 
     /// Starts `n` pods (all at once, as `podManagementPolicy: Parallel` does).
     pub fn start(n: usize, extra: &[&str]) -> TestCluster {
+        Self::start_on(Self::addrs(n), extra)
+    }
+
+    /// Starts a pod on each of `addrs` (from [`TestCluster::addrs`]); peer
+    /// URLs are `https://` when `extra` configures peer TLS.
+    pub fn start_on(addrs: Vec<Ports>, extra: &[&str]) -> TestCluster {
+        let n = addrs.len();
         let tmp = tempfile::tempdir().unwrap();
-        let addrs = Self::addrs(n);
+        let scheme = if extra.contains(&"--peer-tls-ca") {
+            "https"
+        } else {
+            "http"
+        };
         let peers = addrs
             .iter()
-            .map(|p| format!("http://{}", p.peer))
+            .map(|p| format!("{scheme}://{}", p.peer))
             .collect::<Vec<_>>()
             .join(",");
         let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -653,5 +664,58 @@ pub async fn history(srv: &Server, symbol: &str, from: u64) -> Vec<pb::Tick> {
         if !more {
             return out;
         }
+    }
+}
+
+/// A certificate authority made in the test (rcgen), for TLS tests.
+pub struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        TestCa {
+            issuer: rcgen::CertifiedIssuer::self_signed(p, rcgen::KeyPair::generate().unwrap()).unwrap(),
+        }
+    }
+
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A certificate for `names` (DNS names or IP addresses), good for a
+    /// server and a client: `(certificate PEM, key PEM)`.
+    pub fn leaf(&self, names: &[String]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(names.to_vec()).unwrap();
+        p.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// Writes `ca.pem`, `NAME.crt` and `NAME.key` (a leaf for `names`) into
+    /// `dir`; returns the three paths as strings.
+    pub fn write(&self, dir: &Path, name: &str, names: &[String]) -> [String; 3] {
+        let (cert, key) = self.leaf(names);
+        let paths = [
+            dir.join("ca.pem"),
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        ];
+        for (p, body) in paths.iter().zip([self.pem(), cert, key]) {
+            std::fs::write(p, body).unwrap();
+        }
+        paths.map(|p| p.display().to_string())
     }
 }

@@ -33,7 +33,7 @@ use tonic::{Request, Response, Status, Streaming, service::Routes};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::Instrument as _;
 
-use crate::{config::GrpcLimits, shared::Shared};
+use crate::{config::GrpcLimits, shared::Shared, tls::ReloadingTls};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -48,8 +48,7 @@ pub struct Servers {
 /// Starts the public gRPC server on `public` and the `Cluster` service on
 /// `peer`.
 pub fn start(
-    public: TcpListener,
-    peer: TcpListener,
+    [public, peer]: [(TcpListener, Option<Arc<ReloadingTls>>); 2],
     shared: Arc<Shared>,
     limits: GrpcLimits,
     tasks: &TaskTracker,
@@ -73,10 +72,10 @@ pub fn start(
     });
     let public_routes = Routes::new(health).add_service(reflection).add_service(feed).prepare();
     let peer_routes = Routes::new(cluster).prepare();
-    let spawn = |listener, routes, what| {
+    let spawn = |(listener, tls), routes, what| {
         tickshard_shard::tasks::spawn(
             tasks,
-            serve::serve(listener, routes, limits.clone(), stop.clone())
+            serve::serve(listener, routes, limits.clone(), tls, stop.clone())
                 .instrument(tracing::info_span!("listener", listener = what)),
         )
     };

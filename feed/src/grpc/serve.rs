@@ -3,6 +3,9 @@
 //! every connection is bounded and accounted for:
 //!
 //! - a permit per connection, taken *before* `accept` (`--max-grpc-connections`);
+//! - with TLS, the TLS handshake within the handshake timeout too (the
+//!   configuration in force at that moment: certificates rotate without
+//!   touching established connections);
 //! - an HTTP/2 handshake (the client preface and its SETTINGS) within
 //!   [`GrpcLimits::handshake_timeout`], or the connection is closed;
 //! - at most `--grpc-max-streams` concurrent streams per connection;
@@ -34,7 +37,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{codegen::http, service::Routes};
 
-use crate::config::GrpcLimits;
+use crate::{config::GrpcLimits, tls::ReloadingTls};
 use tracing::Instrument as _;
 
 /// The server pings a connection it has read nothing from for this long.
@@ -51,7 +54,13 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// Serves `routes` on `listener` until `stop`, then closes every connection
 /// gracefully and returns once they are gone (each bounded by [`CLOSE_GRACE`]).
-pub async fn serve(listener: TcpListener, routes: Routes, limits: GrpcLimits, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    limits: GrpcLimits,
+    tls: Option<Arc<ReloadingTls>>,
+    stop: CancellationToken,
+) {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let conns = TaskTracker::new();
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -68,16 +77,29 @@ pub async fn serve(listener: TcpListener, routes: Routes, limits: GrpcLimits, st
             break;
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(Handshake::new(stream, limits.handshake_timeout));
-        let streams = Arc::new(AtomicUsize::new(0));
-        let conn = h2.serve_connection(io, counted(routes.clone(), streams.clone()));
-        let stop = stop.clone();
-        let idle = limits.idle_timeout;
+        let one = One {
+            h2: h2.clone(),
+            routes: routes.clone(),
+            handshake: limits.handshake_timeout,
+            idle: limits.idle_timeout,
+            peer,
+            stop: stop.clone(),
+        };
+        let tls = tls.as_ref().map(|t| t.acceptor());
         let span = tracing::info_span!("grpc", %peer);
         tickshard_shard::tasks::spawn(
             &conns,
             async move {
-                run_connection(conn, &streams, idle, peer, stop).await;
+                // TLS and HTTP/2 handshakes together within the timeout
+                let deadline = tokio::time::Instant::now() + one.handshake;
+                match tls {
+                    None => one.run(stream, deadline).await,
+                    Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => one.run(s, deadline).await,
+                        Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::info!(%peer, "no TLS handshake in time; closing"),
+                    },
+                }
                 drop(permit);
             }
             .instrument(span),
@@ -85,6 +107,31 @@ pub async fn serve(listener: TcpListener, routes: Routes, limits: GrpcLimits, st
     }
     conns.close();
     conns.wait().await;
+}
+
+/// What serving one accepted connection needs.
+struct One {
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    routes: Routes,
+    handshake: Duration,
+    idle: Duration,
+    peer: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl One {
+    /// Serves the connection (TLS already done, if any): the HTTP/2
+    /// handshake by `deadline`, then streams until it ends.
+    async fn run<S>(self, stream: S, deadline: tokio::time::Instant)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let io = TokioIo::new(Handshake::new(stream, left));
+        let streams = Arc::new(AtomicUsize::new(0));
+        let conn = self.h2.serve_connection(io, counted(self.routes, streams.clone()));
+        run_connection(conn, &streams, self.idle, self.peer, self.stop).await;
+    }
 }
 
 /// The routes, counting the connection's open streams (a stream is open

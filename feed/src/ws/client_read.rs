@@ -20,29 +20,39 @@ use std::{
 
 use bytes::Bytes;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf},
     net::tcp::OwnedReadHalf,
 };
+
+use crate::http::TlsStream;
+
+/// The read half of a client connection.
+pub enum ReadSide {
+    Tcp(OwnedReadHalf),
+    /// A TLS connection: readiness of the socket says nothing about whole
+    /// TLS records, so such a connection keeps its reader (and buffer)
+    /// while it waits; rustls holds buffers of its own anyway.
+    Tls(ReadHalf<TlsStream>),
+}
 
 /// The client's side of the socket: bytes hyper read past the upgrade request
 /// first, then the socket.
 pub struct ClientRead {
     early: Bytes,
-    half: OwnedReadHalf,
+    half: ReadSide,
 }
 
 impl ClientRead {
-    pub fn new(early: Bytes, half: OwnedReadHalf) -> ClientRead {
+    pub fn new(early: Bytes, half: ReadSide) -> ClientRead {
         ClientRead { early, half }
     }
 
     /// Waits until a read would not block (data, end of stream or an error),
-    /// without reading.
+    /// without reading (at once for TLS).
     pub async fn readable(&self) -> io::Result<()> {
-        if self.early.is_empty() {
-            self.half.readable().await
-        } else {
-            Ok(())
+        match &self.half {
+            ReadSide::Tcp(half) if self.early.is_empty() => half.readable().await,
+            _ => Ok(()),
         }
     }
 }
@@ -54,7 +64,10 @@ impl AsyncRead for ClientRead {
             buf.put_slice(&self.early.split_to(n));
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.half).poll_read(cx, buf)
+        match &mut self.half {
+            ReadSide::Tcp(h) => Pin::new(h).poll_read(cx, buf),
+            ReadSide::Tls(h) => Pin::new(h).poll_read(cx, buf),
+        }
     }
 }
 

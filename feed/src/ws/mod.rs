@@ -44,10 +44,11 @@ use tokio::{
 use tracing::Instrument as _;
 
 use self::{
-    client_read::{ClientRead, Tracked},
+    client_read::{ClientRead, ReadSide, Tracked},
     lazy_buf::LazyBufWriter,
 };
-use crate::shared::Shared;
+use crate::{http::ClientStream, shared::Shared};
+use tokio_util::either::Either as EitherIo;
 
 /// Size of the per-connection write buffer: frames are copied into it and
 /// written with one syscall per drain.
@@ -85,14 +86,22 @@ pub fn serve(
             return Either::Right(std::future::ready(()));
         }
     };
-    let stream = parts.io.into_inner().into_inner();
-    let _ = stream.set_nodelay(true);
-    let (r, w) = stream.into_split();
     // Bytes the client sent after the upgrade request, if any. Copied out, so
     // hyper's whole 8 KiB read buffer is not kept alive for the connection's life.
     let early = bytes::Bytes::copy_from_slice(&parts.read_buf);
     drop(parts.read_buf);
-    let rx = ClientRead::new(early, r);
+    let (rx, w) = match parts.io.into_inner().into_inner() {
+        ClientStream::Plain(stream) => {
+            let _ = stream.set_nodelay(true);
+            let (r, w) = stream.into_split();
+            (ClientRead::new(early, ReadSide::Tcp(r)), EitherIo::Left(w))
+        }
+        ClientStream::Tls(stream) => {
+            let _ = stream.get_ref().0.set_nodelay(true);
+            let (r, w) = tokio::io::split(*stream);
+            (ClientRead::new(early, ReadSide::Tls(r)), EitherIo::Right(w))
+        }
+    };
     // The read half made here (and its buffer) is dropped at once: the reader
     // builds its own when data arrives (`client_read`).
     let (_, mut tx) =

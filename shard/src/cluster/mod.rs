@@ -19,6 +19,7 @@
 mod peer;
 
 use std::{
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -29,6 +30,7 @@ use std::{
 pub use peer::{MirrorLease, Peer, PeerError};
 use tickshard_proto::v1::{self as pb, cluster_client::ClusterClient};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use crate::hub::Hub;
 
@@ -37,8 +39,10 @@ use crate::hub::Hub;
 pub struct ClusterConfig {
     pub shard_id: u32,
     pub shards: u32,
-    /// gRPC URL of every shard, by id (this pod's own entry included).
+    /// Peer URL of every shard, by id (this pod's own entry included).
     pub peers: Vec<String>,
+    /// Mutual TLS of peer links, else plaintext.
+    pub peer_tls: Option<PeerTls>,
     /// Unsent bytes per follower stream before it is closed (the follower then
     /// re-follows and resumes; a peer is never conflated).
     pub peer_queue_bytes: usize,
@@ -67,6 +71,40 @@ pub enum ClusterError {
         addr: String,
         instance: String,
     },
+}
+
+/// Mutual TLS between pods (contract §8): this pod's certificate and key (its
+/// client identity when it dials a peer) and the CA that signs every pod's.
+#[derive(Clone, Debug)]
+pub struct PeerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl PeerTls {
+    /// The dialing side, read anew for every connection, so a rotated
+    /// certificate is used from the next reconnect on.
+    async fn client_config(&self) -> Result<ClientTlsConfig, String> {
+        let read = |p: &PathBuf| {
+            let p = p.clone();
+            async move { tokio::fs::read(&p).await.map_err(|e| format!("{}: {e}", p.display())) }
+        };
+        Ok(ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&self.ca).await?))
+            .identity(Identity::from_pem(read(&self.cert).await?, read(&self.key).await?)))
+    }
+}
+
+/// The endpoint of a peer URL, with mutual TLS when configured.
+pub(crate) async fn endpoint(addr: &str, tls: Option<&PeerTls>) -> Result<Endpoint, String> {
+    let ep = Endpoint::from_shared(addr.to_owned()).map_err(|e| format!("bad peer address {addr}: {e}"))?;
+    match tls {
+        None => Ok(ep),
+        Some(t) => ep
+            .tls_config(t.client_config().await?)
+            .map_err(|e| format!("peer TLS for {addr}: {e}")),
+    }
 }
 
 pub struct Cluster {
@@ -120,13 +158,15 @@ impl Cluster {
                 caller_shard: self.cfg.shard_id,
                 shards: self.cfg.shards,
             };
-            let Ok(ep) = tonic::transport::Endpoint::from_shared(addr.clone()) else {
+            let Ok(ep) = endpoint(addr, self.cfg.peer_tls.as_ref()).await else {
                 return Ok(());
             };
             let ep = ep
                 .connect_timeout(Duration::from_millis(500))
                 .timeout(Duration::from_secs(1));
-            let Ok(ch) = ep.connect().await else {
+            // (bounded as a whole: a peer that is starting has bound its port
+            // but not yet answered a TLS handshake)
+            let Ok(Ok(ch)) = tokio::time::timeout(Duration::from_secs(1), ep.connect()).await else {
                 return Ok(()); // down (or, for our own id, not serving yet: good)
             };
             let Ok(resp) = ClusterClient::new(ch).topology(req).await else {

@@ -15,7 +15,7 @@ use tickshard_proto::v1::{self as pb, cluster_client::ClusterClient};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::ClusterConfig;
 use crate::{
@@ -100,6 +100,7 @@ impl Forwarded {
 pub struct Peer {
     pub id: u32,
     addr: String,
+    tls: Option<super::PeerTls>,
     me: u32,
     shards: u32,
     connect_timeout: Duration,
@@ -164,6 +165,7 @@ impl Peer {
         Peer {
             id,
             addr,
+            tls: cfg.peer_tls.clone(),
             me: cfg.shard_id,
             shards: cfg.shards,
             connect_timeout: cfg.connect_timeout,
@@ -310,14 +312,18 @@ impl Peer {
 
     /// Connects (resolving DNS anew) and checks the peer's topology.
     async fn connect(&self) -> Result<Channel, String> {
-        let ep = Endpoint::from_shared(self.addr.clone())
-            .map_err(|e| format!("bad peer address {}: {e}", self.addr))?
+        let ep = super::endpoint(&self.addr, self.tls.as_ref())
+            .await?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
-        let ch = ep.connect().await.map_err(|e| format!("connect {}: {e}", self.addr))?;
+        // connect_timeout bounds the TCP connect only; the TLS handshake too
+        let ch = tokio::time::timeout(self.connect_timeout, ep.connect())
+            .await
+            .map_err(|_| format!("connect {}: no handshake in time", self.addr))?
+            .map_err(|e| format!("connect {}: {e}", self.addr))?;
         let req = pb::TopologyRequest {
             caller_shard: self.me,
             shards: self.shards,
