@@ -25,6 +25,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once at start")]
 pub enum Command {
     /// Serve (the default when no sub-command is given).
     Serve(ServeArgs),
@@ -36,6 +37,33 @@ pub enum Command {
     Replay(ReplayArgs),
     /// Load generator: subscribers + publishers against running servers.
     Bench(BenchArgs),
+    /// Mint an HS256 token from a secret file (for operators and tests).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The HS256 secret file (the server's --auth-hs256-secret-file).
+    #[arg(long, env = "TICKSHARD_AUTH_HS256_SECRET_FILE")]
+    pub secret_file: PathBuf,
+    /// The caller's identity (`sub`).
+    #[arg(long)]
+    pub sub: String,
+    /// Symbol patterns it may read, comma separated (`BTC-USD,EQ.*`; `*`: all).
+    #[arg(long, value_delimiter = ',')]
+    pub subscribe: Vec<String>,
+    /// Symbol patterns it may publish, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub publish: Vec<String>,
+    /// Lifetime: 90s, 15m, 24h, 30d.
+    #[arg(long, default_value = "1h", value_parser = tickshard_feed::config::parse_duration)]
+    pub ttl: std::time::Duration,
+    /// `iss` claim (the server's --auth-issuer).
+    #[arg(long)]
+    pub issuer: Option<String>,
+    /// `aud` claim (the server's --auth-audience).
+    #[arg(long)]
+    pub audience: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -60,6 +88,9 @@ pub struct TailArgs {
     /// Stop after this many ticks (0 = never).
     #[arg(long, default_value_t = 0)]
     pub count: u64,
+    /// Bearer token (JWT) for servers that require one.
+    #[arg(long, env = "TICKSHARD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -110,6 +141,9 @@ pub struct PublishArgs {
     /// Skip rows that fail validation instead of stopping.
     #[arg(long)]
     pub skip_invalid: bool,
+    /// Bearer token (JWT) for servers that require one.
+    #[arg(long, env = "TICKSHARD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

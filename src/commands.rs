@@ -53,6 +53,7 @@ pub async fn tail(a: TailArgs) -> ExitCode {
         symbols: a.symbols.clone(),
         channels: a.channels.clone(),
         connect_timeout: Duration::from_secs(3),
+        token: a.token.clone(),
     });
     let mut seen = 0u64;
     let mut out = std::io::stdout();
@@ -197,7 +198,9 @@ pub async fn publish(a: PublishArgs, pace: Option<(Option<Decimal>, bool)>) -> E
                 .map_or("-".into(), |f| f.to_string_lossy().into_owned())
         )),
     };
-    let mut p = match Publisher::connect(PublisherConfig::new(a.grpc.clone(), publisher_id)).await {
+    let mut cfg = PublisherConfig::new(a.grpc.clone(), publisher_id);
+    cfg.token = a.token.clone();
+    let mut p = match Publisher::connect(cfg).await {
         Ok(p) => p,
         Err(e) => {
             say!("publish: {e}");
@@ -279,6 +282,35 @@ pub async fn publish(a: PublishArgs, pace: Option<(Option<Decimal>, bool)>) -> E
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// `tickshard token`: prints an HS256 token for the server's secret.
+pub fn token(a: crate::args::TokenArgs) -> ExitCode {
+    let secret = match std::fs::read(&a.secret_file) {
+        Ok(s) => s,
+        Err(e) => {
+            say!("token: {}: {e}", a.secret_file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let claims = tickshard_feed::auth::MintClaims {
+        sub: a.sub,
+        exp: tickshard_feed::auth::now_secs().saturating_add(a.ttl.as_secs()),
+        iss: a.issuer,
+        aud: a.audience,
+        subscribe: a.subscribe,
+        publish: a.publish,
+    };
+    match tickshard_feed::auth::mint_hs256(&secret, &claims) {
+        Ok(t) => {
+            let _ = writeln!(std::io::stdout().lock(), "{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            say!("token: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -43,6 +43,7 @@ fn main() -> ExitCode {
             telemetry::init_tracing("warn");
             rt.block_on(commands::replay(a))
         }
+        Some(Command::Token(a)) => commands::token(a),
         Some(Command::Bench(a)) => {
             telemetry::init_tracing("warn");
             let json = a.json;

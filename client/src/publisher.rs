@@ -32,6 +32,9 @@ pub struct PublisherConfig {
     pub connect_timeout: Duration,
     /// Give up on a request after this long without an ack (0 = never).
     pub give_up_after: Duration,
+    /// A bearer token sent with every stream (`authorization` metadata);
+    /// set a fresh one before it expires: the next reconnect uses it.
+    pub token: Option<String>,
 }
 
 impl PublisherConfig {
@@ -42,6 +45,7 @@ impl PublisherConfig {
             window: 4_096,
             connect_timeout: Duration::from_secs(2),
             give_up_after: Duration::ZERO,
+            token: None,
         }
     }
 }
@@ -133,7 +137,13 @@ impl Publisher {
         })?;
         let mut client = FeedClient::new(channel);
         let (tx, rx) = mpsc::channel(self.cfg.window.max(16));
-        let out = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut out = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Some(t) = &self.cfg.token {
+            let v = format!("Bearer {t}")
+                .parse()
+                .map_err(|_| ClientError::Input("the token is not valid header text".into()))?;
+            out.metadata_mut().insert("authorization", v);
+        }
         let acks = client
             .publish(out)
             .await
@@ -225,6 +235,13 @@ impl Publisher {
                 )
             })
             .collect()
+    }
+
+    /// The token for the next (re)connection: set a fresh one before the
+    /// current one expires (a stream whose token lapses ends UNAUTHENTICATED;
+    /// the reconnect resends everything unacked, so nothing is lost).
+    pub fn set_token(&mut self, token: Option<String>) {
+        self.cfg.token = token;
     }
 
     /// Requests sent and not yet acked.

@@ -37,8 +37,10 @@ pub enum Incoming {
 }
 
 /// Socket options for [`WsConn::connect_with`].
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ConnectOpts {
+    /// A bearer token for the upgrade (`Authorization: Bearer …`).
+    pub token: Option<String>,
     /// A small receive buffer makes a slow reader fall behind quickly (tests).
     pub recv_buffer: Option<u32>,
     /// Source address: spreading connections over 127.0.0.x gives each its own
@@ -114,7 +116,12 @@ impl WsConn {
                 .header(header::UPGRADE, "websocket")
                 .header(header::CONNECTION, "upgrade")
                 .header("Sec-WebSocket-Key", handshake::generate_key())
-                .header("Sec-WebSocket-Version", "13")
+                .header("Sec-WebSocket-Version", "13");
+            let req = match &opts.token {
+                Some(t) => req.header(header::AUTHORIZATION, format!("Bearer {t}")),
+                None => req,
+            };
+            let req = req
                 .body(Empty::<Bytes>::new())
                 .map_err(|e| ClientError::BadAddress(e.to_string()))?;
             let (ws, _) = handshake::client(&Spawner, req, stream)
@@ -373,6 +380,8 @@ pub struct SubscriberConfig {
     pub symbols: Vec<String>,
     pub channels: Vec<String>,
     pub connect_timeout: Duration,
+    /// A bearer token for every (re)connection.
+    pub token: Option<String>,
 }
 
 /// The last position seen of a symbol.
@@ -445,7 +454,11 @@ impl Subscriber {
         loop {
             let url = self.cfg.urls[self.next_url % self.cfg.urls.len().max(1)].clone();
             self.next_url = self.next_url.wrapping_add(1);
-            match WsConn::connect(&url, self.cfg.connect_timeout).await {
+            let opts = ConnectOpts {
+                token: self.cfg.token.clone(),
+                ..ConnectOpts::default()
+            };
+            match WsConn::connect_with(&url, self.cfg.connect_timeout, opts).await {
                 Ok(mut c) => {
                     let msg = self.subscribe_message();
                     if c.send_text(&msg).await.is_ok() {

@@ -7,7 +7,10 @@ use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 use clap::{ArgAction, Args};
 use tickshard_shard::{cluster::PeerTls, committer::CommitterConfig, node::NodeConfig, ownership, store::StoreOptions};
 
-use crate::tls::TlsFiles;
+use crate::{
+    auth::{Anonymous, AuthConfig},
+    tls::TlsFiles,
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -54,6 +57,28 @@ pub struct ServeArgs {
     /// is accepted only with a client certificate it signed.
     #[arg(long, env = "TICKSHARD_PEER_TLS_CA", requires_all = ["peer_tls_cert", "peer_tls_key"])]
     pub peer_tls_ca: Option<PathBuf>,
+    /// JWKS file (RS256, ES256, EdDSA public keys, chosen by `kid`) that
+    /// verifies JWT bearer tokens; re-read when it changes.
+    #[arg(long, env = "TICKSHARD_AUTH_JWKS")]
+    pub auth_jwks: Option<PathBuf>,
+    /// File holding an HS256 secret (at least 32 bytes) that verifies JWT
+    /// bearer tokens; re-read when it changes.
+    #[arg(long, env = "TICKSHARD_AUTH_HS256_SECRET_FILE")]
+    pub auth_hs256_secret_file: Option<PathBuf>,
+    /// Required `iss` of tokens [default: not checked].
+    #[arg(long, env = "TICKSHARD_AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
+    /// Required `aud` of tokens [default: not checked].
+    #[arg(long, env = "TICKSHARD_AUTH_AUDIENCE")]
+    pub auth_audience: Option<String>,
+    /// What callers without a token may do: none, subscribe (read every
+    /// symbol) or all [default: all without a verification key, none with one].
+    #[arg(long, env = "TICKSHARD_ANONYMOUS", value_enum)]
+    pub anonymous: Option<Anonymous>,
+    /// `Origin`s a WebSocket upgrade may come from, comma separated
+    /// (`https://desk.example.com`); others get HTTP 403 [default: any].
+    #[arg(long, env = "TICKSHARD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
     /// No built-in simulated market.
     #[arg(long, env = "TICKSHARD_NO_SIM", action = ArgAction::SetTrue)]
     pub no_sim: bool,
@@ -203,6 +228,8 @@ pub struct ServeConfig {
     pub tls: Option<TlsFiles>,
     /// Mutual TLS of the peer listener (its `client_ca` is `--peer-tls-ca`).
     pub peer_tls: Option<TlsFiles>,
+    pub auth: AuthConfig,
+    pub allowed_origins: Option<Vec<String>>,
     pub sim: Option<u32>,
     pub drain: Duration,
     pub max_connections: usize,
@@ -376,6 +403,19 @@ impl ServeArgs {
                 cert: t.cert,
                 key: t.key,
                 client_ca: Some(t.ca),
+            }),
+            auth: AuthConfig {
+                jwks: self.auth_jwks.clone(),
+                hs256_secret: self.auth_hs256_secret_file.clone(),
+                issuer: self.auth_issuer.clone(),
+                audience: self.auth_audience.clone(),
+                anonymous: self.anonymous,
+            },
+            allowed_origins: self.allowed_origins.clone().map(|v| {
+                v.into_iter()
+                    .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+                    .filter(|o| !o.is_empty())
+                    .collect()
             }),
             sim: (!self.no_sim && self.sim_rate > 0).then_some(self.sim_rate),
             drain: Duration::from_millis(self.drain_ms),

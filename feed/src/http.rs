@@ -188,11 +188,13 @@ pub async fn accept_loop<F>(
         tickshard_shard::tasks::spawn(
             &tasks,
             async move {
-                // The TLS handshake counts against the request-head timeout.
+                // The TLS handshake counts against the request-head timeout,
+                // and a connection still in it can be evicted like an idle one.
+                let accepted = Instant::now();
                 let inner = match tls {
                     None => Some(ClientStream::Plain(stream)),
-                    Some(acceptor) => {
-                        match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
+                    Some(acceptor) => tokio::select! {
+                        r = tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)) => match r {
                             Ok(Ok(s)) => Some(ClientStream::Tls(Box::new(s))),
                             Ok(Err(e)) => {
                                 tracing::debug!(error = %e, "TLS handshake failed");
@@ -202,15 +204,17 @@ pub async fn accept_loop<F>(
                                 tracing::debug!("no TLS handshake in time; closing");
                                 None
                             }
-                        }
-                    }
+                        },
+                        _ = track.evict.cancelled() => None,
+                        _ = stop.cancelled() => None,
+                    },
                 };
                 if let Some(inner) = inner {
                     let io = Tracked {
                         inner,
                         track: track.clone(),
                     };
-                    supervise(serve(io, peer, track.clone()), &track, &limits, &stop).await;
+                    supervise(serve(io, peer, track.clone()), &track, &limits, &stop, accepted).await;
                 }
                 registry.lock().remove(&track.id);
                 drop(permit);
@@ -264,8 +268,13 @@ where
 
 /// Drives a connection, closing it when a timeout passes, when it is
 /// evicted, or at shutdown.
-async fn supervise(mut conn: Conn, track: &ConnTrack, limits: &HttpLimits, stop: &CancellationToken) {
-    let accepted = Instant::now();
+async fn supervise(
+    mut conn: Conn,
+    track: &ConnTrack,
+    limits: &HttpLimits,
+    stop: &CancellationToken,
+    accepted: Instant,
+) {
     let mut check = tokio::time::interval(CHECK_EVERY);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut answered = 0;

@@ -10,6 +10,7 @@
 //!
 //! Market-data logic lives in `tickshard_shard`; this crate only speaks protocols.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 mod dashboard;
@@ -22,4 +23,5 @@ pub mod shared;
 pub mod sim;
 pub mod telemetry;
 pub mod tls;
+pub mod watch;
 pub mod ws;

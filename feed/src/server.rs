@@ -30,6 +30,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    auth::{Anonymous, Auth, AuthError, Denied, Principal},
     config::ServeConfig,
     grpc, http,
     shared::{Closable, Shared},
@@ -57,6 +58,8 @@ pub enum RunError {
     Grpc(String),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error("verification keys: {0}")]
+    Keys(#[from] crate::auth::KeyError),
     #[error("startup task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -76,17 +79,17 @@ pub async fn run(
     let http_tls = cfg
         .tls
         .clone()
-        .map(|f| ReloadingTls::load(f, &[b"http/1.1"], "--tls-cert"))
+        .map(|f| ReloadingTls::load(f, &[b"http/1.1"], "tls"))
         .transpose()?;
     let tls = cfg
         .tls
         .clone()
-        .map(|f| ReloadingTls::load(f, &[b"h2"], "--tls-cert"))
+        .map(|f| ReloadingTls::load(f, &[b"h2"], "tls"))
         .transpose()?;
     let peer_tls = cfg
         .peer_tls
         .clone()
-        .map(|f| ReloadingTls::load(f, &[b"h2"], "--peer-tls-cert"))
+        .map(|f| ReloadingTls::load(f, &[b"h2"], "peer_tls"))
         .transpose()?;
     if peer_tls.is_none()
         && let Ok(addr) = listeners.peer.local_addr()
@@ -96,6 +99,20 @@ pub async fn run(
             "peer links are plaintext and unauthenticated: whoever reaches the peer port can act as a shard; \
              set --peer-tls-cert, --peer-tls-key and --peer-tls-ca for mutual TLS"
         );
+    }
+    let auth = Auth::load(cfg.auth.clone())?;
+    match (auth.has_keys(), auth.anonymous_mode()) {
+        (_, Anonymous::All) => tracing::warn!(
+            "anyone who reaches this server may read and publish every symbol (--anonymous all); \
+             configure --auth-jwks or --auth-hs256-secret-file for tokens"
+        ),
+        (_, Anonymous::Subscribe) => {
+            tracing::info!("callers without a token may read every symbol; publishing needs a token")
+        }
+        (true, Anonymous::None) => tracing::info!("every call needs a token"),
+        (false, Anonymous::None) => {
+            tracing::warn!("--anonymous none without a verification key: nobody can do anything")
+        }
     }
     let node_cfg = cfg.node.clone();
     let node = tokio::task::spawn_blocking(move || Node::open(node_cfg)).await??;
@@ -115,6 +132,8 @@ pub async fn run(
         conns: Mutex::new(HashMap::new()),
         tracker: TaskTracker::new(),
         ws_permits: Arc::new(Semaphore::new(cfg.max_connections)),
+        auth: auth.clone(),
+        allowed_origins: cfg.allowed_origins.clone(),
     });
 
     let http_stop = CancellationToken::new();
@@ -167,7 +186,10 @@ pub async fn run(
 
     let tls_stop = CancellationToken::new();
     for t in http_tls.iter().chain(tls.iter()).chain(peer_tls.iter()) {
-        tasks::spawn(&lifecycle, t.clone().watch(tls_stop.clone()));
+        tasks::spawn(&lifecycle, crate::watch::watch(t.clone(), tls_stop.clone()));
+    }
+    if auth.has_keys() {
+        tasks::spawn(&lifecycle, crate::watch::watch(auth.clone(), tls_stop.clone()));
     }
 
     let sim_stop = CancellationToken::new();
@@ -307,6 +329,17 @@ async fn handle(
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining: connect to another server\n")
             } else if !fastwebsockets::upgrade::is_upgrade_request(&req) {
                 text(StatusCode::UPGRADE_REQUIRED, "WebSocket upgrade required\n")
+            } else if !origin_allowed(&req, &shared) {
+                text(
+                    StatusCode::FORBIDDEN,
+                    "this Origin may not open a WebSocket here (--allowed-origins)\n",
+                )
+            } else if let Err(e) = upgrade_caller(&req, &shared) {
+                let mut r = text(StatusCode::UNAUTHORIZED, "invalid token\n");
+                *r.body_mut() = Full::new(Bytes::from(format!("{e}\n")));
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+                r
             } else if let Some(permit) = shared.subscriber_permit() {
                 match fastwebsockets::upgrade::upgrade(&mut req) {
                     Err(e) => {
@@ -315,13 +348,17 @@ async fn handle(
                     }
                     Ok((resp, fut)) => {
                         let s = shared.clone();
+                        // (checked above: a token that just lapsed is caught by the connection)
+                        let principal = upgrade_caller(&req, &shared).unwrap_or_else(|_| shared.auth.anonymous());
                         // Only the raw stream is kept: `ws::serve` splits it and
                         // sets the WebSocket up itself. Combinators rather than an
                         // async block, which would hold a second copy of the
                         // connection's future: the task is no bigger than it.
                         let task = fut
                             .then(move |upgraded| match upgraded {
-                                Ok(websocket) => Either::Left(ws::serve(websocket.into_inner().into_inner(), s, peer)),
+                                Ok(websocket) => {
+                                    Either::Left(ws::serve(websocket.into_inner().into_inner(), s, peer, principal))
+                                }
                                 Err(e) => {
                                     tracing::debug!(error = %e, "upgrade failed");
                                     Either::Right(std::future::ready(()))
@@ -339,7 +376,10 @@ async fn handle(
                 )
             }
         }
-        "/api/candles" => candles_api(req.uri().query().unwrap_or_default(), &shared).await,
+        "/api/candles" => match upgrade_caller(&req, &shared) {
+            Ok(caller) => candles_api(req.uri().query().unwrap_or_default(), &shared, &caller).await,
+            Err(e) => api_error(StatusCode::UNAUTHORIZED, &e.to_string()),
+        },
         path => match crate::dashboard::asset(path) {
             Some((content_type, body)) => {
                 let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
@@ -355,10 +395,43 @@ async fn handle(
     Ok(resp)
 }
 
+/// The `Origin` check of a WebSocket upgrade (`--allowed-origins`): a request
+/// without an `Origin` (not a browser) passes.
+fn origin_allowed(req: &Request<Incoming>, shared: &Shared) -> bool {
+    let Some(allowed) = &shared.allowed_origins else {
+        return true;
+    };
+    match req.headers().get(header::ORIGIN).map(|o| o.to_str()) {
+        None => true,
+        Some(Ok(o)) => {
+            let o = o.trim().trim_end_matches('/').to_ascii_lowercase();
+            allowed.contains(&o)
+        }
+        Some(Err(_)) => false,
+    }
+}
+
+/// The caller of a WebSocket upgrade (contract §8): a token in the
+/// `Authorization: Bearer` header or the `token` query parameter, else the
+/// anonymous grant. A token that does not verify is refused (HTTP 401).
+fn upgrade_caller(req: &Request<Incoming>, shared: &Shared) -> Result<Principal, AuthError> {
+    if let Some(h) = req.headers().get(header::AUTHORIZATION) {
+        return shared.auth.from_bearer(Some(h.as_bytes()));
+    }
+    let query = req.uri().query().unwrap_or_default();
+    match query.split('&').find_map(|kv| kv.strip_prefix("token=")) {
+        Some(t) if t.len() > crate::auth::MAX_TOKEN_BYTES * 3 => {
+            Err(AuthError::Invalid("the token is too long".into()).counted())
+        }
+        Some(t) => shared.auth.verify(&percent_decode(t)),
+        None => Ok(shared.auth.anonymous()),
+    }
+}
+
 /// `GET /api/candles?symbol=BTC-USD&interval=1m&limit=500[&from=µs&to=µs]`: the
 /// candle history the dashboard loads before it subscribes to live candles
 /// (oldest first; without `from`, the most recent `limit` candles).
-async fn candles_api(query: &str, shared: &Shared) -> Response<Body> {
+async fn candles_api(query: &str, shared: &Shared, caller: &Principal) -> Response<Body> {
     let mut symbol = "";
     let mut interval = "1m";
     let (mut limit, mut from, mut to) = (500u32, 0i64, 0i64);
@@ -392,6 +465,13 @@ async fn candles_api(query: &str, shared: &Shared) -> Response<Body> {
         Ok(s) => s,
         Err(e) => return api_error(StatusCode::BAD_REQUEST, &e.to_string()),
     };
+    match caller.check_read([symbol.as_str()]).map_err(|d| d.counted("http")) {
+        Ok(()) => {}
+        Err(Denied::Unauthorized) => {
+            return api_error(StatusCode::UNAUTHORIZED, "a token is required to read");
+        }
+        Err(Denied::Forbidden(why)) => return api_error(StatusCode::FORBIDDEN, &why),
+    }
     let Some(iv) = Interval::parse(interval) else {
         let shown: String = interval.chars().take(16).collect();
         return api_error(
@@ -443,6 +523,8 @@ fn api_error(status: StatusCode, message: &str) -> Response<Body> {
     let mut body = Vec::new();
     let code = match status {
         StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
         StatusCode::INTERNAL_SERVER_ERROR => "internal",
         _ => "unavailable",
     };

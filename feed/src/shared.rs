@@ -19,7 +19,7 @@ use tickshard_shard::{
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::config::WsLimits;
+use crate::{auth::Auth, config::WsLimits};
 
 /// Anything the drain can close: WebSocket and gRPC subscriber outboxes.
 pub trait Closable: Send + Sync {
@@ -50,6 +50,11 @@ pub struct Shared {
     /// Subscribers (`--max-connections`): a WebSocket takes one at the
     /// upgrade, a gRPC `Subscribe` stream when it starts.
     pub(crate) ws_permits: Arc<Semaphore>,
+    /// Token verification and the anonymous grant (contract §8).
+    pub auth: Arc<Auth>,
+    /// `--allowed-origins`: the `Origin`s a WebSocket upgrade may come from
+    /// (`None`: any).
+    pub allowed_origins: Option<Vec<String>>,
 }
 
 impl Shared {

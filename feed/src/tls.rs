@@ -11,10 +11,8 @@
 
 use std::{
     io,
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock},
-    time::Duration,
+    sync::{Arc, RwLock},
 };
 
 use tokio_rustls::{
@@ -26,10 +24,8 @@ use tokio_rustls::{
         server::WebPkiClientVerifier,
     },
 };
-use tokio_util::sync::CancellationToken;
 
-/// How often the files are checked for a change (a `stat` each).
-pub const RELOAD_CHECK: Duration = Duration::from_secs(1);
+use crate::watch::{Reload, Watched};
 
 /// The PEM files of one listener's TLS.
 #[derive(Clone, Debug)]
@@ -125,104 +121,51 @@ fn build(files: &TlsFiles, alpn: &[&[u8]]) -> Result<ServerConfig, TlsError> {
     Ok(cfg)
 }
 
-/// What identifies a file's content without reading it: a rotation replaces
-/// the file (or the symlink a Kubernetes Secret volume swaps), which changes
-/// at least one of these.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime: i64,
-    mtime_nsec: i64,
-}
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    std::fs::metadata(path).ok().map(|m| Stamp {
-        dev: m.dev(),
-        ino: m.ino(),
-        len: m.len(),
-        mtime: m.mtime(),
-        mtime_nsec: m.mtime_nsec(),
-    })
-}
-
 /// A listener's TLS configuration, re-read when its files change.
 pub struct ReloadingTls {
     files: TlsFiles,
     alpn: &'static [&'static [u8]],
-    /// What the log calls it (`--tls-cert`, `--peer-tls-cert`).
-    name: &'static str,
+    /// What the log and the metric call it (`tls`, `peer_tls`).
+    what: &'static str,
     current: RwLock<Arc<ServerConfig>>,
-    stamps: Mutex<Vec<Option<Stamp>>>,
+    watched: Watched,
 }
 
 impl ReloadingTls {
     /// Reads the files once; a listener does not start with a bad one.
-    pub fn load(files: TlsFiles, alpn: &'static [&'static [u8]], name: &'static str) -> Result<Arc<Self>, TlsError> {
-        let stamps = Self::stamps_of(&files);
+    pub fn load(files: TlsFiles, alpn: &'static [&'static [u8]], what: &'static str) -> Result<Arc<Self>, TlsError> {
+        let paths = [Some(&files.cert), Some(&files.key), files.client_ca.as_ref()]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        let watched = Watched::new(paths);
         let cfg = build(&files, alpn)?;
         Ok(Arc::new(ReloadingTls {
             files,
             alpn,
-            name,
+            what,
             current: RwLock::new(Arc::new(cfg)),
-            stamps: Mutex::new(stamps),
+            watched,
         }))
-    }
-
-    fn stamps_of(files: &TlsFiles) -> Vec<Option<Stamp>> {
-        [Some(&files.cert), Some(&files.key), files.client_ca.as_ref()]
-            .into_iter()
-            .flatten()
-            .map(|p| stamp(p))
-            .collect()
     }
 
     /// The acceptor for the next connection (the configuration in force now).
     pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
     }
+}
 
-    /// Re-reads the files if any of them changed since the last look:
-    /// `None` when nothing changed, else whether the new files were taken.
-    pub fn reload_if_changed(&self) -> Option<Result<(), TlsError>> {
-        let now = Self::stamps_of(&self.files);
-        {
-            let mut seen = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
-            if *seen == now {
-                return None;
-            }
-            *seen = now;
-        }
-        Some(build(&self.files, self.alpn).map(|cfg| {
-            *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg);
-        }))
+impl Reload for ReloadingTls {
+    fn reload_if_changed(&self) -> Option<Result<(), String>> {
+        self.watched.rebuild_if_changed(|| {
+            build(&self.files, self.alpn)
+                .map(|cfg| *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg))
+                .map_err(|e| e.to_string())
+        })
     }
 
-    /// Checks the files every [`RELOAD_CHECK`] until `stop`.
-    pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
-        let mut every = tokio::time::interval(RELOAD_CHECK);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = every.tick() => {}
-            }
-            // (blocking file reads, a few KiB, once per rotation)
-            let me = self.clone();
-            match tokio::task::spawn_blocking(move || me.reload_if_changed()).await {
-                Ok(None) => {}
-                Ok(Some(Ok(()))) => {
-                    tracing::info!(files = self.name, cert = %self.files.cert.display(), "TLS certificate reloaded");
-                    metrics::counter!(tickshard_shard::metrics::TLS_RELOADS, "result" => "ok").increment(1);
-                }
-                Ok(Some(Err(e))) => {
-                    tracing::warn!(files = self.name, error = %e, "TLS files changed but cannot be used; keeping the previous ones");
-                    metrics::counter!(tickshard_shard::metrics::TLS_RELOADS, "result" => "error").increment(1);
-                }
-                Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
-            }
-        }
+    fn what(&self) -> &'static str {
+        self.what
     }
 }

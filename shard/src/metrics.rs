@@ -47,9 +47,19 @@ pub const CLIENT_ERRORS: &str = "tickshard_client_errors_total";
 /// `--grpc-max-reads` were in flight (load shedding).
 pub const GRPC_SHED: &str = "tickshard_grpc_shed_total";
 
-/// Counter, label `result` (`ok`, `error`): TLS certificate files re-read
-/// after they changed (an `error` keeps the previous ones in force).
-pub const TLS_RELOADS: &str = "tickshard_tls_reloads_total";
+/// Counter, labels `what` (`tls`, `peer_tls`, `auth_keys`) and `result`
+/// (`ok`, `error`): certificate or key files re-read after they changed (an
+/// `error` keeps the previous ones in force).
+pub const RELOADS: &str = "tickshard_reloads_total";
+
+/// Counter, label `reason` (`missing`, `expired`, `invalid`, `bad_signature`,
+/// `unknown_key`, `wrong_issuer`, `wrong_audience`): tokens refused.
+pub const AUTH_FAILURES: &str = "tickshard_auth_failures_total";
+
+/// Counter, labels `protocol` (`ws`, `grpc`) and `right` (`subscribe`,
+/// `publish`): requests refused because the caller is not entitled to a
+/// symbol (`forbidden`, PERMISSION_DENIED).
+pub const FORBIDDEN: &str = "tickshard_forbidden_total";
 
 /// Gauge, label `peer`: 1 if the peer link is up, 0 if down.
 pub const PEER_UP: &str = "tickshard_peer_up";

@@ -25,7 +25,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     committer::{Ack, AckError, AckTx, PublishCmd},
-    domain::{ErrorCode, InputError, MAX_SYMBOL_LEN, Tick, validate_publisher_id},
+    domain::{
+        ErrorCode, InputError, MAX_SYMBOL_LEN, Tick, scoped_publisher_id, validate_forwarded_publisher_id,
+        validate_publisher_id,
+    },
     metrics as m,
     node::Node,
 };
@@ -71,10 +74,34 @@ impl Answer {
     }
 }
 
-/// The end of a stream that the drain stopped: retryable (resend unacked
-/// requests elsewhere).
+/// Why a stream ended before its client ended it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Drained;
+pub enum Ended {
+    /// The drain stopped it: retryable (resend unacked requests elsewhere).
+    Drained,
+    /// The caller's credentials lapsed: retry with fresh ones (nothing is
+    /// lost or duplicated: unacked requests are resent with their seqs).
+    Expired,
+}
+
+/// Whether a symbol is allowed.
+pub type SymbolCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// A publishing client in domain terms, as its protocol edge established it
+/// from its credentials (contract §8).
+#[derive(Clone, Default)]
+pub struct Caller {
+    /// The authenticated identity: de-duplication is keyed by it too,
+    /// `(sub, publisher_id, symbol)`, so no caller can shadow another's
+    /// requests. `None`: anonymous.
+    pub sub: Option<Arc<str>>,
+    /// The symbols it may publish; `None`: every symbol. Another symbol's
+    /// request is refused `forbidden` and the stream goes on.
+    pub may_publish: Option<SymbolCheck>,
+    /// When its credentials lapse: the stream then stops taking requests,
+    /// acks what it took and ends with [`Ended::Expired`].
+    pub until: Option<tokio::time::Instant>,
+}
 
 /// Most distinct publisher ids a stream keeps interned.
 const MAX_INTERNED_IDS: usize = 1_024;
@@ -84,10 +111,11 @@ const MAX_INTERNED_IDS: usize = 1_024;
 pub const DRAIN_READ: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Who is publishing: a client (route to the owner) or a peer forwarding to us
-/// as the owner (never forward again).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// as the owner (never forward again; the client was checked where it
+/// published, and its publisher ids arrive scoped).
+#[derive(Clone)]
 pub enum Origin {
-    Client,
+    Client(Caller),
     Peer,
 }
 
@@ -102,15 +130,15 @@ impl AckError {
 }
 
 /// Serves one publish stream until the client ends it, or `stop` (the
-/// server's drain, once its clients are closed). `inbound` ends (or fails:
-/// logged) when the client does.
+/// server's drain, once its clients are closed), or its caller's credentials
+/// lapse. `inbound` ends (or fails: logged) when the client does.
 pub fn serve<S, E>(
     node: Arc<Node>,
     mut inbound: S,
     window: usize,
     stop: CancellationToken,
     origin: Origin,
-) -> impl Stream<Item = Result<Answer, Drained>> + Send + 'static
+) -> impl Stream<Item = Result<Answer, Ended>> + Send + 'static
 where
     S: Stream<Item = Result<Request, E>> + Send + Unpin + 'static,
     E: Display + Send,
@@ -119,21 +147,41 @@ where
     let (rej_tx, rej_rx) = tokio::sync::mpsc::unbounded_channel::<Answer>();
     let permits = Arc::new(Semaphore::new(window.max(1)));
     let drained = Arc::new(AtomicBool::new(false));
+    let expired = Arc::new(AtomicBool::new(false));
+    let lapse = match &origin {
+        Origin::Client(c) => c.until,
+        Origin::Peer => None,
+    };
     {
         let permits = permits.clone();
         let drained = drained.clone();
+        let expired = expired.clone();
         let tasks = node.stream_tasks().clone();
         crate::tasks::spawn(&tasks, async move {
             let mut publishers: HashMap<String, Arc<str>> = HashMap::new();
             loop {
                 // Bound the requests in flight: wait for acks past the window.
+                let lapsed = async {
+                    match lapse {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let permit = tokio::select! {
                     _ = stop.cancelled() => break,
+                    () = lapsed => { expired.store(true, Ordering::Relaxed); break }
                     p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                };
+                let lapsed = async {
+                    match lapse {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
                 };
                 // `next` is cancel-safe: a message is never lost.
                 let msg = tokio::select! {
                     _ = stop.cancelled() => break,
+                    () = lapsed => { expired.store(true, Ordering::Relaxed); break }
                     m = inbound.next() => m,
                 };
                 let r = match msg {
@@ -146,30 +194,49 @@ where
                 };
                 permit.forget();
                 let received = Instant::now();
-                let tick = match validate_publisher_id(&r.publisher_id).and(r.tick) {
+                let valid_id = match &origin {
+                    Origin::Client(_) => validate_publisher_id(&r.publisher_id),
+                    Origin::Peer => validate_forwarded_publisher_id(&r.publisher_id),
+                };
+                let tick = match valid_id.and(r.tick) {
                     Ok(t) => t,
                     Err(e) => {
                         let _ = rej_tx.send(Answer::refused(r.request_id, &r.symbol, e.code(), e.to_string()));
                         continue;
                     }
                 };
-                let publisher = if r.publisher_id.is_empty() {
+                let mut r_publisher_id = r.publisher_id;
+                let (request_id, publisher_seq) = (r.request_id, r.publisher_seq);
+                if let Origin::Client(caller) = &origin {
+                    if let Some(may) = &caller.may_publish
+                        && !may(tick.symbol.as_str())
+                    {
+                        metrics::counter!(m::FORBIDDEN, "protocol" => "grpc", "right" => "publish").increment(1);
+                        let why = format!("not entitled to publish {}", tick.symbol);
+                        let _ = rej_tx.send(Answer::refused(r.request_id, &r.symbol, ErrorCode::Forbidden, why));
+                        continue;
+                    }
+                    if let Some(sub) = &caller.sub {
+                        r_publisher_id = scoped_publisher_id(sub, &r_publisher_id);
+                    }
+                }
+                let publisher = if r_publisher_id.is_empty() {
                     None
                 } else {
                     // (an intern table of this stream's ids, kept small)
-                    if publishers.len() >= MAX_INTERNED_IDS && !publishers.contains_key(&r.publisher_id) {
+                    if publishers.len() >= MAX_INTERNED_IDS && !publishers.contains_key(&r_publisher_id) {
                         publishers.clear();
                     }
                     let id = publishers
-                        .entry(r.publisher_id.clone())
-                        .or_insert_with(|| Arc::from(r.publisher_id.as_str()))
+                        .entry(r_publisher_id)
+                        .or_insert_with_key(|k| Arc::from(k.as_str()))
                         .clone();
-                    Some((id, r.publisher_seq))
+                    Some((id, publisher_seq))
                 };
                 let cmd = PublishCmd {
                     tick,
                     publisher,
-                    request_id: r.request_id,
+                    request_id,
                     reply: ack_tx.clone(),
                     received,
                 };
@@ -182,11 +249,11 @@ where
                 }
                 // Answered in every case (an error here was acked UNAVAILABLE).
                 let _ = match origin {
-                    Origin::Client => node.publish(cmd).await,
+                    Origin::Client(_) => node.publish(cmd).await,
                     Origin::Peer => node.publish_as_owner(cmd).await,
                 };
             }
-            if stop.is_cancelled() {
+            if stop.is_cancelled() && !expired.load(Ordering::Relaxed) {
                 drained.store(true, Ordering::Relaxed);
                 // Requests the client has already sent each get an answer
                 // (contract §7: `unavailable`, never silence), for a bounded
@@ -214,7 +281,13 @@ where
             Ok(a)
         })
         .chain(
-            stream::once(async move { drained.load(Ordering::Relaxed).then_some(Err(Drained)) })
-                .filter_map(|x| async move { x }),
+            stream::once(async move {
+                if expired.load(Ordering::Relaxed) {
+                    Some(Err(Ended::Expired))
+                } else {
+                    drained.load(Ordering::Relaxed).then_some(Err(Ended::Drained))
+                }
+            })
+            .filter_map(|x| async move { x }),
         )
 }

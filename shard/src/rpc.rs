@@ -363,8 +363,11 @@ pub fn publish_stream(
     let requests = inbound.map(|r| r.map(publish_request_from_pb));
     let answers = publish::serve(node, requests, window, stop, origin).map(|a| match a {
         Ok(a) => Ok(answer_to_pb(a)),
-        Err(publish::Drained) => Err(tonic::Status::unavailable(
+        Err(publish::Ended::Drained) => Err(tonic::Status::unavailable(
             "server is draining: reconnect and resend unacked requests",
+        )),
+        Err(publish::Ended::Expired) => Err(tonic::Status::unauthenticated(
+            "the token expired: reconnect with a fresh one and resend unacked requests",
         )),
     });
     Box::pin(answers)

@@ -89,6 +89,15 @@ impl<C: Send + 'static> Session<C> {
         self.pairs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The symbols the session holds (subscribed or being retried), each once.
+    pub fn symbols(&self) -> Vec<Symbol> {
+        let pairs = self.pairs();
+        let mut out: Vec<Symbol> = pairs.active.iter().map(|(s, _)| *s).collect();
+        out.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        out.dedup();
+        out
+    }
+
     /// How many pairs the session would hold after `reqs` (for a
     /// per-session subscription limit, checked before anything changes).
     pub fn count_after(&self, reqs: &[SubRequest]) -> usize {

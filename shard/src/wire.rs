@@ -204,6 +204,9 @@ pub fn symbol_info_from_pb(i: &pb::SymbolInfo) -> Option<SymbolInfo> {
 pub fn close_status(c: Close) -> tonic::Status {
     match c {
         Close::Slow => tonic::Status::resource_exhausted("too slow: reconnect and resume from your last position"),
+        Close::Unauthenticated | Close::TokenExpired => {
+            tonic::Status::unauthenticated("the token expired: reconnect with a fresh one and resume")
+        }
         _ => tonic::Status::unavailable("server is restarting: reconnect and resume"),
     }
 }
@@ -223,6 +226,8 @@ pub fn error_status(e: crate::Error) -> tonic::Status {
                 tonic::Status::resource_exhausted(format!("{code}: {message}"))
             }
             C::Unavailable => tonic::Status::unavailable(message),
+            C::Unauthorized | C::TokenExpired => tonic::Status::unauthenticated(message),
+            C::Forbidden => tonic::Status::permission_denied(message),
         },
         Error::Unavailable(m) => tonic::Status::unavailable(m),
         Error::Fault(m) => tonic::Status::internal(m),

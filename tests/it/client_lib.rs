@@ -17,6 +17,7 @@ async fn a_resuming_subscriber_sees_every_tick_once_across_a_kill_9() {
         symbols: vec!["BTC-USD".into(), "ETH-USD".into()],
         channels: vec!["ticks".into()],
         connect_timeout: Duration::from_secs(2),
+        token: None,
     });
     assert!(matches!(sub.next().await, Event::Connected { .. }));
     assert!(matches!(sub.next().await, Event::Message(ServerMsg::Subscribed { .. })));

@@ -64,6 +64,7 @@ async fn three_pods_serve_every_symbol_from_any_pod() {
         symbols: foreign.clone(),
         channels: vec!["ticks".into()],
         connect_timeout: Duration::from_secs(2),
+        token: None,
     });
     assert!(matches!(sub.next().await, Event::Connected { .. }));
     let Event::Message(ServerMsg::Subscribed { symbols: st, .. }) = sub.next().await else {
@@ -240,6 +241,7 @@ pub(crate) async fn rollout_under_load(
             symbols: symbols.clone(),
             channels: vec!["ticks".into()],
             connect_timeout: Duration::from_secs(2),
+            token: None,
         })
         .starting_at(i % 3);
         assert!(matches!(
@@ -555,6 +557,7 @@ async fn a_peer_partition_heals_without_gap_or_duplicate() {
         symbols: symbols.clone(),
         channels: vec!["ticks".into()],
         connect_timeout: Duration::from_secs(2),
+        token: None,
     });
     assert!(matches!(
         tokio::time::timeout(WAIT, sub.next()).await.unwrap(),

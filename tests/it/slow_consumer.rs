@@ -17,7 +17,7 @@ async fn a_stalled_client_is_conflated_then_closed_1013_and_others_get_everythin
         WAIT,
         ConnectOpts {
             recv_buffer: Some(4096),
-            local_ip: None,
+            ..ConnectOpts::default()
         },
     )
     .await

@@ -272,3 +272,425 @@ async fn https_and_wss_on_the_http_listener() {
     }
     assert_eq!(kinds[0], "subscribed", "{kinds:?}");
 }
+
+// ---- JWT authentication and entitlements ----------------------------------
+
+/// A server with an HS256 key (and `extra` flags); its secret file.
+fn auth_server(extra: &[&str]) -> (Server, tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, format!("{}\n", "k".repeat(40))).unwrap();
+    let s = secret.display().to_string();
+    let mut args = vec!["--no-sim", "--auth-hs256-secret-file", &s];
+    args.extend_from_slice(extra);
+    (Server::start(&args), tmp, secret)
+}
+
+/// A token signed with `secret`, `exp` `ttl` seconds from now (negative:
+/// in the past), granting these patterns.
+fn token(secret: &std::path::Path, sub: &str, subscribe: &[&str], publish: &[&str], ttl: i64) -> String {
+    let claims = tickshard_feed::auth::MintClaims {
+        sub: sub.into(),
+        exp: tickshard_feed::auth::now_secs().saturating_add_signed(ttl),
+        iss: None,
+        aud: None,
+        subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+        publish: publish.iter().map(|s| s.to_string()).collect(),
+    };
+    tickshard_feed::auth::mint_hs256(&std::fs::read(secret).unwrap(), &claims).unwrap()
+}
+
+fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+async fn feed(srv: &Server) -> FeedClient<tonic::transport::Channel> {
+    FeedClient::new(channel(srv.grpc_url()).await)
+}
+
+async fn publisher(srv: &Server, id: &str, token: Option<String>) -> Publisher {
+    let mut cfg = PublisherConfig::new(vec![srv.grpc_url()], id);
+    cfg.token = token;
+    Publisher::connect(cfg).await.unwrap()
+}
+
+/// gRPC (contract §8): no token or a bad one (expired past the leeway,
+/// another key, another issuer) is UNAUTHENTICATED; a symbol the token does
+/// not grant is PERMISSION_DENIED for reads and a `forbidden` ack for a
+/// publish, after which the stream goes on; failures are counted.
+#[tokio::test]
+async fn grpc_calls_need_a_valid_token_and_the_right_symbols() {
+    let (srv, tmp, secret) = auth_server(&["--auth-issuer", "tickshard-test"]);
+    let mut f = feed(&srv).await;
+    let e = f.list_symbols(pb::ListSymbolsRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "no token: {e}");
+
+    let other = tmp.path().join("other");
+    std::fs::write(&other, "o".repeat(40)).unwrap();
+    let iss = |t: String| t; // (tokens below carry no iss unless minted with one)
+    let good = {
+        let claims = tickshard_feed::auth::MintClaims {
+            sub: "desk-7".into(),
+            exp: tickshard_feed::auth::now_secs() + 600,
+            iss: Some("tickshard-test".into()),
+            aud: None,
+            subscribe: vec!["BTC-*".into()],
+            publish: vec!["BTC-USD".into()],
+        };
+        tickshard_feed::auth::mint_hs256(&std::fs::read(&secret).unwrap(), &claims).unwrap()
+    };
+    let mint_iss = |secret: &std::path::Path, iss: &str, ttl: i64| {
+        let claims = tickshard_feed::auth::MintClaims {
+            sub: "x".into(),
+            exp: tickshard_feed::auth::now_secs().saturating_add_signed(ttl),
+            iss: Some(iss.into()),
+            aud: None,
+            subscribe: vec!["*".into()],
+            publish: vec![],
+        };
+        tickshard_feed::auth::mint_hs256(&std::fs::read(secret).unwrap(), &claims).unwrap()
+    };
+    for (what, bad) in [
+        ("expired past the leeway", mint_iss(&secret, "tickshard-test", -100)),
+        ("another key", mint_iss(&other, "tickshard-test", 600)),
+        ("another issuer", mint_iss(&secret, "someone-else", 600)),
+        ("not a JWT", iss("abc.def".into())),
+    ] {
+        let e = f
+            .list_symbols(with_token(pb::ListSymbolsRequest {}, &bad))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{what}: {e}");
+    }
+    let e = match Publisher::connect(PublisherConfig::new(vec![srv.grpc_url()], "anon")).await {
+        Ok(_) => panic!("an anonymous publish stream must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("a token is required to publish"), "{e}");
+
+    // entitled: BTC-USD published, ETH-USD forbidden (the stream goes on)
+    let mut p = publisher(&srv, "feed-1", Some(good.clone())).await;
+    for t in [
+        tick("BTC-USD", 1_700_000_000_000_001, "64000.5", "0.25"),
+        tick("ETH-USD", 1_700_000_000_000_002, "3000.1", "1"),
+        tick("BTC-USD", 1_700_000_000_000_003, "64001.5", "0.5"),
+    ] {
+        p.send(t).await.unwrap();
+    }
+    let mut acks = tokio::time::timeout(WAIT, p.flush()).await.unwrap().unwrap();
+    acks.sort_by_key(|a| a.request_id);
+    assert_eq!((acks[0].seq, acks[0].error.as_ref().map(|e| e.0.as_str())), (1, None));
+    assert_eq!(
+        acks[1].error.as_ref().map(|e| e.0.as_str()),
+        Some("forbidden"),
+        "{:?}",
+        acks[1]
+    );
+    assert_eq!((acks[2].seq, acks[2].error.as_ref().map(|e| e.0.as_str())), (2, None));
+
+    let snap = f
+        .get_snapshot(with_token(
+            pb::SnapshotRequest {
+                symbols: vec!["BTC-USD".into()],
+            },
+            &good,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snap.snapshots[0].last.as_ref().unwrap().price, "64001.5");
+    let e = f
+        .get_snapshot(with_token(
+            pb::SnapshotRequest {
+                symbols: vec!["BTC-USD".into(), "ETH-USD".into()],
+            },
+            &good,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("ETH-USD"), "{e}");
+    let e = f
+        .subscribe(with_token(
+            pb::SubscribeRequest {
+                symbols: vec!["ETH-USD".into()],
+                ..Default::default()
+            },
+            &good,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    let listed = f
+        .list_symbols(with_token(pb::ListSymbolsRequest {}, &good))
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = listed.symbols.iter().map(|s| s.symbol.as_str()).collect();
+    assert_eq!(names, ["BTC-USD"], "only the symbols the caller may read");
+    assert!(srv.metric("tickshard_auth_failures_total").await >= 5.0);
+    assert!(srv.metric("tickshard_forbidden_total").await >= 3.0);
+}
+
+/// De-duplication is keyed by `(sub, publisher_id, symbol)` when
+/// authenticated: two callers using the same `publisher_id` and seqs do not
+/// shadow each other, and each one's retry is still a duplicate.
+#[tokio::test]
+async fn callers_do_not_shadow_each_others_publisher_ids() {
+    let (srv, _tmp, secret) = auth_server(&[]);
+    let a = token(&secret, "desk-a", &[], &["DD-*"], 600);
+    let b = token(&secret, "desk-b", &[], &["DD-*"], 600);
+    let mut f = feed(&srv).await;
+    let one = |t: &str, price: &str| {
+        let req = pb::PublishRequest {
+            request_id: 1,
+            publisher_id: "shared-id".into(),
+            publisher_seq: 1,
+            tick: Some(tick("DD-1", 1_700_000_000_000_001, price, "1")),
+        };
+        with_token(futures_util::stream::iter(vec![req]), t)
+    };
+    let ack = |r| {
+        let mut f = f.clone();
+        async move {
+            let mut s = f.publish(r).await.unwrap().into_inner();
+            s.message().await.unwrap().unwrap()
+        }
+    };
+    let first = ack(one(&a, "1.5")).await;
+    let second = ack(one(&b, "2.5")).await;
+    let again = ack(one(&a, "1.5")).await;
+    assert_eq!((first.seq, first.duplicate), (1, false));
+    assert_eq!(
+        (second.seq, second.duplicate),
+        (2, false),
+        "another caller, same publisher_id: not a duplicate"
+    );
+    assert_eq!((again.seq, again.duplicate), (1, true), "the same caller's retry is");
+    let _ = &mut f;
+}
+
+async fn recv_json(c: &mut WsConn) -> serde_json::Value {
+    match crate::common::recv_any(c).await {
+        tickshard_client::ws::Incoming::Text(t) => serde_json::from_str(&t).unwrap(),
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+/// A raw upgrade request; the HTTP status of the answer.
+async fn upgrade_status(addr: std::net::SocketAddr, path: &str, headers: &str) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.unwrap().unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+    head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+async fn ws(srv: &Server, token: Option<&str>) -> WsConn {
+    let opts = tickshard_client::ws::ConnectOpts {
+        token: token.map(str::to_owned),
+        ..Default::default()
+    };
+    WsConn::connect_with(&srv.ws_url(), WAIT, opts).await.unwrap()
+}
+
+/// WebSocket (contract §8): a bad token on the upgrade (header or query) is
+/// HTTP 401; without one, only `auth` and `ping` are served; `auth` answers
+/// `authed` or `unauthorized` (keeping what the connection had); a subscribe
+/// naming a symbol not granted is `forbidden` whole; a refresh must grant
+/// every subscribed symbol; `--allowed-origins` refuses others with 403.
+#[tokio::test]
+async fn websocket_tokens_auth_op_refresh_and_origins() {
+    let (srv, _tmp, secret) = auth_server(&["--allowed-origins", "https://desk.example.com"]);
+    let btc = token(&secret, "desk-7", &["BTC-*"], &[], 600);
+    let eth_only = token(&secret, "desk-7", &["ETH-*"], &[], 600);
+    let expired = token(&secret, "desk-7", &["*"], &[], -100);
+    assert_eq!(
+        upgrade_status(srv.http, "/ws", "Authorization: Bearer not-a-jwt\r\n").await,
+        401
+    );
+    assert_eq!(upgrade_status(srv.http, &format!("/ws?token={expired}"), "").await, 401);
+    assert_eq!(upgrade_status(srv.http, &format!("/ws?token={btc}"), "").await, 101);
+    assert_eq!(
+        upgrade_status(srv.http, "/ws", "Origin: https://evil.example\r\n").await,
+        403
+    );
+    assert_eq!(
+        upgrade_status(srv.http, "/ws", "Origin: https://desk.example.com\r\n").await,
+        101
+    );
+
+    let mut c = ws(&srv, None).await;
+    c.send_text(r#"{"op":"subscribe","id":1,"symbols":["BTC-USD"]}"#)
+        .await
+        .unwrap();
+    let m = recv_json(&mut c).await;
+    assert_eq!(
+        (m["type"].as_str(), m["code"].as_str(), m["id"].as_i64()),
+        (Some("error"), Some("unauthorized"), Some(1))
+    );
+    c.send_text(r#"{"op":"ping","id":2}"#).await.unwrap();
+    assert_eq!(recv_json(&mut c).await["type"], "pong");
+    c.send_text(r#"{"op":"auth","id":3,"token":"nonsense"}"#).await.unwrap();
+    assert_eq!(recv_json(&mut c).await["code"], "unauthorized");
+    c.send_text(&format!(r#"{{"op":"auth","id":4,"token":"{btc}"}}"#))
+        .await
+        .unwrap();
+    let m = recv_json(&mut c).await;
+    assert_eq!(
+        (m["type"].as_str(), m["id"].as_i64(), m["sub"].as_str()),
+        (Some("authed"), Some(4), Some("desk-7"))
+    );
+    assert!(m["exp"].as_u64().unwrap() > tickshard_feed::auth::now_secs());
+    c.send_text(r#"{"op":"subscribe","id":5,"symbols":["BTC-USD","ETH-USD"]}"#)
+        .await
+        .unwrap();
+    let m = recv_json(&mut c).await;
+    assert_eq!(m["code"], "forbidden", "{m}");
+    assert!(m["message"].as_str().unwrap().contains("ETH-USD"), "{m}");
+    c.send_text(r#"{"op":"subscribe","id":6,"symbols":["BTC-USD"]}"#)
+        .await
+        .unwrap();
+    assert_eq!(recv_json(&mut c).await["type"], "subscribed");
+    // a refresh that does not cover BTC-USD is refused; the old token stays
+    c.send_text(&format!(r#"{{"op":"auth","id":7,"token":"{eth_only}"}}"#))
+        .await
+        .unwrap();
+    let m = recv_json(&mut c).await;
+    assert_eq!(m["code"], "forbidden", "{m}");
+    assert!(m["message"].as_str().unwrap().contains("BTC-USD"), "{m}");
+    // ... and an expired one is token_expired
+    c.send_text(&format!(r#"{{"op":"auth","id":8,"token":"{expired}"}}"#))
+        .await
+        .unwrap();
+    assert_eq!(recv_json(&mut c).await["code"], "token_expired");
+    // the connection still works with what it had
+    let mut p = publisher(&srv, "p", Some(token(&secret, "pub", &[], &["BTC-USD"], 600))).await;
+    publish_all(&mut p, [tick("BTC-USD", 1_700_000_000_000_001, "64000.25", "1")]).await;
+    loop {
+        let m = recv_json(&mut c).await;
+        if m["type"] == "tick" {
+            assert_eq!(
+                (m["symbol"].as_str(), m["price"].as_str()),
+                (Some("BTC-USD"), Some("64000.25"))
+            );
+            break;
+        }
+    }
+}
+
+/// A connection that cannot read and sends no valid token for 10 s is
+/// closed with 1008; one whose token lapses (exp + 30 s leeway) gets
+/// `token_expired` and 1008; a gRPC stream whose token lapses ends with
+/// UNAUTHENTICATED.
+#[tokio::test]
+async fn unauthenticated_and_expired_connections_are_closed() {
+    let (srv, _tmp, secret) = auth_server(&[]);
+    // valid for about 3 more seconds (exp 27 s ago, 30 s leeway)
+    let short = token(&secret, "desk-7", &["*"], &[], -27);
+    let mut silent = ws(&srv, None).await;
+    let mut lapsing = ws(&srv, Some(&short)).await;
+    let started = std::time::Instant::now();
+    let mut stream = feed(&srv)
+        .await
+        .subscribe(with_token(
+            pb::SubscribeRequest {
+                symbols: vec!["EXP-1".into()],
+                ..Default::default()
+            },
+            &short,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    lapsing
+        .send_text(r#"{"op":"subscribe","id":1,"symbols":["EXP-1"]}"#)
+        .await
+        .unwrap();
+    assert_eq!(recv_json(&mut lapsing).await["type"], "subscribed");
+    loop {
+        let m = recv_json(&mut lapsing).await;
+        if m["type"] == "error" {
+            assert_eq!(m["code"], "token_expired", "{m}");
+            break;
+        }
+    }
+    assert_eq!(crate::common::recv_close(&mut lapsing).await, 1008);
+    let end = loop {
+        match tokio::time::timeout(WAIT, stream.message()).await.unwrap() {
+            Ok(Some(_)) => continue,
+            other => break other,
+        }
+    };
+    assert_eq!(end.unwrap_err().code(), tonic::Code::Unauthenticated);
+    let m = recv_json(&mut silent).await;
+    assert_eq!(m["code"], "unauthorized", "{m}");
+    assert_eq!(crate::common::recv_close(&mut silent).await, 1008);
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(9),
+        "not before 10 s"
+    );
+}
+
+/// `--anonymous`: without a key anyone may read and publish; with a key and
+/// `subscribe`, callers without a token read everything but may not publish.
+#[tokio::test]
+async fn anonymous_modes() {
+    let open = Server::start(&["--no-sim"]);
+    let mut p = publisher(&open, "anon", None).await;
+    let acks = publish_all(&mut p, [tick("AN-1", 1_700_000_000_000_001, "1.25", "1")]).await;
+    assert_eq!(acks[0].seq, 1);
+
+    let (srv, _tmp, secret) = auth_server(&["--anonymous", "subscribe"]);
+    let mut c = ws(&srv, None).await;
+    c.send_text(r#"{"op":"subscribe","id":1,"symbols":["AN-1"]}"#)
+        .await
+        .unwrap();
+    assert_eq!(recv_json(&mut c).await["type"], "subscribed");
+    let e = Publisher::connect(PublisherConfig::new(vec![srv.grpc_url()], "anon")).await;
+    assert!(e.is_err(), "publishing needs a token in subscribe mode");
+    let mut p = publisher(&srv, "p", Some(token(&secret, "pub", &[], &["AN-*"], 600))).await;
+    assert_eq!(
+        publish_all(&mut p, [tick("AN-1", 1_700_000_000_000_002, "1.5", "1")]).await[0].seq,
+        1
+    );
+}
+
+/// The verification key is re-read when its file changes: after a
+/// rotation, tokens of the new secret are accepted and the old ones refused.
+#[tokio::test]
+async fn a_rotated_key_file_is_used_without_a_restart() {
+    let (srv, tmp, secret) = auth_server(&[]);
+    let old = token(&secret, "a", &["*"], &[], 600);
+    let mut f = feed(&srv).await;
+    f.list_symbols(with_token(pb::ListSymbolsRequest {}, &old))
+        .await
+        .unwrap();
+    let next = tmp.path().join("next");
+    std::fs::write(&next, "n".repeat(48)).unwrap();
+    let new = token(&next, "a", &["*"], &[], 600);
+    std::fs::rename(&next, &secret).unwrap();
+    eventually("the new key is used", || {
+        let (mut f, new) = (f.clone(), new.clone());
+        async move {
+            f.list_symbols(with_token(pb::ListSymbolsRequest {}, &new))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    let e = f
+        .list_symbols(with_token(pb::ListSymbolsRequest {}, &old))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+}

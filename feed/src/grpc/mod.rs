@@ -33,9 +33,20 @@ use tonic::{Request, Response, Status, Streaming, service::Routes};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::Instrument as _;
 
-use crate::{config::GrpcLimits, shared::Shared, tls::ReloadingTls};
+use crate::{
+    auth::{AuthError, Denied, Principal},
+    config::GrpcLimits,
+    shared::Shared,
+    tls::ReloadingTls,
+};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Connections the peer listener serves at once (each other pod keeps one,
+/// plus start-up probes).
+pub const PEER_CONNECTIONS: usize = 256;
+/// Time a peer connection gets for its TLS and HTTP/2 handshakes.
+pub const PEER_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The running gRPC servers.
 pub struct Servers {
@@ -72,16 +83,26 @@ pub fn start(
     });
     let public_routes = Routes::new(health).add_service(reflection).add_service(feed).prepare();
     let peer_routes = Routes::new(cluster).prepare();
-    let spawn = |(listener, tls), routes, what| {
+    // The peer port serves a few pods: a small connection budget and a short
+    // handshake, so a stranger that reaches it cannot crowd the pods out.
+    let peer_limits = GrpcLimits {
+        max_connections: PEER_CONNECTIONS,
+        handshake_timeout: limits.handshake_timeout.min(PEER_HANDSHAKE),
+        ..limits.clone()
+    };
+    let spawn = |(listener, tls), routes, limits: GrpcLimits, what| {
         tickshard_shard::tasks::spawn(
             tasks,
-            serve::serve(listener, routes, limits.clone(), tls, stop.clone())
+            serve::serve(listener, routes, limits, tls, stop.clone())
                 .instrument(tracing::info_span!("listener", listener = what)),
         )
     };
     Ok(Servers {
         health: reporter,
-        tasks: [spawn(public, public_routes, "grpc"), spawn(peer, peer_routes, "peer")],
+        tasks: [
+            spawn(public, public_routes, limits.clone(), "grpc"),
+            spawn(peer, peer_routes, peer_limits, "peer"),
+        ],
     })
 }
 
@@ -101,6 +122,26 @@ pub async fn set_serving(reporter: &HealthReporter, serving: bool) {
 pub struct FeedService {
     shared: Arc<Shared>,
     reads: ReadLimit,
+}
+
+impl FeedService {
+    /// The caller of a request (contract §8): its `authorization: Bearer`
+    /// token, or the anonymous grant; a bad token is UNAUTHENTICATED.
+    pub(crate) fn caller<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+        let header = req.metadata().get("authorization").map(|v| v.as_bytes());
+        self.shared
+            .auth
+            .from_bearer(header)
+            .map_err(|e| Status::unauthenticated(e.to_string()))
+    }
+
+    /// May the caller read these symbols? UNAUTHENTICATED or PERMISSION_DENIED.
+    pub(crate) fn check_read<'a>(p: &Principal, symbols: impl IntoIterator<Item = &'a str>) -> Result<(), Status> {
+        p.check_read(symbols).map_err(|d| match d.counted("grpc") {
+            Denied::Unauthorized => Status::unauthenticated("a token is required to read"),
+            Denied::Forbidden(why) => Status::permission_denied(why),
+        })
+    }
 }
 
 /// At most `max` reads in flight; one more is shed at once (UNAVAILABLE,
@@ -140,12 +181,17 @@ impl Feed for FeedService {
         &self,
         req: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
+        let caller = self.caller(&req)?;
+        if !caller.is_authenticated() && caller.publish.is_empty() {
+            AuthError::Missing.counted();
+            return Err(Status::unauthenticated("a token is required to publish"));
+        }
         Ok(Response::new(rpc::publish_stream(
             self.shared.node.clone(),
             req.into_inner(),
             self.shared.publish_window,
             self.shared.stopping().clone(),
-            Origin::Client,
+            Origin::Client(caller.publisher()),
         )))
     }
 
@@ -156,7 +202,9 @@ impl Feed for FeedService {
     }
 
     async fn get_snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<Response<pb::SnapshotResponse>, Status> {
+        let caller = self.caller(&req)?;
         let syms = parse_symbols(&req.get_ref().symbols, self.shared.ws.max_subscriptions)?;
+        Self::check_read(&caller, syms.iter().map(|s| s.as_str()))?;
         let _slot = self.reads.admit("GetSnapshot")?;
         let snaps = self.shared.node.snapshots(&syms).await.map_err(wire::error_status)?;
         Ok(Response::new(pb::SnapshotResponse {
@@ -165,8 +213,10 @@ impl Feed for FeedService {
     }
 
     async fn get_history(&self, req: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+        let caller = self.caller(&req)?;
         let (symbol, q, limit) =
             wire::history_query(req.get_ref()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Self::check_read(&caller, [symbol.as_str()])?;
         let _slot = self.reads.admit("GetHistory")?;
         let h = self
             .shared
@@ -179,12 +229,19 @@ impl Feed for FeedService {
 
     async fn list_symbols(
         &self,
-        _req: Request<pb::ListSymbolsRequest>,
+        req: Request<pb::ListSymbolsRequest>,
     ) -> Result<Response<pb::ListSymbolsResponse>, Status> {
+        let caller = self.caller(&req)?;
+        Self::check_read(&caller, [])?;
         let _slot = self.reads.admit("ListSymbols")?;
         let symbols = self.shared.node.all_symbols().await;
+        // only the symbols the caller may read
         Ok(Response::new(pb::ListSymbolsResponse {
-            symbols: symbols.iter().map(wire::symbol_info_to_pb).collect(),
+            symbols: symbols
+                .iter()
+                .filter(|s| caller.subscribe.allows(s.symbol.as_str()))
+                .map(wire::symbol_info_to_pb)
+                .collect(),
         }))
     }
 }

@@ -96,8 +96,8 @@ pub async fn serve(
                     None => one.run(stream, deadline).await,
                     Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => one.run(s, deadline).await,
-                        Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::info!(%peer, "no TLS handshake in time; closing"),
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "no TLS handshake in time; closing"),
                     },
                 }
                 drop(permit);

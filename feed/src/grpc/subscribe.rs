@@ -13,7 +13,7 @@
 use std::{collections::HashMap, convert::Infallible, sync::Arc};
 
 use bytes::{BufMut as _, Bytes};
-use futures_util::StreamExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use prost::Message as _;
 use tickshard_proto::v1::{self as pb, feed_server::FeedServer};
 use tickshard_shard::{
@@ -169,7 +169,9 @@ async fn subscribe(
     if shared.is_draining() {
         return Err(Status::unavailable("server is draining: connect to another server"));
     }
+    let caller = service.caller(&req)?;
     let reqs = sub_requests(req.get_ref(), shared.ws.max_subscriptions)?;
+    FeedService::check_read(&caller, reqs.iter().map(|r| r.symbol.as_str()))?;
     let permit = shared.subscriber_permit().ok_or_else(|| {
         Status::resource_exhausted("this server holds its --max-connections subscribers: connect to another one")
     })?;
@@ -196,7 +198,26 @@ async fn subscribe(
     outbox.control(subscribed, 64);
     tickshard_shard::tasks::spawn(&shared.tracker, async move { session.activate(prepared).await });
     let events = outbox_events(outbox, shared.node.hub().clone(), guard, render).map(|r| r.map_err(wire::close_status));
-    Ok(Response::new(Box::pin(events)))
+    match caller.lapse_instant() {
+        None => Ok(Response::new(Box::pin(events))),
+        // The stream ends with UNAUTHENTICATED when the token lapses (contract
+        // §8); the client resumes with a fresh one, losing nothing.
+        Some(at) => {
+            let lapsed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = lapsed.clone();
+            let until =
+                tokio::time::sleep_until(at).map(move |()| flag.store(true, std::sync::atomic::Ordering::Relaxed));
+            let tail = futures_util::stream::once(async move {
+                lapsed.load(std::sync::atomic::Ordering::Relaxed).then(|| {
+                    Err(Status::unauthenticated(
+                        "the token expired: resubscribe with a fresh one and resume",
+                    ))
+                })
+            })
+            .filter_map(|x| async move { x });
+            Ok(Response::new(Box::pin(events.take_until(until).chain(tail))))
+        }
+    }
 }
 
 /// One subscription request, validated: counts first (symbols, repeats once;

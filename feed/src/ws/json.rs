@@ -192,6 +192,17 @@ pub fn symbol_list(out: &mut Vec<u8>, kind: &str, req_id: Option<&[u8]>, symbols
 }
 
 /// `{"type":"pong","id":…}`
+/// `{"type":"authed","id":…,"sub":…,"exp":…}` (contract §8).
+pub fn authed(out: &mut Vec<u8>, req_id: Option<&[u8]>, sub: &str, exp: u64) {
+    out.extend_from_slice(b"{\"type\":\"authed\"");
+    id(out, req_id);
+    out.extend_from_slice(b",\"sub\":");
+    string(out, sub);
+    out.extend_from_slice(b",\"exp\":");
+    int(out, exp);
+    out.push(b'}');
+}
+
 pub fn pong(out: &mut Vec<u8>, req_id: Option<&[u8]>) {
     out.extend_from_slice(b"{\"type\":\"pong\"");
     id(out, req_id);

@@ -18,7 +18,7 @@ use std::{
     collections::{HashMap, VecDeque},
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -47,7 +47,11 @@ use self::{
     client_read::{ClientRead, ReadSide, Tracked},
     lazy_buf::LazyBufWriter,
 };
-use crate::{http::ClientStream, shared::Shared};
+use crate::{
+    auth::{Denied, Principal},
+    http::ClientStream,
+    shared::Shared,
+};
 use tokio_util::either::Either as EitherIo;
 
 /// Size of the per-connection write buffer: frames are copied into it and
@@ -77,6 +81,7 @@ pub fn serve(
     upgraded: hyper::upgrade::Upgraded,
     shared: Arc<Shared>,
     peer: SocketAddr,
+    principal: Principal,
 ) -> impl Future<Output = ()> + Send {
     // Take the TCP stream back from hyper so the halves are split without a lock.
     let parts = match upgraded.downcast::<TokioIo<crate::http::Tracked>>() {
@@ -107,7 +112,7 @@ pub fn serve(
     let (_, mut tx) =
         fastwebsockets::after_handshake_split(tokio::io::empty(), LazyBufWriter::new(WRITE_BUFFER, w), Role::Server);
     tx.set_writev(false);
-    let conn = Connection::new(shared);
+    let conn = Connection::new(shared, principal);
     let span = tracing::debug_span!("ws", %peer, conn = conn.outbox.id());
     Either::Left(conn.run(rx, tx).instrument(span))
 }
@@ -120,10 +125,53 @@ struct Connection {
     started: Instant,
     /// Milliseconds since `started` of the last frame from the client.
     last_seen: AtomicU64,
+    /// Who the client is and what it may do: from the upgrade's token (or
+    /// the anonymous grant), replaced by an `auth` op.
+    principal: Mutex<Arc<Principal>>,
 }
 
+/// A connection that may not read must authenticate within this long (1008).
+pub const AUTH_DEADLINE: Duration = Duration::from_secs(10);
+
 impl Connection {
-    fn new(shared: Arc<Shared>) -> Connection {
+    fn principal(&self) -> Arc<Principal> {
+        self.principal.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Housekeeping of credentials: a connection that may not read and has
+    /// not authenticated in [`AUTH_DEADLINE`], or whose token lapsed, is told
+    /// why and closed with 1008.
+    fn check_credentials(&self, now: Instant) {
+        if self.outbox.is_closing() {
+            return;
+        }
+        let p = self.principal();
+        let (code, close, message) = if let Some(at) = p.lapses_at()
+            && crate::auth::now_secs() >= at
+        {
+            (
+                ErrorCode::TokenExpired,
+                Close::TokenExpired,
+                "the token expired; refresh it with the auth op before it does",
+            )
+        } else if !p.is_authenticated() && !p.may_read() && now.duration_since(self.started) >= AUTH_DEADLINE {
+            (
+                ErrorCode::Unauthorized,
+                Close::Unauthenticated,
+                "no valid token within 10 s of connecting",
+            )
+        } else {
+            return;
+        };
+        metrics::counter!(m::CLIENT_ERRORS, "code" => code.as_str()).increment(1);
+        let mut out = Vec::new();
+        json::error(&mut out, None, code.as_str(), message);
+        let w = out.len();
+        self.outbox.control(Ctl::Text(out), w);
+        self.outbox.close(close);
+    }
+
+    fn new(shared: Arc<Shared>, principal: Principal) -> Connection {
         let outbox = shared.node.outbox(shared.ws.slow_client);
         let session = SessionGuard::new(Session::new(shared.node.clone(), outbox.clone()));
         Connection {
@@ -132,6 +180,7 @@ impl Connection {
             session,
             started: Instant::now(),
             last_seen: AtomicU64::new(0),
+            principal: Mutex::new(Arc::new(principal)),
         }
     }
 
@@ -175,6 +224,7 @@ impl Connection {
                         self.outbox.close(Close::Idle);
                     }
                     self.outbox.check_slow();
+                    self.check_credentials(now);
                     if now >= next_ping {
                         next_ping = now + self.shared.ws.ping_interval;
                         self.outbox.control(Ctl::Ping, 16);
@@ -450,6 +500,8 @@ pub(crate) fn close_frame(c: Close) -> (u16, &'static str) {
         Close::TooBig => (1009, "message too large"),
         Close::Restart => (1012, "service restart"),
         Close::Slow => (1013, "client too slow"),
+        Close::Unauthenticated => (1008, "authentication required"),
+        Close::TokenExpired => (1008, "token expired"),
     }
 }
 
@@ -597,11 +649,25 @@ impl Reader<'_> {
             }
         };
         let id = req.id.as_deref();
+        let caller = self.conn.principal();
         match req.op {
             protocol::Op::Ping => self.send(|o| json::pong(o, id)),
+            protocol::Op::Auth { token } => self.auth(id, &token),
+            _ if !caller.may_read() => {
+                crate::auth::AuthError::Missing.counted();
+                self.error(
+                    id,
+                    ErrorCode::Unauthorized,
+                    "authenticate first: {\"op\":\"auth\",\"token\":\"…\"} (or a token on the upgrade)",
+                );
+            }
             protocol::Op::Symbols => {
                 let all = self.conn.shared.node.all_symbols().await;
-                let list: Vec<Symbol> = all.iter().map(|s| s.symbol).collect();
+                let list: Vec<Symbol> = all
+                    .iter()
+                    .map(|s| s.symbol)
+                    .filter(|s| caller.subscribe.allows(s.as_str()))
+                    .collect();
                 self.send(|o| json::symbol_list(o, "symbols", id, &list));
             }
             protocol::Op::Unsubscribe { symbols, channels } => {
@@ -616,9 +682,60 @@ impl Reader<'_> {
                 symbols,
                 channels,
                 resume,
-            } => self.subscribe(id, symbols, channels, resume).await,
+            } => {
+                // refused whole if it names a symbol the caller may not read
+                if let Err(Denied::Forbidden(why)) = caller
+                    .check_read(symbols.iter().map(|s| s.as_str()))
+                    .map_err(|d| d.counted("ws"))
+                {
+                    self.error(id, ErrorCode::Forbidden, &why);
+                } else {
+                    self.subscribe(id, symbols, channels, resume).await;
+                }
+            }
         }
         true
+    }
+
+    /// The `auth` op: a valid token replaces the connection's credentials if
+    /// it grants every symbol the connection is subscribed to (else
+    /// `forbidden`); an invalid one is `unauthorized`; either way a refusal
+    /// keeps what the connection had.
+    fn auth(&mut self, id: Option<&[u8]>, token: &str) {
+        let p = match self.conn.shared.auth.verify(token) {
+            Ok(p) => p,
+            Err(e) => {
+                let code = if e == crate::auth::AuthError::Expired {
+                    ErrorCode::TokenExpired
+                } else {
+                    ErrorCode::Unauthorized
+                };
+                self.error(id, code, &e.to_string());
+                return;
+            }
+        };
+        let held = self.conn.session.symbols();
+        let (named, n) = p.subscribe.denied(held.iter().map(|s| s.as_str()), 10);
+        if n > 0 {
+            metrics::counter!(m::FORBIDDEN, "protocol" => "ws", "right" => "subscribe").increment(1);
+            let more = if n > named.len() {
+                format!(" (and {} more)", n - named.len())
+            } else {
+                String::new()
+            };
+            self.error(
+                id,
+                ErrorCode::Forbidden,
+                &format!(
+                    "the new token does not grant {}{more}, which this connection is subscribed to; the old token stays in force",
+                    named.join(", ")
+                ),
+            );
+            return;
+        }
+        let (sub, exp) = (p.sub.clone().unwrap_or_default(), p.exp.unwrap_or(0));
+        *self.conn.principal.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
+        self.send(|o| json::authed(o, id, &sub, exp));
     }
 
     async fn subscribe(

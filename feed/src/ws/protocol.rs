@@ -32,6 +32,10 @@ pub enum Op {
     },
     Ping,
     Symbols,
+    /// Authenticate, or refresh the token (contract §8).
+    Auth {
+        token: String,
+    },
 }
 
 /// A request the server answers with an `error` message.
@@ -66,6 +70,17 @@ pub fn parse(buf: &mut [u8], buffers: &mut Buffers, max_symbols: usize) -> Resul
     };
     let op = match op {
         "ping" => Op::Ping,
+        "auth" => match obj.get("token").and_then(|t| t.as_str()) {
+            Some(t) if t.len() <= crate::auth::MAX_TOKEN_BYTES => Op::Auth { token: t.to_owned() },
+            Some(_) => {
+                return Err(bad(
+                    &id,
+                    ErrorCode::Unauthorized,
+                    format!("the token is longer than {} bytes", crate::auth::MAX_TOKEN_BYTES),
+                ));
+            }
+            None => return Err(bad(&id, ErrorCode::BadJson, "auth needs \"token\" (a string)")),
+        },
         "symbols" => Op::Symbols,
         "subscribe" => {
             let symbols = symbols(&v, &id, max_symbols)?;
@@ -89,7 +104,7 @@ pub fn parse(buf: &mut [u8], buffers: &mut Buffers, max_symbols: usize) -> Resul
             return Err(bad(
                 &id,
                 ErrorCode::UnknownOp,
-                format!("unknown op '{shown}'; expected subscribe, unsubscribe, ping or symbols"),
+                format!("unknown op '{shown}'; expected subscribe, unsubscribe, ping, symbols or auth"),
             ));
         }
     };

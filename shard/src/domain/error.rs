@@ -14,10 +14,16 @@ pub enum ErrorCode {
     Unavailable,
     InvalidRequest,
     SymbolLimit,
+    /// No (valid) credentials for what was asked (contract §8).
+    Unauthorized,
+    /// Authenticated, but not entitled to that symbol (contract §8).
+    Forbidden,
+    /// The connection's token expired without a refresh (contract §8).
+    TokenExpired,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownOp,
         ErrorCode::InvalidSymbol,
@@ -28,6 +34,9 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::InvalidRequest,
         ErrorCode::SymbolLimit,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::TokenExpired,
     ];
 
     /// The code a client sent back (a peer's ack); `None` if unknown.
@@ -47,6 +56,9 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::SymbolLimit => "symbol_limit",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TokenExpired => "token_expired",
         }
     }
 }

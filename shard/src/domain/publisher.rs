@@ -23,6 +23,38 @@ pub fn validate_publisher_id(id: &str) -> Result<(), InputError> {
     Ok(())
 }
 
+/// The longest caller identity (a token's `sub`) that scopes publisher ids.
+pub const MAX_SUB_BYTES: usize = 256;
+
+/// Separates the caller from its `publisher_id` in a scoped id: not printable
+/// ASCII, so never part of a `publisher_id`, and the split (at the last one)
+/// is unambiguous.
+const SCOPE: char = '\u{1f}';
+
+/// The de-duplication key of an authenticated caller's `publisher_id`
+/// (contract §8: `(sub, publisher_id, symbol)`), so no caller can shadow
+/// another's requests. An empty id stays empty (no de-duplication).
+pub fn scoped_publisher_id(sub: &str, id: &str) -> String {
+    if id.is_empty() {
+        return String::new();
+    }
+    let sub: String = sub.chars().filter(|&c| c != SCOPE).collect();
+    format!("{sub}{SCOPE}{id}")
+}
+
+/// Checks a publisher id a peer forwarded: a client's (as
+/// [`validate_publisher_id`]) or a scoped one (a caller of at most
+/// [`MAX_SUB_BYTES`], then a valid client id).
+pub fn validate_forwarded_publisher_id(id: &str) -> Result<(), InputError> {
+    match id.rsplit_once(SCOPE) {
+        None => validate_publisher_id(id),
+        Some((sub, client_id)) if sub.len() <= MAX_SUB_BYTES => validate_publisher_id(client_id),
+        Some(_) => Err(InputError::InvalidRequest(format!(
+            "the caller part of a scoped publisher_id is over {MAX_SUB_BYTES} bytes"
+        ))),
+    }
+}
+
 /// A valid `publisher_id` made from any text (a file name, say): characters
 /// outside printable ASCII become `_`, and it is cut to the allowed length.
 pub fn publisher_id_from(text: &str) -> String {
@@ -49,6 +81,19 @@ mod tests {
         let e = validate_publisher_id(&"\u{e9}".repeat(40_000)).unwrap_err();
         assert_eq!(e.code(), crate::domain::ErrorCode::InvalidRequest);
         assert!(e.to_string().len() < 100, "{e}");
+    }
+
+    #[test]
+    fn scoped_ids_keep_callers_apart_and_pass_a_peer() {
+        let a = scoped_publisher_id("a\u{1f}b", "c");
+        let b = scoped_publisher_id("a", "b\u{1f}c");
+        assert_ne!(a, b);
+        assert_ne!(scoped_publisher_id("x", "feed"), scoped_publisher_id("y", "feed"));
+        assert_eq!(scoped_publisher_id("x", ""), "");
+        assert!(validate_forwarded_publisher_id(&scoped_publisher_id("desk-7", "feed-1")).is_ok());
+        assert!(validate_forwarded_publisher_id("plain").is_ok());
+        assert!(validate_forwarded_publisher_id(&scoped_publisher_id(&"s".repeat(257), "f")).is_err());
+        assert!(validate_forwarded_publisher_id(&scoped_publisher_id("s", "tab\t")).is_err());
     }
 
     proptest! {

@@ -50,6 +50,10 @@ pub enum Close {
     Restart,
     /// The client stayed behind too long: come back and resume.
     Slow,
+    /// The client did not authenticate in time (contract §8).
+    Unauthenticated,
+    /// The client's token expired without a refresh (contract §8).
+    TokenExpired,
 }
 
 /// The highest unsent-bytes level any outbox of this process reached.

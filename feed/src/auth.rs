@@ -1,0 +1,567 @@
+//! Authentication and entitlements (contract §8): JWT bearer tokens verified
+//! with keys from `--auth-jwks` (RS256, ES256, EdDSA, chosen by `kid`) and/or
+//! `--auth-hs256-secret-file`, re-read when the files change; `exp` required,
+//! [`LEEWAY_SECS`] of clock leeway, issuer and audience checked when set. The
+//! `tickshard` claim lists the symbol patterns a caller may `subscribe` to and
+//! `publish`; callers without a token get what `--anonymous` grants.
+//!
+//! Everything here is protocol-free: the WebSocket and gRPC edges take the
+//! token where their protocol carries it and ask [`Auth::verify`].
+
+use std::{
+    collections::HashSet,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind, jwk::JwkSet};
+use serde::Deserialize;
+
+use crate::watch::{Reload, Watched};
+
+/// Clock leeway on `exp` (and `nbf`), seconds.
+pub const LEEWAY_SECS: u64 = 30;
+/// The longest token accepted, bytes (a larger one is `unauthorized` unread).
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+/// Most patterns in one claim list.
+pub const MAX_PATTERNS: usize = 1_000;
+/// The longest `sub` accepted, bytes (it scopes the caller's publisher ids).
+pub const MAX_SUB_BYTES: usize = 256;
+
+/// What callers without a token may do (`--anonymous`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Anonymous {
+    /// Nothing: every call needs a token.
+    None,
+    /// Read every symbol; publishing needs a token (a public dashboard).
+    Subscribe,
+    /// Read and publish everything (the laptop default).
+    All,
+}
+
+/// The authentication configuration, from the flags.
+#[derive(Clone, Debug, Default)]
+pub struct AuthConfig {
+    pub jwks: Option<PathBuf>,
+    pub hs256_secret: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// `None`: the contract's default (`all` without keys, `none` with).
+    pub anonymous: Option<Anonymous>,
+}
+
+/// The symbols one right covers: exact symbols, prefixes (`EQ.*`) or all (`*`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Patterns {
+    all: bool,
+    exact: HashSet<String>,
+    prefixes: HashSet<String>,
+}
+
+impl Patterns {
+    pub fn everything() -> Patterns {
+        Patterns {
+            all: true,
+            ..Patterns::default()
+        }
+    }
+
+    pub fn nothing() -> Patterns {
+        Patterns::default()
+    }
+
+    /// Parses a claim list (at most [`MAX_PATTERNS`]).
+    pub fn parse(list: &[String]) -> Result<Patterns, String> {
+        if list.len() > MAX_PATTERNS {
+            return Err(format!("more than {MAX_PATTERNS} patterns in one list"));
+        }
+        let mut p = Patterns::default();
+        for pat in list {
+            match pat.strip_suffix('*') {
+                Some("") => p.all = true,
+                Some(prefix) => {
+                    p.prefixes.insert(prefix.to_owned());
+                }
+                None => {
+                    p.exact.insert(pat.clone());
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    /// Does this right cover `symbol`? Time linear in the symbol's length,
+    /// whatever the number of patterns.
+    pub fn allows(&self, symbol: &str) -> bool {
+        self.all
+            || self.exact.contains(symbol)
+            || (!self.prefixes.is_empty()
+                && (0..=symbol.len())
+                    .filter(|&k| symbol.is_char_boundary(k))
+                    .any(|k| self.prefixes.contains(&symbol[..k])))
+    }
+
+    /// Covers every symbol.
+    pub fn is_all(&self) -> bool {
+        self.all
+    }
+
+    /// The symbols of `symbols` this right does not cover (at most `max`
+    /// named, for a message), and how many there are.
+    pub fn denied<'a>(&self, symbols: impl IntoIterator<Item = &'a str>, max: usize) -> (Vec<&'a str>, usize) {
+        let mut named = Vec::new();
+        let mut n = 0;
+        for s in symbols {
+            if !self.allows(s) {
+                n += 1;
+                if named.len() < max {
+                    named.push(s);
+                }
+            }
+        }
+        (named, n)
+    }
+
+    /// Grants nothing at all.
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.exact.is_empty() && self.prefixes.is_empty()
+    }
+}
+
+/// Who a caller is and what it may do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    /// The token's `sub`; `None` for an anonymous caller.
+    pub sub: Option<String>,
+    /// The token's `exp` (Unix seconds); `None` for an anonymous caller.
+    pub exp: Option<u64>,
+    pub subscribe: Patterns,
+    pub publish: Patterns,
+}
+
+impl Principal {
+    /// Unix seconds after which the token no longer counts (`exp` + leeway).
+    pub fn lapses_at(&self) -> Option<u64> {
+        self.exp.map(|e| e.saturating_add(LEEWAY_SECS))
+    }
+
+    /// May it read at all (anything but `auth` and `ping` on a WebSocket)?
+    pub fn may_read(&self) -> bool {
+        !self.subscribe.is_empty()
+    }
+
+    pub fn is_authenticated(&self) -> bool {
+        self.sub.is_some()
+    }
+
+    /// When the token lapses, on the runtime's clock.
+    pub fn lapse_instant(&self) -> Option<tokio::time::Instant> {
+        self.lapses_at().map(|at| {
+            let left = at.saturating_sub(now_secs());
+            tokio::time::Instant::now() + std::time::Duration::from_secs(left)
+        })
+    }
+
+    /// Why this caller may not read `symbols`, if it may not: `Unauthorized`
+    /// (anonymous without the right to read) or `Forbidden` naming them.
+    pub fn check_read<'a>(&self, symbols: impl IntoIterator<Item = &'a str>) -> Result<(), Denied> {
+        if !self.may_read() && !self.is_authenticated() {
+            return Err(Denied::Unauthorized);
+        }
+        let (named, n) = self.subscribe.denied(symbols, 10);
+        if n == 0 {
+            return Ok(());
+        }
+        let more = if n > named.len() {
+            format!(" (and {} more)", n - named.len())
+        } else {
+            String::new()
+        };
+        Err(Denied::Forbidden(format!(
+            "not entitled to read {}{more}",
+            named.join(", ")
+        )))
+    }
+
+    /// The publishing caller, in the shard's terms.
+    pub fn publisher(&self) -> tickshard_shard::publish::Caller {
+        let may_publish: Option<tickshard_shard::publish::SymbolCheck> = if self.publish.is_all() {
+            None
+        } else {
+            let p = self.publish.clone();
+            Some(Arc::new(move |s: &str| p.allows(s)))
+        };
+        tickshard_shard::publish::Caller {
+            sub: self.sub.as_deref().map(Arc::from),
+            may_publish,
+            until: self.lapse_instant(),
+        }
+    }
+}
+
+/// A refused read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Denied {
+    /// No token, and anonymous callers may not read: `unauthorized`.
+    Unauthorized,
+    /// Symbols the caller may not read, named: `forbidden`.
+    Forbidden(String),
+}
+
+impl Denied {
+    /// Counts it (`protocol`: `ws` or `grpc`).
+    pub fn counted(self, protocol: &'static str) -> Denied {
+        if let Denied::Forbidden(_) = self {
+            metrics::counter!(tickshard_shard::metrics::FORBIDDEN, "protocol" => protocol, "right" => "subscribe")
+                .increment(1);
+        } else {
+            AuthError::Missing.counted();
+        }
+        self
+    }
+}
+
+/// Why a token was not accepted; `reason` labels the metric.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("a token is required")]
+    Missing,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid: {0}")]
+    Invalid(String),
+    #[error("the token's signature does not verify")]
+    BadSignature,
+    #[error("the token's key is not known (kid {0:?})")]
+    UnknownKey(Option<String>),
+    #[error("the token's issuer is not accepted")]
+    WrongIssuer,
+    #[error("the token's audience is not accepted")]
+    WrongAudience,
+}
+
+impl AuthError {
+    /// The label of `tickshard_auth_failures_total{reason}`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Expired => "expired",
+            AuthError::Invalid(_) => "invalid",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::UnknownKey(_) => "unknown_key",
+            AuthError::WrongIssuer => "wrong_issuer",
+            AuthError::WrongAudience => "wrong_audience",
+        }
+    }
+
+    /// Counts it (every refusal of a token goes through here).
+    pub fn counted(self) -> AuthError {
+        metrics::counter!(tickshard_shard::metrics::AUTH_FAILURES, "reason" => self.reason()).increment(1);
+        self
+    }
+}
+
+/// A key file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {what}")]
+pub struct KeyError {
+    pub path: PathBuf,
+    pub what: String,
+}
+
+/// The verification keys in force.
+#[derive(Default)]
+struct Keys {
+    hs256: Option<DecodingKey>,
+    /// `(kid, algorithm, key)` of every usable JWKS entry.
+    jwks: Vec<(Option<String>, Algorithm, DecodingKey)>,
+}
+
+fn load_keys(cfg: &AuthConfig) -> Result<Keys, KeyError> {
+    let mut keys = Keys::default();
+    if let Some(path) = &cfg.hs256_secret {
+        let err = |what: String| KeyError {
+            path: path.clone(),
+            what,
+        };
+        let secret = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        // a trailing newline from `echo … > file` is not part of the secret
+        let secret = secret.trim_ascii_end();
+        if secret.len() < 32 {
+            return Err(err(format!(
+                "the HS256 secret is {} bytes; use at least 32",
+                secret.len()
+            )));
+        }
+        keys.hs256 = Some(DecodingKey::from_secret(secret));
+    }
+    if let Some(path) = &cfg.jwks {
+        let err = |what: String| KeyError {
+            path: path.clone(),
+            what,
+        };
+        let text = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        let set: JwkSet = serde_json::from_slice(&text).map_err(|e| err(format!("not a JWKS: {e}")))?;
+        for jwk in &set.keys {
+            let alg = match &jwk.algorithm {
+                jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
+                jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+                jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(_) => Algorithm::EdDSA,
+                jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_) => {
+                    return Err(err("symmetric keys belong in --auth-hs256-secret-file".into()));
+                }
+            };
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| err(format!("key {:?}: {e}", jwk.common.key_id)))?;
+            keys.jwks.push((jwk.common.key_id.clone(), alg, key));
+        }
+        if keys.jwks.is_empty() {
+            return Err(err("the JWKS has no keys".into()));
+        }
+    }
+    Ok(keys)
+}
+
+/// The `tickshard` claim.
+#[derive(Deserialize, Default)]
+struct Entitlements {
+    subscribe: Option<Vec<String>>,
+    publish: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    exp: u64,
+    #[serde(default)]
+    tickshard: Option<Entitlements>,
+}
+
+/// The verifier: keys (re-read on change), checks, the anonymous grant.
+pub struct Auth {
+    cfg: AuthConfig,
+    anonymous: Anonymous,
+    keys: RwLock<Arc<Keys>>,
+    watched: Watched,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("anonymous", &self.anonymous)
+            .field("keys", &self.has_keys())
+            .finish()
+    }
+}
+
+impl Auth {
+    /// Reads the key files once; the server does not start with a bad one.
+    pub fn load(cfg: AuthConfig) -> Result<Arc<Auth>, KeyError> {
+        let watched = Watched::new(cfg.jwks.iter().chain(cfg.hs256_secret.iter()).cloned().collect());
+        let keys = load_keys(&cfg)?;
+        let configured = cfg.jwks.is_some() || cfg.hs256_secret.is_some();
+        let anonymous = cfg
+            .anonymous
+            .unwrap_or(if configured { Anonymous::None } else { Anonymous::All });
+        Ok(Arc::new(Auth {
+            cfg,
+            anonymous,
+            keys: RwLock::new(Arc::new(keys)),
+            watched,
+        }))
+    }
+
+    /// Anyone may do anything (no keys, `--anonymous all` by default).
+    pub fn open() -> Arc<Auth> {
+        Arc::new(Auth {
+            cfg: AuthConfig::default(),
+            anonymous: Anonymous::All,
+            keys: RwLock::new(Arc::new(Keys::default())),
+            watched: Watched::new(Vec::new()),
+        })
+    }
+
+    pub fn has_keys(&self) -> bool {
+        self.cfg.jwks.is_some() || self.cfg.hs256_secret.is_some()
+    }
+
+    pub fn anonymous_mode(&self) -> Anonymous {
+        self.anonymous
+    }
+
+    /// What a caller without a token gets.
+    pub fn anonymous(&self) -> Principal {
+        let (subscribe, publish) = match self.anonymous {
+            Anonymous::None => (Patterns::nothing(), Patterns::nothing()),
+            Anonymous::Subscribe => (Patterns::everything(), Patterns::nothing()),
+            Anonymous::All => (Patterns::everything(), Patterns::everything()),
+        };
+        Principal {
+            sub: None,
+            exp: None,
+            subscribe,
+            publish,
+        }
+    }
+
+    /// The caller of an `Authorization` header value (`Bearer …`); no header
+    /// is the anonymous caller.
+    pub fn from_bearer(&self, header: Option<&[u8]>) -> Result<Principal, AuthError> {
+        let Some(h) = header else {
+            return Ok(self.anonymous());
+        };
+        let token = h
+            .strip_prefix(b"Bearer ")
+            .or_else(|| h.strip_prefix(b"bearer "))
+            .ok_or_else(|| AuthError::Invalid("expected 'Authorization: Bearer <token>'".into()).counted())?;
+        let token =
+            std::str::from_utf8(token).map_err(|_| AuthError::Invalid("the token is not text".into()).counted())?;
+        self.verify(token.trim())
+    }
+
+    /// Verifies a token and returns its caller (failures are counted).
+    pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        self.verify_inner(token).map_err(AuthError::counted)
+    }
+
+    fn verify_inner(&self, token: &str) -> Result<Principal, AuthError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::Invalid(format!("longer than {MAX_TOKEN_BYTES} bytes")));
+        }
+        if !self.has_keys() {
+            return Err(AuthError::Invalid(
+                "this server has no verification keys (--auth-jwks, --auth-hs256-secret-file)".into(),
+            ));
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let key = match header.alg {
+            Algorithm::HS256 => keys.hs256.as_ref(),
+            Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA => keys
+                .jwks
+                .iter()
+                .find(|(kid, alg, _)| *alg == header.alg && (header.kid.is_none() || *kid == header.kid))
+                .map(|(_, _, k)| k),
+            other => return Err(AuthError::Invalid(format!("algorithm {other:?} is not accepted"))),
+        }
+        .ok_or_else(|| AuthError::UnknownKey(header.kid.clone()))?;
+        let mut v = Validation::new(header.alg);
+        v.leeway = LEEWAY_SECS;
+        v.set_required_spec_claims(&["exp"]);
+        v.validate_aud = self.cfg.audience.is_some();
+        if let Some(a) = &self.cfg.audience {
+            v.set_audience(&[a]);
+        }
+        if let Some(i) = &self.cfg.issuer {
+            v.set_issuer(&[i]);
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+            ErrorKind::InvalidAudience => AuthError::WrongAudience,
+            _ => AuthError::Invalid(e.to_string()),
+        })?;
+        let c = data.claims;
+        let sub = c.sub.unwrap_or_default();
+        if sub.len() > MAX_SUB_BYTES {
+            return Err(AuthError::Invalid(format!(
+                "'sub' is longer than {MAX_SUB_BYTES} bytes"
+            )));
+        }
+        let rights = c.tickshard.unwrap_or_default();
+        let list = |l: Option<Vec<String>>| Patterns::parse(&l.unwrap_or_default()).map_err(AuthError::Invalid);
+        Ok(Principal {
+            sub: Some(sub),
+            exp: Some(c.exp),
+            subscribe: list(rights.subscribe)?,
+            publish: list(rights.publish)?,
+        })
+    }
+}
+
+impl Reload for Auth {
+    fn reload_if_changed(&self) -> Option<Result<(), String>> {
+        self.watched.rebuild_if_changed(|| {
+            load_keys(&self.cfg)
+                .map(|k| *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(k))
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn what(&self) -> &'static str {
+        "auth_keys"
+    }
+}
+
+/// The claims of a token `tickshard token` mints (HS256).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MintClaims {
+    pub sub: String,
+    pub exp: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    /// Patterns it may read (empty: the claim's list is left out: nothing).
+    #[serde(skip)]
+    pub subscribe: Vec<String>,
+    #[serde(skip)]
+    pub publish: Vec<String>,
+}
+
+/// Signs `claims` with an HS256 secret (as read from the secret file: a
+/// trailing newline is not part of it).
+pub fn mint_hs256(secret: &[u8], claims: &MintClaims) -> Result<String, String> {
+    let secret = secret.trim_ascii_end();
+    if secret.len() < 32 {
+        return Err(format!("the HS256 secret is {} bytes; use at least 32", secret.len()));
+    }
+    let mut rights = serde_json::Map::new();
+    for (name, list) in [("subscribe", &claims.subscribe), ("publish", &claims.publish)] {
+        if !list.is_empty() {
+            rights.insert(name.into(), serde_json::json!(list));
+        }
+    }
+    let mut body = serde_json::to_value(claims).map_err(|e| e.to_string())?;
+    if let Some(o) = body.as_object_mut() {
+        o.insert("iat".into(), serde_json::json!(now_secs()));
+        o.insert("tickshard".into(), serde_json::Value::Object(rights));
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &body,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Unix seconds now.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_cover_symbols_prefixes_and_everything() {
+        let p = Patterns::parse(&["BTC-USD".into(), "EQ.*".into()]).unwrap();
+        assert!(p.allows("BTC-USD"));
+        assert!(p.allows("EQ.AAPL"));
+        assert!(p.allows("EQ."));
+        assert!(!p.allows("EQ"));
+        assert!(!p.allows("BTC-USDT"));
+        assert!(!p.allows("ETH-USD"));
+        assert!(Patterns::parse(&["*".into()]).unwrap().allows("ANY"));
+        assert!(
+            Patterns::parse(&[]).unwrap().is_empty(),
+            "a missing list grants nothing"
+        );
+        assert!(Patterns::parse(&vec!["A".to_string(); MAX_PATTERNS + 1]).is_err());
+    }
+}
