@@ -11,7 +11,10 @@ cannot see. Usage: check.py RENDERED.yaml [...]; exits 1 listing every problem.
   (the WebSocket lingering close, at most 2 s, and the final flush)
 - replicas == TICKSHARD_SHARDS (the shard count is part of the ownership map)
 - TICKSHARD_PEERS is a template on the headless Service with the gRPC port
-- the pod runs as non-root with a read-only root filesystem
+- the pod runs as non-root with a read-only root filesystem, without a
+  service account token
+- peers are https:// exactly when peer TLS is configured; the prod overlay
+  runs TLS, peer mTLS and token verification without anonymous publishing
 """
 import sys
 
@@ -93,6 +96,22 @@ def check(docs, name):
         problems.append(f"TICKSHARD_PEERS {peers!r} must be a {{}} template on the headless Service and the peer port")
     if ports.get("peer") == ports.get("grpc"):
         problems.append("the peer port (the internal Cluster service) must not be the public gRPC port")
+    if pod.get("automountServiceAccountToken") is not False:
+        problems.append("automountServiceAccountToken must be false (tickshard never calls the API server)")
+    tls_peer = all(env.get(k) for k in ("TICKSHARD_PEER_TLS_CERT", "TICKSHARD_PEER_TLS_KEY", "TICKSHARD_PEER_TLS_CA"))
+    if tls_peer != peers.startswith("https://"):
+        problems.append("TICKSHARD_PEERS must be https:// exactly when peer TLS is configured")
+    if "prod" in name:
+        if not tls_peer or not env.get("TICKSHARD_TLS_CERT"):
+            problems.append("prod must run TLS for clients and mutual TLS between pods")
+        if env.get("TICKSHARD_ANONYMOUS") not in ("none", "subscribe") or not (
+            env.get("TICKSHARD_AUTH_JWKS") or env.get("TICKSHARD_AUTH_HS256_SECRET_FILE")
+        ):
+            problems.append("prod must verify tokens and not let anonymous callers publish")
+        mounts = {m["name"] for m in c.get("volumeMounts", [])}
+        volumes = {v["name"] for v in pod.get("volumes", [])}
+        if not mounts - {"data"} <= volumes:
+            problems.append(f"volumeMounts {sorted(mounts - volumes - {'data'})} have no volume")
     psc = pod.get("securityContext", {})
     csc = c.get("securityContext", {})
     if not psc.get("runAsNonRoot") or not csc.get("readOnlyRootFilesystem"):

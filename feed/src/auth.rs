@@ -158,7 +158,7 @@ impl Principal {
     /// When the token lapses, on the runtime's clock.
     pub fn lapse_instant(&self) -> Option<tokio::time::Instant> {
         self.lapses_at().map(|at| {
-            let left = at.saturating_sub(now_secs());
+            let left = at.saturating_sub(now_secs()).min(MAX_EXP_AHEAD_SECS + LEEWAY_SECS);
             tokio::time::Instant::now() + std::time::Duration::from_secs(left)
         })
     }
@@ -286,8 +286,7 @@ fn load_keys(cfg: &AuthConfig) -> Result<Keys, KeyError> {
             what,
         };
         let secret = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        // a trailing newline from `echo … > file` is not part of the secret
-        let secret = secret.trim_ascii_end();
+        let secret = secret_of(&secret);
         if secret.len() < 32 {
             return Err(err(format!(
                 "the HS256 secret is {} bytes; use at least 32",
@@ -303,24 +302,50 @@ fn load_keys(cfg: &AuthConfig) -> Result<Keys, KeyError> {
         };
         let text = std::fs::read(path).map_err(|e| err(e.to_string()))?;
         let set: JwkSet = serde_json::from_slice(&text).map_err(|e| err(format!("not a JWKS: {e}")))?;
+        use jsonwebtoken::jwk::{AlgorithmParameters as P, EllipticCurve, KeyAlgorithm, PublicKeyUse};
         for jwk in &set.keys {
-            let alg = match &jwk.algorithm {
-                jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
-                jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
-                jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(_) => Algorithm::EdDSA,
-                jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_) => {
-                    return Err(err("symmetric keys belong in --auth-hs256-secret-file".into()));
+            let kid = &jwk.common.key_id;
+            // only signature keys of the three accepted algorithms; others
+            // (encryption keys, PS256, P-384, symmetric) are skipped, not fatal
+            let alg = match (&jwk.algorithm, jwk.common.key_algorithm) {
+                (P::RSA(_), None | Some(KeyAlgorithm::RS256)) => Some(Algorithm::RS256),
+                (P::EllipticCurve(p), None | Some(KeyAlgorithm::ES256)) if p.curve == EllipticCurve::P256 => {
+                    Some(Algorithm::ES256)
                 }
+                (P::OctetKeyPair(p), None | Some(KeyAlgorithm::EdDSA)) if p.curve == EllipticCurve::Ed25519 => {
+                    Some(Algorithm::EdDSA)
+                }
+                _ => None,
             };
-            let key = DecodingKey::from_jwk(jwk).map_err(|e| err(format!("key {:?}: {e}", jwk.common.key_id)))?;
-            keys.jwks.push((jwk.common.key_id.clone(), alg, key));
+            let usable = !matches!(
+                jwk.common.public_key_use,
+                Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_))
+            );
+            let Some(alg) = alg.filter(|_| usable) else {
+                tracing::warn!(file = %path.display(), ?kid, "JWKS entry skipped: not an RS256, ES256 (P-256) or EdDSA (Ed25519) signature key");
+                continue;
+            };
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| err(format!("key {kid:?}: {e}")))?;
+            keys.jwks.push((kid.clone(), alg, key));
         }
         if keys.jwks.is_empty() {
-            return Err(err("the JWKS has no keys".into()));
+            return Err(err("the JWKS has no usable keys (RS256, ES256, EdDSA)".into()));
         }
     }
     Ok(keys)
 }
+
+/// The secret in a secret file: without one trailing newline (`echo … >
+/// file`); every other byte counts.
+fn secret_of(file: &[u8]) -> &[u8] {
+    file.strip_suffix(b"\r\n")
+        .or_else(|| file.strip_suffix(b"\n"))
+        .unwrap_or(file)
+}
+
+/// The latest `exp` accepted: ten years ahead (a later one is a mistake,
+/// and would overflow the runtime's clock).
+pub const MAX_EXP_AHEAD_SECS: u64 = 10 * 365 * 86_400;
 
 /// The `tickshard` claim.
 #[derive(Deserialize, Default)]
@@ -447,7 +472,16 @@ impl Auth {
         .ok_or_else(|| AuthError::UnknownKey(header.kid.clone()))?;
         let mut v = Validation::new(header.alg);
         v.leeway = LEEWAY_SECS;
-        v.set_required_spec_claims(&["exp"]);
+        // a configured issuer or audience must be present, not only match
+        let mut required = vec!["exp"];
+        if self.cfg.issuer.is_some() {
+            required.push("iss");
+        }
+        if self.cfg.audience.is_some() {
+            required.push("aud");
+        }
+        v.set_required_spec_claims(&required);
+        v.validate_nbf = true;
         v.validate_aud = self.cfg.audience.is_some();
         if let Some(a) = &self.cfg.audience {
             v.set_audience(&[a]);
@@ -463,11 +497,16 @@ impl Auth {
             _ => AuthError::Invalid(e.to_string()),
         })?;
         let c = data.claims;
+        // `sub` scopes the caller's publisher ids: required, bounded, no
+        // control characters (so no two callers can share a scope)
         let sub = c.sub.unwrap_or_default();
-        if sub.len() > MAX_SUB_BYTES {
+        if sub.is_empty() || sub.len() > MAX_SUB_BYTES || sub.chars().any(char::is_control) {
             return Err(AuthError::Invalid(format!(
-                "'sub' is longer than {MAX_SUB_BYTES} bytes"
+                "'sub' must be 1 to {MAX_SUB_BYTES} bytes without control characters"
             )));
+        }
+        if c.exp > now_secs().saturating_add(MAX_EXP_AHEAD_SECS) {
+            return Err(AuthError::Invalid("'exp' is more than ten years ahead".into()));
         }
         let rights = c.tickshard.unwrap_or_default();
         let list = |l: Option<Vec<String>>| Patterns::parse(&l.unwrap_or_default()).map_err(AuthError::Invalid);
@@ -513,9 +552,12 @@ pub struct MintClaims {
 /// Signs `claims` with an HS256 secret (as read from the secret file: a
 /// trailing newline is not part of it).
 pub fn mint_hs256(secret: &[u8], claims: &MintClaims) -> Result<String, String> {
-    let secret = secret.trim_ascii_end();
+    let secret = secret_of(secret);
     if secret.len() < 32 {
         return Err(format!("the HS256 secret is {} bytes; use at least 32", secret.len()));
+    }
+    if claims.exp > now_secs().saturating_add(MAX_EXP_AHEAD_SECS) {
+        return Err("the lifetime is over ten years".into());
     }
     let mut rights = serde_json::Map::new();
     for (name, list) in [("subscribe", &claims.subscribe), ("publish", &claims.publish)] {

@@ -91,16 +91,19 @@ pub async fn run(
         .clone()
         .map(|f| ReloadingTls::load(f, &[b"h2"], "peer_tls"))
         .transpose()?;
+    let auth = Auth::load(cfg.auth.clone())?;
     if peer_tls.is_none()
         && let Ok(addr) = listeners.peer.local_addr()
     {
-        tracing::warn!(
-            peer_addr = %addr,
-            "peer links are plaintext and unauthenticated: whoever reaches the peer port can act as a shard; \
-             set --peer-tls-cert, --peer-tls-key and --peer-tls-ca for mutual TLS"
-        );
+        let why = "peer links are plaintext and unauthenticated: whoever reaches the peer port can act as a shard; \
+                   set --peer-tls-cert, --peer-tls-key and --peer-tls-ca for mutual TLS";
+        if auth.has_keys() {
+            // tokens guard the public ports, but not this one
+            tracing::error!(peer_addr = %addr, "{why} (tokens do not protect the peer port)");
+        } else {
+            tracing::warn!(peer_addr = %addr, "{why}");
+        }
     }
-    let auth = Auth::load(cfg.auth.clone())?;
     match (auth.has_keys(), auth.anonymous_mode()) {
         (_, Anonymous::All) => tracing::warn!(
             "anyone who reaches this server may read and publish every symbol (--anonymous all); \
@@ -285,11 +288,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
-async fn handle(
-    mut req: Request<Incoming>,
-    shared: Arc<Shared>,
-    peer: SocketAddr,
-) -> Result<Response<Body>, Infallible> {
+async fn handle(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) -> Result<Response<Body>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n"));
     }
@@ -334,46 +333,17 @@ async fn handle(
                     StatusCode::FORBIDDEN,
                     "this Origin may not open a WebSocket here (--allowed-origins)\n",
                 )
-            } else if let Err(e) = upgrade_caller(&req, &shared) {
-                let mut r = text(StatusCode::UNAUTHORIZED, "invalid token\n");
-                *r.body_mut() = Full::new(Bytes::from(format!("{e}\n")));
-                r.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-                r
-            } else if let Some(permit) = shared.subscriber_permit() {
-                match fastwebsockets::upgrade::upgrade(&mut req) {
-                    Err(e) => {
-                        tracing::debug!(error = %e, "bad upgrade request");
-                        text(StatusCode::BAD_REQUEST, "bad WebSocket upgrade request\n")
-                    }
-                    Ok((resp, fut)) => {
-                        let s = shared.clone();
-                        // (checked above: a token that just lapsed is caught by the connection)
-                        let principal = upgrade_caller(&req, &shared).unwrap_or_else(|_| shared.auth.anonymous());
-                        // Only the raw stream is kept: `ws::serve` splits it and
-                        // sets the WebSocket up itself. Combinators rather than an
-                        // async block, which would hold a second copy of the
-                        // connection's future: the task is no bigger than it.
-                        let task = fut
-                            .then(move |upgraded| match upgraded {
-                                Ok(websocket) => {
-                                    Either::Left(ws::serve(websocket.into_inner().into_inner(), s, peer, principal))
-                                }
-                                Err(e) => {
-                                    tracing::debug!(error = %e, "upgrade failed");
-                                    Either::Right(std::future::ready(()))
-                                }
-                            })
-                            .map(move |()| drop(permit));
-                        tasks::spawn(&shared.tracker, task);
-                        resp.map(|_| ws::empty_body())
-                    }
-                }
             } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "this server holds its --max-connections WebSockets: connect to another one\n",
-                )
+                match upgrade_caller(&req, &shared) {
+                    Err(e) => {
+                        let mut r = text(StatusCode::UNAUTHORIZED, "invalid token\n");
+                        *r.body_mut() = Full::new(Bytes::from(format!("{e}\n")));
+                        r.headers_mut()
+                            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+                        r
+                    }
+                    Ok(principal) => upgrade(req, &shared, peer, principal),
+                }
             }
         }
         "/api/candles" => match upgrade_caller(&req, &shared) {
@@ -393,6 +363,43 @@ async fn handle(
         },
     };
     Ok(resp)
+}
+
+/// Takes a WebSocket slot and upgrades (the caller is already authenticated).
+fn upgrade(mut req: Request<Incoming>, shared: &Arc<Shared>, peer: SocketAddr, principal: Principal) -> Response<Body> {
+    if let Some(permit) = shared.subscriber_permit() {
+        match fastwebsockets::upgrade::upgrade(&mut req) {
+            Err(e) => {
+                tracing::debug!(error = %e, "bad upgrade request");
+                text(StatusCode::BAD_REQUEST, "bad WebSocket upgrade request\n")
+            }
+            Ok((resp, fut)) => {
+                let s = shared.clone();
+                // Only the raw stream is kept: `ws::serve` splits it and
+                // sets the WebSocket up itself. Combinators rather than an
+                // async block, which would hold a second copy of the
+                // connection's future: the task is no bigger than it.
+                let task = fut
+                    .then(move |upgraded| match upgraded {
+                        Ok(websocket) => {
+                            Either::Left(ws::serve(websocket.into_inner().into_inner(), s, peer, principal))
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "upgrade failed");
+                            Either::Right(std::future::ready(()))
+                        }
+                    })
+                    .map(move |()| drop(permit));
+                tasks::spawn(&shared.tracker, task);
+                resp.map(|_| ws::empty_body())
+            }
+        }
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this server holds its --max-connections WebSockets: connect to another one\n",
+        )
+    }
 }
 
 /// The `Origin` check of a WebSocket upgrade (`--allowed-origins`): a request

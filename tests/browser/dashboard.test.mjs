@@ -26,9 +26,9 @@ const tmp = mkdtempSync(join(tmpdir(), "tickshard-browser-"));
 const dataDir = join(tmp, "data");
 let server = null;
 
-function start(http = "127.0.0.1:0", grpc = "127.0.0.1:0") {
+function start(http = "127.0.0.1:0", grpc = "127.0.0.1:0", extra = [], dir = dataDir) {
   return new Promise((ok, fail) => {
-    const p = spawn(BIN, ["--no-sim", "--data-dir", dataDir, "--http-addr", http, "--grpc-addr", grpc, "--peer-addr", "127.0.0.1:0", "--drain-ms", "200"], {
+    const p = spawn(BIN, ["--no-sim", "--data-dir", dir, "--http-addr", http, "--grpc-addr", grpc, "--peer-addr", "127.0.0.1:0", "--drain-ms", "200", ...extra], {
       stdio: ["ignore", "pipe", "pipe"],
     });
     let out = "", err = "";
@@ -43,10 +43,37 @@ function start(http = "127.0.0.1:0", grpc = "127.0.0.1:0") {
   });
 }
 
-function publish(ticks, publisherId) {
+function publish(ticks, publisherId, to = server, token = null) {
   const file = join(tmp, `${publisherId}.ndjson`);
   writeFileSync(file, ticks.map((t) => JSON.stringify(t)).join("\n") + "\n");
-  execFileSync(BIN, ["publish", file, "--grpc", `http://${server.grpc}`, "--publisher-id", publisherId], { timeout: WAIT, stdio: "pipe" });
+  const auth = token ? ["--token", token] : [];
+  execFileSync(BIN, ["publish", file, "--grpc", `http://${to.grpc}`, "--publisher-id", publisherId, ...auth], { timeout: WAIT, stdio: "pipe" });
+}
+
+// A server that needs a token for everything (contract §8): the page asks for
+// one, and with a token minted by `tickshard token` shows the prices.
+async function signIn(browser) {
+  const secret = join(tmp, "secret");
+  writeFileSync(secret, "s".repeat(48) + "\n");
+  const mint = (sub, args) => execFileSync(BIN, ["token", "--secret-file", secret, "--sub", sub, ...args], { encoding: "utf8" }).trim();
+  const locked = await start("127.0.0.1:0", "127.0.0.1:0", ["--auth-hs256-secret-file", secret], join(tmp, "data-auth"));
+  try {
+    publish([{ symbol: "AUTH-1", ts: us(s0, 1), price: "42.125", size: "1" }], "auth-1", locked, mint("feed", ["--publish", "AUTH-*"]));
+    const page = await browser.newPage();
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    await page.goto(`http://${locked.http}/`);
+    await page.waitForSelector("#signin:not([hidden])", { timeout: WAIT });
+    assert.equal((await page.evaluate(() => window.tickshard.view())).status, "sign in needed");
+    await page.fill("#token", mint("viewer", ["--subscribe", "AUTH-*"]));
+    await page.click("#signin button");
+    await page.waitForFunction(() => window.tickshard.view().rows["AUTH-1"]?.last === "42.125", null, { timeout: WAIT });
+    assert.equal(await page.isHidden("#signin"), true, "the form goes away once signed in");
+    assert.deepEqual(errors, [], "no script errors on the page");
+    await page.close();
+  } finally {
+    locked.proc.kill("SIGKILL");
+  }
 }
 
 const s0 = Math.floor(Date.now() / 1000) - 30; // a whole second, recent
@@ -122,6 +149,7 @@ async function main() {
 
     await page.screenshot({ path: join(ARTIFACTS, "dashboard.png") });
     assert.deepEqual(errors, [], "no script errors on the page");
+    await signIn(browser);
     console.log("dashboard browser test: ok (screenshot: tests/browser/artifacts/dashboard.png)");
   } finally {
     await browser.close();

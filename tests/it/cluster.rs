@@ -201,7 +201,7 @@ async fn rolling_restart(kill: bool) -> Duration {
     let mut c = TestCluster::start(3, &["--drain-ms", "300"]);
     c.wait_linked().await;
     let (ws, grpc) = (c.ws_urls(), c.grpc_urls());
-    rollout_under_load(ws, grpc, "ROLL", &[2, 1, 0], async |pod| {
+    rollout_under_load(ws, grpc, "ROLL", &[2, 1, 0], None, async |pod| {
         if kill {
             c.pods[pod].kill9();
         } else {
@@ -226,6 +226,7 @@ pub(crate) async fn rollout_under_load(
     grpc_urls: Vec<String>,
     prefix: &str,
     order: &[usize],
+    token: Option<String>,
     mut restart: impl AsyncFnMut(usize),
 ) -> Duration {
     let symbols: Vec<String> = (0..30).map(|i| format!("{prefix}-{i}")).collect();
@@ -241,7 +242,7 @@ pub(crate) async fn rollout_under_load(
             symbols: symbols.clone(),
             channels: vec!["ticks".into()],
             connect_timeout: Duration::from_secs(2),
-            token: None,
+            token: token.clone(),
         })
         .starting_at(i % 3);
         assert!(matches!(
@@ -286,12 +287,10 @@ pub(crate) async fn rollout_under_load(
 
     let publisher = {
         let (stop, urls, symbols) = (stop.clone(), grpc_urls.clone(), symbols.clone());
+        let mut cfg = tickshard_client::publisher::PublisherConfig::new(urls, "roller");
+        cfg.token = token;
         tokio::spawn(async move {
-            let mut p = tickshard_client::publisher::Publisher::connect(
-                tickshard_client::publisher::PublisherConfig::new(urls, "roller"),
-            )
-            .await
-            .unwrap();
+            let mut p = tickshard_client::publisher::Publisher::connect(cfg).await.unwrap();
             let mut acked: HashMap<String, u64> = HashMap::new();
             let mut n = 0i64;
             let mut total = 0u64;

@@ -7,6 +7,11 @@
 //! kill -9 of a container — each under load, checked by the same driver as the
 //! process cluster tests.
 //!
+//! The set runs as the `prod` overlay does (contract §8): peers over mutual
+//! TLS (a CA and a certificate for `tickshard-0..2` made in the test, mounted
+//! read-only), tokens required (`--anonymous none`, an HS256 secret); the load
+//! driver publishes and subscribes with a token.
+//!
 //! Needs a Docker engine and the image: `.ci/docker.sh` builds it and runs
 //! `TICKSHARD_IMAGE=tickshard:ci cargo test --test it docker -- --ignored`.
 
@@ -29,6 +34,21 @@ struct DockerSet {
     id: String,
     image: String,
     n: usize,
+    /// CA, peer certificate and key, HS256 secret: mounted at /etc/tickshard.
+    secrets: tempfile::TempDir,
+}
+
+/// A token for the load driver: read and publish everything.
+fn driver_token(secrets: &std::path::Path) -> String {
+    let claims = tickshard_feed::auth::MintClaims {
+        sub: "load-driver".into(),
+        exp: tickshard_feed::auth::now_secs() + 3_600,
+        iss: None,
+        aud: None,
+        subscribe: vec!["*".into()],
+        publish: vec!["*".into()],
+    };
+    tickshard_feed::auth::mint_hs256(&std::fs::read(secrets.join("secret")).unwrap(), &claims).unwrap()
 }
 
 impl DockerSet {
@@ -45,10 +65,21 @@ impl DockerSet {
     }
 
     fn start(image: &str, n: usize) -> DockerSet {
+        let secrets = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..n).map(|i| format!("tickshard-{i}")).collect();
+        TestCa::new("tickshard peers (docker test)").write(secrets.path(), "peer", &names);
+        std::fs::write(secrets.path().join("secret"), "d".repeat(48)).unwrap();
+        // readable by the image's non-root user
+        use std::os::unix::fs::PermissionsExt as _;
+        for e in std::fs::read_dir(secrets.path()).unwrap() {
+            std::fs::set_permissions(e.unwrap().path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        std::fs::set_permissions(secrets.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let set = DockerSet {
             id: format!("{:08x}", fastrand::u32(..)),
             image: image.to_string(),
             n,
+            secrets,
         };
         docker(&["network", "create", &format!("ts-net-{}", set.id)]);
         for i in 0..n {
@@ -64,6 +95,7 @@ impl DockerSet {
         let (name, host, shards) = (self.name(i), format!("tickshard-{i}"), self.n.to_string());
         let (http, grpc) = (format!("{}:8080", self.http(i)), format!("{}:50051", self.grpc(i)));
         let volume = format!("{name}:/data");
+        let secrets = format!("{}:/etc/tickshard:ro", self.secrets.path().display());
         let net = format!("ts-net-{}", self.id);
         docker(&[
             "run",
@@ -78,6 +110,8 @@ impl DockerSet {
             &host,
             "-v",
             &volume,
+            "-v",
+            &secrets,
             "-p",
             &http,
             "-p",
@@ -92,7 +126,17 @@ impl DockerSet {
             "-e",
             &format!("TICKSHARD_SHARDS={shards}"),
             "-e",
-            "TICKSHARD_PEERS=http://tickshard-{}:50052",
+            "TICKSHARD_PEERS=https://tickshard-{}:50052",
+            "-e",
+            "TICKSHARD_PEER_TLS_CERT=/etc/tickshard/peer.crt",
+            "-e",
+            "TICKSHARD_PEER_TLS_KEY=/etc/tickshard/peer.key",
+            "-e",
+            "TICKSHARD_PEER_TLS_CA=/etc/tickshard/ca.pem",
+            "-e",
+            "TICKSHARD_AUTH_HS256_SECRET_FILE=/etc/tickshard/secret",
+            "-e",
+            "TICKSHARD_ANONYMOUS=none",
             "-e",
             "TICKSHARD_DATA_DIR=/data",
             "-e",
@@ -211,18 +255,24 @@ async fn a_statefulset_in_miniature_rolls_out_without_loss() {
         .await;
     }
     let (ws, grpc) = (set.ws_urls(), set.grpc_urls());
+    let token = Some(driver_token(set.secrets.path()));
 
     // 1. kubectl rollout restart: highest ordinal first
-    let gap = rollout_under_load(ws.clone(), grpc.clone(), "ROLLOUT", &[2, 1, 0], async |i| {
-        set.replace(i, &image).await
-    })
+    let gap = rollout_under_load(
+        ws.clone(),
+        grpc.clone(),
+        "ROLLOUT",
+        &[2, 1, 0],
+        token.clone(),
+        async |i| set.replace(i, &image).await,
+    )
     .await;
     eprintln!("docker rollout restart: max client-visible gap {} ms", gap.as_millis());
 
     // 2. canary: a new image tag, only on the highest ordinal
     let canary = format!("{image}-canary");
     docker(&["tag", &image, &canary]);
-    let gap = rollout_under_load(ws.clone(), grpc.clone(), "CANARY", &[2], async |i| {
+    let gap = rollout_under_load(ws.clone(), grpc.clone(), "CANARY", &[2], token.clone(), async |i| {
         set.replace(i, &canary).await
     })
     .await;
@@ -236,6 +286,6 @@ async fn a_statefulset_in_miniature_rolls_out_without_loss() {
     eprintln!("docker canary: max client-visible gap {} ms", gap.as_millis());
 
     // 3. kill -9 of a container, restarted in place
-    let gap = rollout_under_load(ws, grpc, "KILL", &[1], async |i| set.kill9(i).await).await;
+    let gap = rollout_under_load(ws, grpc, "KILL", &[1], token, async |i| set.kill9(i).await).await;
     eprintln!("docker kill -9: max client-visible gap {} ms", gap.as_millis());
 }

@@ -568,14 +568,28 @@ async fn websocket_tokens_auth_op_refresh_and_origins() {
     let m = recv_json(&mut c).await;
     assert_eq!(m["code"], "forbidden", "{m}");
     assert!(m["message"].as_str().unwrap().contains("BTC-USD"), "{m}");
-    // ... and an expired one is token_expired
+    // ... and so is an expired one (unauthorized: the connection stays)
     c.send_text(&format!(r#"{{"op":"auth","id":8,"token":"{expired}"}}"#))
         .await
         .unwrap();
-    assert_eq!(recv_json(&mut c).await["code"], "token_expired");
+    let m = recv_json(&mut c).await;
+    assert_eq!(m["code"], "unauthorized", "{m}");
+    assert!(m["message"].as_str().unwrap().contains("expired"), "{m}");
     // the connection still works with what it had
-    let mut p = publisher(&srv, "p", Some(token(&secret, "pub", &[], &["BTC-USD"], 600))).await;
-    publish_all(&mut p, [tick("BTC-USD", 1_700_000_000_000_001, "64000.25", "1")]).await;
+    let mut p = publisher(
+        &srv,
+        "p",
+        Some(token(&secret, "pub", &[], &["BTC-USD", "ETH-USD"], 600)),
+    )
+    .await;
+    publish_all(
+        &mut p,
+        [
+            tick("ETH-USD", 1_700_000_000_000_001, "3000.5", "1"),
+            tick("BTC-USD", 1_700_000_000_000_001, "64000.25", "1"),
+        ],
+    )
+    .await;
     loop {
         let m = recv_json(&mut c).await;
         if m["type"] == "tick" {
@@ -586,6 +600,24 @@ async fn websocket_tokens_auth_op_refresh_and_origins() {
             break;
         }
     }
+    // `symbols` lists what the token may read
+    c.send_text(r#"{"op":"symbols","id":9}"#).await.unwrap();
+    loop {
+        let m = recv_json(&mut c).await;
+        if m["type"] == "symbols" {
+            assert_eq!(m["symbols"], serde_json::json!(["BTC-USD"]), "{m}");
+            break;
+        }
+    }
+    // the candles API takes the same token (header or ?token=)
+    let candles = |q: String| {
+        let addr = srv.http;
+        async move { crate::common::http_get(addr, &format!("/api/candles?{q}")).await.0 }
+    };
+    assert_eq!(candles("symbol=BTC-USD".into()).await, 401);
+    assert_eq!(candles(format!("symbol=ETH-USD&token={btc}")).await, 403);
+    assert_eq!(candles(format!("symbol=BTC-USD&token={btc}")).await, 200);
+    assert_eq!(candles(format!("symbol=BTC-USD&token={expired}")).await, 401);
 }
 
 /// A connection that cannot read and sends no valid token for 10 s is
@@ -597,8 +629,24 @@ async fn unauthenticated_and_expired_connections_are_closed() {
     let (srv, _tmp, secret) = auth_server(&[]);
     // valid for about 3 more seconds (exp 27 s ago, 30 s leeway)
     let short = token(&secret, "desk-7", &["*"], &[], -27);
+    let long = token(&secret, "desk-7", &["*"], &["*"], 600);
     let mut silent = ws(&srv, None).await;
     let mut lapsing = ws(&srv, Some(&short)).await;
+    // refreshed before it lapses: stays open
+    let mut refreshed = ws(&srv, Some(&short)).await;
+    refreshed
+        .send_text(&format!(r#"{{"op":"auth","id":1,"token":"{long}"}}"#))
+        .await
+        .unwrap();
+    assert_eq!(recv_json(&mut refreshed).await["type"], "authed");
+    // a publish stream whose token lapses ends UNAUTHENTICATED
+    let (_keep, rx) = tokio::sync::mpsc::channel::<pb::PublishRequest>(1);
+    let mut acks = feed(&srv)
+        .await
+        .publish(with_token(tokio_stream_from(rx), &short))
+        .await
+        .unwrap()
+        .into_inner();
     let started = std::time::Instant::now();
     let mut stream = feed(&srv)
         .await
@@ -632,6 +680,18 @@ async fn unauthenticated_and_expired_connections_are_closed() {
         }
     };
     assert_eq!(end.unwrap_err().code(), tonic::Code::Unauthenticated);
+    let end = tokio::time::timeout(WAIT, acks.message()).await.unwrap();
+    assert_eq!(
+        end.unwrap_err().code(),
+        tonic::Code::Unauthenticated,
+        "the publish stream ends too"
+    );
+    refreshed.send_text(r#"{"op":"ping","id":2}"#).await.unwrap();
+    assert_eq!(
+        recv_json(&mut refreshed).await["type"],
+        "pong",
+        "the refreshed connection lives on"
+    );
     let m = recv_json(&mut silent).await;
     assert_eq!(m["code"], "unauthorized", "{m}");
     assert_eq!(crate::common::recv_close(&mut silent).await, 1008);
@@ -693,4 +753,136 @@ async fn a_rotated_key_file_is_used_without_a_restart() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
+}
+
+/// base64url without padding (JWK members).
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn jwt(alg: jsonwebtoken::Algorithm, kid: &str, key: &jsonwebtoken::EncodingKey, sub: &str) -> String {
+    let mut h = jsonwebtoken::Header::new(alg);
+    h.kid = Some(kid.into());
+    let claims = serde_json::json!({
+        "sub": sub,
+        "exp": tickshard_feed::auth::now_secs() + 600,
+        "tickshard": {"subscribe": ["*"]},
+    });
+    jsonwebtoken::encode(&h, &claims, key).unwrap()
+}
+
+/// `--auth-jwks`: ES256 and EdDSA public keys, chosen by `kid`, verify
+/// tokens; a token signed by another key under a known `kid`, an unknown
+/// `kid`, and an HS256 token made with the JWKS text as its secret (algorithm
+/// confusion) are all UNAUTHENTICATED.
+#[tokio::test]
+async fn jwks_keys_verify_es256_and_eddsa_tokens_by_kid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let point = ec.public_key_raw(); // 0x04 || x || y
+    let jwks = serde_json::json!({"keys": [
+        {"kty": "EC", "crv": "P-256", "kid": "ec-1", "alg": "ES256", "use": "sig",
+         "x": b64url(&point[1..33]), "y": b64url(&point[33..65])},
+        {"kty": "OKP", "crv": "Ed25519", "kid": "ed-1", "alg": "EdDSA", "use": "sig",
+         "x": b64url(ed.public_key_raw())},
+    ]})
+    .to_string();
+    let path = tmp.path().join("jwks.json");
+    std::fs::write(&path, &jwks).unwrap();
+    let srv = Server::start(&["--no-sim", "--auth-jwks", &path.display().to_string()]);
+    let mut f = feed(&srv).await;
+    let ask = |t: String| {
+        let mut f = f.clone();
+        async move {
+            f.list_symbols(with_token(pb::ListSymbolsRequest {}, &t))
+                .await
+                .map(|_| ())
+        }
+    };
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    let ec_key = EncodingKey::from_ec_der(&ec.serialize_der());
+    let ed_key = EncodingKey::from_ed_der(&ed.serialize_der());
+    ask(jwt(Algorithm::ES256, "ec-1", &ec_key, "a"))
+        .await
+        .expect("ES256 by kid");
+    ask(jwt(Algorithm::EdDSA, "ed-1", &ed_key, "b"))
+        .await
+        .expect("EdDSA by kid");
+    let stranger = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let forged = jwt(
+        Algorithm::ES256,
+        "ec-1",
+        &EncodingKey::from_ec_der(&stranger.serialize_der()),
+        "c",
+    );
+    let unknown = jwt(Algorithm::ES256, "ec-9", &ec_key, "d");
+    let confused = jwt(
+        Algorithm::HS256,
+        "ec-1",
+        &EncodingKey::from_secret(jwks.as_bytes()),
+        "e",
+    );
+    for (what, t) in [
+        ("another key", forged),
+        ("unknown kid", unknown),
+        ("HS256 with the JWKS as secret", confused),
+    ] {
+        let e = ask(t).await.expect_err(what);
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{what}: {e}");
+    }
+    let _ = f.list_symbols(pb::ListSymbolsRequest {}).await.expect_err("no token");
+}
+
+/// A receiver as a stream of requests (the stream stays open while the
+/// sender lives).
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Through a non-owner pod: a publish is checked where it enters (forbidden
+/// ack for a symbol not granted) and forwarded to the owner with the caller's
+/// scope, so two callers sharing a `publisher_id` do not shadow each other
+/// there either, and a caller's retry is still a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entitlements_and_scoped_dedup_hold_across_a_forward() {
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "c".repeat(40)).unwrap();
+    let s = secret.display().to_string();
+    let c = TestCluster::start(2, &["--auth-hs256-secret-file", &s]);
+    c.wait_linked().await;
+    let owned = crate::cluster::owned_by(1, 2, 2);
+    let (sym, other) = (owned[0].clone(), owned[1].clone());
+    let a = token(&secret, "desk-a", &[], &[&sym], 600);
+    let b = token(&secret, "desk-b", &[], &[&sym], 600);
+    let f = FeedClient::new(channel(c.pods[0].grpc_url()).await);
+    let one = |t: String, sym: String, price: &'static str| {
+        let req = pb::PublishRequest {
+            request_id: 1,
+            publisher_id: "shared-id".into(),
+            publisher_seq: 1,
+            tick: Some(tick(&sym, 1_700_000_000_000_001, price, "1")),
+        };
+        let mut f = f.clone();
+        async move {
+            let mut s = f
+                .publish(with_token(futures_util::stream::iter(vec![req]), &t))
+                .await
+                .unwrap()
+                .into_inner();
+            s.message().await.unwrap().unwrap()
+        }
+    };
+    let first = one(a.clone(), sym.clone(), "1.5").await;
+    let second = one(b.clone(), sym.clone(), "2.5").await;
+    let again = one(a.clone(), sym.clone(), "1.5").await;
+    let refused = one(a, other, "3.5").await;
+    assert_eq!((first.seq, first.duplicate, first.error), (1, false, None));
+    assert_eq!((second.seq, second.duplicate), (2, false));
+    assert_eq!((again.seq, again.duplicate), (1, true));
+    assert_eq!(refused.error.map(|e| e.code), Some("forbidden".to_string()));
 }

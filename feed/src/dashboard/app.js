@@ -4,6 +4,10 @@
 // duplicate or silently skips a tick, and says so when the server could not
 // resume (recovered: false) and it reloaded a snapshot.
 //
+// When the server says `unauthorized` (or `token_expired`) the page asks for a
+// token, keeps it in this tab's session storage only, and sends it with the
+// `auth` op (never in the URL) and as a bearer header to /api/candles.
+//
 // Prices stay the exact decimal strings the server sends; only the chart
 // converts them to numbers (it plots pixels).
 "use strict";
@@ -19,7 +23,21 @@ const state = {
   dups: 0,
   reconnects: 0,
   unrecovered: 0,
+  signin: false,
 };
+
+const TOKEN_KEY = "tickshard.token";
+const token = () => sessionStorage.getItem(TOKEN_KEY);
+function askForToken(why) {
+  state.signin = true;
+  setStatus(why, "down");
+  $("signin").hidden = false;
+  $("token").focus();
+}
+function sendAuth() {
+  const t = token();
+  if (t) send({ op: "auth", id: "auth", token: t });
+}
 
 // A plain, serialisable view of the page state (the browser tests read it).
 window.tickshard = {
@@ -196,7 +214,10 @@ async function loadChart() {
   if (!sym) return;
   $("chart-symbol").textContent = sym;
   try {
-    const r = await fetch(`/api/candles?symbol=${encodeURIComponent(sym)}&interval=${iv}&limit=500`);
+    const t = token();
+    const r = await fetch(`/api/candles?symbol=${encodeURIComponent(sym)}&interval=${iv}&limit=500`,
+      t ? { headers: { Authorization: `Bearer ${t}` } } : {});
+    if (r.status === 401) { askForToken("sign in needed"); return; }
     const body = await r.json();
     if (token !== chartLoad) return; // a newer selection won
     state.candles = body.candles || [];
@@ -241,6 +262,7 @@ function connect() {
     setStatus("live", "live");
     backoff = 250;
     for (const r of state.symbols.values()) r.subscribed = false;
+    sendAuth();
     send({ op: "symbols", id: "list" });
     if (state.selected) loadChart(); // reload history: candles may have moved on
   };
@@ -268,8 +290,20 @@ function connect() {
           r.epoch = e.epoch;
         }
         break;
+      case "authed":
+        state.signin = false;
+        $("signin").hidden = true;
+        setStatus("live", "live");
+        send({ op: "symbols", id: "list" });
+        if (state.selected) loadChart();
+        break;
       case "error":
-        if (m.code === "unavailable" && m.symbol) notice(`${m.symbol}: its shard is unavailable; resuming when it is back`);
+        if (m.code === "unauthorized" || m.code === "token_expired") {
+          if (m.id === "auth" || !token() || m.code === "token_expired") {
+            sessionStorage.removeItem(TOKEN_KEY);
+            askForToken(m.code === "token_expired" ? "token expired: sign in again" : "sign in needed");
+          }
+        } else if (m.code === "unavailable" && m.symbol) notice(`${m.symbol}: its shard is unavailable; resuming when it is back`);
         else notice(`${m.code}: ${m.message}`);
         break;
     }
@@ -279,5 +313,13 @@ function connect() {
 setInterval(() => {
   for (const r of state.symbols.values()) { r.tr.cells[5].textContent = r.count; r.count = 0; }
 }, 1000);
-setInterval(() => send({ op: "symbols", id: "list" }), 5000); // pick up new symbols
+setInterval(() => { if (!state.signin) send({ op: "symbols", id: "list" }); }, 5000); // pick up new symbols
+$("signin").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const t = $("token").value.trim();
+  if (!t) return;
+  sessionStorage.setItem(TOKEN_KEY, t);
+  $("token").value = "";
+  sendAuth();
+});
 connect();

@@ -704,13 +704,10 @@ impl Reader<'_> {
     fn auth(&mut self, id: Option<&[u8]>, token: &str) {
         let p = match self.conn.shared.auth.verify(token) {
             Ok(p) => p,
+            // (an expired token too: `token_expired` means "this connection is
+            // being closed"; a refused refresh keeps the connection as it was)
             Err(e) => {
-                let code = if e == crate::auth::AuthError::Expired {
-                    ErrorCode::TokenExpired
-                } else {
-                    ErrorCode::Unauthorized
-                };
-                self.error(id, code, &e.to_string());
+                self.error(id, ErrorCode::Unauthorized, &e.to_string());
                 return;
             }
         };

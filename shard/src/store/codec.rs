@@ -282,8 +282,9 @@ fn put_dedup_entries<'a>(entries: impl Iterator<Item = (&'a str, &'a DedupState)
     out.extend_from_slice(&0u32.to_be_bytes());
     let mut n = 0u32;
     for (id, st) in entries {
-        // Ids are validated (≤ 128 bytes of ASCII) before they get here; the
-        // cut is a last line of defence and never splits a character.
+        // Ids are validated before they get here (≤ 128 bytes of ASCII, or a
+        // scoped id of at most 385 bytes of UTF-8); the cut is a last line of
+        // defence and never splits a character.
         let mut end = id.len().min(usize::from(u16::MAX));
         while !id.is_char_boundary(end) {
             end -= 1;
