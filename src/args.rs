@@ -91,6 +91,9 @@ pub struct TailArgs {
     /// Bearer token (JWT) for servers that require one.
     #[arg(long, env = "TICKSHARD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificates (PEM) that verify a `wss://` server.
+    #[arg(long, env = "TICKSHARD_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -144,6 +147,9 @@ pub struct PublishArgs {
     /// Bearer token (JWT) for servers that require one.
     #[arg(long, env = "TICKSHARD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificates (PEM) that verify an `https://` server.
+    #[arg(long, env = "TICKSHARD_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

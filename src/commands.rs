@@ -47,13 +47,29 @@ pub fn format_ts(us: i64) -> String {
     )
 }
 
+/// The CAs of `--ca-cert`, if given.
+fn trust_of(ca_cert: Option<&std::path::Path>) -> Result<Option<tickshard_client::tls::Trust>, ExitCode> {
+    ca_cert
+        .map(tickshard_client::tls::Trust::from_pem_file)
+        .transpose()
+        .map_err(|e| {
+            say!("tickshard: {e}");
+            ExitCode::from(2)
+        })
+}
+
 pub async fn tail(a: TailArgs) -> ExitCode {
+    let trust = match trust_of(a.ca_cert.as_deref()) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     let mut sub = Subscriber::new(SubscriberConfig {
         urls: a.url.clone(),
         symbols: a.symbols.clone(),
         channels: a.channels.clone(),
         connect_timeout: Duration::from_secs(3),
         token: a.token.clone(),
+        trust: trust.clone(),
     });
     let mut seen = 0u64;
     let mut out = std::io::stdout();
@@ -200,6 +216,10 @@ pub async fn publish(a: PublishArgs, pace: Option<(Option<Decimal>, bool)>) -> E
     };
     let mut cfg = PublisherConfig::new(a.grpc.clone(), publisher_id);
     cfg.token = a.token.clone();
+    cfg.trust = match trust_of(a.ca_cert.as_deref()) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     let mut p = match Publisher::connect(cfg).await {
         Ok(p) => p,
         Err(e) => {

@@ -14,6 +14,7 @@
 pub mod fuzzing;
 pub mod input;
 pub mod publisher;
+pub mod tls;
 pub mod ws;
 
 /// Errors of the client library.

@@ -17,7 +17,7 @@ use std::{
 
 use tickshard_proto::v1::{self as pb, feed_client::FeedClient};
 use tokio::sync::mpsc;
-use tonic::{Streaming, transport::Endpoint};
+use tonic::Streaming;
 
 use super::{Backoff, ClientError};
 
@@ -35,6 +35,8 @@ pub struct PublisherConfig {
     /// A bearer token sent with every stream (`authorization` metadata);
     /// set a fresh one before it expires: the next reconnect uses it.
     pub token: Option<String>,
+    /// For `https://` endpoints: the CAs to trust.
+    pub trust: Option<crate::tls::Trust>,
 }
 
 impl PublisherConfig {
@@ -46,6 +48,7 @@ impl PublisherConfig {
             connect_timeout: Duration::from_secs(2),
             give_up_after: Duration::ZERO,
             token: None,
+            trust: None,
         }
     }
 }
@@ -127,8 +130,7 @@ impl Publisher {
     async fn open(&mut self) -> Result<Stream, ClientError> {
         let url = self.cfg.endpoints[self.next_endpoint % self.cfg.endpoints.len()].clone();
         self.next_endpoint = self.next_endpoint.wrapping_add(1);
-        let ep = Endpoint::from_shared(url.clone())
-            .map_err(|_| ClientError::BadAddress(url.clone()))?
+        let ep = crate::tls::endpoint(&url, self.cfg.trust.as_ref())?
             .connect_timeout(self.cfg.connect_timeout)
             .tcp_nodelay(true);
         let channel = ep.connect().await.map_err(|e| ClientError::Connect {

@@ -41,6 +41,8 @@ pub enum Incoming {
 pub struct ConnectOpts {
     /// A bearer token for the upgrade (`Authorization: Bearer …`).
     pub token: Option<String>,
+    /// The CAs a `wss://` server's certificate is verified against.
+    pub trust: Option<crate::tls::Trust>,
     /// A small receive buffer makes a slow reader fall behind quickly (tests).
     pub recv_buffer: Option<u32>,
     /// Source address: spreading connections over 127.0.0.x gives each its own
@@ -55,16 +57,18 @@ pub struct WsConn {
     pub pings: u64,
 }
 
-/// `ws://host:port/path` → (`host:port`, `path`).
-fn split_url(url: &str) -> Result<(String, String), ClientError> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| ClientError::BadAddress(format!("{url} (only ws:// is supported)")))?;
+/// `ws[s]://host:port/path` → (`host:port`, `path`, TLS?).
+fn split_url(url: &str) -> Result<(String, String, bool), ClientError> {
+    let (tls, rest) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+        (Some(r), _) => (false, r),
+        (_, Some(r)) => (true, r),
+        _ => return Err(ClientError::BadAddress(format!("{url} (expected ws:// or wss://)"))),
+    };
     let (host, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/ws"),
     };
-    Ok((host.to_string(), path.to_string()))
+    Ok((host.to_string(), path.to_string(), tls))
 }
 
 impl WsConn {
@@ -75,7 +79,16 @@ impl WsConn {
 
     /// Like [`WsConn::connect`], with socket options.
     pub async fn connect_with(url: &str, timeout: Duration, opts: ConnectOpts) -> Result<WsConn, ClientError> {
-        let (host, path) = split_url(url)?;
+        let (host, path, tls) = split_url(url)?;
+        let trust = match (tls, &opts.trust) {
+            (false, _) => None,
+            (true, Some(t)) => Some(t.clone()),
+            (true, None) => {
+                return Err(ClientError::Input(format!(
+                    "{url} is TLS: pass --ca-cert with the CA that signed its certificate"
+                )));
+            }
+        };
         let fut = async {
             let addr = tokio::net::lookup_host(&host)
                 .await
@@ -124,12 +137,17 @@ impl WsConn {
             let req = req
                 .body(Empty::<Bytes>::new())
                 .map_err(|e| ClientError::BadAddress(e.to_string()))?;
-            let (ws, _) = handshake::client(&Spawner, req, stream)
-                .await
-                .map_err(|e| ClientError::Connect {
-                    addr: host.clone(),
-                    message: e.to_string(),
-                })?;
+            let upgraded = match trust {
+                None => handshake::client(&Spawner, req, stream).await,
+                Some(t) => {
+                    let s = t.connect(crate::tls::host_of(&host), stream).await?;
+                    handshake::client(&Spawner, req, s).await
+                }
+            };
+            let (ws, _) = upgraded.map_err(|e| ClientError::Connect {
+                addr: host.clone(),
+                message: e.to_string(),
+            })?;
             Ok(WsConn { ws, pings: 0 })
         };
         tokio::time::timeout(timeout, fut)
@@ -382,6 +400,8 @@ pub struct SubscriberConfig {
     pub connect_timeout: Duration,
     /// A bearer token for every (re)connection.
     pub token: Option<String>,
+    /// For `wss://` URLs: the CAs to trust.
+    pub trust: Option<crate::tls::Trust>,
 }
 
 /// The last position seen of a symbol.
@@ -456,6 +476,7 @@ impl Subscriber {
             self.next_url = self.next_url.wrapping_add(1);
             let opts = ConnectOpts {
                 token: self.cfg.token.clone(),
+                trust: self.cfg.trust.clone(),
                 ..ConnectOpts::default()
             };
             match WsConn::connect_with(&url, self.cfg.connect_timeout, opts).await {

@@ -70,4 +70,10 @@ pub struct BenchArgs {
     /// Concurrent connection attempts while setting up subscribers.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
+    /// Bearer token (JWT) for every connection and stream.
+    #[arg(long, env = "TICKSHARD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificates (PEM) that verify `wss://` and `https://` servers.
+    #[arg(long, env = "TICKSHARD_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
 }

@@ -27,12 +27,22 @@ pub(crate) async fn publisher(
     recording: Arc<AtomicBool>,
     published: Arc<AtomicU64>,
     ack_hists: Arc<Mutex<Vec<Histogram<u64>>>>,
+    access: crate::raw_ws::Access,
 ) -> Result<(), String> {
-    let mut client = FeedClient::connect(url.clone())
+    let channel = tickshard_client::tls::endpoint(&url, access.trust.as_ref())
+        .map_err(|e| e.to_string())?
+        .connect()
         .await
         .map_err(|e| format!("{url}: {e}"))?;
+    let mut client = FeedClient::new(channel);
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::PublishRequest>(window);
-    let out = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut out = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    if let Some(t) = &access.token {
+        let v = format!("Bearer {t}")
+            .parse()
+            .map_err(|_| "the token is not header text".to_string())?;
+        out.metadata_mut().insert("authorization", v);
+    }
     let mut acks = client.publish(out).await.map_err(|e| e.to_string())?.into_inner();
     let ring: Arc<Vec<AtomicU64>> = Arc::new((0..window * 2).map(|_| AtomicU64::new(0)).collect());
     let permits = Arc::new(Semaphore::new(window));

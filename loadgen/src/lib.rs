@@ -43,6 +43,15 @@ use crate::{
 };
 
 pub async fn run(a: BenchArgs) -> Result<Report, String> {
+    let access = raw_ws::Access {
+        token: a.token.as_deref().map(std::sync::Arc::from),
+        trust: a
+            .ca_cert
+            .as_deref()
+            .map(tickshard_client::tls::Trust::from_pem_file)
+            .transpose()
+            .map_err(|e| e.to_string())?,
+    };
     let server_pid = a.server_pid.map(|p| p.to_string());
     let usage0_server = server_pid.as_deref().and_then(proc_usage);
     let stop = CancellationToken::new();
@@ -99,6 +108,7 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
         let url = a.ws[i % a.ws.len()].clone();
         let local_ip =
             (a.source_ips > 1).then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % a.source_ips as usize) as u8)));
+        let access = access.clone();
         let (gate, stop, recording, results, ready, msg, prefix, n_sym, connected) = (
             gate.clone(),
             stop.clone(),
@@ -113,7 +123,7 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
         tasks.push(tokio::spawn(async move {
             let permit = gate.acquire_owned().await;
             let buf_bytes = if idle { 4096 } else { 256 * 1024 };
-            let mut c = match RawWs::connect(&url, local_ip, slow.then_some(4096), buf_bytes).await {
+            let mut c = match RawWs::connect(&url, local_ip, slow.then_some(4096), buf_bytes, &access).await {
                 Ok(c) => c,
                 Err(e) => {
                     let _ = ready.send(Err(e)).await;
@@ -220,6 +230,7 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
             ack_hists.clone(),
             symbols.clone(),
         );
+        let access = access.clone();
         let rate = a.rate / a.publishers.max(1) as u64;
         let window = a.window.max(1);
         let (target, line_addr) = (
@@ -228,7 +239,10 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
         );
         pubs.push(tokio::spawn(async move {
             let r = if target == "tickshard" {
-                publisher(k, url, symbols, rate, window, stop, recording, published, ack_hists).await
+                publisher(
+                    k, url, symbols, rate, window, stop, recording, published, ack_hists, access,
+                )
+                .await
             } else {
                 line_publisher(&target, &line_addr, symbols, rate, stop, published).await
             };

@@ -7,10 +7,23 @@ use std::net::IpAddr;
 /// many frames — far cheaper than a general client, so the server, not the
 /// generator, is what gets measured.
 pub(crate) struct RawWs {
-    sock: tokio::net::TcpStream,
+    sock: Sock,
     buf: Vec<u8>,
     start: usize,
     end: usize,
+}
+
+/// A plain or a TLS connection.
+type Sock =
+    tokio_util::either::Either<tokio::net::TcpStream, Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>;
+
+/// Credentials and trust of the generator's connections.
+#[derive(Clone, Default)]
+pub(crate) struct Access {
+    /// A bearer token (`--token`) for every connection and stream.
+    pub token: Option<std::sync::Arc<str>>,
+    /// The CAs for `wss://` and `https://` (`--ca-cert`).
+    pub trust: Option<tickshard_client::tls::Trust>,
 }
 
 impl RawWs {
@@ -22,9 +35,14 @@ impl RawWs {
         local_ip: Option<IpAddr>,
         recv_buffer: Option<u32>,
         buf_bytes: usize,
+        access: &Access,
     ) -> Result<RawWs, String> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let rest = url.strip_prefix("ws://").ok_or("ws:// URL expected")?;
+        let (tls, rest) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+            (Some(r), _) => (false, r),
+            (_, Some(r)) => (true, r),
+            _ => return Err("ws:// or wss:// URL expected".into()),
+        };
         let (host, path) = rest
             .split_once('/')
             .map_or((rest, "ws".to_string()), |(h, p)| (h, p.to_string()));
@@ -41,10 +59,23 @@ impl RawWs {
         if let Some(n) = recv_buffer {
             let _ = sock.set_recv_buffer_size(n);
         }
-        let mut s = sock.connect(addr).await.map_err(|e| e.to_string())?;
-        let _ = s.set_nodelay(true);
+        let tcp = sock.connect(addr).await.map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let mut s: Sock = match (tls, &access.trust) {
+            (false, _) => Sock::Left(tcp),
+            (true, Some(t)) => Sock::Right(Box::new(
+                t.connect(tickshard_client::tls::host_of(host), tcp)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            )),
+            (true, None) => return Err(format!("{url} is TLS: pass --ca-cert")),
+        };
+        let auth = access
+            .token
+            .as_ref()
+            .map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
         let req = format!(
-            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n"
         );
         s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
         let mut buf = vec![0u8; buf_bytes.max(1024)];

@@ -18,6 +18,7 @@ async fn a_resuming_subscriber_sees_every_tick_once_across_a_kill_9() {
         channels: vec!["ticks".into()],
         connect_timeout: Duration::from_secs(2),
         token: None,
+        trust: None,
     });
     assert!(matches!(sub.next().await, Event::Connected { .. }));
     assert!(matches!(sub.next().await, Event::Message(ServerMsg::Subscribed { .. })));

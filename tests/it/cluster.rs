@@ -65,6 +65,7 @@ async fn three_pods_serve_every_symbol_from_any_pod() {
         channels: vec!["ticks".into()],
         connect_timeout: Duration::from_secs(2),
         token: None,
+        trust: None,
     });
     assert!(matches!(sub.next().await, Event::Connected { .. }));
     let Event::Message(ServerMsg::Subscribed { symbols: st, .. }) = sub.next().await else {
@@ -243,6 +244,7 @@ pub(crate) async fn rollout_under_load(
             channels: vec!["ticks".into()],
             connect_timeout: Duration::from_secs(2),
             token: token.clone(),
+            trust: None,
         })
         .starting_at(i % 3);
         assert!(matches!(
@@ -557,6 +559,7 @@ async fn a_peer_partition_heals_without_gap_or_duplicate() {
         channels: vec!["ticks".into()],
         connect_timeout: Duration::from_secs(2),
         token: None,
+        trust: None,
     });
     assert!(matches!(
         tokio::time::timeout(WAIT, sub.next()).await.unwrap(),

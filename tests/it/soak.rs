@@ -130,6 +130,7 @@ async fn kill_9_soak() {
             channels: vec!["ticks".into()],
             connect_timeout: Duration::from_secs(2),
             token: None,
+            trust: None,
         });
         let stop = sub_stop.clone();
         subscribers.push(tokio::spawn(async move {

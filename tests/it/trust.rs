@@ -886,3 +886,77 @@ async fn entitlements_and_scoped_dedup_hold_across_a_forward() {
     assert_eq!((again.seq, again.duplicate), (1, true));
     assert_eq!(refused.error.map(|e| e.code), Some("forbidden".to_string()));
 }
+
+/// The sub-commands against a server with TLS and tokens: `publish` over
+/// `https://` with `--ca-cert` and `--token` (refused without the CA), and
+/// `tail` over `wss://` printing the tick, exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_and_tail_take_a_token_and_a_ca_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("clients");
+    let [ca_pem, cert, key] = ca.write(tmp.path(), "server", &["127.0.0.1".to_string(), "localhost".into()]);
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "t".repeat(40)).unwrap();
+    let s = secret.display().to_string();
+    let srv = Server::start(&[
+        "--no-sim",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--auth-hs256-secret-file",
+        &s,
+    ]);
+    let t = token(&secret, "ops", &["CLI-*"], &["CLI-*"], 600);
+    let file = tmp.path().join("ticks.csv");
+    std::fs::write(&file, "symbol,ts,price,size\nCLI-1,1700000000000001,12.3400,5\n").unwrap();
+    let bin = env!("CARGO_BIN_EXE_tickshard");
+    let grpc = format!("https://{}", srv.grpc);
+    let run = |args: Vec<String>| {
+        let out = std::process::Command::new(bin).args(&args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let f = file.display().to_string();
+    let (ok, out) = run(vec![
+        "publish".into(),
+        f.clone(),
+        "--grpc".into(),
+        grpc.clone(),
+        "--token".into(),
+        t.clone(),
+    ]);
+    assert!(
+        !ok && out.contains("--ca-cert"),
+        "TLS without a CA is refused with a hint: {out}"
+    );
+    let (ok, out) = run(vec![
+        "publish".into(),
+        f,
+        "--grpc".into(),
+        grpc,
+        "--token".into(),
+        t.clone(),
+        "--ca-cert".into(),
+        ca_pem.clone(),
+    ]);
+    assert!(ok && out.contains("1 accepted"), "{out}");
+    let wss = format!("wss://localhost:{}/ws", srv.http.port());
+    let (ok, out) = run(vec![
+        "tail".into(),
+        "CLI-1".into(),
+        "--url".into(),
+        wss,
+        "--token".into(),
+        t,
+        "--ca-cert".into(),
+        ca_pem,
+        "--count".into(),
+        "1".into(),
+        "--json".into(),
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("\"price\":\"12.3400\""), "{out}");
+}
