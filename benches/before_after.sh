@@ -55,37 +55,4 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
-python3 - "$DIR/results.jsonl" <<'PY'
-import json, statistics, sys
-runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-def vals(w, b, key, sub=None):
-    out = []
-    for r in runs:
-        if r["workload"] == w and r["bin"] == b and r["r"]:
-            v = r["r"].get(key)
-            if sub is not None and isinstance(v, dict):
-                v = v.get(sub)
-            if isinstance(v, (int, float)):
-                out.append(v)
-    return out
-def med(w, b, key, sub=None):
-    v = vals(w, b, key, sub)
-    return statistics.median(v) if v else float("nan")
-print("\n| workload | figure | old (median) | new (median) | new/old | all runs old / new |")
-print("| --- | --- | ---: | ---: | ---: | --- |")
-for w, key, sub, name, scale in [
-    ("W1", "deliveries_per_sec", None, "deliveries/s", 1e6),
-    ("W1", "latency_us", "p99", "p99 latency ms", 1e3),
-    ("W2", "latency_us", "p99", "p99 latency ms", 1e3),
-    ("W2", "server_cpu_pct", None, "server CPU %", 1),
-    ("W3-64", "publish_per_sec", None, "acked/s", 1e3),
-    ("W3-64", "ack_us", "p99", "ack p99 ms", 1e3),
-    ("W3-256", "publish_per_sec", None, "acked/s", 1e3),
-    ("W3-256", "ack_us", "p99", "ack p99 ms", 1e3),
-    ("W5", "latency_us", "p99", "p99 latency ms", 1e3),
-]:
-    o, n = med(w, "old", key, sub), med(w, "new", key, sub)
-    fmt = lambda xs: ", ".join(f"{x/scale:.2f}" for x in xs)
-    unit = {1e6: "M", 1e3: "k", 1: ""}[scale] if "latency" not in name and "p99" not in name else ""
-    print(f"| {w} | {name} | {o/scale:.2f}{unit} | {n/scale:.2f}{unit} | {n/o:.2f} | {fmt(vals(w,'old',key,sub))} / {fmt(vals(w,'new',key,sub))} |")
-PY
+python3 benches/summary.py "$DIR/results.jsonl" bin old new

@@ -210,7 +210,7 @@ function onCandle(m) {
 
 let chartLoad = 0;
 async function loadChart() {
-  const sym = state.selected, iv = state.interval, token = ++chartLoad;
+  const sym = state.selected, iv = state.interval, load = ++chartLoad;
   if (!sym) return;
   $("chart-symbol").textContent = sym;
   try {
@@ -219,7 +219,7 @@ async function loadChart() {
       t ? { headers: { Authorization: `Bearer ${t}` } } : {});
     if (r.status === 401) { askForToken("sign in needed"); return; }
     const body = await r.json();
-    if (token !== chartLoad) return; // a newer selection won
+    if (load !== chartLoad) return; // a newer selection won
     state.candles = body.candles || [];
     drawAll();
     chart.timeScale().fitContent();
