@@ -323,41 +323,55 @@ async fn publisher(srv: &Server, id: &str, token: Option<String>) -> Publisher {
 /// publish, after which the stream goes on; failures are counted.
 #[tokio::test]
 async fn grpc_calls_need_a_valid_token_and_the_right_symbols() {
-    let (srv, tmp, secret) = auth_server(&["--auth-issuer", "tickshard-test"]);
+    let (srv, tmp, secret) = auth_server(&["--auth-issuer", "tickshard-test", "--auth-audience", "feed"]);
     let mut f = feed(&srv).await;
     let e = f.list_symbols(pb::ListSymbolsRequest {}).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "no token: {e}");
 
     let other = tmp.path().join("other");
     std::fs::write(&other, "o".repeat(40)).unwrap();
-    let iss = |t: String| t; // (tokens below carry no iss unless minted with one)
     let good = {
         let claims = tickshard_feed::auth::MintClaims {
             sub: "desk-7".into(),
             exp: tickshard_feed::auth::now_secs() + 600,
             iss: Some("tickshard-test".into()),
-            aud: None,
+            aud: Some("feed".into()),
             subscribe: vec!["BTC-*".into()],
             publish: vec!["BTC-USD".into()],
         };
         tickshard_feed::auth::mint_hs256(&std::fs::read(&secret).unwrap(), &claims).unwrap()
     };
-    let mint_iss = |secret: &std::path::Path, iss: &str, ttl: i64| {
+    let mint = |secret: &std::path::Path, iss: Option<&str>, aud: Option<&str>, ttl: i64| {
         let claims = tickshard_feed::auth::MintClaims {
             sub: "x".into(),
             exp: tickshard_feed::auth::now_secs().saturating_add_signed(ttl),
-            iss: Some(iss.into()),
-            aud: None,
+            iss: iss.map(Into::into),
+            aud: aud.map(Into::into),
             subscribe: vec!["*".into()],
             publish: vec![],
         };
         tickshard_feed::auth::mint_hs256(&std::fs::read(secret).unwrap(), &claims).unwrap()
     };
+    let (iss, aud) = (Some("tickshard-test"), Some("feed"));
+    // a token without `exp`, signed with the right key
+    let no_exp = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": "x", "iss": "tickshard-test", "aud": "feed", "tickshard": {"subscribe": ["*"]}}),
+        &jsonwebtoken::EncodingKey::from_secret("k".repeat(40).as_bytes()),
+    )
+    .unwrap();
+    f.list_symbols(with_token(pb::ListSymbolsRequest {}, &mint(&secret, iss, aud, -20)))
+        .await
+        .expect("expired 20 s ago: within the 30 s leeway");
     for (what, bad) in [
-        ("expired past the leeway", mint_iss(&secret, "tickshard-test", -100)),
-        ("another key", mint_iss(&other, "tickshard-test", 600)),
-        ("another issuer", mint_iss(&secret, "someone-else", 600)),
-        ("not a JWT", iss("abc.def".into())),
+        ("expired past the leeway", mint(&secret, iss, aud, -100)),
+        ("another key", mint(&other, iss, aud, 600)),
+        ("another issuer", mint(&secret, Some("someone-else"), aud, 600)),
+        ("no issuer", mint(&secret, None, aud, 600)),
+        ("another audience", mint(&secret, iss, Some("other"), 600)),
+        ("no audience", mint(&secret, iss, None, 600)),
+        ("no exp", no_exp),
+        ("not a JWT", "abc.def".to_string()),
     ] {
         let e = f
             .list_symbols(with_token(pb::ListSymbolsRequest {}, &bad))
@@ -791,7 +805,17 @@ async fn jwks_keys_verify_es256_and_eddsa_tokens_by_kid() {
     .to_string();
     let path = tmp.path().join("jwks.json");
     std::fs::write(&path, &jwks).unwrap();
-    let srv = Server::start(&["--no-sim", "--auth-jwks", &path.display().to_string()]);
+    // an HS256 secret too: a token made with the (public) JWKS text as its
+    // HMAC secret must not verify against any key
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "h".repeat(40)).unwrap();
+    let srv = Server::start(&[
+        "--no-sim",
+        "--auth-jwks",
+        &path.display().to_string(),
+        "--auth-hs256-secret-file",
+        &secret.display().to_string(),
+    ]);
     let mut f = feed(&srv).await;
     let ask = |t: String| {
         let mut f = f.clone();
