@@ -4,7 +4,6 @@
 
 use std::{io::Write as _, process::ExitCode};
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -37,10 +36,19 @@ pub fn serve(rt: &tokio::runtime::Runtime, args: ServeArgs) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let bind = |addr, flag: &'static str| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("cannot bind {flag} {addr}: {e}"))
+        let backlog = args.listen_backlog;
+        let bind = |addr: std::net::SocketAddr, flag: &'static str| async move {
+            let sock = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            };
+            sock.and_then(|s| {
+                s.set_reuseaddr(true)?;
+                s.bind(addr)?;
+                s.listen(backlog)
+            })
+            .map_err(|e| format!("cannot bind {flag} {addr}: {e}"))
         };
         let listeners = match (
             bind(args.http_addr, "--http-addr").await,

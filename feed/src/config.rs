@@ -170,6 +170,11 @@ pub struct ServeArgs {
     /// closed (clients reconnect on their next call).
     #[arg(long, env = "TICKSHARD_GRPC_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
     pub grpc_idle_timeout_ms: u64,
+    /// Pending connections each listener's kernel queue holds (the accept
+    /// backlog; capped by `net.core.somaxconn`). A burst of connects past it
+    /// waits for a SYN retry (a second).
+    #[arg(long, env = "TICKSHARD_LISTEN_BACKLOG", default_value_t = 4_096)]
+    pub listen_backlog: u32,
     /// An HTTP connection that has not sent a complete request head within
     /// this many milliseconds is closed.
     #[arg(long, env = "TICKSHARD_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
@@ -465,6 +470,7 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_contract() {
+        assert_eq!(args(&[]).listen_backlog, 4_096);
         let c = args(&[]).validate().unwrap();
         assert_eq!(c.node.history_ticks, 100_000);
         assert_eq!(c.drain, Duration::from_millis(5_000));

@@ -290,7 +290,7 @@ pub(crate) async fn rollout_under_load(
     let publisher = {
         let (stop, urls, symbols) = (stop.clone(), grpc_urls.clone(), symbols.clone());
         let mut cfg = tickshard_client::publisher::PublisherConfig::new(urls, "roller");
-        cfg.token = token;
+        cfg.token = token.clone();
         tokio::spawn(async move {
             let mut p = tickshard_client::publisher::Publisher::connect(cfg).await.unwrap();
             let mut acked: HashMap<String, u64> = HashMap::new();
@@ -418,16 +418,17 @@ pub(crate) async fn rollout_under_load(
         .await
         .unwrap();
     for (sym, &seq) in &acked {
-        let h = feed
-            .get_history(pb::HistoryRequest {
-                symbol: sym.clone(),
-                from_seq: 1,
-                limit: 10_000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut req = tonic::Request::new(pb::HistoryRequest {
+            symbol: sym.clone(),
+            from_seq: 1,
+            limit: 10_000,
+            ..Default::default()
+        });
+        if let Some(t) = &token {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        let h = feed.get_history(req).await.unwrap().into_inner();
         assert!(
             h.ticks.len() as u64 >= seq,
             "{sym}: acked {seq}, stored {}",
