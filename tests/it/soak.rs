@@ -221,8 +221,17 @@ async fn kill_9_soak() {
                 .into_iter()
                 .map(|t| (t.seq, (t.ts_micros, t.price)))
                 .collect();
-            // (more ticks came meanwhile: retention keeps the last HISTORY of those)
-            let newest = stored.keys().max().copied().unwrap_or(0);
+            // More ticks came meanwhile, and retention keeps the last HISTORY
+            // of the newest it saw, which may be newer than what this read
+            // returned: bound by the head after the read.
+            let head_after = snapshot(&srv)
+                .await
+                .snapshots
+                .iter()
+                .filter_map(|s| s.last.as_ref())
+                .find(|t| t.symbol == *sym)
+                .map_or(head, |t| t.seq);
+            let newest = stored.keys().max().copied().unwrap_or(0).max(head_after);
             let from = from.max(newest.saturating_sub(HISTORY) + 1);
             for (seq, want) in ticks.range(from..) {
                 if stored.get(seq) != Some(want) {
