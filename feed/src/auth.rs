@@ -91,8 +91,8 @@ impl Patterns {
         Ok(p)
     }
 
-    /// Does this right cover `symbol`? Time linear in the symbol's length,
-    /// whatever the number of patterns.
+    /// Does this right cover `symbol`? One lookup per prefix of the symbol
+    /// (symbols are at most 32 bytes), whatever the number of patterns.
     pub fn allows(&self, symbol: &str) -> bool {
         self.all
             || self.exact.contains(symbol)
@@ -107,20 +107,29 @@ impl Patterns {
         self.all
     }
 
-    /// The symbols of `symbols` this right does not cover (at most `max`
-    /// named, for a message), and how many there are.
-    pub fn denied<'a>(&self, symbols: impl IntoIterator<Item = &'a str>, max: usize) -> (Vec<&'a str>, usize) {
+    /// The symbols of `symbols` this right does not cover, for a message
+    /// (`A, B (and 3 more)`: at most ten named); `None` if it covers them all.
+    pub fn denied<'a>(&self, symbols: impl IntoIterator<Item = &'a str>) -> Option<String> {
+        const NAMED: usize = 10;
         let mut named = Vec::new();
         let mut n = 0;
         for s in symbols {
             if !self.allows(s) {
                 n += 1;
-                if named.len() < max {
+                if named.len() < NAMED {
                     named.push(s);
                 }
             }
         }
-        (named, n)
+        (n > 0).then(|| {
+            let more = n - named.len();
+            let list = named.join(", ");
+            if more > 0 {
+                format!("{list} (and {more} more)")
+            } else {
+                list
+            }
+        })
     }
 
     /// Grants nothing at all.
@@ -169,19 +178,10 @@ impl Principal {
         if !self.may_read() && !self.is_authenticated() {
             return Err(Denied::Unauthorized);
         }
-        let (named, n) = self.subscribe.denied(symbols, 10);
-        if n == 0 {
-            return Ok(());
+        match self.subscribe.denied(symbols) {
+            None => Ok(()),
+            Some(list) => Err(Denied::Forbidden(format!("not entitled to read {list}"))),
         }
-        let more = if n > named.len() {
-            format!(" (and {} more)", n - named.len())
-        } else {
-            String::new()
-        };
-        Err(Denied::Forbidden(format!(
-            "not entitled to read {}{more}",
-            named.join(", ")
-        )))
     }
 
     /// The publishing caller, in the shard's terms.
@@ -605,5 +605,45 @@ mod tests {
             "a missing list grants nothing"
         );
         assert!(Patterns::parse(&vec!["A".to_string(); MAX_PATTERNS + 1]).is_err());
+        let p = Patterns::parse(&["A".into(), "B".into()]).unwrap();
+        assert_eq!(p.denied(["A", "C"]), Some("C".to_string()));
+        assert_eq!(p.denied(["A", "B"]), None);
+        let many: Vec<String> = (0..12).map(|i| format!("X{i}")).collect();
+        let listed = p.denied(many.iter().map(String::as_str)).unwrap();
+        assert!(listed.ends_with("X9 (and 2 more)"), "{listed}");
+    }
+
+    proptest::proptest! {
+        /// `allows` agrees with the plain reading of the patterns: an exact
+        /// symbol, a prefix before `*`, or `*` alone.
+        #[test]
+        fn allows_is_the_plain_reading(
+            pats in proptest::collection::vec("[A-C.]{0,3}\\*?", 0..6),
+            sym in "[A-C.]{1,5}",
+        ) {
+            let p = Patterns::parse(&pats).unwrap();
+            let want = pats.iter().any(|pat| match pat.strip_suffix('*') {
+                Some(prefix) => sym.starts_with(prefix),
+                None => *pat == sym,
+            });
+            proptest::prop_assert_eq!(p.allows(&sym), want);
+        }
+
+        /// Whatever arrives as a token (header, query, `auth` op) is refused
+        /// with an error, never a panic, in time linear in its length.
+        #[test]
+        fn any_text_as_a_token_is_an_error(token in "\\PC{0,300}|[A-Za-z0-9_-]{0,40}\\.[A-Za-z0-9_-]{0,60}\\.[A-Za-z0-9_-]{0,40}") {
+            let dir = std::env::temp_dir().join(format!("tickshard-auth-prop-{}", std::process::id()));
+            let _ = std::fs::create_dir_all(&dir);
+            let secret = dir.join("secret");
+            std::fs::write(&secret, "p".repeat(40)).unwrap();
+            let auth = Auth::load(AuthConfig {
+                hs256_secret: Some(secret),
+                ..AuthConfig::default()
+            })
+            .unwrap();
+            proptest::prop_assert!(auth.verify(&token).is_err());
+            proptest::prop_assert!(auth.from_bearer(Some(token.as_bytes())).is_err());
+        }
     }
 }

@@ -205,8 +205,10 @@ where
                         continue;
                     }
                 };
-                let mut r_publisher_id = r.publisher_id;
                 let (request_id, publisher_seq) = (r.request_id, r.publisher_seq);
+                // The caller's scope (its `sub`) is the same for the whole
+                // stream: it is applied once per id, when the id is interned.
+                let mut scope = None;
                 if let Origin::Client(caller) = &origin {
                     if let Some(may) = &caller.may_publish
                         && !may(tick.symbol.as_str())
@@ -216,20 +218,22 @@ where
                         let _ = rej_tx.send(Answer::refused(r.request_id, &r.symbol, ErrorCode::Forbidden, why));
                         continue;
                     }
-                    if let Some(sub) = &caller.sub {
-                        r_publisher_id = scoped_publisher_id(sub, &r_publisher_id);
-                    }
+                    scope = caller.sub.as_deref();
                 }
-                let publisher = if r_publisher_id.is_empty() {
+                let publisher = if r.publisher_id.is_empty() {
                     None
                 } else {
-                    // (an intern table of this stream's ids, kept small)
-                    if publishers.len() >= MAX_INTERNED_IDS && !publishers.contains_key(&r_publisher_id) {
+                    // (an intern table of this stream's ids as sent, kept
+                    // small; the value is the de-dup key, scoped if need be)
+                    if publishers.len() >= MAX_INTERNED_IDS && !publishers.contains_key(&r.publisher_id) {
                         publishers.clear();
                     }
                     let id = publishers
-                        .entry(r_publisher_id)
-                        .or_insert_with_key(|k| Arc::from(k.as_str()))
+                        .entry(r.publisher_id)
+                        .or_insert_with_key(|k| match scope {
+                            Some(sub) => Arc::from(scoped_publisher_id(sub, k)),
+                            None => Arc::from(k.as_str()),
+                        })
                         .clone();
                     Some((id, publisher_seq))
                 };

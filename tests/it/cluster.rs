@@ -418,16 +418,16 @@ pub(crate) async fn rollout_under_load(
         .await
         .unwrap();
     for (sym, &seq) in &acked {
-        let mut req = tonic::Request::new(pb::HistoryRequest {
+        let q = pb::HistoryRequest {
             symbol: sym.clone(),
             from_seq: 1,
             limit: 10_000,
             ..Default::default()
-        });
-        if let Some(t) = &token {
-            req.metadata_mut()
-                .insert("authorization", format!("Bearer {t}").parse().unwrap());
-        }
+        };
+        let req = match &token {
+            Some(t) => crate::common::with_token(q, t),
+            None => tonic::Request::new(q),
+        };
         let h = feed.get_history(req).await.unwrap().into_inner();
         assert!(
             h.ticks.len() as u64 >= seq,

@@ -719,3 +719,11 @@ impl TestCa {
         paths.map(|p| p.display().to_string())
     }
 }
+
+/// A gRPC request carrying `authorization: Bearer <token>`.
+pub fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}

@@ -11,7 +11,9 @@ use tickshard_proto::v1::{self as pb, cluster_client::ClusterClient, feed_client
 use tokio_rustls::rustls::{self, pki_types::CertificateDer, pki_types::pem::PemObject as _};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-use crate::common::{Server, TestCa, TestCluster, WAIT, eventually, publish_all, recv, recv_subscribed, tick};
+use crate::common::{
+    Server, TestCa, TestCluster, WAIT, eventually, publish_all, recv, recv_subscribed, tick, with_token,
+};
 
 async fn channel(url: String) -> tonic::transport::Channel {
     tonic::transport::Endpoint::from_shared(url)
@@ -298,13 +300,6 @@ fn token(secret: &std::path::Path, sub: &str, subscribe: &[&str], publish: &[&st
         publish: publish.iter().map(|s| s.to_string()).collect(),
     };
     tickshard_feed::auth::mint_hs256(&std::fs::read(secret).unwrap(), &claims).unwrap()
-}
-
-fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
 }
 
 async fn feed(srv: &Server) -> FeedClient<tonic::transport::Channel> {

@@ -712,20 +712,13 @@ impl Reader<'_> {
             }
         };
         let held = self.conn.session.symbols();
-        let (named, n) = p.subscribe.denied(held.iter().map(|s| s.as_str()), 10);
-        if n > 0 {
+        if let Some(list) = p.subscribe.denied(held.iter().map(|s| s.as_str())) {
             metrics::counter!(m::FORBIDDEN, "protocol" => "ws", "right" => "subscribe").increment(1);
-            let more = if n > named.len() {
-                format!(" (and {} more)", n - named.len())
-            } else {
-                String::new()
-            };
             self.error(
                 id,
                 ErrorCode::Forbidden,
                 &format!(
-                    "the new token does not grant {}{more}, which this connection is subscribed to; the old token stays in force",
-                    named.join(", ")
+                    "the new token does not grant {list}, which this connection is subscribed to; the old token stays in force"
                 ),
             );
             return;
