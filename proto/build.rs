@@ -1,4 +1,4 @@
-//! Compiles `feed.proto` and `cluster.proto` with `protox` (pure Rust: no system
+//! Compiles `feed.proto`, `cluster.proto` and `admin.proto` with `protox` (pure Rust: no system
 //! `protoc`) and generates the tonic client and server code. The encoded
 //! descriptor set of the public API (`feed.proto` alone: the internal `Cluster`
 //! service is not advertised on the public port) is written beside it for gRPC
@@ -9,7 +9,7 @@ use std::{env, fs, path::PathBuf};
 use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["feed.proto", "cluster.proto"];
+    let protos = ["feed.proto", "cluster.proto", "admin.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -39,6 +39,56 @@ pub enum Command {
     Bench(BenchArgs),
     /// Mint an HS256 token from a secret file (for operators and tests).
     Token(TokenArgs),
+    /// Operate a running cluster through a pod's peer port: `status`, `rebalance`.
+    Admin(AdminArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AdminArgs {
+    #[command(subcommand)]
+    pub command: AdminCommand,
+    /// The pod to ask: a peer URL (`http://tickshard-0.tickshard-headless:50052`)
+    /// [default: this pod's own --peer-addr on loopback].
+    #[arg(long, global = true)]
+    pub peer: Option<String>,
+    /// This pod's peer listener (the default --peer is its port on 127.0.0.1).
+    #[arg(long, env = "TICKSHARD_PEER_ADDR", default_value = "0.0.0.0:50052", global = true)]
+    pub peer_addr: std::net::SocketAddr,
+    /// The pod's peer certificate (PEM): admin calls use mutual TLS when the
+    /// cluster does (the same TICKSHARD_PEER_TLS_* variables as the server).
+    #[arg(long, env = "TICKSHARD_PEER_TLS_CERT", global = true, requires_all = ["peer_tls_key", "peer_tls_ca"])]
+    pub peer_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "TICKSHARD_PEER_TLS_KEY", global = true)]
+    pub peer_tls_key: Option<PathBuf>,
+    #[arg(long, env = "TICKSHARD_PEER_TLS_CA", global = true)]
+    pub peer_tls_ca: Option<PathBuf>,
+    /// The name the pod's certificate is checked against [default: the
+    /// host of --peer, or `localhost`].
+    #[arg(long, global = true)]
+    pub peer_tls_name: Option<String>,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum AdminCommand {
+    /// The committed shard count, the one in progress and each symbol move left.
+    Status {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Moves the cluster to `--shards` shards (scale up: `kubectl scale` first;
+    /// scale down: this first). Waits until the count is committed.
+    Rebalance {
+        /// The new shard count.
+        #[arg(long)]
+        shards: u32,
+        /// Return once the rebalance started.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this long (the rebalance goes on): 90s, 15m.
+        #[arg(long, default_value = "30m", value_parser = tickshard_feed::config::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

@@ -334,6 +334,155 @@ pub fn token(a: crate::args::TokenArgs) -> ExitCode {
     }
 }
 
+/// `tickshard admin`: status and rebalance through a pod's peer port (contract §9).
+pub async fn admin(a: crate::args::AdminArgs) -> ExitCode {
+    use tickshard_client::admin::{Admin, PeerCredentials, Status};
+    let tls = a.peer_tls_cert.is_some();
+    let url = match &a.peer {
+        Some(p) if p.contains("://") => p.clone(),
+        Some(p) => format!("{}://{p}", if tls { "https" } else { "http" }),
+        None => format!(
+            "{}://127.0.0.1:{}",
+            if tls { "https" } else { "http" },
+            a.peer_addr.port()
+        ),
+    };
+    let creds = match (&a.peer_tls_cert, &a.peer_tls_key, &a.peer_tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(PeerCredentials {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+            server_name: a.peer_tls_name.clone().unwrap_or_else(|| {
+                let authority = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+                let host = tickshard_client::tls::host_of(authority.split('/').next().unwrap_or(authority));
+                if host.parse::<std::net::IpAddr>().is_ok() {
+                    "localhost".to_string()
+                } else {
+                    host.to_string()
+                }
+            }),
+        }),
+        _ => None,
+    };
+    let mut admin = match Admin::connect(&url, creds.as_ref()).await {
+        Ok(c) => c,
+        Err(e) => {
+            say!("admin: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let print = |s: &Status| {
+        let mut out = String::new();
+        match s.target_shards {
+            Some(t) => out.push_str(&format!(
+                "committed shards: {}, moving to {t}: {} symbol moves left\n",
+                s.committed_shards,
+                s.moves_left.len()
+            )),
+            None => out.push_str(&format!(
+                "committed shards: {} (no rebalance in progress)\n",
+                s.committed_shards
+            )),
+        }
+        for m in &s.moves_left {
+            out.push_str(&format!("  {} {} -> {}\n", m.symbol, m.from, m.to));
+        }
+        if !s.unreachable.is_empty() {
+            out.push_str(&format!("unreachable shards: {:?}\n", s.unreachable));
+        }
+        if let Some(e) = &s.error {
+            out.push_str(&format!("last error: {e}\n"));
+        }
+        let _ = write!(std::io::stdout().lock(), "{out}");
+    };
+    match a.command {
+        crate::args::AdminCommand::Status { json } => match admin.status().await {
+            Ok(s) if json => {
+                let _ = writeln!(std::io::stdout().lock(), "{}", s.to_json());
+                ExitCode::SUCCESS
+            }
+            Ok(s) => {
+                print(&s);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                say!("admin status: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        crate::args::AdminCommand::Rebalance {
+            shards,
+            no_wait,
+            timeout,
+        } => {
+            let first = match admin.rebalance(shards).await {
+                Ok(s) => s,
+                Err(e) => {
+                    say!("admin rebalance: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if first.target_shards.is_none() && first.committed_shards == shards {
+                say!("the cluster has {shards} shards");
+                return ExitCode::SUCCESS;
+            }
+            say!(
+                "rebalance {} -> {shards} started: {} symbol moves",
+                first.committed_shards,
+                first.moves_left.len()
+            );
+            if no_wait {
+                return ExitCode::SUCCESS;
+            }
+            let deadline = tokio::time::Instant::now() + timeout;
+            let mut last_left = usize::MAX;
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                let s = match admin.status().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        say!("admin rebalance: status: {e} (retrying)");
+                        if tokio::time::Instant::now() > deadline {
+                            return ExitCode::FAILURE;
+                        }
+                        continue;
+                    }
+                };
+                match s.target_shards {
+                    None if s.committed_shards == shards => {
+                        say!("rebalance committed: {shards} shards");
+                        return ExitCode::SUCCESS;
+                    }
+                    None => {
+                        say!(
+                            "the rebalance was rolled back: the cluster has {} shards ({})",
+                            s.committed_shards,
+                            s.error.as_deref().unwrap_or("no reason recorded")
+                        );
+                        return ExitCode::FAILURE;
+                    }
+                    Some(t) if t != shards => {
+                        say!("another rebalance (to {t} shards) replaced this one");
+                        return ExitCode::FAILURE;
+                    }
+                    Some(_) => {}
+                }
+                if s.moves_left.len() != last_left {
+                    last_left = s.moves_left.len();
+                    say!("{last_left} symbol moves left");
+                }
+                if tokio::time::Instant::now() > deadline {
+                    say!(
+                        "admin rebalance: not committed after {timeout:?} (it goes on; see `tickshard admin status`){}",
+                        s.error.map(|e| format!(": {e}")).unwrap_or_default()
+                    );
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::format_ts;

@@ -44,6 +44,10 @@ fn main() -> ExitCode {
             rt.block_on(commands::replay(a))
         }
         Some(Command::Token(a)) => commands::token(a),
+        Some(Command::Admin(a)) => {
+            telemetry::init_tracing("warn");
+            rt.block_on(commands::admin(a))
+        }
         Some(Command::Bench(a)) => {
             telemetry::init_tracing("warn");
             let json = a.json;

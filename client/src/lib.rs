@@ -10,6 +10,7 @@
 //!   `publisher_seq`, so the server's de-duplication makes retries exact.
 //! - [`input`]: CSV / NDJSON tick files.
 
+pub mod admin;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod input;

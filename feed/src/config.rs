@@ -27,7 +27,9 @@ pub struct ServeArgs {
     /// The shard's sled directory.
     #[arg(long, env = "TICKSHARD_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
-    /// Shard count N of the deployment.
+    /// Shard count N of a new cluster. A running cluster's committed count
+    /// (kept in every pod's store) wins over it: change it with `tickshard
+    /// admin rebalance --shards M`.
     #[arg(long, env = "TICKSHARD_SHARDS", default_value_t = 1)]
     pub shards: u32,
     /// This pod's shard id [default: the ordinal at the end of the hostname, else 0].
@@ -293,20 +295,6 @@ impl ServeArgs {
                 .and_then(ownership::ordinal_from_hostname)
                 .unwrap_or(0),
         };
-        if shard_id >= self.shards {
-            return Err(cfg_err(
-                "--shard-id",
-                format!(
-                    "shard id {shard_id} (from {}) is not below --shards {}",
-                    if self.shard_id.is_some() {
-                        "--shard-id"
-                    } else {
-                        "the hostname"
-                    },
-                    self.shards
-                ),
-            ));
-        }
         let peer_tls = match (&self.peer_tls_cert, &self.peer_tls_key, &self.peer_tls_ca) {
             (Some(cert), Some(key), Some(ca)) => Some(PeerTls {
                 cert: cert.clone(),
@@ -316,12 +304,37 @@ impl ServeArgs {
             _ => None,
         };
         let scheme = if peer_tls.is_some() { "https" } else { "http" };
-        let peers = match &self.peers {
+        let peer_template = self.peers.clone().filter(|p| p.contains("{}"));
+        let peers: Vec<String> = match &self.peers {
             None if self.shards == 1 => vec![format!("{scheme}://{}", self.peer_addr)],
             None => return Err(cfg_err("--peers", "required when --shards is above 1")),
-            Some(p) if p.contains("{}") => (0..self.shards).map(|i| p.replace("{}", &i.to_string())).collect(),
+            Some(p) if p.contains("{}") => (0..self.shards.max(shard_id + 1))
+                .map(|i| p.replace("{}", &i.to_string()))
+                .collect(),
             Some(p) => p.split(',').map(|s| s.trim().to_string()).collect(),
         };
+        // A pod may be at an ordinal at or above the committed count (it owns
+        // nothing until a rebalance gives it symbols, contract §9), but its
+        // address must be known.
+        let addressable = if peer_template.is_some() {
+            tickshard_shard::placement::MAX_SHARDS
+        } else {
+            peers.len() as u32
+        };
+        if shard_id >= addressable {
+            return Err(cfg_err(
+                "--shard-id",
+                format!(
+                    "shard id {shard_id} (from {}) has no address in --peers ({} listed)",
+                    if self.shard_id.is_some() {
+                        "--shard-id"
+                    } else {
+                        "the hostname"
+                    },
+                    addressable
+                ),
+            ));
+        }
         if let Some(bad) = peers
             .iter()
             .find(|p| !(p.starts_with("http://") || p.starts_with("https://")))
@@ -343,7 +356,7 @@ impl ServeArgs {
                 },
             ));
         }
-        if peers.len() != self.shards as usize {
+        if peers.len() < self.shards as usize {
             return Err(cfg_err(
                 "--peers",
                 format!("lists {} addresses but --shards is {}", peers.len(), self.shards),
@@ -378,6 +391,7 @@ impl ServeArgs {
                 prune_interval: Duration::from_millis(self.prune_interval_ms.max(10)),
                 client_queue_bytes: self.client_queue_bytes,
                 peers: peers.clone(),
+                peer_template,
                 peer_tls: peer_tls.clone(),
                 peer_queue_bytes: self.peer_queue_bytes,
                 committer: CommitterConfig {

@@ -240,7 +240,7 @@ pub fn ws_frames(data: &[u8]) {
 /// as the server does. Input: one byte choosing the message, then its bytes.
 pub fn grpc_requests(data: &[u8]) {
     let Some((&kind, msg)) = data.split_first() else { return };
-    match kind % 5 {
+    match kind % 7 {
         0 => {
             let Ok(r) = pb::PublishRequest::decode(msg) else { return };
             let _ = validate_publisher_id(&r.publisher_id);
@@ -271,6 +271,27 @@ pub fn grpc_requests(data: &[u8]) {
             let Ok(r) = pb::HistoryRequest::decode(msg) else { return };
             let _ = Symbol::parse(&r.symbol);
             let _ = Interval::parse(&r.interval);
+        }
+        5 => {
+            // A peer's hand-over part (contract §9): checked, and what passes
+            // converts back to the same bytes' meaning.
+            let Ok(c) = pb::MoveChunk::decode(msg) else { return };
+            if let Ok(part) = wire::move_part_from_pb(&c) {
+                let again = wire::move_part_from_pb(&wire::move_part_to_pb(&part));
+                let again = again.unwrap_or_else(|e| panic!("an accepted hand-over part converts back: {e}"));
+                assert_eq!(again.ticks, part.ticks);
+                assert_eq!(again.candles, part.candles);
+                assert_eq!(
+                    again.last.map(|(r, d)| (r.last_seq, d.len())),
+                    part.last.map(|(r, d)| (r.last_seq, d.len()))
+                );
+            }
+        }
+        6 => {
+            let Ok(s) = pb::ClusterState::decode(msg) else { return };
+            if let Some(st) = wire::cluster_state_from_pb(&s) {
+                assert_eq!(wire::cluster_state_from_pb(&wire::cluster_state_to_pb(&st)), Some(st));
+            }
         }
         _ => {
             let Ok(r) = pb::FollowRequest::decode(msg) else { return };

@@ -205,8 +205,8 @@ pub async fn run(
     metrics::gauge!(m::READY).set(1.0);
     grpc::set_serving(&health, true).await;
     tracing::info!(
-        shard = node.ownership().me(),
-        shards = node.ownership().shards(),
+        shard = node.placement().me(),
+        shards = node.placement().shards(),
         "ready"
     );
     started();

@@ -12,6 +12,11 @@ pub mod v1 {
     tonic::include_proto!("tickshard.v1");
 }
 
+/// Package `tickshard.admin.v1`: the operator's `Admin` service (peer port only).
+pub mod admin {
+    tonic::include_proto!("tickshard.admin.v1");
+}
+
 /// The encoded `FileDescriptorSet` of the public API (`feed.proto`), for gRPC
 /// reflection on the public port.
 pub const FEED_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tickshard_feed_descriptor");

@@ -69,7 +69,9 @@ impl From<CommitError> for Error {
                 message: e.to_string(),
             },
             CommitError::StoreFailed(_) => Error::Fault(e.to_string()),
-            CommitError::Stopped | CommitError::NotOwner(..) => Error::Unavailable(e.to_string()),
+            CommitError::Stopped | CommitError::NotOwner(..) | CommitError::Move(_) => {
+                Error::Unavailable(e.to_string())
+            }
         }
     }
 }

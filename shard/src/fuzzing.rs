@@ -25,6 +25,12 @@ pub fn store_records(data: &[u8]) {
             }
         }
     }
+    if let Some((to, done)) = codec::decode_move_mark(data) {
+        assert_eq!(codec::encode_move_mark(to, done), data, "move mark round trip");
+    }
+    if let Some(s) = codec::decode_cluster_state(data) {
+        assert_eq!(codec::encode_cluster_state(&s), data, "cluster state round trip");
+    }
     if let Some(entries) = codec::decode_dedup(data) {
         let mut again = Vec::new();
         codec::encode_dedup(entries.iter().map(|(id, d)| (id.as_str(), d)), &mut again);

@@ -26,6 +26,7 @@ pub mod hub;
 pub mod metrics;
 pub mod node;
 pub mod ownership;
+pub mod placement;
 pub mod publish;
 pub mod reads;
 pub mod rpc;

@@ -23,6 +23,30 @@ pub const OWNED_SYMBOLS: &str = "tickshard_owned_symbols";
 /// Counter: symbols forgotten because they never had a tick and nobody
 /// subscribed to them for an hour (contract §6).
 pub const SYMBOLS_FORGOTTEN: &str = "tickshard_symbols_forgotten_total";
+/// Gauge: symbol moves this pod still has to make to reach the rebalance
+/// target (contract §9; 0 when no rebalance runs).
+pub const REBALANCE_MOVES_LEFT: &str = "tickshard_rebalance_moves_left";
+/// Histogram (seconds): how long a moved symbol's publishes were held (on
+/// its old owner, from the hold to the release).
+pub const SYMBOL_MOVE_SECONDS: &str = "tickshard_symbol_move_seconds";
+/// Histogram (seconds): a whole symbol move, history copy included.
+pub const SYMBOL_MOVE_TOTAL_SECONDS: &str = "tickshard_symbol_move_total_seconds";
+/// Counter: bytes of ticks and candles shipped to new owners (protobuf size).
+pub const MOVE_BYTES: &str = "tickshard_move_bytes_total";
+/// Counter, label `result` (`moved`, `rolled_back`, `failed`): symbol moves out of this pod.
+pub const SYMBOL_MOVES: &str = "tickshard_symbol_moves_total";
+/// Counter: symbols this pod took over.
+pub const SYMBOLS_MOVED_IN: &str = "tickshard_symbols_moved_in_total";
+/// Gauge: the committed shard count; `tickshard_target_shards`: the count a
+/// rebalance moves to (0 when none runs).
+pub const COMMITTED_SHARDS: &str = "tickshard_committed_shards";
+pub const TARGET_SHARDS: &str = "tickshard_target_shards";
+/// Sets the committed and target shard-count gauges.
+pub fn set_cluster_gauges(s: &crate::placement::ClusterState) {
+    metrics::gauge!(COMMITTED_SHARDS).set(f64::from(s.committed));
+    metrics::gauge!(TARGET_SHARDS).set(f64::from(s.target.unwrap_or(0)));
+}
+
 /// Counter: ticks removed by retention.
 pub const PRUNED_TICKS: &str = "tickshard_pruned_ticks_total";
 /// Gauge: bytes sled uses on disk.

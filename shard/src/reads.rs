@@ -21,7 +21,18 @@ fn truncate<T>(items: &mut Vec<T>, limit: usize) -> bool {
 impl Node {
     /// History of a symbol this pod owns; `limit` is clamped to
     /// [`HISTORY_LIMIT_MAX`].
-    pub async fn local_history(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, StoreError> {
+    pub async fn local_history(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, Error> {
+        // Handed over by this pod while the rebalance runs: peers that still
+        // route by the committed map ask here; the new owner answers.
+        if let Some(to) = self.placement().moved_to(&symbol)
+            && let Some(peer) = self.cluster().and_then(|c| c.peer(to))
+        {
+            return Ok(peer.history(symbol, q, limit).await?);
+        }
+        Ok(self.local_history_here(symbol, q, limit).await?)
+    }
+
+    async fn local_history_here(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, StoreError> {
         let limit = limit.min(HISTORY_LIMIT_MAX);
         let epoch = self.head(&symbol).map(|h| h.epoch);
         let mut h = History {
@@ -44,14 +55,24 @@ impl Node {
     /// History of any symbol, from its owner.
     pub async fn history(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, Error> {
         match self.peer_of(&symbol) {
-            None => Ok(self.local_history(symbol, q, limit).await?),
+            None => Ok(self.local_history_here(symbol, q, limit).await?),
             Some(peer) => Ok(peer.history(symbol, q, limit).await?),
         }
     }
 
     /// The latest tick of each symbol this pod owns (symbols without ticks
-    /// are left out).
-    pub fn local_snapshots(&self, symbols: &[Symbol]) -> Vec<LastTick> {
+    /// are left out); those it handed over come from their new owner.
+    pub async fn local_snapshots(&self, symbols: &[Symbol]) -> Result<Vec<LastTick>, Error> {
+        let (moved, here): (Vec<Symbol>, Vec<Symbol>) =
+            symbols.iter().partition(|s| self.placement().moved_to(s).is_some());
+        let mut out = self.snapshots_here(&here);
+        if !moved.is_empty() {
+            out.extend(self.snapshots(&moved).await?);
+        }
+        Ok(out)
+    }
+
+    fn snapshots_here(&self, symbols: &[Symbol]) -> Vec<LastTick> {
         symbols
             .iter()
             .filter_map(|s| self.head(s))
@@ -62,9 +83,9 @@ impl Node {
     /// The latest tick of each symbol, from their owners (symbols without
     /// ticks are left out).
     pub async fn snapshots(&self, symbols: &[Symbol]) -> Result<Vec<LastTick>, Error> {
-        let own = self.ownership();
+        let own = self.placement();
         let local: Vec<Symbol> = symbols.iter().copied().filter(|s| own.is_local(s)).collect();
-        let mut out = self.local_snapshots(&local);
+        let mut out = self.snapshots_here(&local);
         if let Some(cluster) = self.cluster() {
             for peer in cluster.peers() {
                 let theirs: Vec<Symbol> = symbols.iter().copied().filter(|s| own.owner(s) == peer.id).collect();
@@ -78,7 +99,7 @@ impl Node {
 
     /// Every symbol with ticks that this pod owns, sorted.
     pub fn local_symbols(&self) -> Vec<SymbolInfo> {
-        let own = self.ownership();
+        let own = self.placement();
         self.symbols()
             .into_iter()
             .map(|(symbol, h)| SymbolInfo {
@@ -95,7 +116,10 @@ impl Node {
     pub async fn all_symbols(&self) -> Vec<SymbolInfo> {
         let mut out = self.local_symbols();
         if let Some(cluster) = self.cluster() {
-            let calls = cluster.peers().map(|p| async move { (p.id, p.symbols().await) });
+            let calls = cluster
+                .peers()
+                .into_iter()
+                .map(|p| async move { (p.id, p.symbols().await) });
             for (id, r) in futures_util::future::join_all(calls).await {
                 match r {
                     Ok(r) => out.extend(r),

@@ -12,12 +12,14 @@ use std::{
 };
 
 use futures_util::{Stream, StreamExt as _};
-use tickshard_proto::v1::{self as pb, cluster_server::Cluster as ClusterApi};
+use tickshard_proto::{
+    admin,
+    v1::{self as pb, cluster_server::Cluster as ClusterApi},
+};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    Error,
     committer::Ack,
     domain::{
         Epoch, ErrorCode, InputError, Interval, MAX_SYMBOL_LEN, Position, Symbol, SymbolListError, SymbolSet,
@@ -117,24 +119,32 @@ impl ClusterApi for ClusterService {
     type FollowStream = FollowStream;
 
     async fn topology(&self, req: Request<pb::TopologyRequest>) -> Result<Response<pb::TopologyResponse>, Status> {
-        let own = self.node.ownership();
+        let own = self.node.placement();
+        let ours = own.state();
         let r = req.get_ref();
-        if r.shards != own.shards() && DISAGREEMENT_LOG.allow() {
-            // Anyone can call this: a warning at most once a minute, never an
-            // error (the caller refuses the link; nothing is wrong here).
-            tracing::warn!(
-                caller = r.caller_shard,
-                their_shards = r.shards,
-                our_shards = own.shards(),
-                "a caller disagrees on the shard count (logged at most once a minute)"
-            );
+        match r.state.as_ref().and_then(wire::cluster_state_from_pb) {
+            // A newer layout (a rebalance this pod missed): adopt it.
+            Some(theirs) => own.heard(theirs),
+            None if r.shards != ours.committed && DISAGREEMENT_LOG.allow() => {
+                // Anyone can call this: a warning at most once a minute, never an
+                // error (nothing is wrong here).
+                tracing::warn!(
+                    caller = r.caller_shard,
+                    their_shards = r.shards,
+                    our_shards = ours.committed,
+                    "a caller disagrees on the shard count (logged at most once a minute)"
+                );
+            }
+            None => {}
         }
         Ok(Response::new(pb::TopologyResponse {
             shard_id: own.me(),
-            shards: own.shards(),
+            shards: ours.committed,
             ready: self.node.is_ready() && !self.stopping.is_cancelled(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             instance: self.node.instance().to_string(),
+            state: Some(wire::cluster_state_to_pb(&ours)),
+            protocol: crate::cluster::PROTOCOL,
         }))
     }
 
@@ -203,9 +213,13 @@ impl ClusterApi for ClusterService {
                                     continue;
                                 }
                             };
-                            if !node.ownership().is_local(&sym) {
+                            // A symbol this pod handed over is served from its
+                            // mirror of the new owner (peers route by the
+                            // committed map until the rebalance commits).
+                            let p = node.placement();
+                            if !p.is_local(&sym) && p.moved_to(&sym).is_none() {
                                 tracing::warn!(symbol = %sym, "asked to serve a symbol this shard does not own");
-                                let why = format!("shard {} does not own {sym}", node.ownership().me());
+                                let why = format!("shard {} does not own {sym}", p.me());
                                 outbox.control(refuse(ErrorCode::Unavailable, why), 64);
                                 continue;
                             }
@@ -294,6 +308,8 @@ impl ClusterApi for ClusterService {
         let snapshots = self
             .node
             .local_snapshots(&syms)
+            .await
+            .map_err(wire::error_status)?
             .iter()
             .map(wire::last_tick_to_pb)
             .collect();
@@ -307,7 +323,7 @@ impl ClusterApi for ClusterService {
             .node
             .local_history(symbol, q, limit)
             .await
-            .map_err(|e| wire::error_status(Error::from(e)))?;
+            .map_err(wire::error_status)?;
         Ok(Response::new(wire::history_to_pb(&h)))
     }
 
@@ -319,12 +335,71 @@ impl ClusterApi for ClusterService {
         Ok(Response::new(pb::ListSymbolsResponse { symbols }))
     }
 
+    async fn set_state(&self, req: Request<pb::SetStateRequest>) -> Result<Response<pb::ClusterState>, Status> {
+        let r = req.into_inner();
+        let state = r
+            .state
+            .as_ref()
+            .and_then(wire::cluster_state_from_pb)
+            .ok_or_else(|| Status::invalid_argument("a cluster state with 1 to 1024 shards"))?;
+        let now = self.node.adopt_state(state, r.seal).await.map_err(wire::error_status)?;
+        Ok(Response::new(wire::cluster_state_to_pb(&now)))
+    }
+
+    async fn moves(&self, _req: Request<pb::MovesRequest>) -> Result<Response<pb::MovesResponse>, Status> {
+        let state = self.node.placement().state();
+        let me = self.node.placement().me();
+        let list = self
+            .node
+            .committer_moves()
+            .await
+            .map_err(|e| wire::error_status(e.into()))?;
+        Ok(Response::new(pb::MovesResponse {
+            state: Some(wire::cluster_state_to_pb(&state)),
+            moves: list
+                .into_iter()
+                .map(|(s, to)| pb::MoveLeft {
+                    symbol: s.as_str().to_owned(),
+                    from: me,
+                    to,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn move_in(&self, req: Request<Streaming<pb::MoveChunk>>) -> Result<Response<pb::MoveInResponse>, Status> {
+        if self.stopping.is_cancelled() {
+            return Err(Status::unavailable("stopping"));
+        }
+        let parts = req.into_inner().map(|c| match c {
+            Ok(c) => wire::move_part_from_pb(&c),
+            Err(s) => Err(s.to_string()),
+        });
+        let seq = crate::node::rebalance::receive_move(&self.node, Box::pin(parts))
+            .await
+            .map_err(wire::error_status)?;
+        Ok(Response::new(pb::MoveInResponse { seq }))
+    }
+
+    async fn move_status(
+        &self,
+        req: Request<pb::MoveStatusRequest>,
+    ) -> Result<Response<pb::MoveStatusResponse>, Status> {
+        let r = req.get_ref();
+        let symbol = parse_symbol(&r.symbol)?;
+        let epoch = Epoch::parse(&r.epoch).ok_or_else(|| Status::invalid_argument("bad epoch"))?;
+        let held = crate::node::rebalance::move_status(&self.node, symbol, epoch, r.seq)
+            .await
+            .map_err(wire::error_status)?;
+        Ok(Response::new(pb::MoveStatusResponse { held }))
+    }
+
     async fn ensure(&self, req: Request<pb::EnsureRequest>) -> Result<Response<pb::EnsureResponse>, Status> {
         let syms = parse_symbols(&req.get_ref().symbols, self.max_symbols)?;
-        if let Some(s) = syms.iter().find(|s| !self.node.ownership().is_local(s)) {
+        if let Some(s) = syms.iter().find(|s| !self.node.placement().is_local(s)) {
             return Err(Status::failed_precondition(format!(
                 "shard {} does not own {s}",
-                self.node.ownership().me()
+                self.node.placement().me()
             )));
         }
         self.node
@@ -442,5 +517,53 @@ pub fn sub_result_to_pb(r: &SubResult) -> pb::SymbolState {
         epoch: r.epoch.to_string(),
         seq: r.seq,
         recovered: r.recovered,
+    }
+}
+
+/// The operator's `tickshard.admin.v1.Admin` service (contract §9), served
+/// on the peer port only.
+pub struct AdminService {
+    node: Arc<Node>,
+}
+
+impl AdminService {
+    pub fn new(node: Arc<Node>) -> AdminService {
+        AdminService { node }
+    }
+
+    async fn status_now(&self) -> admin::StatusResponse {
+        let p = crate::node::rebalance::progress(&self.node).await;
+        admin::StatusResponse {
+            committed_shards: p.state.committed,
+            target_shards: p.state.target.unwrap_or(0),
+            moves_left: p
+                .moves
+                .into_iter()
+                .map(|(s, from, to)| admin::Move {
+                    symbol: s.as_str().to_owned(),
+                    from,
+                    to,
+                })
+                .collect(),
+            unreachable: p.unreachable,
+            error: self.node.moves.last_error().unwrap_or_default(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl admin::admin_server::Admin for AdminService {
+    async fn status(&self, _req: Request<admin::StatusRequest>) -> Result<Response<admin::StatusResponse>, Status> {
+        Ok(Response::new(self.status_now().await))
+    }
+
+    async fn rebalance(
+        &self,
+        req: Request<admin::RebalanceRequest>,
+    ) -> Result<Response<admin::StatusResponse>, Status> {
+        crate::node::rebalance::start_rebalance(&self.node, req.get_ref().shards)
+            .await
+            .map_err(wire::error_status)?;
+        Ok(Response::new(self.status_now().await))
     }
 }

@@ -291,6 +291,7 @@ mod tests {
 
     fn node(dir: &Path, shards: u32, max_symbols: usize) -> Arc<Node> {
         let cfg = NodeConfig {
+            peer_template: None,
             data_dir: dir.to_path_buf(),
             store: StoreOptions::default(),
             shard_id: 0,

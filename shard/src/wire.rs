@@ -4,11 +4,15 @@
 use tickshard_proto::v1 as pb;
 
 use crate::{
+    committer::MovePart,
+    domain::validate_forwarded_publisher_id,
     domain::{
         Candle, Decimal, Epoch, HISTORY_LIMIT_DEFAULT, History, HistoryQuery, InputError, Interval, LastTick, Symbol,
         SymbolInfo, Tick, TickFields,
     },
     hub::{Close, SnapshotData},
+    placement::{ClusterState, MAX_SHARDS},
+    store::{DedupState, SymbolRecord},
 };
 
 fn opt(d: Option<Decimal>) -> String {
@@ -232,6 +236,135 @@ pub fn error_status(e: crate::Error) -> tonic::Status {
         Error::Unavailable(m) => tonic::Status::unavailable(m),
         Error::Fault(m) => tonic::Status::internal(m),
     }
+}
+
+/// A cluster state on the wire (`target` 0: none).
+pub fn cluster_state_to_pb(s: &ClusterState) -> pb::ClusterState {
+    pb::ClusterState {
+        version: s.version,
+        committed: s.committed,
+        target: s.target.unwrap_or(0),
+    }
+}
+
+/// `None` for a state no pod could be in (no shards, or beyond [`MAX_SHARDS`]).
+pub fn cluster_state_from_pb(s: &pb::ClusterState) -> Option<ClusterState> {
+    let ok = |n: u32| (1..=MAX_SHARDS).contains(&n);
+    (ok(s.committed) && (s.target == 0 || ok(s.target))).then_some(ClusterState {
+        version: s.version,
+        committed: s.committed,
+        target: (s.target > 0).then_some(s.target),
+    })
+}
+
+/// One part of a hand-over on the wire.
+pub fn move_part_to_pb(p: &MovePart) -> pb::MoveChunk {
+    pb::MoveChunk {
+        symbol: p.symbol.as_str().to_owned(),
+        from: p.from,
+        ticks: p.ticks.iter().map(tick_to_pb).collect(),
+        candles: p.candles.iter().map(|c| candle_to_pb(c, true)).collect(),
+        last: p.last.as_ref().map(|(rec, dedup)| move_final_to_pb(rec, dedup)),
+    }
+}
+
+/// One part of a hand-over from a peer, checked: every tick and candle is
+/// the named symbol's, ticks carry their seq.
+pub fn move_part_from_pb(c: &pb::MoveChunk) -> Result<MovePart, String> {
+    let symbol = Symbol::parse(&c.symbol).map_err(|e| e.to_string())?;
+    let ticks = c
+        .ticks
+        .iter()
+        .map(|t| stored_tick_from_pb(t).filter(|t| t.symbol == symbol && t.seq > 0))
+        .collect::<Option<Vec<Tick>>>()
+        .ok_or("a bad tick in a hand-over")?;
+    let candles = c
+        .candles
+        .iter()
+        .map(|x| candle_from_pb(x).filter(|x| x.symbol == symbol))
+        .collect::<Option<Vec<Candle>>>()
+        .ok_or("a bad candle in a hand-over")?;
+    let last = match &c.last {
+        Some(f) => Some(move_final_from_pb(symbol, f)?),
+        None => None,
+    };
+    Ok(MovePart {
+        symbol,
+        from: c.from,
+        ticks,
+        candles,
+        last,
+    })
+}
+
+/// The final chunk of a hand-over: a symbol's state.
+pub fn move_final_to_pb(rec: &SymbolRecord, dedup: &[(String, DedupState)]) -> pb::MoveFinal {
+    pb::MoveFinal {
+        epoch: rec.epoch.to_string(),
+        seq: rec.last_seq,
+        tick: rec.last.as_ref().map(tick_to_pb),
+        current: rec.candles.iter().flatten().map(|c| candle_to_pb(c, false)).collect(),
+        dedup: dedup
+            .iter()
+            .map(|(id, d)| pb::DedupEntry {
+                publisher_id: id.clone(),
+                publisher_seq: d.publisher_seq,
+                seq: d.seq,
+                last_used_micros: d.last_used,
+            })
+            .collect(),
+    }
+}
+
+/// A symbol's state from the final chunk of a hand-over, checked: the epoch
+/// parses, the last tick is the symbol's at `seq`, candles are the symbol's
+/// (one per interval), publisher ids are what a forwarded publish may carry.
+pub fn move_final_from_pb(
+    symbol: Symbol,
+    f: &pb::MoveFinal,
+) -> Result<(SymbolRecord, Vec<(String, DedupState)>), String> {
+    let epoch = Epoch::parse(&f.epoch).filter(|e| !e.is_none()).ok_or("bad epoch")?;
+    let last = match &f.tick {
+        Some(t) => Some(
+            stored_tick_from_pb(t)
+                .filter(|t| t.symbol == symbol && t.seq == f.seq)
+                .ok_or("bad last tick")?,
+        ),
+        None if f.seq == 0 => None,
+        None => return Err("a head without its tick".into()),
+    };
+    let mut candles = [None; 3];
+    for c in &f.current {
+        let c = candle_from_pb(c).filter(|c| c.symbol == symbol).ok_or("bad candle")?;
+        let slot = &mut candles[c.interval.index()];
+        if slot.is_some() {
+            return Err("two open candles of one interval".into());
+        }
+        *slot = Some(c);
+    }
+    let mut dedup = Vec::with_capacity(f.dedup.len());
+    for d in &f.dedup {
+        validate_forwarded_publisher_id(&d.publisher_id).map_err(|e| e.to_string())?;
+        if d.seq > f.seq {
+            return Err("a de-dup state past the head".into());
+        }
+        dedup.push((
+            d.publisher_id.clone(),
+            DedupState {
+                publisher_seq: d.publisher_seq,
+                seq: d.seq,
+                last_used: d.last_used_micros,
+            },
+        ));
+    }
+    let rec = SymbolRecord {
+        symbol,
+        epoch,
+        last_seq: f.seq,
+        last,
+        candles,
+    };
+    Ok((rec, dedup))
 }
 
 #[cfg(test)]

@@ -152,19 +152,26 @@ async fn inconsistent_cluster_configs_are_refused() {
     c.wait_linked().await;
     let tmp = tempfile::tempdir().unwrap();
     let extra = TestCluster::addrs(1)[0];
-    // another N than the running pods
+    // another N than the running pods: a new pod follows the cluster's
+    // committed count (contract §9), and at ordinal 3 of 3 it owns nothing
     let four = format!("{},http://{}", c.peers, extra.peer);
-    let e = Server::try_start_at(
+    let joined = Server::try_start_at(
         &tmp.path().join("a"),
         extra,
         &["--no-sim", "--shards", "4", "--shard-id", "3", "--peers", &four],
     )
-    .err()
-    .expect("a pod with another N must refuse to start");
+    .expect("a pod with a stale --shards follows the cluster");
+    assert!(joined.log_text().contains("adopting the cluster's newer shard layout"));
+    let mut p = joined.publisher("joined").await;
+    let acks = publish_all(&mut p, (0..8).map(|i| tick(&format!("JOIN-{i}"), T0, "1", "1"))).await;
+    assert!(acks.iter().all(|a| a.error.is_none() && a.seq == 1));
+    let listed = joined.list_symbols().await.symbols;
     assert!(
-        e.contains("reports shard 0 of 3") && e.contains("refusing to start"),
-        "{e}"
+        listed.iter().all(|i| i.owner_shard < 3),
+        "nothing is owned by shard 3: {listed:?}"
     );
+    assert_eq!(listed.iter().filter(|i| i.symbol.starts_with("JOIN-")).count(), 8);
+    drop(joined);
     // a second process claiming shard 1 (pod 1's address answers first)
     let e = Server::try_start_at(
         &tmp.path().join("b"),
@@ -182,7 +189,7 @@ async fn inconsistent_cluster_configs_are_refused() {
     )
     .err()
     .expect("must refuse");
-    assert!(e.contains("belongs to shard 0 of 3") || e.contains("locked"), "{e}");
+    assert!(e.contains("belongs to shard 0,") || e.contains("locked"), "{e}");
 }
 
 /// What one subscriber saw.
@@ -196,13 +203,13 @@ struct Seen {
 }
 
 /// `kubectl rollout restart` with load: a publisher at ~2,000 ticks/s over 30
-/// symbols, two resuming subscribers per pod, pods restarted 2, 1, 0 one at a
+/// symbols, six resuming subscribers spread over the pods, pods restarted 2, 1, 0 one at a
 /// time (stop, start on the same data dir, wait until ready).
 async fn rolling_restart(kill: bool) -> Duration {
     let mut c = TestCluster::start(3, &["--drain-ms", "300"]);
     c.wait_linked().await;
     let (ws, grpc) = (c.ws_urls(), c.grpc_urls());
-    rollout_under_load(ws, grpc, "ROLL", &[2, 1, 0], None, async |pod| {
+    rollout_under_load(ws, grpc, "ROLL", 30, &[2, 1, 0], None, async |pod| {
         if kill {
             c.pods[pod].kill9();
         } else {
@@ -217,8 +224,9 @@ async fn rolling_restart(kill: bool) -> Duration {
 }
 
 /// Runs `kubectl rollout`-like restarts under load and checks the guarantees:
-/// a publisher at ~2,000 ticks/s over 30 symbols (`<prefix>-<i>`) through the
-/// client library, two resuming subscribers per pod; `restart(pod)` is called
+/// a publisher at ~2,000 ticks/s over `n_symbols` symbols (`<prefix>-<i>`)
+/// through the client library, six resuming subscribers spread over the pods
+/// (starting at pod `i % pods`); `restart(pod)` is called
 /// for each pod of `order` (it must return once the pod is ready again).
 /// Asserts that every acked tick reached every subscriber exactly once, in
 /// order, and is in the owners' stores; returns the max client-visible gap.
@@ -226,11 +234,13 @@ pub(crate) async fn rollout_under_load(
     ws_urls: Vec<String>,
     grpc_urls: Vec<String>,
     prefix: &str,
+    n_symbols: usize,
     order: &[usize],
     token: Option<String>,
     mut restart: impl AsyncFnMut(usize),
 ) -> Duration {
-    let symbols: Vec<String> = (0..30).map(|i| format!("{prefix}-{i}")).collect();
+    let symbols: Vec<String> = (0..n_symbols).map(|i| format!("{prefix}-{i}")).collect();
+    let pods = ws_urls.len();
     let stop = tokio_util::sync::CancellationToken::new();
     let (acked_tx, acked_rx) = tokio::sync::watch::channel(0u64);
 
@@ -246,7 +256,7 @@ pub(crate) async fn rollout_under_load(
             token: token.clone(),
             trust: None,
         })
-        .starting_at(i % 3);
+        .starting_at(i % pods);
         assert!(matches!(
             tokio::time::timeout(WAIT, sub.next()).await.unwrap(),
             Event::Connected { .. }
@@ -310,7 +320,7 @@ pub(crate) async fn rollout_under_load(
                     _ = stop.cancelled() => break,
                     _ = every.tick() => {
                         for _ in 0..2 {
-                            let s = &symbols[(n % 30) as usize];
+                            let s = &symbols[n as usize % n_symbols];
                             let sent = tokio::time::timeout(Duration::from_secs(30), p.send(tick(s, T0 + n, "100.25", "1"))).await;
                             assert!(sent.is_ok(), "publisher stuck: {} unacked ({:?})", p.in_flight(), p.unacked_summary());
                             n += 1;

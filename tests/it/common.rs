@@ -439,6 +439,13 @@ impl TestCluster {
     /// Starts a pod on each of `addrs` (from [`TestCluster::addrs`]); peer
     /// URLs are `https://` when `extra` configures peer TLS.
     pub fn start_on(addrs: Vec<Ports>, extra: &[&str]) -> TestCluster {
+        let n = addrs.len() as u32;
+        Self::start_sized(addrs, n, extra)
+    }
+
+    /// Like [`TestCluster::start_on`] with `--shards shards` (pods at an
+    /// ordinal at or above it own nothing until a rebalance, contract §9).
+    pub fn start_sized(addrs: Vec<Ports>, shards: u32, extra: &[&str]) -> TestCluster {
         let n = addrs.len();
         let tmp = tempfile::tempdir().unwrap();
         let scheme = if extra.contains(&"--peer-tls-ca") {
@@ -459,7 +466,7 @@ impl TestCluster {
                 let mut a = vec![
                     "--no-sim".to_string(),
                     "--shards".into(),
-                    n.to_string(),
+                    shards.to_string(),
                     "--shard-id".into(),
                     i.to_string(),
                     "--peers".into(),

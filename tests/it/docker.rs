@@ -262,6 +262,7 @@ async fn a_statefulset_in_miniature_rolls_out_without_loss() {
         ws.clone(),
         grpc.clone(),
         "ROLLOUT",
+        30,
         &[2, 1, 0],
         token.clone(),
         async |i| set.replace(i, &image).await,
@@ -272,7 +273,7 @@ async fn a_statefulset_in_miniature_rolls_out_without_loss() {
     // 2. canary: a new image tag, only on the highest ordinal
     let canary = format!("{image}-canary");
     docker(&["tag", &image, &canary]);
-    let gap = rollout_under_load(ws.clone(), grpc.clone(), "CANARY", &[2], token.clone(), async |i| {
+    let gap = rollout_under_load(ws.clone(), grpc.clone(), "CANARY", 30, &[2], token.clone(), async |i| {
         set.replace(i, &canary).await
     })
     .await;
@@ -286,6 +287,6 @@ async fn a_statefulset_in_miniature_rolls_out_without_loss() {
     eprintln!("docker canary: max client-visible gap {} ms", gap.as_millis());
 
     // 3. kill -9 of a container, restarted in place
-    let gap = rollout_under_load(ws, grpc, "KILL", &[1], token, async |i| set.kill9(i).await).await;
+    let gap = rollout_under_load(ws, grpc, "KILL", 30, &[1], token, async |i| set.kill9(i).await).await;
     eprintln!("docker kill -9: max client-visible gap {} ms", gap.as_millis());
 }

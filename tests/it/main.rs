@@ -9,6 +9,7 @@ mod cluster;
 mod common;
 mod docker;
 mod durability;
+mod elastic;
 mod grpc_api;
 mod hardening;
 mod in_process;

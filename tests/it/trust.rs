@@ -33,6 +33,7 @@ async fn the_cluster_service_is_served_only_on_the_peer_port() {
     let topology = pb::TopologyRequest {
         caller_shard: 0,
         shards: 1,
+        state: None,
     };
     let mut public = ClusterClient::new(channel(srv.grpc_url()).await);
     let e = public
@@ -74,6 +75,7 @@ async fn topology_via(ep: Endpoint) -> Result<pb::TopologyResponse, String> {
         .topology(pb::TopologyRequest {
             caller_shard: 0,
             shards: 2,
+            state: None,
         })
         .await
         .map(|r| r.into_inner())

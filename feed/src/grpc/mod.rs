@@ -77,12 +77,13 @@ pub fn start(
         shared.publish_window,
         shared.ws.max_subscriptions,
     ));
+    let admin = tickshard_proto::admin::admin_server::AdminServer::new(rpc::AdminService::new(shared.node.clone()));
     let feed = FeedRoutes::new(FeedService {
         shared,
         reads: ReadLimit::new(limits.max_reads),
     });
     let public_routes = Routes::new(health).add_service(reflection).add_service(feed).prepare();
-    let peer_routes = Routes::new(cluster).prepare();
+    let peer_routes = Routes::new(cluster).add_service(admin).prepare();
     // The peer port serves a few pods: a small connection budget and a short
     // handshake, so a stranger that reaches it cannot crowd the pods out.
     let peer_limits = GrpcLimits {

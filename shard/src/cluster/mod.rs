@@ -21,26 +21,33 @@ mod peer;
 use std::{
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
 
+pub use crate::committer::MovePart;
 pub use peer::{MirrorLease, Peer, PeerError};
 use tickshard_proto::v1::{self as pb, cluster_client::ClusterClient};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-use crate::hub::Hub;
+use crate::{
+    hub::Hub,
+    placement::{ClusterState, Placement},
+};
 
 /// How a pod reaches the others.
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
     pub shard_id: u32,
-    pub shards: u32,
-    /// Peer URL of every shard, by id (this pod's own entry included).
+    /// Peer URL of every shard, by id (this pod's own entry included), as
+    /// listed in `--peers`.
     pub peers: Vec<String>,
+    /// `--peers` as a template (`{}` for the id): any shard's URL, for
+    /// rebalances beyond the listed ones.
+    pub peer_template: Option<String>,
     /// Mutual TLS of peer links, else plaintext.
     pub peer_tls: Option<PeerTls>,
     /// Unsent bytes per follower stream before it is closed (the follower then
@@ -49,19 +56,38 @@ pub struct ClusterConfig {
     pub connect_timeout: Duration,
 }
 
+/// The cluster protocol version this build speaks (`TopologyResponse.protocol`).
+/// 1: the first release (no field: reads as 0); 2: elastic shards (cluster
+/// state in Topology, SetState/Moves/MoveIn/MoveStatus). A peer of another
+/// version is synced with (Forward and Follow are unchanged since 1), and a
+/// rebalance needs every pod at 2 or above.
+pub const PROTOCOL: u32 = 2;
+
+impl ClusterConfig {
+    /// The peer URL of shard `id`, if `--peers` names one.
+    pub fn peer_addr(&self, id: u32) -> Option<String> {
+        match &self.peer_template {
+            Some(t) => Some(t.replace("{}", &id.to_string())),
+            None => self.peers.get(id as usize).cloned(),
+        }
+    }
+
+    /// How many shards `--peers` can address.
+    pub fn addressable(&self) -> u32 {
+        match &self.peer_template {
+            Some(_) => crate::placement::MAX_SHARDS,
+            None => self.peers.len() as u32,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error(
-        "peer {addr} (shard {index} in --peers) reports shard {shard_id} of {shards}, but this pod expects shard {index} of {expected_shards}; \
-         refusing to start: fix --shards/--peers/--shard-id so every pod agrees"
+        "peer {addr} (shard {index} in --peers) reports shard {shard_id}; \
+         refusing to start: fix --peers/--shard-id so every pod agrees"
     )]
-    Mismatch {
-        addr: String,
-        index: u32,
-        shard_id: u32,
-        shards: u32,
-        expected_shards: u32,
-    },
+    Mismatch { addr: String, index: u32, shard_id: u32 },
     #[error(
         "shard id {shard_id} is already served by another process at {addr} (instance {instance}); \
          refusing to start a duplicate shard (check --shard-id and the hostname)"
@@ -107,28 +133,87 @@ pub(crate) async fn endpoint(addr: &str, tls: Option<&PeerTls>) -> Result<Endpoi
     }
 }
 
+/// A running link and what stops it alone.
+struct Link {
+    peer: Arc<Peer>,
+    stop: CancellationToken,
+}
+
 pub struct Cluster {
     cfg: ClusterConfig,
     /// Random per process start: a peer sees a restart as a new instance.
     instance: String,
-    peers: Vec<Option<Arc<Peer>>>,
+    hub: Arc<Hub>,
+    placement: Arc<Placement>,
+    /// One link per other shard of the cluster's current span (committed
+    /// count, or the target while a rebalance runs), by id.
+    peers: RwLock<Vec<Option<Link>>>,
     started: AtomicBool,
+    /// Where links run, once started.
+    runner: Mutex<Option<(TaskTracker, CancellationToken)>>,
 }
 
 impl Cluster {
-    pub fn new(cfg: ClusterConfig, hub: Arc<Hub>) -> Arc<Cluster> {
+    pub fn new(cfg: ClusterConfig, hub: Arc<Hub>, placement: Arc<Placement>) -> Arc<Cluster> {
         let instance = format!("{:016x}", fastrand::u64(..));
-        let peers = (0..cfg.shards)
-            .map(|i| {
-                (i != cfg.shard_id).then(|| Arc::new(Peer::new(i, cfg.peers[i as usize].clone(), &cfg, hub.clone())))
-            })
-            .collect();
-        Arc::new(Cluster {
+        let c = Arc::new(Cluster {
             cfg,
             instance,
-            peers,
+            hub,
+            placement,
+            peers: RwLock::new(Vec::new()),
             started: AtomicBool::new(false),
-        })
+            runner: Mutex::new(None),
+        });
+        c.resize(c.placement.state().span());
+        c
+    }
+
+    /// Keeps one link per other shard below `span` (started if the cluster
+    /// runs); links at or above it stop (their pods are scaled away).
+    pub fn resize(&self, span: u32) {
+        let span = span.min(self.cfg.addressable());
+        let runner = self.runner.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        while peers.len() > span as usize {
+            if let Some(Some(l)) = peers.pop() {
+                tracing::info!(
+                    peer = l.peer.id,
+                    "peer link stopped: the shard is beyond the cluster's span"
+                );
+                l.stop.cancel();
+            }
+        }
+        while peers.len() < span as usize {
+            let i = peers.len() as u32;
+            let link = match self.cfg.peer_addr(i) {
+                Some(addr) if i != self.cfg.shard_id => {
+                    let peer = Arc::new(Peer::new(i, addr, &self.cfg, self.hub.clone(), self.placement.clone()));
+                    let stop = CancellationToken::new();
+                    if let Some((tracker, all)) = &runner {
+                        Self::run_link(&peer, tracker, all, &stop);
+                    }
+                    Some(Link { peer, stop })
+                }
+                _ => None,
+            };
+            peers.push(link);
+        }
+    }
+
+    fn run_link(peer: &Arc<Peer>, tracker: &TaskTracker, all: &CancellationToken, own: &CancellationToken) {
+        let p = peer.clone();
+        let stop = CancellationToken::new();
+        let (all, own, s) = (all.clone(), own.clone(), stop.clone());
+        let tasks = tracker.clone();
+        crate::tasks::spawn(tracker, async move {
+            tokio::select! {
+                _ = all.cancelled() => {}
+                _ = own.cancelled() => {}
+            }
+            s.cancel();
+        });
+        crate::tasks::spawn(tracker, async move { p.run(stop, tasks).await });
     }
 
     pub fn instance(&self) -> &str {
@@ -139,27 +224,35 @@ impl Cluster {
         &self.cfg
     }
 
-    /// The link to shard `id` (`None` for this pod's own id).
-    pub fn peer(&self, id: u32) -> Option<&Arc<Peer>> {
-        self.peers.get(id as usize).and_then(Option::as_ref)
+    /// The link to shard `id` (`None` for this pod's own id, or beyond the span).
+    pub fn peer(&self, id: u32) -> Option<Arc<Peer>> {
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        peers.get(id as usize).and_then(Option::as_ref).map(|l| l.peer.clone())
     }
 
-    pub fn peers(&self) -> impl Iterator<Item = &Arc<Peer>> {
-        self.peers.iter().flatten()
+    /// Every link, by id.
+    pub fn peers(&self) -> Vec<Arc<Peer>> {
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        peers.iter().flatten().map(|l| l.peer.clone()).collect()
     }
 
-    /// Before serving: asks every reachable peer for its topology and refuses
-    /// an inconsistent cluster (another N, another id at that address, or our
-    /// own id already served elsewhere). Unreachable peers are "known down".
-    pub async fn check_topology(&self) -> Result<(), ClusterError> {
-        let probes = self.cfg.peers.iter().enumerate().map(|(i, addr)| async move {
-            let i = i as u32;
+    /// Before serving: asks every reachable peer of the span for its
+    /// topology and refuses an inconsistent cluster (another id at that
+    /// address, or our own id already served elsewhere). Unreachable peers
+    /// are "known down". Answers the newest cluster state a peer reported.
+    pub async fn check_topology(&self) -> Result<Option<ClusterState>, ClusterError> {
+        let state = self.placement.state();
+        let span = state.span().max(self.cfg.shard_id + 1).min(self.cfg.addressable());
+        let addrs: Vec<(u32, String)> = (0..span).filter_map(|i| Some((i, self.cfg.peer_addr(i)?))).collect();
+        let probes = addrs.iter().map(|(i, addr)| async move {
+            let i = *i;
             let req = pb::TopologyRequest {
                 caller_shard: self.cfg.shard_id,
-                shards: self.cfg.shards,
+                shards: state.committed,
+                state: Some(crate::wire::cluster_state_to_pb(&state)),
             };
             let Ok(ep) = endpoint(addr, self.cfg.peer_tls.as_ref()).await else {
-                return Ok(());
+                return Ok(None);
             };
             let ep = ep
                 .connect_timeout(Duration::from_millis(500))
@@ -167,10 +260,10 @@ impl Cluster {
             // (bounded as a whole: a peer that is starting has bound its port
             // but not yet answered a TLS handshake)
             let Ok(Ok(ch)) = tokio::time::timeout(Duration::from_secs(1), ep.connect()).await else {
-                return Ok(()); // down (or, for our own id, not serving yet: good)
+                return Ok(None); // down (or, for our own id, not serving yet: good)
             };
             let Ok(resp) = ClusterClient::new(ch).topology(req).await else {
-                return Ok(());
+                return Ok(None);
             };
             let t = resp.into_inner();
             if i == self.cfg.shard_id {
@@ -180,21 +273,24 @@ impl Cluster {
                     instance: t.instance,
                 });
             }
-            if t.shard_id != i || t.shards != self.cfg.shards {
+            if t.shard_id != i {
                 return Err(ClusterError::Mismatch {
                     addr: addr.clone(),
                     index: i,
                     shard_id: t.shard_id,
-                    shards: t.shards,
-                    expected_shards: self.cfg.shards,
                 });
             }
-            Ok(())
+            Ok(t.state.as_ref().and_then(crate::wire::cluster_state_from_pb))
         });
+        let mut newest: Option<ClusterState> = None;
         for r in futures_util::future::join_all(probes).await {
-            r?;
+            if let Some(s) = r? {
+                if newest.is_none_or(|n| s.version > n.version) {
+                    newest = Some(s);
+                }
+            }
         }
-        Ok(())
+        Ok(newest)
     }
 
     /// Starts every peer link; they run until `stop`.
@@ -202,11 +298,10 @@ impl Cluster {
         if self.started.swap(true, Ordering::Relaxed) {
             return;
         }
-        for p in self.peers() {
-            let p = p.clone();
-            let stop = stop.clone();
-            let tasks = tracker.clone();
-            crate::tasks::spawn(tracker, async move { p.run(stop, tasks).await });
+        *self.runner.lock().unwrap_or_else(|p| p.into_inner()) = Some((tracker.clone(), stop.clone()));
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        for l in peers.iter().flatten() {
+            Self::run_link(&l.peer, tracker, &stop, &l.stop);
         }
     }
 }

@@ -23,7 +23,9 @@ use crate::{
     committer::{Accepted, Ack, AckError, PublishCmd},
     domain::{Epoch, ErrorCode, History, HistoryQuery, LastTick, Symbol, SymbolInfo, Tick, now_micros},
     hub::{Channel as SubChannel, Chunk, Head, Hub, SymbolHub},
-    metrics as m, wire,
+    metrics as m,
+    placement::ClusterState,
+    wire,
 };
 
 /// How long a subscribe waits for the owner to start a new follow.
@@ -72,6 +74,8 @@ enum MirrorState {
 /// inside the session).
 enum FollowCmd {
     Follow(Symbol),
+    /// A mirror taken off this link (see [`Peer::take_mirror`]).
+    Unfollow(Symbol),
 }
 
 struct Mirror {
@@ -102,7 +106,7 @@ pub struct Peer {
     addr: String,
     tls: Option<super::PeerTls>,
     me: u32,
-    shards: u32,
+    placement: Arc<crate::placement::Placement>,
     connect_timeout: Duration,
     hub: Arc<Hub>,
     up: AtomicBool,
@@ -156,7 +160,13 @@ impl Drop for MirrorLease {
 }
 
 impl Peer {
-    pub(super) fn new(id: u32, addr: String, cfg: &ClusterConfig, hub: Arc<Hub>) -> Peer {
+    pub(super) fn new(
+        id: u32,
+        addr: String,
+        cfg: &ClusterConfig,
+        hub: Arc<Hub>,
+        placement: Arc<crate::placement::Placement>,
+    ) -> Peer {
         let (fwd_tx, fwd_rx) = mpsc::channel(FORWARD_QUEUE);
         let (follow_tx, follow_rx) = mpsc::unbounded_channel();
         let label = id.to_string();
@@ -167,7 +177,7 @@ impl Peer {
             addr,
             tls: cfg.peer_tls.clone(),
             me: cfg.shard_id,
-            shards: cfg.shards,
+            placement,
             connect_timeout: cfg.connect_timeout,
             hub,
             up: AtomicBool::new(false),
@@ -310,6 +320,103 @@ impl Peer {
         Ok(resp.symbols.iter().filter_map(wire::symbol_info_from_pb).collect())
     }
 
+    /// Takes the mirror of `sym` off this link (this pod took the symbol
+    /// over, or it now lives on another shard): no event of this link
+    /// reaches the hub any more, and the owner is told to stop.
+    pub fn take_mirror(&self, sym: &Symbol) -> Option<Arc<SymbolHub>> {
+        let m = self.lock_mirrors().remove(sym)?;
+        let _ = self.follow_tx.send(FollowCmd::Unfollow(*sym));
+        Some(m.hub)
+    }
+
+    /// Feeds `hub` (already at its owner's position) from this peer from now
+    /// on: a symbol that moved to this peer (contract §9).
+    pub fn adopt_mirror(&self, hub: Arc<SymbolHub>) {
+        let sym = hub.symbol();
+        let mut mirrors = self.lock_mirrors();
+        if mirrors.contains_key(&sym) {
+            return;
+        }
+        mirrors.insert(
+            sym,
+            Mirror {
+                hub,
+                ready: watch::channel(MirrorState::Ready).0,
+                leases: 0,
+                idle_since: None,
+            },
+        );
+        let _ = self.follow_tx.send(FollowCmd::Follow(sym));
+    }
+
+    /// The symbols mirrored from this peer.
+    pub fn mirrored(&self) -> Vec<Symbol> {
+        self.lock_mirrors().keys().copied().collect()
+    }
+
+    /// Offers a cluster state to this peer; answers the peer's state after.
+    pub async fn set_state(&self, state: ClusterState, seal: bool) -> Result<ClusterState, PeerError> {
+        let req = pb::SetStateRequest {
+            state: Some(wire::cluster_state_to_pb(&state)),
+            seal,
+        };
+        let resp = self.call(|mut c| async move { c.set_state(req).await }).await?;
+        wire::cluster_state_from_pb(&resp).ok_or(PeerError::Rpc {
+            shard: self.id,
+            status: tonic::Status::internal("bad cluster state"),
+        })
+    }
+
+    /// The peer's state and the moves it still has to make.
+    pub async fn moves(&self) -> Result<(ClusterState, Vec<(Symbol, u32, u32)>), PeerError> {
+        let resp = self
+            .call(|mut c| async move { c.moves(pb::MovesRequest {}).await })
+            .await?;
+        let state = resp
+            .state
+            .as_ref()
+            .and_then(wire::cluster_state_from_pb)
+            .ok_or(PeerError::Rpc {
+                shard: self.id,
+                status: tonic::Status::internal("bad cluster state"),
+            })?;
+        let moves = resp
+            .moves
+            .iter()
+            .filter_map(|m| Some((Symbol::parse(&m.symbol).ok()?, m.from, m.to)))
+            .collect();
+        Ok((state, moves))
+    }
+
+    /// Hands a symbol over to this peer: `chunks` is the whole MoveIn stream
+    /// (history, then the final chunk). Bounded by `deadline`.
+    pub async fn move_in(&self, parts: mpsc::Receiver<super::MovePart>, deadline: Duration) -> Result<u64, PeerError> {
+        use futures_util::StreamExt as _;
+        let mut client = self.client()?;
+        let bytes = metrics::counter!(m::MOVE_BYTES);
+        let chunks = ReceiverStream::new(parts).map(move |p| {
+            let c = wire::move_part_to_pb(&p);
+            bytes.increment(prost::Message::encoded_len(&c) as u64);
+            c
+        });
+        match tokio::time::timeout(deadline, client.move_in(chunks)).await {
+            Ok(Ok(r)) => Ok(r.into_inner().seq),
+            Ok(Err(status)) => Err(PeerError::Rpc { shard: self.id, status }),
+            Err(_) => Err(PeerError::Timeout(self.id)),
+        }
+    }
+
+    /// Whether the peer holds `sym` at `epoch` with a head at `seq` or later
+    /// (final: a MoveIn still in flight there is refused from then on).
+    pub async fn move_status(&self, sym: Symbol, epoch: Epoch, seq: u64) -> Result<bool, PeerError> {
+        let req = pb::MoveStatusRequest {
+            symbol: sym.as_str().to_owned(),
+            epoch: epoch.to_string(),
+            seq,
+        };
+        Ok(self.call(|mut c| async move { c.move_status(req).await }).await?.held)
+    }
+
     /// Connects (resolving DNS anew) and checks the peer's topology.
     async fn connect(&self) -> Result<Channel, String> {
         let ep = super::endpoint(&self.addr, self.tls.as_ref())
@@ -324,21 +431,32 @@ impl Peer {
             .await
             .map_err(|_| format!("connect {}: no handshake in time", self.addr))?
             .map_err(|e| format!("connect {}: {e}", self.addr))?;
+        let state = self.placement.state();
         let req = pb::TopologyRequest {
             caller_shard: self.me,
-            shards: self.shards,
+            shards: state.committed,
+            state: Some(wire::cluster_state_to_pb(&state)),
         };
         let t = tokio::time::timeout(RPC_TIMEOUT, ClusterClient::new(ch.clone()).topology(req))
             .await
             .map_err(|_| "topology: timeout".to_string())?
             .map_err(|e| format!("topology: {e}"))?
             .into_inner();
-        if t.shards != self.shards || t.shard_id != self.id {
+        if t.shard_id != self.id {
             tracing::error!(
-                peer = self.id, addr = %self.addr, their_id = t.shard_id, their_shards = t.shards,
-                "peer topology disagrees with ours; not syncing with it"
+                peer = self.id, addr = %self.addr, their_id = t.shard_id,
+                "the peer at this address is another shard; not syncing with it"
             );
             return Err("topology mismatch".into());
+        }
+        if t.protocol != super::PROTOCOL {
+            tracing::warn!(
+                peer = self.id, theirs = t.protocol, ours = super::PROTOCOL, version = %t.version,
+                "peer speaks another cluster protocol version (a rolling upgrade?): syncing with what both know"
+            );
+        }
+        if let Some(s) = t.state.as_ref().and_then(wire::cluster_state_from_pb) {
+            self.placement.heard(s);
         }
         if !t.ready {
             return Err("peer not ready".into());
@@ -498,6 +616,11 @@ impl Peer {
                             let head = self.lock_mirrors().get(&sym).map(|m| m.hub.head());
                             follow_request(sym, head)
                         }
+                        Some(FollowCmd::Unfollow(sym)) => pb::FollowRequest {
+                            kind: Some(pb::follow_request::Kind::Unfollow(pb::UnfollowSymbol {
+                                symbol: sym.as_str().to_owned(),
+                            })),
+                        },
                         None => break "follow queue closed".into(),
                     };
                     if fo_tx.send(req).is_err() {

@@ -39,9 +39,12 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 
 mod held;
+mod moves;
 mod recovery;
 
 pub use held::{Held, Recent, SymbolHeld};
+use moves::MoveOut;
+pub use moves::{Exported, Imported, MovePart, Relay, Setup};
 
 use crate::{
     domain::{Candle, CandleAgg, CandleEffect, Epoch, ErrorCode, InputError, Interval, Symbol, Tick, now_micros},
@@ -206,10 +209,6 @@ impl PublishCmd {
     }
 }
 
-#[expect(
-    clippy::large_enum_variant,
-    reason = "nearly every command is a Publish: boxing it would cost an allocation per tick"
-)]
 pub enum Cmd {
     Publish(PublishCmd),
     /// Creates (durably) the epoch of symbols without ticks.
@@ -225,6 +224,49 @@ pub enum Cmd {
     Compact,
     /// Commits everything queued before it, flushes and ends the thread.
     Stop,
+    /// Elastic shards (contract §9, see [`moves`]): start handing `symbol`
+    /// over to shard `to`. From here on its publishes are held; the answer
+    /// (its state, all its ticks in blocks) comes once the hold is durable.
+    Export {
+        symbol: Symbol,
+        to: u32,
+        reply: oneshot::Sender<Result<Exported, CommitError>>,
+    },
+    /// Ends a hand-over: `moved` (the new owner holds the symbol: this
+    /// shard's copy goes, held publishes are relayed to it) or not (rolled
+    /// back: held publishes are applied here, in order).
+    Release {
+        symbol: Symbol,
+        moved: bool,
+        reply: oneshot::Sender<()>,
+    },
+    /// Takes over a symbol handed over by its old owner.
+    Import {
+        state: Box<Imported>,
+        reply: oneshot::Sender<Result<(), CommitError>>,
+    },
+    /// Adopts a cluster state (durable with this commit). `seal`: new
+    /// symbols whose owner changes under the target are held, not created.
+    SetState {
+        state: crate::placement::ClusterState,
+        seal: bool,
+        reply: oneshot::Sender<Result<(), CommitError>>,
+    },
+    /// The symbols held here whose owner under the target is another shard.
+    Moves {
+        reply: oneshot::Sender<Vec<(Symbol, u32)>>,
+    },
+    /// Whether this shard holds `symbol` at `epoch` with a head at `seq` or later.
+    Holds {
+        symbol: Symbol,
+        epoch: Epoch,
+        seq: u64,
+        reply: oneshot::Sender<bool>,
+    },
+    /// Answered (through the relay) once every relay before it was sent.
+    Barrier {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -279,6 +321,10 @@ pub enum CommitError {
     NotOwner(String, u32),
     #[error("this shard holds its limit of {0} symbols (--max-symbols); refusing to create another")]
     SymbolLimit(usize),
+    /// A hand-over the committer cannot do (the symbol is not here, or is
+    /// already moving).
+    #[error("{0}")]
+    Move(String),
 }
 
 /// The committer's handle: cheap to clone, used by every publisher.
@@ -301,13 +347,31 @@ impl Committer {
         records: Vec<SymbolRecord>,
         dedup: Vec<SymbolDedup>,
         cfg: CommitterConfig,
+        setup: Setup,
     ) -> Result<(Committer, thread::JoinHandle<()>), StartError> {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let failed = Failure::default();
+        let gone: HashSet<Symbol> = setup.marks.iter().filter(|m| m.done).map(|m| m.symbol).collect();
         let recovery::Recovered {
             mut symbols,
             next_commit,
-        } = recovery::recover(&store, records, dedup)?;
+        } = recovery::recover(&store, records, dedup, &gone)?;
+        let moving = setup
+            .marks
+            .iter()
+            .map(|m| {
+                let state = if m.done {
+                    MoveOut::Gone { to: m.to }
+                } else {
+                    MoveOut::Holding {
+                        to: m.to,
+                        parked: Vec::new(),
+                        since: Instant::now(),
+                    }
+                };
+                (m.symbol, state)
+            })
+            .collect();
         let started = Instant::now();
         let mut unticked = VecDeque::new();
         let held = Arc::new(Held::default());
@@ -331,6 +395,13 @@ impl Committer {
             log_refs: BTreeMap::new(),
             unticked,
             cfg,
+            me: setup.me,
+            cluster: setup.state,
+            sealed: false,
+            moving,
+            sealed_parked: Vec::new(),
+            sealed_ensures: Vec::new(),
+            relay: setup.relay,
         };
         let join = thread::Builder::new()
             .name("tickshard-commit".into())
@@ -364,6 +435,59 @@ impl Committer {
             .await
             .map_err(|_| CommitError::Stopped)?;
         rx.await.map_err(|_| CommitError::Stopped)?
+    }
+
+    /// Sends a command that answers on a oneshot, and waits for the answer.
+    async fn ask<T>(&self, cmd: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, CommitError> {
+        if let Some(e) = self.failed.get() {
+            return Err(CommitError::StoreFailed(e.clone()));
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(cmd(reply)).await.map_err(|_| CommitError::Stopped)?;
+        rx.await.map_err(|_| CommitError::Stopped)
+    }
+
+    /// See [`Cmd::Export`].
+    pub async fn export(&self, symbol: Symbol, to: u32) -> Result<Exported, CommitError> {
+        self.ask(|reply| Cmd::Export { symbol, to, reply }).await?
+    }
+
+    /// See [`Cmd::Release`].
+    pub async fn release(&self, symbol: Symbol, moved: bool) -> Result<(), CommitError> {
+        self.ask(|reply| Cmd::Release { symbol, moved, reply }).await
+    }
+
+    /// See [`Cmd::Import`].
+    pub async fn import(&self, state: Imported) -> Result<(), CommitError> {
+        let state = Box::new(state);
+        self.ask(|reply| Cmd::Import { state, reply }).await?
+    }
+
+    /// See [`Cmd::SetState`].
+    pub async fn set_state(&self, state: crate::placement::ClusterState, seal: bool) -> Result<(), CommitError> {
+        self.ask(|reply| Cmd::SetState { state, seal, reply }).await?
+    }
+
+    /// See [`Cmd::Moves`].
+    pub async fn moves(&self) -> Result<Vec<(Symbol, u32)>, CommitError> {
+        self.ask(|reply| Cmd::Moves { reply }).await
+    }
+
+    /// See [`Cmd::Holds`].
+    pub async fn holds(&self, symbol: Symbol, epoch: Epoch, seq: u64) -> Result<bool, CommitError> {
+        self.ask(|reply| Cmd::Holds {
+            symbol,
+            epoch,
+            seq,
+            reply,
+        })
+        .await
+    }
+
+    /// See [`Cmd::Barrier`].
+    pub async fn barrier(&self) -> Result<(), CommitError> {
+        let rx = self.ask(|reply| Cmd::Barrier { reply }).await;
+        rx.map(|_| ())
     }
 
     /// Asks for a compaction of the log after the next commit, if the queue
@@ -516,6 +640,19 @@ struct Worker {
     /// Symbols without ticks, oldest creation first (checked for forgetting).
     unticked: VecDeque<(Instant, Symbol)>,
     cfg: CommitterConfig,
+    /// This shard's id and the cluster's layout (contract §9).
+    me: u32,
+    cluster: crate::placement::ClusterState,
+    /// The last phase of a rebalance: new symbols that will belong to another
+    /// shard are not created here.
+    sealed: bool,
+    /// Symbols being handed over, or handed over (see [`moves`]).
+    moving: HashMap<Symbol, MoveOut>,
+    /// Publishes and ensures of new symbols held while sealed.
+    sealed_parked: Vec<PublishCmd>,
+    sealed_ensures: Vec<(Vec<Symbol>, EnsureReply)>,
+    /// Publishes for symbols handed over go to their new owner through here.
+    relay: mpsc::UnboundedSender<Relay>,
 }
 
 #[derive(Default)]
@@ -556,6 +693,8 @@ struct Round {
     stop: bool,
     by_stream: HashMap<u64, (mpsc::UnboundedSender<Vec<Ack>>, Vec<Ack>)>,
     per_stream: HashMap<u64, usize>,
+    /// Hand-overs of this round (see [`moves`]).
+    moves: moves::RoundMoves,
 }
 
 /// The committer's metrics, resolved once.
@@ -607,6 +746,7 @@ impl Worker {
                 }
             }
             self.publish(&mut round, &meters);
+            self.finish_moves(&mut round);
             ack(&mut round);
             if round.stop {
                 tracing::debug!("committer stopped");
@@ -627,27 +767,37 @@ impl Worker {
         for cmd in cmds.drain(..) {
             match cmd {
                 Cmd::Publish(p) => {
-                    let result = self.apply_publish(&p, now, &mut round.touched, &mut round.counts);
-                    round.acks.push(Pending {
-                        publisher: p.publisher.map(|(id, _)| id),
-                        reply: p.reply,
-                        ack: Ack {
-                            request_id: p.request_id,
-                            symbol: p.tick.symbol,
-                            result,
-                        },
-                        received: p.received,
-                    });
+                    if let Some(p) = self.divert(p) {
+                        self.apply_one(p, round, now);
+                    }
                 }
                 Cmd::Ensure { symbols, reply } => {
-                    let r = self.ensure(&symbols, &mut round.touched);
-                    round.ensures.push((reply, r));
+                    if let Some((symbols, reply)) = self.divert_ensure(symbols, reply) {
+                        let r = self.ensure(&symbols, &mut round.touched);
+                        round.ensures.push((reply, r));
+                    }
                 }
                 Cmd::Compact => round.compact = true,
                 Cmd::Stop => round.stop = true,
+                other => self.apply_move(other, round, now),
             }
         }
         round.cmds = cmds; // (its capacity, for the next round)
+    }
+
+    /// Applies one publish and queues its ack.
+    fn apply_one(&mut self, p: PublishCmd, round: &mut Round, now: i64) {
+        let result = self.apply_publish(&p, now, &mut round.touched, &mut round.counts);
+        round.acks.push(Pending {
+            publisher: p.publisher.map(|(id, _)| id),
+            reply: p.reply,
+            ack: Ack {
+                request_id: p.request_id,
+                symbol: p.tick.symbol,
+                result,
+            },
+            received: p.received,
+        });
     }
 
     /// The round's one atomic batch: forgotten symbols removed, a few
@@ -669,6 +819,11 @@ impl Worker {
             Pick::Due
         };
         round.compacting = self.pick_compactions(commit, &round.touched, pick);
+        for (sym, _, _) in &round.moves.exports {
+            if !round.compacting.contains(sym) {
+                round.compacting.push(*sym);
+            }
+        }
         let block_ticks = self.store.block_ticks();
         let horizon = now - DEDUP_HORIZON.as_micros() as i64;
         for sym in &round.compacting {
@@ -721,6 +876,7 @@ impl Worker {
                 self.log_refs.entry(commit).or_default().insert(*sym);
             }
         }
+        self.write_moves(round, &mut batch);
         if batch.seal_log(commit) {
             self.next_commit += 1;
         }
@@ -747,6 +903,7 @@ impl Worker {
         for (r, _) in round.ensures.drain(..) {
             let _ = r.send(Err(CommitError::StoreFailed(e.clone())));
         }
+        self.fail_moves(round, &why, &e);
         rx.close();
         while let Ok(cmd) = rx.try_recv() {
             match cmd {
@@ -754,7 +911,7 @@ impl Worker {
                 Cmd::Ensure { reply, .. } => {
                     let _ = reply.send(Err(CommitError::StoreFailed(e.clone())));
                 }
-                Cmd::Compact | Cmd::Stop => {}
+                _ => {} // (the other answers are dropped: their askers see Stopped)
             }
         }
     }

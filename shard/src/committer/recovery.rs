@@ -7,7 +7,10 @@
 //! was folded is compacted at once (blocks, snapshots, no log), so the
 //! committer starts with nothing held.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use super::{DEDUP_HORIZON, StartError, SymState, snapshot};
 use crate::{
@@ -29,6 +32,7 @@ pub(super) fn recover(
     store: &Store,
     records: Vec<SymbolRecord>,
     dedup: Vec<SymbolDedup>,
+    gone: &HashSet<Symbol>,
 ) -> Result<Recovered, StartError> {
     let mut dedup: HashMap<Symbol, Vec<(String, DedupState)>> = dedup.into_iter().collect();
     let mut symbols = HashMap::with_capacity(records.len());
@@ -59,6 +63,9 @@ pub(super) fn recover(
     let mut folded = 0usize;
     for section in log.iter().flat_map(|(_, sections)| sections) {
         let Some(first) = section.ticks.first() else { continue };
+        if gone.contains(&first.symbol) && !symbols.contains_key(&first.symbol) {
+            continue; // handed over to another shard (its copy here is gone)
+        }
         let st = symbols.get_mut(&first.symbol).ok_or(StoreError::Corrupt {
             key: format!("L… {}", first.symbol),
             what: "log record of a symbol without a record",

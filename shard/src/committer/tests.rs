@@ -22,8 +22,22 @@ fn start(dir: &std::path::Path) -> Running {
     let hub = Arc::new(Hub::new(1 << 20));
     let records = store.load_symbols().unwrap();
     let dedup = store.load_dedup().unwrap();
-    let (committer, join) =
-        Committer::start(store.clone(), hub.clone(), records, dedup, CommitterConfig::default()).unwrap();
+    let marks = store.load_move_marks().unwrap();
+    let setup = super::Setup {
+        me: 0,
+        state: crate::placement::ClusterState::initial(2),
+        marks,
+        relay: tokio::sync::mpsc::unbounded_channel().0,
+    };
+    let (committer, join) = Committer::start(
+        store.clone(),
+        hub.clone(),
+        records,
+        dedup,
+        CommitterConfig::default(),
+        setup,
+    )
+    .unwrap();
     Running {
         store,
         hub,

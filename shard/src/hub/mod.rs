@@ -122,7 +122,8 @@ struct State {
 pub struct SymbolHub {
     symbol: Symbol,
     /// A mirror of a symbol owned by another shard, fed by a peer follow.
-    foreign: bool,
+    /// Changes when the symbol moves between shards (contract §9).
+    foreign: std::sync::atomic::AtomicBool,
     pending_limit: usize,
     state: Mutex<State>,
 }
@@ -137,7 +138,35 @@ impl SymbolHub {
     }
 
     pub fn is_foreign(&self) -> bool {
-        self.foreign
+        self.foreign.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The symbol was handed over to another shard: from now on this hub is
+    /// its mirror (subscribers stay attached and see the new owner's ticks,
+    /// which continue the seq).
+    pub fn hand_over(&self) {
+        self.foreign.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// This shard took the symbol over (at `epoch`, with retained `ticks`
+    /// ending at its head). A mirror it had is brought up to the head (its
+    /// subscribers get the ticks it lacked, in order) and becomes the
+    /// owner's hub.
+    pub fn take_over(&self, epoch: Epoch, ticks: &[Tick], candles: [Option<Candle>; 3]) {
+        let head = self.head();
+        if head.epoch != epoch && !head.epoch.is_none() {
+            tracing::warn!(symbol = %self.symbol, mirror = %head.epoch, owner = %epoch, "a mirror of another epoch became the owner's hub");
+        }
+        if head.epoch != epoch {
+            self.reset(epoch, ticks.last().copied());
+        } else {
+            let missing: Vec<Tick> = ticks.iter().filter(|t| t.seq > head.seq).copied().collect();
+            if !missing.is_empty() {
+                self.publish(Arc::new(Chunk::new(self.symbol, missing)), &[], candles);
+            }
+        }
+        self.lock().head.candles = candles;
+        self.foreign.store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// Publishes ticks received from the owner (a mirror); candles unchanged.
@@ -485,7 +514,7 @@ impl Hub {
             .or_insert_with(|| {
                 Arc::new(SymbolHub {
                     symbol,
-                    foreign,
+                    foreign: std::sync::atomic::AtomicBool::new(foreign),
                     pending_limit: self.pending_limit,
                     state: Mutex::new(State {
                         head: head(),
@@ -519,7 +548,7 @@ impl Hub {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .filter(|h| !h.foreign)
+            .filter(|h| !h.is_foreign())
             .cloned()
             .collect();
         v.sort_by_key(|h| h.symbol);

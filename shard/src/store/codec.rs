@@ -432,3 +432,50 @@ pub(crate) fn decode_log(buf: &[u8]) -> Option<Vec<TickBlock>> {
     }
     Some(out)
 }
+
+/// Version byte of a move mark and of the cluster state.
+const MARK_V1: u8 = 1;
+
+/// A move mark's value: version, the new owner, done.
+pub(crate) fn encode_move_mark(to: u32, done: bool) -> Vec<u8> {
+    let mut v = vec![MARK_V1];
+    v.extend_from_slice(&to.to_be_bytes());
+    v.push(u8::from(done));
+    v
+}
+
+pub(crate) fn decode_move_mark(buf: &[u8]) -> Option<(u32, bool)> {
+    let mut r = Reader::new(buf);
+    match (r.u8(), r.u32(), r.u8()) {
+        (Some(MARK_V1), Some(to), Some(done @ 0..=1)) if r.is_empty() => Some((to, done == 1)),
+        _ => None,
+    }
+}
+
+/// The cluster state's value: version, state version, committed, target (0: none).
+pub(crate) fn encode_cluster_state(s: &crate::placement::ClusterState) -> Vec<u8> {
+    let mut v = vec![MARK_V1];
+    v.extend_from_slice(&s.version.to_be_bytes());
+    v.extend_from_slice(&s.committed.to_be_bytes());
+    v.extend_from_slice(&s.target.unwrap_or(0).to_be_bytes());
+    v
+}
+
+/// `None` also for a count no cluster can have (0, or beyond `MAX_SHARDS`).
+pub(crate) fn decode_cluster_state(buf: &[u8]) -> Option<crate::placement::ClusterState> {
+    use crate::placement::{ClusterState, MAX_SHARDS};
+    let mut r = Reader::new(buf);
+    let ok = |n: u32| (1..=MAX_SHARDS).contains(&n);
+    match (r.u8(), r.u64(), r.u32(), r.u32()) {
+        (Some(MARK_V1), Some(version), Some(committed), Some(target))
+            if r.is_empty() && ok(committed) && (target == 0 || ok(target)) =>
+        {
+            Some(ClusterState {
+                version,
+                committed,
+                target: (target > 0).then_some(target),
+            })
+        }
+        _ => None,
+    }
+}

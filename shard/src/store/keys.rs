@@ -9,6 +9,8 @@
 //! D <len u8> <symbol>                      every publisher's DedupState of the symbol
 //! L <commit u64 BE>                        log record: one group commit's ticks and
 //!                                          de-dup changes, all symbols (until compacted)
+//! X <len u8> <symbol>                      move mark: the symbol is being handed over,
+//!                                          or was, to another shard (contract §9)
 //! ```
 //! The length prefix makes every symbol's keys a contiguous, exact prefix range;
 //! big-endian numbers make range scans follow seq and time order.
@@ -21,6 +23,7 @@ pub(crate) const TICKS: u8 = b'T';
 pub(crate) const CANDLE: u8 = b'C';
 pub(crate) const DEDUP: u8 = b'D';
 pub(crate) const LOG: u8 = b'L';
+pub(crate) const MOVE: u8 = b'X';
 
 pub(crate) fn meta(name: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + name.len());
@@ -58,6 +61,10 @@ pub(crate) fn candle_prefix(sym: &Symbol, interval: Interval) -> Vec<u8> {
     let mut k = prefix(CANDLE, sym);
     k.push(interval.index() as u8);
     k
+}
+
+pub(crate) fn moved(sym: &Symbol) -> Vec<u8> {
+    prefix(MOVE, sym)
 }
 
 pub(crate) fn dedup(sym: &Symbol) -> Vec<u8> {

@@ -36,7 +36,10 @@ pub use codec::{DedupState, SymbolRecord, TickBlock};
 /// Every publisher's de-dup state of one symbol.
 pub type SymbolDedup = (Symbol, Vec<(String, DedupState)>);
 
-use crate::domain::{Candle, Interval, Symbol, Tick};
+use crate::{
+    domain::{Candle, Interval, Symbol, Tick},
+    placement::ClusterState,
+};
 
 /// The layout version of the data directory. Bump it on any incompatible
 /// change; an older version is then migrated or refused, never misread.
@@ -59,6 +62,17 @@ pub const BLOCK_TICKS: usize = 1024;
 const TREE: &str = "tickshard";
 const META_FORMAT: &str = "format";
 const META_IDENTITY: &str = "identity";
+const META_CLUSTER: &str = "cluster";
+
+/// A symbol this shard hands over, or handed over, to shard `to` (contract
+/// §9): `done` once the new owner holds it (this shard's copy is deleted in
+/// the same batch). Kept until the rebalance commits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoveMark {
+    pub symbol: Symbol,
+    pub to: u32,
+    pub done: bool,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -196,6 +210,34 @@ impl CommitBatch {
         self.keys += 1;
     }
 
+    pub fn put_move_mark(&mut self, m: &MoveMark) {
+        self.batch
+            .insert(keys::moved(&m.symbol), codec::encode_move_mark(m.to, m.done));
+        self.keys += 1;
+    }
+
+    pub fn remove_move_mark(&mut self, sym: &Symbol) {
+        self.batch.remove(keys::moved(sym));
+        self.keys += 1;
+    }
+
+    /// The cluster's shard layout, durable with this batch.
+    pub fn put_cluster_state(&mut self, s: &ClusterState) {
+        self.batch
+            .insert(keys::meta(META_CLUSTER), codec::encode_cluster_state(s));
+        self.keys += 1;
+    }
+
+    /// Removes every key of `sym` that `keys` lists (see
+    /// [`Store::symbol_keys`]) and its record and de-dup states.
+    pub fn remove_all_of(&mut self, sym: &Symbol, keys: Vec<sled::IVec>) {
+        for k in keys {
+            self.batch.remove(k);
+            self.keys += 1;
+        }
+        self.remove_symbol(sym);
+    }
+
     /// Removes a symbol's record and de-dup states (a symbol that never had
     /// a tick: it has no blocks, candles or log sections).
     pub fn remove_symbol(&mut self, sym: &Symbol) {
@@ -308,6 +350,54 @@ impl Store {
         self.tree.insert(keys::meta(META_IDENTITY), v)?;
         self.db.flush()?;
         Ok(())
+    }
+
+    /// The cluster state this pod last adopted, if any.
+    pub fn cluster_state(&self) -> Result<Option<ClusterState>, StoreError> {
+        let Some(v) = self.tree.get(keys::meta(META_CLUSTER))? else {
+            return Ok(None);
+        };
+        codec::decode_cluster_state(&v).map(Some).ok_or(StoreError::Corrupt {
+            key: "M cluster".into(),
+            what: "bad cluster state",
+        })
+    }
+
+    /// Every move mark (see [`MoveMark`]).
+    pub fn load_move_marks(&self) -> Result<Vec<MoveMark>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([keys::MOVE]) {
+            let (k, v) = kv?;
+            let corrupt = |what| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                what,
+            };
+            let symbol = keys::symbol_of(&k).ok_or_else(|| corrupt("bad move mark key"))?;
+            let (to, done) = codec::decode_move_mark(&v).ok_or_else(|| corrupt("bad move mark"))?;
+            out.push(MoveMark { symbol, to, done });
+        }
+        Ok(out)
+    }
+
+    /// The keys of `sym`'s tick blocks and closed candles (to remove them
+    /// with its record: a symbol handed over, or one taken over anew).
+    pub fn symbol_keys(&self, sym: &Symbol) -> Result<Vec<sled::IVec>, StoreError> {
+        let mut out = Vec::new();
+        for tag in [keys::TICKS, keys::CANDLE] {
+            for kv in self.tree.scan_prefix(keys::prefix(tag, sym)) {
+                out.push(kv?.0);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every closed candle of `sym` starting at or after `from` (per interval), oldest first.
+    pub fn all_candles(&self, sym: &Symbol, from: [i64; 3], limit: usize) -> Result<Vec<Candle>, StoreError> {
+        let mut out = Vec::new();
+        for i in Interval::ALL {
+            out.extend(self.read_candles(sym, i, from[i.index()], i64::MAX, limit.saturating_sub(out.len()))?);
+        }
+        Ok(out)
     }
 
     /// Every symbol's durable state, for the committer to start from.

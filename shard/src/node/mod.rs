@@ -1,6 +1,9 @@
 //! The API that protocol layers (WebSocket, gRPC, peers) call: publish,
 //! subscribe, reads. It hides where data lives: the local store and hub for
 //! symbols this pod owns, the owner pod over its peer link for the others.
+//! [`rebalance`]: changing the shard count of a running cluster (contract §9).
+
+pub mod rebalance;
 
 use std::{
     path::PathBuf,
@@ -18,12 +21,12 @@ use crate::{
     Error,
     backoff::Backoff,
     cluster::{Cluster, ClusterConfig, ClusterError, MirrorLease, Peer},
-    committer::{CommitError, Committer, CommitterConfig, PublishCmd},
+    committer::{CommitError, Committer, CommitterConfig, PublishCmd, Relay, Setup},
     domain::{Candle, Epoch, HistoryQuery, Interval, Position, Symbol, Tick},
     hub::{CandleData, Channel, Chunk, Data, Head, Hub, Outbox, SnapshotData, SymbolHub},
     metrics as m,
-    ownership::Ownership,
-    store::{Store, StoreError, StoreOptions},
+    placement::{ClusterState, Placement},
+    store::{MoveMark, Store, StoreError, StoreOptions},
 };
 
 /// Ticks read per page during a resume replay (~160 KiB queued at a time).
@@ -47,6 +50,9 @@ pub struct NodeConfig {
     pub client_queue_bytes: usize,
     /// Peer URL of every shard, by id (used when `shards > 1`).
     pub peers: Vec<String>,
+    /// `--peers` as a template (`{}` for the id), when it was given as one:
+    /// a rebalance may then grow the cluster to any size.
+    pub peer_template: Option<String>,
     /// Mutual TLS of peer links (`https://` peers), else plaintext.
     pub peer_tls: Option<crate::cluster::PeerTls>,
     /// Unsent bytes per peer follower before its stream is closed.
@@ -60,16 +66,10 @@ pub enum NodeError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(
-        "data dir {path} belongs to shard {found_id} of {found_n}, but this pod is shard {id} of {n}; \
-         refusing to start (point --data-dir at the right volume, or fix --shard-id/--shards)"
+        "data dir {path} belongs to shard {found_id}, but this pod is shard {id}; \
+         refusing to start (point --data-dir at the right volume, or fix --shard-id)"
     )]
-    WrongShard {
-        path: PathBuf,
-        found_id: u32,
-        found_n: u32,
-        id: u32,
-        n: u32,
-    },
+    WrongShard { path: PathBuf, found_id: u32, id: u32 },
     #[error(transparent)]
     Start(#[from] crate::committer::StartError),
 }
@@ -136,7 +136,15 @@ pub struct Node {
     hub: Arc<Hub>,
     committer: Committer,
     committer_thread: std::sync::Mutex<Option<thread::JoinHandle<()>>>,
-    ownership: Ownership,
+    placement: Arc<Placement>,
+    /// Taken by `start_background`: states heard from peers, relayed publishes.
+    background: std::sync::Mutex<Option<Background>>,
+    /// One state change at a time (see [`Node::adopt_state`]).
+    adopting: tokio::sync::Mutex<()>,
+    /// The cluster state came from this pod's store (not from `--shards`).
+    state_stored: bool,
+    /// Hand-overs of this pod (contract §9): see `rebalance`.
+    pub(crate) moves: rebalance::Moves,
     next_sink: AtomicU64,
     cluster: Option<Arc<Cluster>>,
     instance: String,
@@ -150,42 +158,79 @@ impl Node {
     /// Opens the store (checking format and identity) and starts the committer.
     pub fn open(cfg: NodeConfig) -> Result<Arc<Node>, NodeError> {
         let store = Arc::new(Store::open(&cfg.data_dir, &cfg.store)?);
-        match store.identity()? {
-            None => store.set_identity(cfg.shard_id, cfg.shards)?,
-            Some((id, n)) if (id, n) == (cfg.shard_id, cfg.shards) => {}
-            Some((found_id, found_n)) => {
+        let old_n = match store.identity()? {
+            None => {
+                store.set_identity(cfg.shard_id, cfg.shards)?;
+                None
+            }
+            Some((id, n)) if id == cfg.shard_id => Some(n),
+            Some((found_id, _)) => {
                 return Err(NodeError::WrongShard {
                     path: cfg.data_dir.clone(),
                     found_id,
-                    found_n,
                     id: cfg.shard_id,
-                    n: cfg.shards,
                 });
             }
+        };
+        // The committed count lives in the cluster (contract §9): this store's
+        // copy, else (a data dir of the first release) the count it was made
+        // for, else `--shards` (a new pod; peers may know a newer one).
+        let stored = store.cluster_state()?;
+        let state_stored = stored.is_some() || old_n.is_some();
+        let state = match stored {
+            Some(s) => s,
+            None => ClusterState::initial(old_n.unwrap_or(cfg.shards)),
+        };
+        if state.committed != cfg.shards {
+            tracing::warn!(
+                flag = cfg.shards, committed = state.committed, target = ?state.target,
+                "--shards differs from the cluster's committed shard count; following the cluster"
+            );
         }
+        let marks = store.load_move_marks()?;
         let records = store.load_symbols()?;
         let dedup = store.load_dedup()?;
-        tracing::info!(symbols = records.len(), dir = %cfg.data_dir.display(), "store open");
+        tracing::info!(symbols = records.len(), dir = %cfg.data_dir.display(), cluster = %state, "store open");
         let hub = Arc::new(Hub::new(cfg.client_queue_bytes));
-        let (committer, join) = Committer::start(store.clone(), hub.clone(), records, dedup, cfg.committer.clone())?;
-        let cluster = (cfg.shards > 1).then(|| {
+        let (placement, heard) = Placement::new(cfg.shard_id, state);
+        for mk in marks.iter().filter(|m| m.done) {
+            placement.note_moved(mk.symbol, mk.to);
+        }
+        let unresolved: Vec<MoveMark> = marks.iter().filter(|m| !m.done).copied().collect();
+        let (relay_tx, relay_rx) = tokio::sync::mpsc::unbounded_channel();
+        let setup = Setup {
+            me: cfg.shard_id,
+            state,
+            marks,
+            relay: relay_tx,
+        };
+        let (committer, join) =
+            Committer::start(store.clone(), hub.clone(), records, dedup, cfg.committer.clone(), setup)?;
+        let clustered = cfg.peers.len() > 1 || cfg.peer_template.is_some() || state.span() > 1;
+        let cluster = clustered.then(|| {
             Cluster::new(
                 ClusterConfig {
                     shard_id: cfg.shard_id,
-                    shards: cfg.shards,
                     peers: cfg.peers.clone(),
+                    peer_template: cfg.peer_template.clone(),
                     peer_tls: cfg.peer_tls.clone(),
                     peer_queue_bytes: cfg.peer_queue_bytes,
                     connect_timeout: Duration::from_secs(2),
                 },
                 hub.clone(),
+                placement.clone(),
             )
         });
         let instance = cluster
             .as_ref()
             .map_or_else(|| format!("{:016x}", fastrand::u64(..)), |c| c.instance().to_string());
+        m::set_cluster_gauges(&state);
         Ok(Arc::new(Node {
-            ownership: Ownership::new(cfg.shards, cfg.shard_id),
+            placement,
+            background: std::sync::Mutex::new(Some(Background { heard, relay: relay_rx })),
+            adopting: tokio::sync::Mutex::new(()),
+            state_stored,
+            moves: rebalance::Moves::new(unresolved),
             cfg,
             store,
             hub,
@@ -199,12 +244,103 @@ impl Node {
         }))
     }
 
-    /// Before serving: refuses an inconsistent cluster (see [`Cluster::check_topology`]).
+    /// Before serving: refuses an inconsistent cluster (see
+    /// [`Cluster::check_topology`]) and adopts a newer cluster state a peer
+    /// has (a pod started with a stale `--shards`, or one that was down
+    /// during a rebalance, follows the cluster).
     pub async fn check_cluster(&self) -> Result<(), ClusterError> {
-        match &self.cluster {
-            Some(c) => c.check_topology().await,
-            None => Ok(()),
+        let Some(c) = &self.cluster else { return Ok(()) };
+        let ours = self.placement.state();
+        // (a new data dir has no state of its own: the cluster's wins)
+        if let Some(newer) = c.check_topology().await?
+            && (newer.version > ours.version || (!self.state_stored && newer != ours))
+        {
+            tracing::info!(ours = %ours, theirs = %newer, "adopting the cluster's newer shard layout");
+            if let Err(e) = self.adopt(newer, false, true).await {
+                tracing::warn!(error = %e, "could not adopt the cluster's state");
+            }
         }
+        Ok(())
+    }
+
+    /// Adopts a cluster state if it is newer than this pod's (or the same
+    /// one, now sealed): durable in the store first, then in the routes.
+    /// Committing a rebalance switches every route at once (publish gates
+    /// closed, relayed publishes drained), moves mirrors to the symbols' new
+    /// owners and stops links to shards beyond the new count.
+    pub async fn adopt_state(&self, state: ClusterState, seal: bool) -> Result<ClusterState, Error> {
+        self.adopt(state, seal, false).await
+    }
+
+    /// `force`: adopt even an equal version (a new data dir joining a cluster).
+    async fn adopt(&self, state: ClusterState, seal: bool, force: bool) -> Result<ClusterState, Error> {
+        let _one = self.adopting.lock().await;
+        let cur = self.placement.state();
+        if !force && (state.version < cur.version || (state.version == cur.version && !seal)) {
+            return Ok(cur);
+        }
+        if let Some(c) = &self.cluster {
+            c.resize(state.span().max(cur.span()));
+        }
+        if state.target.is_none() && state.version > cur.version {
+            let gates = self.placement.close_gates().await;
+            self.committer.set_state(state, seal).await?;
+            self.committer.barrier().await?;
+            self.placement.set_state(state);
+            drop(gates);
+            self.rehome_mirrors();
+            if let Some(c) = &self.cluster {
+                c.resize(state.span());
+            }
+        } else {
+            self.committer.set_state(state, seal).await?;
+            self.placement.set_state(state);
+        }
+        m::set_cluster_gauges(&state);
+        if state.version > cur.version {
+            tracing::info!(from = %cur, to = %state, "cluster state adopted");
+        }
+        Ok(state)
+    }
+
+    /// After a commit: each mirror is fed by its symbol's owner under the
+    /// new map (subscribers stay attached; the new owner resumes it at its
+    /// position).
+    fn rehome_mirrors(&self) {
+        let Some(c) = &self.cluster else { return };
+        for link in c.peers() {
+            for sym in link.mirrored() {
+                let owner = self.placement.owner(&sym);
+                if owner == link.id {
+                    continue;
+                }
+                match c.peer(owner) {
+                    Some(to) => {
+                        if let Some(hub) = link.take_mirror(&sym) {
+                            to.adopt_mirror(hub);
+                        }
+                    }
+                    None => tracing::warn!(symbol = %sym, owner, "a mirror whose owner has no link here"),
+                }
+            }
+        }
+    }
+
+    pub fn placement(&self) -> &Arc<Placement> {
+        &self.placement
+    }
+
+    pub(crate) fn committer(&self) -> &Committer {
+        &self.committer
+    }
+
+    /// The symbols this pod still has to move (see `rebalance`).
+    pub async fn committer_moves(&self) -> Result<Vec<(Symbol, u32)>, CommitError> {
+        self.committer.moves().await
+    }
+
+    pub(crate) fn store(&self) -> &Arc<Store> {
+        &self.store
     }
 
     pub fn cluster(&self) -> Option<&Arc<Cluster>> {
@@ -212,8 +348,8 @@ impl Node {
     }
 
     /// The link to the owner of `symbol`; `None` if this pod owns it.
-    pub fn peer_of(&self, symbol: &Symbol) -> Option<&Arc<Peer>> {
-        let owner = self.ownership.owner(symbol);
+    pub fn peer_of(&self, symbol: &Symbol) -> Option<Arc<Peer>> {
+        let owner = self.placement.owner(symbol);
         self.cluster.as_ref().and_then(|c| c.peer(owner))
     }
 
@@ -240,10 +376,6 @@ impl Node {
         &self.stream_tasks
     }
 
-    pub fn ownership(&self) -> Ownership {
-        self.ownership
-    }
-
     pub fn hub(&self) -> &Arc<Hub> {
         &self.hub
     }
@@ -268,20 +400,31 @@ impl Node {
     /// durable, or as UNAVAILABLE (also when this returns an error): every
     /// request is answered.
     pub async fn publish(&self, cmd: PublishCmd) -> Result<(), CommitError> {
-        match self.peer_of(&cmd.tick.symbol) {
+        let _gate = self.placement.gate(&cmd.tick.symbol).await;
+        let owner = self.placement.publish_owner(&cmd.tick.symbol);
+        if owner == self.placement.me() {
+            return self.committer.publish(cmd).await;
+        }
+        match self.cluster.as_ref().and_then(|c| c.peer(owner)) {
             Some(peer) => {
                 peer.forward(cmd).await;
                 Ok(())
             }
-            None => self.committer.publish(cmd).await,
+            None => {
+                let e = CommitError::NotOwner(cmd.tick.symbol.to_string(), self.placement.me());
+                cmd.unavailable(e.to_string());
+                Err(e)
+            }
         }
     }
 
     /// A publish forwarded by a peer: stored here only if this pod owns the
-    /// symbol (never forwarded again).
+    /// symbol (never forwarded again; the committer relays one it handed
+    /// over to the new owner, contract §9).
     pub async fn publish_as_owner(&self, cmd: PublishCmd) -> Result<(), CommitError> {
-        if !self.ownership.is_local(&cmd.tick.symbol) {
-            let e = CommitError::NotOwner(cmd.tick.symbol.to_string(), self.ownership.me());
+        let _gate = self.placement.gate(&cmd.tick.symbol).await;
+        if self.placement.publish_owner(&cmd.tick.symbol) != self.placement.me() {
+            let e = CommitError::NotOwner(cmd.tick.symbol.to_string(), self.placement.me());
             cmd.unavailable(e.to_string());
             return Err(e);
         }
@@ -345,7 +488,7 @@ impl Node {
         let mut local: Vec<Symbol> = reqs
             .iter()
             .map(|r| r.symbol)
-            .filter(|s| self.ownership.is_local(s) && self.hub.get(s).is_none())
+            .filter(|s| self.placement.is_local(s) && self.hub.get(s).is_none())
             .collect();
         local.sort_unstable();
         local.dedup();
@@ -358,7 +501,7 @@ impl Node {
         for r in reqs {
             match self.hub_for(r.symbol).await {
                 Ok(h) => hubs.push((r, h)),
-                Err(Error::Unavailable(why)) if !self.ownership.is_local(&r.symbol) => {
+                Err(Error::Unavailable(why)) if !self.placement.is_local(&r.symbol) => {
                     failed.push((*r, why));
                 }
                 Err(e) => return Err(e),
@@ -599,6 +742,37 @@ impl Node {
         if let Some(c) = &self.cluster {
             c.start(tracker, stop.clone());
         }
+        let taken = self.background.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(Background { mut heard, mut relay }) = taken {
+            let node = self.clone();
+            crate::tasks::spawn(tracker, async move {
+                while let Some(cmd) = relay.recv().await {
+                    match cmd {
+                        Relay::Publish(to, cmd) => match node.cluster.as_ref().and_then(|c| c.peer(to)) {
+                            Some(peer) => peer.forward(*cmd).await,
+                            None => cmd.unavailable(format!("shard {to} has no link from this pod; retry")),
+                        },
+                        Relay::Barrier(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            });
+            let node = self.clone();
+            let token = stop.clone();
+            crate::tasks::spawn(tracker, async move {
+                loop {
+                    let state = tokio::select! {
+                        _ = token.cancelled() => break,
+                        s = heard.recv() => match s { Some(s) => s, None => break },
+                    };
+                    if let Err(e) = node.adopt_state(state, false).await {
+                        tracing::warn!(error = %e, "could not adopt a peer's cluster state");
+                    }
+                }
+            });
+            rebalance::start(self, tracker, stop.clone());
+        }
         let node = self.clone();
         let token = stop.clone();
         crate::tasks::spawn(tracker, async move {
@@ -670,9 +844,15 @@ impl Node {
     }
 }
 
+/// What `start_background` takes over.
+struct Background {
+    heard: tokio::sync::mpsc::UnboundedReceiver<ClusterState>,
+    relay: tokio::sync::mpsc::UnboundedReceiver<Relay>,
+}
+
 /// Runs a store call on the blocking pool (never on an async worker). A panic
 /// there is a bug, reported as one, not as a damaged store.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     tokio::task::spawn_blocking(f)

@@ -1,0 +1,419 @@
+//! Hand-overs of symbols between shards (contract §9), on the committer's
+//! side. The committer is the one place every publish of a symbol passes in
+//! order, so it is where a symbol's publishes are held while it moves and
+//! relayed to its new owner after:
+//!
+//! 1. `Export`: the symbol is marked moving (`X` key, durable with this
+//!    commit, its ticks compacted into blocks in the same batch); from the
+//!    command on, its publishes are *parked* here, in order, unanswered.
+//! 2. The node ships the state to the new owner, which `Import`s it (one
+//!    atomic batch there) and takes over its mirror hub, if it had one.
+//! 3. `Release { moved: true }`: this shard's copy is deleted and the mark
+//!    says `done`, in one batch; parked publishes, and every later one, are
+//!    relayed to the new owner in order. `moved: false` (the new owner did
+//!    not take it) applies the parked publishes here instead.
+//!
+//! A restart finds the marks: `done` ones are relayed, others are resolved
+//! by the node (it asks the new owner, whose answer is final).
+//!
+//! While a rebalance is *sealed* (its last phase), a new symbol whose owner
+//! changes under the target is not created here: its publishes and ensures
+//! wait for the commit, then go to the committed owner.
+
+use std::{sync::Arc, time::Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Cmd, CommitError, EnsureReply, PublishCmd, Round, SymState, Worker, snapshot, unref};
+use crate::{
+    domain::{Candle, Symbol, Tick},
+    metrics as m,
+    ownership::{jump_consistent_hash, symbol_hash},
+    placement::ClusterState,
+    store::{CommitBatch, DedupState, MoveMark, SymbolRecord},
+};
+
+/// What the committer starts with besides the store's symbols.
+pub struct Setup {
+    pub me: u32,
+    pub state: ClusterState,
+    pub marks: Vec<MoveMark>,
+    pub relay: mpsc::UnboundedSender<Relay>,
+}
+
+/// To the node's relay task, in the committer's order.
+pub enum Relay {
+    /// A publish of a symbol now owned by shard `.0`.
+    /// (Boxed: relays are the rare path, the `Barrier` stays small.)
+    Publish(u32, Box<PublishCmd>),
+    /// Every relay before this one was handed on.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// A symbol's state at the start of its hold (its ticks are all in blocks).
+pub struct Exported {
+    pub record: SymbolRecord,
+    pub dedup: Vec<(String, DedupState)>,
+    /// When its publishes started being held.
+    pub held_since: Instant,
+}
+
+/// A symbol taken over: its state and retained history.
+pub struct Imported {
+    pub record: SymbolRecord,
+    pub dedup: Vec<(String, DedupState)>,
+    /// Consecutive, ending at `record.last_seq` (empty if it has no ticks).
+    pub ticks: Vec<Tick>,
+    pub candles: Vec<Candle>,
+}
+
+/// One part of a symbol's hand-over (the MoveIn stream, contract §9):
+/// retained ticks (consecutive, seq set) and closed candles, and on the last
+/// part the symbol's state.
+pub struct MovePart {
+    pub symbol: Symbol,
+    pub from: u32,
+    pub ticks: Vec<Tick>,
+    pub candles: Vec<Candle>,
+    pub last: Option<(SymbolRecord, Vec<(String, DedupState)>)>,
+}
+
+impl MovePart {
+    pub fn new(symbol: Symbol, from: u32, ticks: Vec<Tick>, candles: Vec<Candle>) -> MovePart {
+        MovePart {
+            symbol,
+            from,
+            ticks,
+            candles,
+            last: None,
+        }
+    }
+}
+
+pub(super) enum MoveOut {
+    /// Being handed over to `to`: publishes wait here.
+    Holding {
+        to: u32,
+        parked: Vec<PublishCmd>,
+        since: Instant,
+    },
+    /// Handed over: publishes are relayed.
+    Gone { to: u32 },
+}
+
+type ExportReply = oneshot::Sender<Result<Exported, CommitError>>;
+type ImportReply = oneshot::Sender<Result<(), CommitError>>;
+
+/// The hand-overs a round carries, answered once it is durable.
+#[derive(Default)]
+pub(super) struct RoundMoves {
+    pub(super) exports: Vec<(Symbol, u32, ExportReply)>,
+    releases: Vec<(Symbol, Option<u32>, oneshot::Sender<()>)>,
+    imports: Vec<(Box<Imported>, ImportReply)>,
+    states: Vec<(ClusterState, oneshot::Sender<Result<(), CommitError>>)>,
+    /// Marks of handed-over symbols to remove (the rebalance committed).
+    unmark: Vec<Symbol>,
+}
+
+impl Worker {
+    fn owner_under(&self, sym: &Symbol, shards: u32) -> u32 {
+        jump_consistent_hash(symbol_hash(sym), shards)
+    }
+
+    /// A publish this shard does not apply now: parked (its symbol is moving,
+    /// or it would create a symbol while sealed) or relayed (handed over).
+    /// `Some` gives it back to be applied.
+    pub(super) fn divert(&mut self, p: PublishCmd) -> Option<PublishCmd> {
+        let sym = p.tick.symbol;
+        match self.moving.get_mut(&sym) {
+            Some(MoveOut::Holding { parked, .. }) => {
+                parked.push(p);
+                return None;
+            }
+            Some(MoveOut::Gone { to }) => {
+                let _ = self.relay.send(super::Relay::Publish(*to, Box::new(p)));
+                return None;
+            }
+            None => {}
+        }
+        if self.sealed
+            && !self.symbols.contains_key(&sym)
+            && let Some(t) = self.cluster.target
+            && self.owner_under(&sym, t) != self.me
+        {
+            self.sealed_parked.push(p);
+            return None;
+        }
+        Some(p)
+    }
+
+    /// The same for an ensure (a subscribe creating symbols).
+    pub(super) fn divert_ensure(
+        &mut self,
+        symbols: Vec<Symbol>,
+        reply: EnsureReply,
+    ) -> Option<(Vec<Symbol>, EnsureReply)> {
+        if let Some((s, to)) = symbols.iter().find_map(|s| match self.moving.get(s) {
+            Some(MoveOut::Gone { to }) => Some((*s, *to)),
+            _ => None,
+        }) {
+            let _ = reply.send(Err(CommitError::Move(format!("{s} moved to shard {to}; retry"))));
+            return None;
+        }
+        if self.sealed
+            && let Some(t) = self.cluster.target
+            && symbols
+                .iter()
+                .any(|s| !self.symbols.contains_key(s) && self.owner_under(s, t) != self.me)
+        {
+            self.sealed_ensures.push((symbols, reply));
+            return None;
+        }
+        Some((symbols, reply))
+    }
+
+    /// Applies a hand-over command, in the round's order.
+    pub(super) fn apply_move(&mut self, cmd: Cmd, round: &mut Round, now: i64) {
+        match cmd {
+            Cmd::Export { symbol, to, reply } => {
+                if !self.symbols.contains_key(&symbol) || self.moving.contains_key(&symbol) {
+                    let _ = reply.send(Err(CommitError::Move(format!(
+                        "{symbol} is not held here, or is already moving"
+                    ))));
+                    return;
+                }
+                self.moving.insert(
+                    symbol,
+                    MoveOut::Holding {
+                        to,
+                        parked: Vec::new(),
+                        since: Instant::now(),
+                    },
+                );
+                round.moves.exports.push((symbol, to, reply));
+            }
+            Cmd::Release { symbol, moved, reply } => {
+                let Some(MoveOut::Holding { to, parked, .. }) = self.moving.remove(&symbol) else {
+                    let _ = reply.send(());
+                    return;
+                };
+                if moved {
+                    if let Some(st) = self.symbols.remove(&symbol) {
+                        if let Some(from) = st.log_from {
+                            unref(&mut self.log_refs, from, &symbol);
+                        }
+                        if st.touched {
+                            round.touched.retain(|s| *s != symbol);
+                        }
+                    }
+                    self.held.remove(&symbol);
+                    for p in parked {
+                        let _ = self.relay.send(super::Relay::Publish(to, Box::new(p)));
+                    }
+                    self.moving.insert(symbol, MoveOut::Gone { to });
+                    round.moves.releases.push((symbol, Some(to), reply));
+                } else {
+                    for p in parked {
+                        self.apply_one(p, round, now);
+                    }
+                    round.moves.releases.push((symbol, None, reply));
+                }
+            }
+            Cmd::Import { state, reply } => {
+                let sym = state.record.symbol;
+                if self.symbols.contains_key(&sym) {
+                    let _ = reply.send(Err(CommitError::Move(format!("{sym} is already held here"))));
+                    return;
+                }
+                self.moving.remove(&sym);
+                let mut st = SymState::new(state.record.clone());
+                for (id, d) in &state.dedup {
+                    st.dedup.insert(Arc::from(id.as_str()), *d);
+                }
+                st.held = self.held.entry(sym);
+                self.symbols.insert(sym, st);
+                round.moves.imports.push((state, reply));
+            }
+            Cmd::SetState { state, seal, reply } => {
+                self.cluster = state;
+                self.sealed = seal && state.target.is_some();
+                if state.target.is_none() {
+                    // Committed (or given up): what waited for it goes on,
+                    // to the owner under the committed map.
+                    for p in std::mem::take(&mut self.sealed_parked) {
+                        let owner = self.owner_under(&p.tick.symbol, state.committed);
+                        if owner == self.me {
+                            self.apply_one(p, round, now);
+                        } else {
+                            let _ = self.relay.send(super::Relay::Publish(owner, Box::new(p)));
+                        }
+                    }
+                    for (symbols, r) in std::mem::take(&mut self.sealed_ensures) {
+                        match symbols.iter().find(|s| self.owner_under(s, state.committed) != self.me) {
+                            Some(s) => {
+                                let _ = r.send(Err(CommitError::Move(format!("{s} is owned by another shard; retry"))));
+                            }
+                            None => {
+                                let res = self.ensure(&symbols, &mut round.touched);
+                                round.ensures.push((r, res));
+                            }
+                        }
+                    }
+                    // The committed map says what the marks said.
+                    round.moves.unmark.extend(
+                        self.moving
+                            .iter()
+                            .filter(|(_, m)| matches!(m, MoveOut::Gone { .. }))
+                            .map(|(s, _)| *s),
+                    );
+                }
+                round.moves.states.push((state, reply));
+            }
+            Cmd::Moves { reply } => {
+                let list = match self.cluster.target {
+                    None => Vec::new(),
+                    Some(t) => self
+                        .symbols
+                        .keys()
+                        .map(|s| (*s, self.owner_under(s, t)))
+                        .filter(|(_, to)| *to != self.me)
+                        .collect(),
+                };
+                let _ = reply.send(list);
+            }
+            Cmd::Holds {
+                symbol,
+                epoch,
+                seq,
+                reply,
+            } => {
+                let held = self
+                    .symbols
+                    .get(&symbol)
+                    .is_some_and(|st| st.rec.epoch == epoch && st.rec.last_seq >= seq);
+                let _ = reply.send(held);
+            }
+            Cmd::Barrier { reply } => {
+                let _ = self.relay.send(super::Relay::Barrier(reply));
+            }
+            Cmd::Publish(_) | Cmd::Ensure { .. } | Cmd::Compact | Cmd::Stop => {
+                unreachable!("applied by Worker::apply")
+            }
+        }
+    }
+
+    /// The round's hand-overs in its batch.
+    pub(super) fn write_moves(&mut self, round: &mut Round, batch: &mut CommitBatch) {
+        for (sym, to, _) in &round.moves.exports {
+            batch.put_move_mark(&MoveMark {
+                symbol: *sym,
+                to: *to,
+                done: false,
+            });
+        }
+        for (sym, to, _) in &round.moves.releases {
+            match to {
+                Some(to) => {
+                    self.remove_symbol_data(sym, batch);
+                    batch.put_move_mark(&MoveMark {
+                        symbol: *sym,
+                        to: *to,
+                        done: true,
+                    });
+                }
+                None => batch.remove_move_mark(sym),
+            }
+        }
+        for (imp, _) in &round.moves.imports {
+            let sym = imp.record.symbol;
+            self.remove_symbol_data(&sym, batch);
+            batch.remove_move_mark(&sym);
+            batch.put_ticks(&imp.ticks, self.store.block_ticks());
+            for c in &imp.candles {
+                batch.put_closed_candle(c);
+            }
+            if let Some(st) = self.symbols.get(&sym) {
+                snapshot(batch, st);
+            }
+        }
+        for sym in round.moves.unmark.drain(..) {
+            batch.remove_move_mark(&sym);
+            self.moving.remove(&sym);
+        }
+        if let Some((state, _)) = round.moves.states.last() {
+            batch.put_cluster_state(state);
+        }
+    }
+
+    /// Removes every key of `sym` (blocks, candles, record, de-dup).
+    fn remove_symbol_data(&self, sym: &Symbol, batch: &mut CommitBatch) {
+        match self.store.symbol_keys(sym) {
+            Ok(keys) => batch.remove_all_of(sym, keys),
+            // (the batch still removes the record: the blocks left over are
+            // unreachable and overwritten by a later import)
+            Err(e) => {
+                tracing::warn!(symbol = %sym, error = %e, "listing a moved symbol's keys failed");
+                batch.remove_symbol(sym);
+            }
+        }
+    }
+
+    /// The round is durable: answer its hand-overs, and give imported
+    /// symbols their hub (taking over the mirror this shard had, if any).
+    pub(super) fn finish_moves(&mut self, round: &mut Round) {
+        for (sym, _, reply) in round.moves.exports.drain(..) {
+            let (Some(st), Some(MoveOut::Holding { since, .. })) = (self.symbols.get(&sym), self.moving.get(&sym))
+            else {
+                let _ = reply.send(Err(CommitError::Move(format!("{sym} went away during its export"))));
+                continue;
+            };
+            let _ = reply.send(Ok(Exported {
+                record: st.rec.clone(),
+                dedup: st.dedup.iter().map(|(id, d)| (id.to_string(), *d)).collect(),
+                held_since: *since,
+            }));
+        }
+        for (_, _, reply) in round.moves.releases.drain(..) {
+            let _ = reply.send(());
+        }
+        for (imp, reply) in round.moves.imports.drain(..) {
+            let sym = imp.record.symbol;
+            let Some(st) = self.symbols.get_mut(&sym) else { continue };
+            let hub = self.hub.get_or_insert(sym, || super::head_of(&st.rec));
+            hub.take_over(st.rec.epoch, &imp.ticks, st.rec.candles);
+            st.hub = Some(hub);
+            metrics::counter!(m::SYMBOLS_MOVED_IN).increment(1);
+            let _ = reply.send(Ok(()));
+        }
+        for (_, reply) in round.moves.states.drain(..) {
+            let _ = reply.send(Ok(()));
+        }
+    }
+
+    /// The commit failed: nothing of the round's hand-overs is durable.
+    pub(super) fn fail_moves(&mut self, round: &mut Round, why: &str, e: &Arc<crate::store::StoreError>) {
+        for (_, _, reply) in round.moves.exports.drain(..) {
+            let _ = reply.send(Err(CommitError::StoreFailed(e.clone())));
+        }
+        round.moves.releases.clear();
+        for (_, reply) in round.moves.imports.drain(..) {
+            let _ = reply.send(Err(CommitError::StoreFailed(e.clone())));
+        }
+        for (_, reply) in round.moves.states.drain(..) {
+            let _ = reply.send(Err(CommitError::StoreFailed(e.clone())));
+        }
+        for (_, m) in self.moving.drain() {
+            if let MoveOut::Holding { parked, .. } = m {
+                for p in parked {
+                    p.unavailable(why.to_string());
+                }
+            }
+        }
+        for p in self.sealed_parked.drain(..) {
+            p.unavailable(why.to_string());
+        }
+        for (_, r) in self.sealed_ensures.drain(..) {
+            let _ = r.send(Err(CommitError::StoreFailed(e.clone())));
+        }
+    }
+}

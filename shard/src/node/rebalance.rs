@@ -1,0 +1,713 @@
+//! Elastic shards (contract §9): changing the shard count of a running
+//! cluster, one symbol move at a time, nothing lost or repeated.
+//!
+//! **Phases.** `admin rebalance --shards M` on any pod *prepares*: every pod
+//! of the span (`max(N, M)`) durably takes the state `{committed N, target
+//! M}`. Then each old owner *moves* its symbols whose owner under `M` is
+//! another shard ([`move_symbol`], four at a time). Shard 0 drives the rest
+//! ([`drive`]): once no pod has a move left it *seals* every pod (a new
+//! symbol that would belong elsewhere is not created any more: its
+//! publishes wait), checks again, and *commits* `{committed M}` everywhere.
+//! A pod that was down learns the newest state from any peer (Topology).
+//!
+//! **One move** (old owner O, new owner D): O streams the symbol's retained
+//! ticks and closed candles to D while it still takes publishes; then O's
+//! committer *exports* it (its publishes are held from here, the hold and
+//! the hand-over target are durable, every tick is in blocks); O sends the
+//! ticks since, and the state (epoch, head, open candles, de-dup). D imports
+//! it in one atomic batch (taking over its mirror hub, if it had one: its
+//! subscribers stay attached) and answers; O turns its hub into a mirror of
+//! D (its subscribers, and the peers that follow it, stay attached and see
+//! D's ticks continue the seq) and releases the held publishes to D. At
+//! every moment one shard accepts the symbol's publishes.
+//!
+//! **Crashes.** If O loses D's answer (a break, its own restart), it asks D
+//! ([`Moves::status`]), whose answer is final: a MoveIn still in flight there
+//! is refused from then on. D holds it → O finishes; D does not → O rolls
+//! back (applies the held publishes itself). Until D answers, the publishes
+//! stay held.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt as _;
+use tokio::sync::watch;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    Error,
+    cluster::{MovePart, Peer},
+    committer::{Exported, Imported},
+    domain::{Candle, Epoch, ErrorCode, Symbol, Tick},
+    metrics as m,
+    node::Node,
+    placement::{ClusterState, MAX_SHARDS},
+    store::{MoveMark, SymbolRecord},
+};
+
+/// Ticks (and candles) per MoveIn chunk.
+pub const MOVE_CHUNK: usize = 2_048;
+/// Most ticks one MoveIn may carry (a named bound on what a peer sends:
+/// `--history-ticks` is retained, plus at most a block more).
+pub const MAX_MOVE_TICKS: usize = 8_000_000;
+/// Most closed candles one MoveIn may carry (1s candles for a day are 86,400).
+pub const MAX_MOVE_CANDLES: usize = 1_000_000;
+/// Symbols one pod moves at once.
+pub const MOVE_PARALLEL: usize = 4;
+/// A whole MoveIn call (history included) must finish within this.
+pub const MOVE_DEADLINE: Duration = Duration::from_secs(120);
+/// How long `admin rebalance` waits for every pod to take the new target.
+pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the mover and the driver look again.
+const POLL: Duration = Duration::from_millis(250);
+
+/// A MoveIn being received, by attempt.
+enum Incoming {
+    Receiving(u64),
+    Importing(watch::Receiver<bool>),
+    /// A MoveStatus came first: the attempt may not import any more.
+    Refused,
+}
+
+/// This pod's side of rebalances.
+pub struct Moves {
+    incoming: Mutex<HashMap<Symbol, Incoming>>,
+    next_attempt: std::sync::atomic::AtomicU64,
+    /// Hand-overs a restart interrupted (a durable hold without `done`).
+    unresolved: Mutex<Vec<MoveMark>>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Moves {
+    pub(crate) fn new(unresolved: Vec<MoveMark>) -> Moves {
+        Moves {
+            incoming: Mutex::new(HashMap::new()),
+            next_attempt: std::sync::atomic::AtomicU64::new(1),
+            unresolved: Mutex::new(unresolved),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    fn incoming(&self) -> std::sync::MutexGuard<'_, HashMap<Symbol, Incoming>> {
+        self.incoming.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn refused(message: impl Into<String>) -> Error {
+    Error::Refused {
+        code: ErrorCode::InvalidRequest,
+        message: message.into(),
+    }
+}
+
+/// Starts the mover (every pod) and the driver (shard 0).
+pub(crate) fn start(node: &Arc<Node>, tracker: &TaskTracker, stop: CancellationToken) {
+    let n = node.clone();
+    let s = stop.clone();
+    crate::tasks::spawn(tracker, async move { mover(n, s).await });
+    if node.placement().me() == 0 {
+        let n = node.clone();
+        crate::tasks::spawn(tracker, async move { drive(n, stop).await });
+    }
+}
+
+/// Moves this pod's symbols whose owner changes under the target.
+async fn mover(node: Arc<Node>, stop: CancellationToken) {
+    let mut changes = node.placement().watch();
+    let moves_left = metrics::gauge!(m::REBALANCE_MOVES_LEFT);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = changes.changed() => {}
+            () = tokio::time::sleep(POLL) => {}
+        }
+        let unresolved = std::mem::take(&mut *node.moves.unresolved.lock().unwrap_or_else(|p| p.into_inner()));
+        for mark in unresolved {
+            resolve_after_restart(&node, mark, &stop).await;
+        }
+        if node.placement().state().target.is_none() || !node.is_ready() {
+            moves_left.set(0.0);
+            continue;
+        }
+        let list = match node.committer().moves().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing the symbols to move failed");
+                continue;
+            }
+        };
+        moves_left.set(list.len() as f64);
+        if list.is_empty() {
+            continue;
+        }
+        tracing::info!(moves = list.len(), "moving symbols to their new owners");
+        let (node, stop, moves_left) = (&node, &stop, &moves_left);
+        futures_util::stream::iter(list)
+            .for_each_concurrent(MOVE_PARALLEL, |(sym, to)| async move {
+                if stop.is_cancelled() {
+                    return;
+                }
+                match move_symbol(node, sym, to).await {
+                    Ok(()) => moves_left.decrement(1.0),
+                    Err(e) => {
+                        tracing::warn!(symbol = %sym, to, error = %e, "symbol move failed; will retry");
+                        node.moves.set_error(Some(format!("moving {sym} to shard {to}: {e}")));
+                    }
+                }
+            })
+            .await;
+    }
+}
+
+/// Hands `sym` over to shard `to` (see the module doc).
+pub async fn move_symbol(node: &Arc<Node>, sym: Symbol, to: u32) -> Result<(), Error> {
+    let started = Instant::now();
+    let peer = node
+        .cluster()
+        .and_then(|c| c.peer(to))
+        .ok_or_else(|| Error::Unavailable(format!("no link to shard {to}")))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let call = peer.move_in(rx, MOVE_DEADLINE);
+    let feed = feed_move(node, sym, to, tx);
+    let (answer, fed) = tokio::join!(call, feed);
+    let exported = match fed {
+        Ok(e) => e,
+        // Nothing was held yet (or the export itself failed): nothing to undo.
+        Err(FeedError::BeforeHold(e)) => return Err(e),
+        Err(FeedError::AfterHold(ex, e)) => {
+            tracing::warn!(symbol = %sym, to, error = %e, "the hand-over broke after the hold; asking the new owner");
+            return settle(node, &peer, sym, to, &ex, started).await;
+        }
+    };
+    match answer {
+        Ok(seq) if seq == exported.record.last_seq => finish(node, &peer, sym, to, &exported, started).await,
+        Ok(seq) => {
+            tracing::error!(symbol = %sym, to, seq, head = exported.record.last_seq, "the new owner took another head; asking it");
+            settle(node, &peer, sym, to, &exported, started).await
+        }
+        Err(e) => {
+            tracing::warn!(symbol = %sym, to, error = %e, "no answer to the hand-over; asking the new owner");
+            settle(node, &peer, sym, to, &exported, started).await
+        }
+    }
+}
+
+enum FeedError {
+    BeforeHold(Error),
+    AfterHold(Box<Exported>, Error),
+}
+
+/// Streams the history, holds the symbol, streams the rest and its state.
+async fn feed_move(
+    node: &Arc<Node>,
+    sym: Symbol,
+    to: u32,
+    tx: tokio::sync::mpsc::Sender<MovePart>,
+) -> Result<Exported, FeedError> {
+    let me = node.placement().me();
+    let gone = || FeedError::BeforeHold(Error::Unavailable(format!("the hand-over stream to shard {to} closed")));
+    let send = |chunk: MovePart| tx.send(chunk);
+    // 1. History while publishes go on (read up to the head seen now).
+    let head = node.head(&sym).map_or(0, |h| h.seq);
+    let mut from = 1u64;
+    from = send_ticks(node, sym, me, from, head, &send)
+        .await
+        .map_err(FeedError::BeforeHold)?;
+    let store = node.store().clone();
+    let candles = super::blocking(move || store.all_candles(&sym, [i64::MIN; 3], MAX_MOVE_CANDLES))
+        .await
+        .map_err(|e| FeedError::BeforeHold(e.into()))?;
+    let mut after = [i64::MIN; 3];
+    for c in &candles {
+        let a = &mut after[c.interval.index()];
+        *a = (*a).max(c.start.saturating_add(1));
+    }
+    for part in candles.chunks(MOVE_CHUNK) {
+        send(MovePart::new(sym, me, Vec::new(), part.to_vec()))
+            .await
+            .map_err(|_| gone())?;
+    }
+    // 2. Hold, then the rest.
+    let ex = node
+        .committer()
+        .export(sym, to)
+        .await
+        .map_err(|e| FeedError::BeforeHold(e.into()))?;
+    let rest = async {
+        let last = ex.record.last_seq;
+        send_ticks(node, sym, me, from, last, &send).await?;
+        let store = node.store().clone();
+        let candles = super::blocking(move || store.all_candles(&sym, after, MAX_MOVE_CANDLES)).await?;
+        let mut parts: Vec<&[Candle]> = candles.chunks(MOVE_CHUNK).collect();
+        let lastpart = parts.pop().unwrap_or(&[]);
+        for part in parts {
+            send(MovePart::new(sym, me, Vec::new(), part.to_vec()))
+                .await
+                .map_err(|_| Error::Unavailable("the hand-over stream closed".into()))?;
+        }
+        let mut fin = MovePart::new(sym, me, Vec::new(), lastpart.to_vec());
+        fin.last = Some((ex.record.clone(), ex.dedup.clone()));
+        send(fin)
+            .await
+            .map_err(|_| Error::Unavailable("the hand-over stream closed".into()))?;
+        Ok::<(), Error>(())
+    };
+    match rest.await {
+        Ok(()) => Ok(ex),
+        Err(e) => Err(FeedError::AfterHold(Box::new(ex), e)),
+    }
+}
+
+/// Sends ticks `from..=to` in chunks; answers the next seq to send.
+async fn send_ticks<F, Fut>(
+    node: &Arc<Node>,
+    sym: Symbol,
+    me: u32,
+    mut from: u64,
+    to: u64,
+    send: &F,
+) -> Result<u64, Error>
+where
+    F: Fn(MovePart) -> Fut,
+    Fut: std::future::Future<Output = Result<(), tokio::sync::mpsc::error::SendError<MovePart>>>,
+{
+    while from <= to {
+        let page = node.read_local_ticks(sym, from, to, MOVE_CHUNK).await?;
+        let Some(last) = page.last() else { break };
+        let next = last.seq + 1;
+        send(MovePart::new(sym, me, page, Vec::new()))
+            .await
+            .map_err(|_| Error::Unavailable("the hand-over stream closed".into()))?;
+        from = next;
+    }
+    Ok(from)
+}
+
+/// The new owner holds the symbol: this pod's hub becomes its mirror, the
+/// held publishes go to it.
+async fn finish(
+    node: &Arc<Node>,
+    peer: &Arc<Peer>,
+    sym: Symbol,
+    to: u32,
+    ex: &Exported,
+    started: Instant,
+) -> Result<(), Error> {
+    node.placement().note_moved(sym, to);
+    if let Some(hub) = node.hub().get(&sym) {
+        hub.hand_over();
+        peer.adopt_mirror(hub);
+    }
+    node.committer().release(sym, true).await?;
+    let held = ex.held_since.elapsed();
+    metrics::histogram!(m::SYMBOL_MOVE_SECONDS).record(held.as_secs_f64());
+    metrics::histogram!(m::SYMBOL_MOVE_TOTAL_SECONDS).record(started.elapsed().as_secs_f64());
+    metrics::counter!(m::SYMBOL_MOVES, "result" => "moved").increment(1);
+    tracing::info!(
+        symbol = %sym, to, seq = ex.record.last_seq,
+        held_ms = held.as_millis() as u64, total_ms = started.elapsed().as_millis() as u64,
+        "symbol moved"
+    );
+    Ok(())
+}
+
+/// The answer was lost: ask the new owner until it says (its answer is
+/// final), then finish or roll back. Publishes stay held meanwhile.
+async fn settle(
+    node: &Arc<Node>,
+    peer: &Arc<Peer>,
+    sym: Symbol,
+    to: u32,
+    ex: &Exported,
+    started: Instant,
+) -> Result<(), Error> {
+    let mut wait = crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        match peer.move_status(sym, ex.record.epoch, ex.record.last_seq).await {
+            Ok(true) => return finish(node, peer, sym, to, ex, started).await,
+            Ok(false) => {
+                node.committer().release(sym, false).await?;
+                metrics::counter!(m::SYMBOL_MOVES, "result" => "rolled_back").increment(1);
+                tracing::warn!(symbol = %sym, to, "the new owner did not take the symbol; rolled back (it stays here)");
+                return Err(Error::Unavailable(format!(
+                    "shard {to} did not take {sym}; rolled back"
+                )));
+            }
+            Err(e) => {
+                tracing::debug!(symbol = %sym, to, error = %e, "the new owner does not answer yet");
+                if !node.is_healthy() {
+                    return Err(Error::Unavailable("the store failed".into()));
+                }
+                wait.wait().await;
+            }
+        }
+    }
+}
+
+/// A hold this pod made durably before a restart: the new owner says.
+async fn resolve_after_restart(node: &Arc<Node>, mark: MoveMark, stop: &CancellationToken) {
+    let Some(head) = node.head(&mark.symbol) else {
+        return;
+    };
+    let ex = Exported {
+        record: SymbolRecord {
+            symbol: mark.symbol,
+            epoch: head.epoch,
+            last_seq: head.seq,
+            last: head.last,
+            candles: head.candles,
+        },
+        dedup: Vec::new(),
+        held_since: Instant::now(),
+    };
+    loop {
+        let peer = node.cluster().and_then(|c| c.peer(mark.to));
+        if let Some(peer) = peer {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = settle(node, &peer, mark.symbol, mark.to, &ex, Instant::now()) => {
+                    if let Err(e) = r {
+                        tracing::info!(symbol = %mark.symbol, error = %e, "an interrupted hand-over was settled");
+                    }
+                    return;
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            () = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+/// The new owner's side of a move: takes the parts in order, imports the
+/// symbol once the last one came. Answers the head it took.
+pub async fn receive_move(
+    node: &Arc<Node>,
+    mut parts: impl futures_util::Stream<Item = Result<MovePart, String>> + Unpin,
+) -> Result<u64, Error> {
+    let first = match parts.next().await {
+        Some(Ok(p)) => p,
+        Some(Err(e)) => return Err(refused(e)),
+        None => return Err(refused("an empty hand-over")),
+    };
+    let sym = first.symbol;
+    let from = first.from;
+    let me = node.placement().me();
+    if node.placement().target_owner(&sym) != Some(me) && !node.placement().is_local(&sym) {
+        return Err(refused(format!("shard {me} is not the new owner of {sym}")));
+    }
+    if node.hub().get(&sym).is_some_and(|h| !h.is_foreign()) {
+        return Err(refused(format!("shard {me} already holds {sym}")));
+    }
+    let attempt = node
+        .moves
+        .next_attempt
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    node.moves.incoming().insert(sym, Incoming::Receiving(attempt));
+    let forget = || {
+        let mut inc = node.moves.incoming();
+        if matches!(inc.get(&sym), Some(Incoming::Receiving(a)) if *a == attempt) {
+            inc.remove(&sym);
+        }
+    };
+    let mut ticks: Vec<Tick> = Vec::new();
+    let mut candles: Vec<Candle> = Vec::new();
+    let mut part = first;
+    let (record, dedup) = loop {
+        if part.symbol != sym || part.from != from {
+            forget();
+            return Err(refused("a hand-over of two symbols"));
+        }
+        if ticks.len() + part.ticks.len() > MAX_MOVE_TICKS || candles.len() + part.candles.len() > MAX_MOVE_CANDLES {
+            forget();
+            return Err(refused(format!(
+                "a hand-over beyond {MAX_MOVE_TICKS} ticks or {MAX_MOVE_CANDLES} candles"
+            )));
+        }
+        for t in &part.ticks {
+            if ticks.last().is_some_and(|l| l.seq.checked_add(1) != Some(t.seq)) {
+                forget();
+                return Err(refused("a hand-over with a gap in its ticks"));
+            }
+            ticks.push(*t);
+        }
+        candles.append(&mut part.candles);
+        if let Some(last) = part.last.take() {
+            break last;
+        }
+        part = match parts.next().await {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                forget();
+                return Err(refused(e));
+            }
+            None => {
+                forget();
+                return Err(Error::Unavailable("the hand-over ended before its state".into()));
+            }
+        };
+    };
+    if ticks.last().map_or(0, |t| t.seq) != record.last_seq && !(ticks.is_empty() && record.last_seq == 0) {
+        forget();
+        return Err(refused("a hand-over whose ticks do not end at its head"));
+    }
+    // Final: from here only this attempt may import, and a MoveStatus waits for it.
+    let (done_tx, done_rx) = watch::channel(false);
+    {
+        let mut inc = node.moves.incoming();
+        match inc.get(&sym) {
+            Some(Incoming::Receiving(a)) if *a == attempt => {
+                inc.insert(sym, Incoming::Importing(done_rx));
+            }
+            _ => return Err(Error::Unavailable(format!("the hand-over of {sym} was called off"))),
+        }
+    }
+    let head = record.last_seq;
+    // The mirror this pod had (fed by the old owner) becomes the owner's hub.
+    if let Some(c) = node.cluster() {
+        for p in c.peers() {
+            p.take_mirror(&sym);
+        }
+    }
+    let result = node
+        .committer()
+        .import(Imported {
+            record,
+            dedup,
+            ticks,
+            candles,
+        })
+        .await;
+    if result.is_ok() {
+        node.placement().note_moved_in(sym);
+        tracing::info!(symbol = %sym, from, seq = head, "symbol taken over");
+    }
+    node.moves.incoming().remove(&sym);
+    let _ = done_tx.send(true);
+    result.map(|()| head).map_err(Error::from)
+}
+
+/// Whether this pod holds `sym` at `epoch` with a head at `seq` or later.
+/// Final: a hand-over of it still in flight is refused from here on.
+pub async fn move_status(node: &Arc<Node>, sym: Symbol, epoch: Epoch, seq: u64) -> Result<bool, Error> {
+    let importing = {
+        let mut inc = node.moves.incoming();
+        match inc.get(&sym) {
+            Some(Incoming::Importing(rx)) => Some(rx.clone()),
+            _ => {
+                inc.insert(sym, Incoming::Refused);
+                None
+            }
+        }
+    };
+    if let Some(mut rx) = importing {
+        let _ = rx.wait_for(|done| *done).await;
+    }
+    Ok(node.committer().holds(sym, epoch, seq).await?)
+}
+
+/// Starts a rebalance to `shards`: every pod of the span takes the target
+/// (or none does). Answers the new state.
+pub async fn start_rebalance(node: &Arc<Node>, shards: u32) -> Result<ClusterState, Error> {
+    if !(1..=MAX_SHARDS).contains(&shards) {
+        return Err(refused(format!("--shards must be 1 to {MAX_SHARDS}")));
+    }
+    let Some(cluster) = node.cluster() else {
+        return Err(refused(
+            "this pod runs alone (no --peers): start the cluster with a --peers template to change its size",
+        ));
+    };
+    let cur = node.placement().state();
+    if let Some(t) = cur.target {
+        if t == shards {
+            return Ok(cur);
+        }
+        return Err(refused(format!(
+            "a rebalance to {t} shards is in progress; wait for it (tickshard admin status)"
+        )));
+    }
+    if shards == cur.committed {
+        return Ok(cur);
+    }
+    let span = cur.committed.max(shards);
+    if cluster.config().addressable() < span {
+        return Err(refused(format!(
+            "--peers names {} shards; a rebalance to {shards} needs a {{}} template or {span} addresses",
+            cluster.config().addressable()
+        )));
+    }
+    let next = ClusterState {
+        version: cur.version + 1,
+        committed: cur.committed,
+        target: Some(shards),
+    };
+    node.adopt_state(next, false).await?;
+    node.moves.set_error(None);
+    let me = node.placement().me();
+    let pushes = (0..span).filter(|i| *i != me).map(|i| async move {
+        let deadline = Instant::now() + PREPARE_TIMEOUT;
+        let mut wait = crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
+        loop {
+            let r = match node.cluster().and_then(|c| c.peer(i)) {
+                Some(p) => p.set_state(next, false).await.map_err(|e| e.to_string()),
+                None => Err("no link".to_string()),
+            };
+            match r {
+                Ok(s) if s.version >= next.version => return Ok(()),
+                Ok(s) => return Err(format!("shard {i} keeps {s}")),
+                Err(e) if Instant::now() >= deadline => return Err(format!("shard {i}: {e}")),
+                Err(_) => wait.wait().await,
+            }
+        }
+    });
+    let failed: Vec<String> = futures_util::future::join_all(pushes)
+        .await
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    if failed.is_empty() {
+        tracing::info!(from = cur.committed, to = shards, "rebalance started");
+        return Ok(next);
+    }
+    // Nothing moved yet: call it off everywhere.
+    let back = ClusterState {
+        version: next.version + 1,
+        committed: cur.committed,
+        target: None,
+    };
+    node.adopt_state(back, false).await?;
+    push_everywhere(node, back, false, span).await;
+    let why = format!(
+        "not every pod took the new target, the rebalance was called off: {}",
+        failed.join("; ")
+    );
+    node.moves.set_error(Some(why.clone()));
+    Err(Error::Unavailable(why))
+}
+
+/// Offers `state` to every other pod below `span`; answers the shards that did not take it.
+async fn push_everywhere(node: &Arc<Node>, state: ClusterState, seal: bool, span: u32) -> Vec<u32> {
+    let me = node.placement().me();
+    let calls = (0..span).filter(|i| *i != me).map(|i| async move {
+        let ok = match node.cluster().and_then(|c| c.peer(i)) {
+            Some(p) => p.set_state(state, seal).await.is_ok_and(|s| s.version >= state.version),
+            None => false,
+        };
+        (i, ok)
+    });
+    futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// What a rebalance has left: per shard of the span, its moves (or unreachable).
+pub struct Progress {
+    pub state: ClusterState,
+    pub moves: Vec<(Symbol, u32, u32)>,
+    pub unreachable: Vec<u32>,
+}
+
+/// Asks every pod of the span for its moves left.
+pub async fn progress(node: &Arc<Node>) -> Progress {
+    let state = node.placement().state();
+    let me = node.placement().me();
+    let mut moves = Vec::new();
+    let mut unreachable = Vec::new();
+    if state.target.is_some() {
+        match node.committer().moves().await {
+            Ok(l) => moves.extend(l.into_iter().map(|(s, to)| (s, me, to))),
+            Err(_) => unreachable.push(me),
+        }
+        let calls = (0..state.span()).filter(|i| *i != me).map(|i| async move {
+            match node.cluster().and_then(|c| c.peer(i)) {
+                Some(p) => (i, p.moves().await.ok()),
+                None => (i, None),
+            }
+        });
+        for (i, r) in futures_util::future::join_all(calls).await {
+            match r {
+                // (a pod behind this one's state has not started its moves)
+                Some((s, l)) if s.version >= state.version => moves.extend(l),
+                Some(_) | None => unreachable.push(i),
+            }
+        }
+    }
+    moves.sort_by_key(|(s, _, _)| *s);
+    Progress {
+        state,
+        moves,
+        unreachable,
+    }
+}
+
+/// Shard 0 drives every rebalance to its commit: no moves left anywhere →
+/// seal → none still → commit (see the module doc).
+async fn drive(node: Arc<Node>, stop: CancellationToken) {
+    let mut changes = node.placement().watch();
+    // A committed state some pods have not taken yet, and the span to tell.
+    let mut unsent: Option<(ClusterState, u32)> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = changes.changed() => {}
+            () = tokio::time::sleep(POLL * 2) => {}
+        }
+        let state = node.placement().state();
+        if let Some((done, span)) = unsent
+            && done == state
+        {
+            let missed = push_everywhere(&node, done, false, span).await;
+            unsent = (!missed.is_empty()).then_some((done, span));
+        }
+        let Some(target) = state.target else { continue };
+        if !node.is_ready() {
+            continue;
+        }
+        let p = progress(&node).await;
+        if !p.unreachable.is_empty() || !p.moves.is_empty() || p.state != state {
+            continue;
+        }
+        // Seal: no new symbol is created behind the last move.
+        if let Err(e) = node.adopt_state(state, true).await {
+            tracing::warn!(error = %e, "sealing the rebalance failed");
+            continue;
+        }
+        let missed = push_everywhere(&node, state, true, state.span()).await;
+        if !missed.is_empty() {
+            tracing::info!(?missed, "rebalance: not every pod sealed yet");
+            continue;
+        }
+        let p = progress(&node).await;
+        if !p.unreachable.is_empty() || !p.moves.is_empty() || p.state != state {
+            continue;
+        }
+        let done = ClusterState {
+            version: state.version + 1,
+            committed: target,
+            target: None,
+        };
+        if let Err(e) = node.adopt_state(done, false).await {
+            tracing::warn!(error = %e, "committing the rebalance failed");
+            continue;
+        }
+        let missed = push_everywhere(&node, done, false, state.span()).await;
+        tracing::info!(from = state.committed, to = target, ?missed, "rebalance committed");
+        unsent = (!missed.is_empty()).then_some((done, state.span()));
+        node.moves.set_error(None);
+    }
+}

@@ -1,0 +1,254 @@
+//! Who owns a symbol right now (contract §2 and §9).
+//!
+//! The map is `jump_consistent_hash(h(symbol), committed)`, where `committed`
+//! is the cluster's committed shard count (kept in every pod's store, not only
+//! in `--shards`). While a rebalance to `target` runs, each symbol whose owner
+//! changes moves on its own; until the rebalance commits, every pod but the
+//! two that took part in a move still routes by the committed map, and the old
+//! owner relays (publishes through its committer, follows through a mirror of
+//! the new owner, reads to the new owner). So a pod knows three things:
+//! - `moved`: symbols this pod handed over (or learned live elsewhere), and to whom;
+//! - `moved_in`: symbols this pod took over;
+//! - the committed map for everything else.
+//!
+//! Publishes take a *gate* (one of [`GATES`] read-write locks, by symbol)
+//! around "decide the route, queue the request": a route change of a symbol
+//! (the switch to a newly committed map) takes every gate for writing, so no
+//! request of a pair is queued on the old route after one on the new route.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, RwLock},
+};
+
+use tokio::sync::{RwLockReadGuard, RwLockWriteGuard, watch};
+
+use crate::{
+    domain::Symbol,
+    ownership::{jump_consistent_hash, symbol_hash},
+};
+
+/// Most shards a cluster may have (a named bound on `admin rebalance`).
+pub const MAX_SHARDS: u32 = 1_024;
+/// Publish gates, by symbol hash.
+pub const GATES: usize = 64;
+
+/// A cluster's shard layout: the committed count, and the count a rebalance
+/// in progress moves to. A newer `version` replaces an older one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterState {
+    pub version: u64,
+    pub committed: u32,
+    pub target: Option<u32>,
+}
+
+impl ClusterState {
+    /// The state of a new cluster of `shards`.
+    pub fn initial(shards: u32) -> ClusterState {
+        ClusterState {
+            version: 0,
+            committed: shards.max(1),
+            target: None,
+        }
+    }
+
+    /// The most shards this state involves (the committed and the target).
+    pub fn span(&self) -> u32 {
+        self.committed.max(self.target.unwrap_or(0))
+    }
+}
+
+impl std::fmt::Display for ClusterState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.target {
+            Some(t) => write!(f, "{} shards, moving to {t} (v{})", self.committed, self.version),
+            None => write!(f, "{} shards (v{})", self.committed, self.version),
+        }
+    }
+}
+
+struct Inner {
+    state: ClusterState,
+    moved: HashMap<Symbol, u32>,
+    moved_in: HashSet<Symbol>,
+}
+
+pub struct Placement {
+    me: u32,
+    inner: RwLock<Inner>,
+    gates: Box<[tokio::sync::RwLock<()>]>,
+    changes: watch::Sender<ClusterState>,
+    /// States heard from peers (topology answers): the node adopts a newer one.
+    heard: tokio::sync::mpsc::UnboundedSender<ClusterState>,
+}
+
+impl Placement {
+    pub fn new(me: u32, state: ClusterState) -> (Arc<Placement>, tokio::sync::mpsc::UnboundedReceiver<ClusterState>) {
+        let (heard, rx) = tokio::sync::mpsc::unbounded_channel();
+        let p = Placement {
+            me,
+            inner: RwLock::new(Inner {
+                state,
+                moved: HashMap::new(),
+                moved_in: HashSet::new(),
+            }),
+            gates: (0..GATES).map(|_| tokio::sync::RwLock::new(())).collect(),
+            changes: watch::channel(state).0,
+            heard,
+        };
+        (Arc::new(p), rx)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn me(&self) -> u32 {
+        self.me
+    }
+
+    pub fn state(&self) -> ClusterState {
+        self.read().state
+    }
+
+    /// The committed shard count.
+    pub fn shards(&self) -> u32 {
+        self.read().state.committed
+    }
+
+    /// Wakes on every state change.
+    pub fn watch(&self) -> watch::Receiver<ClusterState> {
+        self.changes.subscribe()
+    }
+
+    /// A state a peer reported; adopted by the node if newer.
+    pub fn heard(&self, state: ClusterState) {
+        if state.version > self.state().version {
+            let _ = self.heard.send(state);
+        }
+    }
+
+    /// The owner of `symbol` now: for subscriptions and reads.
+    pub fn owner(&self, symbol: &Symbol) -> u32 {
+        let i = self.read();
+        if i.moved_in.contains(symbol) {
+            return self.me;
+        }
+        if let Some(&to) = i.moved.get(symbol) {
+            return to;
+        }
+        jump_consistent_hash(symbol_hash(symbol), i.state.committed)
+    }
+
+    pub fn is_local(&self, symbol: &Symbol) -> bool {
+        self.owner(symbol) == self.me
+    }
+
+    /// Where a publish of `symbol` goes: this pod's committer for symbols it
+    /// owns by the committed map (the committer holds or relays those it is
+    /// handing over, in order) or took over, else the committed owner.
+    pub fn publish_owner(&self, symbol: &Symbol) -> u32 {
+        let i = self.read();
+        if i.moved_in.contains(symbol) {
+            return self.me;
+        }
+        jump_consistent_hash(symbol_hash(symbol), i.state.committed)
+    }
+
+    /// The owner under the rebalance target, if one is in progress.
+    pub fn target_owner(&self, symbol: &Symbol) -> Option<u32> {
+        self.read()
+            .state
+            .target
+            .map(|t| jump_consistent_hash(symbol_hash(symbol), t))
+    }
+
+    /// Where this pod handed `symbol` over to, if it did.
+    pub fn moved_to(&self, symbol: &Symbol) -> Option<u32> {
+        self.read().moved.get(symbol).copied()
+    }
+
+    pub fn note_moved(&self, symbol: Symbol, to: u32) {
+        let mut i = self.write();
+        i.moved_in.remove(&symbol);
+        i.moved.insert(symbol, to);
+    }
+
+    pub fn note_moved_in(&self, symbol: Symbol) {
+        let mut i = self.write();
+        i.moved.remove(&symbol);
+        i.moved_in.insert(symbol);
+    }
+
+    /// Adopts `state`. Once a rebalance commits (no target), the committed
+    /// map says what the moves said: they are forgotten.
+    pub fn set_state(&self, state: ClusterState) {
+        {
+            let mut i = self.write();
+            i.state = state;
+            if state.target.is_none() {
+                i.moved.clear();
+                i.moved_in.clear();
+            }
+        }
+        self.changes.send_replace(state);
+    }
+
+    /// The publish gate of `symbol` (see the module doc).
+    pub async fn gate(&self, symbol: &Symbol) -> RwLockReadGuard<'_, ()> {
+        self.gates[(symbol_hash(symbol) % GATES as u64) as usize].read().await
+    }
+
+    /// Every gate, for a route change.
+    pub async fn close_gates(&self) -> Vec<RwLockWriteGuard<'_, ()>> {
+        let mut all = Vec::with_capacity(GATES);
+        for g in self.gates.iter() {
+            all.push(g.write().await);
+        }
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sym(s: &str) -> Symbol {
+        Symbol::parse(s).unwrap()
+    }
+
+    #[test]
+    fn moves_override_the_committed_map_until_a_commit() {
+        let (p, _rx) = Placement::new(0, ClusterState::initial(3));
+        let s = (0..1000)
+            .map(|i| sym(&format!("S{i}")))
+            .find(|s| p.owner(s) == 0 && jump_consistent_hash(symbol_hash(s), 4) == 3)
+            .unwrap();
+        p.set_state(ClusterState {
+            version: 1,
+            committed: 3,
+            target: Some(4),
+        });
+        assert_eq!(p.target_owner(&s), Some(3));
+        assert!(p.is_local(&s));
+        p.note_moved(s, 3);
+        assert_eq!(p.owner(&s), 3, "subscriptions and reads go to the new owner");
+        assert_eq!(
+            p.publish_owner(&s),
+            0,
+            "publishes still pass the committer, which relays in order"
+        );
+        p.set_state(ClusterState {
+            version: 2,
+            committed: 4,
+            target: None,
+        });
+        assert_eq!(p.moved_to(&s), None);
+        assert_eq!(p.owner(&s), 3);
+        assert_eq!(p.publish_owner(&s), 3);
+    }
+}

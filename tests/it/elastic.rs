@@ -1,0 +1,192 @@
+//! Elastic shards (contract §9): `tickshard admin rebalance` on a running
+//! cluster under load, real processes.
+
+use std::{collections::HashMap, time::Duration};
+
+use tickshard_proto::v1 as pb;
+use tickshard_shard::{
+    domain::Symbol,
+    ownership::{jump_consistent_hash, symbol_hash},
+};
+
+use crate::{cluster::rollout_under_load, common::*};
+
+fn owner(sym: &str, shards: u32) -> u32 {
+    jump_consistent_hash(symbol_hash(&Symbol::parse(sym).unwrap()), shards)
+}
+
+/// `tickshard admin <args>` against a pod's peer port: (success, stdout, stderr).
+fn admin(pod: &Server, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tickshard"));
+    cmd.arg("admin").args(args).args(["--peer", &pod.peer_url()]);
+    if args[0] == "rebalance" {
+        cmd.args(["--timeout", "60s"]);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Starts `pods` pods whose cluster has `shards` shards (pods at ordinals
+/// at or above it own nothing yet).
+fn cluster(pods: usize, shards: u32, extra: &[&str]) -> TestCluster {
+    let mut args = vec!["--drain-ms", "300"];
+    args.extend_from_slice(extra);
+    // (a cluster smaller than its pods is what `kubectl scale` up leaves
+    // before the rebalance)
+    TestCluster::start_sized(TestCluster::addrs(pods), shards, &args)
+}
+
+/// Epoch and seq of every symbol, as ListSymbols says (with the owner).
+async fn symbols(pod: &Server) -> HashMap<String, (String, u64, u32)> {
+    pod.list_symbols()
+        .await
+        .symbols
+        .into_iter()
+        .map(|i| (i.symbol, (i.epoch, i.seq, i.owner_shard)))
+        .collect()
+}
+
+/// The longest publish hold a pod logged for a moved symbol, in ms.
+fn longest_hold(pods: &[Server]) -> (usize, u64) {
+    let mut n = 0;
+    let mut max = 0;
+    for p in pods {
+        for line in p.log_text().lines().filter(|l| l.contains("symbol moved")) {
+            n += 1;
+            if let Some(ms) = line
+                .split("held_ms=")
+                .nth(1)
+                .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                max = max.max(ms);
+            }
+        }
+    }
+    (n, max)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_up_3_to_4_under_load_loses_and_repeats_nothing() {
+    let mut c = cluster(4, 3, &[]);
+    let ws = c.ws_urls();
+    let grpc = vec![c.pods[0].grpc_url(), c.pods[1].grpc_url()];
+    let (ok, out, _) = admin(&c.pods[3], &["status", "--json"]);
+    assert!(ok);
+    assert_eq!(
+        out.trim(),
+        r#"{"committed_shards":3,"target_shards":null,"moves_left":[],"unreachable":[],"error":null}"#
+    );
+    let mut before = HashMap::new();
+    let pods = &c.pods;
+    rollout_under_load(ws, grpc, "ELASTIC", 40, &[0], None, async |_| {
+        before = symbols(&pods[0]).await;
+        assert_eq!(before.len(), 40, "every symbol has ticks before the rebalance");
+        assert!(before.values().all(|(_, _, o)| *o < 3));
+        let (ok, _, err) = admin(&pods[2], &["rebalance", "--shards", "4"]);
+        assert!(ok, "rebalance failed: {err}");
+        eprintln!("{err}");
+    })
+    .await;
+    let (moves, hold) = longest_hold(&c.pods);
+    let moved: Vec<&String> = before.keys().filter(|s| owner(s, 4) == 3).collect();
+    eprintln!(
+        "3 -> 4: {} symbols moved ({moves} logged), longest publish hold {hold} ms",
+        moved.len()
+    );
+    assert!(!moved.is_empty(), "some of the 30 symbols move to the new shard");
+    assert_eq!(moves, moved.len(), "each moving symbol moved once");
+    assert!(hold <= 1_000, "a publish was held {hold} ms");
+    // Owners follow the new map, epochs are the ones the symbols had.
+    for (i, p) in c.pods.iter().enumerate() {
+        let after = symbols(p).await;
+        for (sym, (epoch, seq, o)) in &after {
+            assert_eq!(*o, owner(sym, 4), "pod {i}: {sym} is owned by its shard under 4");
+            assert_eq!(epoch, &before[sym].0, "pod {i}: {sym} keeps its epoch");
+            assert!(*seq >= before[sym].1);
+        }
+    }
+    let (ok, out, _) = admin(&c.pods[1], &["status", "--json"]);
+    assert!(ok);
+    assert!(
+        out.starts_with(r#"{"committed_shards":4,"target_shards":null,"moves_left":[]"#),
+        "{out}"
+    );
+    // The new owner serves the history of a moved symbol from seq 1.
+    let sym = moved[0];
+    let h = history(&c.pods[3], sym, 1).await;
+    assert_eq!(h.first().map(|t| t.seq), Some(1));
+    assert_eq!(
+        h.iter().map(|t| t.seq).collect::<Vec<_>>(),
+        (1..=h.len() as u64).collect::<Vec<_>>()
+    );
+
+    // A pod restarted with a stale --shards (all were started with 3)
+    // follows the cluster: it keeps owning what the map of 4 gives it.
+    c.pods[1].kill9();
+    c.pods[1].restart();
+    let p1 = &c.pods[1];
+    eventually("pod 1 ready", || async { p1.get("/readyz").await.0 == 200 }).await;
+    assert!(
+        p1.log_text().contains("following the cluster"),
+        "the pod says it follows the cluster"
+    );
+    let mine = before
+        .keys()
+        .find(|s| owner(s, 4) == 1 && owner(s, 3) == 1)
+        .unwrap()
+        .clone();
+    let seq = symbols(&c.pods[0]).await[&mine].1;
+    let mut publisher = c.pods[3].publisher("after-restart").await;
+    let acks = publish_all(&mut publisher, [tick(&mine, 1_732_600_000_000_000, "1.5", "2")]).await;
+    assert_eq!(acks[0].seq, seq + 1, "the restarted owner continues the seq");
+    let (ok, out, _) = admin(&c.pods[1], &["status", "--json"]);
+    assert!(ok && out.contains(r#""committed_shards":4"#), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_down_4_to_2_then_the_two_highest_pods_stop() {
+    let mut c = cluster(4, 4, &[]);
+    c.wait_linked().await;
+    let ws = c.ws_urls();
+    let grpc = vec![c.pods[0].grpc_url(), c.pods[1].grpc_url()];
+    let mut before = HashMap::new();
+    {
+        let pods = &mut c.pods;
+        rollout_under_load(ws, grpc, "SHRINK", 40, &[0], None, async |_| {
+            before = symbols(&pods[0]).await;
+            let (ok, _, err) = admin(&pods[0], &["rebalance", "--shards", "2"]);
+            assert!(ok, "rebalance failed: {err}");
+            eprintln!("{err}");
+            // then `kubectl scale --replicas 2`: the two highest pods go
+            for p in &pods[2..] {
+                p.sigterm();
+            }
+            for p in &mut pods[2..] {
+                assert!(p.wait_exit(Duration::from_secs(30)).success());
+            }
+        })
+        .await;
+    }
+    let (_, hold) = longest_hold(&c.pods);
+    assert!(hold <= 1_000, "a publish was held {hold} ms");
+    for p in &c.pods[..2] {
+        let after = symbols(p).await;
+        assert_eq!(after.len(), before.len());
+        for (sym, (epoch, _, o)) in &after {
+            assert_eq!(*o, owner(sym, 2));
+            assert_eq!(epoch, &before[sym].0, "{sym} keeps its epoch");
+        }
+    }
+    let (ok, out, _) = admin(&c.pods[0], &["status", "--json"]);
+    assert!(ok);
+    assert!(
+        out.starts_with(r#"{"committed_shards":2,"target_shards":null,"moves_left":[]"#),
+        "{out}"
+    );
+    let _ = pb::ListSymbolsRequest {};
+}
