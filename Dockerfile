@@ -11,7 +11,7 @@ ENV CARGO_TERM_COLOR=never CARGO_INCREMENTAL=0
 # 1. Dependencies only (this layer is reused until Cargo.toml/Cargo.lock change):
 #    the manifests, the protos and build script, and empty stand-in sources.
 COPY Cargo.toml Cargo.lock rustfmt.toml ./
-COPY proto/Cargo.toml proto/build.rs proto/feed.proto proto/cluster.proto proto/
+COPY proto/Cargo.toml proto/build.rs proto/feed.proto proto/cluster.proto proto/admin.proto proto/
 COPY shard/Cargo.toml shard/
 COPY feed/Cargo.toml feed/
 COPY client/Cargo.toml client/

@@ -63,9 +63,16 @@ pub struct AdminArgs {
     #[arg(long, env = "TICKSHARD_PEER_TLS_CA", global = true)]
     pub peer_tls_ca: Option<PathBuf>,
     /// The name the pod's certificate is checked against [default: the
-    /// host of --peer, or `localhost`].
+    /// host of --peer; on loopback, this pod's host in the --peers template
+    /// (its hostname's ordinal), else `localhost`].
     #[arg(long, global = true)]
     pub peer_tls_name: Option<String>,
+    /// The server's --peers (for the default --peer-tls-name).
+    #[arg(long, env = "TICKSHARD_PEERS", global = true, hide = true)]
+    pub peers: Option<String>,
+    /// The server's --shard-id (for the default --peer-tls-name).
+    #[arg(long, env = "TICKSHARD_SHARD_ID", global = true, hide = true)]
+    pub shard_id: Option<u32>,
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]

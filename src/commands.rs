@@ -353,12 +353,24 @@ pub async fn admin(a: crate::args::AdminArgs) -> ExitCode {
             key: key.clone(),
             ca: ca.clone(),
             server_name: a.peer_tls_name.clone().unwrap_or_else(|| {
-                let authority = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
-                let host = tickshard_client::tls::host_of(authority.split('/').next().unwrap_or(authority));
-                if host.parse::<std::net::IpAddr>().is_ok() {
-                    "localhost".to_string()
-                } else {
-                    host.to_string()
+                let host_of = |url: &str| {
+                    let authority = url.split_once("://").map_or(url, |(_, r)| r);
+                    tickshard_client::tls::host_of(authority.split('/').next().unwrap_or(authority)).to_string()
+                };
+                let host = host_of(&url);
+                if host.parse::<std::net::IpAddr>().is_err() {
+                    return host;
+                }
+                // On loopback: the name this pod's certificate has, its host
+                // in the --peers template (what its peers dial).
+                let me = a.shard_id.or_else(|| {
+                    tickshard_feed::config::hostname()
+                        .as_deref()
+                        .and_then(tickshard_shard::ownership::ordinal_from_hostname)
+                });
+                match (a.peers.as_deref().filter(|p| p.contains("{}")), me) {
+                    (Some(t), Some(id)) => host_of(&t.replace("{}", &id.to_string())),
+                    _ => "localhost".to_string(),
                 }
             }),
         }),

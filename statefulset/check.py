@@ -9,7 +9,8 @@ cannot see. Usage: check.py RENDERED.yaml [...]; exits 1 listing every problem.
 - every probe's port exists on the container
 - terminationGracePeriodSeconds > preStop sleep + TICKSHARD_DRAIN_MS + 5 s margin
   (the WebSocket lingering close, at most 2 s, and the final flush)
-- replicas == TICKSHARD_SHARDS (the shard count is part of the ownership map)
+- replicas == TICKSHARD_SHARDS (the manifests describe the cluster at rest; the
+  running count changes with `tickshard admin rebalance`, README "Scaling")
 - TICKSHARD_PEERS is a template on the headless Service with the gRPC port
 - the pod runs as non-root with a read-only root filesystem, without a
   service account token

@@ -456,7 +456,8 @@ impl ServeArgs {
 }
 
 /// The pod's hostname (Kubernetes sets it to the pod name).
-fn hostname() -> Option<String> {
+/// This machine's (pod's) hostname.
+pub fn hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())

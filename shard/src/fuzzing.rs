@@ -25,11 +25,21 @@ pub fn store_records(data: &[u8]) {
             }
         }
     }
-    if let Some((to, done)) = codec::decode_move_mark(data) {
-        assert_eq!(codec::encode_move_mark(to, done), data, "move mark round trip");
+    if let Some((to, done, attempt)) = codec::decode_move_mark(data) {
+        let again = codec::encode_move_mark(to, done, attempt);
+        assert_eq!(
+            codec::decode_move_mark(&again),
+            Some((to, done, attempt)),
+            "move mark round trip"
+        );
     }
-    if let Some(s) = codec::decode_cluster_state(data) {
-        assert_eq!(codec::encode_cluster_state(&s), data, "cluster state round trip");
+    if let Some((s, sealed)) = codec::decode_cluster_state(data) {
+        let again = codec::encode_cluster_state(&s, sealed);
+        assert_eq!(
+            codec::decode_cluster_state(&again),
+            Some((s, sealed)),
+            "cluster state round trip"
+        );
     }
     if let Some(entries) = codec::decode_dedup(data) {
         let mut again = Vec::new();

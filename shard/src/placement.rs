@@ -71,6 +71,9 @@ struct Inner {
     state: ClusterState,
     moved: HashMap<Symbol, u32>,
     moved_in: HashSet<Symbol>,
+    /// Held for a hand-over a restart interrupted: until the new owner says
+    /// whether it took them, this pod's copy may be behind (not served).
+    unsettled: HashSet<Symbol>,
 }
 
 pub struct Placement {
@@ -91,6 +94,7 @@ impl Placement {
                 state,
                 moved: HashMap::new(),
                 moved_in: HashSet::new(),
+                unsettled: HashSet::new(),
             }),
             gates: (0..GATES).map(|_| tokio::sync::RwLock::new(())).collect(),
             changes: watch::channel(state).0,
@@ -148,15 +152,14 @@ impl Placement {
         self.owner(symbol) == self.me
     }
 
-    /// Where a publish of `symbol` goes: this pod's committer for symbols it
-    /// owns by the committed map (the committer holds or relays those it is
-    /// handing over, in order) or took over, else the committed owner.
+    /// Where a client's publish of `symbol` goes until the rebalance
+    /// commits: the owner by the committed map, always. The old owner's
+    /// committer holds, then relays, what it handed over, so every request
+    /// of a pair takes one path (the new owner's own clients' included: a
+    /// direct path there could overtake a request still on its way through
+    /// the old owner, and de-dup would take the later one for a retry).
     pub fn publish_owner(&self, symbol: &Symbol) -> u32 {
-        let i = self.read();
-        if i.moved_in.contains(symbol) {
-            return self.me;
-        }
-        jump_consistent_hash(symbol_hash(symbol), i.state.committed)
+        jump_consistent_hash(symbol_hash(symbol), self.read().state.committed)
     }
 
     /// The owner under the rebalance target, if one is in progress.
@@ -175,7 +178,23 @@ impl Placement {
     pub fn note_moved(&self, symbol: Symbol, to: u32) {
         let mut i = self.write();
         i.moved_in.remove(&symbol);
+        i.unsettled.remove(&symbol);
         i.moved.insert(symbol, to);
+    }
+
+    /// See `Inner::unsettled`.
+    pub fn note_unsettled(&self, symbol: Symbol, unsettled: bool) {
+        let mut i = self.write();
+        if unsettled {
+            i.unsettled.insert(symbol);
+        } else {
+            i.unsettled.remove(&symbol);
+        }
+    }
+
+    pub fn is_unsettled(&self, symbol: &Symbol) -> bool {
+        let i = self.read();
+        !i.unsettled.is_empty() && i.unsettled.contains(symbol)
     }
 
     pub fn note_moved_in(&self, symbol: Symbol) {
@@ -241,6 +260,14 @@ mod tests {
             p.publish_owner(&s),
             0,
             "publishes still pass the committer, which relays in order"
+        );
+        let (d, _rx) = Placement::new(3, p.state());
+        d.note_moved_in(s);
+        assert!(d.is_local(&s));
+        assert_eq!(
+            d.publish_owner(&s),
+            0,
+            "the new owner's clients go through the old one until the commit"
         );
         p.set_state(ClusterState {
             version: 2,

@@ -22,6 +22,7 @@ impl Node {
     /// History of a symbol this pod owns; `limit` is clamped to
     /// [`HISTORY_LIMIT_MAX`].
     pub async fn local_history(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, Error> {
+        self.check_settled(&symbol)?;
         // Handed over by this pod while the rebalance runs: peers that still
         // route by the committed map ask here; the new owner answers.
         if let Some(to) = self.placement().moved_to(&symbol)
@@ -54,6 +55,7 @@ impl Node {
 
     /// History of any symbol, from its owner.
     pub async fn history(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, Error> {
+        self.check_settled(&symbol)?;
         match self.peer_of(&symbol) {
             None => Ok(self.local_history_here(symbol, q, limit).await?),
             Some(peer) => Ok(peer.history(symbol, q, limit).await?),
@@ -63,6 +65,9 @@ impl Node {
     /// The latest tick of each symbol this pod owns (symbols without ticks
     /// are left out); those it handed over come from their new owner.
     pub async fn local_snapshots(&self, symbols: &[Symbol]) -> Result<Vec<LastTick>, Error> {
+        for s in symbols {
+            self.check_settled(s)?;
+        }
         let (moved, here): (Vec<Symbol>, Vec<Symbol>) =
             symbols.iter().partition(|s| self.placement().moved_to(s).is_some());
         let mut out = self.snapshots_here(&here);

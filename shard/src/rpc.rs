@@ -234,28 +234,55 @@ impl ClusterApi for ClusterService {
                             let reqs = session::requests(&[sym], &CHANNELS, &resume);
                             let session = session.clone();
                             crate::tasks::spawn(node.stream_tasks(), async move {
-                                match session.prepare(&reqs).await {
-                                    Ok(prepared) => {
-                                        let r = prepared.results[0];
-                                        session.outbox().control(
-                                            event(sym, pb::follow_event::Kind::Started(sub_result_to_pb(&r))),
-                                            64,
-                                        );
-                                        session.activate(prepared).await;
+                                let mut wait =
+                                    crate::backoff::Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+                                loop {
+                                    match session.prepare(&reqs).await {
+                                        // Nothing served yet: a symbol this pod handed
+                                        // over whose new owner it cannot reach yet (after
+                                        // a restart). The follower waits; it is not told
+                                        // to give the symbol up.
+                                        Ok(prepared) if prepared.results.is_empty() => {
+                                            if session.outbox().is_gone() {
+                                                break;
+                                            }
+                                            tracing::debug!(symbol = %sym, failed = ?prepared.failed, "a follow waits for the symbol's owner");
+                                            wait.wait().await;
+                                            continue;
+                                        }
+                                        Ok(prepared) => {
+                                            let r = prepared.results[0];
+                                            session.outbox().control(
+                                                event(sym, pb::follow_event::Kind::Started(sub_result_to_pb(&r))),
+                                                64,
+                                            );
+                                            session.activate(prepared).await;
+                                        }
+                                        // Transient (an owner this pod relays from is
+                                        // not reachable yet): wait, do not refuse.
+                                        Err(crate::Error::Unavailable(why)) => {
+                                            if session.outbox().is_gone() {
+                                                break;
+                                            }
+                                            tracing::debug!(symbol = %sym, %why, "a follow waits");
+                                            wait.wait().await;
+                                            continue;
+                                        }
+                                        Err(e) => {
+                                            tracing::debug!(symbol = %sym, error = %e, "refusing a follow");
+                                            session.outbox().control(
+                                                event(
+                                                    sym,
+                                                    pb::follow_event::Kind::Refused(pb::Error {
+                                                        code: e.code().as_str().to_owned(),
+                                                        message: e.to_string(),
+                                                    }),
+                                                ),
+                                                64,
+                                            );
+                                        }
                                     }
-                                    Err(e) => {
-                                        tracing::debug!(symbol = %sym, error = %e, "refusing a follow");
-                                        session.outbox().control(
-                                            event(
-                                                sym,
-                                                pb::follow_event::Kind::Refused(pb::Error {
-                                                    code: e.code().as_str().to_owned(),
-                                                    message: e.to_string(),
-                                                }),
-                                            ),
-                                            64,
-                                        );
-                                    }
+                                    break;
                                 }
                             });
                         }
@@ -381,6 +408,16 @@ impl ClusterApi for ClusterService {
         Ok(Response::new(pb::MoveInResponse { seq }))
     }
 
+    async fn start_rebalance(
+        &self,
+        req: Request<pb::StartRebalanceRequest>,
+    ) -> Result<Response<pb::ClusterState>, Status> {
+        let s = crate::node::rebalance::start_rebalance(&self.node, req.get_ref().shards)
+            .await
+            .map_err(wire::error_status)?;
+        Ok(Response::new(wire::cluster_state_to_pb(&s)))
+    }
+
     async fn move_status(
         &self,
         req: Request<pb::MoveStatusRequest>,
@@ -388,7 +425,7 @@ impl ClusterApi for ClusterService {
         let r = req.get_ref();
         let symbol = parse_symbol(&r.symbol)?;
         let epoch = Epoch::parse(&r.epoch).ok_or_else(|| Status::invalid_argument("bad epoch"))?;
-        let held = crate::node::rebalance::move_status(&self.node, symbol, epoch, r.seq)
+        let held = crate::node::rebalance::move_status(&self.node, symbol, epoch, r.seq, r.attempt)
             .await
             .map_err(wire::error_status)?;
         Ok(Response::new(pb::MoveStatusResponse { held }))

@@ -265,6 +265,7 @@ pub fn move_part_to_pb(p: &MovePart) -> pb::MoveChunk {
         ticks: p.ticks.iter().map(tick_to_pb).collect(),
         candles: p.candles.iter().map(|c| candle_to_pb(c, true)).collect(),
         last: p.last.as_ref().map(|(rec, dedup)| move_final_to_pb(rec, dedup)),
+        attempt: p.attempt,
     }
 }
 
@@ -294,6 +295,7 @@ pub fn move_part_from_pb(c: &pb::MoveChunk) -> Result<MovePart, String> {
         ticks,
         candles,
         last,
+        attempt: c.attempt,
     })
 }
 

@@ -31,6 +31,8 @@ pub struct Ports {
 
 pub struct Server {
     child: Option<Child>,
+    /// The binary it runs (`tickshard` of this build unless changed).
+    bin: PathBuf,
     pub http: SocketAddr,
     pub grpc: SocketAddr,
     /// The shard-to-shard listener (`--peer-addr`).
@@ -54,34 +56,39 @@ impl Server {
     /// Starts a server on `dir` (kept across restarts by the caller).
     pub fn start_in(dir: &Path, args: &[&str]) -> Server {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        Server::spawn(dir, args, None).unwrap_or_else(|e| panic!("server did not start: {e}"))
+        Server::spawn(&this_bin(), dir, args, None).unwrap_or_else(|e| panic!("server did not start: {e}"))
     }
 
     /// Starts a server on fixed addresses (cluster pods: peers must be known
     /// before they start).
     pub fn start_at(dir: &Path, ports: Ports, args: &[&str]) -> Server {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        Server::spawn(dir, args, Some(ports)).unwrap_or_else(|e| panic!("server did not start: {e}"))
+        Server::spawn(&this_bin(), dir, args, Some(ports)).unwrap_or_else(|e| panic!("server did not start: {e}"))
     }
 
     /// Like [`Server::start_at`], but returns the log if the server refuses.
     pub fn try_start_at(dir: &Path, ports: Ports, args: &[&str]) -> Result<Server, String> {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        Server::spawn(dir, args, Some(ports))
+        Server::spawn(&this_bin(), dir, args, Some(ports))
     }
 
     /// Tries to start; returns the exit status and stderr if it refuses.
     pub fn try_start_in(dir: &Path, args: &[&str]) -> Result<Server, (ExitStatus, String)> {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        Server::spawn(dir, args.clone(), None).map_err(|_| {
+        Server::spawn(&this_bin(), dir, args.clone(), None).map_err(|_| {
             let log = dir.with_extension("log");
-            let mut c = base_command(dir, &args.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &log);
+            let mut c = base_command(
+                &this_bin(),
+                dir,
+                &args.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                &log,
+            );
             let status = c.status().unwrap();
             (status, std::fs::read_to_string(&log).unwrap_or_default())
         })
     }
 
-    fn spawn(dir: &Path, args: Vec<String>, ports: Option<Ports>) -> Result<Server, String> {
+    fn spawn(bin: &Path, dir: &Path, args: Vec<String>, ports: Option<Ports>) -> Result<Server, String> {
         std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
         let log = dir.with_extension(format!("{}.log", fastrand::u32(..)));
         let [http, grpc, peer] = ports.map_or(
@@ -97,7 +104,7 @@ impl Server {
             peer,
         ];
         full.extend(args.iter().cloned());
-        let mut cmd = base_command(dir, &full.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &log);
+        let mut cmd = base_command(bin, dir, &full.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &log);
         cmd.stdout(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -134,6 +141,7 @@ impl Server {
         }
         Ok(Server {
             child: Some(child),
+            bin: bin.to_path_buf(),
             http: h.unwrap(),
             grpc: g.unwrap(),
             peer: p.unwrap(),
@@ -144,12 +152,18 @@ impl Server {
         })
     }
 
+    /// Restarts with another binary (a rolling upgrade to it).
+    pub fn restart_with(&mut self, bin: &Path) {
+        self.bin = bin.to_path_buf();
+        self.restart();
+    }
+
     /// Restarts on the same data dir and the same ports (after a stop or kill).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill the server first");
         let deadline = Instant::now() + WAIT;
         loop {
-            match Server::spawn(&self.dir, self.args.clone(), Some(self.ports())) {
+            match Server::spawn(&self.bin, &self.dir, self.args.clone(), Some(self.ports())) {
                 Ok(mut s) => {
                     self.child = s.child.take();
                     self.log = s.log.clone();
@@ -289,8 +303,13 @@ impl Drop for Server {
     }
 }
 
-fn base_command(dir: &Path, args: &[&str], log: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tickshard"));
+/// The `tickshard` binary of this build.
+pub fn this_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tickshard"))
+}
+
+fn base_command(bin: &Path, dir: &Path, args: &[&str], log: &Path) -> Command {
+    let mut c = Command::new(bin);
     c.arg("--data-dir").arg(dir).args(args);
     c.env_remove("TICKSHARD_SHARD_ID");
     c.env("TICKSHARD_LOG", "info,tickshard_feed=debug,tickshard_shard::hub=debug");
@@ -446,6 +465,11 @@ impl TestCluster {
     /// Like [`TestCluster::start_on`] with `--shards shards` (pods at an
     /// ordinal at or above it own nothing until a rebalance, contract §9).
     pub fn start_sized(addrs: Vec<Ports>, shards: u32, extra: &[&str]) -> TestCluster {
+        Self::start_binary(&this_bin(), addrs, shards, extra)
+    }
+
+    /// Like [`TestCluster::start_sized`], every pod running `bin`.
+    pub fn start_binary(bin: &Path, addrs: Vec<Ports>, shards: u32, extra: &[&str]) -> TestCluster {
         let n = addrs.len();
         let tmp = tempfile::tempdir().unwrap();
         let scheme = if extra.contains(&"--peer-tls-ca") {
@@ -473,9 +497,9 @@ impl TestCluster {
                     peers.clone(),
                 ];
                 a.extend(args.iter().cloned());
+                let bin = bin.to_path_buf();
                 std::thread::spawn(move || {
-                    let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
-                    Server::start_at(&dir, ports, &a)
+                    Server::spawn(&bin, &dir, a, Some(ports)).unwrap_or_else(|e| panic!("server did not start: {e}"))
                 })
             })
             .collect();

@@ -66,7 +66,8 @@ impl DockerSet {
 
     fn start(image: &str, n: usize) -> DockerSet {
         let secrets = tempfile::tempdir().unwrap();
-        let names: Vec<String> = (0..n).map(|i| format!("tickshard-{i}")).collect();
+        // (one more pod than the set: the scale test adds it)
+        let names: Vec<String> = (0..=n).map(|i| format!("tickshard-{i}")).collect();
         TestCa::new("tickshard peers (docker test)").write(secrets.path(), "peer", &names);
         std::fs::write(secrets.path().join("secret"), "d".repeat(48)).unwrap();
         // readable by the image's non-root user
@@ -87,6 +88,16 @@ impl DockerSet {
             set.run(i, image);
         }
         set
+    }
+
+    /// `kubectl exec tickshard-<i> -- tickshard <args>`: (success, stderr).
+    fn exec(&self, i: usize, args: &[&str]) -> (bool, String) {
+        let out = Command::new("docker")
+            .args(["exec", &self.name(i), "tickshard"])
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
     /// `docker run` pod `i` as the StatefulSet would: hostname = pod name, the
@@ -193,7 +204,7 @@ impl DockerSet {
 
 impl Drop for DockerSet {
     fn drop(&mut self) {
-        for i in 0..self.n {
+        for i in 0..=self.n {
             if std::thread::panicking() {
                 let logs = Command::new("docker")
                     .args(["logs", "--tail", "40", &self.name(i)])
@@ -287,6 +298,41 @@ async fn a_statefulset_in_miniature_rolls_out_without_loss() {
     eprintln!("docker canary: max client-visible gap {} ms", gap.as_millis());
 
     // 3. kill -9 of a container, restarted in place
-    let gap = rollout_under_load(ws, grpc, "KILL", 30, &[1], token, async |i| set.kill9(i).await).await;
+    let gap = rollout_under_load(ws.clone(), grpc.clone(), "KILL", 30, &[1], token.clone(), async |i| {
+        set.kill9(i).await
+    })
+    .await;
     eprintln!("docker kill -9: max client-visible gap {} ms", gap.as_millis());
+
+    // 4. kubectl scale 3 -> 4 and the rebalance, then the rebalance back to 3
+    // and kubectl scale 4 -> 3 (statefulset/README.md, "Scaling"), under load:
+    // the new pod runs the manifests' env (TICKSHARD_SHARDS=3) and follows
+    // the cluster; `tickshard admin` runs in a pod with its peer mTLS.
+    let gap = rollout_under_load(ws, grpc, "SCALE", 40, &[0], token, async |_| {
+        set.run(3, &image);
+        set.ready(3).await;
+        let (ok, err) = set.exec(0, &["admin", "rebalance", "--shards", "4", "--timeout", "120s"]);
+        assert!(ok, "rebalance 3 -> 4: {err}");
+        let (ok, err) = set.exec(3, &["admin", "rebalance", "--shards", "3", "--timeout", "120s"]);
+        assert!(ok, "rebalance 4 -> 3: {err}");
+        docker(&["stop", "-t", "30", &set.name(3)]);
+        let status = docker(&["inspect", "-f", "{{.State.ExitCode}}", &set.name(3)]);
+        assert_eq!(status, "0", "the removed pod exits 0");
+    })
+    .await;
+    let (ok, out) = {
+        let o = Command::new("docker")
+            .args(["exec", &set.name(1), "tickshard", "admin", "status", "--json"])
+            .output()
+            .unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    assert!(
+        ok && out.starts_with(r#"{"committed_shards":3,"target_shards":null"#),
+        "{out}"
+    );
+    eprintln!(
+        "docker scale 3 -> 4 -> 3: max client-visible gap {} ms",
+        gap.as_millis()
+    );
 }

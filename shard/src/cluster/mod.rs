@@ -230,6 +230,21 @@ impl Cluster {
         peers.get(id as usize).and_then(Option::as_ref).map(|l| l.peer.clone())
     }
 
+    /// The shards this pod keeps links for (its own id included): the
+    /// committed count, or while a rebalance runs every shard it involved.
+    pub fn span(&self) -> u32 {
+        self.peers.read().unwrap_or_else(|p| p.into_inner()).len() as u32
+    }
+
+    /// Waits until every publish forwarded on any link so far is answered
+    /// (see `Node::adopt_state`).
+    pub async fn forwards_answered(&self) {
+        let mut wait = crate::backoff::Backoff::new(Duration::from_millis(1), Duration::from_millis(20));
+        while self.peers().iter().any(|p| p.forwards_in_flight() > 0) {
+            wait.wait().await;
+        }
+    }
+
     /// Every link, by id.
     pub fn peers(&self) -> Vec<Arc<Peer>> {
         let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());

@@ -58,6 +58,25 @@ pub enum PeerError {
     Refused { code: ErrorCode, message: String },
 }
 
+impl PeerError {
+    /// The peer's message, if it refused the call as the caller's mistake
+    /// (not worth a retry).
+    pub fn refusal(&self) -> Option<String> {
+        match self {
+            PeerError::Rpc { status, .. }
+                if matches!(
+                    status.code(),
+                    tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition | tonic::Code::OutOfRange
+                ) =>
+            {
+                Some(status.message().to_string())
+            }
+            PeerError::Refused { message, .. } => Some(message.clone()),
+            _ => None,
+        }
+    }
+}
+
 /// Where a mirror stands with its owner.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum MirrorState {
@@ -83,6 +102,8 @@ struct Mirror {
     ready: watch::Sender<MirrorState>,
     /// Subscribes between "mirror found" and "attached".
     leases: u32,
+    /// The link session that last sent its follow (see `Peer::session`).
+    followed_in: u64,
     idle_since: Option<Instant>,
 }
 
@@ -110,6 +131,11 @@ pub struct Peer {
     connect_timeout: Duration,
     hub: Arc<Hub>,
     up: AtomicBool,
+    /// Forwards queued or sent and not answered yet.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// The cluster protocol the peer spoke at its last connect (0: unknown,
+    /// or the first release, which did not say).
+    protocol: std::sync::atomic::AtomicU32,
     channel: Mutex<Option<Channel>>,
     fwd_tx: mpsc::Sender<(u64, PublishCmd)>,
     fwd_rx: tokio::sync::Mutex<mpsc::Receiver<(u64, PublishCmd)>>,
@@ -120,6 +146,8 @@ pub struct Peer {
     generation: AtomicU64,
     follow_tx: mpsc::UnboundedSender<FollowCmd>,
     follow_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<FollowCmd>>,
+    /// Link sessions started (numbers them for `Mirror::followed_in`).
+    sessions: AtomicU64,
     mirrors: Mutex<HashMap<Symbol, Mirror>>,
     up_gauge: metrics::Gauge,
     lag_gauge: metrics::Gauge,
@@ -181,12 +209,15 @@ impl Peer {
             connect_timeout: cfg.connect_timeout,
             hub,
             up: AtomicBool::new(false),
+            protocol: std::sync::atomic::AtomicU32::new(0),
+            in_flight: Arc::default(),
             channel: Mutex::new(None),
             fwd_tx,
             fwd_rx: tokio::sync::Mutex::new(fwd_rx),
             generation: AtomicU64::new(0),
             follow_tx,
             follow_rx: tokio::sync::Mutex::new(follow_rx),
+            sessions: AtomicU64::new(0),
             mirrors: Mutex::new(HashMap::new()),
             up_gauge,
             lag_gauge: metrics::gauge!(m::PEER_LAG, "peer" => label),
@@ -199,6 +230,20 @@ impl Peer {
 
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// Forwards queued or sent and not answered yet.
+    pub fn forwards_in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    fn answered(&self, n: usize) {
+        self.in_flight.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// The cluster protocol version the peer spoke at its last connect.
+    pub fn protocol(&self) -> u32 {
+        self.protocol.load(Ordering::Relaxed)
     }
 
     fn set_up(&self, up: Option<Channel>) {
@@ -220,7 +265,9 @@ impl Peer {
             self.unavailable(cmd);
             return;
         }
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
         if let Err(e) = self.fwd_tx.send((generation, cmd)).await {
+            self.answered(1);
             self.unavailable(e.0.1);
         }
     }
@@ -248,6 +295,7 @@ impl Peer {
                     ready: watch::channel(MirrorState::Pending).0,
                     leases: 0,
                     idle_since: None,
+                    followed_in: 0,
                 }
             });
             m.leases += 1;
@@ -344,6 +392,7 @@ impl Peer {
                 ready: watch::channel(MirrorState::Ready).0,
                 leases: 0,
                 idle_since: None,
+                followed_in: 0,
             },
         );
         let _ = self.follow_tx.send(FollowCmd::Follow(sym));
@@ -408,13 +457,29 @@ impl Peer {
 
     /// Whether the peer holds `sym` at `epoch` with a head at `seq` or later
     /// (final: a MoveIn still in flight there is refused from then on).
-    pub async fn move_status(&self, sym: Symbol, epoch: Epoch, seq: u64) -> Result<bool, PeerError> {
+    pub async fn move_status(&self, sym: Symbol, epoch: Epoch, seq: u64, attempt: u64) -> Result<bool, PeerError> {
         let req = pb::MoveStatusRequest {
             symbol: sym.as_str().to_owned(),
             epoch: epoch.to_string(),
             seq,
+            attempt,
         };
         Ok(self.call(|mut c| async move { c.move_status(req).await }).await?.held)
+    }
+
+    /// Asks this peer (shard 0) to start a rebalance to `shards`.
+    pub async fn start_rebalance(&self, shards: u32, deadline: Duration) -> Result<ClusterState, PeerError> {
+        let mut client = self.client()?;
+        let req = pb::StartRebalanceRequest { shards };
+        let r = match tokio::time::timeout(deadline, client.start_rebalance(req)).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => return Err(PeerError::Rpc { shard: self.id, status }),
+            Err(_) => return Err(PeerError::Timeout(self.id)),
+        };
+        wire::cluster_state_from_pb(&r).ok_or(PeerError::Rpc {
+            shard: self.id,
+            status: tonic::Status::internal("bad cluster state"),
+        })
     }
 
     /// Connects (resolving DNS anew) and checks the peer's topology.
@@ -449,6 +514,7 @@ impl Peer {
             );
             return Err("topology mismatch".into());
         }
+        self.protocol.store(t.protocol, Ordering::Relaxed);
         if t.protocol != super::PROTOCOL {
             tracing::warn!(
                 peer = self.id, theirs = t.protocol, ours = super::PROTOCOL, version = %t.version,
@@ -490,6 +556,7 @@ impl Peer {
             }
             // Forwards queued while the link was going down fail now.
             while let Ok((_, cmd)) = fwd_rx.try_recv() {
+                self.answered(1);
                 self.unavailable(cmd);
             }
             // Follow commands are replayed from the mirror map on reconnect.
@@ -523,12 +590,16 @@ impl Peer {
         let pending: Arc<Mutex<HashMap<u64, Forwarded>>> = Arc::new(Mutex::new(HashMap::new()));
         let mut ack_reader = {
             let pending = pending.clone();
+            let in_flight = self.in_flight.clone();
             crate::tasks::spawn(tasks, async move {
                 loop {
                     match acks.message().await {
                         Ok(Some(a)) => {
                             let f = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&a.request_id);
                             if let Some(f) = f {
+                                // (answered below, on every path: count it first,
+                                // the waiter only needs "no more in flight")
+                                in_flight.fetch_sub(1, Ordering::AcqRel);
                                 let result = match a.error {
                                     None => Ok(Accepted {
                                         seq: a.seq,
@@ -568,7 +639,12 @@ impl Peer {
                 return format!("follow: {e}");
             }
         };
-        for (sym, m) in self.lock_mirrors().iter() {
+        // Every mirror is followed once per session: the map is replayed
+        // here, so a queued follow of one already sent is skipped (a second
+        // follow of a symbol on one stream would restart it at the owner).
+        let session_id = self.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        for (sym, m) in self.lock_mirrors().iter_mut() {
+            m.followed_in = session_id;
             let _ = fo_tx.send(follow_request(*sym, Some(m.hub.head())));
         }
 
@@ -586,6 +662,7 @@ impl Peer {
                 cmd = fwd_rx.recv() => {
                     let Some((queued_in, cmd)) = cmd else { break "forward queue closed".into() };
                     if queued_in != generation || cmd.is_behind_a_hole() {
+                        self.answered(1);
                         self.unavailable(cmd);
                         continue;
                     }
@@ -613,7 +690,17 @@ impl Peer {
                 c = follow_rx.recv() => {
                     let req = match c {
                         Some(FollowCmd::Follow(sym)) => {
-                            let head = self.lock_mirrors().get(&sym).map(|m| m.hub.head());
+                            let head = {
+                                let mut mirrors = self.lock_mirrors();
+                                match mirrors.get_mut(&sym) {
+                                    Some(m) if m.followed_in == session_id => continue,
+                                    Some(m) => {
+                                        m.followed_in = session_id;
+                                        Some(m.hub.head())
+                                    }
+                                    None => continue, // gone meanwhile
+                                }
+                            };
                             follow_request(sym, head)
                         }
                         Some(FollowCmd::Unfollow(sym)) => pb::FollowRequest {
@@ -669,10 +756,12 @@ impl Peer {
             .drain()
             .map(|(_, f)| f)
             .collect();
+        self.answered(lost.len());
         for f in lost {
             f.unavailable(format!("link to shard {} broke before the ack; retry", self.id));
         }
         while let Ok((_, cmd)) = fwd_rx.try_recv() {
+            self.answered(1);
             self.unavailable(cmd);
         }
         // Only now: a forward queued from here on carries the next

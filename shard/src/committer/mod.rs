@@ -230,6 +230,7 @@ pub enum Cmd {
     Export {
         symbol: Symbol,
         to: u32,
+        attempt: u64,
         reply: oneshot::Sender<Result<Exported, CommitError>>,
     },
     /// Ends a hand-over: `moved` (the new owner holds the symbol: this
@@ -267,6 +268,8 @@ pub enum Cmd {
     Barrier {
         reply: oneshot::Sender<()>,
     },
+    /// Answers publishes held longer than [`moves::HOLD_LIMIT`] as UNAVAILABLE.
+    Expire,
 }
 
 #[derive(Clone, Debug)]
@@ -333,6 +336,8 @@ pub struct Committer {
     tx: mpsc::Sender<Cmd>,
     failed: Failure,
     held: Arc<Held>,
+    /// Publishes wait in the committer for a hand-over or a sealed rebalance.
+    holding: Arc<AtomicBool>,
 }
 
 /// Set once, by the worker, when a group commit fails.
@@ -356,22 +361,32 @@ impl Committer {
             mut symbols,
             next_commit,
         } = recovery::recover(&store, records, dedup, &gone)?;
-        let moving = setup
-            .marks
-            .iter()
-            .map(|m| {
-                let state = if m.done {
-                    MoveOut::Gone { to: m.to }
-                } else {
-                    MoveOut::Holding {
-                        to: m.to,
-                        parked: Vec::new(),
-                        since: Instant::now(),
-                    }
-                };
-                (m.symbol, state)
-            })
-            .collect();
+        // Marks of symbols handed over: while the rebalance runs they route
+        // (relay); once it committed they are tombstones only (recovery
+        // compacted the log: they go with the first commit). Undone holds
+        // wait for the node to settle them.
+        let mut moving = HashMap::new();
+        let mut pending_unmark = Vec::new();
+        for m in &setup.marks {
+            match (m.done, setup.state.target) {
+                (true, Some(_)) => {
+                    moving.insert(m.symbol, MoveOut::Gone { to: m.to, at: 0 });
+                }
+                (true, None) => pending_unmark.push((m.symbol, 0)),
+                (false, _) => {
+                    moving.insert(
+                        m.symbol,
+                        MoveOut::Holding {
+                            to: m.to,
+                            parked: Vec::new(),
+                            since: Instant::now(),
+                            refusing: false,
+                        },
+                    );
+                }
+            }
+        }
+        let holding = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let mut unticked = VecDeque::new();
         let held = Arc::new(Held::default());
@@ -397,8 +412,10 @@ impl Committer {
             cfg,
             me: setup.me,
             cluster: setup.state,
-            sealed: false,
+            sealed: setup.sealed && setup.state.target.is_some(),
             moving,
+            pending_unmark,
+            holding: holding.clone(),
             sealed_parked: Vec::new(),
             sealed_ensures: Vec::new(),
             relay: setup.relay,
@@ -407,7 +424,15 @@ impl Committer {
             .name("tickshard-commit".into())
             .spawn(move || worker.run(rx))
             .map_err(StartError::Thread)?;
-        Ok((Committer { tx, failed, held }, join))
+        Ok((
+            Committer {
+                tx,
+                failed,
+                held,
+                holding,
+            },
+            join,
+        ))
     }
 
     /// Queues a publish; waits only if the queue is full (backpressure). A
@@ -448,8 +473,22 @@ impl Committer {
     }
 
     /// See [`Cmd::Export`].
-    pub async fn export(&self, symbol: Symbol, to: u32) -> Result<Exported, CommitError> {
-        self.ask(|reply| Cmd::Export { symbol, to, reply }).await?
+    pub async fn export(&self, symbol: Symbol, to: u32, attempt: u64) -> Result<Exported, CommitError> {
+        self.ask(|reply| Cmd::Export {
+            symbol,
+            to,
+            attempt,
+            reply,
+        })
+        .await?
+    }
+
+    /// While publishes wait here (a hand-over, a sealed rebalance), asks
+    /// for [`Cmd::Expire`] (called ten times a second).
+    pub fn expire_holds(&self) {
+        if self.holding.load(Ordering::Relaxed) {
+            let _ = self.tx.try_send(Cmd::Expire);
+        }
     }
 
     /// See [`Cmd::Release`].
@@ -653,6 +692,11 @@ struct Worker {
     sealed_ensures: Vec<(Vec<Symbol>, EnsureReply)>,
     /// Publishes for symbols handed over go to their new owner through here.
     relay: mpsc::UnboundedSender<Relay>,
+    /// Marks of handed-over symbols to remove once the log is past the
+    /// commit of their hand-over (see `moves`).
+    pending_unmark: Vec<(Symbol, u64)>,
+    /// Shared with [`Committer::expire_holds`].
+    holding: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
@@ -819,7 +863,7 @@ impl Worker {
             Pick::Due
         };
         round.compacting = self.pick_compactions(commit, &round.touched, pick);
-        for (sym, _, _) in &round.moves.exports {
+        for (sym, _, _, _) in &round.moves.exports {
             if !round.compacting.contains(sym) {
                 round.compacting.push(*sym);
             }
@@ -884,6 +928,7 @@ impl Worker {
         for old in self.log_floor..floor {
             batch.remove_log(old);
         }
+        self.unmark_behind(floor, &mut batch);
         self.log_floor = self.log_floor.max(floor);
         batch
     }

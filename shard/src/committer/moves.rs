@@ -37,9 +37,16 @@ use crate::{
 pub struct Setup {
     pub me: u32,
     pub state: ClusterState,
+    /// The stored state was sealed (see [`Cmd::SetState`]).
+    pub sealed: bool,
     pub marks: Vec<MoveMark>,
     pub relay: mpsc::UnboundedSender<Relay>,
 }
+
+/// How long a publish may wait for a hand-over (or a sealed rebalance)
+/// before it is answered UNAVAILABLE (retryable: de-dup makes the retry
+/// exact wherever the symbol ends up). Contract §9: held at most 1 s.
+pub const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// To the node's relay task, in the committer's order.
 pub enum Relay {
@@ -56,6 +63,8 @@ pub struct Exported {
     pub dedup: Vec<(String, DedupState)>,
     /// When its publishes started being held.
     pub held_since: Instant,
+    /// The hand-over's id (in its mark: what a restart asks the new owner about).
+    pub attempt: u64,
 }
 
 /// A symbol taken over: its state and retained history.
@@ -76,43 +85,48 @@ pub struct MovePart {
     pub ticks: Vec<Tick>,
     pub candles: Vec<Candle>,
     pub last: Option<(SymbolRecord, Vec<(String, DedupState)>)>,
+    /// The old owner's id of this hand-over.
+    pub attempt: u64,
 }
 
 impl MovePart {
-    pub fn new(symbol: Symbol, from: u32, ticks: Vec<Tick>, candles: Vec<Candle>) -> MovePart {
+    pub fn new(symbol: Symbol, from: u32, attempt: u64, ticks: Vec<Tick>, candles: Vec<Candle>) -> MovePart {
         MovePart {
             symbol,
             from,
             ticks,
             candles,
             last: None,
+            attempt,
         }
     }
 }
 
 pub(super) enum MoveOut {
-    /// Being handed over to `to`: publishes wait here.
+    /// Being handed over to `to`: publishes wait here (at most
+    /// [`HOLD_LIMIT`]; after it, while the hand-over is not settled, they
+    /// are answered UNAVAILABLE: `refusing`).
     Holding {
         to: u32,
         parked: Vec<PublishCmd>,
         since: Instant,
+        refusing: bool,
     },
-    /// Handed over: publishes are relayed.
-    Gone { to: u32 },
+    /// Handed over (in commit `at`): publishes are relayed.
+    Gone { to: u32, at: u64 },
 }
 
 type ExportReply = oneshot::Sender<Result<Exported, CommitError>>;
+pub(super) type Exporting = (Symbol, u32, u64, ExportReply);
 type ImportReply = oneshot::Sender<Result<(), CommitError>>;
 
 /// The hand-overs a round carries, answered once it is durable.
 #[derive(Default)]
 pub(super) struct RoundMoves {
-    pub(super) exports: Vec<(Symbol, u32, ExportReply)>,
+    pub(super) exports: Vec<Exporting>,
     releases: Vec<(Symbol, Option<u32>, oneshot::Sender<()>)>,
     imports: Vec<(Box<Imported>, ImportReply)>,
     states: Vec<(ClusterState, oneshot::Sender<Result<(), CommitError>>)>,
-    /// Marks of handed-over symbols to remove (the rebalance committed).
-    unmark: Vec<Symbol>,
 }
 
 impl Worker {
@@ -126,23 +140,37 @@ impl Worker {
     pub(super) fn divert(&mut self, p: PublishCmd) -> Option<PublishCmd> {
         let sym = p.tick.symbol;
         match self.moving.get_mut(&sym) {
+            Some(MoveOut::Holding { refusing: true, .. }) => {
+                p.unavailable(format!("{sym} is moving to another shard; retry"));
+                return None;
+            }
             Some(MoveOut::Holding { parked, .. }) => {
                 parked.push(p);
                 return None;
             }
-            Some(MoveOut::Gone { to }) => {
+            Some(MoveOut::Gone { to, .. }) => {
                 let _ = self.relay.send(super::Relay::Publish(*to, Box::new(p)));
                 return None;
             }
             None => {}
         }
-        if self.sealed
-            && !self.symbols.contains_key(&sym)
-            && let Some(t) = self.cluster.target
-            && self.owner_under(&sym, t) != self.me
-        {
-            self.sealed_parked.push(p);
-            return None;
+        if !self.symbols.contains_key(&sym) {
+            // Never create a symbol the committed map gives another shard: a
+            // request routed before this pod switched to a new map would
+            // start it over here with a new epoch. Refused (retryable), it
+            // keeps its stream's order, and the retry finds the owner.
+            let owner = self.owner_under(&sym, self.cluster.committed);
+            if owner != self.me {
+                p.unavailable(format!("{sym} is owned by shard {owner}; retry"));
+                return None;
+            }
+            if self.sealed
+                && let Some(t) = self.cluster.target
+                && self.owner_under(&sym, t) != self.me
+            {
+                self.sealed_parked.push(p);
+                return None;
+            }
         }
         Some(p)
     }
@@ -154,10 +182,17 @@ impl Worker {
         reply: EnsureReply,
     ) -> Option<(Vec<Symbol>, EnsureReply)> {
         if let Some((s, to)) = symbols.iter().find_map(|s| match self.moving.get(s) {
-            Some(MoveOut::Gone { to }) => Some((*s, *to)),
+            Some(MoveOut::Gone { to, .. }) => Some((*s, *to)),
             _ => None,
         }) {
             let _ = reply.send(Err(CommitError::Move(format!("{s} moved to shard {to}; retry"))));
+            return None;
+        }
+        if let Some(s) = symbols
+            .iter()
+            .find(|s| !self.symbols.contains_key(s) && self.owner_under(s, self.cluster.committed) != self.me)
+        {
+            let _ = reply.send(Err(CommitError::Move(format!("{s} is owned by another shard; retry"))));
             return None;
         }
         if self.sealed
@@ -175,7 +210,12 @@ impl Worker {
     /// Applies a hand-over command, in the round's order.
     pub(super) fn apply_move(&mut self, cmd: Cmd, round: &mut Round, now: i64) {
         match cmd {
-            Cmd::Export { symbol, to, reply } => {
+            Cmd::Export {
+                symbol,
+                to,
+                attempt,
+                reply,
+            } => {
                 if !self.symbols.contains_key(&symbol) || self.moving.contains_key(&symbol) {
                     let _ = reply.send(Err(CommitError::Move(format!(
                         "{symbol} is not held here, or is already moving"
@@ -188,9 +228,10 @@ impl Worker {
                         to,
                         parked: Vec::new(),
                         since: Instant::now(),
+                        refusing: false,
                     },
                 );
-                round.moves.exports.push((symbol, to, reply));
+                round.moves.exports.push((symbol, to, attempt, reply));
             }
             Cmd::Release { symbol, moved, reply } => {
                 let Some(MoveOut::Holding { to, parked, .. }) = self.moving.remove(&symbol) else {
@@ -210,7 +251,8 @@ impl Worker {
                     for p in parked {
                         let _ = self.relay.send(super::Relay::Publish(to, Box::new(p)));
                     }
-                    self.moving.insert(symbol, MoveOut::Gone { to });
+                    let at = self.next_commit;
+                    self.moving.insert(symbol, MoveOut::Gone { to, at });
                     round.moves.releases.push((symbol, Some(to), reply));
                 } else {
                     for p in parked {
@@ -237,6 +279,7 @@ impl Worker {
             Cmd::SetState { state, seal, reply } => {
                 self.cluster = state;
                 self.sealed = seal && state.target.is_some();
+                self.note_holds();
                 if state.target.is_none() {
                     // Committed (or given up): what waited for it goes on,
                     // to the owner under the committed map.
@@ -259,13 +302,21 @@ impl Worker {
                             }
                         }
                     }
-                    // The committed map says what the marks said.
-                    round.moves.unmark.extend(
-                        self.moving
-                            .iter()
-                            .filter(|(_, m)| matches!(m, MoveOut::Gone { .. }))
-                            .map(|(s, _)| *s),
-                    );
+                    // The committed map says what the marks said; they stay as
+                    // tombstones (recovery skips the symbol's old log sections)
+                    // until the log is past their hand-over.
+                    let gone: Vec<(Symbol, u64)> = self
+                        .moving
+                        .iter()
+                        .filter_map(|(s, m)| match m {
+                            MoveOut::Gone { at, .. } => Some((*s, *at)),
+                            MoveOut::Holding { .. } => None,
+                        })
+                        .collect();
+                    for (s, at) in gone {
+                        self.moving.remove(&s);
+                        self.pending_unmark.push((s, at));
+                    }
                 }
                 round.moves.states.push((state, reply));
             }
@@ -296,6 +347,7 @@ impl Worker {
             Cmd::Barrier { reply } => {
                 let _ = self.relay.send(super::Relay::Barrier(reply));
             }
+            Cmd::Expire => self.expire_holds(),
             Cmd::Publish(_) | Cmd::Ensure { .. } | Cmd::Compact | Cmd::Stop => {
                 unreachable!("applied by Worker::apply")
             }
@@ -304,11 +356,12 @@ impl Worker {
 
     /// The round's hand-overs in its batch.
     pub(super) fn write_moves(&mut self, round: &mut Round, batch: &mut CommitBatch) {
-        for (sym, to, _) in &round.moves.exports {
+        for (sym, to, attempt, _) in &round.moves.exports {
             batch.put_move_mark(&MoveMark {
                 symbol: *sym,
                 to: *to,
                 done: false,
+                attempt: *attempt,
             });
         }
         for (sym, to, _) in &round.moves.releases {
@@ -319,6 +372,7 @@ impl Worker {
                         symbol: *sym,
                         to: *to,
                         done: true,
+                        attempt: 0,
                     });
                 }
                 None => batch.remove_move_mark(sym),
@@ -336,12 +390,8 @@ impl Worker {
                 snapshot(batch, st);
             }
         }
-        for sym in round.moves.unmark.drain(..) {
-            batch.remove_move_mark(&sym);
-            self.moving.remove(&sym);
-        }
         if let Some((state, _)) = round.moves.states.last() {
-            batch.put_cluster_state(state);
+            batch.put_cluster_state(state, self.sealed);
         }
     }
 
@@ -361,7 +411,7 @@ impl Worker {
     /// The round is durable: answer its hand-overs, and give imported
     /// symbols their hub (taking over the mirror this shard had, if any).
     pub(super) fn finish_moves(&mut self, round: &mut Round) {
-        for (sym, _, reply) in round.moves.exports.drain(..) {
+        for (sym, _, attempt, reply) in round.moves.exports.drain(..) {
             let (Some(st), Some(MoveOut::Holding { since, .. })) = (self.symbols.get(&sym), self.moving.get(&sym))
             else {
                 let _ = reply.send(Err(CommitError::Move(format!("{sym} went away during its export"))));
@@ -371,8 +421,10 @@ impl Worker {
                 record: st.rec.clone(),
                 dedup: st.dedup.iter().map(|(id, d)| (id.to_string(), *d)).collect(),
                 held_since: *since,
+                attempt,
             }));
         }
+        self.note_holds();
         for (_, _, reply) in round.moves.releases.drain(..) {
             let _ = reply.send(());
         }
@@ -392,7 +444,7 @@ impl Worker {
 
     /// The commit failed: nothing of the round's hand-overs is durable.
     pub(super) fn fail_moves(&mut self, round: &mut Round, why: &str, e: &Arc<crate::store::StoreError>) {
-        for (_, _, reply) in round.moves.exports.drain(..) {
+        for (_, _, _, reply) in round.moves.exports.drain(..) {
             let _ = reply.send(Err(CommitError::StoreFailed(e.clone())));
         }
         round.moves.releases.clear();
@@ -415,5 +467,62 @@ impl Worker {
         for (_, r) in self.sealed_ensures.drain(..) {
             let _ = r.send(Err(CommitError::StoreFailed(e.clone())));
         }
+    }
+    /// Removes the marks of handed-over symbols whose old log sections are
+    /// all gone (records before `floor` are removed in this batch).
+    pub(super) fn unmark_behind(&mut self, floor: u64, batch: &mut CommitBatch) {
+        if self.pending_unmark.is_empty() {
+            return;
+        }
+        self.pending_unmark.retain(|(sym, at)| {
+            let done = *at < floor;
+            if done {
+                batch.remove_move_mark(sym);
+            }
+            !done
+        });
+    }
+
+    /// Answers publishes that waited longer than [`HOLD_LIMIT`] for a
+    /// hand-over or a sealed rebalance as UNAVAILABLE (and, while such a
+    /// hand-over is not settled, the next ones at once).
+    fn expire_holds(&mut self) {
+        let why = |s: &Symbol| format!("{s} is moving to another shard; retry");
+        for (sym, m) in &mut self.moving {
+            if let MoveOut::Holding {
+                parked,
+                since,
+                refusing,
+                ..
+            } = m
+                && since.elapsed() >= HOLD_LIMIT
+            {
+                *refusing = true;
+                for p in parked.drain(..) {
+                    p.unavailable(why(sym));
+                }
+            }
+        }
+        let (old, keep): (Vec<PublishCmd>, Vec<PublishCmd>) = std::mem::take(&mut self.sealed_parked)
+            .into_iter()
+            .partition(|p| p.received.elapsed() >= HOLD_LIMIT);
+        self.sealed_parked = keep;
+        for p in old {
+            let sym = p.tick.symbol;
+            p.unavailable(format!("{sym} waits for a rebalance to commit; retry"));
+        }
+        self.note_holds();
+    }
+
+    /// Tells the node whether anything waits here (it then asks for
+    /// [`Cmd::Expire`] ten times a second).
+    pub(super) fn note_holds(&self) {
+        let any = !self.sealed_parked.is_empty()
+            || !self.sealed_ensures.is_empty()
+            || self
+                .moving
+                .values()
+                .any(|m| matches!(m, MoveOut::Holding { refusing: false, .. }));
+        self.holding.store(any, std::sync::atomic::Ordering::Relaxed);
     }
 }

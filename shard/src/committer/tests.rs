@@ -25,7 +25,8 @@ fn start(dir: &std::path::Path) -> Running {
     let marks = store.load_move_marks().unwrap();
     let setup = super::Setup {
         me: 0,
-        state: crate::placement::ClusterState::initial(2),
+        state: crate::placement::ClusterState::initial(1),
+        sealed: false,
         marks,
         relay: tokio::sync::mpsc::unbounded_channel().0,
     };
@@ -361,4 +362,95 @@ async fn a_requested_compaction_happens_once() {
         "the later commits are held from the log"
     );
     assert_eq!(held.first, Some(compacted + 1));
+}
+
+/// Contract §9, on the committer's side: a symbol exported, released to
+/// another shard and imported there keeps its epoch, seq and de-dup state;
+/// kill -9 of either side after it leaves a directory that opens (the old
+/// owner's log sections of the symbol are skipped by its mark).
+#[tokio::test]
+async fn a_symbol_handed_over_survives_a_crash_on_both_sides() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(a_dir.path());
+    // one commit per tick: the symbol's ticks sit in log records, shared
+    // with another symbol that keeps them alive after the hand-over
+    one_tick_per_commit(&a.committer, "p", "MOVE", 6, 1_000).await;
+    one_tick_per_commit(&a.committer, "q", "STAY", 3, 1_000).await;
+    let ex = a.committer.export(Symbol::parse("MOVE").unwrap(), 1, 42).await.unwrap();
+    assert_eq!((ex.record.last_seq, ex.attempt), (6, 42));
+    assert_eq!(ex.dedup, vec![("p".to_string(), ex.dedup[0].1)]);
+    // a publish during the hold is parked: not answered yet
+    let (reply, mut held) = AckTx::new();
+    a.committer
+        .publish(PublishCmd {
+            tick: tick("MOVE", T0 + 10_000, 999),
+            publisher: Some((Arc::from("p"), 7)),
+            request_id: 1,
+            reply,
+            received: Instant::now(),
+        })
+        .await
+        .unwrap();
+    let ticks = a.store.read_ticks(&Symbol::parse("MOVE").unwrap(), 1, 6, 100).unwrap();
+    assert_eq!(ticks.len(), 6, "an export leaves every tick in blocks");
+    a.committer.release(Symbol::parse("MOVE").unwrap(), true).await.unwrap();
+    publish(&a.committer, "q", 4, &[tick("STAY", T0 + 20_000, 300)]).await;
+    assert!(
+        held.try_recv().is_err(),
+        "the held publish was relayed, not answered here"
+    );
+    let store = crash(a).await;
+    drop(store);
+    let a = start(a_dir.path());
+    let h = heads(&a.hub);
+    assert!(!h.contains_key("MOVE"), "the old owner's copy is gone");
+    assert_eq!(h["STAY"].1, 4);
+    let marks = a.store.load_move_marks().unwrap();
+    assert_eq!(marks.len(), 1);
+    assert!(marks[0].done && marks[0].to == 1);
+    drop(crash(a).await);
+
+    // the new owner takes it over, continues the seq, and de-dup holds
+    let b = start(b_dir.path());
+    b.committer
+        .import(Imported {
+            record: ex.record.clone(),
+            dedup: ex.dedup.clone(),
+            ticks,
+            candles: Vec::new(),
+        })
+        .await
+        .unwrap();
+    let acks = publish(
+        &b.committer,
+        "p",
+        6,
+        &[tick("MOVE", T0 + 30_000, 5), tick("MOVE", T0 + 30_001, 6)],
+    )
+    .await;
+    let got: Vec<(u64, bool)> = acks
+        .iter()
+        .map(|a| a.result.as_ref().map(|r| (r.seq, r.duplicate)).unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        [(6, true), (7, false)],
+        "the retry of pseq 6 is a duplicate; pseq 7 gets seq 7"
+    );
+    assert_eq!(
+        acks[1].result.as_ref().unwrap().epoch,
+        ex.record.epoch,
+        "the epoch stays"
+    );
+    let store = crash(b).await;
+    drop(store);
+    let b = start(b_dir.path());
+    let head = b.hub.get(&Symbol::parse("MOVE").unwrap()).unwrap().head();
+    assert_eq!((head.epoch, head.seq), (ex.record.epoch, 7));
+    let all = b.store.read_ticks(&Symbol::parse("MOVE").unwrap(), 1, 7, 100).unwrap();
+    assert_eq!(
+        all.iter().map(|t| t.seq).collect::<Vec<_>>(),
+        (1..=7).collect::<Vec<_>>()
+    );
+    b.committer.stop().await;
 }

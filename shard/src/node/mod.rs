@@ -29,6 +29,8 @@ use crate::{
     store::{MoveMark, Store, StoreError, StoreOptions},
 };
 
+/// How long a route switch waits for publishes in flight (see `adopt`).
+const SWITCH_DRAIN: Duration = Duration::from_secs(5);
 /// Ticks read per page during a resume replay (~160 KiB queued at a time).
 const REPLAY_PAGE: usize = 1_024;
 
@@ -143,6 +145,9 @@ pub struct Node {
     adopting: tokio::sync::Mutex<()>,
     /// The cluster state came from this pod's store (not from `--shards`).
     state_stored: bool,
+    /// The relay task runs (before it does, nothing was relayed: a commit
+    /// adopted at start-up has nothing to drain).
+    relay_running: std::sync::atomic::AtomicBool,
     /// Hand-overs of this pod (contract §9): see `rebalance`.
     pub(crate) moves: rebalance::Moves,
     next_sink: AtomicU64,
@@ -177,9 +182,9 @@ impl Node {
         // for, else `--shards` (a new pod; peers may know a newer one).
         let stored = store.cluster_state()?;
         let state_stored = stored.is_some() || old_n.is_some();
-        let state = match stored {
+        let (state, sealed) = match stored {
             Some(s) => s,
-            None => ClusterState::initial(old_n.unwrap_or(cfg.shards)),
+            None => (ClusterState::initial(old_n.unwrap_or(cfg.shards)), false),
         };
         if state.committed != cfg.shards {
             tracing::warn!(
@@ -193,14 +198,32 @@ impl Node {
         tracing::info!(symbols = records.len(), dir = %cfg.data_dir.display(), cluster = %state, "store open");
         let hub = Arc::new(Hub::new(cfg.client_queue_bytes));
         let (placement, heard) = Placement::new(cfg.shard_id, state);
-        for mk in marks.iter().filter(|m| m.done) {
-            placement.note_moved(mk.symbol, mk.to);
+        if let Some(t) = state.target {
+            // A rebalance runs: what this pod handed over, and what it took
+            // over (stored here, its owner under the target, not under the
+            // committed map), route as before the restart.
+            for mk in marks.iter().filter(|m| m.done) {
+                placement.note_moved(mk.symbol, mk.to);
+            }
+            let me = cfg.shard_id;
+            let owner =
+                |s: &Symbol, n: u32| crate::ownership::jump_consistent_hash(crate::ownership::symbol_hash(s), n);
+            for r in records
+                .iter()
+                .filter(|r| owner(&r.symbol, state.committed) != me && owner(&r.symbol, t) == me)
+            {
+                placement.note_moved_in(r.symbol);
+            }
         }
         let unresolved: Vec<MoveMark> = marks.iter().filter(|m| !m.done).copied().collect();
+        for mk in &unresolved {
+            placement.note_unsettled(mk.symbol, true);
+        }
         let (relay_tx, relay_rx) = tokio::sync::mpsc::unbounded_channel();
         let setup = Setup {
             me: cfg.shard_id,
             state,
+            sealed,
             marks,
             relay: relay_tx,
         };
@@ -229,6 +252,7 @@ impl Node {
             placement,
             background: std::sync::Mutex::new(Some(Background { heard, relay: relay_rx })),
             adopting: tokio::sync::Mutex::new(()),
+            relay_running: std::sync::atomic::AtomicBool::new(false),
             state_stored,
             moves: rebalance::Moves::new(unresolved),
             cfg,
@@ -280,12 +304,29 @@ impl Node {
             return Ok(cur);
         }
         if let Some(c) = &self.cluster {
-            c.resize(state.span().max(cur.span()));
+            // (links only grow while a rebalance runs: every pod that may
+            // hold a symbol stays reachable until the commit)
+            c.resize(state.span().max(c.span()));
         }
         if state.target.is_none() && state.version > cur.version {
             let gates = self.placement.close_gates().await;
             self.committer.set_state(state, seal).await?;
-            self.committer.barrier().await?;
+            // Before the routes switch: every relayed publish is on its link,
+            // and every publish already sent to an old owner is answered (a
+            // later one of its pair must not overtake it on the new route).
+            // Bounded: an unanswered forward is answered UNAVAILABLE when its
+            // link breaks, which keeps its pair in order by itself.
+            if self.relay_running.load(Ordering::Acquire) {
+                let drained = async {
+                    let _ = self.committer.barrier().await;
+                    if let Some(c) = &self.cluster {
+                        c.forwards_answered().await;
+                    }
+                };
+                if tokio::time::timeout(SWITCH_DRAIN, drained).await.is_err() {
+                    tracing::warn!("switching routes with publishes still in flight to an old owner");
+                }
+            }
             self.placement.set_state(state);
             drop(gates);
             self.rehome_mirrors();
@@ -328,6 +369,17 @@ impl Node {
 
     pub fn placement(&self) -> &Arc<Placement> {
         &self.placement
+    }
+
+    /// A symbol whose interrupted hand-over is not settled is not served
+    /// here (this pod's copy may be behind its new owner's).
+    pub(crate) fn check_settled(&self, symbol: &Symbol) -> Result<(), Error> {
+        if self.placement.is_unsettled(symbol) {
+            return Err(Error::Unavailable(format!(
+                "{symbol} is settling a move to another shard; retry"
+            )));
+        }
+        Ok(())
     }
 
     pub(crate) fn committer(&self) -> &Committer {
@@ -419,11 +471,14 @@ impl Node {
     }
 
     /// A publish forwarded by a peer: stored here only if this pod owns the
-    /// symbol (never forwarded again; the committer relays one it handed
-    /// over to the new owner, contract §9).
+    /// symbol, by the committed map or by taking it over (never forwarded
+    /// again; the committer relays one it handed over to the new owner,
+    /// contract §9). No gate: a peer's stream keeps its own order, and once
+    /// this pod refuses a symbol it refuses every later request of it.
     pub async fn publish_as_owner(&self, cmd: PublishCmd) -> Result<(), CommitError> {
-        let _gate = self.placement.gate(&cmd.tick.symbol).await;
-        if self.placement.publish_owner(&cmd.tick.symbol) != self.placement.me() {
+        let s = &cmd.tick.symbol;
+        let me = self.placement.me();
+        if self.placement.publish_owner(s) != me && !self.placement.is_local(s) {
             let e = CommitError::NotOwner(cmd.tick.symbol.to_string(), self.placement.me());
             cmd.unavailable(e.to_string());
             return Err(e);
@@ -444,6 +499,7 @@ impl Node {
     /// here) or its mirror (followed from the owner; the lease holds the mirror
     /// until the subscription is attached).
     async fn hub_for(&self, symbol: Symbol) -> Result<(Arc<SymbolHub>, Option<MirrorLease>), Error> {
+        self.check_settled(&symbol)?;
         if let Some(peer) = self.peer_of(&symbol) {
             let lease = peer.mirror(symbol).await?;
             return Ok((lease.hub.clone(), Some(lease)));
@@ -501,7 +557,9 @@ impl Node {
         for r in reqs {
             match self.hub_for(r.symbol).await {
                 Ok(h) => hubs.push((r, h)),
-                Err(Error::Unavailable(why)) if !self.placement.is_local(&r.symbol) => {
+                Err(Error::Unavailable(why))
+                    if !self.placement.is_local(&r.symbol) || self.placement.is_unsettled(&r.symbol) =>
+                {
                     failed.push((*r, why));
                 }
                 Err(e) => return Err(e),
@@ -541,6 +599,7 @@ impl Node {
                                 continue;
                             }
                             _ => {
+                                tracing::info!(symbol = %r.symbol, resume = ?r.resume, head = head.seq, "a resume's ticks are not readable; snapshot");
                                 let now = h.restart_from_head(sink.id(), r.channel);
                                 (Plan::Snapshot(now.last), now.seq, false)
                             }
@@ -564,7 +623,12 @@ impl Node {
                             _ => (Plan::Snapshot(head.last), head.seq, false),
                         }
                     }
-                    _ => (Plan::Snapshot(head.last), head.seq, false),
+                    _ => {
+                        if r.resume.is_some() {
+                            tracing::info!(symbol = %r.symbol, resume = ?r.resume, head = head.seq, epoch = %head.epoch, foreign = h.is_foreign(), "a resume cannot be served; snapshot");
+                        }
+                        (Plan::Snapshot(head.last), head.seq, false)
+                    }
                 },
             };
             results.push(SubResult {
@@ -744,6 +808,7 @@ impl Node {
         }
         let taken = self.background.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(Background { mut heard, mut relay }) = taken {
+            self.relay_running.store(true, Ordering::Release);
             let node = self.clone();
             crate::tasks::spawn(tracker, async move {
                 while let Some(cmd) = relay.recv().await {
@@ -790,13 +855,17 @@ impl Node {
             }
         });
         let hub = self.hub.clone();
+        let committer = self.committer.clone();
         crate::tasks::spawn(tracker, async move {
             let mut every = tokio::time::interval(Duration::from_millis(100));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = every.tick() => hub.flush_candles(),
+                    _ = every.tick() => {
+                        hub.flush_candles();
+                        committer.expire_holds();
+                    }
                 }
             }
         });

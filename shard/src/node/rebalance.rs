@@ -64,31 +64,57 @@ pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the mover and the driver look again.
 const POLL: Duration = Duration::from_millis(250);
 
-/// A MoveIn being received, by attempt.
+/// MoveIns received at once by one pod (each may hold a symbol's history
+/// in memory until its import).
+pub const MAX_INCOMING: usize = 16;
+/// Attempts a MoveStatus refused, remembered (a late MoveIn of one is refused).
+const REFUSED_KEPT: usize = 4_096;
+
+/// A MoveIn being received, by the old owner's attempt id.
 enum Incoming {
     Receiving(u64),
     Importing(watch::Receiver<bool>),
-    /// A MoveStatus came first: the attempt may not import any more.
-    Refused,
 }
 
 /// This pod's side of rebalances.
 pub struct Moves {
     incoming: Mutex<HashMap<Symbol, Incoming>>,
-    next_attempt: std::sync::atomic::AtomicU64,
+    /// Attempts a MoveStatus answered while they were not imported: they
+    /// may never import (oldest first, at most [`REFUSED_KEPT`]).
+    refused: Mutex<std::collections::VecDeque<u64>>,
+    receiving: Arc<tokio::sync::Semaphore>,
     /// Hand-overs a restart interrupted (a durable hold without `done`).
     unresolved: Mutex<Vec<MoveMark>>,
     last_error: Mutex<Option<String>>,
+    /// Shard 0 starts one rebalance at a time.
+    starting: tokio::sync::Mutex<()>,
 }
 
 impl Moves {
     pub(crate) fn new(unresolved: Vec<MoveMark>) -> Moves {
         Moves {
             incoming: Mutex::new(HashMap::new()),
-            next_attempt: std::sync::atomic::AtomicU64::new(1),
+            refused: Mutex::new(std::collections::VecDeque::new()),
+            receiving: Arc::new(tokio::sync::Semaphore::new(MAX_INCOMING)),
             unresolved: Mutex::new(unresolved),
             last_error: Mutex::new(None),
+            starting: tokio::sync::Mutex::new(()),
         }
+    }
+
+    fn refuse(&self, attempt: u64) {
+        let mut r = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        if r.len() >= REFUSED_KEPT {
+            r.pop_front();
+        }
+        r.push_back(attempt);
+    }
+
+    fn is_refused(&self, attempt: u64) -> bool {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&attempt)
     }
 
     fn incoming(&self) -> std::sync::MutexGuard<'_, HashMap<Symbol, Incoming>> {
@@ -113,6 +139,11 @@ fn refused(message: impl Into<String>) -> Error {
 
 /// Starts the mover (every pod) and the driver (shard 0).
 pub(crate) fn start(node: &Arc<Node>, tracker: &TaskTracker, stop: CancellationToken) {
+    let unresolved = std::mem::take(&mut *node.moves.unresolved.lock().unwrap_or_else(|p| p.into_inner()));
+    for mark in unresolved {
+        let (n, s) = (node.clone(), stop.clone());
+        crate::tasks::spawn(tracker, async move { resolve_after_restart(&n, mark, &s).await });
+    }
     let n = node.clone();
     let s = stop.clone();
     crate::tasks::spawn(tracker, async move { mover(n, s).await });
@@ -132,10 +163,6 @@ async fn mover(node: Arc<Node>, stop: CancellationToken) {
             _ = changes.changed() => {}
             () = tokio::time::sleep(POLL) => {}
         }
-        let unresolved = std::mem::take(&mut *node.moves.unresolved.lock().unwrap_or_else(|p| p.into_inner()));
-        for mark in unresolved {
-            resolve_after_restart(&node, mark, &stop).await;
-        }
         if node.placement().state().target.is_none() || !node.is_ready() {
             moves_left.set(0.0);
             continue;
@@ -148,6 +175,25 @@ async fn mover(node: Arc<Node>, stop: CancellationToken) {
             }
         };
         moves_left.set(list.len() as f64);
+        if list.is_empty() {
+            continue;
+        }
+        // Only to pods that took this rebalance already: a new owner that
+        // has not would refuse the hand-over after the hold began.
+        let state = node.placement().state();
+        let mut ready = std::collections::HashMap::new();
+        for to in list
+            .iter()
+            .map(|(_, to)| *to)
+            .collect::<std::collections::BTreeSet<u32>>()
+        {
+            let ok = match node.cluster().and_then(|c| c.peer(to)) {
+                Some(p) => p.moves().await.is_ok_and(|(s, _)| s == state),
+                None => false,
+            };
+            ready.insert(to, ok);
+        }
+        let list: Vec<(Symbol, u32)> = list.into_iter().filter(|(_, to)| ready[to]).collect();
         if list.is_empty() {
             continue;
         }
@@ -173,13 +219,14 @@ async fn mover(node: Arc<Node>, stop: CancellationToken) {
 /// Hands `sym` over to shard `to` (see the module doc).
 pub async fn move_symbol(node: &Arc<Node>, sym: Symbol, to: u32) -> Result<(), Error> {
     let started = Instant::now();
+    let attempt = fastrand::u64(1..);
     let peer = node
         .cluster()
         .and_then(|c| c.peer(to))
         .ok_or_else(|| Error::Unavailable(format!("no link to shard {to}")))?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let call = peer.move_in(rx, MOVE_DEADLINE);
-    let feed = feed_move(node, sym, to, tx);
+    let feed = feed_move(node, sym, to, attempt, tx);
     let (answer, fed) = tokio::join!(call, feed);
     let exported = match fed {
         Ok(e) => e,
@@ -213,6 +260,7 @@ async fn feed_move(
     node: &Arc<Node>,
     sym: Symbol,
     to: u32,
+    attempt: u64,
     tx: tokio::sync::mpsc::Sender<MovePart>,
 ) -> Result<Exported, FeedError> {
     let me = node.placement().me();
@@ -221,7 +269,7 @@ async fn feed_move(
     // 1. History while publishes go on (read up to the head seen now).
     let head = node.head(&sym).map_or(0, |h| h.seq);
     let mut from = 1u64;
-    from = send_ticks(node, sym, me, from, head, &send)
+    from = send_ticks(node, sym, (me, attempt), from, head, &send)
         .await
         .map_err(FeedError::BeforeHold)?;
     let store = node.store().clone();
@@ -234,29 +282,29 @@ async fn feed_move(
         *a = (*a).max(c.start.saturating_add(1));
     }
     for part in candles.chunks(MOVE_CHUNK) {
-        send(MovePart::new(sym, me, Vec::new(), part.to_vec()))
+        send(MovePart::new(sym, me, attempt, Vec::new(), part.to_vec()))
             .await
             .map_err(|_| gone())?;
     }
     // 2. Hold, then the rest.
     let ex = node
         .committer()
-        .export(sym, to)
+        .export(sym, to, attempt)
         .await
         .map_err(|e| FeedError::BeforeHold(e.into()))?;
     let rest = async {
         let last = ex.record.last_seq;
-        send_ticks(node, sym, me, from, last, &send).await?;
+        send_ticks(node, sym, (me, attempt), from, last, &send).await?;
         let store = node.store().clone();
         let candles = super::blocking(move || store.all_candles(&sym, after, MAX_MOVE_CANDLES)).await?;
         let mut parts: Vec<&[Candle]> = candles.chunks(MOVE_CHUNK).collect();
         let lastpart = parts.pop().unwrap_or(&[]);
         for part in parts {
-            send(MovePart::new(sym, me, Vec::new(), part.to_vec()))
+            send(MovePart::new(sym, me, attempt, Vec::new(), part.to_vec()))
                 .await
                 .map_err(|_| Error::Unavailable("the hand-over stream closed".into()))?;
         }
-        let mut fin = MovePart::new(sym, me, Vec::new(), lastpart.to_vec());
+        let mut fin = MovePart::new(sym, me, attempt, Vec::new(), lastpart.to_vec());
         fin.last = Some((ex.record.clone(), ex.dedup.clone()));
         send(fin)
             .await
@@ -273,7 +321,7 @@ async fn feed_move(
 async fn send_ticks<F, Fut>(
     node: &Arc<Node>,
     sym: Symbol,
-    me: u32,
+    (me, attempt): (u32, u64),
     mut from: u64,
     to: u64,
     send: &F,
@@ -286,7 +334,7 @@ where
         let page = node.read_local_ticks(sym, from, to, MOVE_CHUNK).await?;
         let Some(last) = page.last() else { break };
         let next = last.seq + 1;
-        send(MovePart::new(sym, me, page, Vec::new()))
+        send(MovePart::new(sym, me, attempt, page, Vec::new()))
             .await
             .map_err(|_| Error::Unavailable("the hand-over stream closed".into()))?;
         from = next;
@@ -334,10 +382,14 @@ async fn settle(
 ) -> Result<(), Error> {
     let mut wait = crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     loop {
-        match peer.move_status(sym, ex.record.epoch, ex.record.last_seq).await {
+        match peer
+            .move_status(sym, ex.record.epoch, ex.record.last_seq, ex.attempt)
+            .await
+        {
             Ok(true) => return finish(node, peer, sym, to, ex, started).await,
             Ok(false) => {
                 node.committer().release(sym, false).await?;
+                node.placement().note_unsettled(sym, false);
                 metrics::counter!(m::SYMBOL_MOVES, "result" => "rolled_back").increment(1);
                 tracing::warn!(symbol = %sym, to, "the new owner did not take the symbol; rolled back (it stays here)");
                 return Err(Error::Unavailable(format!(
@@ -370,6 +422,7 @@ async fn resolve_after_restart(node: &Arc<Node>, mark: MoveMark, stop: &Cancella
         },
         dedup: Vec::new(),
         held_since: Instant::now(),
+        attempt: mark.attempt,
     };
     loop {
         let peer = node.cluster().and_then(|c| c.peer(mark.to));
@@ -404,18 +457,29 @@ pub async fn receive_move(
     };
     let sym = first.symbol;
     let from = first.from;
+    let attempt = first.attempt;
     let me = node.placement().me();
+    if node.moves.is_refused(attempt) {
+        return Err(Error::Unavailable(format!("the hand-over of {sym} was called off")));
+    }
+    let Ok(_permit) = node.moves.receiving.clone().try_acquire_owned() else {
+        return Err(Error::Unavailable(format!(
+            "shard {me} receives {MAX_INCOMING} hand-overs already; retry"
+        )));
+    };
     if node.placement().target_owner(&sym) != Some(me) && !node.placement().is_local(&sym) {
         return Err(refused(format!("shard {me} is not the new owner of {sym}")));
     }
     if node.hub().get(&sym).is_some_and(|h| !h.is_foreign()) {
         return Err(refused(format!("shard {me} already holds {sym}")));
     }
-    let attempt = node
-        .moves
-        .next_attempt
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    node.moves.incoming().insert(sym, Incoming::Receiving(attempt));
+    {
+        let mut inc = node.moves.incoming();
+        if matches!(inc.get(&sym), Some(Incoming::Importing(_))) {
+            return Err(Error::Unavailable(format!("{sym} is being imported; retry")));
+        }
+        inc.insert(sym, Incoming::Receiving(attempt));
+    }
     let forget = || {
         let mut inc = node.moves.incoming();
         if matches!(inc.get(&sym), Some(Incoming::Receiving(a)) if *a == attempt) {
@@ -426,7 +490,7 @@ pub async fn receive_move(
     let mut candles: Vec<Candle> = Vec::new();
     let mut part = first;
     let (record, dedup) = loop {
-        if part.symbol != sym || part.from != from {
+        if part.symbol != sym || part.from != from || part.attempt != attempt {
             forget();
             return Err(refused("a hand-over of two symbols"));
         }
@@ -468,7 +532,7 @@ pub async fn receive_move(
     {
         let mut inc = node.moves.incoming();
         match inc.get(&sym) {
-            Some(Incoming::Receiving(a)) if *a == attempt => {
+            Some(Incoming::Receiving(a)) if *a == attempt && !node.moves.is_refused(attempt) => {
                 inc.insert(sym, Incoming::Importing(done_rx));
             }
             _ => return Err(Error::Unavailable(format!("the hand-over of {sym} was called off"))),
@@ -476,9 +540,12 @@ pub async fn receive_move(
     }
     let head = record.last_seq;
     // The mirror this pod had (fed by the old owner) becomes the owner's hub.
+    let mut taken = None;
     if let Some(c) = node.cluster() {
         for p in c.peers() {
-            p.take_mirror(&sym);
+            if let Some(h) = p.take_mirror(&sym) {
+                taken = Some((p, h));
+            }
         }
     }
     let result = node
@@ -490,9 +557,18 @@ pub async fn receive_move(
             candles,
         })
         .await;
-    if result.is_ok() {
-        node.placement().note_moved_in(sym);
-        tracing::info!(symbol = %sym, from, seq = head, "symbol taken over");
+    match &result {
+        Ok(()) => {
+            node.placement().note_moved_in(sym);
+            tracing::info!(symbol = %sym, from, seq = head, "symbol taken over");
+        }
+        // Not taken: the mirror goes back to its feed.
+        Err(e) => {
+            tracing::warn!(symbol = %sym, from, error = %e, "import of a handed-over symbol failed");
+            if let Some((p, h)) = taken {
+                p.adopt_mirror(h);
+            }
+        }
     }
     node.moves.incoming().remove(&sym);
     let _ = done_tx.send(true);
@@ -501,15 +577,17 @@ pub async fn receive_move(
 
 /// Whether this pod holds `sym` at `epoch` with a head at `seq` or later.
 /// Final: a hand-over of it still in flight is refused from here on.
-pub async fn move_status(node: &Arc<Node>, sym: Symbol, epoch: Epoch, seq: u64) -> Result<bool, Error> {
+pub async fn move_status(node: &Arc<Node>, sym: Symbol, epoch: Epoch, seq: u64, attempt: u64) -> Result<bool, Error> {
     let importing = {
         let mut inc = node.moves.incoming();
+        node.moves.refuse(attempt);
         match inc.get(&sym) {
             Some(Incoming::Importing(rx)) => Some(rx.clone()),
-            _ => {
-                inc.insert(sym, Incoming::Refused);
+            Some(Incoming::Receiving(_)) => {
+                inc.remove(&sym);
                 None
             }
+            None => None,
         }
     };
     if let Some(mut rx) = importing {
@@ -529,23 +607,57 @@ pub async fn start_rebalance(node: &Arc<Node>, shards: u32) -> Result<ClusterSta
             "this pod runs alone (no --peers): start the cluster with a --peers template to change its size",
         ));
     };
+    // Shard 0 alone starts rebalances, one at a time (two pods starting two
+    // could each take the same version with another target).
+    let me = node.placement().me();
+    if me != 0 {
+        let zero = cluster
+            .peer(0)
+            .ok_or_else(|| Error::Unavailable("no link to shard 0".into()))?;
+        return zero
+            .start_rebalance(shards, PREPARE_TIMEOUT * 2)
+            .await
+            .map_err(|e| match e.refusal() {
+                Some(message) => refused(message),
+                None => Error::Unavailable(format!("shard 0 (which starts rebalances): {e}")),
+            });
+    }
+    let _one = node.moves.starting.lock().await;
     let cur = node.placement().state();
-    if let Some(t) = cur.target {
-        if t == shards {
-            return Ok(cur);
+    match cur.target {
+        Some(t) if t == shards => return Ok(cur),
+        // Back to the committed count: a rollback (symbols already moved go back).
+        Some(_) if shards == cur.committed => {}
+        Some(t) => {
+            return Err(refused(format!(
+                "a rebalance to {t} shards is in progress; wait for it (tickshard admin status), \
+                 or roll it back with --shards {}",
+                cur.committed
+            )));
         }
+        None if shards == cur.committed => return Ok(cur),
+        None => {}
+    }
+    let span = cur.committed.max(shards).max(cluster.span());
+    if cluster.config().addressable() < cur.committed.max(shards) {
         return Err(refused(format!(
-            "a rebalance to {t} shards is in progress; wait for it (tickshard admin status)"
+            "--peers names {} shards; a rebalance to {shards} needs a {{}} template or {} addresses",
+            cluster.config().addressable(),
+            cur.committed.max(shards)
         )));
     }
-    if shards == cur.committed {
-        return Ok(cur);
-    }
-    let span = cur.committed.max(shards);
-    if cluster.config().addressable() < span {
+    // Every pod must speak the protocol of elastic shards (a rolling upgrade
+    // from the first release must be over).
+    let old: Vec<String> = cluster
+        .peers()
+        .iter()
+        .filter(|p| p.id < span && p.is_up() && p.protocol() < 2)
+        .map(|p| format!("shard {} (protocol {})", p.id, p.protocol()))
+        .collect();
+    if !old.is_empty() {
         return Err(refused(format!(
-            "--peers names {} shards; a rebalance to {shards} needs a {{}} template or {span} addresses",
-            cluster.config().addressable()
+            "every pod must run a release with elastic shards (cluster protocol 2) first: {}",
+            old.join(", ")
         )));
     }
     let next = ClusterState {
@@ -555,7 +667,7 @@ pub async fn start_rebalance(node: &Arc<Node>, shards: u32) -> Result<ClusterSta
     };
     node.adopt_state(next, false).await?;
     node.moves.set_error(None);
-    let me = node.placement().me();
+    let span = span.max(cluster.span());
     let pushes = (0..span).filter(|i| *i != me).map(|i| async move {
         let deadline = Instant::now() + PREPARE_TIMEOUT;
         let mut wait = crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
@@ -565,8 +677,8 @@ pub async fn start_rebalance(node: &Arc<Node>, shards: u32) -> Result<ClusterSta
                 None => Err("no link".to_string()),
             };
             match r {
-                Ok(s) if s.version >= next.version => return Ok(()),
-                Ok(s) => return Err(format!("shard {i} keeps {s}")),
+                Ok(s) if s == next => return Ok(()),
+                Ok(s) => return Err(format!("shard {i} has {s}")),
                 Err(e) if Instant::now() >= deadline => return Err(format!("shard {i}: {e}")),
                 Err(_) => wait.wait().await,
             }
@@ -581,23 +693,28 @@ pub async fn start_rebalance(node: &Arc<Node>, shards: u32) -> Result<ClusterSta
         tracing::info!(from = cur.committed, to = shards, "rebalance started");
         return Ok(next);
     }
-    // Nothing moved yet: call it off everywhere.
-    let back = ClusterState {
-        version: next.version + 1,
-        committed: cur.committed,
-        target: None,
-    };
-    node.adopt_state(back, false).await?;
-    push_everywhere(node, back, false, span).await;
+    // Not every pod took it, and some may have moved symbols already: roll
+    // back by moving to the committed count (what moved comes back).
     let why = format!(
-        "not every pod took the new target, the rebalance was called off: {}",
+        "not every pod took the new target, the rebalance is rolled back: {}",
         failed.join("; ")
     );
+    tracing::warn!(reason = %why, "rebalance rolled back");
+    if next.target != Some(cur.committed) {
+        let back = ClusterState {
+            version: next.version + 1,
+            committed: cur.committed,
+            target: Some(cur.committed),
+        };
+        node.adopt_state(back, false).await?;
+        push_everywhere(node, back, false, span).await;
+    }
     node.moves.set_error(Some(why.clone()));
     Err(Error::Unavailable(why))
 }
 
-/// Offers `state` to every other pod below `span`; answers the shards that did not take it.
+/// Offers `state` to every other pod below `span`; answers the shards that
+/// did not take it.
 async fn push_everywhere(node: &Arc<Node>, state: ClusterState, seal: bool, span: u32) -> Vec<u32> {
     let me = node.placement().me();
     let calls = (0..span).filter(|i| *i != me).map(|i| async move {
@@ -633,7 +750,8 @@ pub async fn progress(node: &Arc<Node>) -> Progress {
             Ok(l) => moves.extend(l.into_iter().map(|(s, to)| (s, me, to))),
             Err(_) => unreachable.push(me),
         }
-        let calls = (0..state.span()).filter(|i| *i != me).map(|i| async move {
+        let span = node.cluster().map_or(1, |c| c.span());
+        let calls = (0..span).filter(|i| *i != me).map(|i| async move {
             match node.cluster().and_then(|c| c.peer(i)) {
                 Some(p) => (i, p.moves().await.ok()),
                 None => (i, None),
@@ -674,6 +792,8 @@ async fn drive(node: Arc<Node>, stop: CancellationToken) {
             let missed = push_everywhere(&node, done, false, span).await;
             unsent = (!missed.is_empty()).then_some((done, span));
         }
+        // (the span before a commit: pods beyond the new count hear it too)
+        let span = node.cluster().map_or(1, |c| c.span());
         let Some(target) = state.target else { continue };
         if !node.is_ready() {
             continue;
@@ -687,7 +807,7 @@ async fn drive(node: Arc<Node>, stop: CancellationToken) {
             tracing::warn!(error = %e, "sealing the rebalance failed");
             continue;
         }
-        let missed = push_everywhere(&node, state, true, state.span()).await;
+        let missed = push_everywhere(&node, state, true, span).await;
         if !missed.is_empty() {
             tracing::info!(?missed, "rebalance: not every pod sealed yet");
             continue;
@@ -705,9 +825,9 @@ async fn drive(node: Arc<Node>, stop: CancellationToken) {
             tracing::warn!(error = %e, "committing the rebalance failed");
             continue;
         }
-        let missed = push_everywhere(&node, done, false, state.span()).await;
+        let missed = push_everywhere(&node, done, false, span).await;
         tracing::info!(from = state.committed, to = target, ?missed, "rebalance committed");
-        unsent = (!missed.is_empty()).then_some((done, state.span()));
+        unsent = (!missed.is_empty()).then_some((done, span));
         node.moves.set_error(None);
     }
 }

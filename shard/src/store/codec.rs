@@ -433,49 +433,65 @@ pub(crate) fn decode_log(buf: &[u8]) -> Option<Vec<TickBlock>> {
     Some(out)
 }
 
-/// Version byte of a move mark and of the cluster state.
+/// Version bytes of a move mark and of the cluster state (1: written by no
+/// release, kept readable: the first development builds of elastic shards).
 const MARK_V1: u8 = 1;
+const MARK_V2: u8 = 2;
 
-/// A move mark's value: version, the new owner, done.
-pub(crate) fn encode_move_mark(to: u32, done: bool) -> Vec<u8> {
-    let mut v = vec![MARK_V1];
+/// A move mark's value: version, the new owner, done, the hand-over's attempt id.
+pub(crate) fn encode_move_mark(to: u32, done: bool, attempt: u64) -> Vec<u8> {
+    let mut v = vec![MARK_V2];
     v.extend_from_slice(&to.to_be_bytes());
     v.push(u8::from(done));
+    v.extend_from_slice(&attempt.to_be_bytes());
     v
 }
 
-pub(crate) fn decode_move_mark(buf: &[u8]) -> Option<(u32, bool)> {
+pub(crate) fn decode_move_mark(buf: &[u8]) -> Option<(u32, bool, u64)> {
     let mut r = Reader::new(buf);
-    match (r.u8(), r.u32(), r.u8()) {
-        (Some(MARK_V1), Some(to), Some(done @ 0..=1)) if r.is_empty() => Some((to, done == 1)),
-        _ => None,
-    }
+    let version = r.u8()?;
+    let (to, done) = (r.u32()?, r.u8()?);
+    let attempt = match version {
+        MARK_V1 => 0,
+        MARK_V2 => r.u64()?,
+        _ => return None,
+    };
+    (done <= 1 && r.is_empty()).then_some((to, done == 1, attempt))
 }
 
-/// The cluster state's value: version, state version, committed, target (0: none).
-pub(crate) fn encode_cluster_state(s: &crate::placement::ClusterState) -> Vec<u8> {
-    let mut v = vec![MARK_V1];
+/// The cluster state's value: version, state version, committed, target (0:
+/// none), sealed.
+pub(crate) fn encode_cluster_state(s: &crate::placement::ClusterState, sealed: bool) -> Vec<u8> {
+    let mut v = vec![MARK_V2];
     v.extend_from_slice(&s.version.to_be_bytes());
     v.extend_from_slice(&s.committed.to_be_bytes());
     v.extend_from_slice(&s.target.unwrap_or(0).to_be_bytes());
+    v.push(u8::from(sealed));
     v
 }
 
 /// `None` also for a count no cluster can have (0, or beyond `MAX_SHARDS`).
-pub(crate) fn decode_cluster_state(buf: &[u8]) -> Option<crate::placement::ClusterState> {
+pub(crate) fn decode_cluster_state(buf: &[u8]) -> Option<(crate::placement::ClusterState, bool)> {
     use crate::placement::{ClusterState, MAX_SHARDS};
     let mut r = Reader::new(buf);
     let ok = |n: u32| (1..=MAX_SHARDS).contains(&n);
-    match (r.u8(), r.u64(), r.u32(), r.u32()) {
-        (Some(MARK_V1), Some(version), Some(committed), Some(target))
-            if r.is_empty() && ok(committed) && (target == 0 || ok(target)) =>
-        {
-            Some(ClusterState {
-                version,
-                committed,
-                target: (target > 0).then_some(target),
-            })
-        }
-        _ => None,
-    }
+    let version = r.u8()?;
+    let (v, committed, target) = (r.u64()?, r.u32()?, r.u32()?);
+    let sealed = match version {
+        MARK_V1 => false,
+        MARK_V2 => match r.u8()? {
+            0 => false,
+            1 => true,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    (r.is_empty() && ok(committed) && (target == 0 || ok(target))).then_some((
+        ClusterState {
+            version: v,
+            committed,
+            target: (target > 0).then_some(target),
+        },
+        sealed,
+    ))
 }

@@ -72,6 +72,8 @@ pub struct MoveMark {
     pub symbol: Symbol,
     pub to: u32,
     pub done: bool,
+    /// The old owner's id of the hand-over (what it asks the new owner about).
+    pub attempt: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,7 +214,7 @@ impl CommitBatch {
 
     pub fn put_move_mark(&mut self, m: &MoveMark) {
         self.batch
-            .insert(keys::moved(&m.symbol), codec::encode_move_mark(m.to, m.done));
+            .insert(keys::moved(&m.symbol), codec::encode_move_mark(m.to, m.done, m.attempt));
         self.keys += 1;
     }
 
@@ -222,9 +224,9 @@ impl CommitBatch {
     }
 
     /// The cluster's shard layout, durable with this batch.
-    pub fn put_cluster_state(&mut self, s: &ClusterState) {
+    pub fn put_cluster_state(&mut self, s: &ClusterState, sealed: bool) {
         self.batch
-            .insert(keys::meta(META_CLUSTER), codec::encode_cluster_state(s));
+            .insert(keys::meta(META_CLUSTER), codec::encode_cluster_state(s, sealed));
         self.keys += 1;
     }
 
@@ -352,8 +354,8 @@ impl Store {
         Ok(())
     }
 
-    /// The cluster state this pod last adopted, if any.
-    pub fn cluster_state(&self) -> Result<Option<ClusterState>, StoreError> {
+    /// The cluster state this pod last adopted, if any, and whether it was sealed.
+    pub fn cluster_state(&self) -> Result<Option<(ClusterState, bool)>, StoreError> {
         let Some(v) = self.tree.get(keys::meta(META_CLUSTER))? else {
             return Ok(None);
         };
@@ -373,8 +375,13 @@ impl Store {
                 what,
             };
             let symbol = keys::symbol_of(&k).ok_or_else(|| corrupt("bad move mark key"))?;
-            let (to, done) = codec::decode_move_mark(&v).ok_or_else(|| corrupt("bad move mark"))?;
-            out.push(MoveMark { symbol, to, done });
+            let (to, done, attempt) = codec::decode_move_mark(&v).ok_or_else(|| corrupt("bad move mark"))?;
+            out.push(MoveMark {
+                symbol,
+                to,
+                done,
+                attempt,
+            });
         }
         Ok(out)
     }
