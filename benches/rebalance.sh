@@ -102,13 +102,15 @@ for round in $(seq "$ROUNDS"); do
         W1) args=(--window 256) ;;
         W2) args=(--rate 1000 --window 64) ;;
       esac
+      RB=""
       if [[ $mode == rebalancing ]]; then
         (sleep 3 && rebalance > "$DIR/rebalance-time") &
+        RB=$!
       fi
       line=$("$BIN" bench --ws ws://127.0.0.21:18580/ws --grpc http://127.0.0.21:18581 --owned-by 0 --of 2 \
         --prefix "$w-" --subscribers 1000 --symbols 10 --publishers 1 "${args[@]}" --server-pid "${PIDS[0]}" \
         --duration "$DURATION" --warmup 2 --json || echo '{}')
-      wait $(jobs -p | grep -v -e "${PIDS[0]}" -e "${PIDS[1]}") 2>/dev/null || true
+      if [[ -n $RB ]]; then wait "$RB" || true; fi
       took=$([[ $mode == rebalancing ]] && cat "$DIR/rebalance-time" || echo null)
       stop
       echo "{\"round\":$round,\"workload\":\"$w\",\"mode\":\"$mode\",\"rebalance_s\":${took:-null},\"r\":$line}" | tee -a "$DIR/results.jsonl"

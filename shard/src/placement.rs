@@ -197,6 +197,11 @@ impl Placement {
         !i.unsettled.is_empty() && i.unsettled.contains(symbol)
     }
 
+    /// An import that failed: the symbol is not this pod's.
+    pub fn forget_moved_in(&self, symbol: Symbol) {
+        self.write().moved_in.remove(&symbol);
+    }
+
     pub fn note_moved_in(&self, symbol: Symbol) {
         let mut i = self.write();
         i.moved.remove(&symbol);

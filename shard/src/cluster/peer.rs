@@ -110,15 +110,20 @@ struct Mirror {
 /// A forwarded publish waiting for the owner's ack.
 struct Forwarded {
     reply: crate::committer::AckTx,
-    publisher: Option<Arc<str>>,
+    /// `(publisher_id, publisher_seq)`.
+    publisher: Option<(Arc<str>, u64)>,
     request_id: u64,
     symbol: Symbol,
 }
 
 impl Forwarded {
     fn unavailable(self, why: String) {
-        self.reply
-            .unavailable(self.publisher.as_ref(), self.request_id, self.symbol, why);
+        self.reply.unavailable(
+            self.publisher.as_ref().map(|(p, s)| (p, *s)),
+            self.request_id,
+            self.symbol,
+            why,
+        );
     }
 }
 
@@ -677,7 +682,7 @@ impl Peer {
                     pending.lock().unwrap_or_else(|p| p.into_inner()).insert(
                         id,
                         Forwarded {
-                            publisher: cmd.publisher.map(|(p, _)| p),
+                            publisher: cmd.publisher,
                             reply: cmd.reply,
                             request_id: cmd.request_id,
                             symbol: cmd.tick.symbol,
@@ -855,7 +860,9 @@ impl Peer {
                     }
                     m.ready.send_replace(MirrorState::Refused(code, e.message));
                     drop(mirrors);
-                    if let Some(m) = self.lock_mirrors().remove(&sym) {
+                    if let Some(m) = self.lock_mirrors().remove(&sym)
+                        && m.hub.is_foreign()
+                    {
                         self.hub.remove(&m.hub);
                     }
                 }

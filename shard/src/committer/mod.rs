@@ -124,8 +124,9 @@ pub struct AckTx {
 struct StreamOrder {
     /// Fast path: nothing was ever refused on this stream.
     any: AtomicBool,
-    /// A std mutex, never held across an await.
-    broken: std::sync::Mutex<HashSet<(Arc<str>, Symbol)>>,
+    /// A std mutex, never held across an await. Per pair, the lowest
+    /// `publisher_seq` refused: a resend from it (or earlier) fills the hole.
+    broken: std::sync::Mutex<HashMap<(Arc<str>, Symbol), u64>>,
 }
 
 impl AckTx {
@@ -150,27 +151,36 @@ impl AckTx {
     }
 
     /// True if an earlier request of `(publisher, symbol)` on this stream was
-    /// refused as UNAVAILABLE: this one must be refused too.
-    pub fn is_broken(&self, publisher: Option<&Arc<str>>, symbol: Symbol) -> bool {
-        let Some(p) = publisher else { return false };
-        self.order.any.load(Ordering::Acquire)
-            && self
-                .order
-                .broken
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(&(p.clone(), symbol))
+    /// refused as UNAVAILABLE and this one comes after it (a later
+    /// `publisher_seq`): it must be refused too. The publisher's resend from
+    /// the refused request (its `publisher_seq` or an earlier one) fills the
+    /// hole: from it on the pair is accepted again, in order. (A peer's
+    /// long-lived Forward stream carries many clients' retries: without
+    /// this, one refusal would close a pair on it until the link breaks.)
+    pub fn is_broken(&self, publisher: Option<(&Arc<str>, u64)>, symbol: Symbol) -> bool {
+        let Some((p, pseq)) = publisher else { return false };
+        if !self.order.any.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut broken = self.order.broken.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (p.clone(), symbol);
+        match broken.get(&key) {
+            Some(&first) if pseq > first => true,
+            Some(_) => {
+                broken.remove(&key);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Refuses one request as UNAVAILABLE: first marks its pair broken on this
     /// stream (so no later request of the pair can be accepted), then acks.
-    pub fn unavailable(&self, publisher: Option<&Arc<str>>, request_id: u64, symbol: Symbol, why: String) {
-        if let Some(p) = publisher {
-            self.order
-                .broken
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert((p.clone(), symbol));
+    pub fn unavailable(&self, publisher: Option<(&Arc<str>, u64)>, request_id: u64, symbol: Symbol, why: String) {
+        if let Some((p, pseq)) = publisher {
+            let mut broken = self.order.broken.lock().unwrap_or_else(|e| e.into_inner());
+            let first = broken.entry((p.clone(), symbol)).or_insert(pseq);
+            *first = (*first).min(pseq);
             self.order.any.store(true, Ordering::Release);
         }
         let _ = self.tx.send(vec![Ack {
@@ -198,14 +208,19 @@ impl PublishCmd {
 
     /// True if this request must be refused to keep its stream's order.
     pub fn is_behind_a_hole(&self) -> bool {
-        self.reply.is_broken(self.publisher_id(), self.tick.symbol)
+        let publisher = self.publisher.as_ref().map(|(p, s)| (p, *s));
+        self.reply.is_broken(publisher, self.tick.symbol)
     }
 
     /// Refuses this request as UNAVAILABLE (retryable), keeping its stream's
     /// order (see [`AckTx`]).
     pub fn unavailable(self, why: String) {
-        self.reply
-            .unavailable(self.publisher_id(), self.request_id, self.tick.symbol, why);
+        self.reply.unavailable(
+            self.publisher.as_ref().map(|(p, s)| (p, *s)),
+            self.request_id,
+            self.tick.symbol,
+            why,
+        );
     }
 }
 
@@ -689,7 +704,7 @@ struct Worker {
     moving: HashMap<Symbol, MoveOut>,
     /// Publishes and ensures of new symbols held while sealed.
     sealed_parked: Vec<PublishCmd>,
-    sealed_ensures: Vec<(Vec<Symbol>, EnsureReply)>,
+    sealed_ensures: Vec<(Vec<Symbol>, EnsureReply, Instant)>,
     /// Publishes for symbols handed over go to their new owner through here.
     relay: mpsc::UnboundedSender<Relay>,
     /// Marks of handed-over symbols to remove once the log is past the
@@ -709,7 +724,8 @@ struct Counts {
 /// An ack to send once the batch is durable.
 struct Pending {
     reply: AckTx,
-    publisher: Option<Arc<str>>,
+    /// `(publisher_id, publisher_seq)`.
+    publisher: Option<(Arc<str>, u64)>,
     ack: Ack,
     received: Instant,
 }
@@ -833,7 +849,7 @@ impl Worker {
     fn apply_one(&mut self, p: PublishCmd, round: &mut Round, now: i64) {
         let result = self.apply_publish(&p, now, &mut round.touched, &mut round.counts);
         round.acks.push(Pending {
-            publisher: p.publisher.map(|(id, _)| id),
+            publisher: p.publisher,
             reply: p.reply,
             ack: Ack {
                 request_id: p.request_id,
@@ -942,8 +958,12 @@ impl Worker {
         let e = self.failed.get_or_init(|| Arc::new(e)).clone();
         let why = format!("store failure: {e}");
         for p in round.acks.drain(..) {
-            p.reply
-                .unavailable(p.publisher.as_ref(), p.ack.request_id, p.ack.symbol, why.clone());
+            p.reply.unavailable(
+                p.publisher.as_ref().map(|(id, s)| (id, *s)),
+                p.ack.request_id,
+                p.ack.symbol,
+                why.clone(),
+            );
         }
         for (r, _) in round.ensures.drain(..) {
             let _ = r.send(Err(CommitError::StoreFailed(e.clone())));

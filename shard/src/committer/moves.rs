@@ -201,7 +201,7 @@ impl Worker {
                 .iter()
                 .any(|s| !self.symbols.contains_key(s) && self.owner_under(s, t) != self.me)
         {
-            self.sealed_ensures.push((symbols, reply));
+            self.sealed_ensures.push((symbols, reply, Instant::now()));
             return None;
         }
         Some((symbols, reply))
@@ -222,6 +222,7 @@ impl Worker {
                     ))));
                     return;
                 }
+                self.pending_unmark.retain(|(s, _)| *s != symbol);
                 self.moving.insert(
                     symbol,
                     MoveOut::Holding {
@@ -268,6 +269,7 @@ impl Worker {
                     return;
                 }
                 self.moving.remove(&sym);
+                self.pending_unmark.retain(|(s, _)| *s != sym);
                 let mut st = SymState::new(state.record.clone());
                 for (id, d) in &state.dedup {
                     st.dedup.insert(Arc::from(id.as_str()), *d);
@@ -291,7 +293,7 @@ impl Worker {
                             let _ = self.relay.send(super::Relay::Publish(owner, Box::new(p)));
                         }
                     }
-                    for (symbols, r) in std::mem::take(&mut self.sealed_ensures) {
+                    for (symbols, r, _) in std::mem::take(&mut self.sealed_ensures) {
                         match symbols.iter().find(|s| self.owner_under(s, state.committed) != self.me) {
                             Some(s) => {
                                 let _ = r.send(Err(CommitError::Move(format!("{s} is owned by another shard; retry"))));
@@ -464,7 +466,7 @@ impl Worker {
         for p in self.sealed_parked.drain(..) {
             p.unavailable(why.to_string());
         }
-        for (_, r) in self.sealed_ensures.drain(..) {
+        for (_, r, _) in self.sealed_ensures.drain(..) {
             let _ = r.send(Err(CommitError::StoreFailed(e.clone())));
         }
     }
@@ -510,6 +512,15 @@ impl Worker {
         for p in old {
             let sym = p.tick.symbol;
             p.unavailable(format!("{sym} waits for a rebalance to commit; retry"));
+        }
+        let (old, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.sealed_ensures)
+            .into_iter()
+            .partition(|(_, _, since)| since.elapsed() >= HOLD_LIMIT);
+        self.sealed_ensures = keep;
+        for (_, r, _) in old {
+            let _ = r.send(Err(CommitError::Move(
+                "a new symbol waits for a rebalance to commit; retry".into(),
+            )));
         }
         self.note_holds();
     }

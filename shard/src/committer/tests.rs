@@ -454,3 +454,22 @@ async fn a_symbol_handed_over_survives_a_crash_on_both_sides() {
     );
     b.committer.stop().await;
 }
+
+/// A refused request leaves a hole in its pair: later requests of the pair
+/// are refused until the publisher resends from the hole (on any stream: a
+/// peer's Forward stream carries every client's retries).
+#[test]
+fn a_hole_is_filled_by_the_resend_from_it() {
+    let (tx, _rx) = AckTx::new();
+    let p: Arc<str> = Arc::from("p");
+    let s = Symbol::parse("HOLE").unwrap();
+    assert!(!tx.is_broken(Some((&p, 5)), s));
+    tx.unavailable(Some((&p, 5)), 1, s, "held".into());
+    assert!(tx.is_broken(Some((&p, 6)), s), "a later request is behind the hole");
+    tx.unavailable(Some((&p, 6)), 2, s, "behind".into());
+    assert!(tx.is_broken(Some((&p, 7)), s));
+    assert!(!tx.is_broken(Some((&p, 5)), s), "the resend from the hole is accepted");
+    assert!(!tx.is_broken(Some((&p, 6)), s), "and what follows it, in order");
+    let other: Arc<str> = Arc::from("q");
+    assert!(!tx.is_broken(Some((&other, 9)), s), "other publishers are not held up");
+}

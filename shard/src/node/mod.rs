@@ -355,6 +355,11 @@ impl Node {
                 if owner == link.id {
                     continue;
                 }
+                if owner == self.placement.me() {
+                    // (this pod owns it: nothing to mirror)
+                    link.take_mirror(&sym);
+                    continue;
+                }
                 match c.peer(owner) {
                     Some(to) => {
                         if let Some(hub) = link.take_mirror(&sym) {

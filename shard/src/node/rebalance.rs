@@ -539,7 +539,10 @@ pub async fn receive_move(
         }
     }
     let head = record.last_seq;
-    // The mirror this pod had (fed by the old owner) becomes the owner's hub.
+    // From here this pod is the symbol's owner for its own subscribes (none
+    // may mirror it from the old owner again), then the mirror this pod had
+    // (fed by the old owner) becomes the owner's hub.
+    node.placement().note_moved_in(sym);
     let mut taken = None;
     if let Some(c) = node.cluster() {
         for p in c.peers() {
@@ -565,6 +568,7 @@ pub async fn receive_move(
         // Not taken: the mirror goes back to its feed.
         Err(e) => {
             tracing::warn!(symbol = %sym, from, error = %e, "import of a handed-over symbol failed");
+            node.placement().forget_moved_in(sym);
             if let Some((p, h)) = taken {
                 p.adopt_mirror(h);
             }
@@ -626,13 +630,10 @@ pub async fn start_rebalance(node: &Arc<Node>, shards: u32) -> Result<ClusterSta
     let cur = node.placement().state();
     match cur.target {
         Some(t) if t == shards => return Ok(cur),
-        // Back to the committed count: a rollback (symbols already moved go back).
-        Some(_) if shards == cur.committed => {}
         Some(t) => {
             return Err(refused(format!(
-                "a rebalance to {t} shards is in progress; wait for it (tickshard admin status), \
-                 or roll it back with --shards {}",
-                cur.committed
+                "a rebalance to {t} shards is in progress and cannot be replaced; wait for it \
+                 (tickshard admin status), then rebalance again"
             )));
         }
         None if shards == cur.committed => return Ok(cur),
@@ -693,22 +694,14 @@ pub async fn start_rebalance(node: &Arc<Node>, shards: u32) -> Result<ClusterSta
         tracing::info!(from = cur.committed, to = shards, "rebalance started");
         return Ok(next);
     }
-    // Not every pod took it, and some may have moved symbols already: roll
-    // back by moving to the committed count (what moved comes back).
+    // Not every pod took it yet. Some may have moved symbols already, so it
+    // is not called off: shard 0 keeps offering the target, and the moves to
+    // or from a missing pod wait for it (every symbol keeps one owner).
     let why = format!(
-        "not every pod took the new target, the rebalance is rolled back: {}",
+        "not every pod took the new target yet, the rebalance waits for them: {}",
         failed.join("; ")
     );
-    tracing::warn!(reason = %why, "rebalance rolled back");
-    if next.target != Some(cur.committed) {
-        let back = ClusterState {
-            version: next.version + 1,
-            committed: cur.committed,
-            target: Some(cur.committed),
-        };
-        node.adopt_state(back, false).await?;
-        push_everywhere(node, back, false, span).await;
-    }
+    tracing::warn!(reason = %why, "rebalance started without every pod");
     node.moves.set_error(Some(why.clone()));
     Err(Error::Unavailable(why))
 }
@@ -799,6 +792,10 @@ async fn drive(node: Arc<Node>, stop: CancellationToken) {
             continue;
         }
         let p = progress(&node).await;
+        if !p.unreachable.is_empty() {
+            // (a pod that missed the target, or was down: offer it again)
+            push_everywhere(&node, state, false, span).await;
+        }
         if !p.unreachable.is_empty() || !p.moves.is_empty() || p.state != state {
             continue;
         }
