@@ -709,8 +709,13 @@ pub async fn start_rebalance(node: &Arc<Node>, shards: u32) -> Result<ClusterSta
 /// Offers `state` to every other pod below `span`; answers the shards that
 /// did not take it.
 async fn push_everywhere(node: &Arc<Node>, state: ClusterState, seal: bool, span: u32) -> Vec<u32> {
+    push_to(node, state, seal, 0..span).await
+}
+
+/// Offers `state` to the other pods of `shards`.
+async fn push_to(node: &Arc<Node>, state: ClusterState, seal: bool, shards: std::ops::Range<u32>) -> Vec<u32> {
     let me = node.placement().me();
-    let calls = (0..span).filter(|i| *i != me).map(|i| async move {
+    let calls = shards.filter(|i| *i != me).map(|i| async move {
         let ok = match node.cluster().and_then(|c| c.peer(i)) {
             Some(p) => p.set_state(state, seal).await.is_ok_and(|s| s.version >= state.version),
             None => false,
@@ -818,11 +823,16 @@ async fn drive(node: Arc<Node>, stop: CancellationToken) {
             committed: target,
             target: None,
         };
+        // Pods beyond the new count first: this pod's links to them end
+        // with its own commit.
+        let mut missed = push_to(&node, done, false, target..span).await;
         if let Err(e) = node.adopt_state(done, false).await {
             tracing::warn!(error = %e, "committing the rebalance failed");
             continue;
         }
-        let missed = push_everywhere(&node, done, false, span).await;
+        missed.extend(push_to(&node, done, false, 0..target.min(span)).await);
+        missed.sort_unstable();
+        let span = span.min(target);
         tracing::info!(from = state.committed, to = target, ?missed, "rebalance committed");
         unsent = (!missed.is_empty()).then_some((done, span));
         node.moves.set_error(None);
