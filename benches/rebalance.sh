@@ -55,9 +55,14 @@ rebalance() { # prints the wall time of `admin rebalance --shards 2`
   t1=$(date +%s.%N)
   python3 -c "print(f'{$t1 - $t0:.2f}')"
 }
-holds() { # summary of pod 0's "symbol moved" lines
-  python3 - "$DIR/err-0" <<'PY'
+holds() { # summary of pod 0's "symbol moved" lines (and pod 1's "taken over")
+  python3 - "$DIR/err-0" "$DIR/err-1" <<'PY'
 import re, sys
+took = {}
+for line in open(sys.argv[2], errors="replace"):
+    if "symbol taken over" in line:
+        f = dict(re.findall(r"(\w+)=(\S+)", line))
+        took[f["symbol"]] = (int(f["ticks"]), int(f["candles"]))
 rows = []
 for line in open(sys.argv[1], errors="replace"):
     if "symbol moved" not in line:
@@ -72,10 +77,14 @@ print(f"  {len(rows)} symbols moved; publish hold p50 {q(0.5)} ms, p99 {q(0.99)}
       f" whole move p50 {sorted(r[1] for r in rows)[len(rows)//2]} ms, max {max(r[1] for r in rows)} ms;"
       f" ticks per symbol p50 {sorted(r[2] for r in rows)[len(rows)//2]}")
 big = max(rows, key=lambda r: r[2])
-print(f"  largest: {big[3]} with {big[2]} ticks: whole move {big[1]} ms, publish hold {big[0]} ms")
+shipped = took.get(big[3], ("?", "?"))
+print(f"  largest: {big[3]} at seq {big[2]}, {shipped[0]} retained ticks and {shipped[1]} closed candles shipped:"
+      f" whole move {big[1]} ms, publish hold {big[0]} ms")
 PY
 }
 
+PARTS=${PARTS:-"1 2 3"}
+if [[ $PARTS == *1* ]]; then
 echo "## 1. one symbol with >= 100,000 retained ticks"
 start
 preload HEAVY- 1 1 3
@@ -83,6 +92,8 @@ echo "  rebalance wall time: $(rebalance) s"
 holds
 stop
 
+fi
+if [[ $PARTS == *2* ]]; then
 echo "## 2. 1,000 symbols moving (and 1,000 staying)"
 start
 preload MOVE- 1 1000 3
@@ -91,6 +102,8 @@ echo "  rebalance wall time: $(rebalance) s"
 holds
 stop
 
+fi
+[[ $PARTS == *3* ]] || exit 0
 echo "## 3. W1 and W2 on pod 0 with and without a rebalance of 1,000 symbols"
 : > "$DIR/results.jsonl"
 for round in $(seq "$ROUNDS"); do

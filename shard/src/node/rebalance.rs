@@ -539,6 +539,7 @@ pub async fn receive_move(
         }
     }
     let head = record.last_seq;
+    let (n_ticks, n_candles) = (ticks.len(), candles.len());
     // From here this pod is the symbol's owner for its own subscribes (none
     // may mirror it from the old owner again), then the mirror this pod had
     // (fed by the old owner) becomes the owner's hub.
@@ -563,7 +564,7 @@ pub async fn receive_move(
     match &result {
         Ok(()) => {
             node.placement().note_moved_in(sym);
-            tracing::info!(symbol = %sym, from, seq = head, "symbol taken over");
+            tracing::info!(symbol = %sym, from, seq = head, ticks = n_ticks, candles = n_candles, "symbol taken over");
         }
         // Not taken: the mirror goes back to its feed.
         Err(e) => {
