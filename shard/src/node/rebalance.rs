@@ -50,8 +50,10 @@ use crate::{
 
 /// Ticks (and candles) per MoveIn chunk.
 pub const MOVE_CHUNK: usize = 2_048;
-/// Most ticks one MoveIn may carry (a named bound on what a peer sends:
-/// `--history-ticks` is retained, plus at most a block more).
+/// Most ticks one MoveIn may carry (a named bound on what a peer sends): a
+/// symbol retains `--history-ticks` plus at most an eighth more, so twice this
+/// pod's `--history-ticks` (and a block), capped here. With
+/// [`MAX_INCOMING`] MoveIns at once, that bounds what a pod holds for imports.
 pub const MAX_MOVE_TICKS: usize = 8_000_000;
 /// Most closed candles one MoveIn may carry (1s candles for a day are 86,400).
 pub const MAX_MOVE_CANDLES: usize = 1_000_000;
@@ -371,7 +373,8 @@ async fn finish(
 }
 
 /// The answer was lost: ask the new owner until it says (its answer is
-/// final), then finish or roll back. Publishes stay held meanwhile.
+/// final), then finish or roll back. Publishes wait meanwhile, at most
+/// `HOLD_LIMIT` (then they are answered `unavailable`, retryable).
 async fn settle(
     node: &Arc<Node>,
     peer: &Arc<Peer>,
@@ -486,6 +489,8 @@ pub async fn receive_move(
             inc.remove(&sym);
         }
     };
+    let history = usize::try_from(node.config().history_ticks).unwrap_or(usize::MAX);
+    let max_ticks = history.saturating_mul(2).saturating_add(MOVE_CHUNK).min(MAX_MOVE_TICKS);
     let mut ticks: Vec<Tick> = Vec::new();
     let mut candles: Vec<Candle> = Vec::new();
     let mut part = first;
@@ -494,10 +499,10 @@ pub async fn receive_move(
             forget();
             return Err(refused("a hand-over of two symbols"));
         }
-        if ticks.len() + part.ticks.len() > MAX_MOVE_TICKS || candles.len() + part.candles.len() > MAX_MOVE_CANDLES {
+        if ticks.len() + part.ticks.len() > max_ticks || candles.len() + part.candles.len() > MAX_MOVE_CANDLES {
             forget();
             return Err(refused(format!(
-                "a hand-over beyond {MAX_MOVE_TICKS} ticks or {MAX_MOVE_CANDLES} candles"
+                "a hand-over beyond {max_ticks} ticks or {MAX_MOVE_CANDLES} candles (twice --history-ticks)"
             )));
         }
         for t in &part.ticks {
