@@ -344,6 +344,10 @@ pub fn move_final_from_pb(
         }
         *slot = Some(c);
     }
+    // (a symbol keeps at most MAX_PUBLISHERS_PER_SYMBOL de-dup states)
+    if f.dedup.len() > crate::committer::MAX_PUBLISHERS_PER_SYMBOL {
+        return Err("more de-dup states than a symbol keeps".into());
+    }
     let mut dedup = Vec::with_capacity(f.dedup.len());
     for d in &f.dedup {
         validate_forwarded_publisher_id(&d.publisher_id).map_err(|e| e.to_string())?;
