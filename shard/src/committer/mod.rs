@@ -4,9 +4,10 @@
 //! Loop: take every queued command (up to [`MAX_BATCH`]), assign `seq`s,
 //! de-duplicate, fold candles, write one atomic batch (one *log record* with
 //! every touched symbol's ticks and changed de-dup states, closed candles,
-//! records of new symbols), `flush` once, then fan the batch out to the hub and
-//! ack every request in it. While a flush runs, new requests queue up, so
-//! batches grow with load by themselves.
+//! records of new symbols), `flush` once, then queue the batch to the hub's
+//! subscribers, ack every request in it and only then wake the subscribers'
+//! writers (an ack never waits for the fan-out). While a flush runs, new
+//! requests queue up, so batches grow with load by themselves.
 //!
 //! Each commit also *compacts* a few symbols ([`COMPACT_PER_COMMIT`], picked
 //! by [`Worker::pick_compactions`]): their logged ticks become per-symbol tick
@@ -48,7 +49,7 @@ pub use moves::{Exported, Imported, MovePart, Relay, Setup};
 
 use crate::{
     domain::{Candle, CandleAgg, CandleEffect, Epoch, ErrorCode, InputError, Interval, Symbol, Tick, now_micros},
-    hub::{Chunk, Head, Hub, SymbolHub},
+    hub::{Chunk, Head, Hub, SymbolHub, Wakes},
     metrics as m,
     store::{CommitBatch, DedupState, Store, SymbolDedup, SymbolRecord},
 };
@@ -755,6 +756,8 @@ struct Round {
     per_stream: HashMap<u64, usize>,
     /// Hand-overs of this round (see [`moves`]).
     moves: moves::RoundMoves,
+    /// Subscribers' writers to wake once the round is acked.
+    wakes: Wakes,
 }
 
 /// The committer's metrics, resolved once.
@@ -807,7 +810,11 @@ impl Worker {
             }
             self.publish(&mut round, &meters);
             self.finish_moves(&mut round);
+            // Durable, readable (held chunks, hub heads), queued to every
+            // subscriber: ack first, then wake the subscribers' writers, so
+            // an ack never waits for the fan-out.
             ack(&mut round);
+            round.wakes.wake_all();
             if round.stop {
                 tracing::debug!("committer stopped");
                 return;
@@ -1009,7 +1016,7 @@ impl Worker {
                 st.uncompacted_ticks += chunk.ticks.len();
                 st.held.push(chunk.clone());
             }
-            if hub.publish(chunk, &st.closed, st.rec.candles) {
+            if hub.publish_deferred(chunk, &st.closed, st.rec.candles, &mut round.wakes) {
                 self.hub.mark_candles_dirty(hub.clone());
             }
             st.closed.clear();

@@ -473,3 +473,83 @@ fn a_hole_is_filled_by_the_resend_from_it() {
     let other: Arc<str> = Arc::from("q");
     assert!(!tx.is_broken(Some((&other, 9)), s), "other publishers are not held up");
 }
+
+/// A commit is acked before its subscribers' writers are woken (issue 14: an
+/// ack means durable and must not wait for the fan-out): a writer whose
+/// wake-up never returns does not hold the ack back, and what the ack
+/// promises is visible when it arrives (the head moved, the data is queued
+/// to the subscriber).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_does_not_wait_for_the_subscribers_wake_up() {
+    use std::sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc as std_mpsc,
+    };
+
+    use crate::hub::{Channel, Data, Push, Sink};
+
+    struct Gate {
+        queued: Mutex<Vec<u64>>,
+        release: Mutex<std_mpsc::Receiver<()>>,
+        woken: AtomicBool,
+    }
+    impl Sink for Gate {
+        fn id(&self) -> u64 {
+            7
+        }
+        fn offer(&self, d: Data, _force: bool) -> (Push, bool) {
+            let mut q = self.queued.lock().unwrap();
+            if let Data::Ticks { chunk, from } = d {
+                q.extend(chunk.ticks[from..].iter().map(|t| t.seq));
+            }
+            (Push::Queued, true)
+        }
+        fn wake(&self) {
+            // the writer "wakes" only when the test says so
+            let _ = self.release.lock().unwrap().recv_timeout(Duration::from_secs(60));
+            self.woken.store(true, Ordering::SeqCst);
+        }
+        fn mark_dirty(&self, _: Symbol, _: Channel) {}
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let r = start(dir.path());
+    let btc = Symbol::parse("BTC-USD").unwrap();
+    publish(&r.committer, "p", 1, &[tick("BTC-USD", T0, 100)]).await;
+    let (release, rx) = std_mpsc::channel();
+    let gate = Arc::new(Gate {
+        queued: Mutex::new(Vec::new()),
+        release: Mutex::new(rx),
+        woken: AtomicBool::new(false),
+    });
+    let hub = r.hub.get(&btc).unwrap();
+    assert_eq!(hub.attach(gate.clone(), Channel::Ticks).unwrap().seq, 1);
+    hub.activate(7, Channel::Ticks, false);
+
+    let acks = tokio::time::timeout(
+        Duration::from_secs(20),
+        publish(&r.committer, "p", 2, &[tick("BTC-USD", T0 + 1, 101)]),
+    )
+    .await
+    .expect("the ack waited for the subscriber's wake-up");
+    assert!(
+        matches!(acks[0].result, Ok(Accepted { seq: 2, .. })),
+        "{:?}",
+        acks[0].result
+    );
+    assert_eq!(hub.head().seq, 2, "the head moved before the ack");
+    assert_eq!(
+        *gate.queued.lock().unwrap(),
+        vec![2],
+        "queued to the subscriber before the ack"
+    );
+    assert!(!gate.woken.load(Ordering::SeqCst), "acked before the wake-up");
+
+    release.send(()).unwrap();
+    r.committer.stop().await;
+    tokio::task::spawn_blocking(move || r.join.join().unwrap())
+        .await
+        .unwrap();
+    assert!(gate.woken.load(Ordering::SeqCst), "the writer was woken after the ack");
+}

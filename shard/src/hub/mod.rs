@@ -71,9 +71,55 @@ pub enum Push {
 /// Where a subscription's data goes. Implemented by [`Outbox`].
 pub trait Sink: Send + Sync {
     fn id(&self) -> u64;
-    fn push(&self, d: Data) -> Push;
-    fn force(&self, d: Data) -> Push;
+    /// Queues `d` (within the sink's limit unless `force`) without waking its
+    /// writer; the second value: [`wake`](Sink::wake) is owed.
+    fn offer(&self, d: Data, force: bool) -> (Push, bool);
+    /// Wakes the writer after an [`offer`](Sink::offer) that asked for it.
+    fn wake(&self);
     fn mark_dirty(&self, symbol: Symbol, channel: Channel);
+
+    /// Queues `d` within the limit and wakes the writer.
+    fn push(&self, d: Data) -> Push {
+        let (r, wake) = self.offer(d, false);
+        if wake {
+            self.wake();
+        }
+        r
+    }
+
+    /// Queues `d` regardless of the limit (small, rate-bounded items) and
+    /// wakes the writer.
+    fn force(&self, d: Data) -> Push {
+        let (r, wake) = self.offer(d, true);
+        if wake {
+            self.wake();
+        }
+        r
+    }
+}
+
+/// Writers owed a wake-up: the fan-out queues a commit's data to every
+/// subscriber under the symbol locks, acks the commit, and only then wakes
+/// the writers ([`Wakes::wake_all`]), so an ack never waits for the
+/// subscribers. Reused from commit to commit (no allocation in steady state).
+#[derive(Default)]
+pub struct Wakes(Vec<Arc<dyn Sink>>);
+
+impl Wakes {
+    /// Wakes every writer owed a wake-up.
+    pub fn wake_all(&mut self) {
+        for s in self.0.drain(..) {
+            s.wake();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// The published state of a symbol as a subscriber first sees it.
@@ -188,7 +234,7 @@ impl SymbolHub {
         for e in st.entries.iter_mut() {
             if e.channel == Channel::Candles(candle.interval) {
                 let d = Data::Candle(Box::new(CandleData { candle, closed }));
-                e.gone = deliver(e, self.symbol, d, closed, limit);
+                e.gone = deliver(e, self.symbol, d, closed, limit, None);
                 gone |= e.gone;
             }
         }
@@ -242,6 +288,30 @@ impl SymbolHub {
     /// closed (oldest first) and the new current candles. Returns true if a
     /// current candle changed and the hub was not yet in the dirty list.
     pub fn publish(&self, chunk: Arc<Chunk>, closed: &[Candle], current: [Option<Candle>; 3]) -> bool {
+        self.publish_inner(chunk, closed, current, None)
+    }
+
+    /// [`publish`](Self::publish), leaving the subscribers' wake-ups in
+    /// `wakes`: the head moves and every subscriber's queue gets the data
+    /// under the symbol lock (so attach stays gapless), the writers wake when
+    /// the caller says.
+    pub fn publish_deferred(
+        &self,
+        chunk: Arc<Chunk>,
+        closed: &[Candle],
+        current: [Option<Candle>; 3],
+        wakes: &mut Wakes,
+    ) -> bool {
+        self.publish_inner(chunk, closed, current, Some(wakes))
+    }
+
+    fn publish_inner(
+        &self,
+        chunk: Arc<Chunk>,
+        closed: &[Candle],
+        current: [Option<Candle>; 3],
+        mut wakes: Option<&mut Wakes>,
+    ) -> bool {
         let mut st = self.lock();
         let st = &mut *st;
         if let Some(t) = chunk.ticks.last() {
@@ -265,7 +335,7 @@ impl SymbolHub {
                         chunk: chunk.clone(),
                         from: 0,
                     };
-                    e.gone = deliver(e, symbol, d, false, limit);
+                    e.gone = deliver(e, symbol, d, false, limit, wakes.as_deref_mut());
                     gone |= e.gone;
                 }
                 Channel::Candles(i) => {
@@ -274,7 +344,7 @@ impl SymbolHub {
                             candle: *c,
                             closed: true,
                         }));
-                        e.gone = deliver(e, symbol, d, true, limit);
+                        e.gone = deliver(e, symbol, d, true, limit, wakes.as_deref_mut());
                         gone |= e.gone;
                     }
                 }
@@ -306,7 +376,7 @@ impl SymbolHub {
                     candle: c,
                     closed: false,
                 }));
-                deliver(e, self.symbol, d, false, limit);
+                deliver(e, self.symbol, d, false, limit, None);
             }
         }
     }
@@ -370,7 +440,7 @@ impl SymbolHub {
         // queue's room): it is forced through rather than conflated. It is
         // bounded by the pending limit.
         for d in p.items {
-            deliver(e, self.symbol, d, true, usize::MAX);
+            deliver(e, self.symbol, d, true, usize::MAX, None);
         }
     }
 
@@ -422,7 +492,17 @@ fn resnapshot(e: &mut Entry, head: &Head) {
 }
 
 /// Offers `d` to one subscription; returns true if its sink is gone.
-fn deliver(e: &mut Entry, symbol: Symbol, d: Data, force: bool, pending_limit: usize) -> bool {
+///
+/// With `wakes`, the writer's wake-up is left to the caller (see [`Wakes`]);
+/// without, it is woken at once.
+fn deliver(
+    e: &mut Entry,
+    symbol: Symbol,
+    d: Data,
+    force: bool,
+    pending_limit: usize,
+    wakes: Option<&mut Wakes>,
+) -> bool {
     let d = match d {
         Data::Ticks { chunk, from } if e.after > 0 => {
             // skip the ticks the subscriber already has
@@ -450,7 +530,13 @@ fn deliver(e: &mut Entry, symbol: Symbol, d: Data, force: bool, pending_limit: u
     if e.needs_snapshot && !force {
         return false;
     }
-    let r = if force { e.sink.force(d) } else { e.sink.push(d) };
+    let (r, wake) = e.sink.offer(d, force);
+    if wake {
+        match wakes {
+            Some(w) => w.0.push(e.sink.clone()),
+            None => e.sink.wake(),
+        }
+    }
     match r {
         Push::Queued => false,
         Push::Stalled => {

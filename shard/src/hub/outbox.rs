@@ -145,57 +145,80 @@ impl<C: Send + 'static> Outbox<C> {
         self.id
     }
 
-    fn enqueue(&self, st: &mut State<C>, msg: Msg<C>, weight: usize) {
+    /// Queues `msg`; true if the queue was empty (the writer may be asleep
+    /// and must be woken).
+    fn enqueue_quiet(st: &mut State<C>, msg: Msg<C>, weight: usize) -> bool {
         let was_empty = st.queue.is_empty();
         st.queue.push_back(msg);
         st.bytes += weight;
         st.peak = st.peak.max(st.bytes);
-        if was_empty {
+        was_empty
+    }
+
+    fn enqueue(&self, st: &mut State<C>, msg: Msg<C>, weight: usize) {
+        if Self::enqueue_quiet(st, msg, weight) {
             self.notify.notify_one();
         }
     }
 
     /// Queues data within the limit (see the module docs).
     pub fn push(&self, d: Data) -> Push {
-        let w = d.weight();
-        let mut st = self.lock();
-        if st.finished || st.close.is_some() {
-            return Push::Gone;
+        let (r, wake) = self.offer(d, false);
+        if wake {
+            self.wake();
         }
-        if let Some(since) = st.stalled_since {
-            if since.elapsed() >= self.slow {
-                drop(st);
-                self.close(Close::Slow);
-                return Push::Gone;
-            }
-            return Push::Stalled;
-        }
-        // A client with nothing unsent is not behind: it takes any one chunk
-        // (a big group commit can exceed the limit on its own).
-        if st.bytes > 0 && st.bytes + w > self.limit {
-            if self.close_on_stall {
-                drop(st);
-                self.close(Close::Slow);
-                return Push::Gone;
-            }
-            st.stalled_since = Some(Instant::now());
-            record_peak(st.peak);
-            metrics::counter!(crate::metrics::CONFLATIONS).increment(1);
-            return Push::Stalled;
-        }
-        self.enqueue(&mut st, Msg::Data(d), w);
-        Push::Queued
+        r
     }
 
     /// Queues data regardless of the limit: only for small, rate-bounded items.
     pub fn force(&self, d: Data) -> Push {
+        let (r, wake) = self.offer(d, true);
+        if wake {
+            self.wake();
+        }
+        r
+    }
+
+    /// Queues data (within the limit unless `force`) without waking the
+    /// writer; the second value says whether the caller must [`wake`](Self::wake)
+    /// it (the queue was empty). The fan-out uses this to ack a commit before
+    /// it wakes the commit's subscribers.
+    pub fn offer(&self, d: Data, force: bool) -> (Push, bool) {
         let w = d.weight();
         let mut st = self.lock();
         if st.finished || st.close.is_some() {
-            return Push::Gone;
+            return (Push::Gone, false);
         }
-        self.enqueue(&mut st, Msg::Data(d), w);
-        Push::Queued
+        if !force {
+            if let Some(since) = st.stalled_since {
+                if since.elapsed() >= self.slow {
+                    drop(st);
+                    self.close(Close::Slow);
+                    return (Push::Gone, false);
+                }
+                return (Push::Stalled, false);
+            }
+            // A client with nothing unsent is not behind: it takes any one chunk
+            // (a big group commit can exceed the limit on its own).
+            if st.bytes > 0 && st.bytes + w > self.limit {
+                if self.close_on_stall {
+                    drop(st);
+                    self.close(Close::Slow);
+                    return (Push::Gone, false);
+                }
+                st.stalled_since = Some(Instant::now());
+                record_peak(st.peak);
+                metrics::counter!(crate::metrics::CONFLATIONS).increment(1);
+                return (Push::Stalled, false);
+            }
+        }
+        let wake = Self::enqueue_quiet(&mut st, Msg::Data(d), w);
+        (Push::Queued, wake)
+    }
+
+    /// Wakes the writer (after [`offer`](Self::offer) asked for it).
+    pub fn wake(&self) {
+        self.notify.notify_one();
     }
 
     pub fn control(&self, c: C, weight: usize) {
@@ -327,12 +350,12 @@ impl<C: Send + 'static> Sink for Outbox<C> {
         self.id
     }
 
-    fn push(&self, d: Data) -> Push {
-        Outbox::push(self, d)
+    fn offer(&self, d: Data, force: bool) -> (Push, bool) {
+        Outbox::offer(self, d, force)
     }
 
-    fn force(&self, d: Data) -> Push {
-        Outbox::force(self, d)
+    fn wake(&self) {
+        Outbox::wake(self)
     }
 
     fn mark_dirty(&self, symbol: Symbol, channel: Channel) {
