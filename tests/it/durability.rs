@@ -82,6 +82,30 @@ async fn sigterm_closes_clients_with_1012_flushes_and_exits_0() {
     assert_eq!(h.last().unwrap().seq, acks.last().unwrap().seq);
 }
 
+/// Nothing left to drain, nothing to wait for: with its clients gone (one
+/// came and left, a publisher is still connected), SIGTERM exits as soon as
+/// what was acked is flushed, not after `--drain-ms` (here 10 minutes).
+#[tokio::test]
+async fn sigterm_with_no_clients_left_does_not_wait_for_the_drain_time() {
+    let mut srv = Server::start(&["--no-sim", "--drain-ms", "600000"]);
+    let mut c = srv.ws().await;
+    c.send_text(r#"{"op":"subscribe","symbols":["GONE"]}"#).await.unwrap();
+    assert!(matches!(recv(&mut c).await, ServerMsg::Subscribed { .. }));
+    drop(c);
+    let mut p = srv.publisher("left").await;
+    let acks = publish_all(&mut p, (0..20).map(|i| tick("GONE", T0 + i, "2.5", "1"))).await;
+    // the server has seen the client go (its connection count is back to 0)
+    eventually("the client's connection is gone", || async {
+        srv.metric("tickshard_clients_connected").await == 0.0
+    })
+    .await;
+    srv.sigterm();
+    let st = srv.wait_exit(Duration::from_secs(30));
+    assert!(st.success(), "exit status {st:?}");
+    srv.restart();
+    assert_eq!(history(&srv, "GONE", 1).await.len(), acks.len());
+}
+
 #[tokio::test]
 async fn while_draining_readyz_is_false_and_new_subscriptions_are_unavailable() {
     let mut srv = Server::start(&["--no-sim", "--drain-ms", "4000"]);
