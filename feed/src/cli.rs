@@ -35,7 +35,21 @@ pub fn serve(rt: &tokio::runtime::Runtime, args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
+    // gRPC (publishes, acks, peer links) on a runtime of its own: see
+    // `Listeners::grpc_runtime`.
+    let grpc_rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("tickshard-grpc")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            say!("tickshard: cannot start the gRPC runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = rt.block_on(async {
         let backlog = args.listen_backlog;
         let bind = |addr: std::net::SocketAddr, flag: &'static str| async move {
             let sock = if addr.is_ipv4() {
@@ -55,7 +69,12 @@ pub fn serve(rt: &tokio::runtime::Runtime, args: ServeArgs) -> ExitCode {
             bind(args.grpc_addr, "--grpc-addr").await,
             bind(args.peer_addr, "--peer-addr").await,
         ) {
-            (Ok(http), Ok(grpc), Ok(peer)) => Listeners { http, grpc, peer },
+            (Ok(http), Ok(grpc), Ok(peer)) => Listeners {
+                http,
+                grpc,
+                peer,
+                grpc_runtime: Some(grpc_rt.handle().clone()),
+            },
             (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                 say!("tickshard: {e}");
                 return ExitCode::FAILURE;
@@ -91,7 +110,10 @@ pub fn serve(rt: &tokio::runtime::Runtime, args: ServeArgs) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // What is left on it (nothing after a drain) is dropped, bounded.
+    grpc_rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 /// SIGTERM or SIGINT starts the drain; a second one exits at once.

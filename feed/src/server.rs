@@ -46,6 +46,13 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// The shard-to-shard listener (`--peer-addr`, the `Cluster` service only).
     pub peer: TcpListener,
+    /// Where both gRPC listeners and their connections run: the binary gives
+    /// them a runtime of their own (one thread, `tickshard-grpc`), so that a
+    /// publish is read and its ack written at once instead of queueing behind
+    /// thousands of WebSocket writers a popular tick woke on the main runtime
+    /// (issue 14: publishers are never throttled by subscribers). `None`:
+    /// the current runtime.
+    pub grpc_runtime: Option<tokio::runtime::Handle>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +190,7 @@ pub async fn run(
         shared.clone(),
         cfg.grpc.clone(),
         &lifecycle,
+        listeners.grpc_runtime.as_ref(),
         grpc_stop.clone(),
     )
     .map_err(RunError::Grpc)?;

@@ -17,3 +17,13 @@ where
 {
     tracker.spawn(fut.in_current_span())
 }
+
+/// Spawns `fut` on `tracker`, in the current span, on the runtime `rt`.
+#[expect(clippy::disallowed_methods, reason = "the one place a task is spawned on another runtime")]
+pub fn spawn_on<F>(tracker: &TaskTracker, rt: &tokio::runtime::Handle, fut: F) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tracker.spawn_on(fut.in_current_span(), rt)
+}

@@ -69,7 +69,12 @@ async fn start(id: usize, [http, grpc, peer]: [TcpListener; 3], peers: &[SocketA
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(run(
         cfg,
-        Listeners { http, grpc, peer },
+        Listeners {
+            http,
+            grpc,
+            peer,
+            grpc_runtime: None,
+        },
         metrics,
         shutdown.clone(),
         move || {

@@ -63,6 +63,7 @@ pub fn start(
     shared: Arc<Shared>,
     limits: GrpcLimits,
     tasks: &TaskTracker,
+    runtime: Option<&tokio::runtime::Handle>,
     stop: CancellationToken,
 ) -> Result<Servers, String> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -91,18 +92,41 @@ pub fn start(
         handshake_timeout: limits.handshake_timeout.min(PEER_HANDSHAKE),
         ..limits.clone()
     };
-    let spawn = |(listener, tls), routes, limits: GrpcLimits, what| {
-        tickshard_shard::tasks::spawn(
-            tasks,
-            serve::serve(listener, routes, limits, tls, stop.clone())
-                .instrument(tracing::info_span!("listener", listener = what)),
-        )
+    let spawn = |(listener, tls): (TcpListener, _),
+                 routes,
+                 limits: GrpcLimits,
+                 what|
+     -> Result<tokio::task::JoinHandle<()>, String> {
+        let stop = stop.clone();
+        match runtime {
+            None => Ok(tickshard_shard::tasks::spawn(
+                tasks,
+                serve::serve(listener, routes, limits, tls, stop)
+                    .instrument(tracing::info_span!("listener", listener = what)),
+            )),
+            Some(rt) => {
+                // re-registered with the other runtime's reactor, where its
+                // connections are accepted and served
+                let listener = listener.into_std().map_err(|e| format!("{what} listener: {e}"))?;
+                Ok(tickshard_shard::tasks::spawn_on(
+                    tasks,
+                    rt,
+                    async move {
+                        match TcpListener::from_std(listener) {
+                            Ok(l) => serve::serve(l, routes, limits, tls, stop).await,
+                            Err(e) => tracing::error!(error = %e, "cannot serve the {what} listener"),
+                        }
+                    }
+                    .instrument(tracing::info_span!("listener", listener = what)),
+                ))
+            }
+        }
     };
     Ok(Servers {
         health: reporter,
         tasks: [
-            spawn(public, public_routes, limits.clone(), "grpc"),
-            spawn(peer, peer_routes, peer_limits, "peer"),
+            spawn(public, public_routes, limits.clone(), "grpc")?,
+            spawn(peer, peer_routes, peer_limits, "peer")?,
         ],
     })
 }
