@@ -24,9 +24,23 @@ pub struct BenchArgs {
     /// WebSocket subscribers.
     #[arg(long, default_value_t = 100)]
     pub subscribers: usize,
-    /// Symbols; every subscriber subscribes to all of them.
+    /// Symbols; every subscriber subscribes to all of them (or to a
+    /// `--watchlist` of them).
     #[arg(long, default_value_t = 10)]
     pub symbols: usize,
+    /// Each subscriber watches this many of the `--symbols`, drawn without
+    /// replacement by popularity (`--zipf`); 0 = all of them.
+    #[arg(long, default_value_t = 0)]
+    pub watchlist: usize,
+    /// Zipf exponent of symbol popularity (symbol `i` has weight
+    /// `1/(i+1)^s`): drives the watchlists and each published tick's symbol.
+    /// 0 = every symbol alike (publishers go round-robin).
+    #[arg(long, default_value_t = 0.0)]
+    pub zipf: f64,
+    /// Seed of the watchlist and publish draws (the same seed gives every
+    /// system under test the same workload).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
     /// Symbol name prefix (`BN0`, `BN1`, …).
     #[arg(long, default_value = "BN")]
     pub prefix: String,
@@ -52,6 +66,10 @@ pub struct BenchArgs {
     /// Seconds of load before measuring.
     #[arg(long, default_value_t = 2)]
     pub warmup: u64,
+    /// Seconds the generator keeps reading after the window, so that ticks
+    /// published inside it are counted when they arrive late.
+    #[arg(long, default_value_t = 2)]
+    pub grace: u64,
     /// Source addresses 127.0.0.1..=127.0.0.N for subscriber connections.
     #[arg(long, default_value_t = 1)]
     pub source_ips: u8,

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     measure::{hist, now_us},
     pacer::Pacer,
+    workload::Picker,
 };
 
 #[allow(clippy::too_many_arguments)]
@@ -21,6 +22,7 @@ pub(crate) async fn publisher(
     k: usize,
     url: String,
     symbols: Vec<String>,
+    mut picker: Picker,
     rate: u64,
     window: usize,
     stop: CancellationToken,
@@ -91,9 +93,9 @@ pub(crate) async fn publisher(
             let Ok(permit) = permit else { break };
             permit.forget();
             id += 1;
-            let s = (id as usize) % symbols.len();
-            pseq[s] += 1;
             let ts = now_us();
+            let s = picker.pick(ts);
+            pseq[s] += 1;
             ring[(id as usize) % ring.len()].store(ts, Ordering::Relaxed);
             let req = pb::PublishRequest {
                 request_id: id,

@@ -1,8 +1,11 @@
 //! `tickshard bench`: an end-to-end load generator.
 //!
 //! Opens C WebSocket subscribers (spread over 127.0.0.x source addresses), each
-//! subscribed to the same S symbols, publishes through K gRPC Publish streams at
-//! P ticks/s (or as fast as acks allow), and reports deliveries/s, publish→receive
+//! subscribed to the same S symbols or to a watchlist of them drawn by Zipf
+//! popularity, publishes through K gRPC Publish streams at P ticks/s (or as
+//! fast as acks allow; each tick's symbol round-robin or by the same
+//! popularity), and reports deliveries/s against deliveries owed (ticks
+//! published inside the window, counted whenever they arrive), publish→receive
 //! latency (the publish wall-clock time travels in `ts`), ack latency, bytes/s,
 //! gaps, conflations, connection setup rate and the CPU and RSS of the server and
 //! of the generator itself (from `/proc`). Subscribers scan frames for `seq` and
@@ -19,6 +22,7 @@ mod measure;
 mod pacer;
 mod raw_ws;
 mod report;
+mod workload;
 
 use std::{
     io::Write as _,
@@ -40,6 +44,7 @@ use crate::{
     lines::{line_publisher, nats_messages},
     measure::{SubResult, SubStats, hist, on_frame, proc_usage, quantiles},
     raw_ws::RawWs,
+    workload::{Lasts, Picker, Popularity},
 };
 
 pub async fn run(a: BenchArgs) -> Result<Report, String> {
@@ -56,6 +61,7 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
     let usage0_server = server_pid.as_deref().and_then(proc_usage);
     let stop = CancellationToken::new();
     let recording = Arc::new(AtomicBool::new(false));
+    let window = Arc::new(measure::Window::new());
     let own = a
         .owned_by
         .zip(a.of)
@@ -70,30 +76,65 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
         .take(a.symbols)
         .collect();
     // gap checks index by the number in the name
-    let max_index = symbols
+    let nums: Vec<u64> = symbols
         .iter()
-        .filter_map(|s| s[a.prefix.len()..].parse::<usize>().ok())
-        .max()
-        .unwrap_or(0);
+        .map(|s| s[a.prefix.len()..].parse::<u64>().unwrap_or(0))
+        .collect();
+    let max_index = nums.iter().copied().max().unwrap_or(0) as usize;
     let nats = a.target == "nats";
-    let sub_msg = if a.idle {
-        None
-    } else if nats {
-        let subs: String = symbols
-            .iter()
-            .enumerate()
-            .map(|(i, s)| format!("SUB ticks.{s} {i}\r\n"))
-            .collect();
-        Some(format!(
-            "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1}}\r\n{subs}PING\r\n"
-        ))
-    } else if a.target == "naive" {
-        Some("{}".to_string()) // the baseline broadcasts everything; it ignores client messages
-    } else {
-        let list = symbols.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(",");
-        Some(format!("{{\"op\":\"subscribe\",\"symbols\":[{list}]}}"))
-    };
     let naive = a.target == "naive";
+    // Who watches what: everybody everything, or seeded watchlists by
+    // popularity (the same seed gives every system the same workload).
+    let popularity = Arc::new(Popularity::zipf(symbols.len(), a.zipf));
+    let mut rng = fastrand::Rng::with_seed(a.seed);
+    let watchlists: Vec<Option<Vec<usize>>> = (0..a.subscribers + a.slow)
+        .map(|_| (a.watchlist > 0 && !a.idle).then(|| popularity.watchlist(&mut rng, a.watchlist)))
+        .collect();
+    let mut watchers = vec![0u64; symbols.len()];
+    for w in watchlists.iter().take(a.subscribers) {
+        match w {
+            Some(w) => w.iter().for_each(|&s| watchers[s] += 1),
+            None => watchers.iter_mut().for_each(|n| *n += 1),
+        }
+    }
+    if a.idle || naive {
+        // idle: nobody is owed anything; naive: everybody gets everything
+        watchers
+            .iter_mut()
+            .for_each(|n| *n = if naive { a.subscribers as u64 } else { 0 });
+    }
+    let watchers = Arc::new(watchers);
+    let owed = Arc::new(AtomicU64::new(0));
+    let sub_msg = |watch: Option<&[usize]>| -> Option<String> {
+        let all: Vec<usize>;
+        let watch = match watch {
+            Some(w) => w,
+            None => {
+                all = (0..symbols.len()).collect();
+                &all
+            }
+        };
+        if a.idle {
+            None
+        } else if nats {
+            let subs: String = watch
+                .iter()
+                .map(|&i| format!("SUB ticks.{} {i}\r\n", symbols[i]))
+                .collect();
+            Some(format!(
+                "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1}}\r\n{subs}PING\r\n"
+            ))
+        } else if naive {
+            Some("{}".to_string()) // the baseline broadcasts everything; it ignores client messages
+        } else {
+            let list = watch
+                .iter()
+                .map(|&i| format!("\"{}\"", symbols[i]))
+                .collect::<Vec<_>>()
+                .join(",");
+            Some(format!("{{\"op\":\"subscribe\",\"symbols\":[{list}]}}"))
+        }
+    };
 
     // 1. Subscribers (connection setup rate measured here).
     let setup = Instant::now();
@@ -102,22 +143,26 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
     let mut tasks = Vec::new();
     let connected = Arc::new(AtomicU64::new(0));
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<(), String>>(a.subscribers + a.slow + 1);
-    for i in 0..a.subscribers + a.slow {
+    for (i, watch) in watchlists.iter().enumerate() {
         let slow = i >= a.subscribers;
         let idle = a.idle;
         let url = a.ws[i % a.ws.len()].clone();
         let local_ip =
             (a.source_ips > 1).then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % a.source_ips as usize) as u8)));
         let access = access.clone();
-        let (gate, stop, recording, results, ready, msg, prefix, n_sym, connected) = (
+        let watch = watch.as_deref();
+        let mut last = match watch {
+            Some(w) if !naive => Lasts::sparse(&w.iter().map(|&s| nums[s] as usize).collect::<Vec<_>>()),
+            _ => Lasts::dense(max_index + 1),
+        };
+        let (gate, stop, window, results, ready, msg, prefix, connected) = (
             gate.clone(),
             stop.clone(),
-            recording.clone(),
+            window.clone(),
             results.clone(),
             ready_tx.clone(),
-            sub_msg.clone(),
+            sub_msg(watch),
             a.prefix.clone().into_bytes(),
-            max_index + 1,
             connected.clone(),
         );
         tasks.push(tokio::spawn(async move {
@@ -162,18 +207,16 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
             }
             let mut st = SubStats::default();
             let mut h = hist();
-            let mut last = vec![0u64; n_sym];
             let mut nats_buf: Vec<u8> = Vec::new();
             loop {
-                let rec = recording.load(Ordering::Relaxed);
                 let r = tokio::select! {
                     biased;
                     _ = stop.cancelled() => break,
                     r = c.read_frames(|p| {
                         if nats {
-                            nats_messages(&mut nats_buf, p, |m| on_frame(m, &prefix, &mut last, &mut st, &mut h, rec));
+                            nats_messages(&mut nats_buf, p, |m| on_frame(m, &prefix, &mut last, &mut st, &mut h, &window));
                         } else {
-                            on_frame(p, &prefix, &mut last, &mut st, &mut h, rec)
+                            on_frame(p, &prefix, &mut last, &mut st, &mut h, &window)
                         }
                     }) => r,
                 };
@@ -217,7 +260,16 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
         return Ok(report);
     }
 
-    // 2. Publishers.
+    // 2. Publishers, on a runtime of their own: an ack or a paced publish
+    //    must not queue behind thousands of subscriber tasks of the
+    //    generator (that would measure the generator, not the server).
+    let pub_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("bench-publish")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the publishers' runtime: {e}"))?;
+    let line_seqs: Arc<Vec<AtomicU64>> = Arc::new((0..symbols.len()).map(|_| AtomicU64::new(0)).collect());
     let published = Arc::new(AtomicU64::new(0));
     let ack_hists: Arc<Mutex<Vec<Histogram<u64>>>> = Arc::new(Mutex::new(Vec::new()));
     let mut pubs = Vec::new();
@@ -231,20 +283,31 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
             symbols.clone(),
         );
         let access = access.clone();
-        let rate = a.rate / a.publishers.max(1) as u64;
+        // the rate split over the streams, remainder included (100 over 8 is 100)
+        let n_pub = a.publishers.max(1) as u64;
+        let rate = a.rate / n_pub + u64::from((k as u64) < a.rate % n_pub);
+        let picker = Picker::new(
+            (a.zipf > 0.0).then(|| popularity.clone()),
+            a.seed.wrapping_add(1 + k as u64),
+            symbols.len(),
+            watchers.clone(),
+            owed.clone(),
+            window.clone(),
+        );
+        let seqs = line_seqs.clone();
         let window = a.window.max(1);
         let (target, line_addr) = (
             a.target.clone(),
             if nats { a.nats.clone() } else { a.naive_pub.clone() },
         );
-        pubs.push(tokio::spawn(async move {
+        pubs.push(pub_rt.spawn(async move {
             let r = if target == "tickshard" {
                 publisher(
-                    k, url, symbols, rate, window, stop, recording, published, ack_hists, access,
+                    k, url, symbols, picker, rate, window, stop, recording, published, ack_hists, access,
                 )
                 .await
             } else {
-                line_publisher(&target, &line_addr, symbols, rate, stop, published).await
+                line_publisher(&target, &line_addr, symbols, picker, seqs, rate, stop, published).await
             };
             if let Err(e) = r {
                 let _ = writeln!(std::io::stderr(), "bench: publisher {k}: {e}");
@@ -257,17 +320,22 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
     let self_pid = std::process::id().to_string();
     let (u_srv0, u_gen0) = (server_pid.as_deref().and_then(proc_usage), proc_usage(&self_pid));
     let pub0 = published.load(Ordering::Relaxed);
+    window.open(measure::now_us());
     recording.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(a.duration)).await;
+    window.close(measure::now_us());
     recording.store(false, Ordering::Relaxed);
     let secs = t0.elapsed().as_secs_f64();
     let pub1 = published.load(Ordering::Relaxed);
     let (u_srv1, u_gen1) = (server_pid.as_deref().and_then(proc_usage), proc_usage(&self_pid));
+    // late deliveries of the window's ticks still count (the load goes on)
+    tokio::time::sleep(Duration::from_secs(a.grace)).await;
     stop.cancel();
     for t in pubs.into_iter().chain(tasks) {
         let _ = t.await;
     }
+    pub_rt.shutdown_background();
 
     let mut lat = hist();
     for (st, h) in results.lock().await.iter() {
@@ -295,6 +363,16 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
     }
     if let (Some((c0, _)), Some((c1, _))) = (u_gen0, u_gen1) {
         report.gen_cpu_pct = (c1 - c0) / secs * 100.0;
+        // every frame a subscriber read (ticks, snapshots) plus every ack
+        let msgs = report.deliveries + report.published;
+        report.gen_us_per_msg = (msgs > 0).then(|| (c1 - c0) * 1e6 / msgs as f64);
     }
+    if let (Some((c0, _)), Some((c1, _))) = (u_srv0, u_srv1)
+        && report.deliveries > 0
+    {
+        report.server_us_per_delivery = Some((c1 - c0) * 1e6 / report.deliveries as f64);
+    }
+    report.owed = owed.load(Ordering::Relaxed);
+    report.delivered_pct = (report.owed > 0).then(|| report.deliveries as f64 * 100.0 / report.owed as f64);
     Ok(report)
 }

@@ -11,7 +11,7 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{measure::now_us, pacer::Pacer};
+use crate::{measure::now_us, pacer::Pacer, workload::Picker};
 
 /// Splits NATS protocol data (possibly cut across WebSocket frames) into the
 /// payloads of its `MSG <subject> <sid> <len>\r\n<payload>\r\n` messages.
@@ -46,10 +46,13 @@ pub(crate) fn nats_messages(buf: &mut Vec<u8>, data: &[u8], mut f: impl FnMut(&[
 /// Publishes JSON tick lines: to NATS over TCP (`PUB ticks.<symbol>`), or to
 /// the naive baseline (one line per tick). Neither acks, so "published" is
 /// what was written.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn line_publisher(
     target: &str,
     addr: &str,
     symbols: Vec<String>,
+    mut picker: Picker,
+    seqs: Arc<Vec<AtomicU64>>,
     rate: u64,
     stop: CancellationToken,
     published: Arc<AtomicU64>,
@@ -72,8 +75,6 @@ pub(crate) async fn line_publisher(
             .await
             .map_err(|e| e.to_string())?;
     }
-    let mut seqs = vec![0u64; symbols.len()];
-    let mut n = 0u64;
     let mut pace = Pacer::new(rate);
     let mut line = Vec::with_capacity(256);
     loop {
@@ -81,16 +82,17 @@ pub(crate) async fn line_publisher(
             break;
         };
         for _ in 0..batch {
-            let s = (n as usize) % symbols.len();
-            n += 1;
-            seqs[s] += 1;
+            let ts = now_us();
+            let s = picker.pick(ts);
+            // one counter per symbol across publishers (NATS does not order
+            // across publishing connections: with several, a subscriber may
+            // count a reordering as a gap)
+            let seq = seqs[s].fetch_add(1, Ordering::Relaxed) + 1;
             line.clear();
             let _ = write!(
                 line,
                 "{{\"type\":\"tick\",\"symbol\":\"{}\",\"seq\":{},\"ts\":{},\"price\":\"67012.50\",\"size\":\"0.01\",\"bid\":\"67012.40\",\"ask\":\"67012.60\"}}",
-                symbols[s],
-                seqs[s],
-                now_us()
+                symbols[s], seq, ts
             );
             let r = if nats {
                 let head = format!("PUB ticks.{} {}\r\n", symbols[s], line.len());

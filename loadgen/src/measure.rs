@@ -1,6 +1,8 @@
 //! What subscribers measure: frames scanned for `seq` and `ts` (not parsed),
 //! latency histograms, and CPU/RSS of a process from `/proc`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use hdrhistogram::Histogram;
 
 pub(crate) fn now_us() -> u64 {
@@ -43,6 +45,36 @@ pub(crate) fn proc_usage(pid: &str) -> Option<(f64, u64)> {
     Some((ticks as f64 / 100.0, rss_kb * 1024))
 }
 
+/// The measured window, by publish time: a delivery counts (and its latency
+/// is recorded) if its tick was published inside it, whenever it arrives —
+/// the generator keeps reading for a grace period after the window, so
+/// "delivered / owed" compares the same ticks on both sides.
+pub(crate) struct Window {
+    start: AtomicU64,
+    end: AtomicU64,
+}
+
+impl Window {
+    pub(crate) fn new() -> Window {
+        Window {
+            start: AtomicU64::new(u64::MAX),
+            end: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    pub(crate) fn open(&self, at: u64) {
+        self.start.store(at, Ordering::Relaxed);
+    }
+
+    pub(crate) fn close(&self, at: u64) {
+        self.end.store(at, Ordering::Relaxed);
+    }
+
+    pub(crate) fn contains(&self, ts: u64) -> bool {
+        ts >= self.start.load(Ordering::Relaxed) && ts < self.end.load(Ordering::Relaxed)
+    }
+}
+
 /// One subscriber's counters and latency histogram.
 pub(crate) type SubResult = (SubStats, Histogram<u64>);
 
@@ -77,10 +109,10 @@ const SNAP_HEAD: &[u8] = b"{\"type\":\"snapshot\",\"symbol\":\"";
 pub(crate) fn on_frame(
     p: &[u8],
     prefix: &[u8],
-    last: &mut [u64],
+    last: &mut crate::workload::Lasts,
     st: &mut SubStats,
     h: &mut Histogram<u64>,
-    rec: bool,
+    window: &Window,
 ) {
     let (is_tick, rest) = if let Some(r) = p.strip_prefix(TICK_HEAD) {
         (true, r)
@@ -104,7 +136,7 @@ pub(crate) fn on_frame(
         return;
     };
     let (seq, n) = digits(rest);
-    if let Some(l) = last.get_mut(idx as usize) {
+    if let Some(l) = last.get_mut(idx) {
         if is_tick && *l != 0 && seq != *l + 1 {
             st.gaps += 1;
         }
@@ -116,11 +148,12 @@ pub(crate) fn on_frame(
         }
         return;
     }
-    if rec {
-        st.deliveries += 1;
-        st.bytes += p.len() as u64;
-        if let Some(ts) = rest[n..].strip_prefix(b",\"ts\":".as_slice()) {
-            let _ = h.record(now_us().saturating_sub(digits(ts).0).max(1));
+    if let Some(ts) = rest[n..].strip_prefix(b",\"ts\":".as_slice()) {
+        let ts = digits(ts).0;
+        if window.contains(ts) {
+            st.deliveries += 1;
+            st.bytes += p.len() as u64;
+            let _ = h.record(now_us().saturating_sub(ts).max(1));
         }
     }
 }

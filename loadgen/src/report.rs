@@ -21,6 +21,17 @@ pub struct Report {
     pub server_rss_mb: Option<f64>,
     pub server_rss_per_conn_kb: Option<f64>,
     pub gen_cpu_pct: f64,
+    /// Deliveries owed for the ticks published while measuring (each tick
+    /// times the subscribers watching its symbol).
+    pub owed: u64,
+    /// Deliveries made over deliveries owed, in % (in-flight ticks at the
+    /// window's edges make it ±latency/duration).
+    pub delivered_pct: Option<f64>,
+    /// Server CPU per delivery made.
+    pub server_us_per_delivery: Option<f64>,
+    /// The generator's own CPU per message it received (keep it well below
+    /// the server's, or the figures measure the generator).
+    pub gen_us_per_msg: Option<f64>,
 }
 
 /// One figure of the report, with how each format shows it.
@@ -31,12 +42,14 @@ enum Value {
     Percent(f64),
     Quantiles([u64; 5]),
     Measured(Option<f64>, &'static str),
+    /// Microseconds with three decimals (costs per message).
+    Micros(Option<f64>),
 }
 
 impl Report {
     /// Every figure once: its JSON key, its table label (`None`: JSON only)
     /// and its value; both formats render this list.
-    fn fields(&self) -> [(&'static str, Option<&'static str>, Value); 18] {
+    fn fields(&self) -> [(&'static str, Option<&'static str>, Value); 22] {
         use Value::*;
         [
             ("subscribers", Some("subscribers"), Count(self.subscribers as u64)),
@@ -47,6 +60,12 @@ impl Report {
             ("publish_per_sec", Some("published/s"), Rate(self.publish_per_sec)),
             ("ack_us", Some("ack latency"), Quantiles(self.ack_us)),
             ("deliveries", None, Count(self.deliveries)),
+            ("owed", None, Count(self.owed)),
+            (
+                "delivered_pct",
+                Some("delivered/owed"),
+                Measured(self.delivered_pct, "%"),
+            ),
             (
                 "deliveries_per_sec",
                 Some("deliveries/s"),
@@ -69,6 +88,12 @@ impl Report {
                 Measured(self.server_rss_per_conn_kb, " KiB"),
             ),
             ("gen_cpu_pct", Some("generator CPU"), Percent(self.gen_cpu_pct)),
+            (
+                "server_us_per_delivery",
+                Some("server CPU/deliv."),
+                Micros(self.server_us_per_delivery),
+            ),
+            ("gen_us_per_msg", Some("gen. CPU/message"), Micros(self.gen_us_per_msg)),
         ]
     }
 
@@ -87,6 +112,7 @@ impl Report {
                         q[0], q[1], q[2], q[3], q[4]
                     ),
                     Value::Measured(x, _) => x.map_or("null".to_string(), |x| format!("{x:.1}")),
+                    Value::Micros(x) => x.map_or("null".to_string(), |x| format!("{x:.3}")),
                 };
                 format!("\"{key}\":{v}")
             })
@@ -107,6 +133,7 @@ impl Report {
                     q[0], q[1], q[2], q[3], q[4]
                 ),
                 Value::Measured(x, unit) => x.map_or("-".to_string(), |x| format!("{x:.1}{unit}")),
+                Value::Micros(x) => x.map_or("-".to_string(), |x| format!("{x:.3} µs")),
             };
             out.push_str(&format!("{label:<18} {v}\n"));
         }
@@ -143,7 +170,10 @@ mod tests {
             json.contains("\"server_cpu_pct\":12.3,\"server_rss_mb\":null,"),
             "{json}"
         );
-        assert!(json.ends_with("\"gen_cpu_pct\":7.0}"), "{json}");
+        assert!(
+            json.ends_with("\"gen_cpu_pct\":7.0,\"server_us_per_delivery\":null,\"gen_us_per_msg\":null}"),
+            "{json}"
+        );
         let table = r.to_table();
         assert!(table.contains("published/s        1234\n"), "{table}");
         assert!(table.contains("server CPU         12.3%\n"), "{table}");

@@ -19,7 +19,10 @@ where
 }
 
 /// Spawns `fut` on `tracker`, in the current span, on the runtime `rt`.
-#[expect(clippy::disallowed_methods, reason = "the one place a task is spawned on another runtime")]
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the one place a task is spawned on another runtime"
+)]
 pub fn spawn_on<F>(tracker: &TaskTracker, rt: &tokio::runtime::Handle, fut: F) -> JoinHandle<F::Output>
 where
     F: Future + Send + 'static,
