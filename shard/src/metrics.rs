@@ -54,9 +54,10 @@ pub const STORE_BYTES: &str = "tickshard_store_disk_bytes";
 
 /// Gauge, label `protocol` (`ws`, `grpc`): connected subscribers.
 pub const CLIENTS_CONNECTED: &str = "tickshard_clients_connected";
-/// Counter, label `protocol`: messages sent to subscribers.
+/// Counter, label `protocol`: messages sent to subscribers (WebSocket: each
+/// connection adds its own at most 1 s late, not per write).
 pub const MESSAGES_SENT: &str = "tickshard_messages_sent_total";
-/// Counter, label `protocol`: bytes sent to subscribers.
+/// Counter, label `protocol`: bytes sent to subscribers (as above).
 pub const BYTES_SENT: &str = "tickshard_bytes_sent_total";
 /// Counter: times a client fell behind and its data was conflated.
 pub const CONFLATIONS: &str = "tickshard_conflations_total";

@@ -125,6 +125,10 @@ struct Connection {
     started: Instant,
     /// Milliseconds since `started` of the last frame from the client.
     last_seen: AtomicU64,
+    /// Messages and bytes written since the housekeeping tick last added
+    /// them to the process-wide counters (two shared counters bumped by
+    /// every writer on every flush cost more than the write at low rates).
+    sent: [AtomicU64; 2],
     /// Who the client is and what it may do: from the upgrade's token (or
     /// the anonymous grant), replaced by an `auth` op.
     principal: Mutex<Arc<Principal>>,
@@ -171,6 +175,16 @@ impl Connection {
         self.outbox.close(close);
     }
 
+    /// Adds what was written since the last call to the metrics.
+    fn report_sent(&self) {
+        let [msgs, bytes] = &self.sent;
+        let (msgs, bytes) = (msgs.swap(0, Ordering::Relaxed), bytes.swap(0, Ordering::Relaxed));
+        if msgs > 0 {
+            metrics::counter!(m::MESSAGES_SENT, "protocol" => "ws").increment(msgs);
+            metrics::counter!(m::BYTES_SENT, "protocol" => "ws").increment(bytes);
+        }
+    }
+
     fn new(shared: Arc<Shared>, principal: Principal) -> Connection {
         let outbox = shared.node.outbox(shared.ws.slow_client);
         let session = SessionGuard::new(Session::new(shared.node.clone(), outbox.clone()));
@@ -180,6 +194,7 @@ impl Connection {
             session,
             started: Instant::now(),
             last_seen: AtomicU64::new(0),
+            sent: [AtomicU64::new(0), AtomicU64::new(0)],
             principal: Mutex::new(Arc::new(principal)),
         }
     }
@@ -217,6 +232,7 @@ impl Connection {
                     self.outbox.close(Close::Normal);
                 }
                 _ = tick.tick() => {
+                    self.report_sent();
                     let now = Instant::now();
                     let seen = self.started + Duration::from_millis(self.last_seen.load(Ordering::Relaxed));
                     if now.duration_since(seen) >= self.shared.ws.idle_timeout {
@@ -247,14 +263,13 @@ impl Connection {
         if linger && !reader_done {
             let _ = tokio::time::timeout(LINGER, &mut reader).await;
         }
+        self.report_sent();
         self.session.end();
         drop(entered);
         tracing::debug!("disconnected");
     }
 
     async fn write_loop<W: AsyncWrite + Unpin>(&self, mut tx: WebSocketWrite<LazyBufWriter<W>>) {
-        let msgs_sent = metrics::counter!(m::MESSAGES_SENT, "protocol" => "ws");
-        let bytes_sent = metrics::counter!(m::BYTES_SENT, "protocol" => "ws");
         let mut q = VecDeque::new();
         let mut buf = Vec::with_capacity(512);
         loop {
@@ -330,8 +345,8 @@ impl Connection {
                 tracing::debug!(error = %e, "flush failed");
                 return;
             }
-            msgs_sent.increment(msgs);
-            bytes_sent.increment(bytes);
+            self.sent[0].fetch_add(msgs, Ordering::Relaxed);
+            self.sent[1].fetch_add(bytes, Ordering::Relaxed);
             if let AfterWrite::Repair(stalled) = self.outbox.written(weight) {
                 self.shared.node.hub().repair(self.outbox.id(), &stalled);
             }
