@@ -2,7 +2,9 @@
 # Two tickshard server binaries side by side, interleaved in one run (so the
 # machine's noise hits both alike): W1 (fan-out at max rate), W2 (1M
 # deliveries/s), W3 (durable ingest, windows 64 and 256), W5 (W2 + 10 stuck
-# readers). Each server is fresh per run; the load generator is this tree's.
+# readers); with WORKLOADS=…, also L100 (1,000 × 10 at 100 ticks/s) and W7
+# (the dashboard workload, see compare.sh). Each server is fresh per run; the
+# load generator is this tree's.
 #
 # Usage: benches/before_after.sh OLD_BIN [NEW_BIN]     (ROUNDS=3 DURATION=8)
 #   e.g. git worktree add /tmp/base <commit> && (cd /tmp/base && CARGO_TARGET_DIR=/tmp/base-target cargo build --release)
@@ -14,6 +16,7 @@ cargo build --release --locked -q
 NEW=${2:-target/release/tickshard}
 GEN=target/release/tickshard
 ROUNDS=${ROUNDS:-3}
+ulimit -n 20000
 DURATION=${DURATION:-8}
 DIR=$(mktemp -d)
 HTTP=127.0.0.1:18580
@@ -37,6 +40,9 @@ run() { # workload
     W3-64) args=(--subscribers 0 --symbols 64 --publishers 4 --window 64) ;;
     W3-256) args=(--subscribers 0 --symbols 64 --publishers 4 --window 256) ;;
     W5) args=(--subscribers 1000 --symbols 10 --publishers 1 --rate 1000 --slow 10) ;;
+    L100) args=(--subscribers 1000 --symbols 10 --publishers 1 --rate 100) ;;
+    W7) args=(--subscribers 5000 --symbols 10000 --watchlist 50 --zipf 1.1 --seed 7 --publishers 8 --rate 100
+              --connect-concurrency 512) ;;
   esac
   "$GEN" bench --ws ws://$HTTP/ws --grpc http://$GRPC --server-pid "$PID" "${args[@]}" \
     --duration "$DURATION" --warmup 2 --json
@@ -44,7 +50,7 @@ run() { # workload
 
 : > "$DIR/results.jsonl"
 for round in $(seq "$ROUNDS"); do
-  for w in W1 W2 W3-64 W3-256 W5; do
+  for w in ${WORKLOADS:-W1 W2 W3-64 W3-256 W5}; do
     for which in old new; do
       bin=$OLD; [[ $which == new ]] && bin=$NEW
       start "$bin"

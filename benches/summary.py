@@ -20,6 +20,14 @@ FIGURES = [
     ("W3-256", "publish_per_sec", None, "acked/s", 1e3),
     ("W3-256", "ack_us", "p99", "ack p99 ms", 1e3),
     ("W5", "latency_us", "p99", "p99 latency ms", 1e3),
+    ("L100", "latency_us", "p99", "p99 latency ms", 1e3),
+    ("L100", "server_cpu_pct", None, "server CPU %", 1),
+    ("L100", "ack_us", "p50", "ack p50 ms", 1e3),
+    ("W7", "latency_us", "p99", "p99 latency ms", 1e3),
+    ("W7", "ack_us", "p50", "ack p50 ms", 1e3),
+    ("W7", "ack_us", "p99", "ack p99 ms", 1e3),
+    ("W7", "delivered_pct", None, "delivered/owed %", 1),
+    ("W7", "server_cpu_pct", None, "server CPU %", 1),
 ]
 
 

@@ -38,7 +38,6 @@ pub fn serve(rt: &tokio::runtime::Runtime, args: ServeArgs) -> ExitCode {
     // gRPC (publishes, acks, peer links) on a runtime of its own: see
     // `Listeners::grpc_runtime`.
     let grpc_rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
         .thread_name("tickshard-grpc")
         .enable_all()
         .build()

@@ -47,7 +47,7 @@ pub struct Listeners {
     /// The shard-to-shard listener (`--peer-addr`, the `Cluster` service only).
     pub peer: TcpListener,
     /// Where both gRPC listeners and their connections run: the binary gives
-    /// them a runtime of their own (one thread, `tickshard-grpc`), so that a
+    /// them a runtime of their own (`tickshard-grpc`), so that a
     /// publish is read and its ack written at once instead of queueing behind
     /// thousands of WebSocket writers a popular tick woke on the main runtime
     /// (issue 14: publishers are never throttled by subscribers). `None`:

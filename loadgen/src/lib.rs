@@ -42,9 +42,9 @@ pub use crate::{args::BenchArgs, report::Report};
 use crate::{
     grpc::publisher,
     lines::{line_publisher, nats_messages},
-    measure::{SubResult, SubStats, hist, on_frame, proc_usage, quantiles},
+    measure::{Lasts, SubResult, SubStats, hist, on_frame, proc_usage, quantiles},
     raw_ws::RawWs,
-    workload::{Lasts, Picker, Popularity},
+    workload::{Picker, Popularity},
 };
 
 pub async fn run(a: BenchArgs) -> Result<Report, String> {
@@ -260,15 +260,29 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
         return Ok(report);
     }
 
-    // 2. Publishers, on a runtime of their own: an ack or a paced publish
-    //    must not queue behind thousands of subscriber tasks of the
-    //    generator (that would measure the generator, not the server).
-    let pub_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("bench-publish")
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the publishers' runtime: {e}"))?;
+    // 2. Publishers. Paced ones on a runtime of their own: a paced publish
+    //    or its ack must not queue behind thousands of subscriber tasks of
+    //    the generator (that would measure the generator, not the server).
+    //    Unpaced ones (W1, "as fast as acks allow") share the subscribers'
+    //    runtime as they always did: on their own thread they publish
+    //    faster than any server fans out to 1,000 subscribers of the same
+    //    machine, and the figure would be conflation, not throughput.
+    let pub_rt = if a.rate > 0 {
+        Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("bench-publish")
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the publishers' runtime: {e}"))?,
+        )
+    } else {
+        None
+    };
+    let spawn_pub = |f| match &pub_rt {
+        Some(rt) => rt.spawn(f),
+        None => tokio::spawn(f),
+    };
     let line_seqs: Arc<Vec<AtomicU64>> = Arc::new((0..symbols.len()).map(|_| AtomicU64::new(0)).collect());
     let published = Arc::new(AtomicU64::new(0));
     let ack_hists: Arc<Mutex<Vec<Histogram<u64>>>> = Arc::new(Mutex::new(Vec::new()));
@@ -300,7 +314,7 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
             a.target.clone(),
             if nats { a.nats.clone() } else { a.naive_pub.clone() },
         );
-        pubs.push(pub_rt.spawn(async move {
+        pubs.push(spawn_pub(async move {
             let r = if target == "tickshard" {
                 publisher(
                     k, url, symbols, picker, rate, window, stop, recording, published, ack_hists, access,
@@ -335,7 +349,9 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
     for t in pubs.into_iter().chain(tasks) {
         let _ = t.await;
     }
-    pub_rt.shutdown_background();
+    if let Some(rt) = pub_rt {
+        rt.shutdown_background();
+    }
 
     let mut lat = hist();
     for (st, h) in results.lock().await.iter() {

@@ -75,6 +75,33 @@ impl Window {
     }
 }
 
+/// A subscriber's last seq per symbol it watches (the gap check): dense for
+/// "every symbol", a sorted list for a watchlist (a few of many symbols).
+pub(crate) enum Lasts {
+    Dense(Vec<u64>),
+    Sparse(Vec<(u64, u64)>),
+}
+
+impl Lasts {
+    pub(crate) fn dense(n: usize) -> Lasts {
+        Lasts::Dense(vec![0; n])
+    }
+
+    pub(crate) fn sparse(watch: &[usize]) -> Lasts {
+        Lasts::Sparse(watch.iter().map(|&i| (i as u64, 0)).collect())
+    }
+
+    pub(crate) fn get_mut(&mut self, idx: u64) -> Option<&mut u64> {
+        match self {
+            Lasts::Dense(v) => v.get_mut(usize::try_from(idx).ok()?),
+            Lasts::Sparse(v) => {
+                let at = v.binary_search_by_key(&idx, |e| e.0).ok()?;
+                Some(&mut v[at].1)
+            }
+        }
+    }
+}
+
 /// One subscriber's counters and latency histogram.
 pub(crate) type SubResult = (SubStats, Histogram<u64>);
 
@@ -109,7 +136,7 @@ const SNAP_HEAD: &[u8] = b"{\"type\":\"snapshot\",\"symbol\":\"";
 pub(crate) fn on_frame(
     p: &[u8],
     prefix: &[u8],
-    last: &mut crate::workload::Lasts,
+    last: &mut Lasts,
     st: &mut SubStats,
     h: &mut Histogram<u64>,
     window: &Window,
@@ -155,5 +182,19 @@ pub(crate) fn on_frame(
             st.bytes += p.len() as u64;
             let _ = h.record(now_us().saturating_sub(ts).max(1));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lasts;
+
+    #[test]
+    fn a_watchlist_keeps_a_last_seq_per_watched_symbol_only() {
+        let mut l = Lasts::sparse(&[3, 17, 4_000]);
+        *l.get_mut(17).unwrap() = 5;
+        assert_eq!(l.get_mut(17).copied(), Some(5));
+        assert!(l.get_mut(4).is_none());
+        assert!(l.get_mut(10_001).is_none());
     }
 }

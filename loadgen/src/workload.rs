@@ -113,33 +113,6 @@ impl Picker {
     }
 }
 
-/// A subscriber's last seq per symbol it watches (the gap check): dense for
-/// "every symbol", a sorted list for a watchlist (a few of many symbols).
-pub(crate) enum Lasts {
-    Dense(Vec<u64>),
-    Sparse(Vec<(u64, u64)>),
-}
-
-impl Lasts {
-    pub(crate) fn dense(n: usize) -> Lasts {
-        Lasts::Dense(vec![0; n])
-    }
-
-    pub(crate) fn sparse(watch: &[usize]) -> Lasts {
-        Lasts::Sparse(watch.iter().map(|&i| (i as u64, 0)).collect())
-    }
-
-    pub(crate) fn get_mut(&mut self, idx: u64) -> Option<&mut u64> {
-        match self {
-            Lasts::Dense(v) => v.get_mut(usize::try_from(idx).ok()?),
-            Lasts::Sparse(v) => {
-                let at = v.binary_search_by_key(&idx, |e| e.0).ok()?;
-                Some(&mut v[at].1)
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,9 +138,6 @@ mod tests {
         assert!(w.windows(2).all(|x| x[0] < x[1]), "sorted and distinct: {w:?}");
         assert!(w.iter().all(|&i| i < 10_000));
         assert_eq!(Popularity::zipf(5, 1.1).watchlist(&mut rng, 9), vec![0, 1, 2, 3, 4]);
-        let mut l = Lasts::sparse(&w);
-        assert!(l.get_mut(w[3] as u64).is_some());
-        assert!(l.get_mut(10_001).is_none());
     }
 
     #[test]
