@@ -21,7 +21,7 @@ COPY loadgen/Cargo.toml loadgen/
 RUN mkdir -p src proto/src shard/src feed/src client/src loadgen/src benches \
  && echo 'fn main() {}' > src/main.rs \
  && touch proto/src/lib.rs shard/src/lib.rs feed/src/lib.rs client/src/lib.rs loadgen/src/lib.rs \
-      benches/hot_path.rs benches/naive_ws.rs \
+      benches/hot_path.rs benches/naive_ws.rs benches/floor.rs \
  && cargo build --release --locked --bin tickshard \
  && rm -rf src proto/src shard/src feed/src client/src loadgen/src \
       target/release/tickshard target/release/deps/tickshard* target/release/deps/libtickshard* \

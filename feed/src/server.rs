@@ -144,6 +144,10 @@ pub async fn run(
         ws_permits: Arc::new(Semaphore::new(cfg.max_connections)),
         auth: auth.clone(),
         allowed_origins: cfg.allowed_origins.clone(),
+        ws_sent: [
+            metrics::counter!(m::MESSAGES_SENT, "protocol" => "ws"),
+            metrics::counter!(m::BYTES_SENT, "protocol" => "ws"),
+        ],
     });
 
     let http_stop = CancellationToken::new();

@@ -55,6 +55,8 @@ pub struct Shared {
     /// `--allowed-origins`: the `Origin`s a WebSocket upgrade may come from
     /// (`None`: any).
     pub allowed_origins: Option<Vec<String>>,
+    /// Messages and bytes sent to WebSocket subscribers (resolved once).
+    pub(crate) ws_sent: [metrics::Counter; 2],
 }
 
 impl Shared {

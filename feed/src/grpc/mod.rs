@@ -92,41 +92,29 @@ pub fn start(
         handshake_timeout: limits.handshake_timeout.min(PEER_HANDSHAKE),
         ..limits.clone()
     };
-    let spawn = |(listener, tls): (TcpListener, _),
-                 routes,
-                 limits: GrpcLimits,
-                 what|
-     -> Result<tokio::task::JoinHandle<()>, String> {
-        let stop = stop.clone();
+    // Both listeners move to the gRPC runtime's reactor (where their
+    // connections are accepted and served) before either serves: a failure
+    // is the caller's error, not a listener that quietly never accepts.
+    let rehome = |listener: TcpListener, what: &str| -> Result<TcpListener, String> {
+        let Some(rt) = runtime else { return Ok(listener) };
+        let std = listener.into_std().map_err(|e| format!("{what} listener: {e}"))?;
+        let _in = rt.enter();
+        TcpListener::from_std(std).map_err(|e| format!("{what} listener: {e}"))
+    };
+    let (public, peer) = ((rehome(public.0, "grpc")?, public.1), (rehome(peer.0, "peer")?, peer.1));
+    let spawn = |(listener, tls), routes, limits: GrpcLimits, what| {
+        let fut = serve::serve(listener, routes, limits, tls, stop.clone())
+            .instrument(tracing::info_span!("listener", listener = what));
         match runtime {
-            None => Ok(tickshard_shard::tasks::spawn(
-                tasks,
-                serve::serve(listener, routes, limits, tls, stop)
-                    .instrument(tracing::info_span!("listener", listener = what)),
-            )),
-            Some(rt) => {
-                // re-registered with the other runtime's reactor, where its
-                // connections are accepted and served
-                let listener = listener.into_std().map_err(|e| format!("{what} listener: {e}"))?;
-                Ok(tickshard_shard::tasks::spawn_on(
-                    tasks,
-                    rt,
-                    async move {
-                        match TcpListener::from_std(listener) {
-                            Ok(l) => serve::serve(l, routes, limits, tls, stop).await,
-                            Err(e) => tracing::error!(error = %e, "cannot serve the {what} listener"),
-                        }
-                    }
-                    .instrument(tracing::info_span!("listener", listener = what)),
-                ))
-            }
+            None => tickshard_shard::tasks::spawn(tasks, fut),
+            Some(rt) => tickshard_shard::tasks::spawn_on(tasks, rt, fut),
         }
     };
     Ok(Servers {
         health: reporter,
         tasks: [
-            spawn(public, public_routes, limits.clone(), "grpc")?,
-            spawn(peer, peer_routes, peer_limits, "peer")?,
+            spawn(public, public_routes, limits.clone(), "grpc"),
+            spawn(peer, peer_routes, peer_limits, "peer"),
         ],
     })
 }

@@ -180,8 +180,9 @@ impl Connection {
         let [msgs, bytes] = &self.sent;
         let (msgs, bytes) = (msgs.swap(0, Ordering::Relaxed), bytes.swap(0, Ordering::Relaxed));
         if msgs > 0 {
-            metrics::counter!(m::MESSAGES_SENT, "protocol" => "ws").increment(msgs);
-            metrics::counter!(m::BYTES_SENT, "protocol" => "ws").increment(bytes);
+            let [m, b] = &self.shared.ws_sent;
+            m.increment(msgs);
+            b.increment(bytes);
         }
     }
 

@@ -149,9 +149,14 @@ pub struct Cluster {
     /// count, or the target while a rebalance runs), by id.
     peers: RwLock<Vec<Option<Link>>>,
     started: AtomicBool,
-    /// Where links run, once started.
-    runner: Mutex<Option<(TaskTracker, CancellationToken)>>,
+    /// Where links run, once started: their tracker, the stop of them all,
+    /// and the runtime that started the cluster (the main one: a link that
+    /// a rebalance RPC creates runs there too, not on the gRPC runtime the
+    /// RPC came in on).
+    runner: Mutex<Option<Runner>>,
 }
+
+type Runner = (TaskTracker, CancellationToken, Option<tokio::runtime::Handle>);
 
 impl Cluster {
     pub fn new(cfg: ClusterConfig, hub: Arc<Hub>, placement: Arc<Placement>) -> Arc<Cluster> {
@@ -190,8 +195,8 @@ impl Cluster {
                 Some(addr) if i != self.cfg.shard_id => {
                     let peer = Arc::new(Peer::new(i, addr, &self.cfg, self.hub.clone(), self.placement.clone()));
                     let stop = CancellationToken::new();
-                    if let Some((tracker, all)) = &runner {
-                        Self::run_link(&peer, tracker, all, &stop);
+                    if let Some(r) = &runner {
+                        Self::run_link(r, &peer, &stop);
                     }
                     Some(Link { peer, stop })
                 }
@@ -201,19 +206,29 @@ impl Cluster {
         }
     }
 
-    fn run_link(peer: &Arc<Peer>, tracker: &TaskTracker, all: &CancellationToken, own: &CancellationToken) {
+    fn run_link((tracker, all, rt): &Runner, peer: &Arc<Peer>, own: &CancellationToken) {
         let p = peer.clone();
         let stop = CancellationToken::new();
         let (all, own, s) = (all.clone(), own.clone(), stop.clone());
         let tasks = tracker.clone();
-        crate::tasks::spawn(tracker, async move {
+        let watch = async move {
             tokio::select! {
                 _ = all.cancelled() => {}
                 _ = own.cancelled() => {}
             }
             s.cancel();
-        });
-        crate::tasks::spawn(tracker, async move { p.run(stop, tasks).await });
+        };
+        let run = async move { p.run(stop, tasks).await };
+        match rt {
+            Some(rt) => {
+                crate::tasks::spawn_on(tracker, rt, watch);
+                crate::tasks::spawn_on(tracker, rt, run);
+            }
+            None => {
+                crate::tasks::spawn(tracker, watch);
+                crate::tasks::spawn(tracker, run);
+            }
+        }
     }
 
     pub fn instance(&self) -> &str {
@@ -313,10 +328,11 @@ impl Cluster {
         if self.started.swap(true, Ordering::Relaxed) {
             return;
         }
-        *self.runner.lock().unwrap_or_else(|p| p.into_inner()) = Some((tracker.clone(), stop.clone()));
+        let runner = (tracker.clone(), stop, tokio::runtime::Handle::try_current().ok());
+        *self.runner.lock().unwrap_or_else(|p| p.into_inner()) = Some(runner.clone());
         let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
         for l in peers.iter().flatten() {
-            Self::run_link(&l.peer, tracker, &stop, &l.stop);
+            Self::run_link(&runner, &l.peer, &l.stop);
         }
     }
 }

@@ -151,3 +151,37 @@ async fn a_client_stalled_too_long_is_closed_with_1013() {
         Push::Gone
     );
 }
+
+/// A deferred publish queues to the outbox without waking its writer; the
+/// writer parked in `take` sees the data once `Wakes::wake_all` runs, and a
+/// control message queued behind the pending wake-up does not get lost.
+#[tokio::test]
+async fn a_deferred_publish_wakes_the_parked_writer_only_when_told() {
+    use std::{future::Future as _, task::Poll};
+
+    let (_hub, h) = hub_with_head(0);
+    let o: Arc<Outbox<u8>> = Arc::new(Outbox::new(1, 1 << 20, Duration::from_secs(5)));
+    assert!(h.attach(o.clone(), Channel::Ticks).is_some());
+    h.activate(1, Channel::Ticks, false);
+
+    let mut out = VecDeque::new();
+    {
+        let mut take = std::pin::pin!(o.take(&mut out));
+        let mut poll = |cx: &mut std::task::Context<'_>| take.as_mut().poll(cx).is_ready();
+        // the writer parks: nothing queued
+        assert!(!std::future::poll_fn(|cx| Poll::Ready(poll(cx))).await);
+        let mut wakes = Wakes::default();
+        h.publish_deferred(chunk(1..=2), &[], [None; 3], &mut wakes);
+        o.control(7, 1); // the queue is not empty: this one does not wake either
+        assert_eq!(wakes.len(), 1, "one writer owed a wake-up");
+        assert!(
+            !std::future::poll_fn(|cx| Poll::Ready(poll(cx))).await,
+            "not woken before the commit is acked"
+        );
+        wakes.wake_all();
+        assert!(wakes.is_empty());
+        assert!(std::future::poll_fn(|cx| Poll::Ready(poll(cx))).await, "woken");
+    }
+    assert!(matches!(out.pop_front(), Some(Msg::Data(Data::Ticks { .. }))));
+    assert!(matches!(out.pop_front(), Some(Msg::Control(7))));
+}
