@@ -49,9 +49,17 @@ impl ClientRead {
 
     /// Waits until a read would not block (data, end of stream or an error),
     /// without reading (at once for TLS).
+    ///
+    /// Through the socket's read-readiness slot (`poll_read_ready`), the one
+    /// `poll_read` uses, not `readable()`'s waiter list: registering here
+    /// replaces the waker the HTTP task left in that slot when it read the
+    /// upgrade request. Left there, that waker kept the finished HTTP task
+    /// (~1.9 KiB) allocated for the whole life of an idle connection.
     pub async fn readable(&self) -> io::Result<()> {
         match &self.half {
-            ReadSide::Tcp(half) if self.early.is_empty() => half.readable().await,
+            ReadSide::Tcp(half) if self.early.is_empty() => {
+                std::future::poll_fn(|cx| half.as_ref().poll_read_ready(cx)).await
+            }
             _ => Ok(()),
         }
     }
@@ -298,5 +306,48 @@ mod tests {
                 prop_assert_eq!(t.at_boundary(), want, "after {} of {} bytes", at, stream.len());
             }
         }
+    }
+
+    /// The upgrade's HTTP task read the request through the socket's
+    /// read-readiness slot and left its waker there; waiting for the idle
+    /// connection's next byte must take that slot over, or the finished HTTP
+    /// task stays allocated (its waker holds it) for the connection's life.
+    #[tokio::test]
+    async fn waiting_to_read_replaces_the_waker_the_http_task_left() {
+        struct Noop;
+        impl std::task::Wake for Noop {
+            fn wake(self: std::sync::Arc<Self>) {}
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let http_task = std::sync::Arc::new(Noop);
+        let waker = std::task::Waker::from(http_task.clone());
+        let mut cx = Context::from_waker(&waker);
+        // as hyper does: read until it would block, then wait in the slot
+        let mut scratch = [0u8; 16];
+        assert_eq!(
+            server.try_read(&mut scratch).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        assert!(server.poll_read_ready(&mut cx).is_pending(), "nothing sent yet");
+        drop(waker);
+        assert_eq!(
+            std::sync::Arc::strong_count(&http_task),
+            2,
+            "the socket holds the HTTP task's waker"
+        );
+
+        let (r, _w) = server.into_split();
+        let read = ClientRead::new(Bytes::new(), ReadSide::Tcp(r));
+        let mut wait = std::pin::pin!(read.readable());
+        assert!(futures_util::poll!(wait.as_mut()).is_pending());
+        assert_eq!(
+            std::sync::Arc::strong_count(&http_task),
+            1,
+            "the idle connection's wait took the slot: the HTTP task's waker is gone"
+        );
     }
 }

@@ -4,14 +4,14 @@
 //! never inside a `select!` that could cancel `read_frame` and then read again;
 //! it holds a read buffer only while client frames are arriving, `client_read`),
 //! the *writer* (drains the connection's [`Outbox`] and writes everything queued
-//! with one flush through a buffer that grows on demand, `LazyBufWriter`), and
+//! with one flush through a buffer that grows on demand, `FrameWriter`), and
 //! a *housekeeping* tick (server pings, idle timeout, slow-client close, close
 //! deadline). Tick frames are encoded once
 //! per chunk and shared by every connection ([`json::encode_ticks`]).
 
 pub(crate) mod client_read;
+mod frame_writer;
 pub mod json;
-mod lazy_buf;
 pub mod protocol;
 
 use std::{
@@ -25,7 +25,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket, WebSocketError, WebSocketWrite};
+use fastwebsockets::{OpCode, Role, WebSocket, WebSocketError};
 use futures_util::future::Either;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hyper_util::rt::TokioIo;
@@ -45,7 +45,7 @@ use tracing::Instrument as _;
 
 use self::{
     client_read::{ClientRead, ReadSide, Tracked},
-    lazy_buf::LazyBufWriter,
+    frame_writer::FrameWriter,
 };
 use crate::{
     auth::{Denied, Principal},
@@ -107,11 +107,9 @@ pub fn serve(
             (ClientRead::new(early, ReadSide::Tls(r)), EitherIo::Right(w))
         }
     };
-    // The read half made here (and its buffer) is dropped at once: the reader
-    // builds its own when data arrives (`client_read`).
-    let (_, mut tx) =
-        fastwebsockets::after_handshake_split(tokio::io::empty(), LazyBufWriter::new(WRITE_BUFFER, w), Role::Server);
-    tx.set_writev(false);
+    // The reader builds its fastwebsockets reader (and buffer) when data
+    // arrives (`client_read`).
+    let tx = FrameWriter::new(WRITE_BUFFER, w);
     let conn = Connection::new(shared, principal);
     let span = tracing::debug_span!("ws", %peer, conn = conn.outbox.id());
     Either::Left(conn.run(rx, tx).instrument(span))
@@ -200,7 +198,7 @@ impl Connection {
         }
     }
 
-    async fn run<W>(self, rx: ClientRead, tx: WebSocketWrite<LazyBufWriter<W>>)
+    async fn run<W>(self, rx: ClientRead, tx: FrameWriter<W>)
     where
         W: AsyncWrite + Unpin,
     {
@@ -270,43 +268,40 @@ impl Connection {
         tracing::debug!("disconnected");
     }
 
-    async fn write_loop<W: AsyncWrite + Unpin>(&self, mut tx: WebSocketWrite<LazyBufWriter<W>>) {
+    async fn write_loop<W: AsyncWrite + Unpin>(&self, mut tx: FrameWriter<W>) {
         let mut q = VecDeque::new();
-        let mut buf = Vec::with_capacity(512);
+        // Grown on first use: an idle connection never needs it.
+        let mut buf = Vec::new();
         loop {
             let close = self.outbox.take(&mut q).await;
             let (mut weight, mut msgs, mut bytes) = (0usize, 0u64, 0u64);
             for msg in q.drain(..) {
-                let r = match msg {
+                match msg {
                     Msg::Data(d) => {
                         weight += d.weight();
                         match d {
                             Data::Ticks { chunk, from } => {
                                 let enc = chunk.encoded(Format::Json, json::encode_ticks);
-                                let mut r = Ok(());
                                 for f in enc.frames_from(from) {
                                     msgs += 1;
                                     bytes += f.len() as u64;
-                                    r = tx.write_frame(Frame::text(Payload::Borrowed(f))).await;
-                                    if r.is_err() {
-                                        break;
+                                    tx.frame(OpCode::Text, f);
+                                    if tx.full()
+                                        && let Err(e) = tx.drain().await
+                                    {
+                                        tracing::debug!(error = %e, "write failed");
+                                        return;
                                     }
                                 }
-                                r
+                                continue;
                             }
                             Data::Snapshot(s) => {
                                 buf.clear();
                                 json::snapshot(&mut buf, &s.epoch, &s.tick, s.conflated);
-                                msgs += 1;
-                                bytes += buf.len() as u64;
-                                tx.write_frame(Frame::text(Payload::Borrowed(&buf))).await
                             }
                             Data::Candle(c) => {
                                 buf.clear();
                                 json::candle(&mut buf, &c.candle, c.closed);
-                                msgs += 1;
-                                bytes += buf.len() as u64;
-                                tx.write_frame(Frame::text(Payload::Borrowed(&buf))).await
                             }
                             Data::Unavailable(sym) => {
                                 buf.clear();
@@ -315,30 +310,30 @@ impl Connection {
                                     &sym,
                                     "the shard that owns this symbol is unavailable; data resumes without a gap when it is back",
                                 );
-                                msgs += 1;
-                                tx.write_frame(Frame::text(Payload::Borrowed(&buf))).await
                             }
                         }
+                        msgs += 1;
+                        bytes += buf.len() as u64;
+                        tx.frame(OpCode::Text, &buf);
                     }
                     Msg::Control(Ctl::Text(t)) => {
                         msgs += 1;
                         bytes += t.len() as u64;
-                        tx.write_frame(Frame::text(Payload::Owned(t))).await
+                        tx.frame(OpCode::Text, &t);
                     }
-                    Msg::Control(Ctl::Ping) => {
-                        tx.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"")))
-                            .await
-                    }
-                    Msg::Control(Ctl::Pong(p)) => tx.write_frame(Frame::pong(Payload::Owned(p))).await,
-                };
-                if let Err(e) = r {
+                    Msg::Control(Ctl::Ping) => tx.frame(OpCode::Ping, b""),
+                    Msg::Control(Ctl::Pong(p)) => tx.frame(OpCode::Pong, &p),
+                }
+                if tx.full()
+                    && let Err(e) = tx.drain().await
+                {
                     tracing::debug!(error = %e, "write failed");
                     return;
                 }
             }
             if let Some(c) = close {
                 let (code, reason) = close_frame(c);
-                let _ = tx.write_frame(Frame::close(code, reason.as_bytes())).await;
+                tx.close(code, reason.as_bytes());
                 let _ = tx.flush().await;
                 return;
             }
@@ -372,7 +367,10 @@ impl Connection {
         let boundary = AtomicU64::new(0);
         let mut frames_read = 0u64;
         let mut idle = Some(rx);
-        let mut active: Option<WebSocket<Tracked<'_>>> = None;
+        // Boxed, like the read future below: both exist only while frames
+        // arrive (with the reader's 8 KiB buffer), and inline they would be
+        // ~600 bytes of every idle connection's future.
+        let mut active: Option<Box<WebSocket<Tracked<'_>>>> = None;
         let end = 'read: loop {
             let reader = match (&mut active, idle.take()) {
                 (Some(ws), _) => ws,
@@ -385,11 +383,11 @@ impl Connection {
                     ws.set_auto_close(false);
                     ws.set_auto_pong(false);
                     ws.set_max_message_size(limits.max_message_bytes + 1);
-                    active.insert(ws)
+                    active.insert(Box::new(ws))
                 }
                 (None, None) => break 'read ReadEnd::Gone,
             };
-            let frame = match reader.read_frame().await {
+            let frame = match Box::pin(reader.read_frame()).await {
                 Ok(f) => f,
                 Err(WebSocketError::FrameTooLarge) => {
                     state.too_large();
@@ -495,7 +493,9 @@ impl Connection {
                 None => idle.take(),
             };
             if let Some(mut s) = stream {
-                let mut scratch = [0u8; 512];
+                // On the heap: an array here would be part of every
+                // connection's future for its whole life.
+                let mut scratch = vec![0u8; 512];
                 while let Ok(n) = s.read(&mut scratch).await
                     && n > 0
                 {}
