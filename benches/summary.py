@@ -13,6 +13,8 @@ FIGURES = [
     ("W1", "deliveries_per_sec", None, "deliveries/s", 1e6),
     ("W1", "latency_us", "p99", "p99 latency ms", 1e3),
     ("W1", "server_cpu_pct", None, "server CPU %", 1),
+    ("W1", "server_us_per_delivery", None, "server µs/delivery", 1),
+    ("W1", "gen_us_per_msg", None, "generator µs/message", 1),
     ("W2", "latency_us", "p99", "p99 latency ms", 1e3),
     ("W2", "server_cpu_pct", None, "server CPU %", 1),
     ("W3-64", "publish_per_sec", None, "acked/s", 1e3),
@@ -22,12 +24,14 @@ FIGURES = [
     ("W5", "latency_us", "p99", "p99 latency ms", 1e3),
     ("L100", "latency_us", "p99", "p99 latency ms", 1e3),
     ("L100", "server_cpu_pct", None, "server CPU %", 1),
+    ("L100", "server_us_per_delivery", None, "server µs/delivery", 1),
     ("L100", "ack_us", "p50", "ack p50 ms", 1e3),
     ("W7", "latency_us", "p99", "p99 latency ms", 1e3),
     ("W7", "ack_us", "p50", "ack p50 ms", 1e3),
     ("W7", "ack_us", "p99", "ack p99 ms", 1e3),
     ("W7", "delivered_pct", None, "delivered/owed %", 1),
     ("W7", "server_cpu_pct", None, "server CPU %", 1),
+    ("W7", "server_us_per_delivery", None, "server µs/delivery", 1),
 ]
 
 

@@ -161,24 +161,6 @@ impl<C: Send + 'static> Outbox<C> {
         }
     }
 
-    /// Queues data within the limit (see the module docs).
-    pub fn push(&self, d: Data) -> Push {
-        let (r, wake) = self.offer(d, false);
-        if wake {
-            self.wake();
-        }
-        r
-    }
-
-    /// Queues data regardless of the limit: only for small, rate-bounded items.
-    pub fn force(&self, d: Data) -> Push {
-        let (r, wake) = self.offer(d, true);
-        if wake {
-            self.wake();
-        }
-        r
-    }
-
     /// Queues data (within the limit unless `force`) without waking the
     /// writer; the second value says whether the caller must [`wake`](Self::wake)
     /// it (the queue was empty). The fan-out uses this to ack a commit before

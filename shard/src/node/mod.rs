@@ -23,7 +23,7 @@ use crate::{
     cluster::{Cluster, ClusterConfig, ClusterError, MirrorLease, Peer},
     committer::{CommitError, Committer, CommitterConfig, PublishCmd, Relay, Setup},
     domain::{Candle, Epoch, HistoryQuery, Interval, Position, Symbol, Tick},
-    hub::{CandleData, Channel, Chunk, Data, Head, Hub, Outbox, SnapshotData, SymbolHub},
+    hub::{CandleData, Channel, Chunk, Data, Head, Hub, Outbox, Sink as _, SnapshotData, SymbolHub},
     metrics as m,
     placement::{ClusterState, Placement},
     store::{MoveMark, Store, StoreError, StoreOptions},
