@@ -9,9 +9,10 @@
 //!
 //! The buffer starts empty (`tokio::io::BufWriter` allocates its whole
 //! capacity up front, ~8 KiB resident for a connection that only ever writes
-//! pings), grows with use, and is given back down to `cap` after a drain
-//! that needed more (one large reply does not pin its size for the
-//! connection's life).
+//! pings) and grows with use up to `cap`, where it stays: a connection
+//! that once took a batch that large keeps the buffer for its life (as it
+//! would a `BufWriter`'s). Only a single frame longer than `cap` takes it
+//! further, and the drain after it gives that back.
 
 use std::io;
 
@@ -20,6 +21,16 @@ use tokio::io::{AsyncWrite, AsyncWriteExt as _};
 
 /// Bytes of the longest frame header: 2 + 8 (length) + 4 (mask, unused by a server).
 const MAX_HEAD: usize = 14;
+
+/// Bytes of a server (unmasked) frame's header for a payload of `len` bytes
+/// (RFC 6455 §5.2).
+fn head_len(len: usize) -> usize {
+    match len {
+        0..126 => 2,
+        126..65_536 => 4,
+        _ => 10,
+    }
+}
 
 pub struct FrameWriter<W> {
     inner: W,
@@ -54,9 +65,13 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.buf.extend_from_slice(&frame.payload);
     }
 
-    /// Whether the buffer holds `cap` bytes or more: time to [`drain`](Self::drain).
-    pub fn full(&self) -> bool {
-        self.buf.len() >= self.cap
+    /// Whether a frame of `payload` bytes fits in the buffer without taking
+    /// it past `cap`; if not, [`drain`](Self::drain) first. (Draining before
+    /// the frame that would not fit, not after, keeps the buffer's capacity
+    /// at `cap`: only a single frame longer than that overshoots, and the
+    /// drain after it gives the memory back.) An empty buffer takes any frame.
+    pub fn fits(&self, payload: usize) -> bool {
+        self.buf.is_empty() || self.buf.len() + head_len(payload) + payload <= self.cap
     }
 
     /// Writes out everything buffered (without flushing the stream).
@@ -119,8 +134,7 @@ mod tests {
             got
         });
         for p in &payloads {
-            w.frame(OpCode::Binary, p);
-            if w.full() {
+            if !w.fits(p.len()) {
                 w.drain().await.unwrap();
                 assert!(w.buf.is_empty());
                 assert!(
@@ -128,6 +142,11 @@ mod tests {
                     "a large frame's buffer is given back after the drain"
                 );
             }
+            w.frame(OpCode::Binary, p);
+            assert!(
+                w.buf.len() <= 64 || w.buf.len() == head_len(p.len()) + p.len(),
+                "past `cap` only with a single frame longer than it"
+            );
         }
         w.close(1001, b"bye");
         w.flush().await.unwrap();
@@ -139,9 +158,9 @@ mod tests {
         let (a, mut b) = tokio::io::duplex(1024);
         let mut w = FrameWriter::new(8, a);
         w.frame(OpCode::Text, b"abc");
-        assert!(!w.full(), "2 + 3 bytes of a cap of 8");
+        assert!(w.fits(1), "2 + 3, then 2 + 1, bytes of a cap of 8");
         w.frame(OpCode::Text, b"d");
-        assert!(w.full(), "2 + 3 + 2 + 1 bytes of a cap of 8");
+        assert!(!w.fits(0), "8 bytes of a cap of 8: no room for a header");
         let mut got = [0u8; 16];
         assert!(
             futures_util::FutureExt::now_or_never(b.read(&mut got)).is_none(),

@@ -173,6 +173,12 @@ impl Connection {
         self.outbox.close(close);
     }
 
+    /// Counts messages and bytes written (reported by [`report_sent`](Self::report_sent)).
+    fn count_sent(&self, msgs: u64, bytes: u64) {
+        self.sent[0].fetch_add(msgs, Ordering::Relaxed);
+        self.sent[1].fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// Adds what was written since the last call to the metrics.
     fn report_sent(&self) {
         let [msgs, bytes] = &self.sent;
@@ -276,73 +282,67 @@ impl Connection {
             let close = self.outbox.take(&mut q).await;
             let (mut weight, mut msgs, mut bytes) = (0usize, 0u64, 0u64);
             for msg in q.drain(..) {
-                match msg {
+                let (opcode, payload): (OpCode, &[u8]) = match &msg {
                     Msg::Data(d) => {
                         weight += d.weight();
+                        buf.clear();
                         match d {
                             Data::Ticks { chunk, from } => {
                                 let enc = chunk.encoded(Format::Json, json::encode_ticks);
-                                for f in enc.frames_from(from) {
+                                for f in enc.frames_from(*from) {
                                     msgs += 1;
                                     bytes += f.len() as u64;
-                                    tx.frame(OpCode::Text, f);
-                                    if tx.full()
+                                    if !tx.fits(f.len())
                                         && let Err(e) = tx.drain().await
                                     {
                                         tracing::debug!(error = %e, "write failed");
                                         return;
                                     }
+                                    tx.frame(OpCode::Text, f);
                                 }
                                 continue;
                             }
-                            Data::Snapshot(s) => {
-                                buf.clear();
-                                json::snapshot(&mut buf, &s.epoch, &s.tick, s.conflated);
-                            }
-                            Data::Candle(c) => {
-                                buf.clear();
-                                json::candle(&mut buf, &c.candle, c.closed);
-                            }
-                            Data::Unavailable(sym) => {
-                                buf.clear();
-                                json::unavailable(
-                                    &mut buf,
-                                    &sym,
-                                    "the shard that owns this symbol is unavailable; data resumes without a gap when it is back",
-                                );
-                            }
+                            Data::Snapshot(s) => json::snapshot(&mut buf, &s.epoch, &s.tick, s.conflated),
+                            Data::Candle(c) => json::candle(&mut buf, &c.candle, c.closed),
+                            Data::Unavailable(sym) => json::unavailable(
+                                &mut buf,
+                                sym,
+                                "the shard that owns this symbol is unavailable; data resumes without a gap when it is back",
+                            ),
                         }
                         msgs += 1;
                         bytes += buf.len() as u64;
-                        tx.frame(OpCode::Text, &buf);
+                        (OpCode::Text, &buf)
                     }
                     Msg::Control(Ctl::Text(t)) => {
                         msgs += 1;
                         bytes += t.len() as u64;
-                        tx.frame(OpCode::Text, &t);
+                        (OpCode::Text, t)
                     }
-                    Msg::Control(Ctl::Ping) => tx.frame(OpCode::Ping, b""),
-                    Msg::Control(Ctl::Pong(p)) => tx.frame(OpCode::Pong, &p),
-                }
-                if tx.full()
+                    Msg::Control(Ctl::Ping) => (OpCode::Ping, &[]),
+                    Msg::Control(Ctl::Pong(p)) => (OpCode::Pong, p),
+                };
+                if !tx.fits(payload.len())
                     && let Err(e) = tx.drain().await
                 {
                     tracing::debug!(error = %e, "write failed");
                     return;
                 }
+                tx.frame(opcode, payload);
             }
             if let Some(c) = close {
                 let (code, reason) = close_frame(c);
                 tx.close(code, reason.as_bytes());
-                let _ = tx.flush().await;
+                if tx.flush().await.is_ok() {
+                    self.count_sent(msgs, bytes);
+                }
                 return;
             }
             if let Err(e) = tx.flush().await {
                 tracing::debug!(error = %e, "flush failed");
                 return;
             }
-            self.sent[0].fetch_add(msgs, Ordering::Relaxed);
-            self.sent[1].fetch_add(bytes, Ordering::Relaxed);
+            self.count_sent(msgs, bytes);
             if let AfterWrite::Repair(stalled) = self.outbox.written(weight) {
                 self.shared.node.hub().repair(self.outbox.id(), &stalled);
             }
