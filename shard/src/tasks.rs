@@ -18,15 +18,19 @@ where
     tracker.spawn(fut.in_current_span())
 }
 
-/// Spawns `fut` on `tracker`, in the current span, on the runtime `rt`.
+/// Spawns `fut` on `tracker`, in the current span, on the runtime `rt`
+/// (`None`: the current one, as [`spawn`]).
 #[expect(
     clippy::disallowed_methods,
     reason = "the one place a task is spawned on another runtime"
 )]
-pub fn spawn_on<F>(tracker: &TaskTracker, rt: &tokio::runtime::Handle, fut: F) -> JoinHandle<F::Output>
+pub fn spawn_on<F>(tracker: &TaskTracker, rt: Option<&tokio::runtime::Handle>, fut: F) -> JoinHandle<F::Output>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    tracker.spawn_on(fut.in_current_span(), rt)
+    match rt {
+        Some(rt) => tracker.spawn_on(fut.in_current_span(), rt),
+        None => spawn(tracker, fut),
+    }
 }

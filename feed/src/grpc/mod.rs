@@ -105,10 +105,7 @@ pub fn start(
     let spawn = |(listener, tls), routes, limits: GrpcLimits, what| {
         let fut = serve::serve(listener, routes, limits, tls, stop.clone())
             .instrument(tracing::info_span!("listener", listener = what));
-        match runtime {
-            None => tickshard_shard::tasks::spawn(tasks, fut),
-            Some(rt) => tickshard_shard::tasks::spawn_on(tasks, rt, fut),
-        }
+        tickshard_shard::tasks::spawn_on(tasks, runtime, fut)
     };
     Ok(Servers {
         health: reporter,

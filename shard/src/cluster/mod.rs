@@ -219,16 +219,8 @@ impl Cluster {
             s.cancel();
         };
         let run = async move { p.run(stop, tasks).await };
-        match rt {
-            Some(rt) => {
-                crate::tasks::spawn_on(tracker, rt, watch);
-                crate::tasks::spawn_on(tracker, rt, run);
-            }
-            None => {
-                crate::tasks::spawn(tracker, watch);
-                crate::tasks::spawn(tracker, run);
-            }
-        }
+        crate::tasks::spawn_on(tracker, rt.as_ref(), watch);
+        crate::tasks::spawn_on(tracker, rt.as_ref(), run);
     }
 
     pub fn instance(&self) -> &str {
