@@ -184,7 +184,7 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
                 while !subscribed {
                     // tickshard: `subscribed`; NATS: the PONG after our SUBs
                     let ok = c
-                        .read_frames(|p| {
+                        .read_frames(|p, _| {
                             subscribed |=
                                 p.starts_with(b"{\"type\":\"subscribed\"") || p.windows(4).any(|w| w == b"PONG")
                         })
@@ -212,11 +212,11 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
                 let r = tokio::select! {
                     biased;
                     _ = stop.cancelled() => break,
-                    r = c.read_frames(|p| {
+                    r = c.read_frames(|p, now| {
                         if nats {
-                            nats_messages(&mut nats_buf, p, |m| on_frame(m, &prefix, &mut last, &mut st, &mut h, &window));
+                            nats_messages(&mut nats_buf, p, |m| on_frame(m, now, &prefix, &mut last, &mut st, &mut h, &window));
                         } else {
-                            on_frame(p, &prefix, &mut last, &mut st, &mut h, &window)
+                            on_frame(p, now, &prefix, &mut last, &mut st, &mut h, &window)
                         }
                     }) => r,
                 };

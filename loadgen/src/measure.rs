@@ -114,27 +114,52 @@ pub(crate) struct SubStats {
     pub closed: bool,
 }
 
-/// Parses the digits at the start of `p`.
+/// Parses the digits at the start of `p` (wrapping past `u64::MAX`: the
+/// server's numbers fit). Eight at a time while eight are there (a `ts` has
+/// 16 digits: byte by byte, its parse was the generator's largest cost).
 fn digits(p: &[u8]) -> (u64, usize) {
     let mut n = 0u64;
     let mut i = 0;
+    while let Some(v) = p.get(i..i + 8).and_then(eight_digits) {
+        n = n.wrapping_mul(100_000_000).wrapping_add(v);
+        i += 8;
+    }
     while let Some(&c) = p.get(i) {
         if !c.is_ascii_digit() {
             break;
         }
-        n = n * 10 + u64::from(c - b'0');
+        n = n.wrapping_mul(10).wrapping_add(u64::from(c - b'0'));
         i += 1;
     }
     (n, i)
 }
 
+/// The value of eight ASCII digits, or `None` if one of them is not a digit
+/// (SWAR: three multiply-and-shift steps instead of eight dependent ones).
+fn eight_digits(b: &[u8]) -> Option<u64> {
+    let v = u64::from_le_bytes(b.try_into().ok()?);
+    // every byte in 0x30..=0x39: high nibble 3, and adding 6 does not carry into it
+    let all_digits = (v & 0xf0f0_f0f0_f0f0_f0f0) == 0x3030_3030_3030_3030
+        && (v.wrapping_add(0x0606_0606_0606_0606) & 0xf0f0_f0f0_f0f0_f0f0) == 0x3030_3030_3030_3030;
+    if !all_digits {
+        return None;
+    }
+    let v = v & 0x0f0f_0f0f_0f0f_0f0f;
+    // (the first digit is the lowest byte: pairs, then quads, then all eight)
+    let v = (v.wrapping_mul(10) + (v >> 8)) & 0x00ff_00ff_00ff_00ff;
+    let v = (v.wrapping_mul(100) + (v >> 16)) & 0x0000_ffff_0000_ffff;
+    Some((v.wrapping_mul(10_000) + (v >> 32)) & 0xffff_ffff)
+}
+
 const TICK_HEAD: &[u8] = b"{\"type\":\"tick\",\"symbol\":\"";
 const SNAP_HEAD: &[u8] = b"{\"type\":\"snapshot\",\"symbol\":\"";
 
-/// A subscriber's view of one text frame: count, latency, gap check. Frames
-/// are scanned by position (the server's field order is fixed), not parsed.
+/// A subscriber's view of one text frame read at `now` (µs since the epoch):
+/// count, latency, gap check. Frames are scanned by position (the server's
+/// field order is fixed), not parsed.
 pub(crate) fn on_frame(
     p: &[u8],
+    now: u64,
     prefix: &[u8],
     last: &mut Lasts,
     st: &mut SubStats,
@@ -180,14 +205,49 @@ pub(crate) fn on_frame(
         if window.contains(ts) {
             st.deliveries += 1;
             st.bytes += p.len() as u64;
-            let _ = h.record(now_us().saturating_sub(ts).max(1));
+            let _ = h.record(now.saturating_sub(ts).max(1));
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Lasts;
+    use proptest::prelude::*;
+
+    use super::{Lasts, digits};
+
+    /// The byte-by-byte parse the fast one must equal.
+    fn slow_digits(p: &[u8]) -> (u64, usize) {
+        let n = p.iter().take_while(|c| c.is_ascii_digit()).count();
+        let v = p[..n]
+            .iter()
+            .fold(0u64, |v, c| v.wrapping_mul(10).wrapping_add(u64::from(c - b'0')));
+        (v, n)
+    }
+
+    #[test]
+    fn digits_of_a_frame_field() {
+        assert_eq!(digits(b"1732530000000160,\"price\""), (1_732_530_000_000_160, 16));
+        assert_eq!(digits(b"12345678"), (12_345_678, 8));
+        assert_eq!(digits(b"1234567:9"), (1_234_567, 7));
+        assert_eq!(digits(b"123456789"), (123_456_789, 9));
+        assert_eq!(digits(b"0000000042}"), (42, 10));
+        assert_eq!(digits(b"x1"), (0, 0));
+        assert_eq!(digits(b""), (0, 0));
+        // bytes next to the digits, on both sides of the check
+        assert_eq!(digits(b"1234567/"), (1_234_567, 7));
+        assert_eq!(digits(b"1234567:"), (1_234_567, 7));
+    }
+
+    proptest! {
+        #[test]
+        fn digits_equal_the_byte_by_byte_parse(p in proptest::collection::vec(prop_oneof![
+            8 => b'0'..=b'9',
+            1 => any::<u8>(),
+        ], 0..40)) {
+            prop_assert_eq!(digits(&p), slow_digits(&p));
+        }
+    }
 
     #[test]
     fn a_watchlist_keeps_a_last_seq_per_watched_symbol_only() {

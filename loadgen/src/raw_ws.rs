@@ -120,8 +120,10 @@ impl RawWs {
         self.sock.write_all(&f).await.map_err(|e| e.to_string())
     }
 
-    /// Reads once and calls `f` for every complete text frame; `None` on close.
-    pub(crate) async fn read_frames(&mut self, mut f: impl FnMut(&[u8])) -> Option<usize> {
+    /// Reads once and calls `f` for every complete text frame with the time
+    /// the read returned (µs since the epoch, read once per call: every frame
+    /// in the buffer had arrived by then); `None` on close.
+    pub(crate) async fn read_frames(&mut self, mut f: impl FnMut(&[u8], u64)) -> Option<usize> {
         use tokio::io::AsyncReadExt;
         if self.start > 0 && self.start == self.end {
             self.start = 0;
@@ -145,12 +147,13 @@ impl RawWs {
             }
             self.end += n;
         }
+        let now = crate::measure::now_us();
         while let Some((opcode, hl, len)) = complete_frame(&self.buf[self.start..self.end]) {
             if opcode == 0x8 {
                 return None;
             }
             if opcode == 0x1 || opcode == 0x2 {
-                f(&self.buf[self.start + hl..self.start + hl + len]);
+                f(&self.buf[self.start + hl..self.start + hl + len], now);
                 frames += 1;
             }
             self.start += hl + len;
