@@ -2,12 +2,14 @@
 # End-to-end figures of one tickshard node on loopback (BENCHMARKS.md).
 # Usage: benches/e2e.sh [ingest|fanout|latency|connections|all]   (release build, ~2 min for all)
 # SERVER_BIN=path runs that server binary (another release, to compare) with
-# this tree's load generator.
+# this tree's load generator; GEN_BIN=path runs that generator (`tickshard
+# bench` of another release) against the server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -q
 BIN=target/release/tickshard
 SERVER_BIN=${SERVER_BIN:-$BIN}
+GEN_BIN=${GEN_BIN:-$BIN}
 DIR=$(mktemp -d)
 HTTP=127.0.0.1:18480
 GRPC=127.0.0.1:18481
@@ -21,7 +23,7 @@ start() {
   echo "server did not start"; cat "$DIR/err"; exit 1
 }
 stop() { kill -TERM "$PID"; wait "$PID" || true; }
-bench() { "$BIN" bench --ws ws://$HTTP/ws --grpc http://$GRPC --server-pid "$PID" "$@"; }
+bench() { "$GEN_BIN" bench --ws ws://$HTTP/ws --grpc http://$GRPC --server-pid "$PID" "$@"; }
 
 what=${1:-all}
 if [[ $what == ingest || $what == all ]]; then
