@@ -5,8 +5,9 @@
 //! de-duplicate, fold candles, write one atomic batch (one *log record* with
 //! every touched symbol's ticks and changed de-dup states, closed candles,
 //! records of new symbols), `flush` once, then queue the batch to the hub's
-//! subscribers, ack every request in it and only then wake the subscribers'
-//! writers (an ack never waits for the fan-out). While a flush runs, new
+//! subscribers, ack every request in it and only then hand the subscribers'
+//! wake-ups to the [`waker`] thread (an ack never waits for the fan-out, and
+//! the next commit never waits for the wake-ups). While a flush runs, new
 //! requests queue up, so batches grow with load by themselves.
 //!
 //! Each commit also *compacts* a few symbols ([`COMPACT_PER_COMMIT`], picked
@@ -42,6 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 mod held;
 mod moves;
 mod recovery;
+mod waker;
 
 pub use held::{Held, Recent, SymbolHeld};
 use moves::MoveOut;
@@ -415,6 +417,7 @@ impl Committer {
             }
         }
         metrics::gauge!(m::OWNED_SYMBOLS).set(symbols.len() as f64);
+        let waker = waker::Waker::start().map_err(StartError::Thread)?;
         let mut worker = Worker {
             store,
             hub,
@@ -435,6 +438,7 @@ impl Committer {
             sealed_parked: Vec::new(),
             sealed_ensures: Vec::new(),
             relay: setup.relay,
+            waker,
         };
         let join = thread::Builder::new()
             .name("tickshard-commit".into())
@@ -713,6 +717,8 @@ struct Worker {
     pending_unmark: Vec<(Symbol, u64)>,
     /// Shared with [`Committer::expire_holds`].
     holding: Arc<AtomicBool>,
+    /// Wakes the subscribers' writers after each commit, off this thread.
+    waker: waker::Waker,
 }
 
 #[derive(Default)]
@@ -811,10 +817,10 @@ impl Worker {
             self.publish(&mut round, &meters);
             self.finish_moves(&mut round);
             // Durable, readable (held chunks, hub heads), queued to every
-            // subscriber: ack first, then wake the subscribers' writers, so
-            // an ack never waits for the fan-out.
+            // subscriber: ack first, then wake the subscribers' writers (on
+            // the waker thread), so an ack never waits for the fan-out.
             ack(&mut round);
-            round.wakes.wake_all();
+            self.waker.wake(&mut round.wakes);
             if round.stop {
                 tracing::debug!("committer stopped");
                 return;

@@ -478,7 +478,7 @@ fn a_hole_is_filled_by_the_resend_from_it() {
 /// ack means durable and must not wait for the fan-out): a writer whose
 /// wake-up never returns does not hold the ack back, and what the ack
 /// promises is visible when it arrives (the head moved, the data is queued
-/// to the subscriber).
+/// to the subscriber); nor is the next commit held back by it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_does_not_wait_for_the_subscribers_wake_up() {
     use std::sync::{
@@ -546,6 +546,24 @@ async fn an_ack_does_not_wait_for_the_subscribers_wake_up() {
     );
     assert!(!gate.woken.load(Ordering::SeqCst), "acked before the wake-up");
 
+    // Nor does the next commit wait for it: the wake-ups run on the waker
+    // thread, not the committer's.
+    let acks = tokio::time::timeout(
+        Duration::from_secs(20),
+        publish(&r.committer, "p", 3, &[tick("BTC-USD", T0 + 2, 102)]),
+    )
+    .await
+    .expect("the next commit waited for the last one's wake-up");
+    assert!(
+        matches!(acks[0].result, Ok(Accepted { seq: 3, .. })),
+        "{:?}",
+        acks[0].result
+    );
+    assert_eq!(*gate.queued.lock().unwrap(), vec![2, 3]);
+    assert!(!gate.woken.load(Ordering::SeqCst));
+
+    // (one release per commit's wake-up)
+    release.send(()).unwrap();
     release.send(()).unwrap();
     r.committer.stop().await;
     tokio::task::spawn_blocking(move || r.join.join().unwrap())

@@ -100,8 +100,9 @@ pub trait Sink: Send + Sync {
 
 /// Writers owed a wake-up: the fan-out queues a commit's data to every
 /// subscriber under the symbol locks, acks the commit, and only then wakes
-/// the writers ([`Wakes::wake_all`]), so an ack never waits for the
-/// subscribers. Reused from commit to commit (no allocation in steady state).
+/// the writers ([`Wakes::wake_all`], on the committer's waker thread), so an
+/// ack never waits for the subscribers. One vector per commit that has
+/// subscribers to wake, not one per tick or per subscriber.
 #[derive(Default)]
 pub struct Wakes(Vec<Arc<dyn Sink>>);
 
@@ -111,6 +112,16 @@ impl Wakes {
         for s in self.0.drain(..) {
             s.wake();
         }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn push(&mut self, s: Arc<dyn Sink>) {
+        self.0.push(s);
+    }
+
+    /// Moves `other`'s wake-ups into these (several commits woken as one).
+    pub fn append(&mut self, other: &mut Wakes) {
+        self.0.append(&mut other.0);
     }
 
     pub fn len(&self) -> usize {
