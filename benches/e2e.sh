@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # End-to-end figures of one tickshard node on loopback (BENCHMARKS.md).
 # Usage: benches/e2e.sh [ingest|fanout|latency|connections|all]   (release build, ~2 min for all)
-# SERVER_BIN=path runs that server binary (another release, to compare) with
-# this tree's load generator; GEN_BIN=path runs that generator (`tickshard
-# bench` of another release) against the server.
+# SERVER_BIN=path runs that server binary (another release, to compare);
+# GEN_BIN=path runs that load generator (`tickshard bench` of another build;
+# it must take the flags used below) instead of this tree's. Relative paths
+# are from the repository root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -q

@@ -741,7 +741,8 @@ type EnsureReply = oneshot::Sender<Result<(), CommitError>>;
 
 /// One group commit's working state; the vectors are reused from round to
 /// round (their capacity is the committer's steady state, not a per-commit
-/// allocation).
+/// allocation), except `wakes`, handed to the waker with each commit that has
+/// writers to wake.
 #[derive(Default)]
 struct Round {
     cmds: Vec<Cmd>,

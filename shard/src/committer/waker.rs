@@ -40,7 +40,7 @@ impl Waker {
 
     /// Hands a commit's wake-ups to the waker; if its queue is full (or it is
     /// gone), wakes them here.
-    pub(super) fn wake(&self, wakes: &mut Wakes) {
+    pub(super) fn wake(&mut self, wakes: &mut Wakes) {
         if wakes.is_empty() {
             return;
         }
@@ -48,7 +48,14 @@ impl Waker {
         if let Some(tx) = &self.tx {
             match tx.try_send(w) {
                 Ok(()) => return,
-                Err(TrySendError::Full(back) | TrySendError::Disconnected(back)) => w = back,
+                Err(TrySendError::Full(back)) => w = back,
+                Err(TrySendError::Disconnected(back)) => {
+                    // (it panicked: the wake-ups it held are lost, and their
+                    // writers wait for a close or the slow-client timeout)
+                    tracing::error!("the waker thread died; the committer wakes subscribers itself");
+                    self.tx = None;
+                    w = back;
+                }
             }
         }
         w.wake_all();
@@ -59,8 +66,10 @@ impl Drop for Waker {
     /// Wakes what is queued, then ends the thread.
     fn drop(&mut self) {
         drop(self.tx.take());
-        if let Some(j) = self.join.take() {
-            let _ = j.join();
+        if let Some(j) = self.join.take()
+            && j.join().is_err()
+        {
+            tracing::error!("the waker thread panicked");
         }
     }
 }
@@ -114,7 +123,7 @@ mod tests {
     /// over is left unwoken when the committer ends.
     #[test]
     fn every_commit_is_woken_in_order_and_none_is_left_at_the_end() {
-        let waker = Waker::start().unwrap();
+        let mut waker = Waker::start().unwrap();
         let (tx, rx) = mpsc::channel();
         for id in 1..=3 {
             waker.wake(&mut wakes(&[id], &tx));
