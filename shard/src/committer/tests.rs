@@ -527,17 +527,20 @@ async fn an_ack_does_not_wait_for_the_subscribers_wake_up() {
     assert_eq!(hub.attach(gate.clone(), Channel::Ticks).unwrap().seq, 1);
     hub.activate(7, Channel::Ticks, false);
 
-    let acks = tokio::time::timeout(
-        Duration::from_secs(20),
-        publish(&r.committer, "p", 2, &[tick("BTC-USD", T0 + 1, 101)]),
-    )
-    .await
-    .expect("the ack waited for the subscriber's wake-up");
-    assert!(
-        matches!(acks[0].result, Ok(Accepted { seq: 2, .. })),
-        "{:?}",
-        acks[0].result
-    );
+    // Publishes the `n`th tick (seq `n`), which must be acked while the
+    // subscriber's wake-up is blocked.
+    let acked = async |n: u64, why: &str| {
+        let t = tick("BTC-USD", T0 + n as i64 - 1, 99 + n as i64);
+        let acks = tokio::time::timeout(Duration::from_secs(20), publish(&r.committer, "p", n, &[t]))
+            .await
+            .expect(why);
+        assert!(
+            matches!(acks[0].result, Ok(Accepted { seq, .. }) if seq == n),
+            "{:?}",
+            acks[0].result
+        );
+    };
+    acked(2, "the ack waited for the subscriber's wake-up").await;
     assert_eq!(hub.head().seq, 2, "the head moved before the ack");
     assert_eq!(
         *gate.queued.lock().unwrap(),
@@ -548,17 +551,7 @@ async fn an_ack_does_not_wait_for_the_subscribers_wake_up() {
 
     // Nor does the next commit wait for it: the wake-ups run on the waker
     // thread, not the committer's.
-    let acks = tokio::time::timeout(
-        Duration::from_secs(20),
-        publish(&r.committer, "p", 3, &[tick("BTC-USD", T0 + 2, 102)]),
-    )
-    .await
-    .expect("the next commit waited for the last one's wake-up");
-    assert!(
-        matches!(acks[0].result, Ok(Accepted { seq: 3, .. })),
-        "{:?}",
-        acks[0].result
-    );
+    acked(3, "the next commit waited for the last one's wake-up").await;
     assert_eq!(*gate.queued.lock().unwrap(), vec![2, 3]);
     assert_eq!(gate.woken.load(Ordering::SeqCst), 0);
 
