@@ -127,6 +127,10 @@ pub struct ServeArgs {
     /// A client still behind after this many milliseconds is closed with 1013.
     #[arg(long, env = "TICKSHARD_SLOW_CLIENT_MS", default_value_t = 10_000)]
     pub slow_client_ms: u64,
+    /// Most queued bytes the fan-out writes straight to an idle plain-TCP
+    /// WebSocket client (more is left to its writer task); 0: never.
+    #[arg(long, env = "TICKSHARD_WS_DIRECT_WRITE_BYTES", default_value_t = 4_096)]
+    pub ws_direct_write_bytes: usize,
     /// Server ping interval, in milliseconds.
     #[arg(long, env = "TICKSHARD_PING_INTERVAL_MS", default_value_t = 15_000)]
     pub ping_interval_ms: u64,
@@ -253,6 +257,8 @@ pub struct WsLimits {
     pub max_client_rate: NonZeroU32,
     pub client_burst: NonZeroU32,
     pub slow_client: Duration,
+    /// `--ws-direct-write-bytes`.
+    pub direct_write_bytes: usize,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
 }
@@ -406,6 +412,7 @@ impl ServeArgs {
                 max_client_rate: self.max_client_rate,
                 client_burst: self.client_burst,
                 slow_client: Duration::from_millis(self.slow_client_ms),
+                direct_write_bytes: self.ws_direct_write_bytes,
                 ping_interval: Duration::from_millis(self.ping_interval_ms),
                 idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             },

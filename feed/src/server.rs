@@ -147,6 +147,8 @@ pub async fn run(
         ws_sent: [
             metrics::counter!(m::MESSAGES_SENT, "protocol" => "ws"),
             metrics::counter!(m::BYTES_SENT, "protocol" => "ws"),
+            metrics::counter!(m::WS_DIRECT_WRITES, "outcome" => "whole"),
+            metrics::counter!(m::WS_DIRECT_WRITES, "outcome" => "partial"),
         ],
     });
 

@@ -55,8 +55,9 @@ pub struct Shared {
     /// `--allowed-origins`: the `Origin`s a WebSocket upgrade may come from
     /// (`None`: any).
     pub allowed_origins: Option<Vec<String>>,
-    /// Messages and bytes sent to WebSocket subscribers (resolved once).
-    pub(crate) ws_sent: [metrics::Counter; 2],
+    /// Messages and bytes sent to WebSocket subscribers, direct writes whole
+    /// and partial (resolved once).
+    pub(crate) ws_sent: [metrics::Counter; 4],
 }
 
 impl Shared {

@@ -59,6 +59,11 @@ pub const CLIENTS_CONNECTED: &str = "tickshard_clients_connected";
 pub const MESSAGES_SENT: &str = "tickshard_messages_sent_total";
 /// Counter, label `protocol`: bytes sent to subscribers (as above).
 pub const BYTES_SENT: &str = "tickshard_bytes_sent_total";
+/// Counter, label `outcome` (`whole`, `partial`): the fan-out's direct writes
+/// to idle WebSocket clients (`--ws-direct-write-bytes`); `partial`: the
+/// socket did not take it all and the connection's writer task wrote the
+/// rest. Each connection adds its own at most 1 s late.
+pub const WS_DIRECT_WRITES: &str = "tickshard_ws_direct_writes_total";
 /// Counter: times a client fell behind and its data was conflated.
 pub const CONFLATIONS: &str = "tickshard_conflations_total";
 /// Counter: clients closed with 1013 for staying behind.

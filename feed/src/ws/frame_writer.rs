@@ -13,11 +13,22 @@
 //! that once took a batch that large keeps the buffer for its life (as it
 //! would a `BufWriter`'s). Only a single frame longer than `cap` takes it
 //! further, and the drain after it gives that back.
+//!
+//! [`SharedTcp`] is the writer's stream for a plain TCP connection: a write
+//! half shared with the fan-out's direct writes (`ws::Direct`).
 
-use std::io;
+use std::{
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use fastwebsockets::{Frame, OpCode, Payload};
-use tokio::io::{AsyncWrite, AsyncWriteExt as _};
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt as _},
+    net::{TcpStream, tcp::OwnedWriteHalf},
+};
 
 /// Bytes of the longest frame header: 2 + 8 (length) + 4 (mask, unused by a server).
 const MAX_HEAD: usize = 14;
@@ -29,6 +40,48 @@ fn head_len(len: usize) -> usize {
         0..126 => 2,
         126..65_536 => 4,
         _ => 10,
+    }
+}
+
+/// Appends one frame to `buf`.
+fn put(buf: &mut Vec<u8>, mut frame: Frame<'_>) {
+    let mut head = [0u8; MAX_HEAD];
+    let n = frame.fmt_head(&mut head);
+    buf.reserve(n + frame.payload.len());
+    buf.extend_from_slice(&head[..n]);
+    buf.extend_from_slice(&frame.payload);
+}
+
+/// Appends one unfragmented text frame to `buf`.
+pub fn put_text(buf: &mut Vec<u8>, payload: &[u8]) {
+    put(buf, Frame::new(true, OpCode::Text, None, Payload::Borrowed(payload)));
+}
+
+/// A plain TCP connection's write half, shared by its writer task (this
+/// stream) and the fan-out's direct writes (`try_write` on the same half).
+/// The outbox lets only one of them write at a time. The write side is shut
+/// down when the last handle drops (`OwnedWriteHalf`'s drop), as before.
+pub struct SharedTcp(pub Arc<OwnedWriteHalf>);
+
+impl AsyncWrite for SharedTcp {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let s: &TcpStream = (*self.0).as_ref();
+        loop {
+            std::task::ready!(s.poll_write_ready(cx))?;
+            match s.try_write(buf) {
+                // (the readiness was stale; try_write cleared it)
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -57,12 +110,13 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.put(Frame::close(code, reason));
     }
 
-    fn put(&mut self, mut frame: Frame<'_>) {
-        let mut head = [0u8; MAX_HEAD];
-        let n = frame.fmt_head(&mut head);
-        self.buf.reserve(n + frame.payload.len());
-        self.buf.extend_from_slice(&head[..n]);
-        self.buf.extend_from_slice(&frame.payload);
+    fn put(&mut self, frame: Frame<'_>) {
+        put(&mut self.buf, frame);
+    }
+
+    /// Appends bytes that are already frames (what a direct write left).
+    pub fn raw(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
     }
 
     /// Whether a frame of `payload` bytes fits in the buffer without taking

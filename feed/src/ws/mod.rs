@@ -95,11 +95,24 @@ pub fn serve(
     // hyper's whole 8 KiB read buffer is not kept alive for the connection's life.
     let early = bytes::Bytes::copy_from_slice(&parts.read_buf);
     drop(parts.read_buf);
+    let sent: Arc<Sent> = Arc::default();
+    let mut direct = None;
     let (rx, w) = match parts.io.into_inner().into_inner() {
         ClientStream::Plain(stream) => {
             let _ = stream.set_nodelay(true);
             let (r, w) = stream.into_split();
-            (ClientRead::new(early, ReadSide::Tcp(r)), EitherIo::Left(w))
+            let w = Arc::new(w);
+            if shared.ws.direct_write_bytes > 0 {
+                direct = Some(Arc::new(Direct {
+                    socket: w.clone(),
+                    sent: sent.clone(),
+                    rest: Mutex::new((Vec::new(), 0)),
+                }));
+            }
+            (
+                ClientRead::new(early, ReadSide::Tcp(r)),
+                EitherIo::Left(frame_writer::SharedTcp(w)),
+            )
         }
         ClientStream::Tls(stream) => {
             let _ = stream.get_ref().0.set_nodelay(true);
@@ -110,9 +123,80 @@ pub fn serve(
     // The reader builds its fastwebsockets reader (and buffer) when data
     // arrives (`client_read`).
     let tx = FrameWriter::new(WRITE_BUFFER, w);
-    let conn = Connection::new(shared, principal);
+    let conn = Connection::new(shared, principal, sent, direct);
     let span = tracing::debug_span!("ws", %peer, conn = conn.outbox.id());
     Either::Left(conn.run(rx, tx).instrument(span))
+}
+
+/// The fan-out's direct writes to a plain TCP connection
+/// ([`tickshard_shard::hub::Outbox::write_or_wake`]): when the writer task
+/// is idle, the waker thread formats the queued tick frames and writes them
+/// with `try_write`, and the task is not woken at all.
+struct Direct {
+    socket: Arc<tokio::net::tcp::OwnedWriteHalf>,
+    /// The connection's sent counters.
+    sent: Arc<Sent>,
+    /// What the socket did not take, and its queue weight: the writer task
+    /// writes it before anything else (the outbox sees to that).
+    rest: Mutex<(Vec<u8>, usize)>,
+}
+
+/// A connection's counts since the housekeeping tick last reported them, in
+/// the order of `Shared::ws_sent`: messages, bytes, direct writes whole and
+/// partial.
+type Sent = [AtomicU64; 4];
+const MSGS: usize = 0;
+const BYTES: usize = 1;
+const DIRECT_WHOLE: usize = 2;
+const DIRECT_PARTIAL: usize = 3;
+
+/// Largest scratch buffer a waker thread keeps between direct writes.
+const DIRECT_SCRATCH: usize = 64 << 10;
+
+impl tickshard_shard::hub::DirectWrite<Ctl> for Direct {
+    fn write(&self, q: &VecDeque<Msg<Ctl>>, weight: usize) -> bool {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        SCRATCH.with_borrow_mut(|buf| {
+            buf.clear();
+            let (mut msgs, mut bytes) = (0u64, 0u64);
+            for m in q {
+                if let Msg::Data(Data::Ticks { chunk, from }) = m {
+                    let enc = chunk.encoded(Format::Json, json::encode_ticks);
+                    for f in enc.frames_from(*from) {
+                        msgs += 1;
+                        bytes += f.len() as u64;
+                        frame_writer::put_text(buf, f);
+                    }
+                }
+            }
+            let mut done = 0;
+            while done < buf.len() {
+                match self.socket.try_write(&buf[done..]) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    // WouldBlock, or a broken connection (the writer task
+                    // meets the error itself and ends)
+                    Err(_) => break,
+                }
+            }
+            let complete = done == buf.len();
+            // (the outcome before the messages, which `report_sent` reads
+            // first: a report that has a write's messages has its outcome)
+            self.sent[if complete { DIRECT_WHOLE } else { DIRECT_PARTIAL }].fetch_add(1, Ordering::Relaxed);
+            self.sent[BYTES].fetch_add(bytes, Ordering::Relaxed);
+            self.sent[MSGS].fetch_add(msgs, Ordering::Release);
+            if !complete {
+                *self.rest.lock().unwrap_or_else(|p| p.into_inner()) = (buf[done..].to_vec(), weight);
+            }
+            if buf.capacity() > DIRECT_SCRATCH {
+                *buf = Vec::new();
+            }
+            complete
+        })
+    }
 }
 
 struct Connection {
@@ -125,8 +209,11 @@ struct Connection {
     last_seen: AtomicU64,
     /// Messages and bytes written since the housekeeping tick last added
     /// them to the process-wide counters (two shared counters bumped by
-    /// every writer on every flush cost more than the write at low rates).
-    sent: [AtomicU64; 2],
+    /// every writer on every flush cost more than the write at low rates);
+    /// shared with `direct`.
+    sent: Arc<Sent>,
+    /// The fan-out's direct writes to this connection (plain TCP only).
+    direct: Option<Arc<Direct>>,
     /// Who the client is and what it may do: from the upgrade's token (or
     /// the anonymous grant), replaced by an `auth` op.
     principal: Mutex<Arc<Principal>>,
@@ -175,23 +262,32 @@ impl Connection {
 
     /// Counts messages and bytes written (reported by [`report_sent`](Self::report_sent)).
     fn count_sent(&self, msgs: u64, bytes: u64) {
-        self.sent[0].fetch_add(msgs, Ordering::Relaxed);
-        self.sent[1].fetch_add(bytes, Ordering::Relaxed);
+        self.sent[MSGS].fetch_add(msgs, Ordering::Relaxed);
+        self.sent[BYTES].fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Adds what was written since the last call to the metrics.
+    /// The messages are read first and reach the metrics last, so that
+    /// whoever sees a direct write's messages counted sees its outcome too.
     fn report_sent(&self) {
-        let [msgs, bytes] = &self.sent;
-        let (msgs, bytes) = (msgs.swap(0, Ordering::Relaxed), bytes.swap(0, Ordering::Relaxed));
-        if msgs > 0 {
-            let [m, b] = &self.shared.ws_sent;
-            m.increment(msgs);
-            b.increment(bytes);
+        let msgs = self.sent[MSGS].swap(0, Ordering::Acquire);
+        if msgs == 0 {
+            return;
         }
+        for i in [DIRECT_PARTIAL, DIRECT_WHOLE, BYTES] {
+            let n = self.sent[i].swap(0, Ordering::Relaxed);
+            if n > 0 {
+                self.shared.ws_sent[i].increment(n);
+            }
+        }
+        self.shared.ws_sent[MSGS].increment(msgs);
     }
 
-    fn new(shared: Arc<Shared>, principal: Principal) -> Connection {
-        let outbox = shared.node.outbox(shared.ws.slow_client);
+    fn new(shared: Arc<Shared>, principal: Principal, sent: Arc<Sent>, direct: Option<Arc<Direct>>) -> Connection {
+        let outbox: Arc<WsOutbox> = shared.node.outbox(shared.ws.slow_client);
+        if let Some(d) = &direct {
+            outbox.set_direct(d.clone(), shared.ws.direct_write_bytes);
+        }
         let session = SessionGuard::new(Session::new(shared.node.clone(), outbox.clone()));
         Connection {
             shared,
@@ -199,7 +295,8 @@ impl Connection {
             session,
             started: Instant::now(),
             last_seen: AtomicU64::new(0),
-            sent: [AtomicU64::new(0), AtomicU64::new(0)],
+            sent,
+            direct,
             principal: Mutex::new(Arc::new(principal)),
         }
     }
@@ -281,6 +378,14 @@ impl Connection {
         loop {
             let close = self.outbox.take(&mut q).await;
             let (mut weight, mut msgs, mut bytes) = (0usize, 0u64, 0u64);
+            if let Some(d) = &self.direct {
+                // What the socket did not take of a direct write goes first.
+                let (rest, w) = std::mem::take(&mut *d.rest.lock().unwrap_or_else(|p| p.into_inner()));
+                if !rest.is_empty() {
+                    tx.raw(&rest);
+                    weight += w;
+                }
+            }
             for msg in q.drain(..) {
                 let (opcode, payload): (OpCode, &[u8]) = match &msg {
                     Msg::Data(d) => {

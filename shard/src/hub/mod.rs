@@ -20,7 +20,7 @@ use std::{
 };
 
 pub use chunk::{APPROX_TICK_BYTES, CandleData, Chunk, Data, Encoded, Format, Frames, SnapshotData};
-pub use outbox::{AfterWrite, Close, Msg, Outbox};
+pub use outbox::{AfterWrite, Close, DirectWrite, Msg, Outbox};
 
 use crate::domain::{Candle, Epoch, Interval, Symbol, Tick};
 
@@ -76,6 +76,11 @@ pub trait Sink: Send + Sync {
     fn offer(&self, d: Data, force: bool) -> (Push, bool);
     /// Wakes the writer after an [`offer`](Sink::offer) that asked for it.
     fn wake(&self);
+    /// Writes the queued ticks straight to the client if its writer is idle
+    /// and the sink can ([`Outbox::write_or_wake`]), else wakes it.
+    fn write_or_wake(&self) {
+        self.wake();
+    }
     fn mark_dirty(&self, symbol: Symbol, channel: Channel);
 
     /// Queues `d` within the limit and wakes the writer.
@@ -111,6 +116,22 @@ impl Wakes {
     pub fn wake_all(&mut self) {
         for s in self.0.drain(..) {
             s.wake();
+        }
+    }
+
+    /// Writes straight to the idle clients that allow it and wakes the
+    /// others ([`Sink::write_or_wake`]) until `behind` (asked before each
+    /// client) says more work waits for this thread; from then on only wakes,
+    /// so that the rest is written by the writers, in parallel.
+    pub fn write_or_wake_all(&mut self, behind: impl Fn() -> bool) {
+        let mut direct = true;
+        for s in self.0.drain(..) {
+            direct = direct && !behind();
+            if direct {
+                s.write_or_wake();
+            } else {
+                s.wake();
+            }
         }
     }
 

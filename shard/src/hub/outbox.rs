@@ -82,6 +82,26 @@ pub enum AfterWrite {
     Repair(Vec<(Symbol, Channel)>),
 }
 
+/// A connection's way of writing queued ticks to its client without its
+/// writer task ([`Outbox::write_or_wake`]). The protocol layer implements it
+/// (plain-TCP WebSockets); the fan-out's waker thread calls it.
+pub trait DirectWrite<C>: Send + Sync {
+    /// Writes the ticks of `q` (every item is [`Data::Ticks`]) without
+    /// blocking; `weight` is their queue weight. Returns false if the socket
+    /// did not take every byte: the implementation keeps the rest, with
+    /// `weight`, and the writer task (woken for it) writes that before
+    /// anything else and releases the weight ([`Outbox::written`]).
+    fn write(&self, q: &VecDeque<Msg<C>>, weight: usize) -> bool;
+}
+
+/// The direct writes of an outbox: the writer and the most queued bytes it
+/// takes (more is left to the writer task, so a large backlog is written by
+/// the runtime's workers, not one thread).
+struct Direct<C> {
+    writer: std::sync::Arc<dyn DirectWrite<C>>,
+    max_bytes: usize,
+}
+
 pub struct Outbox<C> {
     id: u64,
     limit: usize,
@@ -106,6 +126,16 @@ struct State<C> {
     close: Option<Close>,
     /// The writer is gone: pushes are refused with `Push::Gone`.
     finished: bool,
+    /// The writer task waits in `take` with nothing unsent: a direct write
+    /// may go out.
+    idle: bool,
+    /// A direct write is going out: the writer task may not take the queue.
+    writing: bool,
+    /// A direct write left bytes unwritten: the writer task must take (even
+    /// an empty queue) and write them first, and no direct write goes out
+    /// before it has.
+    leftover: bool,
+    direct: Option<Direct<C>>,
 }
 
 impl<C: Send + 'static> Outbox<C> {
@@ -123,6 +153,10 @@ impl<C: Send + 'static> Outbox<C> {
                 dirty: Vec::new(),
                 close: None,
                 finished: false,
+                idle: false,
+                writing: false,
+                leftover: false,
+                direct: None,
             }),
             notify: Notify::new(),
             room: Notify::new(),
@@ -203,6 +237,75 @@ impl<C: Send + 'static> Outbox<C> {
         self.notify.notify_one();
     }
 
+    /// Lets [`write_or_wake`](Self::write_or_wake) write up to `max_bytes`
+    /// of queued ticks through `writer` (until [`finish`](Self::finish)).
+    pub fn set_direct(&self, writer: std::sync::Arc<dyn DirectWrite<C>>, max_bytes: usize) {
+        self.lock().direct = (max_bytes > 0).then_some(Direct { writer, max_bytes });
+    }
+
+    /// Like [`wake`](Self::wake), but if the writer task is idle (nothing
+    /// unsent, waiting for data) and the queue holds only ticks, at most the
+    /// direct-write bound of them, writes them straight to the client
+    /// ([`DirectWrite`]) on this thread: no task wake-up and poll per
+    /// delivery. The writer task is woken only for what that leaves (a
+    /// partial write, messages queued meanwhile).
+    pub fn write_or_wake(&self) {
+        let mut st = self.lock();
+        let writer = match &st.direct {
+            Some(d)
+                if st.idle
+                    && !st.writing
+                    && !st.leftover
+                    && st.close.is_none()
+                    && st.stalled_since.is_none()
+                    && !st.finished
+                    && st.bytes <= d.max_bytes
+                    && st.queue.iter().all(|m| matches!(m, Msg::Data(Data::Ticks { .. }))) =>
+            {
+                d.writer.clone()
+            }
+            _ => {
+                drop(st);
+                self.notify.notify_one();
+                return;
+            }
+        };
+        st.writing = true;
+        let mut q = std::mem::take(&mut st.queue);
+        drop(st);
+        let weight = q
+            .iter()
+            .map(|m| match m {
+                Msg::Data(d) => d.weight(),
+                Msg::Control(_) => 0,
+            })
+            .sum();
+        let complete = writer.write(&q, weight);
+        q.clear();
+        let mut st = self.lock();
+        st.writing = false;
+        if st.queue.is_empty() {
+            // (keep the queue's allocation)
+            std::mem::swap(&mut st.queue, &mut q);
+        }
+        let wake = if complete {
+            st.bytes = st.bytes.saturating_sub(weight);
+            if st.bytes <= self.limit / 2 {
+                self.room.notify_waiters();
+            }
+            // (a control message or a close that came meanwhile found the
+            // writer held back: it is owed this wake-up)
+            !st.queue.is_empty() || st.close.is_some()
+        } else {
+            st.leftover = true;
+            true
+        };
+        drop(st);
+        if wake {
+            self.notify.notify_one();
+        }
+    }
+
     pub fn control(&self, c: C, weight: usize) {
         let mut st = self.lock();
         if !st.finished {
@@ -250,10 +353,13 @@ impl<C: Send + 'static> Outbox<C> {
             let notified = self.notify.notified();
             {
                 let mut st = self.lock();
-                if !st.queue.is_empty() || st.close.is_some() {
+                if !st.writing && (st.leftover || !st.queue.is_empty() || st.close.is_some()) {
+                    st.idle = false;
+                    st.leftover = false;
                     std::mem::swap(&mut st.queue, out);
                     return st.close;
                 }
+                st.idle = true;
             }
             notified.await;
         }
@@ -311,6 +417,7 @@ impl<C: Send + 'static> Outbox<C> {
         let mut st = self.lock();
         record_peak(st.peak);
         st.finished = true;
+        st.direct = None;
         st.queue.clear();
         st.bytes = 0;
         drop(st);
@@ -325,6 +432,12 @@ impl<C: Send + 'static> Outbox<C> {
     pub fn limit(&self) -> usize {
         self.limit
     }
+
+    /// Queued plus taken-but-unwritten bytes.
+    #[cfg(test)]
+    pub(crate) fn unsent(&self) -> usize {
+        self.lock().bytes
+    }
 }
 
 impl<C: Send + 'static> Sink for Outbox<C> {
@@ -338,6 +451,10 @@ impl<C: Send + 'static> Sink for Outbox<C> {
 
     fn wake(&self) {
         Outbox::wake(self)
+    }
+
+    fn write_or_wake(&self) {
+        Outbox::write_or_wake(self)
     }
 
     fn mark_dirty(&self, symbol: Symbol, channel: Channel) {

@@ -185,3 +185,238 @@ async fn a_deferred_publish_wakes_the_parked_writer_only_when_told() {
     assert!(matches!(out.pop_front(), Some(Msg::Data(Data::Ticks { .. }))));
     assert!(matches!(out.pop_front(), Some(Msg::Control(7))));
 }
+
+/// A client socket for direct writes: takes `room` more ticks, records them,
+/// and reports the rest as left for the writer task; `during` runs inside
+/// the write (what other threads do meanwhile).
+struct Socket {
+    written: std::sync::Mutex<Vec<u64>>,
+    left: std::sync::Mutex<Vec<u64>>,
+    room: std::sync::atomic::AtomicUsize,
+    during: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Socket {
+    fn new(room: usize) -> Arc<Socket> {
+        Arc::new(Socket {
+            written: Default::default(),
+            left: Default::default(),
+            room: room.into(),
+            during: Default::default(),
+        })
+    }
+    fn written(&self) -> Vec<u64> {
+        self.written.lock().unwrap().clone()
+    }
+}
+
+impl DirectWrite<u8> for Socket {
+    fn write(&self, q: &VecDeque<Msg<u8>>, _weight: usize) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        if let Some(f) = self.during.lock().unwrap().take() {
+            f();
+        }
+        let mut left = self.left.lock().unwrap();
+        left.clear();
+        for m in q {
+            let Msg::Data(Data::Ticks { chunk, from }) = m else {
+                panic!("a direct write got more than ticks");
+            };
+            for t in &chunk.ticks[*from..] {
+                if self.room.load(SeqCst) > 0 {
+                    self.room.fetch_sub(1, SeqCst);
+                    self.written.lock().unwrap().push(t.seq);
+                } else {
+                    left.push(t.seq);
+                }
+            }
+        }
+        left.is_empty()
+    }
+}
+
+fn direct_outbox(socket: &Arc<Socket>, max_bytes: usize) -> Arc<Outbox<u8>> {
+    let o: Arc<Outbox<u8>> = Arc::new(Outbox::new(1, 1 << 20, Duration::from_secs(5)));
+    o.set_direct(socket.clone(), max_bytes);
+    o
+}
+
+fn ticks(seqs: std::ops::RangeInclusive<u64>) -> Data {
+    Data::Ticks {
+        chunk: chunk(seqs),
+        from: 0,
+    }
+}
+
+/// Polls `fut` once with a no-op waker: whether it finished.
+fn ready<F: std::future::Future>(fut: std::pin::Pin<&mut F>) -> bool {
+    fut.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+        .is_ready()
+}
+
+fn seqs(q: &VecDeque<Msg<u8>>) -> Vec<u64> {
+    q.iter()
+        .flat_map(|m| match m {
+            Msg::Data(Data::Ticks { chunk, from }) => chunk.ticks[*from..].iter().map(|t| t.seq).collect(),
+            Msg::Control(c) => vec![1000 + u64::from(*c)],
+            Msg::Data(_) => vec![u64::MAX],
+        })
+        .collect()
+}
+
+/// An idle writer's ticks go straight to its socket, in order, and the
+/// writer task is not woken; a writer that is not idle, a queue over the
+/// bound, a queue with more than ticks, or no direct writer: woken instead.
+#[test]
+fn an_idle_writers_ticks_are_written_directly_and_it_is_not_woken() {
+    let socket = Socket::new(usize::MAX);
+    let o = direct_outbox(&socket, 4096);
+    let mut out = VecDeque::new();
+    {
+        let mut take = std::pin::pin!(o.take(&mut out));
+        assert!(!ready(take.as_mut()), "the writer parks: nothing queued");
+        for n in [1, 3] {
+            let (push, wake) = o.offer(ticks(n..=n + 1), false);
+            assert!(matches!(push, Push::Queued) && wake);
+            o.write_or_wake();
+            assert!(!ready(take.as_mut()), "the writer was woken for a direct write");
+        }
+        assert_eq!(socket.written(), vec![1, 2, 3, 4]);
+        assert_eq!(o.unsent(), 0, "what went out directly no longer counts");
+
+        // more than the bound: the writer writes it
+        let big = o.limit() / 2;
+        let many = (big / APPROX_TICK_BYTES) as u64 + 10;
+        assert!(o.offer(ticks(5..=4 + many), false).1);
+        o.write_or_wake();
+        assert!(ready(take.as_mut()), "a queue over the bound wakes the writer");
+    }
+    assert_eq!(seqs(&out).first(), Some(&5));
+    assert_eq!(socket.written().len(), 4);
+    assert!(matches!(o.written(o.unsent()), AfterWrite::Continue));
+
+    // the writer is busy (not in `take`): woken, nothing written around it
+    out.clear();
+    assert!(o.offer(ticks(100..=100), false).1);
+    o.write_or_wake();
+    {
+        let mut take = std::pin::pin!(o.take(&mut out));
+        assert!(ready(take.as_mut()));
+    }
+    assert_eq!(seqs(&out), vec![100]);
+    assert_eq!(socket.written().len(), 4);
+
+    // a control message in the queue: the writer writes it all, in order
+    out.clear();
+    {
+        let mut take = std::pin::pin!(o.take(&mut out));
+        assert!(!ready(take.as_mut()));
+        o.control(1, 1);
+        assert!(ready(take.as_mut()));
+    }
+    out.clear();
+    {
+        let mut take = std::pin::pin!(o.take(&mut out));
+        assert!(!ready(take.as_mut()));
+        assert!(o.offer(ticks(101..=101), true).1);
+        o.control(2, 1);
+        o.write_or_wake();
+        assert!(ready(take.as_mut()));
+    }
+    assert_eq!(seqs(&out), vec![101, 1002]);
+    assert_eq!(socket.written().len(), 4, "nothing written directly");
+
+    // without a direct writer (TLS, gRPC, peers), `write_or_wake` wakes
+    let plain: Outbox<u8> = Outbox::new(2, 1 << 20, Duration::from_secs(5));
+    let mut out = VecDeque::new();
+    let mut take = std::pin::pin!(plain.take(&mut out));
+    assert!(!ready(take.as_mut()));
+    assert!(plain.offer(ticks(1..=1), false).1);
+    plain.write_or_wake();
+    assert!(ready(take.as_mut()));
+}
+
+/// What the socket did not take is the writer task's, and goes out before
+/// anything queued after it: the writer is woken even with an empty queue,
+/// no direct write goes out until it has taken, and the weight stays
+/// counted until it has written.
+#[test]
+fn a_partial_direct_write_leaves_the_rest_to_the_writer_before_anything_else() {
+    let socket = Socket::new(1);
+    let o = direct_outbox(&socket, 4096);
+    let mut out = VecDeque::new();
+    {
+        let mut take = std::pin::pin!(o.take(&mut out));
+        assert!(!ready(take.as_mut()));
+        assert!(o.offer(ticks(1..=3), false).1);
+        let weight = o.unsent();
+        o.write_or_wake();
+        assert_eq!(socket.written(), vec![1]);
+        assert_eq!(*socket.left.lock().unwrap(), vec![2, 3]);
+        assert_eq!(o.unsent(), weight, "the rest still counts against the client");
+        // the next commit before the writer ran: not written around the rest
+        socket.room.store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
+        assert!(o.offer(ticks(4..=4), false).1);
+        o.write_or_wake();
+        assert_eq!(socket.written(), vec![1], "a direct write went out before the rest");
+        assert!(ready(take.as_mut()), "the writer is woken for the rest");
+    }
+    assert_eq!(seqs(&out), vec![4], "the writer takes the queue after the rest");
+    let all = o.unsent();
+    assert!(matches!(o.written(all), AfterWrite::Continue));
+    assert_eq!(o.unsent(), 0);
+
+    // once the writer has taken it, direct writes resume
+    out.clear();
+    {
+        let mut take = std::pin::pin!(o.take(&mut out));
+        assert!(!ready(take.as_mut()));
+        assert!(o.offer(ticks(5..=5), false).1);
+        o.write_or_wake();
+        assert_eq!(socket.written(), vec![1, 5]);
+        assert!(!ready(take.as_mut()));
+    }
+    assert_eq!(o.unsent(), 0);
+}
+
+/// A control message or a close that comes while a direct write goes out
+/// does not let the writer task take the queue meanwhile (it would write
+/// around the direct write), and wakes it once the write is done: nothing is
+/// lost, nothing overtakes the ticks.
+#[test]
+fn what_comes_during_a_direct_write_follows_it() {
+    type Taken = (Option<Close>, Vec<u64>);
+    type Writer = std::pin::Pin<Box<dyn std::future::Future<Output = Taken> + Send>>;
+    fn poll(w: &std::sync::Mutex<Writer>) -> Option<Taken> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match w.lock().unwrap().as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(t) => Some(t),
+            std::task::Poll::Pending => None,
+        }
+    }
+    for close in [false, true] {
+        let socket = Socket::new(usize::MAX);
+        let o = direct_outbox(&socket, 4096);
+        let o2 = o.clone();
+        let writer: Arc<std::sync::Mutex<Writer>> = Arc::new(std::sync::Mutex::new(Box::pin(async move {
+            let mut out = VecDeque::new();
+            let c = o2.take(&mut out).await;
+            (c, seqs(&out))
+        })));
+        assert!(poll(&writer).is_none(), "the writer parks: nothing queued");
+        let (o2, w2) = (o.clone(), writer.clone());
+        *socket.during.lock().unwrap() = Some(Box::new(move || {
+            o2.control(7, 1);
+            if close {
+                o2.close(Close::Restart);
+            }
+            // the writer task, woken by them, runs now
+            assert!(poll(&w2).is_none(), "the writer took the queue during a direct write");
+        }));
+        assert!(o.offer(ticks(1..=2), false).1);
+        o.write_or_wake();
+        assert_eq!(socket.written(), vec![1, 2]);
+        let taken = poll(&writer).expect("the writer was not woken after the direct write");
+        assert_eq!(taken, (close.then_some(Close::Restart), vec![1007]));
+    }
+}
