@@ -60,7 +60,8 @@ pub fn put_text(buf: &mut Vec<u8>, payload: &[u8]) {
 /// A plain TCP connection's write half, shared by its writer task (this
 /// stream) and the fan-out's direct writes (`try_write` on the same half).
 /// The outbox lets only one of them write at a time. The write side is shut
-/// down when the last handle drops (`OwnedWriteHalf`'s drop), as before.
+/// down when the last handle drops (`OwnedWriteHalf`'s drop): the writer
+/// task drops the other handles when it ends (`ws::Connection::write_loop`).
 pub struct SharedTcp(pub Arc<OwnedWriteHalf>);
 
 impl AsyncWrite for SharedTcp {

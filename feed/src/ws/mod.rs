@@ -171,23 +171,29 @@ impl tickshard_shard::hub::DirectWrite<Ctl> for Direct {
                     }
                 }
             }
-            let mut done = 0;
+            let (mut done, mut broken) = (0, false);
             while done < buf.len() {
                 match self.socket.try_write(&buf[done..]) {
                     Ok(0) => break,
                     Ok(n) => done += n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    // WouldBlock, or a broken connection (the writer task
-                    // meets the error itself and ends)
-                    Err(_) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    // a broken connection: the writer task meets the error
+                    // itself (on the rest) and ends; nothing counted as sent
+                    Err(_) => {
+                        broken = true;
+                        break;
+                    }
                 }
             }
             let complete = done == buf.len();
-            // (the outcome before the messages, which `report_sent` reads
-            // first: a report that has a write's messages has its outcome)
-            self.sent[if complete { DIRECT_WHOLE } else { DIRECT_PARTIAL }].fetch_add(1, Ordering::Relaxed);
-            self.sent[BYTES].fetch_add(bytes, Ordering::Relaxed);
-            self.sent[MSGS].fetch_add(msgs, Ordering::Release);
+            if !broken {
+                // (the outcome before the messages, which `report_sent` reads
+                // first: a report that has a write's messages has its outcome)
+                self.sent[if complete { DIRECT_WHOLE } else { DIRECT_PARTIAL }].fetch_add(1, Ordering::Relaxed);
+                self.sent[BYTES].fetch_add(bytes, Ordering::Relaxed);
+                self.sent[MSGS].fetch_add(msgs, Ordering::Release);
+            }
             if !complete {
                 *self.rest.lock().unwrap_or_else(|p| p.into_inner()) = (buf[done..].to_vec(), weight);
             }
@@ -212,8 +218,9 @@ struct Connection {
     /// every writer on every flush cost more than the write at low rates);
     /// shared with `direct`.
     sent: Arc<Sent>,
-    /// The fan-out's direct writes to this connection (plain TCP only).
-    direct: Option<Arc<Direct>>,
+    /// The fan-out's direct writes to this connection (plain TCP only),
+    /// until the writer task takes them.
+    direct: Mutex<Option<Arc<Direct>>>,
     /// Who the client is and what it may do: from the upgrade's token (or
     /// the anonymous grant), replaced by an `auth` op.
     principal: Mutex<Arc<Principal>>,
@@ -296,7 +303,7 @@ impl Connection {
             started: Instant::now(),
             last_seen: AtomicU64::new(0),
             sent,
-            direct,
+            direct: Mutex::new(direct),
             principal: Mutex::new(Arc::new(principal)),
         }
     }
@@ -371,14 +378,23 @@ impl Connection {
         tracing::debug!("disconnected");
     }
 
-    async fn write_loop<W: AsyncWrite + Unpin>(&self, mut tx: FrameWriter<W>) {
+    async fn write_loop<W: AsyncWrite + Unpin>(&self, tx: FrameWriter<W>) {
+        let direct = self.direct.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.write_frames(tx, direct.as_deref()).await;
+        // The write half shuts (FIN) when its last handle goes: `tx`'s is
+        // gone, this one and the outbox's go now, not at the connection's end
+        // (a client waiting for the FIN after a close would wait the linger).
+        self.outbox.end_direct();
+    }
+
+    async fn write_frames<W: AsyncWrite + Unpin>(&self, mut tx: FrameWriter<W>, direct: Option<&Direct>) {
         let mut q = VecDeque::new();
         // Grown on first use: an idle connection never needs it.
         let mut buf = Vec::new();
         loop {
             let close = self.outbox.take(&mut q).await;
             let (mut weight, mut msgs, mut bytes) = (0usize, 0u64, 0u64);
-            if let Some(d) = &self.direct {
+            if let Some(d) = direct {
                 // What the socket did not take of a direct write goes first.
                 let (rest, w) = std::mem::take(&mut *d.rest.lock().unwrap_or_else(|p| p.into_inner()));
                 if !rest.is_empty() {

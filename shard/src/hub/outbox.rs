@@ -131,9 +131,10 @@ struct State<C> {
     idle: bool,
     /// A direct write is going out: the writer task may not take the queue.
     writing: bool,
-    /// A direct write left bytes unwritten: the writer task must take (even
-    /// an empty queue) and write them first, and no direct write goes out
-    /// before it has.
+    /// A direct write left bytes unwritten, or a stall began during one: the
+    /// writer task must take (even an empty queue), write the bytes first
+    /// and report with [`Outbox::written`] (which repairs the stall), and no
+    /// direct write goes out before it has.
     leftover: bool,
     direct: Option<Direct<C>>,
 }
@@ -260,6 +261,7 @@ impl<C: Send + 'static> Outbox<C> {
                     && st.stalled_since.is_none()
                     && !st.finished
                     && st.bytes <= d.max_bytes
+                    && !st.queue.is_empty()
                     && st.queue.iter().all(|m| matches!(m, Msg::Data(Data::Ticks { .. }))) =>
             {
                 d.writer.clone()
@@ -293,9 +295,14 @@ impl<C: Send + 'static> Outbox<C> {
             if st.bytes <= self.limit / 2 {
                 self.room.notify_waiters();
             }
+            if st.stalled_since.is_some() {
+                // a commit found the queue full meanwhile: the writer task
+                // ends the stall (`written`: the repair snapshots)
+                st.leftover = true;
+            }
             // (a control message or a close that came meanwhile found the
             // writer held back: it is owed this wake-up)
-            !st.queue.is_empty() || st.close.is_some()
+            st.leftover || !st.queue.is_empty() || st.close.is_some()
         } else {
             st.leftover = true;
             true
@@ -304,6 +311,12 @@ impl<C: Send + 'static> Outbox<C> {
         if wake {
             self.notify.notify_one();
         }
+    }
+
+    /// No more direct writes (the writer task has ended: the connection's
+    /// write half must not outlive it here).
+    pub fn end_direct(&self) {
+        self.lock().direct = None;
     }
 
     pub fn control(&self, c: C, weight: usize) {

@@ -420,3 +420,39 @@ fn what_comes_during_a_direct_write_follows_it() {
         assert_eq!(taken, (close.then_some(Close::Restart), vec![1007]));
     }
 }
+
+/// A stall that begins during a direct write (a commit finds the queue
+/// full with the write's bytes still counted) wakes the writer task when
+/// the write is done, though its queue is empty, so that it reports and
+/// the stall is repaired; and an empty queue is never written directly.
+#[test]
+fn a_stall_that_begins_during_a_direct_write_is_repaired_by_the_writer() {
+    let socket = Socket::new(usize::MAX);
+    let o = direct_outbox(&socket, 1 << 20);
+    let mut out = VecDeque::new();
+    {
+        let mut take = std::pin::pin!(o.take(&mut out));
+        assert!(!ready(take.as_mut()), "the writer parks: nothing queued");
+        let o2 = o.clone();
+        *socket.during.lock().unwrap() = Some(Box::new(move || {
+            let over = (o2.limit() / APPROX_TICK_BYTES) as u64 + 10;
+            assert!(matches!(o2.offer(ticks(10..=10 + over), false).0, Push::Stalled));
+            Sink::mark_dirty(&*o2, sym(), Channel::Ticks);
+        }));
+        // (an empty queue is not written directly: that would run `during`)
+        o.write_or_wake();
+        assert!(
+            !ready(take.as_mut()),
+            "nothing queued, nothing written: the writer sleeps on"
+        );
+        assert!(o.offer(ticks(1..=2), false).1);
+        o.write_or_wake();
+        assert_eq!(socket.written(), vec![1, 2]);
+        assert!(ready(take.as_mut()), "the writer was not woken to end the stall");
+    }
+    assert!(out.is_empty());
+    match o.written(0) {
+        AfterWrite::Repair(dirty) => assert_eq!(dirty, vec![(sym(), Channel::Ticks)]),
+        AfterWrite::Continue => panic!("the stall was not repaired"),
+    }
+}
