@@ -123,9 +123,9 @@ pub fn serve(
     // The reader builds its fastwebsockets reader (and buffer) when data
     // arrives (`client_read`).
     let tx = FrameWriter::new(WRITE_BUFFER, w);
-    let conn = Connection::new(shared, principal, sent, direct);
+    let conn = Connection::new(shared, principal, sent, direct.as_ref());
     let span = tracing::debug_span!("ws", %peer, conn = conn.outbox.id());
-    Either::Left(conn.run(rx, tx).instrument(span))
+    Either::Left(conn.run(rx, tx, direct).instrument(span))
 }
 
 /// The fan-out's direct writes to a plain TCP connection
@@ -216,11 +216,8 @@ struct Connection {
     /// Messages and bytes written since the housekeeping tick last added
     /// them to the process-wide counters (two shared counters bumped by
     /// every writer on every flush cost more than the write at low rates);
-    /// shared with `direct`.
+    /// shared with the connection's `Direct`.
     sent: Arc<Sent>,
-    /// The fan-out's direct writes to this connection (plain TCP only),
-    /// until the writer task takes them.
-    direct: Mutex<Option<Arc<Direct>>>,
     /// Who the client is and what it may do: from the upgrade's token (or
     /// the anonymous grant), replaced by an `auth` op.
     principal: Mutex<Arc<Principal>>,
@@ -290,9 +287,9 @@ impl Connection {
         self.shared.ws_sent[MSGS].increment(msgs);
     }
 
-    fn new(shared: Arc<Shared>, principal: Principal, sent: Arc<Sent>, direct: Option<Arc<Direct>>) -> Connection {
+    fn new(shared: Arc<Shared>, principal: Principal, sent: Arc<Sent>, direct: Option<&Arc<Direct>>) -> Connection {
         let outbox: Arc<WsOutbox> = shared.node.outbox(shared.ws.slow_client);
-        if let Some(d) = &direct {
+        if let Some(d) = direct {
             outbox.set_direct(d.clone(), shared.ws.direct_write_bytes);
         }
         let session = SessionGuard::new(Session::new(shared.node.clone(), outbox.clone()));
@@ -303,12 +300,13 @@ impl Connection {
             started: Instant::now(),
             last_seen: AtomicU64::new(0),
             sent,
-            direct: Mutex::new(direct),
             principal: Mutex::new(Arc::new(principal)),
         }
     }
 
-    async fn run<W>(self, rx: ClientRead, tx: FrameWriter<W>)
+    /// `direct`: the fan-out's direct writes to this connection (plain TCP
+    /// only), which the writer task holds while it runs.
+    async fn run<W>(self, rx: ClientRead, tx: FrameWriter<W>, direct: Option<Arc<Direct>>)
     where
         W: AsyncWrite + Unpin,
     {
@@ -316,7 +314,7 @@ impl Connection {
         tracing::debug!("connected");
 
         let mut reader = Box::pin(self.read_loop(rx));
-        let mut writer = Box::pin(self.write_loop(tx));
+        let mut writer = Box::pin(self.write_loop(tx, direct));
         let house = self
             .shared
             .ws
@@ -378,8 +376,7 @@ impl Connection {
         tracing::debug!("disconnected");
     }
 
-    async fn write_loop<W: AsyncWrite + Unpin>(&self, tx: FrameWriter<W>) {
-        let direct = self.direct.lock().unwrap_or_else(|p| p.into_inner()).take();
+    async fn write_loop<W: AsyncWrite + Unpin>(&self, tx: FrameWriter<W>, direct: Option<Arc<Direct>>) {
         self.write_frames(tx, direct.as_deref()).await;
         // The write half shuts (FIN) when its last handle goes: `tx`'s is
         // gone, this one and the outbox's go now, not at the connection's end

@@ -274,14 +274,9 @@ impl<C: Send + 'static> Outbox<C> {
         };
         st.writing = true;
         let mut q = std::mem::take(&mut st.queue);
+        // (idle with nothing left over: all that is unsent is this queue)
+        let weight = st.bytes;
         drop(st);
-        let weight = q
-            .iter()
-            .map(|m| match m {
-                Msg::Data(d) => d.weight(),
-                Msg::Control(_) => 0,
-            })
-            .sum();
         let complete = writer.write(&q, weight);
         q.clear();
         let mut st = self.lock();
