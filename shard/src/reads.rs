@@ -30,7 +30,12 @@ impl Node {
         {
             return Ok(peer.history(symbol, q, limit).await?);
         }
-        Ok(self.local_history_here(symbol, q, limit).await?)
+        let owned = self.peer_of(&symbol).is_none();
+        let h = self.local_history_here(symbol, q, limit).await?;
+        match self.handed_over_since(&symbol, owned) {
+            Some(peer) => Ok(peer.history(symbol, q, limit).await?),
+            None => Ok(h),
+        }
     }
 
     async fn local_history_here(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, StoreError> {
@@ -56,10 +61,17 @@ impl Node {
     /// History of any symbol, from its owner.
     pub async fn history(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, Error> {
         self.check_settled(&symbol)?;
-        match self.peer_of(&symbol) {
-            None => Ok(self.local_history_here(symbol, q, limit).await?),
-            Some(peer) => Ok(peer.history(symbol, q, limit).await?),
-        }
+        let peer = match self.peer_of(&symbol) {
+            Some(peer) => peer,
+            None => {
+                let h = self.local_history_here(symbol, q, limit).await?;
+                match self.handed_over_since(&symbol, true) {
+                    None => return Ok(h),
+                    Some(peer) => peer,
+                }
+            }
+        };
+        Ok(peer.history(symbol, q, limit).await?)
     }
 
     /// The latest tick of each symbol this pod owns (symbols without ticks

@@ -281,10 +281,12 @@ pub(crate) async fn rollout_under_load(
             }
         }
         let stop = sub_stop.clone();
+        let first_url = ws_urls[i % pods].clone();
         let count = std::sync::Arc::new(std::sync::Mutex::new(HashMap::<String, u64>::new()));
         progress.push(count.clone());
         subscribers.push(tokio::spawn(async move {
             let mut seen = Seen::default();
+            let mut url = first_url;
             let mut last = tokio::time::Instant::now();
             loop {
                 let ev = tokio::select! {
@@ -300,11 +302,18 @@ pub(crate) async fn rollout_under_load(
                         seen.seqs.entry(t.symbol).or_default().push(t.seq);
                     }
                     Event::Message(ServerMsg::Snapshot(s)) => {
-                        eprintln!("subscriber {i}: unexpected snapshot {s:?}");
+                        let had = seen.seqs.get(&s.symbol).and_then(|v| v.last());
+                        eprintln!(
+                            "subscriber {i}: unexpected snapshot {s:?} (had seq {had:?}, connected to {url:?}, {} reconnects)",
+                            seen.reconnects
+                        );
                         seen.snapshots += 1
                     }
                     Event::Message(ServerMsg::Error { code, .. }) if code == "unavailable" => seen.unavailable += 1,
-                    Event::Connected { .. } => seen.reconnects += 1,
+                    Event::Connected { url: u } => {
+                        url = u;
+                        seen.reconnects += 1
+                    }
                     _ => {}
                 }
             }

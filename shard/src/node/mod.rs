@@ -410,6 +410,17 @@ impl Node {
         self.cluster.as_ref().and_then(|c| c.peer(owner))
     }
 
+    /// After a read of this pod's own copy of `symbol` begun while this pod
+    /// owned it (`owned`): the new owner's link if the symbol was handed over
+    /// meanwhile. The hand-over notes the new owner before it deletes this
+    /// pod's copy, so a read that met the deletion (and found nothing) is
+    /// seen here and asked again of the new owner.
+    pub(crate) fn handed_over_since(&self, symbol: &Symbol, owned: bool) -> Option<Arc<Peer>> {
+        let peer = self.peer_of(symbol).filter(|_| owned)?;
+        tracing::debug!(%symbol, "handed over during a read of this pod's copy; asking the new owner");
+        Some(peer)
+    }
+
     /// Random per process start (peers see a restart as a new instance).
     pub fn instance(&self) -> &str {
         &self.instance
@@ -732,13 +743,20 @@ impl Node {
     /// Durable ticks `from..=to` of any symbol: from this pod's store, or from
     /// the owner's.
     pub async fn read_ticks(&self, symbol: Symbol, from: u64, to: u64, limit: usize) -> Result<Vec<Tick>, Error> {
-        match self.peer_of(&symbol) {
-            None => Ok(self.read_local_ticks(symbol, from, to, limit).await?),
-            Some(peer) => Ok(peer
-                .history(symbol, HistoryQuery::Ticks { from, to }, limit)
-                .await?
-                .ticks),
-        }
+        let peer = match self.peer_of(&symbol) {
+            Some(peer) => peer,
+            None => {
+                let ticks = self.read_local_ticks(symbol, from, to, limit).await?;
+                match self.handed_over_since(&symbol, true) {
+                    None => return Ok(ticks),
+                    Some(peer) => peer,
+                }
+            }
+        };
+        Ok(peer
+            .history(symbol, HistoryQuery::Ticks { from, to }, limit)
+            .await?
+            .ticks)
     }
 
     /// Durable ticks `from..=to` of a symbol this pod owns (clamped to the
