@@ -97,8 +97,9 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
             None => watchers.iter_mut().for_each(|n| *n += 1),
         }
     }
-    if a.idle || naive {
+    if a.idle || (naive && a.watchlist == 0) {
         // idle: nobody is owed anything; naive: everybody gets everything
+        // (with watchlists only the floor serves it: it honours them)
         watchers
             .iter_mut()
             .for_each(|n| *n = if naive { a.subscribers as u64 } else { 0 });
@@ -124,9 +125,11 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
             Some(format!(
                 "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1}}\r\n{subs}PING\r\n"
             ))
-        } else if naive {
-            Some("{}".to_string()) // the baseline broadcasts everything; it ignores client messages
+        } else if naive && a.watchlist == 0 {
+            // the baseline broadcasts everything; it ignores client messages
+            Some("{}".to_string())
         } else {
+            // tickshard's subscribe; the floor reads its `symbols` too
             let list = watch
                 .iter()
                 .map(|&i| format!("\"{}\"", symbols[i]))
@@ -152,7 +155,7 @@ pub async fn run(a: BenchArgs) -> Result<Report, String> {
         let access = access.clone();
         let watch = watch.as_deref();
         let mut last = match watch {
-            Some(w) if !naive => Lasts::sparse(&w.iter().map(|&s| nums[s] as usize).collect::<Vec<_>>()),
+            Some(w) => Lasts::sparse(&w.iter().map(|&s| nums[s] as usize).collect::<Vec<_>>()),
             _ => Lasts::dense(max_index + 1),
         };
         let (gate, stop, window, results, ready, msg, prefix, connected) = (
