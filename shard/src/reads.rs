@@ -19,23 +19,46 @@ fn truncate<T>(items: &mut Vec<T>, limit: usize) -> bool {
 }
 
 impl Node {
-    /// History of a symbol this pod owns; `limit` is clamped to
-    /// [`HISTORY_LIMIT_MAX`].
+    /// History of a symbol this pod owns, asked by a peer; `limit` is
+    /// clamped to [`HISTORY_LIMIT_MAX`]. One this pod handed over while the
+    /// rebalance runs comes from the new owner (peers that still route by
+    /// the committed map ask here); for any other symbol it does not own the
+    /// caller's map is stale, and the answer is `unavailable`: what is here
+    /// (if anything) is not the symbol's history.
     pub async fn local_history(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, Error> {
+        self.read_history(symbol, q, limit, true).await
+    }
+
+    /// History of any symbol, from its owner.
+    pub async fn history(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, Error> {
+        self.read_history(symbol, q, limit, false).await
+    }
+
+    async fn read_history(
+        &self,
+        symbol: Symbol,
+        q: HistoryQuery,
+        limit: usize,
+        for_peer: bool,
+    ) -> Result<History, Error> {
         self.check_settled(&symbol)?;
-        // Handed over by this pod while the rebalance runs: peers that still
-        // route by the committed map ask here; the new owner answers.
-        if let Some(to) = self.placement().moved_to(&symbol)
-            && let Some(peer) = self.cluster().and_then(|c| c.peer(to))
-        {
-            return Ok(peer.history(symbol, q, limit).await?);
-        }
-        let owned = self.peer_of(&symbol).is_none();
-        let h = self.local_history_here(symbol, q, limit).await?;
-        match self.handed_over_since(&symbol, owned) {
-            Some(peer) => Ok(peer.history(symbol, q, limit).await?),
-            None => Ok(h),
-        }
+        let peer = match self.owner_link(&symbol)? {
+            Some(_) if for_peer && self.placement().moved_to(&symbol).is_none() => {
+                return Err(Error::Unavailable(format!(
+                    "shard {} does not own {symbol}; retry",
+                    self.placement().me()
+                )));
+            }
+            Some(peer) => peer,
+            None => {
+                let h = self.local_history_here(symbol, q, limit).await?;
+                match self.owner_link(&symbol)? {
+                    None => return Ok(h),
+                    Some(peer) => peer,
+                }
+            }
+        };
+        Ok(peer.history(symbol, q, limit).await?)
     }
 
     async fn local_history_here(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, StoreError> {
@@ -56,22 +79,6 @@ impl Node {
             }
         }
         Ok(h)
-    }
-
-    /// History of any symbol, from its owner.
-    pub async fn history(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, Error> {
-        self.check_settled(&symbol)?;
-        let peer = match self.peer_of(&symbol) {
-            Some(peer) => peer,
-            None => {
-                let h = self.local_history_here(symbol, q, limit).await?;
-                match self.handed_over_since(&symbol, true) {
-                    None => return Ok(h),
-                    Some(peer) => peer,
-                }
-            }
-        };
-        Ok(peer.history(symbol, q, limit).await?)
     }
 
     /// The latest tick of each symbol this pod owns (symbols without ticks

@@ -56,6 +56,30 @@ async fn three_pods_serve_every_symbol_from_any_pod() {
     }
     assert_eq!(lists[0], lists[1]);
     assert_eq!(lists[0], lists[2]);
+    // A peer's history read goes to the owner; a pod asked for a symbol it
+    // does not own (a caller with a stale map) says so rather than answering
+    // from what it holds.
+    let (one, &owner) = symbols.iter().zip(&owners).next().unwrap();
+    let other = (owner + 1) % 3;
+    let req = pb::HistoryRequest {
+        symbol: one.clone(),
+        from_seq: 1,
+        ..Default::default()
+    };
+    let mut peers = Vec::new();
+    for pod in [owner, other] {
+        let ch = tonic::transport::Endpoint::from_shared(c.pods[pod as usize].peer_url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        peers.push(pb::cluster_client::ClusterClient::new(ch));
+    }
+    let h = peers[0].local_history(req.clone()).await.unwrap().into_inner();
+    assert_eq!(h.ticks.iter().map(|t| t.seq).collect::<Vec<_>>(), vec![1]);
+    let e = peers[1].local_history(req).await.expect_err("not the owner");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert!(e.message().contains("does not own"), "{e}");
 
     // a client on pod 2 gets every tick of symbols owned by pods 0 and 1, once, in order
     let foreign: Vec<String> = owned_by(0, 3, 3).into_iter().chain(owned_by(1, 3, 3)).collect();

@@ -381,7 +381,7 @@ impl Node {
     pub(crate) fn check_settled(&self, symbol: &Symbol) -> Result<(), Error> {
         if self.placement.is_unsettled(symbol) {
             return Err(Error::Unavailable(format!(
-                "{symbol} is settling a move to another shard; retry"
+                "{symbol} is in the middle of a move between shards; retry"
             )));
         }
         Ok(())
@@ -410,15 +410,24 @@ impl Node {
         self.cluster.as_ref().and_then(|c| c.peer(owner))
     }
 
-    /// After a read of this pod's own copy of `symbol` begun while this pod
-    /// owned it (`owned`): the new owner's link if the symbol was handed over
-    /// meanwhile. The hand-over notes the new owner before it deletes this
-    /// pod's copy, so a read that met the deletion (and found nothing) is
-    /// seen here and asked again of the new owner.
-    pub(crate) fn handed_over_since(&self, symbol: &Symbol, owned: bool) -> Option<Arc<Peer>> {
-        let peer = self.peer_of(symbol).filter(|_| owned)?;
-        tracing::debug!(%symbol, "handed over during a read of this pod's copy; asking the new owner");
-        Some(peer)
+    /// Where reads of `symbol` go: `None` if this pod owns it, the owner's
+    /// link if another shard does, `Unavailable` if there is no link to that
+    /// shard (yet).
+    ///
+    /// Asked again after a read of this pod's own copy: a hand-over notes
+    /// the new owner before it deletes this pod's copy, so a read that met
+    /// the deletion (and found nothing) sees the new owner here and is asked
+    /// again there.
+    pub(crate) fn owner_link(&self, symbol: &Symbol) -> Result<Option<Arc<Peer>>, Error> {
+        if self.placement.is_local(symbol) {
+            return Ok(None);
+        }
+        let owner = self.placement.owner(symbol);
+        self.cluster
+            .as_ref()
+            .and_then(|c| c.peer(owner))
+            .map(Some)
+            .ok_or_else(|| Error::Unavailable(format!("no link to shard {owner}, the owner of {symbol}; retry")))
     }
 
     /// Random per process start (peers see a restart as a new instance).
@@ -743,11 +752,12 @@ impl Node {
     /// Durable ticks `from..=to` of any symbol: from this pod's store, or from
     /// the owner's.
     pub async fn read_ticks(&self, symbol: Symbol, from: u64, to: u64, limit: usize) -> Result<Vec<Tick>, Error> {
-        let peer = match self.peer_of(&symbol) {
+        self.check_settled(&symbol)?;
+        let peer = match self.owner_link(&symbol)? {
             Some(peer) => peer,
             None => {
                 let ticks = self.read_local_ticks(symbol, from, to, limit).await?;
-                match self.handed_over_since(&symbol, true) {
+                match self.owner_link(&symbol)? {
                     None => return Ok(ticks),
                     Some(peer) => peer,
                 }

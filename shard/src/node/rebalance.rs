@@ -547,8 +547,11 @@ pub async fn receive_move(
     let (n_ticks, n_candles) = (ticks.len(), candles.len());
     // From here this pod is the symbol's owner for its own subscribes (none
     // may mirror it from the old owner again), then the mirror this pod had
-    // (fed by the old owner) becomes the owner's hub.
+    // (fed by the old owner) becomes the owner's hub. Until the import is
+    // durable this pod's copy is empty: reads and subscribes of the symbol
+    // here are answered `unavailable` (retryable), not from that copy.
     node.placement().note_moved_in(sym);
+    node.placement().note_unsettled(sym, true);
     let mut taken = None;
     if let Some(c) = node.cluster() {
         for p in c.peers() {
@@ -580,6 +583,7 @@ pub async fn receive_move(
             }
         }
     }
+    node.placement().note_unsettled(sym, false);
     node.moves.incoming().remove(&sym);
     let _ = done_tx.send(true);
     result.map(|()| head).map_err(Error::from)
