@@ -66,18 +66,20 @@ async fn three_pods_serve_every_symbol_from_any_pod() {
         from_seq: 1,
         ..Default::default()
     };
-    let mut peers = Vec::new();
-    for pod in [owner, other] {
-        let ch = tonic::transport::Endpoint::from_shared(c.pods[pod as usize].peer_url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        peers.push(pb::cluster_client::ClusterClient::new(ch));
-    }
-    let h = peers[0].local_history(req.clone()).await.unwrap().into_inner();
+    let h = c.pods[owner as usize]
+        .peer()
+        .await
+        .local_history(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(h.ticks.iter().map(|t| t.seq).collect::<Vec<_>>(), vec![1]);
-    let e = peers[1].local_history(req).await.expect_err("not the owner");
+    let e = c.pods[other as usize]
+        .peer()
+        .await
+        .local_history(req)
+        .await
+        .expect_err("not the owner");
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
     assert!(e.message().contains("does not own"), "{e}");
 

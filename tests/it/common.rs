@@ -255,6 +255,13 @@ impl Server {
         pb::feed_client::FeedClient::connect(self.grpc_url()).await.unwrap()
     }
 
+    /// A client of the shard-to-shard `Cluster` service on the peer port.
+    pub async fn peer(&self) -> pb::cluster_client::ClusterClient<tonic::transport::Channel> {
+        pb::cluster_client::ClusterClient::connect(self.peer_url())
+            .await
+            .unwrap()
+    }
+
     /// A gRPC `Subscribe`: its `Subscribed` event and the rest of the stream.
     pub async fn grpc_subscribe(&self, req: pb::SubscribeRequest) -> (pb::Subscribed, tonic::Streaming<pb::Event>) {
         use futures_util::StreamExt as _;

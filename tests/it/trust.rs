@@ -49,7 +49,7 @@ async fn the_cluster_service_is_served_only_on_the_peer_port() {
         .expect_err("no Ensure on the public port");
     assert_eq!(e.code(), tonic::Code::Unimplemented, "{e}");
 
-    let mut peer = ClusterClient::new(channel(srv.peer_url()).await);
+    let mut peer = srv.peer().await;
     let t = peer
         .topology(topology)
         .await

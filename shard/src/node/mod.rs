@@ -422,12 +422,10 @@ impl Node {
         if self.placement.is_local(symbol) {
             return Ok(None);
         }
-        let owner = self.placement.owner(symbol);
-        self.cluster
-            .as_ref()
-            .and_then(|c| c.peer(owner))
-            .map(Some)
-            .ok_or_else(|| Error::Unavailable(format!("no link to shard {owner}, the owner of {symbol}; retry")))
+        self.peer_of(symbol).map(Some).ok_or_else(|| {
+            let owner = self.placement.owner(symbol);
+            Error::Unavailable(format!("no link to shard {owner}, the owner of {symbol}; retry"))
+        })
     }
 
     /// Random per process start (peers see a restart as a new instance).

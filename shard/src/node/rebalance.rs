@@ -44,7 +44,7 @@ use crate::{
     domain::{Candle, Epoch, ErrorCode, Symbol, Tick},
     metrics as m,
     node::Node,
-    placement::{ClusterState, MAX_SHARDS},
+    placement::{ClusterState, MAX_SHARDS, Placement},
     store::{MoveMark, SymbolRecord},
 };
 
@@ -551,7 +551,7 @@ pub async fn receive_move(
     // durable this pod's copy is empty: reads and subscribes of the symbol
     // here are answered `unavailable` (retryable), not from that copy.
     node.placement().note_moved_in(sym);
-    node.placement().note_unsettled(sym, true);
+    let _unsettled = Unsettled::mark(node.placement(), sym);
     let mut taken = None;
     if let Some(c) = node.cluster() {
         for p in c.peers() {
@@ -583,10 +583,28 @@ pub async fn receive_move(
             }
         }
     }
-    node.placement().note_unsettled(sym, false);
+    drop(_unsettled);
     node.moves.incoming().remove(&sym);
     let _ = done_tx.send(true);
     result.map(|()| head).map_err(Error::from)
+}
+
+/// A symbol marked unsettled while it is imported; the mark goes when the
+/// import ends, or when the hand-over's call is dropped mid-import (the old
+/// owner went away), so that it can never stay.
+struct Unsettled<'a>(&'a Placement, Symbol);
+
+impl<'a> Unsettled<'a> {
+    fn mark(placement: &'a Placement, sym: Symbol) -> Unsettled<'a> {
+        placement.note_unsettled(sym, true);
+        Unsettled(placement, sym)
+    }
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        self.0.note_unsettled(self.1, false);
+    }
 }
 
 /// Whether this pod holds `sym` at `epoch` with a head at `seq` or later.
