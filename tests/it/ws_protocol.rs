@@ -486,6 +486,32 @@ async fn the_server_pings_and_drops_a_silent_client() {
     );
 }
 
+/// A close the server starts (here the idle timeout's 1001) is followed by
+/// the write side's FIN at once, not when the connection's linger (2 s, the
+/// time its reader waits for the client's close) ends: the fan-out's direct
+/// writer shares the write half, and the writer task gives its handle back
+/// when it ends. Checked to fail with the direct writer's handle kept to the
+/// connection's end.
+#[tokio::test]
+async fn a_close_the_server_starts_is_followed_by_its_fin_at_once() {
+    use tokio::io::AsyncReadExt;
+    let srv = Server::start(&["--no-sim", "--ping-interval-ms", "200", "--idle-timeout-ms", "300"]);
+    let (mut s, mut buf) = raw_ws(&srv, &[]).await;
+    assert_eq!(read_close_code(&mut s, &mut buf).await, 1001);
+    // Only the rest of the close frame may come before the end of stream,
+    // and the end comes well before the 2 s linger.
+    let mut chunk = [0u8; 64];
+    loop {
+        let got = tokio::time::timeout(std::time::Duration::from_secs(1), s.read(&mut chunk))
+            .await
+            .expect("no FIN within 1 s of the close frame")
+            .expect("the connection was reset, not shut down");
+        if got == 0 {
+            break;
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_simulated_market_publishes_through_the_real_path() {
     let srv = Server::start(&["--sim-rate", "2000"]);
