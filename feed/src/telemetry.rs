@@ -61,6 +61,11 @@ fn describe() {
         m::COMPACTIONS,
         "Symbols compacted: their logged ticks written as tick blocks and their state snapshotted."
     );
+    describe_counter!(
+        m::STORE_WRITTEN,
+        metrics::Unit::Bytes,
+        "Bytes of log records (kind=log) and tick blocks (kind=blocks) committed to the store."
+    );
     describe_gauge!(m::OWNED_SYMBOLS, "Symbols with state on this shard.");
     describe_counter!(m::PRUNED_TICKS, "Ticks removed by retention.");
     describe_gauge!(m::STORE_BYTES, metrics::Unit::Bytes, "Bytes sled uses on disk.");

@@ -16,6 +16,10 @@ pub const PUBLISH_LATENCY: &str = "tickshard_publish_latency_seconds";
 pub const FLUSH_LATENCY: &str = "tickshard_sled_flush_seconds";
 /// Counter: symbols compacted (logged ticks → tick blocks + state snapshot).
 pub const COMPACTIONS: &str = "tickshard_compactions_total";
+/// Counter, label `kind` (`log`, `blocks`): bytes of log records and of tick
+/// blocks committed (values as encoded; what sled then writes to disk is
+/// more: its own pages and their rewrites).
+pub const STORE_WRITTEN: &str = "tickshard_store_written_bytes_total";
 /// Histogram: ticks per group commit.
 pub const COMMIT_BATCH: &str = "tickshard_commit_batch_ticks";
 /// Gauge: symbols this shard owns (has a record for).

@@ -776,6 +776,8 @@ struct Meters {
     batch: metrics::Histogram,
     compactions: metrics::Counter,
     owned: metrics::Gauge,
+    log_bytes: metrics::Counter,
+    block_bytes: metrics::Counter,
 }
 
 impl Meters {
@@ -788,6 +790,8 @@ impl Meters {
             batch: metrics::histogram!(m::COMMIT_BATCH),
             compactions: metrics::counter!(m::COMPACTIONS),
             owned: metrics::gauge!(m::OWNED_SYMBOLS),
+            log_bytes: metrics::counter!(m::STORE_WRITTEN, "kind" => "log"),
+            block_bytes: metrics::counter!(m::STORE_WRITTEN, "kind" => "blocks"),
         }
     }
 }
@@ -808,8 +812,13 @@ impl Worker {
             let now = now_micros();
             self.apply(&mut round, now);
             let batch = self.build_batch(&mut round, now);
+            let written = batch.written();
             match self.store.commit(batch) {
-                Ok(flush) => meters.flush.record(flush.as_secs_f64()),
+                Ok(flush) => {
+                    meters.flush.record(flush.as_secs_f64());
+                    meters.log_bytes.increment(written.log);
+                    meters.block_bytes.increment(written.blocks);
+                }
                 Err(e) => {
                     self.fail(e, &mut round, &mut rx);
                     return;

@@ -141,6 +141,16 @@ pub struct CommitBatch {
     scratch: Vec<u8>,
     log: Vec<u8>,
     keys: usize,
+    /// Bytes of log records and of tick blocks in this batch (values only).
+    written: Written,
+}
+
+/// What a batch writes, in bytes of values: its log record and its tick
+/// blocks (the bulk of a commit; keys, records and candles are small).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    pub log: u64,
+    pub blocks: u64,
 }
 
 impl CommitBatch {
@@ -157,6 +167,7 @@ impl CommitBatch {
         if self.log.is_empty() {
             return false;
         }
+        self.written.log += self.log.len() as u64;
         self.batch.insert(&keys::log(commit), std::mem::take(&mut self.log));
         self.keys += 1;
         true
@@ -183,6 +194,7 @@ impl CommitBatch {
         let Some(first) = ticks.first() else { return };
         self.scratch.clear();
         codec::encode_block(ticks, dedup, &mut self.scratch);
+        self.written.blocks += self.scratch.len() as u64;
         self.batch
             .insert(keys::ticks(&first.symbol, first.seq), self.scratch.as_slice());
         self.keys += 1;
@@ -250,6 +262,11 @@ impl CommitBatch {
 
     pub fn is_empty(&self) -> bool {
         self.keys == 0
+    }
+
+    /// The bytes of log records and tick blocks this batch writes.
+    pub fn written(&self) -> Written {
+        self.written
     }
 }
 
