@@ -287,30 +287,10 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::{committer::CommitterConfig, node::NodeConfig, ownership::Ownership, store::StoreOptions};
+    use crate::ownership::Ownership;
 
     fn node(dir: &Path, shards: u32, max_symbols: usize) -> Arc<Node> {
-        let cfg = NodeConfig {
-            peer_template: None,
-            data_dir: dir.to_path_buf(),
-            store: StoreOptions::default(),
-            shard_id: 0,
-            shards,
-            history_ticks: 1_000,
-            candle_retention: [Duration::from_secs(3_600); 3],
-            prune_interval: Duration::from_secs(60),
-            client_queue_bytes: 1 << 20,
-            // the other shards' addresses: nothing listens there (and the
-            // links are never started here), so every other owner is down
-            peers: (0..shards).map(|i| format!("http://127.0.0.1:{}", 1 + i)).collect(),
-            peer_tls: None,
-            peer_queue_bytes: 1 << 20,
-            committer: CommitterConfig {
-                max_symbols,
-                ..CommitterConfig::default()
-            },
-        };
-        Node::open(cfg).expect("open node")
+        crate::node::test_node(dir, shards, max_symbols)
     }
 
     fn session(node: &Arc<Node>) -> Arc<Session<()>> {

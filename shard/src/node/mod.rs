@@ -959,3 +959,29 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .await
         .unwrap_or_else(|e| Err(StoreError::Bug(e.to_string())))
 }
+
+/// Shard 0 of `shards` on a sled store in `dir`, for in-process tests (its
+/// committer thread runs; its peer links are never started, and the other
+/// shards' addresses have nothing listening, so every other owner is down).
+#[cfg(test)]
+pub(crate) fn test_node(dir: &std::path::Path, shards: u32, max_symbols: usize) -> Arc<Node> {
+    let cfg = NodeConfig {
+        peer_template: None,
+        data_dir: dir.to_path_buf(),
+        store: StoreOptions::default(),
+        shard_id: 0,
+        shards,
+        history_ticks: 1_000,
+        candle_retention: [Duration::from_secs(3_600); 3],
+        prune_interval: Duration::from_secs(60),
+        client_queue_bytes: 1 << 20,
+        peers: (0..shards).map(|i| format!("http://127.0.0.1:{}", 1 + i)).collect(),
+        peer_tls: None,
+        peer_queue_bytes: 1 << 20,
+        committer: CommitterConfig {
+            max_symbols,
+            ..CommitterConfig::default()
+        },
+    };
+    Node::open(cfg).expect("open node")
+}

@@ -465,7 +465,7 @@ pub async fn receive_move(
     if node.moves.is_refused(attempt) {
         return Err(Error::Unavailable(format!("the hand-over of {sym} was called off")));
     }
-    let Ok(_permit) = node.moves.receiving.clone().try_acquire_owned() else {
+    let Ok(permit) = node.moves.receiving.clone().try_acquire_owned() else {
         return Err(Error::Unavailable(format!(
             "shard {me} receives {MAX_INCOMING} hand-overs already; retry"
         )));
@@ -544,14 +544,46 @@ pub async fn receive_move(
         }
     }
     let head = record.last_seq;
-    let (n_ticks, n_candles) = (ticks.len(), candles.len());
+    let imported = Imported {
+        record,
+        dedup,
+        ticks,
+        candles,
+    };
+    // The import runs to its end on its own task, even if this call is
+    // dropped meanwhile (the old owner went away): the symbol stays
+    // unsettled here until the import has ended (durable, or failed and
+    // given back), and the hand-over's notes are cleared when it ends (a
+    // later hand-over of the symbol is not refused as "being imported").
+    let task = crate::tasks::spawn(
+        node.stream_tasks(),
+        import(node.clone(), from, imported, done_tx, permit),
+    );
+    match task.await {
+        Ok(result) => result.map(|()| head).map_err(Error::from),
+        Err(e) => Err(Error::Unavailable(format!("the import of {sym} stopped: {e}"))),
+    }
+}
+
+/// The final step of a hand-over on the new owner: the import, once the
+/// whole state has arrived (see [`receive_move`]).
+async fn import(
+    node: Arc<Node>,
+    from: u32,
+    imported: Imported,
+    done: watch::Sender<bool>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<(), crate::committer::CommitError> {
+    let sym = imported.record.symbol;
+    let head = imported.record.last_seq;
+    let (n_ticks, n_candles) = (imported.ticks.len(), imported.candles.len());
     // From here this pod is the symbol's owner for its own subscribes (none
     // may mirror it from the old owner again), then the mirror this pod had
     // (fed by the old owner) becomes the owner's hub. Until the import is
     // durable this pod's copy is empty: reads and subscribes of the symbol
     // here are answered `unavailable` (retryable), not from that copy.
     node.placement().note_moved_in(sym);
-    let _unsettled = Unsettled::mark(node.placement(), sym);
+    let unsettled = Unsettled::mark(node.placement(), sym);
     let mut taken = None;
     if let Some(c) = node.cluster() {
         for p in c.peers() {
@@ -560,15 +592,7 @@ pub async fn receive_move(
             }
         }
     }
-    let result = node
-        .committer()
-        .import(Imported {
-            record,
-            dedup,
-            ticks,
-            candles,
-        })
-        .await;
+    let result = node.committer().import(imported).await;
     match &result {
         Ok(()) => {
             node.placement().note_moved_in(sym);
@@ -583,15 +607,15 @@ pub async fn receive_move(
             }
         }
     }
-    drop(_unsettled);
+    drop(unsettled);
     node.moves.incoming().remove(&sym);
-    let _ = done_tx.send(true);
-    result.map(|()| head).map_err(Error::from)
+    let _ = done.send(true);
+    result
 }
 
 /// A symbol marked unsettled while it is imported; the mark goes when the
-/// import ends, or when the hand-over's call is dropped mid-import (the old
-/// owner went away), so that it can never stay.
+/// import ends, or if its task is dropped unfinished (the runtime's
+/// shutdown), so that it can never stay.
 struct Unsettled<'a>(&'a Placement, Symbol);
 
 impl<'a> Unsettled<'a> {
@@ -864,5 +888,104 @@ async fn drive(node: Arc<Node>, stop: CancellationToken) {
         tracing::info!(from = state.committed, to = target, ?missed, "rebalance committed");
         unsent = (!missed.is_empty()).then_some((done, span));
         node.moves.set_error(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::{Context, Poll};
+
+    use rust_decimal::Decimal;
+
+    use super::*;
+    use crate::{domain::Epoch, store::SymbolRecord};
+
+    /// The whole state of `sym` with ticks 1..=`n`, as an old owner sends it.
+    fn hand_over(sym: Symbol, n: u64, attempt: u64) -> MovePart {
+        let ticks: Vec<Tick> = (1..=n)
+            .map(|seq| Tick {
+                symbol: sym,
+                seq,
+                ts: 1_732_530_000_000_000 + seq as i64,
+                price: Decimal::new(6_701_200 + seq as i64, 2),
+                size: Decimal::new(10, 3),
+                bid: None,
+                ask: None,
+                bid_size: None,
+                ask_size: None,
+            })
+            .collect();
+        let record = SymbolRecord {
+            symbol: sym,
+            epoch: Epoch::random(),
+            last_seq: n,
+            last: ticks.last().copied(),
+            candles: [None; 3],
+        };
+        let mut part = MovePart::new(sym, 1, attempt, ticks, Vec::new());
+        part.last = Some((record, Vec::new()));
+        part
+    }
+
+    /// A hand-over whose call is dropped during its import (the old owner
+    /// went away) still ends: the import lands, the symbol is settled and
+    /// read from its whole copy, and the hand-over's notes are gone. Before,
+    /// dropping the call dropped the import's waiter with them: the
+    /// `Importing` note stayed (refusing every later hand-over of the symbol
+    /// as "being imported"), and the symbol was settled before its copy was
+    /// durable (reads answered from the empty copy).
+    #[tokio::test]
+    async fn a_hand_over_dropped_during_its_import_still_ends() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let node = crate::node::test_node(dir.path(), 1, 1_000);
+        let sym = Symbol::parse("MOVED-1").expect("symbol");
+        let mut call = Box::pin(receive_move(
+            &node,
+            futures_util::stream::iter([Ok(hand_over(sym, 3, 7))]),
+        ));
+        // One poll takes the whole state and spawns the import (a task on
+        // this thread's runtime: it runs only once the test yields).
+        let waker = futures_util::task::noop_waker();
+        assert!(
+            matches!(call.as_mut().poll(&mut Context::from_waker(&waker)), Poll::Pending),
+            "the import finished within one poll"
+        );
+        assert!(
+            matches!(node.moves.incoming().get(&sym), Some(Incoming::Importing(_))),
+            "the import has begun"
+        );
+        drop(call);
+        // The import runs until it waits for the committer: the symbol is
+        // D's now, and unsettled (it cannot be settled again before the
+        // task runs once more, which needs this test to yield).
+        tokio::task::yield_now().await;
+        assert!(
+            node.placement().is_unsettled(&sym),
+            "settled before the import is durable"
+        );
+        match node.read_ticks(sym, 1, 3, 10).await {
+            Err(Error::Unavailable(_)) => {}
+            other => panic!("a read during the import: {other:?}"),
+        }
+
+        let ended = async {
+            while node.moves.incoming().contains_key(&sym) || node.placement().is_unsettled(&sym) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), ended)
+            .await
+            .expect("the dropped hand-over's import never ended");
+        let ticks = node.read_ticks(sym, 1, 3, 10).await.expect("read the imported ticks");
+        assert_eq!(ticks.iter().map(|t| t.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(ticks[2].price, Decimal::new(6_701_203, 2));
+
+        // A later hand-over of the symbol is not refused as "being imported":
+        // it meets the copy this pod now holds.
+        let again = receive_move(&node, futures_util::stream::iter([Ok(hand_over(sym, 3, 8))])).await;
+        match again {
+            Err(Error::Refused { message, .. }) => assert!(message.contains("already holds"), "{message}"),
+            other => panic!("{other:?}"),
+        }
     }
 }
