@@ -82,10 +82,20 @@ impl Node {
     }
 
     /// The latest tick of each symbol this pod owns (symbols without ticks
-    /// are left out); those it handed over come from their new owner.
+    /// are left out); those it handed over come from their new owner. A
+    /// symbol it neither owns nor handed over (a caller with a stale map) is
+    /// answered `unavailable`: what this pod may hold of it is a mirror that
+    /// can lag, or nothing (the symbol would be left out as if it had no
+    /// ticks).
     pub async fn local_snapshots(&self, symbols: &[Symbol]) -> Result<Vec<LastTick>, Error> {
         for s in symbols {
             self.check_settled(s)?;
+            if self.placement().moved_to(s).is_none() && self.owner_link(s)?.is_some() {
+                return Err(Error::Unavailable(format!(
+                    "shard {} does not own {s}; retry",
+                    self.placement().me()
+                )));
+            }
         }
         let (moved, here): (Vec<Symbol>, Vec<Symbol>) =
             symbols.iter().partition(|s| self.placement().moved_to(s).is_some());

@@ -82,6 +82,28 @@ async fn three_pods_serve_every_symbol_from_any_pod() {
         .expect_err("not the owner");
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
     assert!(e.message().contains("does not own"), "{e}");
+    // So does a peer's snapshot read (it left the symbol out, as if it had
+    // no ticks).
+    let req = pb::SnapshotRequest {
+        symbols: vec![one.clone()],
+    };
+    let s = c.pods[owner as usize]
+        .peer()
+        .await
+        .local_snapshot(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let seqs: Vec<u64> = s.snapshots.iter().filter_map(|s| Some(s.last.as_ref()?.seq)).collect();
+    assert_eq!(seqs, vec![1]);
+    let e = c.pods[other as usize]
+        .peer()
+        .await
+        .local_snapshot(req)
+        .await
+        .expect_err("not the owner");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert!(e.message().contains("does not own"), "{e}");
 
     // a client on pod 2 gets every tick of symbols owned by pods 0 and 1, once, in order
     let foreign: Vec<String> = owned_by(0, 3, 3).into_iter().chain(owned_by(1, 3, 3)).collect();
