@@ -26,29 +26,28 @@ impl Node {
     /// caller's map is stale, and the answer is `unavailable`: what is here
     /// (if anything) is not the symbol's history.
     pub async fn local_history(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, Error> {
-        self.read_history(symbol, q, limit, true).await
+        self.check_peer_read(&symbol)?;
+        self.history(symbol, q, limit).await
+    }
+
+    /// A peer's read of `symbol` (the peer routed it here as to its owner):
+    /// `unavailable` if this pod neither owns nor handed over the symbol (the
+    /// peer's map is stale), or while the symbol is settling here.
+    fn check_peer_read(&self, symbol: &Symbol) -> Result<(), Error> {
+        self.check_settled(symbol)?;
+        if self.placement().moved_to(symbol).is_none() && self.owner_link(symbol)?.is_some() {
+            return Err(Error::Unavailable(format!(
+                "shard {} does not own {symbol}; retry",
+                self.placement().me()
+            )));
+        }
+        Ok(())
     }
 
     /// History of any symbol, from its owner.
     pub async fn history(&self, symbol: Symbol, q: HistoryQuery, limit: usize) -> Result<History, Error> {
-        self.read_history(symbol, q, limit, false).await
-    }
-
-    async fn read_history(
-        &self,
-        symbol: Symbol,
-        q: HistoryQuery,
-        limit: usize,
-        for_peer: bool,
-    ) -> Result<History, Error> {
         self.check_settled(&symbol)?;
         let peer = match self.owner_link(&symbol)? {
-            Some(_) if for_peer && self.placement().moved_to(&symbol).is_none() => {
-                return Err(Error::Unavailable(format!(
-                    "shard {} does not own {symbol}; retry",
-                    self.placement().me()
-                )));
-            }
             Some(peer) => peer,
             None => {
                 let h = self.local_history_here(symbol, q, limit).await?;
@@ -89,13 +88,7 @@ impl Node {
     /// ticks).
     pub async fn local_snapshots(&self, symbols: &[Symbol]) -> Result<Vec<LastTick>, Error> {
         for s in symbols {
-            self.check_settled(s)?;
-            if self.placement().moved_to(s).is_none() && self.owner_link(s)?.is_some() {
-                return Err(Error::Unavailable(format!(
-                    "shard {} does not own {s}; retry",
-                    self.placement().me()
-                )));
-            }
+            self.check_peer_read(s)?;
         }
         let (moved, here): (Vec<Symbol>, Vec<Symbol>) =
             symbols.iter().partition(|s| self.placement().moved_to(s).is_some());

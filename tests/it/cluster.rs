@@ -60,50 +60,30 @@ async fn three_pods_serve_every_symbol_from_any_pod() {
     // does not own (a caller with a stale map) says so rather than answering
     // from what it holds.
     let (one, &owner) = symbols.iter().zip(&owners).next().unwrap();
-    let other = (owner + 1) % 3;
+    let mut at_owner = c.pods[owner as usize].peer().await;
+    let mut at_other = c.pods[((owner + 1) % 3) as usize].peer().await;
+    let not_owner = |r: Result<_, tonic::Status>| {
+        let e = r.expect_err("not the owner");
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+        assert!(e.message().contains("does not own"), "{e}");
+    };
     let req = pb::HistoryRequest {
         symbol: one.clone(),
         from_seq: 1,
         ..Default::default()
     };
-    let h = c.pods[owner as usize]
-        .peer()
-        .await
-        .local_history(req.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let h = at_owner.local_history(req.clone()).await.unwrap().into_inner();
     assert_eq!(h.ticks.iter().map(|t| t.seq).collect::<Vec<_>>(), vec![1]);
-    let e = c.pods[other as usize]
-        .peer()
-        .await
-        .local_history(req)
-        .await
-        .expect_err("not the owner");
-    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
-    assert!(e.message().contains("does not own"), "{e}");
+    not_owner(at_other.local_history(req).await.map(|_| ()));
     // So does a peer's snapshot read (it left the symbol out, as if it had
     // no ticks).
     let req = pb::SnapshotRequest {
         symbols: vec![one.clone()],
     };
-    let s = c.pods[owner as usize]
-        .peer()
-        .await
-        .local_snapshot(req.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let s = at_owner.local_snapshot(req.clone()).await.unwrap().into_inner();
     let seqs: Vec<u64> = s.snapshots.iter().filter_map(|s| Some(s.last.as_ref()?.seq)).collect();
     assert_eq!(seqs, vec![1]);
-    let e = c.pods[other as usize]
-        .peer()
-        .await
-        .local_snapshot(req)
-        .await
-        .expect_err("not the owner");
-    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
-    assert!(e.message().contains("does not own"), "{e}");
+    not_owner(at_other.local_snapshot(req).await.map(|_| ()));
 
     // a client on pod 2 gets every tick of symbols owned by pods 0 and 1, once, in order
     let foreign: Vec<String> = owned_by(0, 3, 3).into_iter().chain(owned_by(1, 3, 3)).collect();

@@ -291,11 +291,17 @@ impl Server {
     /// The value of a metric (sum over its label sets), 0 if absent.
     pub async fn metric(&self, name: &str) -> f64 {
         let (_, body) = self.get("/metrics").await;
-        body.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        metric_in(&body, name)
     }
+}
+
+/// The value of metric `name` (sum over its label sets) in a Prometheus
+/// scrape `body`, 0 if absent.
+pub fn metric_in(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 impl Drop for Server {

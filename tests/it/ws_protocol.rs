@@ -544,18 +544,11 @@ async fn the_simulated_market_publishes_through_the_real_path() {
     }
     // (one scrape: a commit counts its bytes before its ticks)
     let (_, metrics) = srv.get("/metrics").await;
-    let sum = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    let accepted = sum("tickshard_ticks_accepted_total");
+    let accepted = metric_in(&metrics, "tickshard_ticks_accepted_total");
     assert!(accepted >= 40.0, "{metrics}");
     // Every accepted tick is in a log record or a tick block, and the
     // smallest stored tick is 13 bytes (time 8, flags 1, price and size 2 each).
-    let written = sum("tickshard_store_written_bytes_total");
+    let written = metric_in(&metrics, "tickshard_store_written_bytes_total");
     assert!(written >= 13.0 * accepted, "{written} bytes for {accepted} ticks");
     assert!(
         metrics.contains("tickshard_store_written_bytes_total{kind=\"log\"}"),

@@ -543,7 +543,6 @@ pub async fn receive_move(
             _ => return Err(Error::Unavailable(format!("the hand-over of {sym} was called off"))),
         }
     }
-    let head = record.last_seq;
     let imported = Imported {
         record,
         dedup,
@@ -560,20 +559,20 @@ pub async fn receive_move(
         import(node.clone(), from, imported, done_tx, permit),
     );
     match task.await {
-        Ok(result) => result.map(|()| head).map_err(Error::from),
+        Ok(result) => result.map_err(Error::from),
         Err(e) => Err(Error::Unavailable(format!("the import of {sym} stopped: {e}"))),
     }
 }
 
 /// The final step of a hand-over on the new owner: the import, once the
-/// whole state has arrived (see [`receive_move`]).
+/// whole state has arrived (see [`receive_move`]). Answers the head.
 async fn import(
     node: Arc<Node>,
     from: u32,
     imported: Imported,
     done: watch::Sender<bool>,
     _permit: tokio::sync::OwnedSemaphorePermit,
-) -> Result<(), crate::committer::CommitError> {
+) -> Result<u64, crate::committer::CommitError> {
     let sym = imported.record.symbol;
     let head = imported.record.last_seq;
     let (n_ticks, n_candles) = (imported.ticks.len(), imported.candles.len());
@@ -610,7 +609,7 @@ async fn import(
     drop(unsettled);
     node.moves.incoming().remove(&sym);
     let _ = done.send(true);
-    result
+    result.map(|()| head)
 }
 
 /// A symbol marked unsettled while it is imported; the mark goes when the
