@@ -487,7 +487,7 @@ async fn an_ack_does_not_wait_for_the_subscribers_wake_up() {
         mpsc as std_mpsc,
     };
 
-    use crate::hub::{Channel, Data, Push, Sink};
+    use crate::hub::{Channel, Data, Offer, Push, Sink};
 
     struct Gate {
         queued: Mutex<Vec<u64>>,
@@ -498,7 +498,7 @@ async fn an_ack_does_not_wait_for_the_subscribers_wake_up() {
         fn id(&self) -> u64 {
             7
         }
-        fn offer(&self, d: Data, _force: bool) -> (Push, bool) {
+        fn offer(&self, d: Data, _: Offer) -> (Push, bool) {
             let mut q = self.queued.lock().unwrap();
             if let Data::Ticks { chunk, from } = d {
                 q.extend(chunk.ticks[from..].iter().map(|t| t.seq));
@@ -510,7 +510,6 @@ async fn an_ack_does_not_wait_for_the_subscribers_wake_up() {
             let _ = self.release.lock().unwrap().recv_timeout(Duration::from_secs(60));
             self.woken.fetch_add(1, Ordering::SeqCst);
         }
-        fn mark_dirty(&self, _: Symbol, _: Channel) {}
     }
 
     let dir = tempfile::tempdir().unwrap();

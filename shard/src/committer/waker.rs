@@ -122,10 +122,7 @@ mod tests {
     };
 
     use super::Waker;
-    use crate::{
-        domain::Symbol,
-        hub::{Channel, Data, Push, Sink, Wakes},
-    };
+    use crate::hub::{Data, Offer, Push, Sink, Wakes};
 
     /// A writer that reports when it is woken (and whether it was offered a
     /// direct write); one with a gate blocks the waker in a direct write
@@ -139,7 +136,7 @@ mod tests {
         fn id(&self) -> u64 {
             self.0
         }
-        fn offer(&self, _: Data, _: bool) -> (Push, bool) {
+        fn offer(&self, _: Data, _: Offer) -> (Push, bool) {
             (Push::Queued, true)
         }
         fn wake(&self) {
@@ -151,7 +148,6 @@ mod tests {
                 let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(60));
             }
         }
-        fn mark_dirty(&self, _: Symbol, _: Channel) {}
     }
 
     fn wakes(ids: &[u64], tx: &mpsc::Sender<(u64, bool)>) -> Wakes {

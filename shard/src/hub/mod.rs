@@ -68,12 +68,25 @@ pub enum Push {
     Gone,
 }
 
+/// How an offer meets a sink's limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offer {
+    /// Within the limit, for this subscription. Refused past it
+    /// ([`Push::Stalled`]), and then the sink has already named the
+    /// subscription for a conflated snapshot once the client catches up, in
+    /// the step that refused it: the writer's repair cannot run in between
+    /// and miss it.
+    Within(Symbol, Channel),
+    /// Regardless of the limit (small, rate-bounded items).
+    Forced,
+}
+
 /// Where a subscription's data goes. Implemented by [`Outbox`].
 pub trait Sink: Send + Sync {
     fn id(&self) -> u64;
-    /// Queues `d` (within the sink's limit unless `force`) without waking its
-    /// writer; the second value: [`wake`](Sink::wake) is owed.
-    fn offer(&self, d: Data, force: bool) -> (Push, bool);
+    /// Queues `d` (see [`Offer`]) without waking its writer; the second
+    /// value: [`wake`](Sink::wake) is owed.
+    fn offer(&self, d: Data, how: Offer) -> (Push, bool);
     /// Wakes the writer after an [`offer`](Sink::offer) that asked for it.
     fn wake(&self);
     /// Writes the queued ticks straight to the client if its writer is idle
@@ -81,21 +94,11 @@ pub trait Sink: Send + Sync {
     fn write_or_wake(&self) {
         self.wake();
     }
-    fn mark_dirty(&self, symbol: Symbol, channel: Channel);
-
-    /// Queues `d` within the limit and wakes the writer.
-    fn push(&self, d: Data) -> Push {
-        let (r, wake) = self.offer(d, false);
-        if wake {
-            self.wake();
-        }
-        r
-    }
 
     /// Queues `d` regardless of the limit (small, rate-bounded items) and
     /// wakes the writer.
     fn force(&self, d: Data) -> Push {
-        let (r, wake) = self.offer(d, true);
+        let (r, wake) = self.offer(d, Offer::Forced);
         if wake {
             self.wake();
         }
@@ -562,7 +565,12 @@ fn deliver(
     if e.needs_snapshot && !force {
         return false;
     }
-    let (r, wake) = e.sink.offer(d, force);
+    let how = if force {
+        Offer::Forced
+    } else {
+        Offer::Within(symbol, e.channel)
+    };
+    let (r, wake) = e.sink.offer(d, how);
     if wake {
         match wakes {
             Some(w) => w.0.push(e.sink.clone()),
@@ -572,8 +580,9 @@ fn deliver(
     match r {
         Push::Queued => false,
         Push::Stalled => {
+            // (the sink named it for repair; the repair takes this symbol's
+            // lock, which the caller holds, so it sees this mark)
             e.needs_snapshot = true;
-            e.sink.mark_dirty(symbol, e.channel);
             false
         }
         Push::Gone => true,

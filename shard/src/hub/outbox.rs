@@ -4,8 +4,9 @@
 //! 1. Data is queued while the client's unsent bytes (queued plus taken by the
 //!    writer but not yet written) stay within `limit` (or the client has
 //!    nothing unsent: one group commit's chunk may exceed the limit alone).
-//! 2. Past it, the outbox *stalls*: new data is refused, and the hub marks the
-//!    subscription as needing a fresh snapshot (and names it to the outbox).
+//! 2. Past it, the outbox *stalls*: new data is refused, the outbox names the
+//!    refused subscription in its repair list (under its lock, in the step
+//!    that refuses), and the hub marks it as needing a fresh snapshot.
 //! 3. When the writer has drained below half the limit, it takes the list of
 //!    stalled subscriptions and the hub sends each a `conflated` snapshot, after
 //!    which live data flows again — no gap the client is not told about.
@@ -26,7 +27,7 @@ use std::{
 
 use tokio::{sync::Notify, time::Instant};
 
-use super::{Channel, Data, Push, Sink};
+use super::{Channel, Data, Offer, Push, Sink};
 use crate::domain::Symbol;
 
 /// Why a subscriber's connection is being closed, in domain terms. Each
@@ -196,23 +197,24 @@ impl<C: Send + 'static> Outbox<C> {
         }
     }
 
-    /// Queues data (within the limit unless `force`) without waking the
-    /// writer; the second value says whether the caller must [`wake`](Self::wake)
-    /// it (the queue was empty). The fan-out uses this to ack a commit before
-    /// it wakes the commit's subscribers.
-    pub fn offer(&self, d: Data, force: bool) -> (Push, bool) {
+    /// Queues data (see [`Offer`]) without waking the writer; the second
+    /// value says whether the caller must [`wake`](Self::wake) it (the queue
+    /// was empty). The fan-out uses this to ack a commit before it wakes the
+    /// commit's subscribers.
+    pub fn offer(&self, d: Data, how: Offer) -> (Push, bool) {
         let w = d.weight();
         let mut st = self.lock();
         if st.finished || st.close.is_some() {
             return (Push::Gone, false);
         }
-        if !force {
+        if let Offer::Within(symbol, channel) = how {
             if let Some(since) = st.stalled_since {
                 if since.elapsed() >= self.slow {
                     drop(st);
                     self.close(Close::Slow);
                     return (Push::Gone, false);
                 }
+                st.dirty.push((symbol, channel));
                 return (Push::Stalled, false);
             }
             // A client with nothing unsent is not behind: it takes any one chunk
@@ -224,6 +226,7 @@ impl<C: Send + 'static> Outbox<C> {
                     return (Push::Gone, false);
                 }
                 st.stalled_since = Some(Instant::now());
+                st.dirty.push((symbol, channel));
                 record_peak(st.peak);
                 metrics::counter!(crate::metrics::CONFLATIONS).increment(1);
                 return (Push::Stalled, false);
@@ -453,8 +456,8 @@ impl<C: Send + 'static> Sink for Outbox<C> {
         self.id
     }
 
-    fn offer(&self, d: Data, force: bool) -> (Push, bool) {
-        Outbox::offer(self, d, force)
+    fn offer(&self, d: Data, how: Offer) -> (Push, bool) {
+        Outbox::offer(self, d, how)
     }
 
     fn wake(&self) {
@@ -463,9 +466,5 @@ impl<C: Send + 'static> Sink for Outbox<C> {
 
     fn write_or_wake(&self) {
         Outbox::write_or_wake(self)
-    }
-
-    fn mark_dirty(&self, symbol: Symbol, channel: Channel) {
-        self.lock().dirty.push((symbol, channel));
     }
 }

@@ -23,6 +23,11 @@ fn tick(seq: u64) -> Tick {
     }
 }
 
+/// An offer within the limit, for the test symbol's ticks.
+fn within() -> Offer {
+    Offer::Within(sym(), Channel::Ticks)
+}
+
 fn chunk(seqs: std::ops::RangeInclusive<u64>) -> Arc<Chunk> {
     Arc::new(Chunk::new(sym(), seqs.map(tick).collect()))
 }
@@ -276,7 +281,7 @@ fn an_idle_writers_ticks_are_written_directly_and_it_is_not_woken() {
         let mut take = std::pin::pin!(o.take(&mut out));
         assert!(!ready(take.as_mut()), "the writer parks: nothing queued");
         for n in [1, 3] {
-            let (push, wake) = o.offer(ticks(n..=n + 1), false);
+            let (push, wake) = o.offer(ticks(n..=n + 1), within());
             assert!(matches!(push, Push::Queued) && wake);
             o.write_or_wake();
             assert!(!ready(take.as_mut()), "the writer was woken for a direct write");
@@ -287,7 +292,7 @@ fn an_idle_writers_ticks_are_written_directly_and_it_is_not_woken() {
         // more than the bound: the writer writes it
         let big = o.limit() / 2;
         let many = (big / APPROX_TICK_BYTES) as u64 + 10;
-        assert!(o.offer(ticks(5..=4 + many), false).1);
+        assert!(o.offer(ticks(5..=4 + many), within()).1);
         o.write_or_wake();
         assert!(ready(take.as_mut()), "a queue over the bound wakes the writer");
     }
@@ -297,7 +302,7 @@ fn an_idle_writers_ticks_are_written_directly_and_it_is_not_woken() {
 
     // the writer is busy (not in `take`): woken, nothing written around it
     out.clear();
-    assert!(o.offer(ticks(100..=100), false).1);
+    assert!(o.offer(ticks(100..=100), within()).1);
     o.write_or_wake();
     {
         let mut take = std::pin::pin!(o.take(&mut out));
@@ -318,7 +323,7 @@ fn an_idle_writers_ticks_are_written_directly_and_it_is_not_woken() {
     {
         let mut take = std::pin::pin!(o.take(&mut out));
         assert!(!ready(take.as_mut()));
-        assert!(o.offer(ticks(101..=101), true).1);
+        assert!(o.offer(ticks(101..=101), Offer::Forced).1);
         o.control(2, 1);
         o.write_or_wake();
         assert!(ready(take.as_mut()));
@@ -331,7 +336,7 @@ fn an_idle_writers_ticks_are_written_directly_and_it_is_not_woken() {
     let mut out = VecDeque::new();
     let mut take = std::pin::pin!(plain.take(&mut out));
     assert!(!ready(take.as_mut()));
-    assert!(plain.offer(ticks(1..=1), false).1);
+    assert!(plain.offer(ticks(1..=1), within()).1);
     plain.write_or_wake();
     assert!(ready(take.as_mut()));
 }
@@ -348,7 +353,7 @@ fn a_partial_direct_write_leaves_the_rest_to_the_writer_before_anything_else() {
     {
         let mut take = std::pin::pin!(o.take(&mut out));
         assert!(!ready(take.as_mut()));
-        assert!(o.offer(ticks(1..=3), false).1);
+        assert!(o.offer(ticks(1..=3), within()).1);
         let weight = o.unsent();
         o.write_or_wake();
         assert_eq!(socket.written(), vec![1]);
@@ -356,7 +361,7 @@ fn a_partial_direct_write_leaves_the_rest_to_the_writer_before_anything_else() {
         assert_eq!(o.unsent(), weight, "the rest still counts against the client");
         // the next commit before the writer ran: not written around the rest
         socket.room.store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
-        assert!(o.offer(ticks(4..=4), false).1);
+        assert!(o.offer(ticks(4..=4), within()).1);
         o.write_or_wake();
         assert_eq!(socket.written(), vec![1], "a direct write went out before the rest");
         assert!(ready(take.as_mut()), "the writer is woken for the rest");
@@ -371,7 +376,7 @@ fn a_partial_direct_write_leaves_the_rest_to_the_writer_before_anything_else() {
     {
         let mut take = std::pin::pin!(o.take(&mut out));
         assert!(!ready(take.as_mut()));
-        assert!(o.offer(ticks(5..=5), false).1);
+        assert!(o.offer(ticks(5..=5), within()).1);
         o.write_or_wake();
         assert_eq!(socket.written(), vec![1, 5]);
         assert!(!ready(take.as_mut()));
@@ -413,7 +418,7 @@ fn what_comes_during_a_direct_write_follows_it() {
             // the writer task, woken by them, runs now
             assert!(poll(&w2).is_none(), "the writer took the queue during a direct write");
         }));
-        assert!(o.offer(ticks(1..=2), false).1);
+        assert!(o.offer(ticks(1..=2), within()).1);
         o.write_or_wake();
         assert_eq!(socket.written(), vec![1, 2]);
         let taken = poll(&writer).expect("the writer was not woken after the direct write");
@@ -436,8 +441,7 @@ fn a_stall_that_begins_during_a_direct_write_is_repaired_by_the_writer() {
         let o2 = o.clone();
         *socket.during.lock().unwrap() = Some(Box::new(move || {
             let over = (o2.limit() / APPROX_TICK_BYTES) as u64 + 10;
-            assert!(matches!(o2.offer(ticks(10..=10 + over), false).0, Push::Stalled));
-            Sink::mark_dirty(&*o2, sym(), Channel::Ticks);
+            assert!(matches!(o2.offer(ticks(10..=10 + over), within()).0, Push::Stalled));
         }));
         // (an empty queue is not written directly: that would run `during`)
         o.write_or_wake();
@@ -445,7 +449,7 @@ fn a_stall_that_begins_during_a_direct_write_is_repaired_by_the_writer() {
             !ready(take.as_mut()),
             "nothing queued, nothing written: the writer sleeps on"
         );
-        assert!(o.offer(ticks(1..=2), false).1);
+        assert!(o.offer(ticks(1..=2), within()).1);
         o.write_or_wake();
         assert_eq!(socket.written(), vec![1, 2]);
         assert!(ready(take.as_mut()), "the writer was not woken to end the stall");
@@ -455,4 +459,30 @@ fn a_stall_that_begins_during_a_direct_write_is_repaired_by_the_writer() {
         AfterWrite::Repair(dirty) => assert_eq!(dirty, vec![(sym(), Channel::Ticks)]),
         AfterWrite::Continue => panic!("the stall was not repaired"),
     }
+}
+
+/// A refused offer names its subscription for repair in the step that
+/// refuses it, so a writer that ends the stall right after the refusal
+/// still repairs that subscription. (The hub used to name it in a second
+/// step, after the outbox's lock was let go: a writer ending the stall in
+/// between took a repair list without it, and the subscription's ticks
+/// stopped for good, with no conflated snapshot and no close.)
+#[test]
+fn a_refused_offer_is_named_for_repair_before_it_returns() {
+    let o: Outbox<u8> = Outbox::new(1, 4096, Duration::from_secs(60));
+    let eth = Symbol::parse("ETH-USD").unwrap();
+    let many = (o.limit() / APPROX_TICK_BYTES) as u64 + 10;
+    assert!(matches!(o.offer(ticks(1..=2), within()).0, Push::Queued));
+    // this one starts the stall, and the next (another subscription) meets it
+    assert!(matches!(o.offer(ticks(3..=2 + many), within()).0, Push::Stalled));
+    let eth_ticks = Offer::Within(eth, Channel::Ticks);
+    assert!(matches!(o.offer(ticks(3..=3), eth_ticks).0, Push::Stalled));
+    // the writer writes what it has and ends the stall at once
+    match o.written(o.unsent()) {
+        AfterWrite::Repair(dirty) => {
+            assert_eq!(dirty, vec![(sym(), Channel::Ticks), (eth, Channel::Ticks)])
+        }
+        AfterWrite::Continue => panic!("the stall did not end"),
+    }
+    assert!(matches!(o.offer(ticks(3..=3), within()).0, Push::Queued));
 }
