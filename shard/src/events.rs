@@ -60,7 +60,10 @@ where
             }
             if let Some(msg) = st.queue.pop_front() {
                 match msg {
-                    Msg::Control(ev) => return Some((Ok(ev), st)),
+                    Msg::Control(ev, w) => {
+                        st.taken += w;
+                        return Some((Ok(ev), st));
+                    }
                     Msg::Data(d) => {
                         st.taken += d.weight();
                         (st.render)(d, &mut st.ready);

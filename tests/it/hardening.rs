@@ -729,3 +729,42 @@ async fn sigterm_answers_every_request_in_flight() {
         .collect();
     assert_eq!(stored, ok, "exactly the acked ones are durable, in order");
 }
+
+/// Replies count against a client's queue only until they are written: a
+/// client that has had several times its queue's worth of replies still
+/// gets every tick live, with no conflated snapshot. (Their weight used to
+/// stay counted for the connection's life: such a client stalled at its
+/// next tick and never left the stall, until 1013.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_stop_counting_against_a_client_once_written() {
+    let srv = Server::start(&[
+        "--no-sim",
+        "--client-queue-bytes",
+        "4096",
+        "--max-client-rate",
+        "100000",
+        "--client-burst",
+        "100000",
+    ]);
+    let mut ws = srv.ws().await;
+    // ~400 × 20 bytes of pongs, each read before the next ping is sent
+    for i in 0..400 {
+        ws.send_text(&format!(r#"{{"op":"ping","id":{i}}}"#)).await.unwrap();
+        match recv(&mut ws).await {
+            ServerMsg::Pong { id } => assert_eq!(id, Some(i.to_string())),
+            other => panic!("{other:?}"),
+        }
+    }
+    ws.send_text(r#"{"op":"subscribe","symbols":["REPLY-A"]}"#)
+        .await
+        .unwrap();
+    recv_subscribed(&mut ws).await;
+    let mut p = srv.publisher("replies").await;
+    for n in 1..=5i64 {
+        publish_all(&mut p, [tick("REPLY-A", now_micros() + n, &format!("10.{n}"), "1")]).await;
+        match recv(&mut ws).await {
+            ServerMsg::Tick(t) => assert_eq!((t.seq, t.price.to_string()), (n as u64, format!("10.{n}"))),
+            other => panic!("tick {n}: {other:?}"),
+        }
+    }
+}

@@ -400,9 +400,9 @@ impl Connection {
                 }
             }
             for msg in q.drain(..) {
+                weight += msg.weight();
                 let (opcode, payload): (OpCode, &[u8]) = match &msg {
                     Msg::Data(d) => {
-                        weight += d.weight();
                         buf.clear();
                         match d {
                             Data::Ticks { chunk, from } => {
@@ -432,13 +432,13 @@ impl Connection {
                         bytes += buf.len() as u64;
                         (OpCode::Text, &buf)
                     }
-                    Msg::Control(Ctl::Text(t)) => {
+                    Msg::Control(Ctl::Text(t), _) => {
                         msgs += 1;
                         bytes += t.len() as u64;
                         (OpCode::Text, t)
                     }
-                    Msg::Control(Ctl::Ping) => (OpCode::Ping, &[]),
-                    Msg::Control(Ctl::Pong(p)) => (OpCode::Pong, p),
+                    Msg::Control(Ctl::Ping, _) => (OpCode::Ping, &[]),
+                    Msg::Control(Ctl::Pong(p), _) => (OpCode::Pong, p),
                 };
                 if !tx.fits(payload.len())
                     && let Err(e) = tx.drain().await

@@ -69,10 +69,25 @@ fn record_peak(peak: usize) {
     }
 }
 
-/// One entry of the queue: hub data or a protocol-specific control message.
+/// One entry of the queue: hub data or a protocol-specific control message
+/// with its weight (what it counts against the client while unsent).
 pub enum Msg<C> {
     Data(Data),
-    Control(C),
+    Control(C, usize),
+}
+
+impl<C> Msg<C> {
+    /// What it counts against the client while unsent: a writer reports the
+    /// sum of what it wrote with [`Outbox::written`], control messages
+    /// included (else their weight would stay counted for the connection's
+    /// life, and a long-lived client would drift into a stall it never
+    /// leaves).
+    pub fn weight(&self) -> usize {
+        match self {
+            Msg::Data(d) => d.weight(),
+            Msg::Control(_, w) => *w,
+        }
+    }
 }
 
 /// The writer's view after a write: whether stalled subscriptions need repair.
@@ -320,7 +335,7 @@ impl<C: Send + 'static> Outbox<C> {
     pub fn control(&self, c: C, weight: usize) {
         let mut st = self.lock();
         if !st.finished {
-            self.enqueue(&mut st, Msg::Control(c), weight);
+            self.enqueue(&mut st, Msg::Control(c, weight), weight);
         }
     }
 
@@ -336,12 +351,16 @@ impl<C: Send + 'static> Outbox<C> {
         }
         st.close = Some(close);
         self.room.notify_waiters();
-        let before = st.queue.len();
-        st.queue.retain(|m| matches!(m, Msg::Control(_)));
-        if st.queue.len() != before {
-            // Dropped data no longer counts against the client.
-            st.bytes = st.queue.len() * 64;
-        }
+        // Dropped data no longer counts against the client.
+        let mut dropped = 0;
+        st.queue.retain(|m| match m {
+            Msg::Data(d) => {
+                dropped += d.weight();
+                false
+            }
+            Msg::Control(..) => true,
+        });
+        st.bytes = st.bytes.saturating_sub(dropped);
         drop(st);
         self.notify.notify_one();
     }

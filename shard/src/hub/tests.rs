@@ -188,7 +188,7 @@ async fn a_deferred_publish_wakes_the_parked_writer_only_when_told() {
         assert!(std::future::poll_fn(|cx| Poll::Ready(poll(cx))).await, "woken");
     }
     assert!(matches!(out.pop_front(), Some(Msg::Data(Data::Ticks { .. }))));
-    assert!(matches!(out.pop_front(), Some(Msg::Control(7))));
+    assert!(matches!(out.pop_front(), Some(Msg::Control(7, _))));
 }
 
 /// A client socket for direct writes: takes `room` more ticks, records them,
@@ -263,7 +263,7 @@ fn seqs(q: &VecDeque<Msg<u8>>) -> Vec<u64> {
     q.iter()
         .flat_map(|m| match m {
             Msg::Data(Data::Ticks { chunk, from }) => chunk.ticks[*from..].iter().map(|t| t.seq).collect(),
-            Msg::Control(c) => vec![1000 + u64::from(*c)],
+            Msg::Control(c, _) => vec![1000 + u64::from(*c)],
             Msg::Data(_) => vec![u64::MAX],
         })
         .collect()
