@@ -768,3 +768,38 @@ async fn replies_stop_counting_against_a_client_once_written() {
         }
     }
 }
+
+/// A client that sends pings (or requests) and never reads the answers is
+/// not read either once its unsent bytes pass its queue's limit: the
+/// server's queue for it stays within about the limit, however much it
+/// sends. (It used to read on and queue a pong per ping without bound.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_cannot_grow_its_queue_with_pings() {
+    use tokio::io::AsyncWriteExt;
+    let limit = 16_384;
+    let srv = Server::start(&["--no-sim", "--client-queue-bytes", &limit.to_string()]);
+    let (mut s, _) = raw_ws(&srv, &[]).await;
+    let ping = raw_frame(0x89, &[7; 125], true);
+    let burst: Vec<u8> = ping.iter().copied().cycle().take(ping.len() * 1_000).collect();
+    // 64 MB of pings: the server stops reading long before (the kernel's
+    // buffers fill and the writes wait), so this ends at its time bound.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), async {
+        for _ in 0..500 {
+            if s.write_all(&burst).await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    drop(s);
+    // (the peak is recorded when the connection ends)
+    eventually("the connection ends", || async {
+        srv.metric("tickshard_clients_connected").await == 0.0
+    })
+    .await;
+    let peak = srv.metric("tickshard_client_queue_peak_bytes").await;
+    assert!(
+        peak > 0.0 && peak <= 2.0 * limit as f64,
+        "peak queue {peak} bytes, limit {limit}"
+    );
+}

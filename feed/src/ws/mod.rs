@@ -490,6 +490,16 @@ impl Connection {
         // ~600 bytes of every idle connection's future.
         let mut active: Option<Box<WebSocket<Tracked<'_>>>> = None;
         let end = 'read: loop {
+            // Back-pressure: a client that does not read what it asked for
+            // (its unsent bytes past its queue's limit) is not read either
+            // until it has caught up to half of it. TCP then pushes back on
+            // it, and its requests (each queues a reply, a pong or
+            // snapshots, which the limit does not refuse) cannot pile up
+            // here: a connection's queue stays within its limit plus one
+            // message's replies.
+            if self.outbox.over_limit() {
+                self.outbox.room().await;
+            }
             let reader = match (&mut active, idle.take()) {
                 (Some(ws), _) => ws,
                 (None, Some(raw)) => {
@@ -587,7 +597,10 @@ impl Connection {
                     self.outbox.close(Close::Protocol);
                     break 'read ReadEnd::Stopped;
                 }
-                OpCode::Ping => self.outbox.control(Ctl::Pong(frame.payload.to_vec()), 16),
+                OpCode::Ping => {
+                    let w = 16 + frame.payload.len();
+                    self.outbox.control(Ctl::Pong(frame.payload.to_vec()), w);
+                }
                 OpCode::Pong => {}
                 OpCode::Close => {
                     let code = frame

@@ -11,10 +11,14 @@
 //!    stalled subscriptions and the hub sends each a `conflated` snapshot, after
 //!    which live data flows again — no gap the client is not told about.
 //! 4. A client stalled for longer than `slow` is closed with 1013.
+//! 5. A client past the limit is not read either ([`Outbox::over_limit`])
+//!    until it has caught up to half of it.
 //!
-//! Control messages (replies, pongs, closes), snapshots and closed candles are
-//! small and rate-bounded, so they bypass the limit ([`Outbox::force`]); the
-//! memory of a stalled client is thus bounded by `limit` plus those.
+//! Control messages (replies, pongs, closes), snapshots and closed candles
+//! bypass the limit ([`Offer::Forced`], [`Outbox::control`]): they are what
+//! the client asked for, or rare. Since a client past the limit is not read
+//! (5), its memory is bounded by `limit` plus one request's replies, closed
+//! candles and server pings until the 1013.
 
 use std::{
     collections::VecDeque,
@@ -410,6 +414,14 @@ impl<C: Send + 'static> Outbox<C> {
             }
             notified.await;
         }
+    }
+
+    /// Whether the client's unsent bytes are past its limit: its protocol's
+    /// reader stops reading its requests until [`room`](Self::room), so
+    /// that what it asks for (replies, pongs, snapshots: items the limit
+    /// does not refuse) cannot pile up while it does not read.
+    pub fn over_limit(&self) -> bool {
+        self.lock().bytes > self.limit
     }
 
     /// The writer wrote items of total `weight`: release it and report whether
