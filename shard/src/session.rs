@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use tokio::sync::OwnedMutexGuard;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -52,7 +53,12 @@ struct Pairs {
     /// Registered with the node (or being registered, or deferred).
     active: HashSet<(Symbol, Channel)>,
     /// Deferred: their owner was down; a retry task registers them later.
-    retrying: HashSet<(Symbol, Channel)>,
+    /// The value is the retry that holds the pair: a later subscribe of
+    /// it supersedes an earlier one, whose task then lets it go (one retry
+    /// per pair, however often the client asks).
+    retrying: HashMap<(Symbol, Channel), u64>,
+    /// The next retry's number.
+    next_retry: u64,
 }
 
 /// A subscriber's outbox and subscriptions. Cheap to share (`Arc`); ends
@@ -63,6 +69,10 @@ pub struct Session<C: Send + 'static> {
     outbox: Arc<Outbox<C>>,
     /// A std mutex: never held across `.await`.
     pairs: Mutex<Pairs>,
+    /// Held from a registration to its activation (see [`Prepared`]): two
+    /// registrations of one pair (a subscribe and a retry, say) never
+    /// interleave, so one's activation never takes the other's entry.
+    turn: Arc<tokio::sync::Mutex<()>>,
     /// Cancelled at the end: stops deferred retries.
     ended: CancellationToken,
 }
@@ -73,6 +83,7 @@ impl<C: Send + 'static> Session<C> {
             node,
             outbox,
             pairs: Mutex::new(Pairs::default()),
+            turn: Arc::new(tokio::sync::Mutex::new(())),
             ended: CancellationToken::new(),
         })
     }
@@ -118,6 +129,7 @@ impl<C: Send + 'static> Session<C> {
     /// `failed` (owner down) stay recorded; hand them to [`Session::retry`]
     /// or end the session.
     pub async fn prepare(&self, reqs: &[SubRequest]) -> Result<Prepared, Error> {
+        let turn = self.turn.clone().lock_owned().await;
         let mut added = Vec::new();
         {
             let mut pairs = self.pairs();
@@ -128,7 +140,7 @@ impl<C: Send + 'static> Session<C> {
                 pairs.retrying.remove(&(r.symbol, r.channel));
             }
         }
-        let prepared = self.register(reqs).await;
+        let prepared = self.register(reqs, turn).await;
         if prepared.is_err() {
             let mut pairs = self.pairs();
             for pair in &added {
@@ -138,8 +150,9 @@ impl<C: Send + 'static> Session<C> {
         prepared
     }
 
-    /// [`Node::prepare`], unless the session has ended (before or meanwhile).
-    async fn register(&self, reqs: &[SubRequest]) -> Result<Prepared, Error> {
+    /// [`Node::prepare`], unless the session has ended (before or
+    /// meanwhile); `turn` goes with the result, until its activation.
+    async fn register(&self, reqs: &[SubRequest], turn: OwnedMutexGuard<()>) -> Result<Prepared, Error> {
         if self.is_ended() {
             return Err(Error::unavailable("the subscriber is gone"));
         }
@@ -152,7 +165,7 @@ impl<C: Send + 'static> Session<C> {
             }
             return Err(Error::unavailable("the subscriber is gone"));
         }
-        prepared
+        prepared.map(|p| p.with_turn(turn))
     }
 
     /// Sends the initial data of prepared subscriptions and makes them live.
@@ -182,15 +195,18 @@ impl<C: Send + 'static> Session<C> {
         F: FnMut(&Session<C>, &[SubResult]) + Send + 'static,
     {
         let mut reqs: Vec<SubRequest> = Vec::with_capacity(failed.len());
-        {
+        let me = {
             let mut pairs = self.pairs();
+            let me = pairs.next_retry;
+            pairs.next_retry += 1;
             for (r, _) in failed {
                 if pairs.active.contains(&(r.symbol, r.channel)) {
-                    pairs.retrying.insert((r.symbol, r.channel));
+                    pairs.retrying.insert((r.symbol, r.channel), me);
                     reqs.push(r);
                 }
             }
-        }
+            me
+        };
         if reqs.is_empty() {
             return;
         }
@@ -202,11 +218,17 @@ impl<C: Send + 'static> Session<C> {
                     () = session.ended.cancelled() => return,
                     () = delay.wait() => {}
                 }
-                reqs.retain(|r| session.pairs().retrying.contains(&(r.symbol, r.channel)));
+                // (its turn first: a subscribe that supersedes a pair is
+                // either seen here or waits until this one is activated)
+                let turn = tokio::select! {
+                    () = session.ended.cancelled() => return,
+                    t = session.turn.clone().lock_owned() => t,
+                };
+                reqs.retain(|r| session.pairs().retrying.get(&(r.symbol, r.channel)) == Some(&me));
                 if reqs.is_empty() {
                     return;
                 }
-                let Ok(mut prepared) = session.register(&reqs).await else {
+                let Ok(mut prepared) = session.register(&reqs, turn).await else {
                     continue;
                 };
                 reqs = std::mem::take(&mut prepared.failed)
@@ -395,10 +417,12 @@ mod tests {
             let mut prepared = s.prepare(&reqs).await.expect("deferred, not refused");
             assert!(prepared.results.is_empty());
             assert_eq!(prepared.failed.len(), 2, "the owner is down");
+            let failed = std::mem::take(&mut prepared.failed);
+            drop(prepared); // (its turn: nothing to activate)
             let tracker = TaskTracker::new();
             let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let seen = calls.clone();
-            s.retry(&tracker, std::mem::take(&mut prepared.failed), move |_, _| {
+            s.retry(&tracker, failed, move |_, _| {
                 seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             });
             tracker.close();
@@ -418,6 +442,37 @@ mod tests {
             assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 0);
             assert_eq!(s.count_after(&[]), 0);
         }
+        node.shutdown().await;
+    }
+
+    /// A deferred pair subscribed again is retried by the later subscribe's
+    /// task alone: the earlier task lets it go and ends. (Each subscribe
+    /// used to add a task that kept retrying the pair, and when the owner
+    /// came back they all registered it: duplicate and reordered ticks.)
+    #[tokio::test(start_paused = true)]
+    async fn a_deferred_pair_subscribed_again_is_retried_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = node(dir.path(), 2, 10);
+        let own = Ownership::new(2, 0);
+        let remote = (0..).map(|i| sym(&format!("R{i}"))).find(|s| !own.is_local(s));
+        let reqs = requests(&[remote.expect("a remote symbol")], &[Channel::Ticks], &HashMap::new());
+        let s = session(&node);
+        let tracker = TaskTracker::new();
+        for _ in 0..3 {
+            let mut prepared = s.prepare(&reqs).await.expect("deferred, not refused");
+            assert_eq!(prepared.failed.len(), 1, "the owner is down");
+            let failed = std::mem::take(&mut prepared.failed);
+            drop(prepared); // (its turn: nothing to activate)
+            s.retry(&tracker, failed, |_, _| {});
+        }
+        // (each task sees the pair superseded at its next attempt)
+        tokio::time::sleep(RETRY_MAX * 2).await;
+        assert_eq!(tracker.len(), 1, "one retry task for the pair");
+        s.end();
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+            .await
+            .expect("the retry task ends");
         node.shutdown().await;
     }
 }

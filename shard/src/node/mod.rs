@@ -130,6 +130,16 @@ pub struct Prepared {
     /// Requests that cannot be served now (their owner shard is unavailable),
     /// with why. Nothing of them is registered; the caller may retry them.
     pub failed: Vec<(SubRequest, String)>,
+    /// The session's registration turn (`Session::prepare`), held until
+    /// these are activated (or dropped).
+    turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Prepared {
+    pub(crate) fn with_turn(mut self, turn: tokio::sync::OwnedMutexGuard<()>) -> Prepared {
+        self.turn = Some(turn);
+        self
+    }
 }
 
 pub struct Node {
@@ -663,7 +673,12 @@ impl Node {
             });
             plans.push(plan);
         }
-        Ok(Prepared { results, plans, failed })
+        Ok(Prepared {
+            results,
+            plans,
+            failed,
+            turn: None,
+        })
     }
 
     /// Sends each subscription's initial data (snapshot, replayed history or
