@@ -701,3 +701,41 @@ async fn a_peer_partition_heals_without_gap_or_duplicate() {
     }
     assert!(pods[2].metric("tickshard_peer_up").await >= 2.0, "the link is back up");
 }
+
+/// A subscribe deferred because its symbol's owner is down is answered
+/// with an `unavailable` error that echoes its `id` (contract §4: every
+/// reply to a message with an `id` echoes it), then completes with its own
+/// `subscribed` (same `id`) once the owner is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_subscribe_echoes_its_id() {
+    let mut c = TestCluster::start(2, &[]);
+    c.wait_linked().await;
+    let symbol = owned_by(1, 2, 1).remove(0);
+    c.pods[1].kill9();
+    let mut ws = c.pods[0].ws().await;
+    ws.send_text(&format!(r#"{{"op":"subscribe","id":9,"symbols":["{symbol}"]}}"#))
+        .await
+        .unwrap();
+    match recv(&mut ws).await {
+        ServerMsg::Error {
+            id, code, symbol: s, ..
+        } => {
+            assert_eq!(
+                (id.as_deref(), code.as_str(), s),
+                (Some("9"), "unavailable", Some(symbol.clone()))
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    c.pods[1].restart();
+    match recv(&mut ws).await {
+        ServerMsg::Subscribed { id, symbols } => {
+            assert_eq!(id.as_deref(), Some("9"));
+            assert_eq!(
+                symbols.iter().map(|s| s.symbol.as_str()).collect::<Vec<_>>(),
+                [symbol.as_str()]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -220,10 +220,13 @@ pub fn error(out: &mut Vec<u8>, req_id: Option<&[u8]>, code: &str, message: &str
     out.push(b'}');
 }
 
-/// `{"type":"unavailable","symbol":…,"message":…}`: the symbol's owner is
-/// unreachable; a normal resume follows when it is back.
-pub fn unavailable(out: &mut Vec<u8>, sym: &Symbol, message: &str) {
-    out.extend_from_slice(b"{\"type\":\"error\",\"code\":\"unavailable\",\"symbol\":");
+/// `{"type":"error","code":"unavailable","symbol":…,"message":…}`: the
+/// symbol's owner is unreachable; a normal resume follows when it is back.
+/// `req_id`: the subscribe it answers, if any (contract §4: a reply echoes it).
+pub fn unavailable(out: &mut Vec<u8>, req_id: Option<&[u8]>, sym: &Symbol, message: &str) {
+    out.extend_from_slice(b"{\"type\":\"error\"");
+    id(out, req_id);
+    out.extend_from_slice(b",\"code\":\"unavailable\",\"symbol\":");
     symbol(out, sym);
     out.extend_from_slice(b",\"message\":");
     string(out, message);

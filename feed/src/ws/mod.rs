@@ -424,6 +424,7 @@ impl Connection {
                             Data::Candle(c) => json::candle(&mut buf, &c.candle, c.closed),
                             Data::Unavailable(sym) => json::unavailable(
                                 &mut buf,
+                                None,
                                 sym,
                                 "the shard that owns this symbol is unavailable; data resumes without a gap when it is back",
                             ),
@@ -936,6 +937,7 @@ impl Reader<'_> {
                 let mut out = Vec::new();
                 json::unavailable(
                     &mut out,
+                    id,
                     &r.symbol,
                     &format!("{why}; subscribing as soon as it is back"),
                 );
