@@ -82,6 +82,10 @@ pub enum Ended {
     /// The caller's credentials lapsed: retry with fresh ones (nothing is
     /// lost or duplicated: unacked requests are resent with their seqs).
     Expired,
+    /// More `(publisher_id, symbol)` pairs were refused on it than a stream
+    /// remembers ([`crate::committer::MAX_BROKEN_PAIRS`]): retryable on a
+    /// new stream.
+    Full,
 }
 
 /// Whether a symbol is allowed.
@@ -148,6 +152,7 @@ where
     let permits = Arc::new(Semaphore::new(window.max(1)));
     let drained = Arc::new(AtomicBool::new(false));
     let expired = Arc::new(AtomicBool::new(false));
+    let full = Arc::new(AtomicBool::new(false));
     let lapse = match &origin {
         Origin::Client(c) => c.until,
         Origin::Peer => None,
@@ -156,10 +161,16 @@ where
         let permits = permits.clone();
         let drained = drained.clone();
         let expired = expired.clone();
+        let full = full.clone();
+        let ack_tx = ack_tx.clone();
         let tasks = node.stream_tasks().clone();
         crate::tasks::spawn(&tasks, async move {
             let mut publishers: HashMap<String, Arc<str>> = HashMap::new();
             loop {
+                if ack_tx.is_full() {
+                    full.store(true, Ordering::Relaxed);
+                    break;
+                }
                 // Bound the requests in flight: wait for acks past the window.
                 let lapsed = async {
                     match lapse {
@@ -288,10 +299,81 @@ where
             stream::once(async move {
                 if expired.load(Ordering::Relaxed) {
                     Some(Err(Ended::Expired))
+                } else if full.load(Ordering::Relaxed) {
+                    Some(Err(Ended::Full))
                 } else {
                     drained.load(Ordering::Relaxed).then_some(Err(Ended::Drained))
                 }
             })
             .filter_map(|x| async move { x }),
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+    use rust_decimal::Decimal;
+
+    use super::*;
+    use crate::{committer::MAX_BROKEN_PAIRS, domain::Symbol, ownership::Ownership};
+
+    /// During an owner's outage every request with a new `publisher_id` is
+    /// refused and its pair remembered on the stream: past
+    /// [`MAX_BROKEN_PAIRS`] the stream ends (retryable) instead of growing
+    /// without bound, and nothing is accepted on it after the refusals.
+    #[tokio::test]
+    async fn a_stream_that_refuses_too_many_pairs_ends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = crate::node::test_node(dir.path(), 2, 100);
+        let own = Ownership::new(2, 0);
+        let remote = (0..)
+            .map(|i| Symbol::parse(&format!("R{i}")).expect("symbol"))
+            .find(|s| !own.is_local(s))
+            .expect("a remote symbol");
+        let n = MAX_BROKEN_PAIRS + 100;
+        let requests = futures_util::stream::iter((0..n).map(move |i| {
+            Ok::<_, String>(Request {
+                request_id: i as u64,
+                symbol: remote.to_string(),
+                tick: Ok(Tick {
+                    symbol: remote,
+                    seq: 0,
+                    ts: 1_700_000_000_000_000,
+                    price: Decimal::ONE,
+                    size: Decimal::ONE,
+                    bid: None,
+                    ask: None,
+                    bid_size: None,
+                    ask_size: None,
+                }),
+                publisher_id: format!("p{i}"),
+                publisher_seq: 1,
+            })
+        }));
+        let answers: Vec<_> = serve(
+            node.clone(),
+            requests,
+            64,
+            CancellationToken::new(),
+            Origin::Client(Caller::default()),
+        )
+        .collect()
+        .await;
+        let (last, acks) = answers.split_last().expect("answers");
+        assert!(matches!(last, Err(Ended::Full)), "ends Full");
+        assert!(
+            acks.len() > MAX_BROKEN_PAIRS && acks.len() < n,
+            "{} answers",
+            acks.len()
+        );
+        for a in acks {
+            let refused = match a {
+                Ok(Answer::Ack(a)) => matches!(a.result, Err(AckError::Unavailable(_))),
+                Ok(Answer::Refused { code, .. }) => *code == ErrorCode::Unavailable,
+                Err(_) => false,
+            };
+            assert!(refused, "every answer is unavailable");
+        }
+        node.shutdown().await;
+    }
 }

@@ -481,6 +481,9 @@ pub fn publish_stream(
         Err(publish::Ended::Expired) => Err(tonic::Status::unauthenticated(
             "the token expired: reconnect with a fresh one and resend unacked requests",
         )),
+        Err(publish::Ended::Full) => Err(tonic::Status::unavailable(
+            "too many publisher_id×symbol pairs were refused on this stream: reconnect and resend unacked requests",
+        )),
     });
     Box::pin(answers)
 }

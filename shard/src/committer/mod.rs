@@ -122,6 +122,10 @@ pub struct AckTx {
     order: Arc<StreamOrder>,
 }
 
+/// Most `(publisher_id, symbol)` pairs one stream remembers as refused
+/// (see [`AckTx`]); past it the stream is ended ([`AckTx::is_full`]).
+pub const MAX_BROKEN_PAIRS: usize = 4_096;
+
 /// The pairs of one stream that have had a request refused as UNAVAILABLE.
 #[derive(Default)]
 struct StreamOrder {
@@ -129,7 +133,11 @@ struct StreamOrder {
     any: AtomicBool,
     /// A std mutex, never held across an await. Per pair, the lowest
     /// `publisher_seq` refused: a resend from it (or earlier) fills the hole.
+    /// At most [`MAX_BROKEN_PAIRS`].
     broken: std::sync::Mutex<HashMap<(Arc<str>, Symbol), u64>>,
+    /// A refused pair did not fit in `broken`: nothing more is accepted on
+    /// this stream, and it ends (the publisher resends on a new one).
+    full: AtomicBool,
 }
 
 impl AckTx {
@@ -165,6 +173,9 @@ impl AckTx {
         if !self.order.any.load(Ordering::Acquire) {
             return false;
         }
+        if self.is_full() {
+            return true;
+        }
         let mut broken = self.order.broken.lock().unwrap_or_else(|e| e.into_inner());
         let key = (p.clone(), symbol);
         match broken.get(&key) {
@@ -177,13 +188,32 @@ impl AckTx {
         }
     }
 
+    /// More pairs were refused on this stream than it remembers: it must
+    /// end (its publisher resends the unacked requests on a new stream, in
+    /// order); until then nothing more with a `publisher_id` is accepted.
+    pub fn is_full(&self) -> bool {
+        self.order.full.load(Ordering::Acquire)
+    }
+
     /// Refuses one request as UNAVAILABLE: first marks its pair broken on this
     /// stream (so no later request of the pair can be accepted), then acks.
     pub fn unavailable(&self, publisher: Option<(&Arc<str>, u64)>, request_id: u64, symbol: Symbol, why: String) {
         if let Some((p, pseq)) = publisher {
             let mut broken = self.order.broken.lock().unwrap_or_else(|e| e.into_inner());
-            let first = broken.entry((p.clone(), symbol)).or_insert(pseq);
-            *first = (*first).min(pseq);
+            let key = (p.clone(), symbol);
+            let room = broken.len() < MAX_BROKEN_PAIRS;
+            match broken.entry(key) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    let first = e.get_mut();
+                    *first = (*first).min(pseq);
+                }
+                std::collections::hash_map::Entry::Vacant(e) if room => {
+                    e.insert(pseq);
+                }
+                // (a request per new publisher_id during an outage must not
+                // grow this without bound: the stream ends instead)
+                std::collections::hash_map::Entry::Vacant(_) => self.order.full.store(true, Ordering::Release),
+            }
             self.order.any.store(true, Ordering::Release);
         }
         let _ = self.tx.send(vec![Ack {
