@@ -71,20 +71,23 @@ impl Patterns {
         Patterns::default()
     }
 
-    /// Parses a claim list (at most [`MAX_PATTERNS`]).
+    /// Parses a claim list (at most [`MAX_PATTERNS`]). A pattern is a
+    /// symbol (contract §8), so it is case-insensitive like one: it is
+    /// upper-cased, as symbols are on input.
     pub fn parse(list: &[String]) -> Result<Patterns, String> {
         if list.len() > MAX_PATTERNS {
             return Err(format!("more than {MAX_PATTERNS} patterns in one list"));
         }
         let mut p = Patterns::default();
         for pat in list {
+            let pat = pat.to_ascii_uppercase();
             match pat.strip_suffix('*') {
                 Some("") => p.all = true,
                 Some(prefix) => {
                     p.prefixes.insert(prefix.to_owned());
                 }
                 None => {
-                    p.exact.insert(pat.clone());
+                    p.exact.insert(pat);
                 }
             }
         }
@@ -611,6 +614,9 @@ mod tests {
         let many: Vec<String> = (0..12).map(|i| format!("X{i}")).collect();
         let listed = p.denied(many.iter().map(String::as_str)).unwrap();
         assert!(listed.ends_with("X9 (and 2 more)"), "{listed}");
+        // a pattern is a symbol: case-insensitive, as symbols are upper-cased on input
+        let p = Patterns::parse(&["btc-usd".into(), "eq.*".into()]).unwrap();
+        assert!(p.allows("BTC-USD") && p.allows("EQ.AAPL"));
     }
 
     proptest::proptest! {
