@@ -803,3 +803,28 @@ async fn a_client_that_never_reads_cannot_grow_its_queue_with_pings() {
         "peak queue {peak} bytes, limit {limit}"
     );
 }
+
+/// A health watch (which needs no token and never ends) does not keep its
+/// connection from idling out: strangers cannot hold every gRPC connection
+/// permit with watches. (It counted as an open stream.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_watch_does_not_hold_its_connection() {
+    use futures_util::StreamExt;
+    let srv = Server::start(&["--no-sim", "--grpc-idle-timeout-ms", "1000"]);
+    let channel = tonic::transport::Endpoint::from_shared(srv.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(watch.next().await, Some(Ok(_))), "the watch is served");
+    eventually("the connection idles out, its watch open", || async {
+        srv.log_text().contains("closing an idle gRPC connection")
+    })
+    .await;
+}

@@ -134,8 +134,14 @@ impl One {
     }
 }
 
+/// Services any stranger may call (no token): their streams do not keep
+/// a connection from idling out, so that nobody can hold every connection
+/// permit with health watches or reflection streams that never end.
+const OPEN_SERVICES: [&str; 2] = ["/grpc.health.v1.Health/", "/grpc.reflection."];
+
 /// The routes, counting the connection's open streams (a stream is open
-/// from its request until its response body ends or is dropped).
+/// from its request until its response body ends or is dropped; see
+/// [`OPEN_SERVICES`] for those that do not count).
 fn counted(
     routes: Routes,
     streams: Arc<AtomicUsize>,
@@ -147,7 +153,8 @@ fn counted(
 > + Clone {
     hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let mut routes = routes.clone();
-        let open = OpenStream::new(streams.clone());
+        let path = req.uri().path();
+        let open = (!OPEN_SERVICES.iter().any(|s| path.starts_with(s))).then(|| OpenStream::new(streams.clone()));
         async move {
             std::future::poll_fn(|cx| {
                 tonic::codegen::Service::<http::Request<hyper::body::Incoming>>::poll_ready(&mut routes, cx)
@@ -178,7 +185,7 @@ impl Drop for OpenStream {
 /// A response body that keeps its stream counted while it lives.
 struct Counted {
     body: tonic::body::Body,
-    _open: OpenStream,
+    _open: Option<OpenStream>,
 }
 
 impl hyper::body::Body for Counted {
