@@ -87,10 +87,20 @@ impl Shared {
 
     /// Registers a subscriber connection for the drain (which closes it) and
     /// counts it in `tickshard_clients_connected{protocol}`, until the
-    /// returned guard is dropped.
+    /// returned guard is dropped. One that enters once the drain has begun
+    /// is closed at once (1012): the drain may have listed the connections
+    /// before it came.
     pub fn enter<C: Send + 'static>(self: &Arc<Self>, protocol: &'static str, outbox: Arc<Outbox<C>>) -> Entered {
         let id = outbox.id();
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(id, outbox);
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, outbox.clone());
+        // (after the insert: the drain cancels `draining` before it lists
+        // the connections, so each one is either listed or sees it here)
+        if self.is_draining() {
+            outbox.close(Close::Restart);
+        }
         let gauge = metrics::gauge!(m::CLIENTS_CONNECTED, "protocol" => protocol);
         gauge.increment(1.0);
         Entered {
