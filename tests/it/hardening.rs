@@ -276,6 +276,20 @@ async fn websocket_protocol_violations_close_with_1002_or_1007() {
         ("unknown opcode 3", raw_frame(0x83, b"x", true), 1002),
         ("unmasked frame", raw_frame(0x81, br#"{"op":"ping"}"#, false), 1002),
         ("continuation without a start", raw_frame(0x80, b"x", true), 1002),
+        (
+            "close code 1005 (may not be sent)",
+            raw_frame(0x88, &1005u16.to_be_bytes(), true),
+            1002,
+        ),
+        ("close code 999", raw_frame(0x88, &999u16.to_be_bytes(), true), 1002),
+        ("close code 5000", raw_frame(0x88, &5000u16.to_be_bytes(), true), 1002),
+        (
+            "close reason not UTF-8",
+            raw_frame(0x88, &[0x03, 0xe8, 0xff, 0xfe], true),
+            1002,
+        ),
+        // (a valid close is answered with 1000)
+        ("close code 4000", raw_frame(0x88, &4000u16.to_be_bytes(), true), 1000),
     ];
     for (what, frame, want) in cases {
         let (mut s, mut buf) = raw_ws(&srv, &[]).await;
