@@ -218,10 +218,9 @@ fn resume(v: &BorrowedValue<'_>, id: &Option<Vec<u8>>, max: usize) -> Result<Has
             "\"resume\" must be an object {symbol: {seq, epoch}}",
         ));
     };
-    if obj.len() > max {
-        return Err(list_error(id, SymbolListError::TooMany { max }));
-    }
-    let mut out = HashMap::with_capacity(obj.len());
+    // Counted as read, each symbol once (keys that differ only in case name
+    // one symbol, contract §1): past `max` distinct ones, refused whole.
+    let mut out = HashMap::with_capacity(obj.len().min(max.saturating_add(1)));
     for (k, pos) in obj.iter() {
         let sym = Symbol::parse(k).map_err(|e| bad(id, ErrorCode::InvalidSymbol, e.to_string()))?;
         let seq = pos.get("seq").and_then(|s| s.as_u64());
@@ -237,6 +236,9 @@ fn resume(v: &BorrowedValue<'_>, id: &Option<Vec<u8>>, max: usize) -> Result<Has
         // a snapshot with recovered=false, as for any other unknown epoch.
         let epoch = Epoch::parse(epoch).unwrap_or_default();
         out.insert(sym, Position { seq, epoch });
+        if out.len() > max {
+            return Err(list_error(id, SymbolListError::TooMany { max }));
+        }
     }
     Ok(out)
 }
@@ -338,6 +340,13 @@ mod tests {
         let resume =
             r#"{"op":"subscribe","symbols":["A"],"resume":{"A":{"seq":1,"epoch":"x"},"B":{"seq":1,"epoch":"x"}}}"#;
         assert_eq!(limit(resume, 1).unwrap_err().code, ErrorCode::TooManySubscriptions);
+        // keys that differ only in case are one symbol
+        let resume =
+            r#"{"op":"subscribe","symbols":["A"],"resume":{"a":{"seq":1,"epoch":"x"},"A":{"seq":1,"epoch":"x"}}}"#;
+        let Op::Subscribe { resume, .. } = limit(resume, 1).unwrap().op else {
+            panic!()
+        };
+        assert_eq!(resume.len(), 1);
         let unsub = r#"{"op":"unsubscribe","symbols":["A","B"]}"#;
         assert_eq!(limit(unsub, 1).unwrap_err().code, ErrorCode::TooManySubscriptions);
     }
