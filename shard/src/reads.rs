@@ -3,6 +3,11 @@
 //! and the HTTP candles endpoint ask, and what the peer service answers from
 //! this pod's own data. Each protocol converts at its edge (`wire` for gRPC).
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
 use crate::{
     Error,
     domain::{HISTORY_LIMIT_MAX, History, HistoryQuery, LastTick, Symbol, SymbolInfo},
@@ -140,7 +145,28 @@ impl Node {
 
     /// Every symbol with ticks on any shard, sorted. Shards that cannot be
     /// reached are left out (and logged): the list is what is known now.
-    pub async fn all_symbols(&self) -> Vec<SymbolInfo> {
+    ///
+    /// A list costs a call to every peer and a sort of every symbol, however
+    /// short the request: callers that arrive while one is being made share
+    /// the next one (made once that one is done, so it starts after each of
+    /// them arrived and misses nothing they could have seen).
+    pub async fn all_symbols(&self) -> Arc<Vec<SymbolInfo>> {
+        let lists = &self.symbol_lists;
+        // a list made from here on started after this call arrived
+        let want = lists.started.load(Ordering::SeqCst) + 1;
+        let mut done = lists.done.lock().await;
+        if let Some((made, list)) = &*done
+            && *made >= want
+        {
+            return list.clone();
+        }
+        let made = lists.started.fetch_add(1, Ordering::SeqCst) + 1;
+        let list = Arc::new(self.make_symbol_list().await);
+        *done = Some((made, list.clone()));
+        list
+    }
+
+    async fn make_symbol_list(&self) -> Vec<SymbolInfo> {
         let mut out = self.local_symbols();
         if let Some(cluster) = self.cluster() {
             let calls = cluster
@@ -156,5 +182,54 @@ impl Node {
         }
         out.sort_by_key(|i| i.symbol);
         out
+    }
+}
+
+/// Cluster-wide symbol lists (see [`Node::all_symbols`]).
+#[derive(Default)]
+pub(crate) struct SymbolLists {
+    /// Lists started so far (each gets the next number).
+    started: AtomicU64,
+    /// The last list made, with its number; held while one is made.
+    done: tokio::sync::Mutex<Option<(u64, Arc<Vec<SymbolInfo>>)>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    /// Symbol lists asked while one is being made share the next one; a
+    /// list asked after one is done is made anew (it misses nothing).
+    #[tokio::test(flavor = "current_thread")]
+    async fn symbol_lists_asked_meanwhile_share_the_next_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = crate::node::test_node(dir.path(), 1, 100);
+        let lists = &node.symbol_lists;
+        node.all_symbols().await;
+        node.all_symbols().await;
+        assert_eq!(
+            lists.started.load(Ordering::SeqCst),
+            2,
+            "one list per call, one after another"
+        );
+        // a list being made (the test holds it), and five callers meanwhile
+        let making = lists.done.lock().await;
+        lists.started.fetch_add(1, Ordering::SeqCst);
+        let tracker = tokio_util::task::TaskTracker::new();
+        let callers: Vec<_> = (0..5)
+            .map(|_| {
+                let node = node.clone();
+                crate::tasks::spawn(&tracker, async move { node.all_symbols().await })
+            })
+            .collect();
+        for _ in 0..10 {
+            tokio::task::yield_now().await; // (each caller reaches the lock)
+        }
+        drop(making);
+        for c in callers {
+            c.await.expect("caller");
+        }
+        assert_eq!(lists.started.load(Ordering::SeqCst), 4, "the five shared one list");
+        node.shutdown().await;
     }
 }

@@ -167,6 +167,8 @@ pub struct Node {
     /// Tasks serving publish and peer streams (their readers, follow
     /// handlers): the drain waits for them once the gRPC listener stopped.
     stream_tasks: TaskTracker,
+    /// The cluster-wide symbol lists (see [`Node::all_symbols`]).
+    pub(crate) symbol_lists: crate::reads::SymbolLists,
 }
 
 impl Node {
@@ -275,6 +277,7 @@ impl Node {
             instance,
             ready: std::sync::atomic::AtomicBool::new(false),
             stream_tasks: TaskTracker::new(),
+            symbol_lists: crate::reads::SymbolLists::default(),
         }))
     }
 
