@@ -11,6 +11,7 @@
 //! or peer followers alike.
 
 mod chunk;
+mod entries;
 mod outbox;
 
 use std::{
@@ -168,6 +169,8 @@ pub struct Head {
 
 struct Entry {
     sink: Arc<dyn Sink>,
+    /// `sink.id()`, kept here (no call through the sink to find an entry).
+    sink_id: u64,
     channel: Channel,
     /// Data was refused while the client was behind; no more is sent until the
     /// writer repairs the subscription with a conflated snapshot.
@@ -194,7 +197,7 @@ struct State {
     /// Bit `i`: the current candle of `Interval::ALL[i]` changed and has not
     /// been sent to candle subscribers yet.
     candle_dirty: u8,
-    entries: Vec<Entry>,
+    entries: entries::Entries,
     /// The committer forgot the symbol (it never had a tick): nothing may
     /// attach any more; a new subscribe gets a new hub and epoch.
     retired: bool,
@@ -274,7 +277,7 @@ impl SymbolHub {
             }
         }
         if gone {
-            st.entries.retain(|e| !e.gone);
+            st.entries.remove_gone();
         }
     }
 
@@ -302,10 +305,10 @@ impl SymbolHub {
     /// Tells every subscriber that the owner is unreachable.
     pub fn notify_unavailable(&self) {
         let st = self.lock();
-        let mut told = Vec::new();
+        // (once per sink, which may have several channels of the symbol)
+        let mut told = std::collections::HashSet::new();
         for e in st.entries.iter().filter(|e| e.pending.is_none()) {
-            if !told.contains(&e.sink.id()) {
-                told.push(e.sink.id());
+            if told.insert(e.sink_id) {
                 e.sink.force(Data::Unavailable(self.symbol));
             }
         }
@@ -387,7 +390,7 @@ impl SymbolHub {
             }
         }
         if gone {
-            st.entries.retain(|e| !e.gone);
+            st.entries.remove_gone();
         }
         !was_dirty && st.candle_dirty != 0
     }
@@ -425,10 +428,10 @@ impl SymbolHub {
         if st.retired {
             return None;
         }
-        let id = sink.id();
-        st.entries.retain(|e| !(e.sink.id() == id && e.channel == channel));
-        st.entries.push(Entry {
+        let sink_id = sink.id();
+        st.entries.put(Entry {
             sink,
+            sink_id,
             channel,
             needs_snapshot: false,
             pending: Some(Pending::default()),
@@ -441,7 +444,7 @@ impl SymbolHub {
     /// Makes a subscription skip ticks up to `seq` (see [`Entry::after`]).
     pub fn deliver_after(&self, sink_id: u64, channel: Channel, seq: u64) {
         let mut st = self.lock();
-        if let Some(e) = find(&mut st.entries, sink_id, channel) {
+        if let Some(e) = st.entries.find(sink_id, channel) {
             e.after = seq;
         }
     }
@@ -450,7 +453,7 @@ impl SymbolHub {
     /// current head, from which the caller sends a snapshot instead.
     pub fn restart_from_head(&self, sink_id: u64, channel: Channel) -> Head {
         let mut st = self.lock();
-        if let Some(e) = find(&mut st.entries, sink_id, channel) {
+        if let Some(e) = st.entries.find(sink_id, channel) {
             e.pending = Some(Pending::default());
         }
         st.head
@@ -463,7 +466,7 @@ impl SymbolHub {
         let mut st = self.lock();
         let st = &mut *st;
         let head = st.head;
-        let Some(e) = find(&mut st.entries, sink_id, channel) else {
+        let Some(e) = st.entries.find(sink_id, channel) else {
             return;
         };
         let Some(p) = e.pending.take() else { return };
@@ -485,7 +488,7 @@ impl SymbolHub {
         let mut st = self.lock();
         let st = &mut *st;
         let head = st.head;
-        if let Some(e) = find(&mut st.entries, sink_id, channel)
+        if let Some(e) = st.entries.find(sink_id, channel)
             && e.needs_snapshot
             && e.pending.is_none()
         {
@@ -494,16 +497,8 @@ impl SymbolHub {
     }
 
     pub fn detach(&self, sink_id: u64, channel: Channel) {
-        self.lock()
-            .entries
-            .retain(|e| !(e.sink.id() == sink_id && e.channel == channel));
+        self.lock().entries.remove(sink_id, channel);
     }
-}
-
-fn find(entries: &mut [Entry], sink_id: u64, channel: Channel) -> Option<&mut Entry> {
-    entries
-        .iter_mut()
-        .find(|e| e.sink.id() == sink_id && e.channel == channel)
 }
 
 /// Sends the head as a conflated snapshot (ticks) or current candle.
@@ -646,7 +641,7 @@ impl Hub {
                     state: Mutex::new(State {
                         head: head(),
                         candle_dirty: 0,
-                        entries: Vec::new(),
+                        entries: entries::Entries::default(),
                         retired: false,
                     }),
                 })
