@@ -946,10 +946,9 @@ impl Reader<'_> {
     /// when the owner is back they complete with their own `subscribed` reply
     /// and the usual snapshot or replay — the client need not do anything.
     fn defer(&mut self, id: Option<&[u8]>, failed: Vec<(SubRequest, String)>) {
-        let mut told = Vec::new();
+        let mut told = std::collections::HashSet::new();
         for (r, why) in &failed {
-            if !told.contains(&r.symbol) {
-                told.push(r.symbol);
+            if told.insert(r.symbol) {
                 let mut out = Vec::new();
                 json::unavailable(
                     &mut out,

@@ -98,13 +98,18 @@ pub struct SubResult {
 impl SubResult {
     /// One entry per symbol for a `subscribed` reply: the symbol's ticks
     /// subscription if it has one, else its first.
+    /// (Linear in the results: a position per symbol, not a scan.)
     pub fn per_symbol(results: &[SubResult]) -> Vec<SubResult> {
         let mut out: Vec<SubResult> = Vec::new();
+        let mut at: std::collections::HashMap<Symbol, usize> = std::collections::HashMap::with_capacity(results.len());
         for r in results {
-            match out.iter_mut().find(|o| o.symbol == r.symbol) {
-                Some(o) if r.channel == Channel::Ticks => *o = *r,
+            match at.get(&r.symbol) {
+                Some(&i) if r.channel == Channel::Ticks => out[i] = *r,
                 Some(_) => {}
-                None => out.push(*r),
+                None => {
+                    at.insert(r.symbol, out.len());
+                    out.push(*r);
+                }
             }
         }
         out
@@ -1002,4 +1007,29 @@ pub(crate) fn test_node(dir: &std::path::Path, shards: u32, max_symbols: usize) 
         },
     };
     Node::open(cfg).expect("open node")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One entry per symbol, in first-seen order: its ticks subscription if
+    /// it has one (wherever it comes), else its first.
+    #[test]
+    fn a_subscribed_reply_has_one_entry_per_symbol() {
+        let r = |s: &str, channel: Channel, seq: u64| SubResult {
+            symbol: Symbol::parse(s).expect("symbol"),
+            channel,
+            epoch: Epoch::default(),
+            seq,
+            recovered: false,
+        };
+        let m1 = Channel::Candles(crate::domain::Interval::M1);
+        let got = SubResult::per_symbol(&[r("A", m1, 1), r("B", m1, 2), r("A", Channel::Ticks, 3), r("A", m1, 4)]);
+        let got: Vec<_> = got
+            .iter()
+            .map(|o| (o.symbol.as_str().to_string(), o.channel, o.seq))
+            .collect();
+        assert_eq!(got, vec![("A".into(), Channel::Ticks, 3), ("B".into(), m1, 2)]);
+    }
 }
