@@ -3,10 +3,7 @@
 //! and the HTTP candles endpoint ask, and what the peer service answers from
 //! this pod's own data. Each protocol converts at its edge (`wire` for gRPC).
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
-};
+use std::sync::{Arc, atomic::Ordering};
 
 use crate::{
     Error,
@@ -183,15 +180,6 @@ impl Node {
         out.sort_by_key(|i| i.symbol);
         out
     }
-}
-
-/// Cluster-wide symbol lists (see [`Node::all_symbols`]).
-#[derive(Default)]
-pub(crate) struct SymbolLists {
-    /// Lists started so far (each gets the next number).
-    started: AtomicU64,
-    /// The last list made, with its number; held while one is made.
-    done: tokio::sync::Mutex<Option<(u64, Arc<Vec<SymbolInfo>>)>>,
 }
 
 #[cfg(test)]

@@ -173,7 +173,16 @@ pub struct Node {
     /// handlers): the drain waits for them once the gRPC listener stopped.
     stream_tasks: TaskTracker,
     /// The cluster-wide symbol lists (see [`Node::all_symbols`]).
-    pub(crate) symbol_lists: crate::reads::SymbolLists,
+    pub(crate) symbol_lists: SymbolLists,
+}
+
+/// Cluster-wide symbol lists (see [`Node::all_symbols`]).
+#[derive(Default)]
+pub(crate) struct SymbolLists {
+    /// Lists started so far (each gets the next number).
+    pub(crate) started: AtomicU64,
+    /// The last list made, with its number; held while one is made.
+    pub(crate) done: tokio::sync::Mutex<Option<(u64, Arc<Vec<crate::domain::SymbolInfo>>)>>,
 }
 
 impl Node {
@@ -282,7 +291,7 @@ impl Node {
             instance,
             ready: std::sync::atomic::AtomicBool::new(false),
             stream_tasks: TaskTracker::new(),
-            symbol_lists: crate::reads::SymbolLists::default(),
+            symbol_lists: SymbolLists::default(),
         }))
     }
 
