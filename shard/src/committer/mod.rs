@@ -64,7 +64,7 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 /// A `(publisher_id, symbol)` de-dup state is forgotten this long after its
 /// last accepted publish (a retry older than that would be stored again).
 pub const DEDUP_HORIZON: Duration = Duration::from_secs(7 * 86_400);
-/// Most publishers whose de-dup state one symbol keeps: past it, the state
+/// Most publishers whose de-dup state one symbol keeps: past it, the eighth
 /// used least recently is forgotten (as after [`DEDUP_HORIZON`]), so a client
 /// that makes up a new `publisher_id` per request grows nothing without bound
 /// (a snapshot rewrites all of a symbol's states).
@@ -665,8 +665,9 @@ struct SymState {
     created: bool,
     /// Compacted in this batch.
     compacted: bool,
-    /// Publishers whose de-dup state this batch changed.
-    dedup_changed: Vec<Arc<str>>,
+    /// Publishers whose de-dup state this batch changed (a set: a batch may
+    /// carry many publishers of one symbol).
+    dedup_changed: std::collections::HashSet<Arc<str>>,
     ticks: Vec<Tick>,
     closed: Vec<Candle>,
 }
@@ -686,7 +687,7 @@ impl SymState {
             touched: false,
             created: false,
             compacted: false,
-            dedup_changed: Vec::new(),
+            dedup_changed: std::collections::HashSet::new(),
             ticks: Vec::new(),
             closed: Vec::new(),
         }
@@ -1168,21 +1169,14 @@ impl Worker {
             match st.dedup.get_mut(&**pid) {
                 Some(e) => *e = d,
                 None => {
-                    if st.dedup.len() >= MAX_PUBLISHERS_PER_SYMBOL
-                        && let Some(oldest) = st
-                            .dedup
-                            .iter()
-                            .min_by_key(|(_, d)| d.last_used)
-                            .map(|(id, _)| id.clone())
-                    {
-                        st.dedup.remove(&oldest);
-                        st.dedup_changed.retain(|id| *id != oldest);
+                    if st.dedup.len() >= MAX_PUBLISHERS_PER_SYMBOL {
+                        forget_least_recent(&mut st.dedup, &mut st.dedup_changed);
                     }
                     st.dedup.insert(pid.clone(), d);
                 }
             }
-            if !st.dedup_changed.iter().any(|id| **id == **pid) {
-                st.dedup_changed.push(pid.clone());
+            if !st.dedup_changed.contains(&**pid) {
+                st.dedup_changed.insert(pid.clone());
             }
         }
         Ok(Accepted {
@@ -1267,6 +1261,26 @@ impl Worker {
             touched.push(sym);
         }
         Ok(st)
+    }
+}
+
+/// Publishers forgotten at once when a symbol's de-dup table is full.
+const FORGET_AT_ONCE: usize = MAX_PUBLISHERS_PER_SYMBOL / 8;
+
+/// Forgets the [`FORGET_AT_ONCE`] publishers of a full de-dup table used
+/// least recently: one pass over the table per that many new publishers, so
+/// a client making up a new `publisher_id` per request costs the committer a
+/// constant per request, not a scan of the table.
+fn forget_least_recent(dedup: &mut HashMap<Arc<str>, DedupState>, changed: &mut std::collections::HashSet<Arc<str>>) {
+    let mut by_age: Vec<(i64, Arc<str>)> = dedup.iter().map(|(id, d)| (d.last_used, id.clone())).collect();
+    let n = FORGET_AT_ONCE.min(by_age.len());
+    if n == 0 {
+        return;
+    }
+    by_age.select_nth_unstable_by_key(n - 1, |(used, _)| *used);
+    for (_, id) in &by_age[..n] {
+        dedup.remove(id);
+        changed.remove(id);
     }
 }
 
