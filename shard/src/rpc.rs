@@ -247,6 +247,7 @@ impl ClusterApi for ClusterService {
                                                 break;
                                             }
                                             tracing::debug!(symbol = %sym, failed = ?prepared.failed, "a follow waits for the symbol's owner");
+                                            drop(prepared); // (its claims: not while it waits)
                                             wait.wait().await;
                                             continue;
                                         }

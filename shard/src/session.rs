@@ -48,6 +48,64 @@ pub fn requests(symbols: &[Symbol], channels: &[Channel], resume: &HashMap<Symbo
     out
 }
 
+type Pair = (Symbol, Channel);
+
+/// The pairs being registered, each with its lock (see [`Claims`]).
+type ClaimMap = Arc<Mutex<HashMap<Pair, Arc<tokio::sync::Mutex<()>>>>>;
+
+fn claim_map(m: &ClaimMap) -> MutexGuard<'_, HashMap<Pair, Arc<tokio::sync::Mutex<()>>>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The pairs one registration holds, from its start until its activation
+/// (they travel in its `Prepared`): another registration of one of them
+/// waits, so two registrations of a pair (a subscribe and a retry) never
+/// interleave, and one's activation never takes the other's entry. Per
+/// pair: a subscribe never waits for a registration of other pairs. Taken
+/// in one order, so two registrations never wait for each other.
+pub(crate) struct Claims {
+    map: ClaimMap,
+    held: Vec<(Pair, OwnedMutexGuard<()>)>,
+    /// The pair being waited for (cleaned up if the wait is dropped).
+    waiting: Option<Pair>,
+}
+
+impl Claims {
+    async fn take(map: &ClaimMap, reqs: &[SubRequest]) -> Claims {
+        let mut pairs: Vec<Pair> = reqs.iter().map(|r| (r.symbol, r.channel)).collect();
+        pairs.sort_unstable_by(|a, b| (a.0.as_str(), a.1).cmp(&(b.0.as_str(), b.1)));
+        pairs.dedup();
+        let mut claims = Claims {
+            map: map.clone(),
+            held: Vec::with_capacity(pairs.len()),
+            waiting: None,
+        };
+        for pair in pairs {
+            let lock = claim_map(map).entry(pair).or_default().clone();
+            claims.waiting = Some(pair);
+            let guard = lock.lock_owned().await;
+            claims.waiting = None;
+            claims.held.push((pair, guard));
+        }
+        claims
+    }
+}
+
+impl Drop for Claims {
+    fn drop(&mut self) {
+        let mut pairs: Vec<Pair> = self.held.drain(..).map(|(p, _)| p).collect();
+        pairs.extend(self.waiting.take());
+        // (a lock nobody else holds or waits for goes: the map holds only
+        // pairs being registered)
+        let mut map = claim_map(&self.map);
+        for p in pairs {
+            if map.get(&p).is_some_and(|l| Arc::strong_count(l) == 1) {
+                map.remove(&p);
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Pairs {
     /// Registered with the node (or being registered, or deferred).
@@ -69,10 +127,8 @@ pub struct Session<C: Send + 'static> {
     outbox: Arc<Outbox<C>>,
     /// A std mutex: never held across `.await`.
     pairs: Mutex<Pairs>,
-    /// Held from a registration to its activation (see [`Prepared`]): two
-    /// registrations of one pair (a subscribe and a retry, say) never
-    /// interleave, so one's activation never takes the other's entry.
-    turn: Arc<tokio::sync::Mutex<()>>,
+    /// The pairs being registered (see [`Claims`]).
+    claims: ClaimMap,
     /// Cancelled at the end: stops deferred retries.
     ended: CancellationToken,
 }
@@ -83,7 +139,7 @@ impl<C: Send + 'static> Session<C> {
             node,
             outbox,
             pairs: Mutex::new(Pairs::default()),
-            turn: Arc::new(tokio::sync::Mutex::new(())),
+            claims: ClaimMap::default(),
             ended: CancellationToken::new(),
         })
     }
@@ -129,7 +185,7 @@ impl<C: Send + 'static> Session<C> {
     /// `failed` (owner down) stay recorded; hand them to [`Session::retry`]
     /// or end the session.
     pub async fn prepare(&self, reqs: &[SubRequest]) -> Result<Prepared, Error> {
-        let turn = self.turn.clone().lock_owned().await;
+        let claims = Claims::take(&self.claims, reqs).await;
         let mut added = Vec::new();
         {
             let mut pairs = self.pairs();
@@ -140,7 +196,7 @@ impl<C: Send + 'static> Session<C> {
                 pairs.retrying.remove(&(r.symbol, r.channel));
             }
         }
-        let prepared = self.register(reqs, turn).await;
+        let prepared = self.register(reqs, claims).await;
         if prepared.is_err() {
             let mut pairs = self.pairs();
             for pair in &added {
@@ -151,8 +207,8 @@ impl<C: Send + 'static> Session<C> {
     }
 
     /// [`Node::prepare`], unless the session has ended (before or
-    /// meanwhile); `turn` goes with the result, until its activation.
-    async fn register(&self, reqs: &[SubRequest], turn: OwnedMutexGuard<()>) -> Result<Prepared, Error> {
+    /// meanwhile); `claims` go with the result, until its activation.
+    async fn register(&self, reqs: &[SubRequest], claims: Claims) -> Result<Prepared, Error> {
         if self.is_ended() {
             return Err(Error::unavailable("the subscriber is gone"));
         }
@@ -165,7 +221,7 @@ impl<C: Send + 'static> Session<C> {
             }
             return Err(Error::unavailable("the subscriber is gone"));
         }
-        prepared.map(|p| p.with_turn(turn))
+        prepared.map(|p| p.holding(claims))
     }
 
     /// Sends the initial data of prepared subscriptions and makes them live.
@@ -218,17 +274,23 @@ impl<C: Send + 'static> Session<C> {
                     () = session.ended.cancelled() => return,
                     () = delay.wait() => {}
                 }
-                // (its turn first: a subscribe that supersedes a pair is
-                // either seen here or waits until this one is activated)
-                let turn = tokio::select! {
-                    () = session.ended.cancelled() => return,
-                    t = session.turn.clone().lock_owned() => t,
-                };
-                reqs.retain(|r| session.pairs().retrying.get(&(r.symbol, r.channel)) == Some(&me));
+                let mine = |r: &SubRequest, p: &Pairs| p.retrying.get(&(r.symbol, r.channel)) == Some(&me);
+                reqs.retain(|r| mine(r, &session.pairs()));
                 if reqs.is_empty() {
                     return;
                 }
-                let Ok(mut prepared) = session.register(&reqs, turn).await else {
+                // Its pairs' claims first: a subscribe that supersedes one
+                // of them is either seen below or waits until this
+                // registration is activated.
+                let claims = tokio::select! {
+                    () = session.ended.cancelled() => return,
+                    c = Claims::take(&session.claims, &reqs) => c,
+                };
+                reqs.retain(|r| mine(r, &session.pairs()));
+                if reqs.is_empty() {
+                    return;
+                }
+                let Ok(mut prepared) = session.register(&reqs, claims).await else {
                     continue;
                 };
                 reqs = std::mem::take(&mut prepared.failed)
@@ -236,14 +298,31 @@ impl<C: Send + 'static> Session<C> {
                     .map(|(r, _)| r)
                     .collect();
                 if !prepared.results.is_empty() {
+                    // A pair unsubscribed while it was registered (an
+                    // unsubscribe takes no claim) is detached again, and
+                    // neither announced nor activated; the rest are live.
+                    let mut gone = Vec::new();
                     {
                         let mut pairs = session.pairs();
+                        prepared.retain(|r| {
+                            let pair = (r.symbol, r.channel);
+                            let wanted = pairs.retrying.get(&pair) == Some(&me);
+                            if !wanted {
+                                gone.push(pair);
+                            }
+                            wanted
+                        });
                         for r in &prepared.results {
                             pairs.retrying.remove(&(r.symbol, r.channel));
                         }
                     }
-                    ready(&session, &prepared.results);
-                    session.activate(prepared).await;
+                    for (symbol, channel) in gone {
+                        session.node.unsubscribe(session.outbox.id(), &symbol, channel);
+                    }
+                    if !prepared.results.is_empty() {
+                        ready(&session, &prepared.results);
+                        session.activate(prepared).await;
+                    }
                 }
                 if reqs.is_empty() {
                     return;
@@ -418,7 +497,7 @@ mod tests {
             assert!(prepared.results.is_empty());
             assert_eq!(prepared.failed.len(), 2, "the owner is down");
             let failed = std::mem::take(&mut prepared.failed);
-            drop(prepared); // (its turn: nothing to activate)
+            drop(prepared); // (its claims: nothing to activate)
             let tracker = TaskTracker::new();
             let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let seen = calls.clone();
@@ -445,6 +524,35 @@ mod tests {
         node.shutdown().await;
     }
 
+    /// A registration holding a pair (a retry, say) delays another
+    /// registration of that pair until it is activated, and no other: a
+    /// subscribe of other symbols goes on. The claims go with their
+    /// registrations.
+    #[tokio::test]
+    async fn a_registration_waits_only_for_its_own_pairs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = node(dir.path(), 1, 10);
+        let s = session(&node);
+        let x = requests(&[sym("XXX")], &[Channel::Ticks], &HashMap::new());
+        let y = requests(&[sym("YYY"), sym("ZZZ")], &[Channel::Ticks], &HashMap::new());
+        let held = Claims::take(&s.claims, &x).await;
+        let other = tokio::time::timeout(Duration::from_secs(10), s.prepare(&y)).await;
+        let other = other.expect("other pairs do not wait").expect("subscribed");
+        s.activate(other).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), s.prepare(&x))
+                .await
+                .is_err(),
+            "the same pair waits"
+        );
+        drop(held);
+        let same = s.prepare(&x).await.expect("subscribed once the claim went");
+        s.activate(same).await;
+        assert_eq!(subscribers(&node, "XXX"), 1);
+        assert!(claim_map(&s.claims).is_empty(), "no claim left behind");
+        node.shutdown().await;
+    }
+
     /// A deferred pair subscribed again is retried by the later subscribe's
     /// task alone: the earlier task lets it go and ends. (Each subscribe
     /// used to add a task that kept retrying the pair, and when the owner
@@ -462,7 +570,7 @@ mod tests {
             let mut prepared = s.prepare(&reqs).await.expect("deferred, not refused");
             assert_eq!(prepared.failed.len(), 1, "the owner is down");
             let failed = std::mem::take(&mut prepared.failed);
-            drop(prepared); // (its turn: nothing to activate)
+            drop(prepared); // (its claims: nothing to activate)
             s.retry(&tracker, failed, |_, _| {});
         }
         // (each task sees the pair superseded at its next attempt)

@@ -382,7 +382,7 @@ impl SymbolHub {
                             candle: *c,
                             closed: true,
                         }));
-                        e.gone = deliver(e, symbol, d, true, limit, wakes.as_deref_mut());
+                        e.gone |= deliver(e, symbol, d, true, limit, wakes.as_deref_mut());
                         gone |= e.gone;
                     }
                 }

@@ -135,15 +135,31 @@ pub struct Prepared {
     /// Requests that cannot be served now (their owner shard is unavailable),
     /// with why. Nothing of them is registered; the caller may retry them.
     pub failed: Vec<(SubRequest, String)>,
-    /// The session's registration turn (`Session::prepare`), held until
-    /// these are activated (or dropped).
-    turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// What the registration holds until these are activated (or dropped):
+    /// the session's claims on their pairs (`session::Claims`).
+    hold: Option<Box<dyn Send>>,
 }
 
 impl Prepared {
-    pub(crate) fn with_turn(mut self, turn: tokio::sync::OwnedMutexGuard<()>) -> Prepared {
-        self.turn = Some(turn);
+    /// Keeps `hold` until these are activated (or dropped).
+    pub(crate) fn holding(mut self, hold: impl Send + 'static) -> Prepared {
+        self.hold = Some(Box::new(hold));
         self
+    }
+
+    /// Leaves out the subscriptions `keep` refuses (they are not activated).
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&SubResult) -> bool) {
+        let mut plans = std::mem::take(&mut self.plans).into_iter();
+        let results = std::mem::take(&mut self.results);
+        for r in results {
+            let plan = plans.next();
+            if keep(&r)
+                && let Some(plan) = plan
+            {
+                self.results.push(r);
+                self.plans.push(plan);
+            }
+        }
     }
 }
 
@@ -694,7 +710,7 @@ impl Node {
             results,
             plans,
             failed,
-            turn: None,
+            hold: None,
         })
     }
 
