@@ -255,6 +255,16 @@ impl Server {
         pb::feed_client::FeedClient::connect(self.grpc_url()).await.unwrap()
     }
 
+    /// A client of the standard health service on the public gRPC port.
+    pub async fn health(&self) -> tonic_health::pb::health_client::HealthClient<tonic::transport::Channel> {
+        let channel = tonic::transport::Endpoint::from_shared(self.grpc_url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        tonic_health::pb::health_client::HealthClient::new(channel)
+    }
+
     /// A client of the shard-to-shard `Cluster` service on the peer port.
     pub async fn peer(&self) -> pb::cluster_client::ClusterClient<tonic::transport::Channel> {
         pb::cluster_client::ClusterClient::connect(self.peer_url())

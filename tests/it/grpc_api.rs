@@ -206,12 +206,7 @@ async fn grpc_subscribe_resumes_like_websocket() {
 #[tokio::test]
 async fn health_is_served_for_both_service_names() {
     let srv = Server::start(&["--no-sim"]);
-    let channel = tonic::transport::Endpoint::from_shared(srv.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut health = srv.health().await;
     for service in ["", "tickshard.v1.Feed"] {
         let r = health
             .check(tonic_health::pb::HealthCheckRequest {

@@ -825,12 +825,7 @@ async fn a_client_that_never_reads_cannot_grow_its_queue_with_pings() {
 async fn a_health_watch_does_not_hold_its_connection() {
     use futures_util::StreamExt;
     let srv = Server::start(&["--no-sim", "--grpc-idle-timeout-ms", "1000"]);
-    let channel = tonic::transport::Endpoint::from_shared(srv.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut health = srv.health().await;
     let mut watch = health
         .watch(tonic_health::pb::HealthCheckRequest { service: String::new() })
         .await
