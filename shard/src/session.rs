@@ -196,11 +196,31 @@ impl<C: Send + 'static> Session<C> {
                 pairs.retrying.remove(&(r.symbol, r.channel));
             }
         }
-        let prepared = self.register(reqs, claims).await;
-        if prepared.is_err() {
-            let mut pairs = self.pairs();
-            for pair in &added {
-                pairs.active.remove(pair);
+        let mut prepared = self.register(reqs, claims).await;
+        match &mut prepared {
+            Err(_) => {
+                let mut pairs = self.pairs();
+                for pair in &added {
+                    pairs.active.remove(pair);
+                }
+            }
+            // A pair unsubscribed while it was registered (an unsubscribe
+            // takes no claim) is detached again and left out.
+            Ok(p) => {
+                let mut gone = Vec::new();
+                {
+                    let pairs = self.pairs();
+                    p.retain(|r| {
+                        let kept = pairs.active.contains(&(r.symbol, r.channel));
+                        if !kept {
+                            gone.push((r.symbol, r.channel));
+                        }
+                        kept
+                    });
+                }
+                for (symbol, channel) in gone {
+                    self.node.unsubscribe(self.outbox.id(), &symbol, channel);
+                }
             }
         }
         prepared
@@ -315,12 +335,17 @@ impl<C: Send + 'static> Session<C> {
                         for r in &prepared.results {
                             pairs.retrying.remove(&(r.symbol, r.channel));
                         }
+                        // (announced under the lock: an unsubscribe comes
+                        // either before, and the pair is left out, or after
+                        // its reply)
+                        if !prepared.results.is_empty() {
+                            ready(&session, &prepared.results);
+                        }
                     }
                     for (symbol, channel) in gone {
                         session.node.unsubscribe(session.outbox.id(), &symbol, channel);
                     }
                     if !prepared.results.is_empty() {
-                        ready(&session, &prepared.results);
                         session.activate(prepared).await;
                     }
                 }
@@ -550,6 +575,52 @@ mod tests {
         s.activate(same).await;
         assert_eq!(subscribers(&node, "XXX"), 1);
         assert!(claim_map(&s.claims).is_empty(), "no claim left behind");
+        node.shutdown().await;
+    }
+
+    /// A subscription unsubscribed between its registration and its
+    /// activation gets nothing more: no snapshot, no replay.
+    #[tokio::test]
+    async fn a_pair_unsubscribed_before_its_activation_gets_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = node(dir.path(), 1, 10);
+        let (reply, mut acks) = crate::committer::AckTx::new();
+        let tick = crate::domain::Tick {
+            symbol: sym("XXX"),
+            seq: 0,
+            ts: 1_700_000_000_000_000,
+            price: rust_decimal::Decimal::ONE,
+            size: rust_decimal::Decimal::ONE,
+            bid: None,
+            ask: None,
+            bid_size: None,
+            ask_size: None,
+        };
+        node.publish(crate::committer::PublishCmd {
+            tick,
+            publisher: None,
+            request_id: 1,
+            reply,
+            received: std::time::Instant::now(),
+        })
+        .await
+        .expect("queued");
+        acks.recv().await.expect("acked");
+        let x = requests(&[sym("XXX")], &[Channel::Ticks], &HashMap::new());
+        for unsubscribe in [true, false] {
+            let s = session(&node);
+            let prepared = s.prepare(&x).await.expect("subscribed");
+            if unsubscribe {
+                assert!(s.unsubscribe(&sym("XXX"), Channel::Ticks));
+            }
+            s.activate(prepared).await;
+            assert_eq!(
+                s.outbox().unsent() > 0,
+                !unsubscribe,
+                "a snapshot only if still subscribed"
+            );
+            s.end();
+        }
         node.shutdown().await;
     }
 

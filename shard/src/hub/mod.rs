@@ -496,6 +496,12 @@ impl SymbolHub {
         }
     }
 
+    /// Whether `sink_id` is subscribed to `channel` here (attached, not yet
+    /// detached).
+    pub fn holds(&self, sink_id: u64, channel: Channel) -> bool {
+        self.lock().entries.find(sink_id, channel).is_some()
+    }
+
     pub fn detach(&self, sink_id: u64, channel: Channel) {
         self.lock().entries.remove(sink_id, channel);
     }

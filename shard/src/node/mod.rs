@@ -720,6 +720,11 @@ impl Node {
     pub async fn activate<C: Send + 'static>(&self, sink: &Arc<Outbox<C>>, prepared: Prepared) {
         for (res, plan) in prepared.results.iter().zip(prepared.plans) {
             let Some(h) = self.hub.get(&res.symbol) else { continue };
+            // (unsubscribed meanwhile: nothing more of it goes out)
+            let detached = || !h.holds(sink.id(), res.channel);
+            if detached() {
+                continue;
+            }
             let mut lost = false;
             match plan {
                 Plan::Snapshot(Some(tick)) => {
@@ -741,6 +746,9 @@ impl Node {
                         // must not wait for an owner on nobody's behalf)
                         if sink.is_gone() {
                             return;
+                        }
+                        if detached() {
+                            break;
                         }
                         match self.read_ticks(res.symbol, from, to, REPLAY_PAGE).await {
                             Ok(page) if page.first().is_some_and(|t| t.seq == from) => {
