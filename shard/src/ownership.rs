@@ -62,6 +62,18 @@ impl Ownership {
     }
 }
 
+/// `n` symbols (`R0`, `R1`, …) that shard 0 of `shards` does not own, for
+/// tests of a pod whose peers are down.
+#[cfg(test)]
+pub(crate) fn remote_symbols(shards: u32, n: usize) -> Vec<Symbol> {
+    let own = Ownership::new(shards, 0);
+    (0..)
+        .map(|i| Symbol::parse(&format!("R{i}")).expect("symbol"))
+        .filter(|s| !own.is_local(s))
+        .take(n)
+        .collect()
+}
+
 /// The ordinal at the end of a StatefulSet pod's hostname: `tickshard-2` → 2.
 pub fn ordinal_from_hostname(hostname: &str) -> Option<u32> {
     let (_, tail) = hostname.rsplit_once('-')?;

@@ -315,7 +315,7 @@ mod tests {
     use rust_decimal::Decimal;
 
     use super::*;
-    use crate::{committer::MAX_BROKEN_PAIRS, domain::Symbol, ownership::Ownership};
+    use crate::committer::MAX_BROKEN_PAIRS;
 
     /// During an owner's outage every request with a new `publisher_id` is
     /// refused and its pair remembered on the stream: past
@@ -325,11 +325,7 @@ mod tests {
     async fn a_stream_that_refuses_too_many_pairs_ends() {
         let dir = tempfile::tempdir().expect("tempdir");
         let node = crate::node::test_node(dir.path(), 2, 100);
-        let own = Ownership::new(2, 0);
-        let remote = (0..)
-            .map(|i| Symbol::parse(&format!("R{i}")).expect("symbol"))
-            .find(|s| !own.is_local(s))
-            .expect("a remote symbol");
+        let remote = crate::ownership::remote_symbols(2, 1)[0];
         let n = MAX_BROKEN_PAIRS + 100;
         let requests = futures_util::stream::iter((0..n).map(move |i| {
             Ok::<_, String>(Request {

@@ -106,6 +106,23 @@ impl Drop for Claims {
     }
 }
 
+/// Leaves out of a registration the pairs no longer `wanted`: unsubscribed
+/// while they were registered (an unsubscribe takes no claim), so neither
+/// announced nor activated. Returns them, to be detached (their claims
+/// still held: the entries are this registration's).
+fn leave_out(p: &mut Prepared, mut wanted: impl FnMut(Pair) -> bool) -> Vec<Pair> {
+    let mut gone = Vec::new();
+    p.retain(|r| {
+        let pair = (r.symbol, r.channel);
+        let keep = wanted(pair);
+        if !keep {
+            gone.push(pair);
+        }
+        keep
+    });
+    gone
+}
+
 #[derive(Default)]
 struct Pairs {
     /// Registered with the node (or being registered, or deferred).
@@ -204,23 +221,9 @@ impl<C: Send + 'static> Session<C> {
                     pairs.active.remove(pair);
                 }
             }
-            // A pair unsubscribed while it was registered (an unsubscribe
-            // takes no claim) is detached again and left out.
             Ok(p) => {
-                let mut gone = Vec::new();
-                {
-                    let pairs = self.pairs();
-                    p.retain(|r| {
-                        let kept = pairs.active.contains(&(r.symbol, r.channel));
-                        if !kept {
-                            gone.push((r.symbol, r.channel));
-                        }
-                        kept
-                    });
-                }
-                for (symbol, channel) in gone {
-                    self.node.unsubscribe(self.outbox.id(), &symbol, channel);
-                }
+                let gone = leave_out(p, |pair| self.pairs().active.contains(&pair));
+                self.detach(gone);
             }
         }
         prepared
@@ -242,6 +245,13 @@ impl<C: Send + 'static> Session<C> {
             return Err(Error::unavailable("the subscriber is gone"));
         }
         prepared.map(|p| p.holding(claims))
+    }
+
+    /// Detaches pairs [`leave_out`] took out of a registration.
+    fn detach(&self, gone: Vec<Pair>) {
+        for (symbol, channel) in gone {
+            self.node.unsubscribe(self.outbox.id(), &symbol, channel);
+        }
     }
 
     /// Sends the initial data of prepared subscriptions and makes them live.
@@ -318,20 +328,10 @@ impl<C: Send + 'static> Session<C> {
                     .map(|(r, _)| r)
                     .collect();
                 if !prepared.results.is_empty() {
-                    // A pair unsubscribed while it was registered (an
-                    // unsubscribe takes no claim) is detached again, and
-                    // neither announced nor activated; the rest are live.
-                    let mut gone = Vec::new();
+                    let gone;
                     {
                         let mut pairs = session.pairs();
-                        prepared.retain(|r| {
-                            let pair = (r.symbol, r.channel);
-                            let wanted = pairs.retrying.get(&pair) == Some(&me);
-                            if !wanted {
-                                gone.push(pair);
-                            }
-                            wanted
-                        });
+                        gone = leave_out(&mut prepared, |pair| pairs.retrying.get(&pair) == Some(&me));
                         for r in &prepared.results {
                             pairs.retrying.remove(&(r.symbol, r.channel));
                         }
@@ -342,9 +342,7 @@ impl<C: Send + 'static> Session<C> {
                             ready(&session, &prepared.results);
                         }
                     }
-                    for (symbol, channel) in gone {
-                        session.node.unsubscribe(session.outbox.id(), &symbol, channel);
-                    }
+                    session.detach(gone);
                     if !prepared.results.is_empty() {
                         session.activate(prepared).await;
                     }
@@ -413,7 +411,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::ownership::Ownership;
+    use crate::ownership::remote_symbols;
 
     fn node(dir: &Path, shards: u32, max_symbols: usize) -> Arc<Node> {
         crate::node::test_node(dir, shards, max_symbols)
@@ -509,12 +507,7 @@ mod tests {
     async fn deferred_retries_stop_when_unsubscribed_or_ended() {
         let dir = tempfile::tempdir().expect("tempdir");
         let node = node(dir.path(), 2, 10);
-        let own = Ownership::new(2, 0);
-        let remote: Vec<Symbol> = (0..)
-            .map(|i| sym(&format!("R{i}")))
-            .filter(|s| !own.is_local(s))
-            .take(2)
-            .collect();
+        let remote = remote_symbols(2, 2);
         for end in [false, true] {
             let s = session(&node);
             let reqs = requests(&remote, &[Channel::Ticks], &HashMap::new());
@@ -632,9 +625,7 @@ mod tests {
     async fn a_deferred_pair_subscribed_again_is_retried_once() {
         let dir = tempfile::tempdir().expect("tempdir");
         let node = node(dir.path(), 2, 10);
-        let own = Ownership::new(2, 0);
-        let remote = (0..).map(|i| sym(&format!("R{i}"))).find(|s| !own.is_local(s));
-        let reqs = requests(&[remote.expect("a remote symbol")], &[Channel::Ticks], &HashMap::new());
+        let reqs = requests(&remote_symbols(2, 1), &[Channel::Ticks], &HashMap::new());
         let s = session(&node);
         let tracker = TaskTracker::new();
         for _ in 0..3 {

@@ -603,18 +603,10 @@ impl Connection {
                     self.outbox.control(Ctl::Pong(frame.payload.to_vec()), w);
                 }
                 OpCode::Pong => {}
-                // A close code one may not send (0–999, 1004–1006, 1015,
-                // 1016–2999, 5000+) or a reason that is not UTF-8 is a
-                // protocol violation (RFC 6455 §7.4, contract §4: 1002).
-                OpCode::Close
-                    if frame.payload.len() >= 2
-                        && (!fastwebsockets::CloseCode::from(u16::from_be_bytes([
-                            frame.payload[0],
-                            frame.payload[1],
-                        ]))
-                        .is_allowed()
-                            || std::str::from_utf8(&frame.payload[2..]).is_err()) =>
-                {
+                // A close code one may not send or a reason that is not
+                // UTF-8 is a protocol violation (RFC 6455 §7.4, contract
+                // §4: 1002).
+                OpCode::Close if !protocol::close_payload_is_valid(&frame.payload) => {
                     tracing::debug!("malformed close frame");
                     self.outbox.close(Close::Protocol);
                     break 'read ReadEnd::Stopped;

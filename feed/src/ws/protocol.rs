@@ -111,6 +111,21 @@ pub fn parse(buf: &mut [u8], buffers: &mut Buffers, max_symbols: usize) -> Resul
     Ok(Request { id, op })
 }
 
+/// Whether a client close frame's payload is valid (RFC 6455 §5.5.1,
+/// §7.4): empty, or a code one may send (1000–1003, 1007–1013, 3000–4999)
+/// and a UTF-8 reason. Linear in its length (at most 125 bytes: longer
+/// control frames are refused before).
+pub fn close_payload_is_valid(p: &[u8]) -> bool {
+    match p {
+        [] => true,
+        [hi, lo, reason @ ..] => {
+            fastwebsockets::CloseCode::from(u16::from_be_bytes([*hi, *lo])).is_allowed()
+                && std::str::from_utf8(reason).is_ok()
+        }
+        [_] => false,
+    }
+}
+
 /// Only the `id` of a message, for the reply to a message that is not
 /// processed (`rate_limited`): a client that correlates replies gets one.
 pub fn id_only(buf: &mut [u8], buffers: &mut Buffers) -> Option<Vec<u8>> {
@@ -360,5 +375,29 @@ mod tests {
         );
         assert_eq!(id(r#"{"op":"ping"}"#), None);
         assert_eq!(id("not json"), None);
+    }
+
+    proptest::proptest! {
+        /// A close payload is valid exactly when it is empty, or a code one
+        /// may send (RFC 6455 §7.4) and a UTF-8 reason; any bytes, no panic.
+        #[test]
+        fn close_payloads_are_checked_as_the_rfc_says(p in proptest::collection::vec(proptest::num::u8::ANY, 0..126)) {
+            let sendable = |c: u16| matches!(c, 1000..=1003 | 1007..=1013 | 3000..=4999);
+            let want = match p.as_slice() {
+                [] => true,
+                [_] => false,
+                [a, b, rest @ ..] => sendable(u16::from_be_bytes([*a, *b])) && std::str::from_utf8(rest).is_ok(),
+            };
+            proptest::prop_assert_eq!(close_payload_is_valid(&p), want);
+        }
+
+        /// Codes are drawn often enough to hit every range.
+        #[test]
+        fn close_codes_of_every_range(code in 0u16..6000, reason in "[a-zé]{0,20}") {
+            let mut p = code.to_be_bytes().to_vec();
+            p.extend_from_slice(reason.as_bytes());
+            let sendable = matches!(code, 1000..=1003 | 1007..=1013 | 3000..=4999);
+            proptest::prop_assert_eq!(close_payload_is_valid(&p), sendable);
+        }
     }
 }
