@@ -582,11 +582,16 @@ pub fn raw_frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
 /// A WebSocket connection by hand: the upgrade request (and `first`, in the
 /// same write); returns the stream and the bytes read past the response.
 pub async fn raw_ws(srv: &Server, first: &[u8]) -> (tokio::net::TcpStream, Vec<u8>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(srv.http))
+    let s = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(srv.http))
         .await
         .unwrap()
         .unwrap();
+    raw_ws_over(s, first).await
+}
+
+/// [`raw_ws`] over a connection the caller made (to set socket options).
+pub async fn raw_ws_over(mut s: tokio::net::TcpStream, first: &[u8]) -> (tokio::net::TcpStream, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut req = b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         .to_vec();

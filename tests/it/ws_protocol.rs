@@ -652,3 +652,98 @@ async fn a_server_close_is_not_turned_into_a_reset_by_late_client_bytes() {
         .await
         .expect("the close reply failed: the server reset the connection");
 }
+
+/// A resume whose replay outlasts the idle timeout is not closed as idle
+/// while the client takes it. The reader handles the subscribe until the
+/// replay is queued and reads no frame meanwhile (the client's pings wait
+/// in the socket), so what the client takes counts as its life then. The
+/// client's small receive buffer makes the replay go at its pace, not into
+/// the kernel's buffers. Fails (1001 mid-replay) when only frames count.
+#[tokio::test]
+async fn a_replay_longer_than_the_idle_timeout_goes_on_while_the_client_takes_it() {
+    const N: i64 = 80_000;
+    const IDLE_MS: u64 = 800;
+    let srv = Server::start(&[
+        "--no-sim",
+        "--client-queue-bytes",
+        "65536",
+        "--ping-interval-ms",
+        "300",
+        "--idle-timeout-ms",
+        &IDLE_MS.to_string(),
+    ]);
+    let mut p = srv.publisher("long-replay").await;
+    publish_all(&mut p, [tick("LONG-1", T0, "1.5", "1")]).await;
+    let epoch = {
+        let mut c = srv.ws().await;
+        c.send_text(r#"{"op":"subscribe","symbols":["LONG-1"]}"#).await.unwrap();
+        recv_subscribed(&mut c).await[0].epoch.clone()
+    };
+    for chunk in (2..=N).collect::<Vec<i64>>().chunks(8_000) {
+        publish_all(
+            &mut p,
+            chunk.iter().map(|&i| tick("LONG-1", T0 + i, &format!("1.{i}"), "1")),
+        )
+        .await;
+    }
+
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(8 * 1024).unwrap();
+    let s = tokio::time::timeout(WAIT, sock.connect(srv.http))
+        .await
+        .unwrap()
+        .unwrap();
+    let sub = format!(
+        r#"{{"op":"subscribe","id":1,"symbols":["LONG-1"],"resume":{{"LONG-1":{{"seq":1,"epoch":"{epoch}"}}}}}}"#
+    );
+    let (mut s, mut buf) = raw_ws_over(s, &client_frame(sub.as_bytes())).await;
+    let started = std::time::Instant::now();
+    let mut next = 2u64;
+    let mut subscribed = false;
+    let mut rounds = 0u32;
+    use tokio::io::AsyncWriteExt;
+    while next <= N as u64 {
+        // a live client: it says so now and then (a browser answers the
+        // server's pings; this one sends its own)
+        rounds += 1;
+        if rounds % 10 == 0 {
+            s.write_all(&client_frame(br#"{"op":"ping"}"#)).await.unwrap();
+        }
+        for text in read_server_frames(&mut s, &mut buf, 200).await {
+            match ServerMsg::parse(&text) {
+                Some(ServerMsg::Subscribed { symbols, .. }) if !subscribed => {
+                    assert_eq!((symbols[0].seq, symbols[0].recovered), (N as u64, true));
+                    subscribed = true;
+                }
+                Some(ServerMsg::Tick(t)) => {
+                    assert!(subscribed);
+                    assert_eq!(t.seq, next, "no gap, no duplicate");
+                    next += 1;
+                }
+                Some(ServerMsg::Pong { .. }) => {}
+                _ => panic!("unexpected message after tick {}: {text}", next - 1),
+            }
+            if next > N as u64 {
+                break;
+            }
+        }
+        // a client that reads, but slowly
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The test means something only if the replay outlasted the timeout.
+    let took = started.elapsed();
+    assert!(
+        took > std::time::Duration::from_millis(2 * IDLE_MS),
+        "the replay took only {took:?}"
+    );
+    // and the connection still answers
+    s.write_all(&client_frame(br#"{"op":"ping","id":2}"#)).await.unwrap();
+    loop {
+        let got = read_server_frames(&mut s, &mut buf, 1).await;
+        match ServerMsg::parse(&got[0]) {
+            Some(ServerMsg::Pong { id: Some(id) }) if id == "2" => break,
+            Some(ServerMsg::Pong { id: None }) => {}
+            other => panic!("expected a pong, got {other:?}"),
+        }
+    }
+}

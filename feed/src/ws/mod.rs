@@ -19,7 +19,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -205,14 +205,31 @@ impl tickshard_shard::hub::DirectWrite<Ctl> for Direct {
     }
 }
 
+/// While alive, the connection's reader is held up by the server
+/// ([`Connection::hold`]).
+struct Held<'a>(&'a AtomicBool);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 struct Connection {
     shared: Arc<Shared>,
     outbox: Arc<WsOutbox>,
     /// The subscriptions (and their deferred retries) of this connection.
     session: SessionGuard<Ctl>,
     started: Instant,
-    /// Milliseconds since `started` of the last frame from the client.
+    /// Milliseconds since `started` of the last frame from the client (or,
+    /// while `held`, of the last write it took).
     last_seen: AtomicU64,
+    /// The reader is held up by the server: it is handling a request (a
+    /// subscribe's replay can take long) or waiting for the client to take
+    /// its queue. The client cannot show it is alive with a frame then, so
+    /// what it takes counts instead (a client that takes nothing is still
+    /// closed as idle).
+    held: AtomicBool,
     /// Messages and bytes written since the housekeeping tick last added
     /// them to the process-wide counters (two shared counters bumped by
     /// every writer on every flush cost more than the write at low rates);
@@ -270,13 +287,14 @@ impl Connection {
         self.sent[BYTES].fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// Adds what was written since the last call to the metrics.
-    /// The messages are read first and reach the metrics last, so that
-    /// whoever sees a direct write's messages counted sees its outcome too.
-    fn report_sent(&self) {
+    /// Adds what was written since the last call to the metrics; true if
+    /// anything was. The messages are read first and reach the metrics
+    /// last, so that whoever sees a direct write's messages counted sees its
+    /// outcome too.
+    fn report_sent(&self) -> bool {
         let msgs = self.sent[MSGS].swap(0, Ordering::Acquire);
         if msgs == 0 {
-            return;
+            return false;
         }
         for i in [DIRECT_PARTIAL, DIRECT_WHOLE, BYTES] {
             let n = self.sent[i].swap(0, Ordering::Relaxed);
@@ -285,6 +303,19 @@ impl Connection {
             }
         }
         self.shared.ws_sent[MSGS].increment(msgs);
+        true
+    }
+
+    /// The client showed it is alive now (see `last_seen`).
+    fn seen(&self) {
+        self.last_seen
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Marks the reader held up by the server until the guard is dropped.
+    fn hold(&self) -> Held<'_> {
+        self.held.store(true, Ordering::Relaxed);
+        Held(&self.held)
     }
 
     fn new(shared: Arc<Shared>, principal: Principal, sent: Arc<Sent>, direct: Option<&Arc<Direct>>) -> Connection {
@@ -299,6 +330,7 @@ impl Connection {
             session,
             started: Instant::now(),
             last_seen: AtomicU64::new(0),
+            held: AtomicBool::new(false),
             sent,
             principal: Mutex::new(Arc::new(principal)),
         }
@@ -339,7 +371,10 @@ impl Connection {
                     self.outbox.close(Close::Normal);
                 }
                 _ = tick.tick() => {
-                    self.report_sent();
+                    let wrote = self.report_sent();
+                    if wrote && self.held.load(Ordering::Relaxed) {
+                        self.seen();
+                    }
                     let now = Instant::now();
                     let seen = self.started + Duration::from_millis(self.last_seen.load(Ordering::Relaxed));
                     if now.duration_since(seen) >= self.shared.ws.idle_timeout {
@@ -499,6 +534,7 @@ impl Connection {
             // here: a connection's queue stays within its limit plus one
             // message's replies.
             if self.outbox.over_limit() {
+                let _held = self.hold();
                 self.outbox.room().await;
             }
             let reader = match (&mut active, idle.take()) {
@@ -541,8 +577,7 @@ impl Connection {
             {
                 idle = Some(ws.into_inner().into_inner());
             }
-            self.last_seen
-                .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            self.seen();
             match frame.opcode {
                 OpCode::Text | OpCode::Binary if frame.fin && assembly.is_none() => {
                     let binary = frame.opcode == OpCode::Binary;
@@ -551,6 +586,7 @@ impl Connection {
                     // is a large future, and inline it would make every
                     // connection's task ~3 KiB bigger for its whole life.
                     // One allocation per client message, never per tick.
+                    let _held = self.hold();
                     if !Box::pin(state.message(payload.to_mut(), binary)).await {
                         break 'read ReadEnd::Stopped;
                     }
@@ -583,6 +619,7 @@ impl Connection {
                             self.outbox.close(Close::InvalidData);
                             break 'read ReadEnd::Stopped;
                         }
+                        let _held = self.hold();
                         if !Box::pin(state.message(&mut msg, binary)).await {
                             // boxed: see above
                             break 'read ReadEnd::Stopped;
