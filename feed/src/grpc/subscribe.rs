@@ -145,17 +145,20 @@ fn encoded(kind: pb::event::Kind) -> Bytes {
 }
 
 /// Renders one hub item into encoded `Event`s: a chunk's ticks are slices of
-/// the chunk's shared encoding, the rarer snapshots and candles are encoded
-/// per subscriber.
+/// the chunk's shared encoding, a candle event the event's shared encoding;
+/// the rarer snapshots (first data, conflation) are encoded per subscriber.
 pub fn render(d: Data, out: &mut std::collections::VecDeque<Bytes>) {
     match d {
         Data::Ticks { chunk, from } => {
             out.extend(chunk.encoded(Format::Protobuf, encode_tick_events).shared_from(from));
         }
         Data::Snapshot(s) => out.push_back(encoded(pb::event::Kind::Snapshot(wire::snapshot_to_pb(&s, false)))),
-        Data::Candle(c) => out.push_back(encoded(pb::event::Kind::Candle(wire::candle_to_pb(
-            &c.candle, c.closed,
-        )))),
+        Data::Candle(c) => out.push_back(
+            c.encoded(Format::Protobuf, |candle, closed, out| {
+                event(pb::event::Kind::Candle(wire::candle_to_pb(candle, closed))).encode_raw(out);
+            })
+            .clone(),
+        ),
         // gRPC has no such event; the stream resumes when the owner is back.
         Data::Unavailable(_) => {}
     }

@@ -439,7 +439,7 @@ impl Connection {
                 let (opcode, payload): (OpCode, &[u8]) = match &msg {
                     Msg::Data(d) => {
                         buf.clear();
-                        match d {
+                        let frame: &[u8] = match d {
                             Data::Ticks { chunk, from } => {
                                 let enc = chunk.encoded(Format::Json, json::encode_ticks);
                                 for f in enc.frames_from(*from) {
@@ -455,18 +455,27 @@ impl Connection {
                                 }
                                 continue;
                             }
-                            Data::Snapshot(s) => json::snapshot(&mut buf, &s.epoch, &s.tick, s.conflated),
-                            Data::Candle(c) => json::candle(&mut buf, &c.candle, c.closed),
-                            Data::Unavailable(sym) => json::unavailable(
-                                &mut buf,
-                                None,
-                                sym,
-                                "the shard that owns this symbol is unavailable; data resumes without a gap when it is back",
-                            ),
-                        }
+                            // (encoded once per event, shared like a chunk's frames)
+                            Data::Candle(c) => {
+                                c.encoded(Format::Json, |candle, closed, out| json::candle(out, candle, closed))
+                            }
+                            Data::Snapshot(s) => {
+                                json::snapshot(&mut buf, &s.epoch, &s.tick, s.conflated);
+                                &buf
+                            }
+                            Data::Unavailable(sym) => {
+                                json::unavailable(
+                                    &mut buf,
+                                    None,
+                                    sym,
+                                    "the shard that owns this symbol is unavailable; data resumes without a gap when it is back",
+                                );
+                                &buf
+                            }
+                        };
                         msgs += 1;
-                        bytes += buf.len() as u64;
-                        (OpCode::Text, &buf)
+                        bytes += frame.len() as u64;
+                        (OpCode::Text, frame)
                     }
                     Msg::Control(Ctl::Text(t), _) => {
                         msgs += 1;

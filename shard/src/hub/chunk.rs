@@ -130,7 +130,8 @@ pub enum Data {
         from: usize,
     },
     Snapshot(Box<SnapshotData>),
-    Candle(Box<CandleData>),
+    /// One candle event, shared by every subscriber it goes to.
+    Candle(std::sync::Arc<CandleData>),
     /// The symbol's owner is unreachable; data resumes (without a gap) when it
     /// is back.
     Unavailable(Symbol),
@@ -143,9 +144,39 @@ pub struct SnapshotData {
     pub conflated: bool,
 }
 
+/// A candle event (an update of the current candle, or a closed one). Made
+/// once per event and shared by its subscribers; like a [`Chunk`], each
+/// protocol's encoding is done once, by the first writer that needs it.
 pub struct CandleData {
     pub candle: Candle,
     pub closed: bool,
+    json: OnceLock<Bytes>,
+    protobuf: OnceLock<Bytes>,
+}
+
+impl CandleData {
+    pub fn new(candle: Candle, closed: bool) -> std::sync::Arc<CandleData> {
+        std::sync::Arc::new(CandleData {
+            candle,
+            closed,
+            json: OnceLock::new(),
+            protobuf: OnceLock::new(),
+        })
+    }
+
+    /// The event encoded in `format` (one frame or message), produced by
+    /// `encode` on first use only.
+    pub fn encoded(&self, format: Format, encode: impl FnOnce(&Candle, bool, &mut Vec<u8>)) -> &Bytes {
+        let cell = match format {
+            Format::Json => &self.json,
+            Format::Protobuf => &self.protobuf,
+        };
+        cell.get_or_init(|| {
+            let mut out = Vec::new();
+            encode(&self.candle, self.closed, &mut out);
+            Bytes::from(out)
+        })
+    }
 }
 
 impl Data {

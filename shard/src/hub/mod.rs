@@ -269,9 +269,10 @@ impl SymbolHub {
         }
         let limit = self.pending_limit;
         let mut gone = false;
+        let event = CandleData::new(candle, closed);
         for e in st.entries.iter_mut() {
             if e.channel == Channel::Candles(candle.interval) {
-                let d = Data::Candle(Box::new(CandleData { candle, closed }));
+                let d = Data::Candle(event.clone());
                 e.gone = deliver(e, self.symbol, d, closed, limit, None);
                 gone |= e.gone;
             }
@@ -366,6 +367,9 @@ impl SymbolHub {
         let symbol = self.symbol;
         let limit = self.pending_limit;
         let mut gone = false;
+        // (each closed candle made once for all its subscribers; no
+        // allocation when none closed)
+        let closed: Vec<Arc<CandleData>> = closed.iter().map(|c| CandleData::new(*c, true)).collect();
         for e in st.entries.iter_mut() {
             match e.channel {
                 Channel::Ticks if !chunk.ticks.is_empty() => {
@@ -377,11 +381,8 @@ impl SymbolHub {
                     gone |= e.gone;
                 }
                 Channel::Candles(i) => {
-                    for c in closed.iter().filter(|c| c.interval == i) {
-                        let d = Data::Candle(Box::new(CandleData {
-                            candle: *c,
-                            closed: true,
-                        }));
+                    for c in closed.iter().filter(|c| c.candle.interval == i) {
+                        let d = Data::Candle(c.clone());
                         e.gone |= deliver(e, symbol, d, true, limit, wakes.as_deref_mut());
                         gone |= e.gone;
                     }
@@ -405,15 +406,17 @@ impl SymbolHub {
             return;
         }
         let limit = self.pending_limit;
+        // each changed candle made once, for all its subscribers
+        let events = Interval::ALL.map(|i| {
+            st.head.candles[i.index()]
+                .filter(|_| dirty & (1 << i.index()) != 0)
+                .map(|c| CandleData::new(c, false))
+        });
         for e in st.entries.iter_mut() {
             if let Channel::Candles(i) = e.channel
-                && dirty & (1 << i.index()) != 0
-                && let Some(c) = st.head.candles[i.index()]
+                && let Some(event) = &events[i.index()]
             {
-                let d = Data::Candle(Box::new(CandleData {
-                    candle: c,
-                    closed: false,
-                }));
+                let d = Data::Candle(event.clone());
                 deliver(e, self.symbol, d, false, limit, None);
             }
         }
@@ -518,9 +521,7 @@ fn resnapshot(e: &mut Entry, head: &Head) {
                 conflated: true,
             }))
         }),
-        Channel::Candles(i) => {
-            head.candles[i.index()].map(|candle| Data::Candle(Box::new(CandleData { candle, closed: false })))
-        }
+        Channel::Candles(i) => head.candles[i.index()].map(|candle| Data::Candle(CandleData::new(candle, false))),
     };
     if let Some(d) = d {
         e.sink.force(d);

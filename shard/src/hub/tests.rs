@@ -486,3 +486,75 @@ fn a_refused_offer_is_named_for_repair_before_it_returns() {
     }
     assert!(matches!(o.offer(ticks(3..=3), within()).0, Push::Queued));
 }
+
+fn candle(start: i64, close: i64) -> crate::domain::Candle {
+    crate::domain::Candle {
+        symbol: sym(),
+        interval: Interval::S1,
+        start,
+        open: Decimal::ONE,
+        high: Decimal::new(close, 0),
+        low: Decimal::ONE,
+        close: Decimal::new(close, 0),
+        volume: Decimal::ONE,
+        count: 1,
+    }
+}
+
+/// The candle events each subscriber got: (start, close, closed, the event).
+async fn candles_seen(o: &Outbox<()>) -> Vec<(i64, Decimal, bool, Arc<CandleData>)> {
+    let mut q = VecDeque::new();
+    let _ = o.take(&mut q).await;
+    q.drain(..)
+        .filter_map(|m| match m {
+            Msg::Data(Data::Candle(c)) => Some((c.candle.start, c.candle.close, c.closed, c)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A candle event (a closed candle, an update of the current one) is made
+/// once and shared by its subscribers, with its encodings: no allocation
+/// or encode per subscriber.
+#[tokio::test]
+async fn candle_subscribers_share_one_event_and_its_encoding() {
+    let (_hub, h) = hub_with_head(0);
+    let subs: Vec<Arc<Outbox<()>>> = (1..=3)
+        .map(|id| Arc::new(Outbox::new(id, 1 << 20, Duration::from_secs(10))))
+        .collect();
+    for o in &subs {
+        h.attach(o.clone(), Channel::Candles(Interval::S1));
+        h.activate(o.id(), Channel::Candles(Interval::S1), false);
+    }
+    // the 1 s candle at 0 closes; the one at 1 s is current
+    h.publish(chunk(1..=1), &[candle(0, 5)], [Some(candle(1_000_000, 7)), None, None]);
+    h.flush_candles();
+    let seen: Vec<_> = futures_util::future::join_all(subs.iter().map(|o| candles_seen(o))).await;
+    for s in &seen {
+        let what: Vec<_> = s
+            .iter()
+            .map(|(start, close, closed, _)| (*start, *close, *closed))
+            .collect();
+        assert_eq!(
+            what,
+            [(0, Decimal::new(5, 0), true), (1_000_000, Decimal::new(7, 0), false)]
+        );
+    }
+    for ((a, b), c) in seen[0].iter().zip(&seen[1]).zip(&seen[2]) {
+        assert!(Arc::ptr_eq(&a.3, &b.3) && Arc::ptr_eq(&a.3, &c.3), "one event");
+    }
+    let mut encodes = 0;
+    let frames: Vec<bytes::Bytes> = seen
+        .iter()
+        .map(|s| {
+            s[0].3
+                .encoded(Format::Json, |c, closed, out| {
+                    encodes += 1;
+                    out.extend_from_slice(format!("{} {closed}", c.close).as_bytes());
+                })
+                .clone()
+        })
+        .collect();
+    assert_eq!(encodes, 1, "encoded once");
+    assert!(frames.iter().all(|f| f.as_ref() == b"5 true"));
+}

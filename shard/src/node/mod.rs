@@ -736,7 +736,7 @@ impl Node {
                 }
                 Plan::Live | Plan::Snapshot(None) | Plan::Candle(None) => {}
                 Plan::Candle(Some(candle)) => {
-                    sink.force(Data::Candle(Box::new(CandleData { candle, closed: false })));
+                    sink.force(Data::Candle(CandleData::new(candle, false)));
                 }
                 Plan::Replay { mut from, to } => {
                     let mut wait = Backoff::new(Duration::from_millis(40), Duration::from_millis(250));
