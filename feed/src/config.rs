@@ -163,9 +163,10 @@ pub struct ServeArgs {
     /// Concurrent streams per gRPC connection (HTTP/2 MAX_CONCURRENT_STREAMS).
     #[arg(long, env = "TICKSHARD_GRPC_MAX_STREAMS", default_value_t = 1_024)]
     pub grpc_max_streams: u32,
-    /// gRPC reads (`GetSnapshot`, `GetHistory`, `ListSymbols`) in flight at
-    /// once; one more is refused at once with UNAVAILABLE (load shedding:
-    /// retry with back-off) rather than queued behind the others.
+    /// Reads (gRPC `GetSnapshot`, `GetHistory`, `ListSymbols`, and HTTP
+    /// `/api/candles`) in flight at once; one more is refused at once with
+    /// UNAVAILABLE or 503 (load shedding: retry with back-off) rather than
+    /// queued behind the others.
     #[arg(long, env = "TICKSHARD_GRPC_MAX_READS", default_value_t = 256)]
     pub grpc_max_reads: usize,
     /// A gRPC connection that has not completed its HTTP/2 handshake within

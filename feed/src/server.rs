@@ -33,7 +33,7 @@ use crate::{
     auth::{Anonymous, Auth, AuthError, Denied, Principal},
     config::ServeConfig,
     grpc, http,
-    shared::{Closable, Shared},
+    shared::{Closable, ReadLimit, Shared},
     sim,
     tls::ReloadingTls,
     ws,
@@ -144,6 +144,7 @@ pub async fn run(
         ws_permits: Arc::new(Semaphore::new(cfg.max_connections)),
         auth: auth.clone(),
         allowed_origins: cfg.allowed_origins.clone(),
+        reads: ReadLimit::new(cfg.grpc.max_reads),
         ws_sent: [
             metrics::counter!(m::MESSAGES_SENT, "protocol" => "ws"),
             metrics::counter!(m::BYTES_SENT, "protocol" => "ws"),
@@ -504,6 +505,13 @@ async fn candles_api(query: &str, shared: &Shared, caller: &Principal) -> Respon
         0 => 500, // as when absent
         n => n as usize,
     };
+    // A read like the gRPC ones, under the same limit (shed, not queued).
+    let Some(_slot) = shared.reads.admit("/api/candles") else {
+        let mut r = api_error(StatusCode::SERVICE_UNAVAILABLE, &shared.reads.overloaded());
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return r;
+    };
     // Without `from`, the most recent `limit` candles: back from the interval of
     // the symbol's newest tick (event time, so replayed history works too).
     if from == 0
@@ -538,8 +546,8 @@ async fn candles_api(query: &str, shared: &Shared, caller: &Principal) -> Respon
     }
 }
 
-/// A JSON error of the candles API: 400 `bad_request`, 503 `unavailable` or
-/// 500 `internal`.
+/// A JSON error of the candles API: 400 `bad_request`, 503 `unavailable`
+/// (with `Retry-After: 1` when the read was shed) or 500 `internal`.
 fn api_error(status: StatusCode, message: &str) -> Response<Body> {
     let mut body = Vec::new();
     let code = match status {

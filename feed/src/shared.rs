@@ -16,7 +16,7 @@ use tickshard_shard::{
     metrics as m,
     node::Node,
 };
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{auth::Auth, config::WsLimits};
@@ -29,6 +29,42 @@ pub trait Closable: Send + Sync {
 impl<C: Send + 'static> Closable for Outbox<C> {
     fn close(&self, close: Close) {
         Outbox::close(self, close);
+    }
+}
+
+/// At most `max` reads in flight (gRPC `GetSnapshot`, `GetHistory`,
+/// `ListSymbols` and HTTP `/api/candles`); one more is shed at once
+/// (retryable), so a burst of reads cannot pile up behind the store or a
+/// peer and starve everything else of the blocking pool and memory.
+pub struct ReadLimit {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl ReadLimit {
+    pub fn new(max: usize) -> ReadLimit {
+        ReadLimit {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// A slot for one read of `method`, held until the answer is built;
+    /// `None` (counted in `tickshard_grpc_shed_total{method}`) past the limit.
+    pub fn admit(&self, method: &'static str) -> Option<OwnedSemaphorePermit> {
+        let slot = self.permits.clone().try_acquire_owned().ok();
+        if slot.is_none() {
+            metrics::counter!(m::GRPC_SHED, "method" => method).increment(1);
+        }
+        slot
+    }
+
+    /// What a shed read is told.
+    pub fn overloaded(&self) -> String {
+        format!(
+            "overloaded: {} reads in flight (--grpc-max-reads); retry with back-off",
+            self.max
+        )
     }
 }
 
@@ -55,6 +91,8 @@ pub struct Shared {
     /// `--allowed-origins`: the `Origin`s a WebSocket upgrade may come from
     /// (`None`: any).
     pub allowed_origins: Option<Vec<String>>,
+    /// Reads in flight (`--grpc-max-reads`): gRPC reads and `/api/candles`.
+    pub(crate) reads: ReadLimit,
     /// Messages and bytes sent to WebSocket subscribers, direct writes whole
     /// and partial (resolved once).
     pub(crate) ws_sent: [metrics::Counter; 4],

@@ -85,7 +85,7 @@ fn describe() {
     );
     describe_counter!(
         m::GRPC_SHED,
-        "gRPC reads refused at once because --grpc-max-reads were in flight, by method."
+        "Reads (gRPC, and /api/candles) refused at once because --grpc-max-reads were in flight, by method."
     );
     describe_counter!(m::CLIENT_ERRORS, "Errors sent to WebSocket clients, by code.");
     describe_gauge!(m::READY, "1 while ready, 0 while starting or draining.");

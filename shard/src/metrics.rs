@@ -77,8 +77,9 @@ pub const CLIENT_QUEUE_PEAK: &str = "tickshard_client_queue_peak_bytes";
 /// Counter, label `code`: errors sent to WebSocket clients.
 pub const CLIENT_ERRORS: &str = "tickshard_client_errors_total";
 
-/// Counter, label `method`: gRPC reads refused at once (UNAVAILABLE) because
-/// `--grpc-max-reads` were in flight (load shedding).
+/// Counter, label `method`: reads refused at once because
+/// `--grpc-max-reads` were in flight (load shedding): gRPC reads
+/// (UNAVAILABLE) and `/api/candles` (503).
 pub const GRPC_SHED: &str = "tickshard_grpc_shed_total";
 
 /// Counter, labels `what` (`tls`, `peer_tls`, `auth_keys`) and `result`

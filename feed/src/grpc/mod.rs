@@ -19,15 +19,11 @@ use tickshard_proto::v1::{
     feed_server::{Feed, FeedServer},
 };
 use tickshard_shard::{
-    metrics as m,
     publish::Origin,
     rpc::{self, ClusterService, parse_symbols},
     wire,
 };
-use tokio::{
-    net::TcpListener,
-    sync::{OwnedSemaphorePermit, Semaphore},
-};
+use tokio::{net::TcpListener, sync::OwnedSemaphorePermit};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming, service::Routes};
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -36,7 +32,7 @@ use tracing::Instrument as _;
 use crate::{
     auth::{AuthError, Denied, Principal},
     config::GrpcLimits,
-    shared::Shared,
+    shared::{ReadLimit, Shared},
     tls::ReloadingTls,
 };
 
@@ -79,10 +75,7 @@ pub fn start(
         shared.ws.max_subscriptions,
     ));
     let admin = tickshard_proto::admin::admin_server::AdminServer::new(rpc::AdminService::new(shared.node.clone()));
-    let feed = FeedRoutes::new(FeedService {
-        shared,
-        reads: ReadLimit::new(limits.max_reads),
-    });
+    let feed = FeedRoutes::new(FeedService { shared });
     let public_routes = Routes::new(health).add_service(reflection).add_service(feed).prepare();
     let peer_routes = Routes::new(cluster).add_service(admin).prepare();
     // The peer port serves a few pods: a small connection budget and a short
@@ -131,7 +124,6 @@ pub async fn set_serving(reporter: &HealthReporter, serving: bool) {
 
 pub struct FeedService {
     shared: Arc<Shared>,
-    reads: ReadLimit,
 }
 
 impl FeedService {
@@ -154,32 +146,12 @@ impl FeedService {
     }
 }
 
-/// At most `max` reads in flight; one more is shed at once (UNAVAILABLE,
-/// retryable), so a burst of reads cannot pile up behind the store or a peer
-/// and starve everything else of the blocking pool and memory.
-pub struct ReadLimit {
-    permits: Arc<Semaphore>,
-    max: usize,
-}
-
-impl ReadLimit {
-    pub fn new(max: usize) -> ReadLimit {
-        ReadLimit {
-            permits: Arc::new(Semaphore::new(max)),
-            max,
-        }
-    }
-
-    /// A slot for one read of `method`, held until the answer is built.
-    pub fn admit(&self, method: &'static str) -> Result<OwnedSemaphorePermit, Status> {
-        self.permits.clone().try_acquire_owned().map_err(|_| {
-            metrics::counter!(m::GRPC_SHED, "method" => method).increment(1);
-            Status::unavailable(format!(
-                "overloaded: {} reads in flight (--grpc-max-reads); retry with back-off",
-                self.max
-            ))
-        })
-    }
+/// A slot for one read of `method` under the shared read limit, or
+/// UNAVAILABLE (retryable) at once.
+fn admit(reads: &ReadLimit, method: &'static str) -> Result<OwnedSemaphorePermit, Status> {
+    reads
+        .admit(method)
+        .ok_or_else(|| Status::unavailable(reads.overloaded()))
 }
 
 #[tonic::async_trait]
@@ -215,7 +187,7 @@ impl Feed for FeedService {
         let caller = self.caller(&req)?;
         let syms = parse_symbols(&req.get_ref().symbols, self.shared.ws.max_subscriptions)?;
         Self::check_read(&caller, syms.iter().map(|s| s.as_str()))?;
-        let _slot = self.reads.admit("GetSnapshot")?;
+        let _slot = admit(&self.shared.reads, "GetSnapshot")?;
         let snaps = self.shared.node.snapshots(&syms).await.map_err(wire::error_status)?;
         Ok(Response::new(pb::SnapshotResponse {
             snapshots: snaps.iter().map(wire::last_tick_to_pb).collect(),
@@ -227,7 +199,7 @@ impl Feed for FeedService {
         let (symbol, q, limit) =
             wire::history_query(req.get_ref()).map_err(|e| Status::invalid_argument(e.to_string()))?;
         Self::check_read(&caller, [symbol.as_str()])?;
-        let _slot = self.reads.admit("GetHistory")?;
+        let _slot = admit(&self.shared.reads, "GetHistory")?;
         let h = self
             .shared
             .node
@@ -243,7 +215,7 @@ impl Feed for FeedService {
     ) -> Result<Response<pb::ListSymbolsResponse>, Status> {
         let caller = self.caller(&req)?;
         Self::check_read(&caller, [])?;
-        let _slot = self.reads.admit("ListSymbols")?;
+        let _slot = admit(&self.shared.reads, "ListSymbols")?;
         let symbols = self.shared.node.all_symbols().await;
         // only the symbols the caller may read
         Ok(Response::new(pb::ListSymbolsResponse {
@@ -263,12 +235,12 @@ mod tests {
     #[test]
     fn reads_past_the_limit_are_shed_until_one_ends() {
         let limit = ReadLimit::new(2);
-        let a = limit.admit("GetHistory").expect("first");
-        let _b = limit.admit("GetHistory").expect("second");
-        let shed = limit.admit("GetSnapshot").expect_err("third is shed");
+        let a = admit(&limit, "GetHistory").expect("first");
+        let _b = admit(&limit, "/api/candles").expect("second");
+        let shed = admit(&limit, "GetSnapshot").expect_err("third is shed");
         assert_eq!(shed.code(), tonic::Code::Unavailable);
         assert!(shed.message().contains("--grpc-max-reads"), "{}", shed.message());
         drop(a);
-        assert!(limit.admit("ListSymbols").is_ok(), "a finished read frees its slot");
+        assert!(admit(&limit, "ListSymbols").is_ok(), "a finished read frees its slot");
     }
 }
