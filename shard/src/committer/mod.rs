@@ -64,10 +64,12 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 /// A `(publisher_id, symbol)` de-dup state is forgotten this long after its
 /// last accepted publish (a retry older than that would be stored again).
 pub const DEDUP_HORIZON: Duration = Duration::from_secs(7 * 86_400);
-/// Most publishers whose de-dup state one symbol keeps: past it, the eighth
-/// used least recently is forgotten (as after [`DEDUP_HORIZON`]), so a client
-/// that makes up a new `publisher_id` per request grows nothing without bound
-/// (a snapshot rewrites all of a symbol's states).
+/// Most publishers whose de-dup state one symbol keeps: past it, an eighth
+/// is forgotten (as after [`DEDUP_HORIZON`]), so a client that makes up a
+/// new `publisher_id` per request grows nothing without bound (a snapshot
+/// rewrites all of a symbol's states). The callers holding the most states
+/// give up their least recent ones ([`forget_least_recent`]): one caller's
+/// new ids cannot push another's states out.
 pub const MAX_PUBLISHERS_PER_SYMBOL: usize = 1_024;
 /// A symbol is compacted once this many of its commits are in the log (or a
 /// block's worth of ticks).
@@ -1267,21 +1269,55 @@ impl Worker {
 /// Publishers forgotten at once when a symbol's de-dup table is full.
 const FORGET_AT_ONCE: usize = MAX_PUBLISHERS_PER_SYMBOL / 8;
 
-/// Forgets the [`FORGET_AT_ONCE`] publishers of a full de-dup table used
-/// least recently: one pass over the table per that many new publishers, so
-/// a client making up a new `publisher_id` per request costs the committer a
-/// constant per request, not a scan of the table.
+/// Forgets at least [`FORGET_AT_ONCE`] publishers of a full de-dup table,
+/// taken from the callers (token `sub`s, contract §8) that hold the most:
+/// each caller above a level gives up its least recent states past it. A
+/// caller making up ids forgets its own, never the states of one holding
+/// fewer. One pass over the table (and a sort of the callers' sizes) per
+/// that many new publishers, so a new `publisher_id` per request costs the
+/// committer a constant per request, not a scan of the table.
 fn forget_least_recent(dedup: &mut HashMap<Arc<str>, DedupState>, changed: &mut std::collections::HashSet<Arc<str>>) {
-    let mut by_age: Vec<(i64, Arc<str>)> = dedup.iter().map(|(id, d)| (d.last_used, id.clone())).collect();
-    let n = FORGET_AT_ONCE.min(by_age.len());
-    if n == 0 {
-        return;
-    }
-    by_age.select_nth_unstable_by_key(n - 1, |(used, _)| *used);
-    for (_, id) in &by_age[..n] {
+    let gone: Vec<Arc<str>> = {
+        let mut by_caller: HashMap<&str, Vec<(i64, &Arc<str>)>> = HashMap::new();
+        for (id, d) in dedup.iter() {
+            by_caller
+                .entry(crate::domain::publisher_scope(id))
+                .or_default()
+                .push((d.last_used, id));
+        }
+        let mut sizes: Vec<usize> = by_caller.values().map(Vec::len).collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let level = forget_level(&sizes, FORGET_AT_ONCE);
+        let mut gone = Vec::new();
+        for states in by_caller.values_mut() {
+            let n = states.len().saturating_sub(level);
+            if n > 0 {
+                states.select_nth_unstable_by_key(n - 1, |(used, _)| *used);
+                gone.extend(states[..n].iter().map(|(_, id)| Arc::clone(id)));
+            }
+        }
+        gone
+    };
+    for id in &gone {
         dedup.remove(id);
         changed.remove(id);
     }
+}
+
+/// The highest level such that the callers' states past it (`sizes`, largest
+/// first) number at least `want` (0 if they are fewer in all).
+fn forget_level(sizes: &[usize], want: usize) -> usize {
+    let mut level = sizes.first().copied().unwrap_or(0);
+    // (past the level: `above` callers lose one more state per step down)
+    let (mut above, mut past) = (0usize, 0usize);
+    while level > 0 && past < want {
+        while sizes.get(above).is_some_and(|&s| s >= level) {
+            above += 1;
+        }
+        level -= 1;
+        past += above;
+    }
+    level
 }
 
 /// Waits for a command, then takes every one already queued (up to

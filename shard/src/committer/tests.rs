@@ -303,6 +303,66 @@ async fn a_symbols_publishers_are_bounded_least_recent_first() {
     assert!(dedup[0].1.len() <= MAX_PUBLISHERS_PER_SYMBOL, "{}", dedup[0].1.len());
 }
 
+/// One caller making up new ids fills a symbol's de-dup table with its own
+/// states and forgets them, never another caller's (contract §8: no caller
+/// can shadow another's requests). Fails on the old eviction, which forgot
+/// the least recent states whoever held them (the victim's first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_making_up_ids_forgets_its_own_states_not_anothers() {
+    use crate::domain::scoped_publisher_id;
+    let dir = tempfile::tempdir().unwrap();
+    let r = start(dir.path());
+    let victims: Vec<String> = (0..3).map(|i| scoped_publisher_id("victim", &format!("feed-{i}"))).collect();
+    for v in &victims {
+        publish(&r.committer, v, 1, &[tick("BTC-USD", T0, 100)]).await;
+    }
+    for i in 0..MAX_PUBLISHERS_PER_SYMBOL + 300 {
+        let id = scoped_publisher_id("attacker", &format!("p{i}"));
+        publish(&r.committer, &id, 1, &[tick("BTC-USD", T0 + i as i64, 100)]).await;
+    }
+    for v in &victims {
+        let retry = publish(&r.committer, v, 1, &[tick("BTC-USD", T0, 100)]).await;
+        assert!(
+            matches!(retry[0].result, Ok(Accepted { duplicate: true, .. })),
+            "{v}'s retry is still a duplicate: {:?}",
+            retry[0].result
+        );
+    }
+    // the attacker's oldest went
+    let oldest = scoped_publisher_id("attacker", "p0");
+    let again = publish(&r.committer, &oldest, 1, &[tick("BTC-USD", T0, 100)]).await;
+    assert!(matches!(again[0].result, Ok(Accepted { duplicate: false, .. })));
+    r.committer.stop().await;
+    tokio::task::spawn_blocking(move || r.join.join().unwrap())
+        .await
+        .unwrap();
+}
+
+/// The level callers are cut down to: the states past it are at least the
+/// number wanted, and one level higher they would not be.
+#[test]
+fn the_forget_level_takes_from_the_largest_holders() {
+    assert_eq!(forget_level(&[10, 3, 1], 4), 6);
+    assert_eq!(forget_level(&[5, 5, 5], 4), 3);
+    assert_eq!(forget_level(&[1, 1, 1], 128), 0);
+    assert_eq!(forget_level(&[], 128), 0);
+    assert_eq!(forget_level(&[1_024], 128), 896);
+}
+
+proptest::proptest! {
+    #[test]
+    fn the_forget_level_is_the_highest_that_frees_enough(
+        mut sizes in proptest::collection::vec(1usize..300, 0..50),
+        want in 1usize..200,
+    ) {
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let past = |level: usize| sizes.iter().map(|s| s.saturating_sub(level)).sum::<usize>();
+        let level = forget_level(&sizes, want);
+        proptest::prop_assert!(past(level) >= want || level == 0);
+        proptest::prop_assert!(past(level + 1) < want || sizes.first().is_none_or(|&m| level >= m));
+    }
+}
+
 /// The committer keeps what it committed to the log but not yet to tick
 /// blocks (compaction takes it from there, readers read it there); the hub
 /// holds nothing the store needs.

@@ -19,8 +19,8 @@ pub use error::{ErrorCode, InputError};
 pub use history::{HISTORY_LIMIT_DEFAULT, HISTORY_LIMIT_MAX, History, HistoryQuery, LastTick, SymbolInfo};
 pub use num::{MAX_TS_MICROS, now_micros, parse_decimal};
 pub use publisher::{
-    MAX_PUBLISHER_ID_BYTES, MAX_SUB_BYTES, publisher_id_from, scoped_publisher_id, validate_forwarded_publisher_id,
-    validate_publisher_id,
+    MAX_PUBLISHER_ID_BYTES, MAX_SUB_BYTES, publisher_id_from, publisher_scope, scoped_publisher_id,
+    validate_forwarded_publisher_id, validate_publisher_id,
 };
 pub use rust_decimal::Decimal;
 pub use symbol::{MAX_SYMBOL_LEN, Symbol, SymbolListError, SymbolSet};

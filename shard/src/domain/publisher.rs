@@ -42,6 +42,12 @@ pub fn scoped_publisher_id(sub: &str, id: &str) -> String {
     format!("{sub}{SCOPE}{id}")
 }
 
+/// The caller part of a de-dup key ([`scoped_publisher_id`]): its `sub`,
+/// or `""` for an anonymous caller's plain `publisher_id`.
+pub fn publisher_scope(key: &str) -> &str {
+    key.rsplit_once(SCOPE).map_or("", |(sub, _)| sub)
+}
+
 /// Checks a publisher id a peer forwarded: a client's (as
 /// [`validate_publisher_id`]) or a scoped one (a caller of at most
 /// [`MAX_SUB_BYTES`], then a valid client id).
