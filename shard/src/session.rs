@@ -21,7 +21,7 @@ use crate::{
     backoff::Backoff,
     domain::{Position, Symbol},
     hub::{Channel, Outbox},
-    node::{Node, Prepared, SubRequest, SubResult},
+    node::{Hold, Node, Prepared, SubRequest, SubResult},
 };
 
 /// First and longest wait between retries of a deferred subscription.
@@ -57,17 +57,42 @@ fn claim_map(m: &ClaimMap) -> MutexGuard<'_, HashMap<Pair, Arc<tokio::sync::Mute
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The pairs one registration holds, from its start until its activation
-/// (they travel in its `Prepared`): another registration of one of them
+/// Removes `pair`'s lock from the map if nobody holds or waits for it any
+/// more (the map holds only pairs being registered).
+fn release(map: &ClaimMap, pair: Pair) {
+    let mut map = claim_map(map);
+    if map.get(&pair).is_some_and(|l| Arc::strong_count(l) == 1) {
+        map.remove(&pair);
+    }
+}
+
+/// The pairs one registration holds, from its start until each is
+/// activated (they travel in its `Prepared`, one claim per pair, each let
+/// go after its pair's activation): another registration of one of them
 /// waits, so two registrations of a pair (a subscribe and a retry) never
 /// interleave, and one's activation never takes the other's entry. Per
-/// pair: a subscribe never waits for a registration of other pairs. Taken
-/// in one order, so two registrations never wait for each other.
+/// pair: a subscribe never waits for a registration of other pairs, nor
+/// for the activation of pairs before its own. Taken in one order, so two
+/// registrations never wait for each other.
 pub(crate) struct Claims {
     map: ClaimMap,
-    held: Vec<(Pair, OwnedMutexGuard<()>)>,
+    held: Vec<PairClaim>,
     /// The pair being waited for (cleaned up if the wait is dropped).
     waiting: Option<Pair>,
+}
+
+/// One pair's claim: its lock, held until dropped.
+struct PairClaim {
+    map: ClaimMap,
+    pair: Pair,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl Drop for PairClaim {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        release(&self.map, self.pair);
+    }
 }
 
 impl Claims {
@@ -85,23 +110,28 @@ impl Claims {
             claims.waiting = Some(pair);
             let guard = lock.lock_owned().await;
             claims.waiting = None;
-            claims.held.push((pair, guard));
+            claims.held.push(PairClaim {
+                map: map.clone(),
+                pair,
+                guard: Some(guard),
+            });
         }
         claims
+    }
+
+    /// Each pair's claim on its own, for `Prepared::holding`.
+    fn each(mut self) -> impl Iterator<Item = (Pair, Hold)> {
+        std::mem::take(&mut self.held)
+            .into_iter()
+            .map(|c| (c.pair, Box::new(c) as Hold))
     }
 }
 
 impl Drop for Claims {
     fn drop(&mut self) {
-        let mut pairs: Vec<Pair> = self.held.drain(..).map(|(p, _)| p).collect();
-        pairs.extend(self.waiting.take());
-        // (a lock nobody else holds or waits for goes: the map holds only
-        // pairs being registered)
-        let mut map = claim_map(&self.map);
-        for p in pairs {
-            if map.get(&p).is_some_and(|l| Arc::strong_count(l) == 1) {
-                map.remove(&p);
-            }
+        // (the pairs held let themselves go)
+        if let Some(p) = self.waiting.take() {
+            release(&self.map, p);
         }
     }
 }
@@ -244,7 +274,7 @@ impl<C: Send + 'static> Session<C> {
             }
             return Err(Error::unavailable("the subscriber is gone"));
         }
-        prepared.map(|p| p.holding(claims))
+        prepared.map(|p| p.holding(claims.each()))
     }
 
     /// Detaches pairs [`leave_out`] took out of a registration.
@@ -425,6 +455,21 @@ mod tests {
         Symbol::parse(s).expect("symbol")
     }
 
+    /// A tick of `s` with `seq`, `at` µs after a fixed time.
+    fn tick(s: &str, seq: u64, at: i64) -> crate::domain::Tick {
+        crate::domain::Tick {
+            symbol: sym(s),
+            seq,
+            ts: 1_700_000_000_000_000 + at,
+            price: rust_decimal::Decimal::ONE,
+            size: rust_decimal::Decimal::ONE,
+            bid: None,
+            ask: None,
+            bid_size: None,
+            ask_size: None,
+        }
+    }
+
     fn subscribers(node: &Node, s: &str) -> usize {
         node.hub().get(&sym(s)).map_or(0, |h| h.subscriber_count())
     }
@@ -571,6 +616,64 @@ mod tests {
         node.shutdown().await;
     }
 
+    /// A pair's claim goes with its own activation, and replays are
+    /// activated last: a replay that waits (here for a subscriber that
+    /// takes nothing) holds up no other pair of its registration. Fails
+    /// when the claims go only at the end of the whole activation.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_replay_holds_up_no_other_pair() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = node(dir.path(), 1, 10);
+        let (reply, mut acks) = crate::committer::AckTx::new();
+        for (i, s) in ["XXX", "XXX", "XXX", "YYY"].into_iter().enumerate() {
+            let tick = tick(s, 0, i as i64);
+            let cmd = crate::committer::PublishCmd {
+                tick,
+                publisher: None,
+                request_id: i as u64,
+                reply: reply.clone(),
+                received: std::time::Instant::now(),
+            };
+            node.publish(cmd).await.expect("queued");
+            acks.recv().await.expect("acked");
+        }
+        // a subscriber already past its queue's limit: a replay waits for room
+        let outbox: Arc<Outbox<()>> = Arc::new(Outbox::new(9_999, 4_096, Duration::from_secs(3_600)));
+        let backlog = (1..=100).map(|seq| tick("QQQ", seq, 0));
+        crate::hub::Sink::force(
+            &*outbox,
+            crate::hub::Data::Ticks {
+                chunk: Arc::new(crate::hub::Chunk::new(sym("QQQ"), backlog.collect())),
+                from: 0,
+            },
+        );
+        let s = Session::new(node.clone(), outbox.clone());
+        let epoch = node.head(&sym("XXX")).expect("head").epoch;
+        let resume = HashMap::from([(sym("XXX"), Position { seq: 1, epoch })]);
+        // the replay first in the request
+        let both = requests(&[sym("XXX"), sym("YYY")], &[Channel::Ticks], &resume);
+        let prepared = s.prepare(&both).await.expect("subscribed");
+        let activation = crate::tasks::spawn(&TaskTracker::new(), {
+            let s = s.clone();
+            async move { s.activate(prepared).await }
+        });
+        let y = requests(&[sym("YYY")], &[Channel::Ticks], &HashMap::new());
+        let again = tokio::time::timeout(Duration::from_secs(10), s.prepare(&y))
+            .await
+            .expect("YYY is not held up by XXX's replay")
+            .expect("subscribed");
+        s.activate(again).await;
+        assert!(!activation.is_finished(), "the replay still waits");
+        // the subscriber takes its queue: the replay goes on and ends
+        let mut q = std::collections::VecDeque::new();
+        let _ = outbox.take(&mut q).await;
+        let _ = outbox.written(q.iter().map(|m| m.weight()).sum());
+        activation.await.expect("activation");
+        assert!(claim_map(&s.claims).is_empty(), "no claim left behind");
+        s.end();
+        node.shutdown().await;
+    }
+
     /// A subscription unsubscribed between its registration and its
     /// activation gets nothing more: no snapshot, no replay.
     #[tokio::test]
@@ -578,17 +681,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let node = node(dir.path(), 1, 10);
         let (reply, mut acks) = crate::committer::AckTx::new();
-        let tick = crate::domain::Tick {
-            symbol: sym("XXX"),
-            seq: 0,
-            ts: 1_700_000_000_000_000,
-            price: rust_decimal::Decimal::ONE,
-            size: rust_decimal::Decimal::ONE,
-            bid: None,
-            ask: None,
-            bid_size: None,
-            ask_size: None,
-        };
+        let tick = tick("XXX", 0, 0);
         node.publish(crate::committer::PublishCmd {
             tick,
             publisher: None,

@@ -312,7 +312,9 @@ async fn a_caller_making_up_ids_forgets_its_own_states_not_anothers() {
     use crate::domain::scoped_publisher_id;
     let dir = tempfile::tempdir().unwrap();
     let r = start(dir.path());
-    let victims: Vec<String> = (0..3).map(|i| scoped_publisher_id("victim", &format!("feed-{i}"))).collect();
+    let victims: Vec<String> = (0..3)
+        .map(|i| scoped_publisher_id("victim", &format!("feed-{i}")))
+        .collect();
     for v in &victims {
         publish(&r.committer, v, 1, &[tick("BTC-USD", T0, 100)]).await;
     }

@@ -6,6 +6,7 @@
 pub mod rebalance;
 
 use std::{
+    collections::HashMap,
     path::PathBuf,
     sync::{
         Arc,
@@ -135,15 +136,19 @@ pub struct Prepared {
     /// Requests that cannot be served now (their owner shard is unavailable),
     /// with why. Nothing of them is registered; the caller may retry them.
     pub failed: Vec<(SubRequest, String)>,
-    /// What the registration holds until these are activated (or dropped):
-    /// the session's claims on their pairs (`session::Claims`).
-    hold: Option<Box<dyn Send>>,
+    /// What the registration holds of each pair until it is activated (or
+    /// dropped): the session's claim on it (`session::Claims`).
+    hold: HashMap<(Symbol, Channel), Hold>,
 }
 
+/// Something a registration holds of one pair until its activation.
+pub(crate) type Hold = Box<dyn Send>;
+
 impl Prepared {
-    /// Keeps `hold` until these are activated (or dropped).
-    pub(crate) fn holding(mut self, hold: impl Send + 'static) -> Prepared {
-        self.hold = Some(Box::new(hold));
+    /// Keeps each pair's hold until that pair is activated (or these are
+    /// dropped).
+    pub(crate) fn holding(mut self, holds: impl IntoIterator<Item = ((Symbol, Channel), Hold)>) -> Prepared {
+        self.hold.extend(holds);
         self
     }
 
@@ -710,7 +715,7 @@ impl Node {
             results,
             plans,
             failed,
-            hold: None,
+            hold: HashMap::new(),
         })
     }
 
@@ -718,7 +723,25 @@ impl Node {
     /// current candle), then releases held live data: from here on the
     /// subscriber sees every tick in order.
     pub async fn activate<C: Send + 'static>(&self, sink: &Arc<Outbox<C>>, prepared: Prepared) {
-        for (res, plan) in prepared.results.iter().zip(prepared.plans) {
+        // Each pair's hold goes with its activation; the holds of pairs
+        // without one (failed, left out) go now. Replays (which wait for the
+        // subscriber to take each page, or for an owner that went away) go
+        // last, so they hold up no other pair.
+        let Prepared {
+            results,
+            plans,
+            mut hold,
+            ..
+        } = prepared;
+        let mut turns: Vec<(&SubResult, Plan, Option<Hold>)> = results
+            .iter()
+            .zip(plans)
+            .map(|(r, plan)| (r, plan, hold.remove(&(r.symbol, r.channel))))
+            .collect();
+        drop(hold);
+        turns.sort_by_key(|(_, plan, _)| matches!(plan, Plan::Replay { .. }));
+        // (`_held` is let go at the end of its pair's turn, whichever way it ends)
+        for (res, plan, _held) in turns {
             let Some(h) = self.hub.get(&res.symbol) else { continue };
             // (unsubscribed meanwhile: nothing more of it goes out)
             let detached = || !h.holds(sink.id(), res.channel);
