@@ -147,7 +147,10 @@ where
     S: Stream<Item = Result<Request, E>> + Send + Unpin + 'static,
     E: Display + Send,
 {
-    let (ack_tx, ack_rx) = AckTx::new();
+    let (ack_tx, ack_rx) = match origin {
+        Origin::Client(_) => AckTx::new(),
+        Origin::Peer => AckTx::for_peer(),
+    };
     let (rej_tx, rej_rx) = tokio::sync::mpsc::unbounded_channel::<Answer>();
     let permits = Arc::new(Semaphore::new(window.max(1)));
     let drained = Arc::new(AtomicBool::new(false));

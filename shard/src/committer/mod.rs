@@ -124,33 +124,54 @@ pub struct AckTx {
     order: Arc<StreamOrder>,
 }
 
-/// Most `(publisher_id, symbol)` pairs one stream remembers as refused
-/// (see [`AckTx`]); past it the stream is ended ([`AckTx::is_full`]).
+/// Most `(publisher_id, symbol)` pairs one client's stream remembers as
+/// refused (see [`AckTx`]); past it the stream is ended ([`AckTx::is_full`]).
 pub const MAX_BROKEN_PAIRS: usize = 4_096;
+/// The same for a peer's Forward stream, which carries the publishes of
+/// every client of that pod (a rebalance refuses each moving symbol's
+/// pairs for a moment): ending it restarts the link's forwards.
+pub const MAX_BROKEN_PAIRS_PEER: usize = 65_536;
 
 /// The pairs of one stream that have had a request refused as UNAVAILABLE.
-#[derive(Default)]
 struct StreamOrder {
     /// Fast path: nothing was ever refused on this stream.
     any: AtomicBool,
     /// A std mutex, never held across an await. Per pair, the lowest
     /// `publisher_seq` refused: a resend from it (or earlier) fills the hole.
-    /// At most [`MAX_BROKEN_PAIRS`].
+    /// At most `limit`.
     broken: std::sync::Mutex<HashMap<(Arc<str>, Symbol), u64>>,
+    /// [`MAX_BROKEN_PAIRS`] or [`MAX_BROKEN_PAIRS_PEER`].
+    limit: usize,
     /// A refused pair did not fit in `broken`: nothing more is accepted on
     /// this stream, and it ends (the publisher resends on a new one).
     full: AtomicBool,
 }
 
 impl AckTx {
+    /// A client's stream.
     pub fn new() -> (AckTx, mpsc::UnboundedReceiver<Vec<Ack>>) {
+        AckTx::remembering(MAX_BROKEN_PAIRS)
+    }
+
+    /// A peer's Forward stream.
+    pub fn for_peer() -> (AckTx, mpsc::UnboundedReceiver<Vec<Ack>>) {
+        AckTx::remembering(MAX_BROKEN_PAIRS_PEER)
+    }
+
+    fn remembering(limit: usize) -> (AckTx, mpsc::UnboundedReceiver<Vec<Ack>>) {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let (tx, rx) = mpsc::unbounded_channel();
+        let order = StreamOrder {
+            any: AtomicBool::new(false),
+            broken: std::sync::Mutex::default(),
+            limit,
+            full: AtomicBool::new(false),
+        };
         (
             AckTx {
                 id: NEXT.fetch_add(1, Ordering::Relaxed),
                 tx,
-                order: Arc::default(),
+                order: Arc::new(order),
             },
             rx,
         )
@@ -203,7 +224,7 @@ impl AckTx {
         if let Some((p, pseq)) = publisher {
             let mut broken = self.order.broken.lock().unwrap_or_else(|e| e.into_inner());
             let key = (p.clone(), symbol);
-            let room = broken.len() < MAX_BROKEN_PAIRS;
+            let room = broken.len() < self.order.limit;
             match broken.entry(key) {
                 std::collections::hash_map::Entry::Occupied(mut e) => {
                     let first = e.get_mut();

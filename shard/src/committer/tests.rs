@@ -536,6 +536,27 @@ fn a_hole_is_filled_by_the_resend_from_it() {
     assert!(!tx.is_broken(Some((&other, 9)), s), "other publishers are not held up");
 }
 
+/// A client's stream remembers [`MAX_BROKEN_PAIRS`] refused pairs, a peer's
+/// Forward stream (every client of a pod) [`MAX_BROKEN_PAIRS_PEER`]; one
+/// more makes the stream full (it ends).
+#[test]
+fn a_peer_stream_remembers_more_refused_pairs_than_a_clients() {
+    let s = Symbol::parse("HOLE").unwrap();
+    for (tx, limit) in [
+        (AckTx::new().0, MAX_BROKEN_PAIRS),
+        (AckTx::for_peer().0, MAX_BROKEN_PAIRS_PEER),
+    ] {
+        for i in 0..limit {
+            let p: Arc<str> = Arc::from(format!("p{i}"));
+            tx.unavailable(Some((&p, 1)), i as u64, s, "moving".into());
+        }
+        assert!(!tx.is_full(), "{limit} pairs fit");
+        let one_more: Arc<str> = Arc::from("one-more");
+        tx.unavailable(Some((&one_more, 1)), 0, s, "moving".into());
+        assert!(tx.is_full(), "past {limit}");
+    }
+}
+
 /// A commit is acked before its subscribers' writers are woken (issue 14: an
 /// ack means durable and must not wait for the fan-out): a writer whose
 /// wake-up never returns does not hold the ack back, and what the ack
