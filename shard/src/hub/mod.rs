@@ -505,6 +505,21 @@ impl SymbolHub {
         self.lock().entries.find(sink_id, channel).is_some()
     }
 
+    /// Queues `d` (a subscription's initial data: snapshot, candle, replay
+    /// page) for `sink_id`'s `channel` subscription if it is still attached,
+    /// under the lock a detach takes: a subscription detached first gets
+    /// nothing, one detached after gets it before anything that follows its
+    /// detach. False if it is no longer attached.
+    pub fn send_initial(&self, sink_id: u64, channel: Channel, d: Data) -> bool {
+        match self.lock().entries.find(sink_id, channel) {
+            Some(e) => {
+                e.sink.force(d);
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn detach(&self, sink_id: u64, channel: Channel) {
         self.lock().entries.remove(sink_id, channel);
     }

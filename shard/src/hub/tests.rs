@@ -558,3 +558,24 @@ async fn candle_subscribers_share_one_event_and_its_encoding() {
     assert_eq!(encodes, 1, "encoded once");
     assert!(frames.iter().all(|f| f.as_ref() == b"5 true"));
 }
+
+/// A subscription's initial data goes out only while it is attached,
+/// checked under the lock a detach takes: once detached, nothing more.
+#[tokio::test]
+async fn initial_data_goes_only_to_an_attached_subscription() {
+    let (_hub, h) = hub_with_head(3);
+    let o: Arc<Outbox<()>> = Arc::new(Outbox::new(1, 1 << 20, Duration::from_secs(10)));
+    h.attach(o.clone(), Channel::Ticks);
+    let page = |s| Data::Ticks {
+        chunk: chunk(s..=s),
+        from: 0,
+    };
+    assert!(h.send_initial(1, Channel::Ticks, page(1)));
+    assert!(
+        !h.send_initial(1, Channel::Candles(Interval::S1), page(2)),
+        "another channel"
+    );
+    h.detach(1, Channel::Ticks);
+    assert!(!h.send_initial(1, Channel::Ticks, page(3)), "detached");
+    assert_eq!(drain(&o).await, vec![Seen::Tick(1)]);
+}

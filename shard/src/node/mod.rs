@@ -24,7 +24,7 @@ use crate::{
     cluster::{Cluster, ClusterConfig, ClusterError, MirrorLease, Peer},
     committer::{CommitError, Committer, CommitterConfig, PublishCmd, Relay, Setup},
     domain::{Candle, Epoch, HistoryQuery, Interval, Position, Symbol, Tick},
-    hub::{CandleData, Channel, Chunk, Data, Head, Hub, Outbox, Sink as _, SnapshotData, SymbolHub},
+    hub::{CandleData, Channel, Chunk, Data, Head, Hub, Outbox, SnapshotData, SymbolHub},
     metrics as m,
     placement::{ClusterState, Placement},
     store::{MoveMark, Store, StoreError, StoreOptions},
@@ -743,15 +743,16 @@ impl Node {
         // (`_held` is let go at the end of its pair's turn, whichever way it ends)
         for (res, plan, _held) in turns {
             let Some(h) = self.hub.get(&res.symbol) else { continue };
-            // (unsubscribed meanwhile: nothing more of it goes out)
-            let detached = || !h.holds(sink.id(), res.channel);
-            if detached() {
+            // (unsubscribed meanwhile: nothing more of it goes out; checked
+            // with each send, under the lock a detach takes)
+            let send = |d: Data| h.send_initial(sink.id(), res.channel, d);
+            if !h.holds(sink.id(), res.channel) {
                 continue;
             }
             let mut lost = false;
             match plan {
                 Plan::Snapshot(Some(tick)) => {
-                    sink.force(Data::Snapshot(Box::new(SnapshotData {
+                    send(Data::Snapshot(Box::new(SnapshotData {
                         epoch: res.epoch,
                         tick,
                         conflated: false,
@@ -759,7 +760,7 @@ impl Node {
                 }
                 Plan::Live | Plan::Snapshot(None) | Plan::Candle(None) => {}
                 Plan::Candle(Some(candle)) => {
-                    sink.force(Data::Candle(CandleData::new(candle, false)));
+                    send(Data::Candle(CandleData::new(candle, false)));
                 }
                 Plan::Replay { mut from, to } => {
                     let mut wait = Backoff::new(Duration::from_millis(40), Duration::from_millis(250));
@@ -770,16 +771,19 @@ impl Node {
                         if sink.is_gone() {
                             return;
                         }
-                        if detached() {
+                        if !h.holds(sink.id(), res.channel) {
                             break;
                         }
                         match self.read_ticks(res.symbol, from, to, REPLAY_PAGE).await {
                             Ok(page) if page.first().is_some_and(|t| t.seq == from) => {
                                 from = page.last().map_or(to, |t| t.seq) + 1;
-                                sink.force(Data::Ticks {
+                                let page = Data::Ticks {
                                     chunk: Arc::new(Chunk::new(res.symbol, page)),
                                     from: 0,
-                                });
+                                };
+                                if !send(page) {
+                                    break;
+                                }
                             }
                             // The owner went away mid-replay: wait for it (live
                             // data is held meanwhile, up to the queue limit).
