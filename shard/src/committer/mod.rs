@@ -1290,12 +1290,13 @@ impl Worker {
 /// Publishers forgotten at once when a symbol's de-dup table is full.
 const FORGET_AT_ONCE: usize = MAX_PUBLISHERS_PER_SYMBOL / 8;
 
-/// Forgets at least [`FORGET_AT_ONCE`] publishers of a full de-dup table,
-/// taken from the callers (token `sub`s, contract §8) that hold the most:
-/// each caller above a level gives up its least recent states past it. A
-/// caller making up ids forgets its own, never the states of one holding
-/// fewer. One pass over the table (and a sort of the callers' sizes) per
-/// that many new publishers, so a new `publisher_id` per request costs the
+/// Forgets [`FORGET_AT_ONCE`] publishers of a full de-dup table, taken from
+/// the callers (token `sub`s, contract §8) that hold the most: each caller
+/// above a level gives up its least recent states past it (at the level
+/// itself, the least recent of those callers' states, to make up the
+/// number). A caller making up ids forgets its own, never the states of one
+/// holding fewer. One pass over the table (and sorts within it) per that
+/// many new publishers, so a new `publisher_id` per request costs the
 /// committer a constant per request, not a scan of the table.
 fn forget_least_recent(dedup: &mut HashMap<Arc<str>, DedupState>, changed: &mut std::collections::HashSet<Arc<str>>) {
     let gone: Vec<Arc<str>> = {
@@ -1309,13 +1310,23 @@ fn forget_least_recent(dedup: &mut HashMap<Arc<str>, DedupState>, changed: &mut 
         let mut sizes: Vec<usize> = by_caller.values().map(Vec::len).collect();
         sizes.sort_unstable_by(|a, b| b.cmp(a));
         let level = forget_level(&sizes, FORGET_AT_ONCE);
+        // Past one above the level every state goes (fewer than wanted);
+        // the callers' next states (each one's least recent left) make up
+        // the rest, least recent first.
         let mut gone = Vec::new();
+        let mut next = Vec::new();
         for states in by_caller.values_mut() {
-            let n = states.len().saturating_sub(level);
-            if n > 0 {
-                states.select_nth_unstable_by_key(n - 1, |(used, _)| *used);
-                gone.extend(states[..n].iter().map(|(_, id)| Arc::clone(id)));
+            states.sort_unstable_by_key(|(used, _)| *used);
+            let n = states.len().saturating_sub(level + 1);
+            gone.extend(states.iter().take(n).map(|(_, id)| Arc::clone(id)));
+            if states.len() > level {
+                next.extend(states.get(n).copied());
             }
+        }
+        let rest = FORGET_AT_ONCE.saturating_sub(gone.len()).min(next.len());
+        if rest > 0 {
+            next.select_nth_unstable_by_key(rest - 1, |(used, _)| *used);
+            gone.extend(next.iter().take(rest).map(|(_, id)| Arc::clone(id)));
         }
         gone
     };

@@ -340,6 +340,52 @@ async fn a_caller_making_up_ids_forgets_its_own_states_not_anothers() {
         .unwrap();
 }
 
+/// A full table forgets exactly [`FORGET_AT_ONCE`] states, whatever the
+/// callers' sizes (ties at the level included), least recent first among
+/// the callers that hold the most.
+#[test]
+fn a_full_table_forgets_an_eighth_from_the_largest_holders() {
+    use crate::domain::scoped_publisher_id;
+    let state = |used: i64| DedupState {
+        publisher_seq: 1,
+        seq: 1,
+        last_used: used,
+    };
+    // 1,024 callers of one state each (all tied at the level)
+    let mut one_each: HashMap<Arc<str>, DedupState> = (0..MAX_PUBLISHERS_PER_SYMBOL)
+        .map(|i| (Arc::from(scoped_publisher_id(&format!("c{i}"), "p")), state(i as i64)))
+        .collect();
+    forget_least_recent(&mut one_each, &mut Default::default());
+    assert_eq!(one_each.len(), MAX_PUBLISHERS_PER_SYMBOL - FORGET_AT_ONCE);
+    assert!(
+        one_each.values().all(|d| d.last_used >= FORGET_AT_ONCE as i64),
+        "the least recent went"
+    );
+    // 200 callers of 5 each, plus one of 24 (used more recently): the 24
+    // go down to 5 first (19 states), then the least recent of the level's
+    // next states make up the rest (109 of the small callers' oldest)
+    let mut mixed: HashMap<Arc<str>, DedupState> = HashMap::new();
+    for c in 0..200 {
+        for p in 0..5 {
+            mixed.insert(
+                Arc::from(scoped_publisher_id(&format!("c{c}"), &format!("p{p}"))),
+                state(0),
+            );
+        }
+    }
+    for p in 0..24 {
+        mixed.insert(Arc::from(scoped_publisher_id("big", &format!("p{p}"))), state(1_000));
+    }
+    forget_least_recent(&mut mixed, &mut Default::default());
+    assert_eq!(mixed.len(), 1_024 - FORGET_AT_ONCE);
+    let mut sizes: HashMap<&str, usize> = HashMap::new();
+    for k in mixed.keys() {
+        *sizes.entry(crate::domain::publisher_scope(k)).or_default() += 1;
+    }
+    assert_eq!(sizes["big"], 5, "the largest holder was cut to the others' size first");
+    assert_eq!(sizes.values().filter(|&&n| n == 4).count(), 109);
+}
+
 /// The level callers are cut down to: the states past it are at least the
 /// number wanted, and one level higher they would not be.
 #[test]
