@@ -674,6 +674,51 @@ mod tests {
         node.shutdown().await;
     }
 
+    /// A replay whose owner stays away (here: the symbol unsettled, as
+    /// during a hand-over's import) waits [`crate::node::REPLAY_OWNER_WAIT`]
+    /// at most, then sends a conflated snapshot: nothing waits without
+    /// bound. Fails (the activation never ends) without the deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_replay_waits_for_a_missing_owner_only_so_long() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = node(dir.path(), 1, 10);
+        let (reply, mut acks) = crate::committer::AckTx::new();
+        for i in 0..3 {
+            let cmd = crate::committer::PublishCmd {
+                tick: tick("XXX", 0, i),
+                publisher: None,
+                request_id: i as u64,
+                reply: reply.clone(),
+                received: std::time::Instant::now(),
+            };
+            node.publish(cmd).await.expect("queued");
+            acks.recv().await.expect("acked");
+        }
+        let s = session(&node);
+        let epoch = node.head(&sym("XXX")).expect("head").epoch;
+        let resume = HashMap::from([(sym("XXX"), Position { seq: 1, epoch })]);
+        let reqs = requests(&[sym("XXX")], &[Channel::Ticks], &resume);
+        let prepared = s.prepare(&reqs).await.expect("subscribed");
+        node.placement().note_unsettled(sym("XXX"), true);
+        tokio::time::timeout(crate::node::REPLAY_OWNER_WAIT * 2, s.activate(prepared))
+            .await
+            .expect("the replay gave up waiting");
+        let mut q = std::collections::VecDeque::new();
+        let _ = s.outbox().take(&mut q).await;
+        let got: Vec<(u64, bool)> = q
+            .iter()
+            .filter_map(|m| match m {
+                crate::hub::Msg::Data(crate::hub::Data::Snapshot(snap)) => Some((snap.tick.seq, snap.conflated)),
+                crate::hub::Msg::Data(crate::hub::Data::Ticks { .. }) => Some((0, false)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, vec![(3, true)], "a conflated snapshot of the head, no ticks");
+        node.placement().note_unsettled(sym("XXX"), false);
+        s.end();
+        node.shutdown().await;
+    }
+
     /// A subscription unsubscribed between its registration and its
     /// activation gets nothing more: no snapshot, no replay.
     #[tokio::test]

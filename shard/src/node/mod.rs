@@ -34,6 +34,10 @@ use crate::{
 const SWITCH_DRAIN: Duration = Duration::from_secs(5);
 /// Ticks read per page during a resume replay (~160 KiB queued at a time).
 const REPLAY_PAGE: usize = 1_024;
+/// Longest a resume replay waits for an owner that went away mid-replay;
+/// then the subscriber gets a conflated snapshot instead (it knows it
+/// missed data, and may resume again later).
+pub const REPLAY_OWNER_WAIT: Duration = Duration::from_secs(30);
 
 /// Everything the shard needs to know, validated by the binary's config.
 #[derive(Clone, Debug)]
@@ -764,6 +768,7 @@ impl Node {
                 }
                 Plan::Replay { mut from, to } => {
                     let mut wait = Backoff::new(Duration::from_millis(40), Duration::from_millis(250));
+                    let mut waiting_since: Option<tokio::time::Instant> = None;
                     while from <= to && !lost {
                         sink.room().await;
                         // (a subscriber that left ends the replay: its task
@@ -776,6 +781,7 @@ impl Node {
                         }
                         match self.read_ticks(res.symbol, from, to, REPLAY_PAGE).await {
                             Ok(page) if page.first().is_some_and(|t| t.seq == from) => {
+                                waiting_since = None;
                                 from = page.last().map_or(to, |t| t.seq) + 1;
                                 let page = Data::Ticks {
                                     chunk: Arc::new(Chunk::new(res.symbol, page)),
@@ -786,10 +792,23 @@ impl Node {
                                 }
                             }
                             // The owner went away mid-replay: wait for it (live
-                            // data is held meanwhile, up to the queue limit).
+                            // data is held meanwhile, up to the queue limit),
+                            // for a while; then the client gets a conflated
+                            // snapshot, as for a replay that cannot go on
+                            // (nothing waits without bound: a WebSocket's
+                            // reader, say, is held until this ends).
                             Err(e @ Error::Unavailable(_)) => {
-                                tracing::debug!(symbol = %res.symbol, error = %e, "replay waits for the owner");
-                                wait.wait().await;
+                                let since = *waiting_since.get_or_insert_with(tokio::time::Instant::now);
+                                if since.elapsed() >= REPLAY_OWNER_WAIT {
+                                    tracing::info!(
+                                        symbol = %res.symbol, sink = sink.id(), from, to, error = %e,
+                                        "replay gave up waiting for the owner; sending a conflated snapshot"
+                                    );
+                                    lost = true;
+                                } else {
+                                    tracing::debug!(symbol = %res.symbol, error = %e, "replay waits for the owner");
+                                    wait.wait().await;
+                                }
                             }
                             // Pruned under our feet, or a store error: the client
                             // gets a conflated snapshot instead of a silent gap.
