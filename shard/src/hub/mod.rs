@@ -367,9 +367,9 @@ impl SymbolHub {
         let symbol = self.symbol;
         let limit = self.pending_limit;
         let mut gone = false;
-        // (each closed candle made once for all its subscribers; no
-        // allocation when none closed)
-        let closed: Vec<Arc<CandleData>> = closed.iter().map(|c| CandleData::new(*c, true)).collect();
+        // (each closed candle made once for all its subscribers, when the
+        // first one is met: nothing allocated without one)
+        let mut closed_events: Vec<Arc<CandleData>> = Vec::new();
         for e in st.entries.iter_mut() {
             match e.channel {
                 Channel::Ticks if !chunk.ticks.is_empty() => {
@@ -381,7 +381,10 @@ impl SymbolHub {
                     gone |= e.gone;
                 }
                 Channel::Candles(i) => {
-                    for c in closed.iter().filter(|c| c.candle.interval == i) {
+                    if closed_events.is_empty() && !closed.is_empty() {
+                        closed_events = closed.iter().map(|c| CandleData::new(*c, true)).collect();
+                    }
+                    for c in closed_events.iter().filter(|c| c.candle.interval == i) {
                         let d = Data::Candle(c.clone());
                         e.gone |= deliver(e, symbol, d, true, limit, wakes.as_deref_mut());
                         gone |= e.gone;
@@ -406,16 +409,15 @@ impl SymbolHub {
             return;
         }
         let limit = self.pending_limit;
-        // each changed candle made once, for all its subscribers
-        let events = Interval::ALL.map(|i| {
-            st.head.candles[i.index()]
-                .filter(|_| dirty & (1 << i.index()) != 0)
-                .map(|c| CandleData::new(c, false))
-        });
+        // each changed candle made once for all its subscribers, when the
+        // first one is met
+        let mut events: [Option<Arc<CandleData>>; 3] = Default::default();
         for e in st.entries.iter_mut() {
             if let Channel::Candles(i) = e.channel
-                && let Some(event) = &events[i.index()]
+                && dirty & (1 << i.index()) != 0
+                && let Some(c) = st.head.candles[i.index()]
             {
+                let event = events[i.index()].get_or_insert_with(|| CandleData::new(c, false));
                 let d = Data::Candle(event.clone());
                 deliver(e, self.symbol, d, false, limit, None);
             }
