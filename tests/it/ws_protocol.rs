@@ -659,6 +659,7 @@ async fn a_server_close_is_not_turned_into_a_reset_by_late_client_bytes() {
 /// in the socket), so what the client takes counts as its life then. The
 /// client's small receive buffer makes the replay go at its pace, not into
 /// the kernel's buffers. Fails (1001 mid-replay) when only frames count.
+/// A client that takes nothing of such a replay is still closed as idle.
 #[tokio::test]
 async fn a_replay_longer_than_the_idle_timeout_goes_on_while_the_client_takes_it() {
     const N: i64 = 80_000;
@@ -687,16 +688,20 @@ async fn a_replay_longer_than_the_idle_timeout_goes_on_while_the_client_takes_it
         .await;
     }
 
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(8 * 1024).unwrap();
-    let s = tokio::time::timeout(WAIT, sock.connect(srv.http))
-        .await
-        .unwrap()
-        .unwrap();
-    let sub = format!(
-        r#"{{"op":"subscribe","id":1,"symbols":["LONG-1"],"resume":{{"LONG-1":{{"seq":1,"epoch":"{epoch}"}}}}}}"#
-    );
-    let (mut s, mut buf) = raw_ws_over(s, &client_frame(sub.as_bytes())).await;
+    // a client with a small receive buffer, resuming from seq 1
+    let resume = || async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(8 * 1024).unwrap();
+        let s = tokio::time::timeout(WAIT, sock.connect(srv.http))
+            .await
+            .unwrap()
+            .unwrap();
+        let sub = format!(
+            r#"{{"op":"subscribe","id":1,"symbols":["LONG-1"],"resume":{{"LONG-1":{{"seq":1,"epoch":"{epoch}"}}}}}}"#
+        );
+        raw_ws_over(s, &client_frame(sub.as_bytes())).await
+    };
+    let (mut s, mut buf) = resume().await;
     let started = std::time::Instant::now();
     let mut next = 2u64;
     let mut subscribed = false;
@@ -746,4 +751,18 @@ async fn a_replay_longer_than_the_idle_timeout_goes_on_while_the_client_takes_it
             other => panic!("expected a pong, got {other:?}"),
         }
     }
+    drop(s);
+    let connected = || async { srv.metric("tickshard_clients_connected").await };
+    eventually("the first client gone", || async { connected().await == 0.0 }).await;
+
+    // One that takes nothing: closed as idle once the kernel's buffers are
+    // full, though the server is still replaying to it.
+    let idle_before = srv.log_text().matches("idle timeout").count();
+    let (_silent, _) = resume().await;
+    eventually("a silent client connected", || async { connected().await == 1.0 }).await;
+    eventually("a silent client closed", || async { connected().await == 0.0 }).await;
+    assert!(
+        srv.log_text().matches("idle timeout").count() > idle_before,
+        "closed as idle"
+    );
 }
