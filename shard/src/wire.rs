@@ -64,19 +64,30 @@ pub fn candle_to_pb(c: &Candle, closed: bool) -> pb::Candle {
 }
 
 /// A candle from a peer (already validated by its owner); `None` if malformed.
+/// A candle from a peer (a mirror's, or a hand-over's open candles);
+/// `None` if malformed or impossible: a start outside `0..=2^53` µs or off
+/// its interval's grid, `low > high`, a negative volume, more than
+/// [`MAX_SEQ`](crate::domain::MAX_SEQ) ticks (later ticks fold into it:
+/// nothing may overflow).
 pub fn candle_from_pb(c: &pb::Candle) -> Option<Candle> {
-    use crate::domain::{Interval, Symbol, parse_decimal};
-    Some(Candle {
+    use crate::domain::{Interval, MAX_SEQ, MAX_TS_MICROS, Symbol, parse_decimal};
+    let interval = Interval::parse(&c.interval)?;
+    let start = c.start_micros;
+    if !(0..=MAX_TS_MICROS).contains(&start) || interval.start_of(start) != start || c.count > MAX_SEQ {
+        return None;
+    }
+    let candle = Candle {
         symbol: Symbol::parse(&c.symbol).ok()?,
-        interval: Interval::parse(&c.interval)?,
-        start: c.start_micros,
+        interval,
+        start,
         open: parse_decimal(&c.open)?,
         high: parse_decimal(&c.high)?,
         low: parse_decimal(&c.low)?,
         close: parse_decimal(&c.close)?,
         volume: parse_decimal(&c.volume)?,
         count: c.count,
-    })
+    };
+    (candle.low <= candle.high && !candle.volume.is_sign_negative()).then_some(candle)
 }
 
 pub fn snapshot_to_pb(s: &SnapshotData, recovered: bool) -> pb::Snapshot {
@@ -91,6 +102,9 @@ pub fn snapshot_to_pb(s: &SnapshotData, recovered: bool) -> pb::Snapshot {
 /// A tick from a peer or a history answer (already validated by its owner),
 /// with its seq; `None` if malformed.
 pub fn stored_tick_from_pb(t: &pb::Tick) -> Option<Tick> {
+    if t.seq > crate::domain::MAX_SEQ {
+        return None;
+    }
     let mut tick = tick_from_pb(t).ok()?;
     tick.seq = t.seq;
     Some(tick)
@@ -247,10 +261,13 @@ pub fn cluster_state_to_pb(s: &ClusterState) -> pb::ClusterState {
     }
 }
 
-/// `None` for a state no pod could be in (no shards, or beyond [`MAX_SHARDS`]).
+/// `None` for a state no pod could be in (no shards, or beyond
+/// [`MAX_SHARDS`]), or a version past [`MAX_SEQ`](crate::domain::MAX_SEQ)
+/// (the next version, `+ 1`, must exist).
 pub fn cluster_state_from_pb(s: &pb::ClusterState) -> Option<ClusterState> {
     let ok = |n: u32| (1..=MAX_SHARDS).contains(&n);
-    (ok(s.committed) && (s.target == 0 || ok(s.target))).then_some(ClusterState {
+    let version_ok = s.version <= crate::domain::MAX_SEQ;
+    (version_ok && ok(s.committed) && (s.target == 0 || ok(s.target))).then_some(ClusterState {
         version: s.version,
         committed: s.committed,
         target: (s.target > 0).then_some(s.target),
@@ -335,6 +352,7 @@ pub fn move_final_from_pb(
         None if f.seq == 0 => None,
         None => return Err("a head without its tick".into()),
     };
+    // (the last tick's seq is checked by `stored_tick_from_pb`)
     let mut candles = [None; 3];
     for c in &f.current {
         let c = candle_from_pb(c).filter(|c| c.symbol == symbol).ok_or("bad candle")?;
@@ -376,6 +394,86 @@ pub fn move_final_from_pb(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::MAX_SEQ;
+
+    /// What a peer hands over is bounded so that nothing that follows it
+    /// can overflow (a seq, a version, a candle's count) or stall (an open
+    /// candle off its grid): refused, not stored (review of the peer inputs).
+    #[test]
+    fn peer_values_past_their_bounds_are_refused() {
+        let t = pb::Tick {
+            symbol: "ETH-USD".into(),
+            seq: MAX_SEQ,
+            ts_micros: 1_732_530_000_123_456,
+            price: "1".into(),
+            size: "1".into(),
+            ..Default::default()
+        };
+        assert!(stored_tick_from_pb(&t).is_some());
+        assert!(
+            stored_tick_from_pb(&pb::Tick {
+                seq: MAX_SEQ + 1,
+                ..t.clone()
+            })
+            .is_none()
+        );
+        assert!(stored_tick_from_pb(&pb::Tick { seq: u64::MAX, ..t }).is_none());
+
+        let c = pb::Candle {
+            symbol: "ETH-USD".into(),
+            interval: "1m".into(),
+            start_micros: 1_732_530_000_000_000, // (on the minute grid)
+            open: "1".into(),
+            high: "2".into(),
+            low: "1".into(),
+            close: "2".into(),
+            volume: "3".into(),
+            count: 2,
+            ..Default::default()
+        };
+        let good = candle_from_pb(&c).expect("a valid candle");
+        assert_eq!(candle_from_pb(&candle_to_pb(&good, false)), Some(good));
+        for bad in [
+            pb::Candle {
+                count: MAX_SEQ + 1,
+                ..c.clone()
+            },
+            pb::Candle {
+                count: u64::MAX,
+                ..c.clone()
+            },
+            pb::Candle {
+                start_micros: i64::MAX,
+                ..c.clone()
+            },
+            pb::Candle {
+                start_micros: -60_000_000,
+                ..c.clone()
+            },
+            pb::Candle {
+                start_micros: c.start_micros + 1,
+                ..c.clone()
+            },
+            pb::Candle {
+                low: "3".into(),
+                ..c.clone()
+            },
+            pb::Candle {
+                volume: "-1".into(),
+                ..c.clone()
+            },
+        ] {
+            assert_eq!(candle_from_pb(&bad), None, "{bad:?}");
+        }
+
+        let s = pb::ClusterState {
+            version: MAX_SEQ,
+            committed: 2,
+            target: 0,
+        };
+        assert!(cluster_state_from_pb(&s).is_some());
+        assert!(cluster_state_from_pb(&pb::ClusterState { version: u64::MAX, ..s }).is_none());
+    }
 
     #[test]
     fn tick_round_trips_exactly() {

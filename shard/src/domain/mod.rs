@@ -17,7 +17,7 @@ pub use candle::{Candle, CandleAgg, CandleEffect, Interval};
 pub use epoch::Epoch;
 pub use error::{ErrorCode, InputError};
 pub use history::{HISTORY_LIMIT_DEFAULT, HISTORY_LIMIT_MAX, History, HistoryQuery, LastTick, SymbolInfo};
-pub use num::{MAX_TS_MICROS, now_micros, parse_decimal};
+pub use num::{MAX_SEQ, MAX_TS_MICROS, now_micros, parse_decimal};
 pub use publisher::{
     MAX_PUBLISHER_ID_BYTES, MAX_SUB_BYTES, publisher_id_from, publisher_scope, scoped_publisher_id,
     validate_forwarded_publisher_id, validate_publisher_id,

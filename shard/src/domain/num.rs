@@ -3,6 +3,11 @@ use rust_decimal::Decimal;
 /// The largest timestamp the contract allows: 2^53 µs, so it fits a JS number.
 pub const MAX_TS_MICROS: i64 = 1 << 53;
 
+/// The largest seq (and cluster-state version, candle tick count) a peer may
+/// hand this pod: 2^53, so it fits a JS number and the next one (`+ 1`)
+/// can never overflow. A shard assigns one seq per tick: unreachable in use.
+pub const MAX_SEQ: u64 = 1 << 53;
+
 /// The wall clock in µs since the Unix epoch (0 if the clock is before it).
 pub fn now_micros() -> i64 {
     std::time::SystemTime::now()

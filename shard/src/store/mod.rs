@@ -461,7 +461,10 @@ impl Store {
     /// seq order, checked to be consecutive.
     pub fn load_tail(&self, sym: &Symbol, after_seq: u64) -> Result<Vec<TickBlock>, StoreError> {
         let mut out = Vec::new();
-        let mut next = after_seq + 1;
+        // (a snapshot at u64::MAX has nothing after it)
+        let Some(mut next) = after_seq.checked_add(1) else {
+            return Ok(out);
+        };
         for kv in self.tree.range(keys::ticks(sym, next)..=keys::ticks(sym, u64::MAX)) {
             let (k, v) = kv?;
             let corrupt = |what| StoreError::Corrupt {
