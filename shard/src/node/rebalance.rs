@@ -483,12 +483,12 @@ pub async fn receive_move(
         }
         inc.insert(sym, Incoming::Receiving(attempt));
     }
-    let forget = || {
-        let mut inc = node.moves.incoming();
-        if matches!(inc.get(&sym), Some(Incoming::Receiving(a)) if *a == attempt) {
-            inc.remove(&sym);
-        }
-    };
+    // (the note goes however this call ends before the import: an error,
+    // or the call dropped mid-transfer)
+    let _receiving = ReceivingNote { node, sym, attempt };
+    // A hand-over that does not arrive in time frees its place: one that
+    // sends a part and then nothing cannot hold one of MAX_INCOMING.
+    let deadline = tokio::time::Instant::now() + MOVE_DEADLINE;
     let history = usize::try_from(node.config().history_ticks).unwrap_or(usize::MAX);
     let max_ticks = history.saturating_mul(2).saturating_add(MOVE_CHUNK).min(MAX_MOVE_TICKS);
     let mut ticks: Vec<Tick> = Vec::new();
@@ -496,18 +496,15 @@ pub async fn receive_move(
     let mut part = first;
     let (record, dedup) = loop {
         if part.symbol != sym || part.from != from || part.attempt != attempt {
-            forget();
             return Err(refused("a hand-over of two symbols"));
         }
         if ticks.len() + part.ticks.len() > max_ticks || candles.len() + part.candles.len() > MAX_MOVE_CANDLES {
-            forget();
             return Err(refused(format!(
                 "a hand-over beyond {max_ticks} ticks or {MAX_MOVE_CANDLES} candles (twice --history-ticks)"
             )));
         }
         for t in &part.ticks {
             if ticks.last().is_some_and(|l| l.seq.checked_add(1) != Some(t.seq)) {
-                forget();
                 return Err(refused("a hand-over with a gap in its ticks"));
             }
             ticks.push(*t);
@@ -516,20 +513,19 @@ pub async fn receive_move(
         if let Some(last) = part.last.take() {
             break last;
         }
-        part = match parts.next().await {
-            Some(Ok(p)) => p,
-            Some(Err(e)) => {
-                forget();
-                return Err(refused(e));
-            }
-            None => {
-                forget();
-                return Err(Error::Unavailable("the hand-over ended before its state".into()));
+        part = match tokio::time::timeout_at(deadline, parts.next()).await {
+            Ok(Some(Ok(p))) => p,
+            Ok(Some(Err(e))) => return Err(refused(e)),
+            Ok(None) => return Err(Error::Unavailable("the hand-over ended before its state".into())),
+            Err(_) => {
+                return Err(Error::Unavailable(format!(
+                    "the hand-over of {sym} did not arrive within {} s",
+                    MOVE_DEADLINE.as_secs()
+                )));
             }
         };
     };
     if ticks.last().map_or(0, |t| t.seq) != record.last_seq && !(ticks.is_empty() && record.last_seq == 0) {
-        forget();
         return Err(refused("a hand-over whose ticks do not end at its head"));
     }
     // Final: from here only this attempt may import, and a MoveStatus waits for it.
@@ -561,6 +557,23 @@ pub async fn receive_move(
     match task.await {
         Ok(result) => result.map_err(Error::from),
         Err(e) => Err(Error::Unavailable(format!("the import of {sym} stopped: {e}"))),
+    }
+}
+
+/// A hand-over being received (`Incoming::Receiving`): the note goes when
+/// this is dropped, unless the import has taken it over (`Importing`).
+struct ReceivingNote<'a> {
+    node: &'a Node,
+    sym: Symbol,
+    attempt: u64,
+}
+
+impl Drop for ReceivingNote<'_> {
+    fn drop(&mut self) {
+        let mut inc = self.node.moves.incoming();
+        if matches!(inc.get(&self.sym), Some(Incoming::Receiving(a)) if *a == self.attempt) {
+            inc.remove(&self.sym);
+        }
     }
 }
 
@@ -986,5 +999,40 @@ mod tests {
             Err(Error::Refused { message, .. }) => assert!(message.contains("already holds"), "{message}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A hand-over that sends a part and then nothing leaves no note behind,
+    /// whether its call is dropped (the stream reset) or it runs out of
+    /// time ([`MOVE_DEADLINE`], then its place among [`MAX_INCOMING`] is
+    /// free again). Before, a dropped call left its `Receiving` note for
+    /// good: one per symbol, without bound, and no deadline on this side.
+    #[tokio::test(start_paused = true)]
+    async fn a_hand_over_that_stops_sending_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let node = crate::node::test_node(dir.path(), 1, 1_000);
+        let sym = Symbol::parse("MOVED-2").expect("symbol");
+        let stalled = |attempt| {
+            let mut part = hand_over(sym, 3, attempt);
+            part.last = None;
+            futures_util::stream::iter([Ok(part)]).chain(futures_util::stream::pending())
+        };
+        // dropped while it waits for the next part
+        let mut call = Box::pin(receive_move(&node, stalled(9)));
+        let waker = futures_util::task::noop_waker();
+        assert!(matches!(
+            call.as_mut().poll(&mut Context::from_waker(&waker)),
+            Poll::Pending
+        ));
+        assert!(matches!(node.moves.incoming().get(&sym), Some(Incoming::Receiving(9))));
+        drop(call);
+        assert!(node.moves.incoming().is_empty(), "the dropped hand-over's note stayed");
+        // left to run out of time
+        let timed = tokio::time::timeout(MOVE_DEADLINE * 2, receive_move(&node, stalled(10)));
+        match timed.await.expect("no deadline on the receiving side") {
+            Err(Error::Unavailable(m)) => assert!(m.contains("did not arrive"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(node.moves.incoming().is_empty());
+        assert_eq!(node.moves.receiving.available_permits(), MAX_INCOMING);
     }
 }
