@@ -81,13 +81,14 @@ pub struct Placement {
     inner: RwLock<Inner>,
     gates: Box<[tokio::sync::RwLock<()>]>,
     changes: watch::Sender<ClusterState>,
-    /// States heard from peers (topology answers): the node adopts a newer one.
-    heard: tokio::sync::mpsc::UnboundedSender<ClusterState>,
+    /// The newest state heard from peers (topology answers) and not yet
+    /// taken: the node adopts it if newer. One slot, however many arrive.
+    heard: watch::Sender<Option<ClusterState>>,
 }
 
 impl Placement {
-    pub fn new(me: u32, state: ClusterState) -> (Arc<Placement>, tokio::sync::mpsc::UnboundedReceiver<ClusterState>) {
-        let (heard, rx) = tokio::sync::mpsc::unbounded_channel();
+    pub fn new(me: u32, state: ClusterState) -> (Arc<Placement>, watch::Receiver<Option<ClusterState>>) {
+        let (heard, rx) = watch::channel(None);
         let p = Placement {
             me,
             inner: RwLock::new(Inner {
@@ -132,7 +133,15 @@ impl Placement {
     /// A state a peer reported; adopted by the node if newer.
     pub fn heard(&self, state: ClusterState) {
         if state.version > self.state().version {
-            let _ = self.heard.send(state);
+            // (the same version again wakes the node again: an adoption
+            // that failed is retried when a peer reports the state again)
+            self.heard.send_if_modified(|h| {
+                let newer = h.is_none_or(|h| state.version >= h.version);
+                if newer {
+                    *h = Some(state);
+                }
+                newer
+            });
         }
     }
 
@@ -243,6 +252,31 @@ mod tests {
 
     fn sym(s: &str) -> Symbol {
         Symbol::parse(s).unwrap()
+    }
+
+    /// States heard from peers keep one slot, the newest: a flood of
+    /// topology answers (each with a newer version) queues nothing (review
+    /// of the peer inputs: the channel was unbounded). Older ones are
+    /// dropped; the same version again wakes the node again (a failed
+    /// adoption is retried).
+    #[test]
+    fn states_heard_keep_only_the_newest() {
+        let (p, mut rx) = Placement::new(0, ClusterState::initial(3));
+        let at = |version| ClusterState {
+            version,
+            ..ClusterState::initial(3)
+        };
+        for v in 2..10_000 {
+            p.heard(at(v));
+        }
+        p.heard(at(5));
+        assert!(rx.has_changed().unwrap_or(false));
+        assert_eq!(*rx.borrow_and_update(), Some(at(9_999)));
+        p.heard(at(9_999));
+        assert!(rx.has_changed().unwrap_or(false), "the same version wakes again");
+        p.heard(at(1));
+        rx.borrow_and_update();
+        assert!(!rx.has_changed().unwrap_or(true), "an older one is dropped");
     }
 
     #[test]

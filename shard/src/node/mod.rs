@@ -960,9 +960,13 @@ impl Node {
             let token = stop.clone();
             crate::tasks::spawn(tracker, async move {
                 loop {
-                    let state = tokio::select! {
+                    tokio::select! {
                         _ = token.cancelled() => break,
-                        s = heard.recv() => match s { Some(s) => s, None => break },
+                        r = heard.changed() => if r.is_err() { break },
+                    };
+                    // (the newest heard since the last one taken)
+                    let Some(state) = *heard.borrow_and_update() else {
+                        continue;
                     };
                     if let Err(e) = node.adopt_state(state, false).await {
                         tracing::warn!(error = %e, "could not adopt a peer's cluster state");
@@ -1048,7 +1052,7 @@ impl Node {
 
 /// What `start_background` takes over.
 struct Background {
-    heard: tokio::sync::mpsc::UnboundedReceiver<ClusterState>,
+    heard: tokio::sync::watch::Receiver<Option<ClusterState>>,
     relay: tokio::sync::mpsc::UnboundedReceiver<Relay>,
 }
 
