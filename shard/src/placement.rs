@@ -76,6 +76,14 @@ struct Inner {
     unsettled: HashSet<Symbol>,
 }
 
+/// A symbol's hand-over notes before a [`Placement::note_moved_in`].
+#[derive(Clone, Copy, Debug)]
+#[must_use]
+pub struct MovedBefore {
+    moved: Option<u32>,
+    moved_in: bool,
+}
+
 pub struct Placement {
     me: u32,
     inner: RwLock<Inner>,
@@ -207,14 +215,26 @@ impl Placement {
     }
 
     /// An import that failed: the symbol is not this pod's.
-    pub fn forget_moved_in(&self, symbol: Symbol) {
-        self.write().moved_in.remove(&symbol);
+    /// Undoes a [`note_moved_in`](Self::note_moved_in) whose import failed:
+    /// puts back what `before` says the notes were.
+    pub fn forget_moved_in(&self, symbol: Symbol, before: MovedBefore) {
+        let mut i = self.write();
+        if !before.moved_in {
+            i.moved_in.remove(&symbol);
+        }
+        if let Some(to) = before.moved {
+            i.moved.insert(symbol, to);
+        }
     }
 
-    pub fn note_moved_in(&self, symbol: Symbol) {
+    /// Notes `symbol` as taken over by this pod; returns what its notes
+    /// were, for [`forget_moved_in`](Self::forget_moved_in).
+    pub fn note_moved_in(&self, symbol: Symbol) -> MovedBefore {
         let mut i = self.write();
-        i.moved.remove(&symbol);
-        i.moved_in.insert(symbol);
+        MovedBefore {
+            moved: i.moved.remove(&symbol),
+            moved_in: !i.moved_in.insert(symbol),
+        }
     }
 
     /// Adopts `state`. Once a rebalance commits (no target), the committed
@@ -279,6 +299,30 @@ mod tests {
         assert!(!rx.has_changed().unwrap_or(true), "an older one is dropped");
     }
 
+    /// An import that fails puts the notes back as they were: a symbol
+    /// already taken over stays taken (a second, failed hand-over of it
+    /// used to route it back to the old owner), one handed over stays
+    /// handed over.
+    #[test]
+    fn a_failed_import_puts_the_notes_back() {
+        let (p, _rx) = Placement::new(0, ClusterState::initial(3));
+        let s = (0..1000)
+            .map(|i| sym(&format!("S{i}")))
+            .find(|s| p.owner(s) == 1)
+            .unwrap();
+        let first = p.note_moved_in(s);
+        assert_eq!(p.owner(&s), 0);
+        let second = p.note_moved_in(s);
+        p.forget_moved_in(s, second);
+        assert_eq!(p.owner(&s), 0, "still taken over");
+        p.forget_moved_in(s, first);
+        assert_eq!(p.owner(&s), 1, "the first undone: the map's owner again");
+        p.note_moved(s, 2);
+        let before = p.note_moved_in(s);
+        p.forget_moved_in(s, before);
+        assert_eq!(p.owner(&s), 2, "still handed over");
+    }
+
     #[test]
     fn moves_override_the_committed_map_until_a_commit() {
         let (p, _rx) = Placement::new(0, ClusterState::initial(3));
@@ -301,7 +345,7 @@ mod tests {
             "publishes still pass the committer, which relays in order"
         );
         let (d, _rx) = Placement::new(3, p.state());
-        d.note_moved_in(s);
+        let _ = d.note_moved_in(s);
         assert!(d.is_local(&s));
         assert_eq!(
             d.publish_owner(&s),

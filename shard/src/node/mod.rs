@@ -263,7 +263,7 @@ impl Node {
                 .iter()
                 .filter(|r| owner(&r.symbol, state.committed) != me && owner(&r.symbol, t) == me)
             {
-                placement.note_moved_in(r.symbol);
+                let _ = placement.note_moved_in(r.symbol);
             }
         }
         let unresolved: Vec<MoveMark> = marks.iter().filter(|m| !m.done).copied().collect();

@@ -594,7 +594,7 @@ async fn import(
     // (fed by the old owner) becomes the owner's hub. Until the import is
     // durable this pod's copy is empty: reads and subscribes of the symbol
     // here are answered `unavailable` (retryable), not from that copy.
-    node.placement().note_moved_in(sym);
+    let before = node.placement().note_moved_in(sym);
     let unsettled = Unsettled::mark(node.placement(), sym);
     let mut taken = None;
     if let Some(c) = node.cluster() {
@@ -607,13 +607,15 @@ async fn import(
     let result = node.committer().import(imported).await;
     match &result {
         Ok(()) => {
-            node.placement().note_moved_in(sym);
+            let _ = node.placement().note_moved_in(sym);
             tracing::info!(symbol = %sym, from, seq = head, ticks = n_ticks, candles = n_candles, "symbol taken over");
         }
         // Not taken: the mirror goes back to its feed.
         Err(e) => {
             tracing::warn!(symbol = %sym, from, error = %e, "import of a handed-over symbol failed");
-            node.placement().forget_moved_in(sym);
+            // (the notes as they were: a failed second import of a symbol
+            // this pod already took keeps it taken)
+            node.placement().forget_moved_in(sym, before);
             if let Some((p, h)) = taken {
                 p.adopt_mirror(h);
             }
