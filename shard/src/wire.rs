@@ -377,7 +377,9 @@ pub fn move_final_from_pb(
             DedupState {
                 publisher_seq: d.publisher_seq,
                 seq: d.seq,
-                last_used: d.last_used_micros,
+                // (not in this pod's future: it expires after the horizon
+                // like any other; clocks may differ a little)
+                last_used: d.last_used_micros.min(crate::domain::now_micros()),
             },
         ));
     }
@@ -465,6 +467,22 @@ mod tests {
         ] {
             assert_eq!(candle_from_pb(&bad), None, "{bad:?}");
         }
+
+        // a de-dup state "used" in this pod's future would never expire
+        let f = pb::MoveFinal {
+            epoch: Epoch::random().to_string(),
+            seq: 0,
+            tick: None,
+            current: Vec::new(),
+            dedup: vec![pb::DedupEntry {
+                publisher_id: "p".into(),
+                publisher_seq: 1,
+                seq: 0,
+                last_used_micros: i64::MAX,
+            }],
+        };
+        let (_, dedup) = move_final_from_pb(Symbol::parse("ETH-USD").unwrap(), &f).unwrap();
+        assert!(dedup[0].1.last_used <= crate::domain::now_micros());
 
         let s = pb::ClusterState {
             version: MAX_SEQ,
