@@ -470,6 +470,23 @@ mod tests {
         }
     }
 
+    /// Publishes one tick of each of `symbols`, in order, each acked
+    /// (durable) before the next.
+    async fn publish(node: &Node, symbols: &[&str]) {
+        let (reply, mut acks) = crate::committer::AckTx::new();
+        for (i, s) in symbols.iter().enumerate() {
+            let cmd = crate::committer::PublishCmd {
+                tick: tick(s, 0, i as i64),
+                publisher: None,
+                request_id: i as u64,
+                reply: reply.clone(),
+                received: std::time::Instant::now(),
+            };
+            node.publish(cmd).await.expect("queued");
+            acks.recv().await.expect("acked");
+        }
+    }
+
     fn subscribers(node: &Node, s: &str) -> usize {
         node.hub().get(&sym(s)).map_or(0, |h| h.subscriber_count())
     }
@@ -624,19 +641,7 @@ mod tests {
     async fn a_waiting_replay_holds_up_no_other_pair() {
         let dir = tempfile::tempdir().expect("tempdir");
         let node = node(dir.path(), 1, 10);
-        let (reply, mut acks) = crate::committer::AckTx::new();
-        for (i, s) in ["XXX", "XXX", "XXX", "YYY"].into_iter().enumerate() {
-            let tick = tick(s, 0, i as i64);
-            let cmd = crate::committer::PublishCmd {
-                tick,
-                publisher: None,
-                request_id: i as u64,
-                reply: reply.clone(),
-                received: std::time::Instant::now(),
-            };
-            node.publish(cmd).await.expect("queued");
-            acks.recv().await.expect("acked");
-        }
+        publish(&node, &["XXX", "XXX", "XXX", "YYY"]).await;
         // a subscriber already past its queue's limit: a replay waits for room
         let outbox: Arc<Outbox<()>> = Arc::new(Outbox::new(9_999, 4_096, Duration::from_secs(3_600)));
         let backlog = (1..=100).map(|seq| tick("QQQ", seq, 0));
@@ -682,18 +687,7 @@ mod tests {
     async fn a_replay_waits_for_a_missing_owner_only_so_long() {
         let dir = tempfile::tempdir().expect("tempdir");
         let node = node(dir.path(), 1, 10);
-        let (reply, mut acks) = crate::committer::AckTx::new();
-        for i in 0..3 {
-            let cmd = crate::committer::PublishCmd {
-                tick: tick("XXX", 0, i),
-                publisher: None,
-                request_id: i as u64,
-                reply: reply.clone(),
-                received: std::time::Instant::now(),
-            };
-            node.publish(cmd).await.expect("queued");
-            acks.recv().await.expect("acked");
-        }
+        publish(&node, &["XXX"; 3]).await;
         let s = session(&node);
         let epoch = node.head(&sym("XXX")).expect("head").epoch;
         let resume = HashMap::from([(sym("XXX"), Position { seq: 1, epoch })]);
@@ -725,18 +719,7 @@ mod tests {
     async fn a_pair_unsubscribed_before_its_activation_gets_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let node = node(dir.path(), 1, 10);
-        let (reply, mut acks) = crate::committer::AckTx::new();
-        let tick = tick("XXX", 0, 0);
-        node.publish(crate::committer::PublishCmd {
-            tick,
-            publisher: None,
-            request_id: 1,
-            reply,
-            received: std::time::Instant::now(),
-        })
-        .await
-        .expect("queued");
-        acks.recv().await.expect("acked");
+        publish(&node, &["XXX"]).await;
         let x = requests(&[sym("XXX")], &[Channel::Ticks], &HashMap::new());
         for unsubscribe in [true, false] {
             let s = session(&node);
