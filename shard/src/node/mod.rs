@@ -748,11 +748,9 @@ impl Node {
         for (res, plan, _held) in turns {
             let Some(h) = self.hub.get(&res.symbol) else { continue };
             // (unsubscribed meanwhile: nothing more of it goes out; checked
-            // with each send, under the lock a detach takes)
+            // with each send, under the lock a detach takes, and `activate`
+            // finds no entry)
             let send = |d: Data| h.send_initial(sink.id(), res.channel, d);
-            if !h.holds(sink.id(), res.channel) {
-                continue;
-            }
             let mut lost = false;
             match plan {
                 Plan::Snapshot(Some(tick)) => {
