@@ -105,6 +105,109 @@ const CHANNELS: [Channel; 4] = [
     Channel::Candles(Interval::H1),
 ];
 
+/// The follows of one peer stream in progress: at most one task per symbol.
+/// A Follow of a symbol whose task still runs does not start another (a
+/// flood of Follows of one symbol costs one slot, not a task and a replay
+/// each): it becomes what that task does next, the newest resume winning;
+/// an Unfollow drops what was to come next. Bounded by the symbols this pod
+/// serves (a Follow of another is refused before it gets here).
+#[derive(Default)]
+struct Following(Mutex<HashMap<Symbol, Option<Option<Position>>>>);
+
+impl Following {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Symbol, Option<Option<Position>>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A Follow of `sym` (from `resume`): `Some` if the caller starts its
+    /// task with it, `None` if the running task does it next.
+    fn follow(&self, sym: Symbol, resume: Option<Position>) -> Option<Option<Position>> {
+        match self.map().entry(sym) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                e.insert(Some(resume));
+                None
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(None);
+                Some(resume)
+            }
+        }
+    }
+
+    /// The task of `sym` did one follow: what it does next, or `None`
+    /// (then it ends, and the next Follow starts a new one).
+    fn done(&self, sym: Symbol) -> Option<Option<Position>> {
+        let mut map = self.map();
+        match map.get_mut(&sym) {
+            Some(next @ Some(_)) => next.take(),
+            _ => {
+                map.remove(&sym);
+                None
+            }
+        }
+    }
+
+    /// An Unfollow of `sym`: a Follow still to come is dropped (the running
+    /// one is detached by the session's unsubscribe).
+    fn unfollow(&self, sym: Symbol) {
+        if let Some(next) = self.map().get_mut(&sym) {
+            *next = None;
+        }
+    }
+}
+
+/// Serves one Follow of `sym` on a peer's stream: registers it (waiting
+/// while its owner is unreachable), says `Started` and activates it, or
+/// says `Refused`.
+async fn serve_follow(session: &Session<pb::FollowEvent>, sym: Symbol, resume: Option<Position>) {
+    let resume: HashMap<Symbol, Position> = resume.map(|p| (sym, p)).into_iter().collect();
+    let reqs = session::requests(&[sym], &CHANNELS, &resume);
+    let mut wait = crate::backoff::Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+    loop {
+        match session.prepare(&reqs).await {
+            // Nothing served yet: a symbol this pod handed over whose new
+            // owner it cannot reach yet (after a restart). The follower
+            // waits; it is not told to give the symbol up.
+            Ok(prepared) if prepared.results.is_empty() => {
+                if session.outbox().is_gone() {
+                    return;
+                }
+                tracing::debug!(symbol = %sym, failed = ?prepared.failed, "a follow waits for the symbol's owner");
+                drop(prepared); // (its claims: not while it waits)
+                wait.wait().await;
+            }
+            Ok(prepared) => {
+                let r = prepared.results[0];
+                session
+                    .outbox()
+                    .control(event(sym, pb::follow_event::Kind::Started(sub_result_to_pb(&r))), 64);
+                session.activate(prepared).await;
+                return;
+            }
+            // Transient (an owner this pod relays from is not reachable
+            // yet): wait, do not refuse.
+            Err(crate::Error::Unavailable(why)) => {
+                if session.outbox().is_gone() {
+                    return;
+                }
+                tracing::debug!(symbol = %sym, %why, "a follow waits");
+                wait.wait().await;
+            }
+            Err(e) => {
+                tracing::debug!(symbol = %sym, error = %e, "refusing a follow");
+                let why = pb::Error {
+                    code: e.code().as_str().to_owned(),
+                    message: e.to_string(),
+                };
+                session
+                    .outbox()
+                    .control(event(sym, pb::follow_event::Kind::Refused(why)), 64);
+                return;
+            }
+        }
+    }
+}
+
 fn event(symbol: Symbol, kind: pb::follow_event::Kind) -> pb::FollowEvent {
     pb::FollowEvent {
         symbol: symbol.as_str().to_owned(),
@@ -179,6 +282,7 @@ impl ClusterApi for ClusterService {
             .closing_on_stall(),
         );
         let session = Session::new(node.clone(), outbox.clone());
+        let following = Arc::new(Following::default());
         {
             let (node, outbox, session, stopping) =
                 (node.clone(), outbox.clone(), session.clone(), self.stopping.clone());
@@ -223,72 +327,26 @@ impl ClusterApi for ClusterService {
                                 outbox.control(refuse(ErrorCode::Unavailable, why), 64);
                                 continue;
                             }
-                            let resume: HashMap<Symbol, Position> = f
-                                .resume
-                                .map(|p| {
-                                    let epoch = Epoch::parse(&p.epoch).unwrap_or_default();
-                                    (sym, Position { seq: p.seq, epoch })
-                                })
-                                .into_iter()
-                                .collect();
-                            let reqs = session::requests(&[sym], &CHANNELS, &resume);
-                            let session = session.clone();
-                            crate::tasks::spawn(node.stream_tasks(), async move {
-                                let mut wait =
-                                    crate::backoff::Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
-                                loop {
-                                    match session.prepare(&reqs).await {
-                                        // Nothing served yet: a symbol this pod handed
-                                        // over whose new owner it cannot reach yet (after
-                                        // a restart). The follower waits; it is not told
-                                        // to give the symbol up.
-                                        Ok(prepared) if prepared.results.is_empty() => {
-                                            if session.outbox().is_gone() {
-                                                break;
-                                            }
-                                            tracing::debug!(symbol = %sym, failed = ?prepared.failed, "a follow waits for the symbol's owner");
-                                            drop(prepared); // (its claims: not while it waits)
-                                            wait.wait().await;
-                                            continue;
-                                        }
-                                        Ok(prepared) => {
-                                            let r = prepared.results[0];
-                                            session.outbox().control(
-                                                event(sym, pb::follow_event::Kind::Started(sub_result_to_pb(&r))),
-                                                64,
-                                            );
-                                            session.activate(prepared).await;
-                                        }
-                                        // Transient (an owner this pod relays from is
-                                        // not reachable yet): wait, do not refuse.
-                                        Err(crate::Error::Unavailable(why)) => {
-                                            if session.outbox().is_gone() {
-                                                break;
-                                            }
-                                            tracing::debug!(symbol = %sym, %why, "a follow waits");
-                                            wait.wait().await;
-                                            continue;
-                                        }
-                                        Err(e) => {
-                                            tracing::debug!(symbol = %sym, error = %e, "refusing a follow");
-                                            session.outbox().control(
-                                                event(
-                                                    sym,
-                                                    pb::follow_event::Kind::Refused(pb::Error {
-                                                        code: e.code().as_str().to_owned(),
-                                                        message: e.to_string(),
-                                                    }),
-                                                ),
-                                                64,
-                                            );
-                                        }
-                                    }
-                                    break;
-                                }
+                            let resume = f.resume.map(|p| Position {
+                                seq: p.seq,
+                                epoch: Epoch::parse(&p.epoch).unwrap_or_default(),
                             });
+                            // (one task per symbol: a Follow while it runs
+                            // is what it does next)
+                            if let Some(resume) = following.follow(sym, resume) {
+                                let (session, following) = (session.clone(), following.clone());
+                                crate::tasks::spawn(node.stream_tasks(), async move {
+                                    let mut next = Some(resume);
+                                    while let Some(resume) = next {
+                                        serve_follow(&session, sym, resume).await;
+                                        next = following.done(sym);
+                                    }
+                                });
+                            }
                         }
                         Some(pb::follow_request::Kind::Unfollow(u)) => {
                             let Ok(sym) = Symbol::parse(&u.symbol) else { continue };
+                            following.unfollow(sym);
                             for ch in CHANNELS {
                                 session.unsubscribe(&sym, ch);
                             }
@@ -606,5 +664,60 @@ impl admin::admin_server::Admin for AdminService {
             .await
             .map_err(wire::error_status)?;
         Ok(Response::new(self.status_now().await))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seq: u64) -> Option<Position> {
+        Some(Position {
+            seq,
+            epoch: Epoch::default(),
+        })
+    }
+
+    /// A flood of Follows of one symbol while its task runs starts no other
+    /// task and leaves one thing to do next, the newest; the task then ends
+    /// and the next Follow starts one again. Before, each Follow spawned a
+    /// task (and a registration, and a replay) of its own.
+    #[test]
+    fn follows_of_a_symbol_in_progress_coalesce_into_one_next() {
+        let f = Following::default();
+        let sym = Symbol::parse("BTC-USD").expect("symbol");
+        let other = Symbol::parse("ETH-USD").expect("symbol");
+        assert_eq!(f.follow(sym, at(1)), Some(at(1)), "the first Follow starts a task");
+        for seq in 2..=10_000 {
+            assert_eq!(f.follow(sym, at(seq)), None, "a second task for one symbol");
+        }
+        assert_eq!(f.follow(other, None), Some(None), "another symbol waits for none");
+        assert_eq!(f.map().len(), 2);
+        assert_eq!(f.done(sym), Some(at(10_000)), "the newest Follow is done next");
+        assert_eq!(f.done(sym), None, "nothing more: the task ends");
+        assert_eq!(f.map().len(), 1);
+        assert_eq!(f.follow(sym, at(3)), Some(at(3)), "a new task once the last ended");
+    }
+
+    /// An Unfollow drops the Follow still to come (Follow, Follow,
+    /// Unfollow ends unfollowed), and one after it is done next (Follow,
+    /// Unfollow, Follow ends followed).
+    #[test]
+    fn an_unfollow_drops_the_follow_still_to_come() {
+        let f = Following::default();
+        let sym = Symbol::parse("BTC-USD").expect("symbol");
+        assert!(f.follow(sym, at(1)).is_some());
+        assert!(f.follow(sym, at(2)).is_none());
+        f.unfollow(sym);
+        assert_eq!(f.done(sym), None);
+        assert!(f.map().is_empty());
+        assert!(f.follow(sym, at(1)).is_some());
+        f.unfollow(sym);
+        assert!(f.follow(sym, at(4)).is_none());
+        assert_eq!(f.done(sym), Some(at(4)));
+        f.unfollow(sym); // (a symbol with nothing in progress: no entry made)
+        assert_eq!(f.done(sym), None);
+        f.unfollow(sym);
+        assert!(f.map().is_empty());
     }
 }
