@@ -646,18 +646,21 @@ impl Drop for Unsettled<'_> {
 }
 
 /// Whether this pod holds `sym` at `epoch` with a head at `seq` or later.
-/// Final: a hand-over of it still in flight is refused from here on.
+/// Final: the hand-over `attempt` is refused from here on (if it is still
+/// in flight, it is called off; if it is importing, this waits for it).
 pub async fn move_status(node: &Arc<Node>, sym: Symbol, epoch: Epoch, seq: u64, attempt: u64) -> Result<bool, Error> {
     let importing = {
         let mut inc = node.moves.incoming();
         node.moves.refuse(attempt);
         match inc.get(&sym) {
             Some(Incoming::Importing(rx)) => Some(rx.clone()),
-            Some(Incoming::Receiving(_)) => {
+            // (only the attempt asked about is called off: a MoveStatus of
+            // another, stale or made up, leaves a hand-over in flight be)
+            Some(Incoming::Receiving(a)) if *a == attempt => {
                 inc.remove(&sym);
                 None
             }
-            None => None,
+            Some(Incoming::Receiving(_)) | None => None,
         }
     };
     if let Some(mut rx) = importing {
@@ -1036,5 +1039,54 @@ mod tests {
         }
         assert!(node.moves.incoming().is_empty());
         assert_eq!(node.moves.receiving.available_permits(), MAX_INCOMING);
+    }
+
+    /// A MoveStatus calls off only the hand-over it asks about: one of
+    /// another attempt (stale, or made up by any peer) leaves a hand-over
+    /// in flight to import. Before, any MoveStatus of the symbol removed
+    /// its note and the hand-over was then refused as "called off".
+    #[tokio::test]
+    async fn a_move_status_calls_off_only_its_own_attempt() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let node = crate::node::test_node(dir.path(), 1, 1_000);
+        let waker = futures_util::task::noop_waker();
+        for (name, asked, attempt) in [("MOVED-3", 42, 11), ("MOVED-4", 12, 12)] {
+            let sym = Symbol::parse(name).expect("symbol");
+            // the ticks first, the state in a second part, sent later
+            let mut ticks = hand_over(sym, 3, attempt);
+            let mut state = MovePart::new(sym, 1, attempt, Vec::new(), Vec::new());
+            state.last = ticks.last.take();
+            let (tx, rx) = tokio::sync::mpsc::channel(2);
+            tx.send(Ok(ticks)).await.expect("send");
+            let parts = Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|p| (p, rx))
+            }));
+            let mut call = Box::pin(receive_move(&node, parts));
+            assert!(call.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
+            assert!(matches!(node.moves.incoming().get(&sym), Some(Incoming::Receiving(a)) if *a == attempt));
+
+            let held = move_status(&node, sym, Epoch::random(), 3, asked)
+                .await
+                .expect("status");
+            assert!(!held, "{name}: held before its state came");
+            tx.send(Ok(state)).await.expect("send");
+            let result = tokio::time::timeout(Duration::from_secs(20), call)
+                .await
+                .expect("the hand-over never ended");
+            match (asked == attempt, result) {
+                (false, Ok(3)) => {
+                    let seqs: Vec<u64> = node
+                        .read_ticks(sym, 1, 3, 10)
+                        .await
+                        .expect("read")
+                        .iter()
+                        .map(|t| t.seq)
+                        .collect();
+                    assert_eq!(seqs, vec![1, 2, 3]);
+                }
+                (true, Err(Error::Unavailable(m))) => assert!(m.contains("called off"), "{m}"),
+                (own, other) => panic!("{name} (its own attempt asked: {own}): {other:?}"),
+            }
+        }
     }
 }
