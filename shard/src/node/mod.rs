@@ -305,7 +305,7 @@ impl Node {
             adopting: tokio::sync::Mutex::new(()),
             relay_running: std::sync::atomic::AtomicBool::new(false),
             state_stored,
-            moves: rebalance::Moves::new(unresolved),
+            moves: rebalance::Moves::new(unresolved, cfg.history_ticks),
             cfg,
             store,
             hub,

@@ -52,8 +52,8 @@ use crate::{
 pub const MOVE_CHUNK: usize = 2_048;
 /// Most ticks one MoveIn may carry (a named bound on what a peer sends): a
 /// symbol retains `--history-ticks` plus at most an eighth more, so twice this
-/// pod's `--history-ticks` (and a block), capped here. With
-/// [`MAX_INCOMING`] MoveIns at once, that bounds what a pod holds for imports.
+/// pod's `--history-ticks` (and a block), capped here. What all MoveIns
+/// at once hold is bounded by [`MOVE_IN_BYTES`] (and [`MAX_INCOMING`]).
 pub const MAX_MOVE_TICKS: usize = 8_000_000;
 /// Most closed candles one MoveIn may carry (1s candles for a day are 86,400).
 pub const MAX_MOVE_CANDLES: usize = 1_000_000;
@@ -69,6 +69,26 @@ const POLL: Duration = Duration::from_millis(250);
 /// MoveIns received at once by one pod (each may hold a symbol's history
 /// in memory until its import).
 pub const MAX_INCOMING: usize = 16;
+/// Bytes of ticks and candles held across every MoveIn being received or
+/// imported (at least one hand-over of the largest size,
+/// [`max_move_bytes`]): past it, a MoveIn is answered `unavailable` (its
+/// old owner tries again later). Counted as the parts arrive, by
+/// `size_of` (a `Vec`'s spare capacity, at most as much again, is not).
+pub const MOVE_IN_BYTES: usize = 512 << 20;
+
+/// Most ticks one hand-over may carry to this pod (see [`MAX_MOVE_TICKS`]).
+fn max_move_ticks(history_ticks: u64) -> usize {
+    let history = usize::try_from(history_ticks).unwrap_or(usize::MAX);
+    history.saturating_mul(2).saturating_add(MOVE_CHUNK).min(MAX_MOVE_TICKS)
+}
+
+/// Bytes the ticks and candles of the largest hand-over take in memory.
+fn max_move_bytes(history_ticks: u64) -> usize {
+    max_move_ticks(history_ticks)
+        .saturating_mul(std::mem::size_of::<Tick>())
+        .saturating_add(MAX_MOVE_CANDLES.saturating_mul(std::mem::size_of::<Candle>()))
+}
+
 /// Attempts a MoveStatus refused, remembered (a late MoveIn of one is refused).
 const REFUSED_KEPT: usize = 4_096;
 
@@ -85,6 +105,9 @@ pub struct Moves {
     /// may never import (oldest first, at most [`REFUSED_KEPT`]).
     refused: Mutex<std::collections::VecDeque<u64>>,
     receiving: Arc<tokio::sync::Semaphore>,
+    /// What hand-overs hold in memory, in bytes ([`MOVE_IN_BYTES`]).
+    budget: Arc<tokio::sync::Semaphore>,
+    budget_bytes: usize,
     /// Hand-overs a restart interrupted (a durable hold without `done`).
     unresolved: Mutex<Vec<MoveMark>>,
     last_error: Mutex<Option<String>>,
@@ -93,8 +116,13 @@ pub struct Moves {
 }
 
 impl Moves {
-    pub(crate) fn new(unresolved: Vec<MoveMark>) -> Moves {
+    pub(crate) fn new(unresolved: Vec<MoveMark>, history_ticks: u64) -> Moves {
+        let budget_bytes = MOVE_IN_BYTES
+            .max(max_move_bytes(history_ticks))
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
         Moves {
+            budget: Arc::new(tokio::sync::Semaphore::new(budget_bytes)),
+            budget_bytes,
             incoming: Mutex::new(HashMap::new()),
             refused: Mutex::new(std::collections::VecDeque::new()),
             receiving: Arc::new(tokio::sync::Semaphore::new(MAX_INCOMING)),
@@ -489,8 +517,8 @@ pub async fn receive_move(
     // A hand-over that does not arrive in time frees its place: one that
     // sends a part and then nothing cannot hold one of MAX_INCOMING.
     let deadline = tokio::time::Instant::now() + MOVE_DEADLINE;
-    let history = usize::try_from(node.config().history_ticks).unwrap_or(usize::MAX);
-    let max_ticks = history.saturating_mul(2).saturating_add(MOVE_CHUNK).min(MAX_MOVE_TICKS);
+    let max_ticks = max_move_ticks(node.config().history_ticks);
+    let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
     let mut ticks: Vec<Tick> = Vec::new();
     let mut candles: Vec<Candle> = Vec::new();
     let mut part = first;
@@ -502,6 +530,21 @@ pub async fn receive_move(
             return Err(refused(format!(
                 "a hand-over beyond {max_ticks} ticks or {MAX_MOVE_CANDLES} candles (twice --history-ticks)"
             )));
+        }
+        let bytes = part.ticks.len().saturating_mul(std::mem::size_of::<Tick>())
+            + part.candles.len().saturating_mul(std::mem::size_of::<Candle>());
+        let more = u32::try_from(bytes)
+            .ok()
+            .and_then(|n| node.moves.budget.clone().try_acquire_many_owned(n).ok());
+        let Some(more) = more else {
+            return Err(Error::Unavailable(format!(
+                "shard {me} holds {} MiB of hand-overs already; retry",
+                node.moves.budget_bytes >> 20
+            )));
+        };
+        match &mut held {
+            Some(h) => h.merge(more),
+            None => held = Some(more),
         }
         for t in &part.ticks {
             if ticks.last().is_some_and(|l| l.seq.checked_add(1) != Some(t.seq)) {
@@ -552,7 +595,7 @@ pub async fn receive_move(
     // later hand-over of the symbol is not refused as "being imported").
     let task = crate::tasks::spawn(
         node.stream_tasks(),
-        import(node.clone(), from, imported, done_tx, permit),
+        import(node.clone(), from, imported, done_tx, (permit, held)),
     );
     match task.await {
         Ok(result) => result.map_err(Error::from),
@@ -584,7 +627,11 @@ async fn import(
     from: u32,
     imported: Imported,
     done: watch::Sender<bool>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    // (its place among MAX_INCOMING, and what it holds of MOVE_IN_BYTES)
+    _permits: (
+        tokio::sync::OwnedSemaphorePermit,
+        Option<tokio::sync::OwnedSemaphorePermit>,
+    ),
 ) -> Result<u64, crate::committer::CommitError> {
     let sym = imported.record.symbol;
     let head = imported.record.last_seq;
@@ -1088,5 +1135,42 @@ mod tests {
                 (own, other) => panic!("{name} (its own attempt asked: {own}): {other:?}"),
             }
         }
+    }
+
+    /// Hand-overs together hold at most the budget: one arriving while the
+    /// others hold (nearly) all of it is answered `unavailable` and holds
+    /// nothing; once they are done it is taken, and an import gives back
+    /// what it held. Before, sixteen hand-overs of up to 8M ticks each
+    /// could be held at once.
+    #[tokio::test]
+    async fn hand_overs_hold_at_most_the_budget() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let node = crate::node::test_node(dir.path(), 1, 1_000);
+        let budget = node.moves.budget_bytes;
+        assert!(budget >= MOVE_IN_BYTES && budget >= max_move_bytes(1_000));
+        assert_eq!(node.moves.budget.available_permits(), budget);
+        let sym = Symbol::parse("MOVED-5").expect("symbol");
+        // (others hold all but two ticks' worth)
+        let others = node
+            .moves
+            .budget
+            .clone()
+            .try_acquire_many_owned(u32::try_from(budget - 2 * std::mem::size_of::<Tick>()).expect("u32"))
+            .expect("take the budget");
+        let refused = receive_move(&node, futures_util::stream::iter([Ok(hand_over(sym, 3, 21))])).await;
+        match refused {
+            Err(Error::Unavailable(m)) => assert!(m.contains("MiB of hand-overs"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(node.moves.incoming().is_empty());
+        assert_eq!(node.moves.budget.available_permits(), 2 * std::mem::size_of::<Tick>());
+        drop(others);
+        let taken = receive_move(&node, futures_util::stream::iter([Ok(hand_over(sym, 3, 22))])).await;
+        assert_eq!(taken.expect("taken once the budget is free"), 3);
+        assert_eq!(
+            node.moves.budget.available_permits(),
+            budget,
+            "the import kept its bytes"
+        );
     }
 }
