@@ -770,7 +770,17 @@ async fn candles_reads_share_the_read_limit_with_grpc_reads() {
     signal("-STOP");
     let held = {
         let (addr, path) = (pod0.ports().http, candles(&there));
-        tokio::spawn(async move { http_get(addr, &path).await.0 })
+        // (until it is admitted: it is shed while one of the polls below
+        // holds the slot)
+        tokio::spawn(async move {
+            loop {
+                let (status, body) = http_get(addr, &path).await;
+                if status != 503 || !body.contains("--grpc-max-reads") {
+                    break status;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
     };
     // The full response of a GET, headers included.
     let raw_get = |path: String| async move {
@@ -787,8 +797,8 @@ async fn candles_reads_share_the_read_limit_with_grpc_reads() {
             .expect("read");
         String::from_utf8_lossy(&buf).into_owned()
     };
-    // (polled, as `eventually` does: the held read takes its slot when it
-    // gets there)
+    // (polled, as `eventually` does: the only other read is the held one,
+    // so a poll shed means that one is in flight)
     let deadline = tokio::time::Instant::now() + WAIT;
     let shed = loop {
         let text = raw_get(candles(&here)).await;
@@ -829,6 +839,7 @@ async fn candles_reads_share_the_read_limit_with_grpc_reads() {
         .await
         .expect("the held read ended")
         .expect("task");
+    // (served, or 503 if the owner's call timed out)
     assert!(status == 200 || status == 503, "the held read: {status}");
     eventually("candles served again", || async {
         pod0.get(&candles(&here)).await.0 == 200
