@@ -170,7 +170,9 @@ pub struct ServeArgs {
     #[arg(long, env = "TICKSHARD_GRPC_MAX_READS", default_value_t = 256)]
     pub grpc_max_reads: usize,
     /// A gRPC connection that has not completed its HTTP/2 handshake within
-    /// this many milliseconds is closed.
+    /// this many milliseconds is closed; a unary or server-streaming call
+    /// whose request message has not arrived within it is answered
+    /// DEADLINE_EXCEEDED.
     #[arg(long, env = "TICKSHARD_GRPC_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
     pub grpc_handshake_timeout_ms: u64,
     /// A gRPC connection without an open stream for this many milliseconds is

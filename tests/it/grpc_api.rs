@@ -286,3 +286,47 @@ async fn reflection_lists_the_services_and_serves_their_descriptors() {
         );
     }
 }
+
+/// The public API reads at most max(`--max-message-bytes`, 192 bytes ×
+/// `--max-subscriptions`) of one request message (tonic's default was
+/// 4 MiB, all of it held before the handler, and its token check, ran): a
+/// Subscribe naming `--max-subscriptions` 32-byte symbols, each with a
+/// resume position, is served; a larger message is refused OUT_OF_RANGE
+/// before it is decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_message_is_bounded_by_the_subscription_limit() {
+    let srv = Server::start(&["--no-sim", "--max-subscriptions", "1000"]);
+    let symbols: Vec<String> = (0..1_000).map(|i| format!("S{i:04}-{}", "X".repeat(26))).collect();
+    let resume = symbols
+        .iter()
+        .map(|s| {
+            let p = pb::Position {
+                seq: u64::from(u32::MAX),
+                epoch: "00000000abcd".into(),
+            };
+            (s.clone(), p)
+        })
+        .collect();
+    let req = pb::SubscribeRequest {
+        symbols: symbols.clone(),
+        channels: vec!["ticks".into()],
+        resume,
+    };
+    assert!(
+        prost::Message::encoded_len(&req) > 65_536,
+        "the largest request is past --max-message-bytes"
+    );
+    let (subscribed, _stream) = srv.grpc_subscribe(req).await;
+    assert_eq!(subscribed.symbols.len(), 1_000);
+
+    // 7,000 such symbols: ~238 KB, past 192,000 bytes
+    let symbols: Vec<String> = (0..7_000).map(|i| format!("S{i:04}-{}", "X".repeat(26))).collect();
+    let e = srv
+        .feed()
+        .await
+        .get_snapshot(pb::SnapshotRequest { symbols })
+        .await
+        .expect_err("a request past the bound");
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e}");
+    assert!(e.message().contains("192000"), "{e}");
+}

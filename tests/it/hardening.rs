@@ -837,3 +837,89 @@ async fn a_health_watch_does_not_hold_its_connection() {
     })
     .await;
 }
+
+/// A unary gRPC call whose request message never completes is answered
+/// DEADLINE_EXCEEDED once `--grpc-handshake-timeout-ms` has passed. tonic
+/// reads a unary request whole before its handler (and the handler's token
+/// check) runs: before, such a stream stayed open for good and kept its
+/// connection from idling out, so strangers could hold every connection
+/// permit. A streamed request (Publish) has no such deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_request_that_never_completes_is_answered_deadline_exceeded() {
+    use http_body_util::BodyExt as _;
+    use hyper::body::{Bytes, Frame};
+    let srv = Server::start(&["--no-sim", "--grpc-handshake-timeout-ms", "300"]);
+    let tcp = tokio::net::TcpStream::connect(srv.ports().grpc).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let call = |path: &str| {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+        let body = http_body_util::StreamBody::new(Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|f| (f, rx))
+        })));
+        let req = hyper::Request::post(format!("http://{}{path}", srv.ports().grpc))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)
+            .unwrap();
+        (tx, req)
+    };
+    // a message announced as 100 bytes, of which 10 come, and then nothing
+    let (tx, req) = call("/tickshard.v1.Feed/GetHistory");
+    let mut part = vec![0u8, 0, 0, 0, 100];
+    part.extend_from_slice(&[0x0a; 10]);
+    tx.send(Ok(Frame::data(Bytes::from(part.clone())))).await.unwrap();
+    let resp = tokio::time::timeout(WAIT, send.send_request(req))
+        .await
+        .expect("no answer to a request that never completes")
+        .unwrap();
+    let status = match resp.headers().get("grpc-status") {
+        Some(s) => s.to_str().unwrap().to_owned(),
+        None => {
+            let body = tokio::time::timeout(WAIT, resp.into_body().collect())
+                .await
+                .expect("the answer never ended")
+                .unwrap();
+            let trailers = body.trailers().cloned().unwrap_or_default();
+            trailers
+                .get("grpc-status")
+                .map(|s| s.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        }
+    };
+    assert_eq!(status, "4", "DEADLINE_EXCEEDED");
+    drop(tx);
+
+    // a Publish stream opened the same way stays open past the deadline:
+    // its one message, sent late, is acked
+    let (tx, req) = call("/tickshard.v1.Feed/Publish");
+    let resp = tokio::time::timeout(WAIT, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.headers().get("grpc-status"), None, "{:?}", resp.headers());
+    let mut body = resp.into_body();
+    // (the time passing is what is tested here, not a synchronisation)
+    tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    let t = now_micros();
+    let msg = prost::Message::encode_to_vec(&req_of("stream-probe", tick("DEADLINE-2", t, "1", "1")));
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    tx.send(Ok(Frame::data(Bytes::from(framed)))).await.unwrap();
+    let frame = tokio::time::timeout(WAIT, body.frame())
+        .await
+        .expect("no ack")
+        .expect("the stream ended")
+        .unwrap();
+    let data = frame.into_data().expect("an ack, not trailers");
+    let ack: pb::PublishAck = prost::Message::decode(&data[5..]).unwrap();
+    assert_eq!(error_code(&ack), "", "{ack:?}");
+}
+
+fn req_of(publisher: &str, t: pb::Tick) -> pb::PublishRequest {
+    req(1, publisher, 1, t)
+}

@@ -122,11 +122,27 @@ pub async fn set_serving(reporter: &HealthReporter, serving: bool) {
         .await;
 }
 
+/// Bytes a request may take per symbol it names (see
+/// [`FeedService::max_request_bytes`]).
+const REQUEST_BYTES_PER_SYMBOL: usize = 192;
+
 pub struct FeedService {
     shared: Arc<Shared>,
 }
 
 impl FeedService {
+    /// The largest request message of the public API: a Subscribe naming
+    /// `--max-subscriptions` symbols, each with a resume position (at most
+    /// ~110 bytes a symbol), or `--max-message-bytes` if more. tonic reads a
+    /// message whole before its handler runs, so this bounds what a call
+    /// holds before it is looked at (tonic's default is 4 MiB).
+    pub(crate) fn max_request_bytes(&self) -> usize {
+        let ws = &self.shared.ws;
+        ws.max_subscriptions
+            .saturating_mul(REQUEST_BYTES_PER_SYMBOL)
+            .max(ws.max_message_bytes)
+    }
+
     /// The caller of a request (contract §8): its `authorization: Bearer`
     /// token, or the anonymous grant; a bad token is UNAUTHENTICATED.
     pub(crate) fn caller<T>(&self, req: &Request<T>) -> Result<Principal, Status> {

@@ -9,6 +9,10 @@
 //! - an HTTP/2 handshake (the client preface and its SETTINGS) within
 //!   [`GrpcLimits::handshake_timeout`], or the connection is closed;
 //! - at most `--grpc-max-streams` concurrent streams per connection;
+//! - the request message of a unary or server-streaming call within the
+//!   handshake timeout too (tonic reads it whole before the handler, and so
+//!   before any token is looked at: a stream that never finishes it would
+//!   keep its connection from idling out for ever), else DEADLINE_EXCEEDED;
 //! - keep-alive pings that tolerate a starved machine (see [`KEEPALIVE_TIMEOUT`]);
 //! - a span per connection with the peer's address, and **a log line for
 //!   every connection the server ends or loses, with the reason**;
@@ -129,7 +133,9 @@ impl One {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let io = TokioIo::new(Handshake::new(stream, left));
         let streams = Arc::new(AtomicUsize::new(0));
-        let conn = self.h2.serve_connection(io, counted(self.routes, streams.clone()));
+        let conn = self
+            .h2
+            .serve_connection(io, counted(self.routes, streams.clone(), self.handshake));
         run_connection(conn, &streams, self.idle, self.peer, self.stop).await;
     }
 }
@@ -139,12 +145,25 @@ impl One {
 /// permit with health watches or reflection streams that never end.
 const OPEN_SERVICES: [&str; 2] = ["/grpc.health.v1.Health/", "/grpc.reflection."];
 
+/// Calls whose client sends a stream of messages: their request stays open
+/// for the call's life. Every other call's request (one message) must have
+/// arrived within the request timeout.
+const STREAMED_REQUESTS: [&str; 5] = [
+    "/tickshard.v1.Feed/Publish",
+    "/tickshard.v1.Cluster/Forward",
+    "/tickshard.v1.Cluster/Follow",
+    "/tickshard.v1.Cluster/MoveIn",
+    "/grpc.reflection.",
+];
+
 /// The routes, counting the connection's open streams (a stream is open
 /// from its request until its response body ends or is dropped; see
-/// [`OPEN_SERVICES`] for those that do not count).
+/// [`OPEN_SERVICES`] for those that do not count), with a deadline of
+/// `request_timeout` on a one-message request (see [`STREAMED_REQUESTS`]).
 fn counted(
     routes: Routes,
     streams: Arc<AtomicUsize>,
+    request_timeout: Duration,
 ) -> impl hyper::service::Service<
     http::Request<hyper::body::Incoming>,
     Response = http::Response<tonic::body::Body>,
@@ -155,6 +174,12 @@ fn counted(
         let mut routes = routes.clone();
         let path = req.uri().path();
         let open = (!OPEN_SERVICES.iter().any(|s| path.starts_with(s))).then(|| OpenStream::new(streams.clone()));
+        let one_message = !STREAMED_REQUESTS.iter().any(|s| path.starts_with(s));
+        let req = req.map(|body| Deadlined {
+            body,
+            deadline: one_message.then(|| Box::pin(tokio::time::sleep(request_timeout))),
+            timeout: request_timeout,
+        });
         async move {
             std::future::poll_fn(|cx| {
                 tonic::codegen::Service::<http::Request<hyper::body::Incoming>>::poll_ready(&mut routes, cx)
@@ -164,6 +189,54 @@ fn counted(
             Ok(resp.map(|body| tonic::body::Body::new(Counted { body, _open: open })))
         }
     })
+}
+
+/// A request body that must end by a deadline (`None`: no deadline, or it
+/// has ended); past it, it fails with DEADLINE_EXCEEDED, which the call
+/// answers.
+struct Deadlined {
+    body: hyper::body::Incoming,
+    deadline: Option<Pin<Box<Sleep>>>,
+    timeout: Duration,
+}
+
+impl hyper::body::Body for Deadlined {
+    type Data = bytes::Bytes;
+    type Error = tonic::codegen::StdError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if frame.is_none() || this.body.is_end_stream() {
+                    this.deadline = None;
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match this.deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => {
+                    this.deadline = None;
+                    let why = format!(
+                        "the request message did not arrive within {} ms",
+                        this.timeout.as_millis()
+                    );
+                    Poll::Ready(Some(Err(Box::new(tonic::Status::deadline_exceeded(why)))))
+                }
+                _ => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// One open stream of a connection (decrements the count when dropped).

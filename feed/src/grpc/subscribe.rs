@@ -49,7 +49,7 @@ impl FeedRoutes {
     pub fn new(service: FeedService) -> FeedRoutes {
         let service = Arc::new(service);
         FeedRoutes {
-            generated: FeedServer::from_arc(service.clone()),
+            generated: FeedServer::from_arc(service.clone()).max_decoding_message_size(service.max_request_bytes()),
             service,
         }
     }
@@ -77,7 +77,11 @@ where
             return self.generated.call(req);
         }
         let method = SubscribeSvc(self.service.clone());
-        Box::pin(async move { Ok(Grpc::new(PreEncodedCodec).server_streaming(method, req).await) })
+        let max = self.service.max_request_bytes();
+        Box::pin(async move {
+            let mut grpc = Grpc::new(PreEncodedCodec).max_decoding_message_size(max);
+            Ok(grpc.server_streaming(method, req).await)
+        })
     }
 }
 
