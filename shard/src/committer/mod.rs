@@ -1229,7 +1229,9 @@ impl Worker {
     /// Forgets symbols created by a subscribe that never received a tick and
     /// have had no subscriber for `forget_unticked_after` (contract §6): their
     /// record is removed in `batch`, their hub retired (a subscribe that races
-    /// with this attaches to a new one). O(symbols forgotten or re-checked).
+    /// with this attaches to a new one). A symbol being handed over is not
+    /// forgotten (its hold would stay for good). O(symbols forgotten or
+    /// re-checked).
     fn forget_unticked(&mut self, batch: &mut CommitBatch) {
         let now = Instant::now();
         let ttl = self.cfg.forget_unticked_after;
@@ -1242,6 +1244,12 @@ impl Worker {
             let Some(st) = self.symbols.get(&sym) else { continue };
             if st.rec.last_seq > 0 || st.touched {
                 continue; // it has ticks now (or gets some in this batch)
+            }
+            if self.moving.contains_key(&sym) {
+                // (being handed over: the hand-over settles it; a rollback
+                // leaves it to be looked at again)
+                keep.push((now, sym));
+                continue;
             }
             if st.hub.as_ref().is_some_and(|h| !self.hub.retire_if_unused(h)) {
                 keep.push((now, sym)); // subscribed: look again later

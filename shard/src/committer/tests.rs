@@ -18,6 +18,10 @@ struct Running {
 }
 
 fn start(dir: &std::path::Path) -> Running {
+    start_with(dir, CommitterConfig::default())
+}
+
+fn start_with(dir: &std::path::Path, cfg: CommitterConfig) -> Running {
     let store = Arc::new(crate::store::reopen(dir).unwrap());
     let hub = Arc::new(Hub::new(1 << 20));
     let records = store.load_symbols().unwrap();
@@ -30,15 +34,7 @@ fn start(dir: &std::path::Path) -> Running {
         marks,
         relay: tokio::sync::mpsc::unbounded_channel().0,
     };
-    let (committer, join) = Committer::start(
-        store.clone(),
-        hub.clone(),
-        records,
-        dedup,
-        CommitterConfig::default(),
-        setup,
-    )
-    .unwrap();
+    let (committer, join) = Committer::start(store.clone(), hub.clone(), records, dedup, cfg, setup).unwrap();
     Running {
         store,
         hub,
@@ -695,4 +691,37 @@ async fn an_ack_does_not_wait_for_the_subscribers_wake_up() {
         2,
         "the writer was woken after each commit's ack, none lost"
     );
+}
+
+/// A never-ticked symbol is not forgotten while it is handed over: the
+/// hand-over keeps it, and once rolled back it is forgotten as usual.
+/// Before, a compaction during the hold removed its record while its hold
+/// stayed: the move failed as "went away", nobody released it, and its
+/// publishes were held and refused until a restart (store review).
+#[tokio::test]
+async fn a_symbol_being_handed_over_is_not_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = CommitterConfig {
+        forget_unticked_after: Duration::ZERO,
+        ..CommitterConfig::default()
+    };
+    let r = start_with(dir.path(), cfg);
+    let sym = Symbol::parse("QUIET").unwrap();
+    r.committer.ensure(vec![sym]).await.unwrap();
+    let ex = r.committer.export(sym, 1, 11).await.unwrap();
+    assert_eq!(ex.record.last_seq, 0);
+    // (an ensure is answered after the commit of its round: the
+    // compaction's round or a later one)
+    let compacted = || async {
+        r.committer.request_compaction();
+        r.committer.ensure(vec![Symbol::parse("OTHER").unwrap()]).await.unwrap();
+    };
+    let stored = |store: &Store| store.load_symbols().unwrap().iter().any(|s| s.symbol == sym);
+    compacted().await;
+    assert!(stored(&r.store), "forgotten during its hand-over");
+    r.committer.release(sym, false).await.unwrap();
+    compacted().await;
+    compacted().await;
+    assert!(!stored(&r.store), "not forgotten after the rollback");
+    r.committer.stop().await;
 }
