@@ -438,9 +438,11 @@ impl Auth {
         let Some(h) = header else {
             return Ok(self.anonymous());
         };
+        // (the scheme is case-insensitive, RFC 9110 §11.1)
         let token = h
-            .strip_prefix(b"Bearer ")
-            .or_else(|| h.strip_prefix(b"bearer "))
+            .split_at_checked(7)
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case(b"Bearer "))
+            .map(|(_, token)| token)
             .ok_or_else(|| AuthError::Invalid("expected 'Authorization: Bearer <token>'".into()).counted())?;
         let token =
             std::str::from_utf8(token).map_err(|_| AuthError::Invalid("the token is not text".into()).counted())?;
@@ -592,6 +594,32 @@ pub fn now_secs() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `Bearer` scheme is case-insensitive (RFC 9110 §11.1): `BEARER x`
+    /// reaches the token check; another scheme or a cut header does not.
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let dir = std::env::temp_dir().join(format!("tickshard-auth-scheme-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "p".repeat(40)).unwrap();
+        let auth = Auth::load(AuthConfig {
+            hs256_secret: Some(secret),
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let why = |h: &str| match auth.from_bearer(Some(h.as_bytes())) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{h}: accepted"),
+        };
+        for h in ["Bearer abc", "bearer abc", "BEARER abc", "bEaReR abc"] {
+            assert!(!why(h).contains("expected 'Authorization"), "{h}: {}", why(h));
+        }
+        for h in ["Basic abc", "Bear", "Bearerabc", ""] {
+            assert!(why(h).contains("expected 'Authorization"), "{h}: {}", why(h));
+        }
+    }
 
     #[test]
     fn patterns_cover_symbols_prefixes_and_everything() {

@@ -292,6 +292,9 @@ pub struct HttpLimits {
     pub idle_timeout: Duration,
 }
 
+/// The longest `--drain-ms` (shutdown's arithmetic on it cannot overflow).
+const MAX_DRAIN_MS: u64 = 3_600_000;
+
 impl ServeArgs {
     pub fn validate(&self) -> Result<ServeConfig, ConfigError> {
         if self.shards == 0 {
@@ -376,6 +379,9 @@ impl ServeArgs {
         }
         if self.history_ticks == 0 {
             return Err(cfg_err("--history-ticks", "must be at least 1"));
+        }
+        if self.drain_ms > MAX_DRAIN_MS {
+            return Err(cfg_err("--drain-ms", "must be at most 3600000 (an hour)"));
         }
         if self.max_message_bytes < 64 {
             return Err(cfg_err("--max-message-bytes", "must be at least 64"));
@@ -491,6 +497,13 @@ mod tests {
         let mut v = vec!["tickshard", "--shard-id", "0"];
         v.extend_from_slice(extra);
         Cli::try_parse_from(v).unwrap().serve
+    }
+
+    #[test]
+    fn a_drain_past_an_hour_is_refused() {
+        assert!(args(&["--drain-ms", "3600000"]).validate().is_ok());
+        let e = args(&["--drain-ms", "18446744073709551615"]).validate().unwrap_err();
+        assert_eq!(e.flag, "--drain-ms");
     }
 
     #[test]

@@ -512,13 +512,18 @@ async fn candles_api(query: &str, shared: &Shared, caller: &Principal) -> Respon
             .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         return r;
     };
-    // Without `from`, the most recent `limit` candles: back from the interval of
-    // the symbol's newest tick (event time, so replayed history works too).
+    // Without `from`, the most recent `limit` candles up to `to`: back from
+    // the interval of the symbol's newest tick, or of `to` if that is older
+    // (event time, so replayed history works too).
     if from == 0
         && let Ok(snap) = shared.node.snapshots(&[symbol]).await
         && let Some(last) = snap.first()
     {
-        let newest = iv.start_of(last.tick.ts);
+        let mut newest = iv.start_of(last.tick.ts);
+        if to != 0 {
+            // (a client's number: clamped to where times live, 0..)
+            newest = newest.min(iv.start_of(to.max(0)));
+        }
         let span = iv.micros().saturating_mul(limit.clamp(1, HISTORY_LIMIT_MAX) as i64 - 1);
         from = newest.saturating_sub(span);
     }

@@ -923,3 +923,46 @@ async fn a_grpc_request_that_never_completes_is_answered_deadline_exceeded() {
 fn req_of(publisher: &str, t: pb::Tick) -> pb::PublishRequest {
     req(1, publisher, 1, t)
 }
+
+/// `/api/candles` without `from` answers the last `limit` candles up to
+/// `to` (before, it counted back from the newest tick and ignored `to`: a
+/// `to` older than `limit` intervals gave an empty list), and a `to` at
+/// `i64::MIN` is an empty answer, not an overflow.
+#[tokio::test]
+async fn the_candles_api_counts_back_from_to() {
+    let srv = Server::start(&["--no-sim"]);
+    let minute = 60_000_000i64;
+    let t0 = (now_micros() / minute - 20) * minute; // 20 minutes ago, on the grid
+    let mut p = srv.publisher("candles-to").await;
+    publish_all(
+        &mut p,
+        (0..10).map(|m| tick("CANDLE-TO", t0 + m * minute + 5, "1.5", "2")),
+    )
+    .await;
+    let starts = |body: &str| -> Vec<i64> {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        v["candles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["start"].as_i64().unwrap())
+            .collect()
+    };
+    let to = t0 + 5 * minute + 30_000_000;
+    let (status, body) = srv
+        .get(&format!("/api/candles?symbol=CANDLE-TO&interval=1m&limit=3&to={to}"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        starts(&body),
+        vec![t0 + 3 * minute, t0 + 4 * minute, t0 + 5 * minute],
+        "{body}"
+    );
+    let (status, body) = srv.get("/api/candles?symbol=CANDLE-TO&interval=1m&limit=3").await;
+    assert_eq!((status, starts(&body).len()), (200, 3), "{body}");
+    assert_eq!(starts(&body)[2], t0 + 9 * minute);
+    let (status, body) = srv
+        .get(&format!("/api/candles?symbol=CANDLE-TO&interval=1m&to={}", i64::MIN))
+        .await;
+    assert_eq!((status, starts(&body)), (200, vec![]), "{body}");
+}
