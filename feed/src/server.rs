@@ -544,8 +544,8 @@ async fn candles_api(query: &str, shared: &Shared, caller: &Principal) -> Respon
         }
         Err(e @ tickshard_shard::Error::Refused { .. }) => api_error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e @ tickshard_shard::Error::Unavailable(_)) => api_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-        Err(e @ tickshard_shard::Error::Fault(_)) => {
-            tracing::error!(error = %e, "candles read failed");
+        Err(tickshard_shard::Error::Fault(detail)) => {
+            tracing::error!(error = %detail, "candles read failed");
             api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal error (logged)")
         }
     }

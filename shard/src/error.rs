@@ -25,9 +25,11 @@ pub enum Error {
     /// the subscriber is gone.
     #[error("{0}")]
     Unavailable(String),
-    /// A fault of this server (its store failed, a bug); logged where it
-    /// happened, answered as an internal error.
-    #[error("{0}")]
+    /// A fault of this server (its store failed, a bug): its detail is
+    /// logged where it happened and kept here for the server's own logs; a
+    /// caller is told only that it was internal (store paths and keys are
+    /// not a client's business).
+    #[error("internal error (logged on the server)")]
     Fault(String),
 }
 
@@ -57,6 +59,8 @@ impl From<PeerError> for Error {
 
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
+        // (the one place a store fault becomes a caller's error: logged here)
+        tracing::error!(error = %e, "a store read failed");
         Error::Fault(format!("store: {e}"))
     }
 }
@@ -104,7 +108,12 @@ mod tests {
         assert_eq!(refused.code(), ErrorCode::SymbolLimit);
         let failed: Error =
             CommitError::StoreFailed(std::sync::Arc::new(crate::store::StoreError::Bug("disk".into()))).into();
-        assert!(matches!(failed, Error::Fault(_)));
+        assert!(matches!(&failed, Error::Fault(d) if d.contains("disk")));
+        assert_eq!(
+            failed.to_string(),
+            "internal error (logged on the server)",
+            "a fault's detail is not shown to callers"
+        );
         assert_eq!(failed.code(), ErrorCode::Unavailable, "a fault is retryable elsewhere");
         let input: Error = InputError::InvalidRequest("no tick".into()).into();
         assert_eq!(input.code(), ErrorCode::InvalidRequest);

@@ -248,7 +248,7 @@ pub fn error_status(e: crate::Error) -> tonic::Status {
             C::Forbidden => tonic::Status::permission_denied(message),
         },
         Error::Unavailable(m) => tonic::Status::unavailable(m),
-        Error::Fault(m) => tonic::Status::internal(m),
+        e @ Error::Fault(_) => tonic::Status::internal(e.to_string()),
     }
 }
 
