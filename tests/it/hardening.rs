@@ -75,13 +75,14 @@ async fn a_publisher_id_that_could_break_recovery_is_refused_and_the_shard_resta
 
 /// Item 2: request size costs linear time and the count is checked first. A
 /// 4 MiB gRPC Subscribe (quadratic de-duplication used to take minutes) is
-/// refused at once; `GetSnapshot` has the same cap (3.6 MB in used to give
-/// 34 MB out); the same symbol named 100,000 times is one symbol.
+/// refused at once, now before it is decoded (past the request bound:
+/// OUT_OF_RANGE); within the bound, 15,000 symbols are refused by their
+/// count; `GetSnapshot` has the same cap (3.6 MB in used to give 34 MB out);
+/// the same symbol named 15,000 times is one symbol.
 #[tokio::test]
 async fn oversized_symbol_lists_are_refused_whole_and_repeats_count_once() {
     let srv = Server::start(&["--no-sim"]);
     let mut feed = srv.feed().await;
-    // Just under tonic's 4 MiB message limit (a larger one is OUT_OF_RANGE).
     let many: Vec<String> = (0..430_000).map(|i| format!("S{i}")).collect();
     let e = tokio::time::timeout(
         WAIT,
@@ -93,17 +94,29 @@ async fn oversized_symbol_lists_are_refused_whole_and_repeats_count_once() {
     .await
     .expect("answered at once")
     .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e}");
+    // (15,000 symbols of at most 6 bytes: ~120 KB, within 192,000)
+    let e = tokio::time::timeout(
+        WAIT,
+        feed.subscribe(pb::SubscribeRequest {
+            symbols: many[..15_000].to_vec(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("answered at once")
+    .unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
     let e = feed
         .get_snapshot(pb::SnapshotRequest {
-            symbols: many[..400_000].to_vec(),
+            symbols: many[..15_000].to_vec(),
         })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
     let same = feed
         .get_snapshot(pb::SnapshotRequest {
-            symbols: vec!["btc-usd".into(); 100_000],
+            symbols: vec!["btc-usd".into(); 15_000],
         })
         .await
         .unwrap();
