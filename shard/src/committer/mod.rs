@@ -10,8 +10,9 @@
 //! the next commit never waits for the wake-ups). While a flush runs, new
 //! requests queue up, so batches grow with load by themselves.
 //!
-//! Each commit also *compacts* a few symbols ([`COMPACT_PER_COMMIT`], picked
-//! by [`Worker::pick_compactions`]): their logged ticks become per-symbol tick
+//! Each commit also *compacts* a few symbols ([`COMPACT_PER_COMMIT`], or a
+//! [`LOG_SPAN`]th of the symbols in the log if more, picked by
+//! [`Worker::pick_compactions`]): their logged ticks become per-symbol tick
 //! blocks and their state is snapshotted, in the same atomic batch, and log
 //! records no symbol needs any more are removed. A commit thus writes one log
 //! key plus a few per-symbol keys, whatever the number of symbols touched
@@ -74,8 +75,9 @@ pub const MAX_PUBLISHERS_PER_SYMBOL: usize = 1_024;
 /// A symbol is compacted once this many of its commits are in the log (or a
 /// block's worth of ticks).
 pub const COMPACT_AFTER: usize = 32;
-/// Most symbols compacted per commit, so compaction costs every commit a
-/// little instead of some commits a lot.
+/// Fewest symbols compacted per commit (so compaction costs every commit a
+/// little instead of some commits a lot); more when many symbols are in the
+/// log (see `Pick::Due`).
 pub const COMPACT_PER_COMMIT: usize = 4;
 /// Most symbols compacted in a commit that retention asked for.
 pub const COMPACT_ASKED_PER_COMMIT: usize = 256;
@@ -644,9 +646,10 @@ fn snapshot(batch: &mut CommitBatch, st: &SymState) {
 /// Which symbols a commit compacts.
 #[derive(Clone, Copy)]
 enum Pick {
-    /// At most [`COMPACT_PER_COMMIT`]: touched symbols with a block's worth
-    /// of uncompacted ticks or [`COMPACT_AFTER`] commits of them, and those
-    /// holding the log back [`LOG_SPAN`] records.
+    /// At most [`COMPACT_PER_COMMIT`], or the symbols in the log over
+    /// [`LOG_SPAN`] if more: touched symbols with a block's worth of
+    /// uncompacted ticks or [`COMPACT_AFTER`] commits of them, and those
+    /// holding the log back `LOG_SPAN` records.
     Due,
     /// Every symbol with uncompacted ticks, up to this many (stop: all;
     /// retention: [`COMPACT_ASKED_PER_COMMIT`]).
@@ -1112,7 +1115,14 @@ impl Worker {
     fn pick_compactions(&self, commit: u64, touched: &[Symbol], pick: Pick) -> Vec<Symbol> {
         let block_ticks = self.store.block_ticks();
         let (everything, limit) = match pick {
-            Pick::Due => (false, COMPACT_PER_COMMIT),
+            // (symbols enter the log at most as fast as this takes them out
+            // once they are LOG_SPAN old: the log, the ticks held for it
+            // and what start-up folds stay within about 2 × LOG_SPAN
+            // records, whatever the number of symbols; O(log records))
+            Pick::Due => {
+                let in_log: usize = self.log_refs.values().map(HashSet::len).sum();
+                (false, COMPACT_PER_COMMIT.max(in_log.div_ceil(LOG_SPAN as usize)))
+            }
             Pick::Everything(limit) => (true, limit),
         };
         let mut due: Vec<(u64, Symbol)> = Vec::new();

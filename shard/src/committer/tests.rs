@@ -725,3 +725,33 @@ async fn a_symbol_being_handed_over_is_not_forgotten() {
     assert!(!stored(&r.store), "not forgotten after the rollback");
     r.committer.stop().await;
 }
+
+/// Many symbols touched rarely keep the log (folded whole at start-up) and
+/// the ticks held in memory for it within about [`LOG_SPAN`] records: a
+/// commit compacts as many symbols as the log holds over `LOG_SPAN` (at
+/// least [`COMPACT_PER_COMMIT`]). Before, it compacted 4: with 4,096
+/// symbols each touched every 256 commits, a symbol waited ~1,024 commits
+/// for its compaction, and the log spanned as many; with 100k symbols, tens
+/// of thousands (store review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_rarely_touched_symbols_keep_the_log_within_its_span() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = start(dir.path());
+    let syms: Vec<String> = (0..4_096).map(|i| format!("R{i}")).collect();
+    let mut longest = 0;
+    for c in 0..1_500u64 {
+        let ticks: Vec<Tick> = (0..16)
+            .map(|k| tick(&syms[((c * 16 + k) % 4_096) as usize], T0 + (c * 100 + k) as i64, 100))
+            .collect();
+        publish(&r.committer, "p", c * 16 + 1, &ticks).await;
+        if c % 100 == 99 {
+            longest = longest.max(r.store.load_log().unwrap().len());
+        }
+    }
+    let before = heads(&r.hub);
+    let store = crash(r).await;
+    assert!(longest as u64 <= 2 * LOG_SPAN, "the log grew to {longest} records");
+    drop(store);
+    let r = start(dir.path());
+    assert_eq!(heads(&r.hub), before, "recovered as acked");
+}
