@@ -277,6 +277,11 @@ pub struct GrpcLimits {
     pub max_reads: usize,
     /// Time to complete the HTTP/2 handshake (10 s, contract §5).
     pub handshake_timeout: Duration,
+    /// Time for the one request message of a unary or server-streaming call
+    /// to arrive (the handshake timeout on the public port; `None` on the
+    /// peer port, where a long Forward stream may hold the connection's
+    /// flow-control window and pods are trusted).
+    pub request_timeout: Option<Duration>,
     /// A connection without an open stream this long is closed (gracefully;
     /// clients reconnect on their next call), so idle connections cannot
     /// hold the connection permits for ever.
@@ -461,6 +466,7 @@ impl ServeArgs {
                 max_streams: self.grpc_max_streams.max(1),
                 max_reads: self.grpc_max_reads.max(1),
                 handshake_timeout: Duration::from_millis(self.grpc_handshake_timeout_ms.max(1)),
+                request_timeout: Some(Duration::from_millis(self.grpc_handshake_timeout_ms.max(1))),
                 idle_timeout: Duration::from_millis(self.grpc_idle_timeout_ms.max(1)),
             },
             http: HttpLimits {

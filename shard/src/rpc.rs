@@ -108,14 +108,24 @@ const CHANNELS: [Channel; 4] = [
 /// The follows of one peer stream in progress: at most one task per symbol.
 /// A Follow of a symbol whose task still runs does not start another (a
 /// flood of Follows of one symbol costs one slot, not a task and a replay
-/// each): it becomes what that task does next, the newest resume winning;
-/// an Unfollow drops what was to come next. Bounded by the symbols this pod
-/// serves (a Follow of another is refused before it gets here).
+/// each): it becomes what that task does next, the newest resume winning.
+/// An Unfollow drops what was to come next and tells the running task to
+/// stop before its next registration or activation (it may be waiting for
+/// an unreachable owner, and would register the symbol again). Bounded by
+/// the symbols this pod serves (a Follow of another is refused before it
+/// gets here).
 #[derive(Default)]
-struct Following(Mutex<HashMap<Symbol, Option<Option<Position>>>>);
+struct Following(Mutex<HashMap<Symbol, Slot>>);
+
+/// The task of one symbol: what it does next, and whether it was unfollowed.
+#[derive(Debug, Default, PartialEq)]
+struct Slot {
+    next: Option<Option<Position>>,
+    unfollowed: bool,
+}
 
 impl Following {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Symbol, Option<Option<Position>>>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Symbol, Slot>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -124,11 +134,14 @@ impl Following {
     fn follow(&self, sym: Symbol, resume: Option<Position>) -> Option<Option<Position>> {
         match self.map().entry(sym) {
             std::collections::hash_map::Entry::Occupied(mut e) => {
-                e.insert(Some(resume));
+                e.insert(Slot {
+                    next: Some(resume),
+                    unfollowed: false,
+                });
                 None
             }
             std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(None);
+                e.insert(Slot::default());
                 Some(resume)
             }
         }
@@ -139,7 +152,9 @@ impl Following {
     fn done(&self, sym: Symbol) -> Option<Option<Position>> {
         let mut map = self.map();
         match map.get_mut(&sym) {
-            Some(next @ Some(_)) => next.take(),
+            Some(Slot {
+                next: next @ Some(_), ..
+            }) => next.take(),
             _ => {
                 map.remove(&sym);
                 None
@@ -147,11 +162,36 @@ impl Following {
         }
     }
 
-    /// An Unfollow of `sym`: a Follow still to come is dropped (the running
-    /// one is detached by the session's unsubscribe).
+    /// An Unfollow of `sym`: a Follow still to come is dropped, and the
+    /// running one stops at its next step (the session's unsubscribe
+    /// detaches what it registered).
     fn unfollow(&self, sym: Symbol) {
-        if let Some(next) = self.map().get_mut(&sym) {
-            *next = None;
+        if let Some(slot) = self.map().get_mut(&sym) {
+            *slot = Slot {
+                next: None,
+                unfollowed: true,
+            };
+        }
+    }
+
+    /// Whether the running follow of `sym` was unfollowed since it began.
+    fn unfollowed(&self, sym: Symbol) -> bool {
+        self.map().get(&sym).is_some_and(|s| s.unfollowed)
+    }
+}
+
+/// The task of one symbol of a [`Following`]: if it ends unfinished (a
+/// panic), its slot goes, so the symbol's next Follow starts a new one.
+struct FollowTask {
+    following: Arc<Following>,
+    sym: Symbol,
+    finished: bool,
+}
+
+impl Drop for FollowTask {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.following.map().remove(&self.sym);
         }
     }
 }
@@ -159,12 +199,22 @@ impl Following {
 /// Serves one Follow of `sym` on a peer's stream: registers it (waiting
 /// while its owner is unreachable), says `Started` and activates it, or
 /// says `Refused`.
-async fn serve_follow(session: &Session<pb::FollowEvent>, sym: Symbol, resume: Option<Position>) {
+async fn serve_follow(
+    session: &Session<pb::FollowEvent>,
+    following: &Following,
+    sym: Symbol,
+    resume: Option<Position>,
+) {
     let resume: HashMap<Symbol, Position> = resume.map(|p| (sym, p)).into_iter().collect();
     let reqs = session::requests(&[sym], &CHANNELS, &resume);
     let mut wait = crate::backoff::Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
     loop {
+        if following.unfollowed(sym) {
+            return;
+        }
         match session.prepare(&reqs).await {
+            // Every pair left out: unsubscribed while it was registered.
+            Ok(prepared) if prepared.results.is_empty() && prepared.failed.is_empty() => return,
             // Nothing served yet: a symbol this pod handed over whose new
             // owner it cannot reach yet (after a restart). The follower
             // waits; it is not told to give the symbol up.
@@ -177,6 +227,9 @@ async fn serve_follow(session: &Session<pb::FollowEvent>, sym: Symbol, resume: O
                 wait.wait().await;
             }
             Ok(prepared) => {
+                if following.unfollowed(sym) {
+                    return; // (its claims go with it)
+                }
                 let r = prepared.results[0];
                 session
                     .outbox()
@@ -336,11 +389,17 @@ impl ClusterApi for ClusterService {
                             if let Some(resume) = following.follow(sym, resume) {
                                 let (session, following) = (session.clone(), following.clone());
                                 crate::tasks::spawn(node.stream_tasks(), async move {
+                                    let mut task = FollowTask {
+                                        following,
+                                        sym,
+                                        finished: false,
+                                    };
                                     let mut next = Some(resume);
                                     while let Some(resume) = next {
-                                        serve_follow(&session, sym, resume).await;
-                                        next = following.done(sym);
+                                        serve_follow(&session, &task.following, sym, resume).await;
+                                        next = task.following.done(sym);
                                     }
+                                    task.finished = true;
                                 });
                             }
                         }
@@ -719,5 +778,51 @@ mod tests {
         assert_eq!(f.done(sym), None);
         f.unfollow(sym);
         assert!(f.map().is_empty());
+    }
+
+    /// An Unfollow tells the running task to stop (it checks before each
+    /// registration and before its activation: waiting for an unreachable
+    /// owner, it would register the symbol again); a Follow after it wants
+    /// the symbol again. Before, a follow waiting for its owner outlived an
+    /// Unfollow and activated the symbol once the owner was back.
+    #[test]
+    fn an_unfollow_stops_the_running_follow_and_a_follow_wants_it_again() {
+        let f = Following::default();
+        let sym = Symbol::parse("BTC-USD").expect("symbol");
+        assert!(f.follow(sym, at(1)).is_some());
+        assert!(!f.unfollowed(sym));
+        f.unfollow(sym);
+        assert!(f.unfollowed(sym), "the running task is told");
+        assert!(f.follow(sym, at(2)).is_none());
+        assert!(!f.unfollowed(sym), "followed again");
+        assert_eq!(f.done(sym), Some(at(2)));
+        assert!(!f.unfollowed(sym));
+        assert_eq!(f.done(sym), None);
+        assert!(!f.unfollowed(sym), "(no task: nothing to tell)");
+    }
+
+    /// A follow task that ends unfinished (a panic) gives its slot up, so
+    /// the next Follow of its symbol starts a task again instead of queuing
+    /// behind one that is gone.
+    #[test]
+    fn a_follow_task_that_dies_gives_its_slot_up() {
+        let f = Arc::new(Following::default());
+        let sym = Symbol::parse("BTC-USD").expect("symbol");
+        assert!(f.follow(sym, at(1)).is_some());
+        drop(FollowTask {
+            following: f.clone(),
+            sym,
+            finished: false,
+        });
+        assert!(f.follow(sym, at(2)).is_some(), "queued behind a dead task");
+        assert_eq!(f.done(sym), None);
+        let finished = FollowTask {
+            following: f.clone(),
+            sym,
+            finished: true,
+        };
+        assert!(f.follow(sym, at(3)).is_some());
+        drop(finished); // (a finished task's drop leaves the new task's slot be)
+        assert!(f.follow(sym, at(4)).is_none());
     }
 }

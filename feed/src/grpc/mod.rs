@@ -83,6 +83,7 @@ pub fn start(
     let peer_limits = GrpcLimits {
         max_connections: PEER_CONNECTIONS,
         handshake_timeout: limits.handshake_timeout.min(PEER_HANDSHAKE),
+        request_timeout: None,
         ..limits.clone()
     };
     // Both listeners move to the gRPC runtime's reactor (where their

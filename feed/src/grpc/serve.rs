@@ -9,8 +9,8 @@
 //! - an HTTP/2 handshake (the client preface and its SETTINGS) within
 //!   [`GrpcLimits::handshake_timeout`], or the connection is closed;
 //! - at most `--grpc-max-streams` concurrent streams per connection;
-//! - the request message of a unary or server-streaming call within the
-//!   handshake timeout too (tonic reads it whole before the handler, and so
+//! - on the public port, the request message of a unary or server-streaming
+//!   call within the handshake timeout too (tonic reads it whole before the handler, and so
 //!   before any token is looked at: a stream that never finishes it would
 //!   keep its connection from idling out for ever), else DEADLINE_EXCEEDED;
 //! - keep-alive pings that tolerate a starved machine (see [`KEEPALIVE_TIMEOUT`]);
@@ -85,6 +85,7 @@ pub async fn serve(
             h2: h2.clone(),
             routes: routes.clone(),
             handshake: limits.handshake_timeout,
+            request_timeout: limits.request_timeout,
             idle: limits.idle_timeout,
             peer,
             stop: stop.clone(),
@@ -118,6 +119,7 @@ struct One {
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
     routes: Routes,
     handshake: Duration,
+    request_timeout: Option<Duration>,
     idle: Duration,
     peer: SocketAddr,
     stop: CancellationToken,
@@ -135,7 +137,7 @@ impl One {
         let streams = Arc::new(AtomicUsize::new(0));
         let conn = self
             .h2
-            .serve_connection(io, counted(self.routes, streams.clone(), self.handshake));
+            .serve_connection(io, counted(self.routes, streams.clone(), self.request_timeout));
         run_connection(conn, &streams, self.idle, self.peer, self.stop).await;
     }
 }
@@ -159,11 +161,12 @@ const STREAMED_REQUESTS: [&str; 5] = [
 /// The routes, counting the connection's open streams (a stream is open
 /// from its request until its response body ends or is dropped; see
 /// [`OPEN_SERVICES`] for those that do not count), with a deadline of
-/// `request_timeout` on a one-message request (see [`STREAMED_REQUESTS`]).
+/// `request_timeout` (if any) on a one-message request (see
+/// [`STREAMED_REQUESTS`]).
 fn counted(
     routes: Routes,
     streams: Arc<AtomicUsize>,
-    request_timeout: Duration,
+    request_timeout: Option<Duration>,
 ) -> impl hyper::service::Service<
     http::Request<hyper::body::Incoming>,
     Response = http::Response<tonic::body::Body>,
@@ -174,11 +177,11 @@ fn counted(
         let mut routes = routes.clone();
         let path = req.uri().path();
         let open = (!OPEN_SERVICES.iter().any(|s| path.starts_with(s))).then(|| OpenStream::new(streams.clone()));
-        let one_message = !STREAMED_REQUESTS.iter().any(|s| path.starts_with(s));
+        let timeout = request_timeout.filter(|_| !STREAMED_REQUESTS.iter().any(|s| path.starts_with(s)));
         let req = req.map(|body| Deadlined {
             body,
-            deadline: one_message.then(|| Box::pin(tokio::time::sleep(request_timeout))),
-            timeout: request_timeout,
+            deadline: timeout.map(|t| Box::pin(tokio::time::sleep(t))),
+            timeout: timeout.unwrap_or_default(),
         });
         async move {
             std::future::poll_fn(|cx| {
