@@ -595,20 +595,25 @@ pub fn now_secs() -> u64 {
 mod tests {
     use super::*;
 
+    /// An `Auth` verifying HS256 tokens with a 40-byte secret (written to a
+    /// per-process temp dir named by `tag`).
+    fn hs256_auth(tag: &str) -> Arc<Auth> {
+        let dir = std::env::temp_dir().join(format!("tickshard-auth-{tag}-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "p".repeat(40)).unwrap();
+        Auth::load(AuthConfig {
+            hs256_secret: Some(secret),
+            ..AuthConfig::default()
+        })
+        .unwrap()
+    }
+
     /// The `Bearer` scheme is case-insensitive (RFC 9110 §11.1): `BEARER x`
     /// reaches the token check; another scheme or a cut header does not.
     #[test]
     fn the_bearer_scheme_is_case_insensitive() {
-        let dir = std::env::temp_dir().join(format!("tickshard-auth-scheme-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let secret = dir.join("secret");
-        std::fs::write(&secret, "p".repeat(40)).unwrap();
-        let auth = Auth::load(AuthConfig {
-            hs256_secret: Some(secret),
-            ..AuthConfig::default()
-        })
-        .unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
+        let auth = hs256_auth("scheme");
         let why = |h: &str| match auth.from_bearer(Some(h.as_bytes())) {
             Err(e) => e.to_string(),
             Ok(_) => panic!("{h}: accepted"),
@@ -667,15 +672,7 @@ mod tests {
         /// with an error, never a panic, in time linear in its length.
         #[test]
         fn any_text_as_a_token_is_an_error(token in "\\PC{0,300}|[A-Za-z0-9_-]{0,40}\\.[A-Za-z0-9_-]{0,60}\\.[A-Za-z0-9_-]{0,40}") {
-            let dir = std::env::temp_dir().join(format!("tickshard-auth-prop-{}", std::process::id()));
-            let _ = std::fs::create_dir_all(&dir);
-            let secret = dir.join("secret");
-            std::fs::write(&secret, "p".repeat(40)).unwrap();
-            let auth = Auth::load(AuthConfig {
-                hs256_secret: Some(secret),
-                ..AuthConfig::default()
-            })
-            .unwrap();
+            let auth = hs256_auth("prop");
             proptest::prop_assert!(auth.verify(&token).is_err());
             proptest::prop_assert!(auth.from_bearer(Some(token.as_bytes())).is_err());
         }
