@@ -180,8 +180,7 @@ fn counted(
         let timeout = request_timeout.filter(|_| !STREAMED_REQUESTS.iter().any(|s| path.starts_with(s)));
         let req = req.map(|body| Deadlined {
             body,
-            deadline: timeout.map(|t| Box::pin(tokio::time::sleep(t))),
-            timeout: timeout.unwrap_or_default(),
+            deadline: timeout.map(|t| (Box::pin(tokio::time::sleep(t)), t)),
         });
         async move {
             std::future::poll_fn(|cx| {
@@ -194,13 +193,12 @@ fn counted(
     })
 }
 
-/// A request body that must end by a deadline (`None`: no deadline, or it
-/// has ended); past it, it fails with DEADLINE_EXCEEDED, which the call
-/// answers.
+/// A request body that must end by a deadline (and the timeout it came
+/// from; `None`: no deadline, or it has ended); past it, it fails with
+/// DEADLINE_EXCEEDED, which the call answers.
 struct Deadlined {
     body: hyper::body::Incoming,
-    deadline: Option<Pin<Box<Sleep>>>,
-    timeout: Duration,
+    deadline: Option<(Pin<Box<Sleep>>, Duration)>,
 }
 
 impl hyper::body::Body for Deadlined {
@@ -219,13 +217,10 @@ impl hyper::body::Body for Deadlined {
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-            Poll::Pending => match this.deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
-                Some(Poll::Ready(())) => {
+            Poll::Pending => match this.deadline.as_mut().map(|(d, t)| (d.as_mut().poll(cx), *t)) {
+                Some((Poll::Ready(()), timeout)) => {
                     this.deadline = None;
-                    let why = format!(
-                        "the request message did not arrive within {} ms",
-                        this.timeout.as_millis()
-                    );
+                    let why = format!("the request message did not arrive within {} ms", timeout.as_millis());
                     Poll::Ready(Some(Err(Box::new(tonic::Status::deadline_exceeded(why)))))
                 }
                 _ => Poll::Pending,
