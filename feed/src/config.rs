@@ -194,6 +194,12 @@ pub struct ServeArgs {
     /// Unacked publishes in flight per gRPC Publish stream (backpressure past it).
     #[arg(long, env = "TICKSHARD_PUBLISH_WINDOW", default_value_t = 8_192)]
     pub publish_window: usize,
+    /// Publish requests read and not yet answered, over all client streams
+    /// (each stream also has its window): a client that never reads its
+    /// acks holds at most this many answers of the server's memory, and
+    /// publishers wait while it is all held.
+    #[arg(long, env = "TICKSHARD_PUBLISH_MAX_IN_FLIGHT", default_value_t = 262_144)]
+    pub publish_max_in_flight: usize,
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info,tickshard_feed=debug`).
     #[arg(long, env = "TICKSHARD_LOG", default_value = "info")]
     pub log: String,
@@ -248,6 +254,7 @@ pub struct ServeConfig {
     pub drain: Duration,
     pub max_connections: usize,
     pub publish_window: usize,
+    pub publish_max_in_flight: usize,
     pub grpc: GrpcLimits,
     pub http: HttpLimits,
 }
@@ -459,12 +466,13 @@ impl ServeArgs {
             }),
             sim: (!self.no_sim && self.sim_rate > 0).then_some(self.sim_rate),
             drain: Duration::from_millis(self.drain_ms),
-            max_connections: self.max_connections.max(1),
+            max_connections: self.max_connections.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
             publish_window: self.publish_window.max(1),
+            publish_max_in_flight: self.publish_max_in_flight.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
             grpc: GrpcLimits {
-                max_connections: self.max_grpc_connections.max(1),
+                max_connections: self.max_grpc_connections.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
                 max_streams: self.grpc_max_streams.max(1),
-                max_reads: self.grpc_max_reads.max(1),
+                max_reads: self.grpc_max_reads.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
                 handshake_timeout: Duration::from_millis(self.grpc_handshake_timeout_ms.max(1)),
                 request_timeout: Some(Duration::from_millis(self.grpc_handshake_timeout_ms.max(1))),
                 idle_timeout: Duration::from_millis(self.grpc_idle_timeout_ms.max(1)),

@@ -135,6 +135,7 @@ pub async fn run(
         node: node.clone(),
         ws: cfg.ws.clone(),
         publish_window: cfg.publish_window,
+        publish_budget: Arc::new(Semaphore::new(cfg.publish_max_in_flight)),
         draining: CancellationToken::new(),
         stopping: CancellationToken::new(),
         ready: AtomicBool::new(false),
@@ -544,9 +545,10 @@ async fn candles_api(query: &str, shared: &Shared, caller: &Principal) -> Respon
         }
         Err(e @ tickshard_shard::Error::Refused { .. }) => api_error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e @ tickshard_shard::Error::Unavailable(_)) => api_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-        Err(tickshard_shard::Error::Fault(detail)) => {
-            tracing::error!(error = %detail, "candles read failed");
-            api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal error (logged)")
+        Err(e @ tickshard_shard::Error::Fault(_)) => {
+            // (its detail was logged where the fault became this error)
+            tracing::debug!(error = ?e, endpoint = "/api/candles", "a candles read failed");
+            api_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
         }
     }
 }

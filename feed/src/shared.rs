@@ -73,6 +73,9 @@ pub struct Shared {
     pub node: Arc<Node>,
     pub ws: WsLimits,
     pub publish_window: usize,
+    /// Publish requests of every client stream read and not yet answered to
+    /// their client (`--publish-max-in-flight`).
+    pub publish_budget: Arc<Semaphore>,
     /// Set at SIGTERM: not ready, no new WebSockets or subscriptions.
     pub(crate) draining: CancellationToken,
     /// Set once clients are closed: publish and peer streams stop taking work.

@@ -13,7 +13,7 @@ use std::{
     fmt::Display,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Instant,
 };
@@ -114,6 +114,77 @@ const MAX_INTERNED_IDS: usize = 1_024;
 /// already sent, to answer each `unavailable`.
 pub const DRAIN_READ: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How many requests a stream may hold unanswered (read, and not yet
+/// answered to its client): its own window, and for a client's stream one
+/// permit of the pod's budget each (`--publish-max-in-flight`), so that
+/// clients who never read their answers hold a bounded total across all
+/// their streams and connections, not streams × window. (A peer's stream
+/// takes none: it carries many clients' requests, and pods are trusted.)
+#[derive(Clone, Debug)]
+pub struct Window {
+    pub stream: usize,
+    pub pod: Option<Arc<Semaphore>>,
+}
+
+impl Window {
+    /// A window of `stream` requests, with no pod budget.
+    pub fn stream_only(stream: usize) -> Window {
+        Window { stream, pod: None }
+    }
+}
+
+/// A stream's unanswered requests: permits of its window and of the pod's
+/// budget, given back as answers go out; what the pod lent it and did not
+/// get back is returned whole when the stream is gone.
+struct InFlight {
+    stream: Semaphore,
+    pod: Option<Arc<Semaphore>>,
+    /// Pod permits this stream holds.
+    lent: AtomicUsize,
+}
+
+impl InFlight {
+    fn new(w: Window) -> InFlight {
+        InFlight {
+            stream: Semaphore::new(w.stream.clamp(1, Semaphore::MAX_PERMITS)),
+            pod: w.pod,
+            lent: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes one permit of the pod's budget (if this stream draws on one),
+    /// waiting while other streams hold it all.
+    async fn borrow(&self) {
+        if let Some(pod) = &self.pod
+            && let Ok(p) = pod.acquire().await
+        {
+            p.forget();
+            self.lent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One answer went out to the client.
+    fn answered(&self) {
+        self.stream.add_permits(1);
+        if let Some(pod) = &self.pod
+            && self
+                .lent
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            pod.add_permits(1);
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(pod) = &self.pod {
+            pod.add_permits(*self.lent.get_mut());
+        }
+    }
+}
+
 /// Who is publishing: a client (route to the owner) or a peer forwarding to us
 /// as the owner (never forward again; the client was checked where it
 /// published, and its publisher ids arrive scoped).
@@ -139,7 +210,7 @@ impl AckError {
 pub fn serve<S, E>(
     node: Arc<Node>,
     mut inbound: S,
-    window: usize,
+    window: Window,
     stop: CancellationToken,
     origin: Origin,
 ) -> impl Stream<Item = Result<Answer, Ended>> + Send + 'static
@@ -152,7 +223,8 @@ where
         Origin::Peer => AckTx::for_peer(),
     };
     let (rej_tx, rej_rx) = tokio::sync::mpsc::unbounded_channel::<Answer>();
-    let permits = Arc::new(Semaphore::new(window.max(1)));
+    let drain_reads = window.stream.max(1);
+    let permits = Arc::new(InFlight::new(window));
     let drained = Arc::new(AtomicBool::new(false));
     let expired = Arc::new(AtomicBool::new(false));
     let full = Arc::new(AtomicBool::new(false));
@@ -181,10 +253,13 @@ where
                         None => std::future::pending().await,
                     }
                 };
+                // (a client gone with its window full leaves nobody to
+                // give permits back: its answers' receiver is gone too)
                 let permit = tokio::select! {
                     _ = stop.cancelled() => break,
                     () = lapsed => { expired.store(true, Ordering::Relaxed); break }
-                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                    () = rej_tx.closed() => break,
+                    p = permits.stream.acquire() => match p { Ok(p) => p, Err(_) => break },
                 };
                 let lapsed = async {
                     match lapse {
@@ -207,6 +282,17 @@ where
                     }
                 };
                 permit.forget();
+                // (the pod's budget, taken with a request in hand, so an idle
+                // stream holds none of it)
+                tokio::select! {
+                    _ = stop.cancelled() => {
+                        let why = "server is draining: resend on another server".to_string();
+                        let _ = rej_tx.send(Answer::refused(r.request_id, &r.symbol, ErrorCode::Unavailable, why));
+                        break;
+                    }
+                    () = rej_tx.closed() => break,
+                    () = permits.borrow() => {}
+                }
                 let received = Instant::now();
                 let valid_id = match &origin {
                     Origin::Client(_) => validate_publisher_id(&r.publisher_id),
@@ -276,8 +362,14 @@ where
                 // Requests the client has already sent each get an answer
                 // (contract §7: `unavailable`, never silence), for a bounded
                 // time; the stream then ends with UNAVAILABLE.
+                // (at most a window's worth: what a client may have sent
+                // ahead, not what it can send in that time)
                 let until = tokio::time::Instant::now() + DRAIN_READ;
-                while let Ok(Some(Ok(r))) = tokio::time::timeout_at(until, inbound.next()).await {
+                let mut reads = 0;
+                while reads < drain_reads
+                    && let Ok(Some(Ok(r))) = tokio::time::timeout_at(until, inbound.next()).await
+                {
+                    reads += 1;
                     let why = "server is draining: resend on another server".to_string();
                     let _ = rej_tx.send(Answer::refused(r.request_id, &r.symbol, ErrorCode::Unavailable, why));
                 }
@@ -295,7 +387,7 @@ where
     let refusals = UnboundedReceiverStream::new(rej_rx);
     stream::select(acks, refusals)
         .map(move |a| {
-            permits.add_permits(1);
+            permits.answered();
             Ok(a)
         })
         .chain(
@@ -314,7 +406,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use futures_util::StreamExt;
+    use futures_util::{FutureExt, StreamExt};
     use rust_decimal::Decimal;
 
     use super::*;
@@ -352,7 +444,7 @@ mod tests {
         let answers: Vec<_> = serve(
             node.clone(),
             requests,
-            64,
+            Window::stream_only(64),
             CancellationToken::new(),
             Origin::Client(Caller::default()),
         )
@@ -373,6 +465,100 @@ mod tests {
             };
             assert!(refused, "every answer is unavailable");
         }
+        node.shutdown().await;
+    }
+
+    fn refused_request(i: u64) -> Result<Request, String> {
+        Ok(Request {
+            request_id: i,
+            symbol: "X".into(),
+            tick: Err(InputError::InvalidTick("bad price".into())),
+            publisher_id: "p".into(),
+            publisher_seq: i,
+        })
+    }
+
+    /// Runs the other tasks until `done` holds (bounded).
+    async fn until(mut done: impl FnMut() -> bool) {
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while !done() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("in time");
+    }
+
+    /// A client that never reads its answers holds at most the pod's budget
+    /// of them, whatever its streams' windows; other clients' streams wait
+    /// for it and go on when answers go out; and a stream that goes away
+    /// gives back what it held, even while it was waiting for more.
+    #[tokio::test]
+    async fn unread_answers_hold_at_most_the_pods_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = crate::node::test_node(dir.path(), 1, 100);
+        let pod = Arc::new(Semaphore::new(10));
+        let window = Window {
+            stream: 64,
+            pod: Some(pod.clone()),
+        };
+        let client = |reads: Arc<AtomicUsize>| {
+            let (tx, rx) = tokio::sync::mpsc::channel(1_000);
+            let inbound = tokio_stream::wrappers::ReceiverStream::new(rx).inspect(move |_| {
+                reads.fetch_add(1, Ordering::SeqCst);
+            });
+            let answers = serve(
+                node.clone(),
+                inbound,
+                window.clone(),
+                CancellationToken::new(),
+                Origin::Client(Caller::default()),
+            );
+            (tx, Box::pin(answers))
+        };
+        let a_reads = Arc::new(AtomicUsize::new(0));
+        let (a_tx, mut a) = client(a_reads.clone());
+        for i in 0..30 {
+            a_tx.send(refused_request(i)).await.expect("send");
+        }
+        // Ten answered (unread), the eleventh read and waiting for the budget.
+        until(|| a_reads.load(Ordering::SeqCst) == 11).await;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(a_reads.load(Ordering::SeqCst), 11, "reads stop at the budget");
+        assert_eq!(pod.available_permits(), 0);
+
+        let b_reads = Arc::new(AtomicUsize::new(0));
+        let (b_tx, mut b) = client(b_reads.clone());
+        b_tx.send(refused_request(100)).await.expect("send");
+        until(|| b_reads.load(Ordering::SeqCst) == 1).await;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            b.next().now_or_never().is_none(),
+            "the other stream waits for the budget"
+        );
+
+        // Three answers read: the budget goes to the waiters in turn (A's
+        // eleventh, B's one, A's twelfth).
+        for i in 0..3 {
+            let Some(Ok(Answer::Refused { request_id, code, .. })) = a.next().await else {
+                panic!("an answer");
+            };
+            assert_eq!((request_id, code), (i, ErrorCode::InvalidTick));
+        }
+        let Some(Ok(Answer::Refused { request_id, .. })) = b.next().await else {
+            panic!("B's answer");
+        };
+        assert_eq!(request_id, 100);
+
+        // A goes away unread: everything it held comes back.
+        drop(a);
+        drop(a_tx);
+        until(|| pod.available_permits() == 10).await;
+        drop((b, b_tx));
         node.shutdown().await;
     }
 }

@@ -314,7 +314,7 @@ impl ClusterApi for ClusterService {
         Ok(Response::new(publish_stream(
             self.node.clone(),
             req.into_inner(),
-            self.window,
+            publish::Window::stream_only(self.window),
             self.stopping.clone(),
             Origin::Peer,
         )))
@@ -586,7 +586,7 @@ pub type AckStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb
 pub fn publish_stream(
     node: Arc<Node>,
     inbound: tonic::Streaming<pb::PublishRequest>,
-    window: usize,
+    window: publish::Window,
     stop: CancellationToken,
     origin: publish::Origin,
 ) -> AckStream {

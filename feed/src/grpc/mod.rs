@@ -188,7 +188,10 @@ impl Feed for FeedService {
         Ok(Response::new(rpc::publish_stream(
             self.shared.node.clone(),
             req.into_inner(),
-            self.shared.publish_window,
+            tickshard_shard::publish::Window {
+                stream: self.shared.publish_window,
+                pod: Some(self.shared.publish_budget.clone()),
+            },
             self.shared.stopping().clone(),
             Origin::Client(caller.publisher()),
         )))
