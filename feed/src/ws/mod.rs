@@ -523,7 +523,6 @@ impl Connection {
             limiter: RateLimiter::direct(Quota::per_second(limits.max_client_rate).allow_burst(limits.client_burst)),
             flood: Flood::new(limits.max_client_rate.get().saturating_mul(10)),
             buffers: None,
-            out: Vec::new(),
         };
         // A fragmented message being assembled: (binary, bytes so far).
         let mut assembly: Option<(bool, Vec<u8>)> = None;
@@ -781,19 +780,22 @@ struct Reader<'a> {
     conn: &'a Connection,
     limiter: DefaultDirectRateLimiter,
     flood: Flood,
-    /// simd-json's scratch space, made on the first message.
+    /// simd-json's scratch space, made on the first message and kept while
+    /// messages are small (it grows to the largest one: dropped after a
+    /// message over [`KEEP_SCRATCH_UP_TO`], so one big message does not
+    /// cost an idle connection its size for good).
     buffers: Option<Buffers>,
-    out: Vec<u8>,
 }
+
+/// The largest message whose parse scratch a connection keeps.
+const KEEP_SCRATCH_UP_TO: usize = 4_096;
 
 impl Reader<'_> {
     fn send(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
-        let mut out = std::mem::take(&mut self.out);
-        out.clear();
+        let mut out = Vec::new();
         encode(&mut out);
         let w = out.len();
-        self.conn.outbox.control(Ctl::Text(out.clone()), w);
-        self.out = out;
+        self.conn.outbox.control(Ctl::Text(out), w);
     }
 
     fn error(&mut self, id: Option<&[u8]>, code: ErrorCode, message: &str) {
@@ -813,6 +815,15 @@ impl Reader<'_> {
 
     /// Handles one complete client message; false to end the connection.
     async fn message(&mut self, buf: &mut [u8], binary: bool) -> bool {
+        let big = buf.len() > KEEP_SCRATCH_UP_TO;
+        let go_on = self.handle(buf, binary).await;
+        if big {
+            self.buffers = None;
+        }
+        go_on
+    }
+
+    async fn handle(&mut self, buf: &mut [u8], binary: bool) -> bool {
         if self.flood.record() {
             self.error(None, ErrorCode::RateLimited, "closing: sustained flood of messages");
             self.conn.outbox.close(Close::Flood);

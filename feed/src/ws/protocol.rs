@@ -133,12 +133,23 @@ pub fn id_only(buf: &mut [u8], buffers: &mut Buffers) -> Option<Vec<u8>> {
     id_of(&v).ok().flatten()
 }
 
+/// The longest `id` (as JSON) a message may carry: it is echoed in every
+/// reply to the message, up to one per symbol, so it is bounded like any
+/// other input.
+pub const MAX_ID_BYTES: usize = 256;
+
 fn id_of(v: &BorrowedValue<'_>) -> Result<Option<Vec<u8>>, ProtoError> {
     match v.get("id") {
         None => Ok(None),
-        Some(raw) => id_json(raw)
-            .map(Some)
-            .ok_or_else(|| bad(&None, ErrorCode::BadJson, "\"id\" must be a number or a string")),
+        Some(raw) => match id_json(raw) {
+            Some(id) if id.len() <= MAX_ID_BYTES => Ok(Some(id)),
+            Some(_) => Err(bad(
+                &None,
+                ErrorCode::BadJson,
+                format!("\"id\" is over {MAX_ID_BYTES} bytes"),
+            )),
+            None => Err(bad(&None, ErrorCode::BadJson, "\"id\" must be a number or a string")),
+        },
     }
 }
 
@@ -364,6 +375,20 @@ mod tests {
         assert_eq!(resume.len(), 1);
         let unsub = r#"{"op":"unsubscribe","symbols":["A","B"]}"#;
         assert_eq!(limit(unsub, 1).unwrap_err().code, ErrorCode::TooManySubscriptions);
+    }
+
+    /// An id is echoed in every reply to its message (one per symbol when
+    /// an owner is down): past [`MAX_ID_BYTES`] the message is `bad_json`.
+    #[test]
+    fn an_id_is_bounded() {
+        let at = format!(r#"{{"op":"ping","id":"{}"}}"#, "x".repeat(MAX_ID_BYTES - 2));
+        assert_eq!(p(&at).unwrap().id.map(|i| i.len()), Some(MAX_ID_BYTES));
+        let over = format!(r#"{{"op":"ping","id":"{}"}}"#, "x".repeat(MAX_ID_BYTES - 1));
+        let e = p(&over).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadJson, None));
+        assert!(e.message.contains("over 256 bytes"), "{}", e.message);
+        let id = |s: &str| id_only(&mut s.as_bytes().to_vec(), &mut Buffers::default());
+        assert_eq!(id(&over), None, "nor echoed when rate limited");
     }
 
     #[test]

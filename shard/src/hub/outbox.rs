@@ -340,6 +340,15 @@ impl<C: Send + 'static> Outbox<C> {
         let mut st = self.lock();
         if !st.finished {
             self.enqueue(&mut st, Msg::Control(c, weight), weight);
+            // Replies and snapshots are never refused, but a client whose
+            // unsent data passes the limit on them is behind all the same:
+            // the slow-client clock starts (and its live data is conflated
+            // meanwhile), as when a tick finds the queue full.
+            if st.bytes > self.limit && st.stalled_since.is_none() && st.close.is_none() {
+                st.stalled_since = Some(Instant::now());
+                record_peak(st.peak);
+                metrics::counter!(crate::metrics::CONFLATIONS).increment(1);
+            }
         }
     }
 

@@ -157,6 +157,26 @@ async fn a_client_stalled_too_long_is_closed_with_1013() {
     );
 }
 
+/// Replies a client asks for but does not read are never refused, but they
+/// count: past the limit on them alone, the slow-client clock starts, its
+/// live ticks are conflated meanwhile, and it is closed with 1013 when the
+/// clock runs out (not only when a tick found the queue full).
+#[tokio::test]
+async fn replies_past_the_limit_start_the_slow_client_clock() {
+    let (_hub, h) = hub_with_head(0);
+    let o: Arc<Outbox<()>> = Arc::new(Outbox::new(1, 1_000, Duration::ZERO));
+    h.attach(o.clone(), Channel::Ticks);
+    h.activate(1, Channel::Ticks, false);
+    o.control((), 600);
+    assert!(o.stalled_for().is_none(), "within the limit");
+    o.control((), 600);
+    assert!(o.stalled_for().is_some(), "past the limit on replies alone");
+    h.publish(chunk(1..=1), &[], [None; 3]);
+    assert!(o.check_slow(), "closed when the clock runs out");
+    let mut q = VecDeque::new();
+    assert_eq!(o.take(&mut q).await, Some(Close::Slow));
+}
+
 /// A deferred publish queues to the outbox without waking its writer; the
 /// writer parked in `take` sees the data once `Wakes::wake_all` runs, and a
 /// control message queued behind the pending wake-up does not get lost.
