@@ -846,3 +846,43 @@ async fn candles_reads_share_the_read_limit_with_grpc_reads() {
     })
     .await;
 }
+
+/// A shard's symbol list past 4 MiB (tonic's default reply size: ~78k
+/// symbols of 32 characters, 54 bytes each; `--max-symbols` is 100,000) still reaches every other pod:
+/// such a reply was dropped, and with it the whole shard from `ListSymbols`
+/// on every other pod (contract §4: every symbol with ticks, on any shard).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_with_many_symbols_stays_in_every_list() {
+    const N: usize = 90_000;
+    let c = TestCluster::start(2, &[]);
+    c.wait_linked().await;
+    // 32-character symbols of shard 1, published on shard 1 itself
+    let own = Ownership::new(2, 0);
+    let symbols: Vec<String> = (0..)
+        .map(|i| format!("MANY-SYMBOLS-OF-ONE-SHARD-{i:06}"))
+        .filter(|s| own.owner(&Symbol::parse(s).unwrap()) == 1)
+        .take(N)
+        .collect();
+    let mut p = c.pods[1].publisher("many").await;
+    let acks = publish_all(
+        &mut p,
+        symbols
+            .iter()
+            .enumerate()
+            .map(|(i, s)| tick(s, T0 + i as i64, "1.5", "1")),
+    )
+    .await;
+    assert_eq!(acks.len(), N);
+    let mut feed = c.pods[0].feed().await.max_decoding_message_size(64 << 20);
+    let listed = tokio::time::timeout(WAIT, feed.list_symbols(pb::ListSymbolsRequest {}))
+        .await
+        .expect("in time")
+        .expect("ListSymbols")
+        .into_inner()
+        .symbols;
+    let of_shard_1 = listed.iter().filter(|s| s.owner_shard == 1).count();
+    assert_eq!(of_shard_1, N, "every symbol of shard 1, listed on pod 0");
+    let first = &symbols[0];
+    let info = listed.iter().find(|s| &s.symbol == first).expect("listed");
+    assert_eq!(info.seq, 1);
+}

@@ -36,6 +36,12 @@ const MIRROR_IDLE: Duration = Duration::from_secs(5);
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);
 /// Forwarded publishes queued in front of the link.
 const FORWARD_QUEUE: usize = 16_384;
+/// The largest reply of a peer's unary call this pod reads (tonic's default
+/// is 4 MiB): a shard's symbol list is ~66 bytes a symbol, so one holding
+/// `--max-symbols` (100,000) of them is ~6.6 MB; a reply past the default
+/// was dropped, and with it the whole shard from every cluster-wide list.
+/// Peers are trusted (contract §8): the bound is for sanity, not defence.
+pub const PEER_REPLY_BYTES: usize = 256 << 20;
 /// Reconnect back-off bounds (each wait is in the upper half of its step:
 /// 20–40 ms first, then at most 150–300 ms). The cap is low on purpose: a
 /// restarting owner is back within about a second in a rolling upgrade, and
@@ -332,7 +338,7 @@ impl Peer {
     fn client(&self) -> Result<ClusterClient<Channel>, PeerError> {
         let ch = self.channel.lock().unwrap_or_else(|p| p.into_inner()).clone();
         ch.filter(|_| self.is_up())
-            .map(ClusterClient::new)
+            .map(|ch| ClusterClient::new(ch).max_decoding_message_size(PEER_REPLY_BYTES))
             .ok_or(PeerError::Down(self.id))
     }
 
