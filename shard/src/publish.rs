@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     committer::{Ack, AckError, AckTx, PublishCmd},
     domain::{
-        ErrorCode, InputError, MAX_SYMBOL_LEN, Tick, scoped_publisher_id, validate_forwarded_publisher_id,
+        ErrorCode, InputError, MAX_SYMBOL_LEN, Symbol, Tick, scoped_publisher_id, validate_forwarded_publisher_id,
         validate_publisher_id,
     },
     metrics as m,
@@ -65,9 +65,13 @@ impl Answer {
         metrics::counter!(m::TICKS_REJECTED, "code" => code.as_str()).increment(1);
         Answer::Refused {
             request_id,
-            // Echoed for correlation, but never more than a symbol can be: a
-            // refused request may carry a megabyte in that field.
-            symbol: symbol.chars().take(MAX_SYMBOL_LEN).collect(),
+            // Echoed for correlation: upper-case like every symbol out
+            // (contract §1) where it is one, and never more than a symbol
+            // can be (a refused request may carry a megabyte in that field).
+            symbol: match Symbol::parse(symbol) {
+                Ok(s) => s.as_str().to_string(),
+                Err(_) => symbol.chars().take(MAX_SYMBOL_LEN).collect(),
+            },
             code,
             message,
         }
@@ -86,6 +90,10 @@ pub enum Ended {
     /// remembers ([`crate::committer::MAX_BROKEN_PAIRS`]): retryable on a
     /// new stream.
     Full,
+    /// The client's side failed (a message past the size limit, one that
+    /// does not decode): the stream ends with that error once what it took
+    /// is answered, never as if the client had ended it.
+    Inbound,
 }
 
 /// Whether a symbol is allowed.
@@ -228,6 +236,7 @@ where
     let drained = Arc::new(AtomicBool::new(false));
     let expired = Arc::new(AtomicBool::new(false));
     let full = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicBool::new(false));
     let lapse = match &origin {
         Origin::Client(c) => c.until,
         Origin::Peer => None,
@@ -237,6 +246,7 @@ where
         let drained = drained.clone();
         let expired = expired.clone();
         let full = full.clone();
+        let failed = failed.clone();
         let ack_tx = ack_tx.clone();
         let tasks = node.stream_tasks().clone();
         crate::tasks::spawn(&tasks, async move {
@@ -277,7 +287,8 @@ where
                     Some(Ok(r)) => r,
                     None => break,
                     Some(Err(e)) => {
-                        tracing::debug!(error = %e, "publish stream ended");
+                        tracing::debug!(error = %e, "publish stream failed");
+                        failed.store(true, Ordering::Relaxed);
                         break;
                     }
                 };
@@ -396,6 +407,8 @@ where
                     Some(Err(Ended::Expired))
                 } else if full.load(Ordering::Relaxed) {
                     Some(Err(Ended::Full))
+                } else if failed.load(Ordering::Relaxed) {
+                    Some(Err(Ended::Inbound))
                 } else {
                     drained.load(Ordering::Relaxed).then_some(Err(Ended::Drained))
                 }
@@ -466,6 +479,20 @@ mod tests {
             assert!(refused, "every answer is unavailable");
         }
         node.shutdown().await;
+    }
+
+    #[test]
+    fn a_refusal_echoes_the_symbol_upper_case_or_cut() {
+        let Answer::Refused { symbol, .. } = Answer::refused(1, "btc-usd", ErrorCode::InvalidTick, String::new())
+        else {
+            panic!()
+        };
+        assert_eq!(symbol, "BTC-USD");
+        let long = "b@d".repeat(100);
+        let Answer::Refused { symbol, .. } = Answer::refused(1, &long, ErrorCode::InvalidSymbol, String::new()) else {
+            panic!()
+        };
+        assert_eq!(symbol, long[..MAX_SYMBOL_LEN]);
     }
 
     fn refused_request(i: u64) -> Result<Request, String> {

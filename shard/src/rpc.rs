@@ -590,8 +590,23 @@ pub fn publish_stream(
     stop: CancellationToken,
     origin: publish::Origin,
 ) -> AckStream {
-    let requests = inbound.map(|r| r.map(publish_request_from_pb));
-    let answers = publish::serve(node, requests, window, stop, origin).map(|a| match a {
+    // (the client side's error, e.g. OUT_OF_RANGE for a message past the
+    // size limit, ends the stream once what it took is answered)
+    let inbound_error = Arc::new(std::sync::Mutex::new(None::<tonic::Status>));
+    let slot = inbound_error.clone();
+    let requests = inbound.map(move |r| {
+        r.map(publish_request_from_pb).map_err(|s| {
+            let shown = s.to_string();
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+            shown
+        })
+    });
+    let answers = publish::serve(node, requests, window, stop, origin).map(move |a| match a {
+        Err(publish::Ended::Inbound) => Err(inbound_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_else(|| tonic::Status::internal("the request stream failed"))),
         Ok(a) => Ok(answer_to_pb(a)),
         Err(publish::Ended::Drained) => Err(tonic::Status::unavailable(
             "server is draining: reconnect and resend unacked requests",

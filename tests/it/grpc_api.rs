@@ -329,4 +329,36 @@ async fn a_request_message_is_bounded_by_the_subscription_limit() {
         .expect_err("a request past the bound");
     assert_eq!(e.code(), tonic::Code::OutOfRange, "{e}");
     assert!(e.message().contains("192000"), "{e}");
+
+    // On a Publish stream, a message past the bound ends the stream with
+    // OUT_OF_RANGE once what came before it is acked (not with OK, as if
+    // the client had ended it).
+    let too_big = tick("BIG", 1_700_000_000_000_000, &"1".repeat(200_000), "1");
+    let reqs = vec![
+        crate::common::req(1, "p", 1, tick("BIG", 1_700_000_000_000_000, "1", "1")),
+        crate::common::req(2, "p", 2, too_big),
+    ];
+    let mut answers = srv
+        .feed()
+        .await
+        .publish(futures_util::stream::iter(reqs))
+        .await
+        .expect("publish")
+        .into_inner();
+    let first = answers.message().await.expect("an ack").expect("an ack");
+    assert_eq!((first.request_id, first.seq), (1, 1));
+    let e = answers.message().await.expect_err("the stream fails");
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e}");
+
+    // However high the flags, a request over 4 MiB is OUT_OF_RANGE (§5).
+    let srv = Server::start(&["--no-sim", "--max-subscriptions", "30000"]);
+    let symbols: Vec<String> = (0..30_000).map(|i| format!("{i:05}{}", "X".repeat(145))).collect();
+    let e = srv
+        .feed()
+        .await
+        .get_snapshot(pb::SnapshotRequest { symbols })
+        .await
+        .expect_err("a request past 4 MiB");
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e}");
+    assert!(e.message().contains("4194304"), "{e}");
 }

@@ -127,6 +127,10 @@ pub async fn set_serving(reporter: &HealthReporter, serving: bool) {
 /// [`FeedService::max_request_bytes`]).
 const REQUEST_BYTES_PER_SYMBOL: usize = 192;
 
+/// The contract's bound on a request message (§5: over 4 MiB is
+/// OUT_OF_RANGE), whatever the flags make of the one above.
+const MAX_REQUEST_BYTES: usize = 4 << 20;
+
 pub struct FeedService {
     shared: Arc<Shared>,
 }
@@ -134,7 +138,8 @@ pub struct FeedService {
 impl FeedService {
     /// The largest request message of the public API: a Subscribe naming
     /// `--max-subscriptions` symbols, each with a resume position (at most
-    /// ~110 bytes a symbol), or `--max-message-bytes` if more. tonic reads a
+    /// ~110 bytes a symbol), or `--max-message-bytes` if more, and never over
+    /// [`MAX_REQUEST_BYTES`]. tonic reads a
     /// message whole before its handler runs, so this bounds what a call
     /// holds before it is looked at (tonic's default is 4 MiB).
     pub(crate) fn max_request_bytes(&self) -> usize {
@@ -142,6 +147,7 @@ impl FeedService {
         ws.max_subscriptions
             .saturating_mul(REQUEST_BYTES_PER_SYMBOL)
             .max(ws.max_message_bytes)
+            .min(MAX_REQUEST_BYTES)
     }
 
     /// The caller of a request (contract §8): its `authorization: Bearer`
