@@ -227,10 +227,10 @@ impl<C: Send + 'static> Session<C> {
 
     /// Registers `reqs` with the node (see [`Node::prepare`]): send the
     /// reply for `results`, then [`Session::activate`]. A refusal
-    /// (`Err`) changes nothing: pairs the session already had stay. A
-    /// request supersedes a deferred one for the same pair. Requests in
-    /// `failed` (owner down) stay recorded; hand them to [`Session::retry`]
-    /// or end the session.
+    /// (`Err`) changes nothing: pairs the session already had stay, and so
+    /// do deferred ones, still retried. A registered request supersedes a
+    /// deferred one for the same pair. Requests in `failed` (owner down)
+    /// stay recorded; hand them to [`Session::retry`] or end the session.
     pub async fn prepare(&self, reqs: &[SubRequest]) -> Result<Prepared, Error> {
         let claims = Claims::take(&self.claims, reqs).await;
         let mut added = Vec::new();
@@ -240,9 +240,11 @@ impl<C: Send + 'static> Session<C> {
                 if pairs.active.insert((r.symbol, r.channel)) {
                     added.push((r.symbol, r.channel));
                 }
-                pairs.retrying.remove(&(r.symbol, r.channel));
             }
         }
+        // (a deferred pair's retry waits for the claims taken above, so it
+        // cannot register the pair meanwhile: it is superseded only once
+        // this registration went through)
         let mut prepared = self.register(reqs, claims).await;
         match &mut prepared {
             Err(_) => {
@@ -252,6 +254,12 @@ impl<C: Send + 'static> Session<C> {
                 }
             }
             Ok(p) => {
+                {
+                    let mut pairs = self.pairs();
+                    for r in reqs {
+                        pairs.retrying.remove(&(r.symbol, r.channel));
+                    }
+                }
                 let gone = leave_out(p, |pair| self.pairs().active.contains(&pair));
                 self.detach(gone);
             }
@@ -303,12 +311,15 @@ impl<C: Send + 'static> Session<C> {
     }
 
     /// Keeps retrying `failed` (with back-off, on `tracker`) until each is
-    /// registered, unsubscribed, superseded or the session ends. `ready` is
-    /// called with the results of each successful retry before they are
-    /// activated (to queue the protocol's reply).
+    /// registered, unsubscribed, superseded or the session ends, or the
+    /// owner refuses them. `ready` is told of each successful retry before
+    /// it is activated (to queue the protocol's reply), and of a refusal
+    /// (`symbol_limit` from the owner once it is back): the pairs still
+    /// retried are then dropped whole, as their subscribe would have been
+    /// refused whole had the owner been up (contract §4).
     pub fn retry<F>(self: &Arc<Self>, tracker: &TaskTracker, failed: Vec<(SubRequest, String)>, mut ready: F)
     where
-        F: FnMut(&Session<C>, &[SubResult]) + Send + 'static,
+        F: FnMut(&Session<C>, Retried<'_>) + Send + 'static,
     {
         let mut reqs: Vec<SubRequest> = Vec::with_capacity(failed.len());
         let me = {
@@ -350,8 +361,22 @@ impl<C: Send + 'static> Session<C> {
                 if reqs.is_empty() {
                     return;
                 }
-                let Ok(mut prepared) = session.register(&reqs, claims).await else {
-                    continue;
+                let mut prepared = match session.register(&reqs, claims).await {
+                    Ok(p) => p,
+                    Err(e @ Error::Refused { .. }) => {
+                        let mut pairs = session.pairs();
+                        reqs.retain(|r| mine(r, &pairs));
+                        for r in &reqs {
+                            pairs.retrying.remove(&(r.symbol, r.channel));
+                            pairs.active.remove(&(r.symbol, r.channel));
+                        }
+                        // (under the lock, like a success's reply)
+                        if !reqs.is_empty() {
+                            ready(&session, Retried::Refused(&reqs, &e));
+                        }
+                        return;
+                    }
+                    Err(_) => continue,
                 };
                 reqs = std::mem::take(&mut prepared.failed)
                     .into_iter()
@@ -369,7 +394,7 @@ impl<C: Send + 'static> Session<C> {
                         // either before, and the pair is left out, or after
                         // its reply)
                         if !prepared.results.is_empty() {
-                            ready(&session, &prepared.results);
+                            ready(&session, Retried::Subscribed(&prepared.results));
                         }
                     }
                     session.detach(gone);
@@ -405,6 +430,15 @@ impl<C: Send + 'static> Drop for Session<C> {
     fn drop(&mut self) {
         self.end();
     }
+}
+
+/// What became of a deferred subscription's retry (see [`Session::retry`]).
+pub enum Retried<'a> {
+    /// These pairs are registered, about to be activated.
+    Subscribed(&'a [SubResult]),
+    /// The owner refused these pairs (their registration changed nothing);
+    /// the session no longer holds them.
+    Refused(&'a [SubRequest], &'a Error),
 }
 
 /// Ends its session when dropped, even while tasks (a retry, an activation)
@@ -735,6 +769,92 @@ mod tests {
             );
             s.end();
         }
+        node.shutdown().await;
+    }
+
+    /// `n` new symbols shard 0 (of 2) owns.
+    fn local_symbols(n: usize) -> Vec<Symbol> {
+        let own = crate::ownership::Ownership::new(2, 0);
+        (0..)
+            .map(|i| sym(&format!("L{i}")))
+            .filter(|s| own.is_local(s))
+            .take(n)
+            .collect()
+    }
+
+    /// A subscribe refused whole (`symbol_limit`) that names a deferred
+    /// pair leaves it deferred and still retried: the refusal changes
+    /// nothing (it used to take the pair from its retry, which then let it
+    /// go: subscribed on paper, never attached, never retried).
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_subscribe_leaves_a_deferred_pair_retried() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = node(dir.path(), 2, 3);
+        let remote = remote_symbols(2, 1);
+        let s = session(&node);
+        let deferred = requests(&remote, &[Channel::Ticks], &HashMap::new());
+        let mut prepared = s.prepare(&deferred).await.expect("deferred, not refused");
+        let failed = std::mem::take(&mut prepared.failed);
+        drop(prepared);
+        let tracker = TaskTracker::new();
+        s.retry(&tracker, failed, |_, _| {});
+        tracker.close();
+        let pair = (remote[0], Channel::Ticks);
+        let retry = s.pairs().retrying.get(&pair).copied();
+        assert!(retry.is_some());
+
+        let mut both = remote.clone();
+        both.extend(local_symbols(4));
+        let refused = s.prepare(&requests(&both, &[Channel::Ticks], &HashMap::new())).await;
+        let Err(e) = refused else {
+            panic!("four new symbols past --max-symbols 3")
+        };
+        assert_eq!(e.code(), crate::domain::ErrorCode::SymbolLimit);
+        assert_eq!(s.pairs().retrying.get(&pair).copied(), retry, "still deferred");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!tracker.is_empty(), "and still retried");
+        assert_eq!(s.symbols(), remote);
+        s.end();
+        tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+            .await
+            .expect("the retry task ends");
+        node.shutdown().await;
+    }
+
+    /// A retry the owner refuses (`symbol_limit` once it is back) drops its
+    /// pairs whole and says so, once; it used to retry them for the
+    /// session's life, and the client was never told.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_retry_drops_its_pairs_and_says_so() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = node(dir.path(), 2, 3);
+        let s = session(&node);
+        let reqs = requests(&local_symbols(4), &[Channel::Ticks], &HashMap::new());
+        // (as a subscribe deferred while the owner was down records them)
+        s.pairs().active.extend(reqs.iter().map(|r| (r.symbol, r.channel)));
+        let failed = reqs.iter().map(|r| (*r, "down".to_string())).collect();
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let seen = told.clone();
+        let tracker = TaskTracker::new();
+        s.retry(&tracker, failed, move |_, retried| {
+            let Retried::Refused(reqs, e) = retried else {
+                panic!("refused")
+            };
+            seen.lock().expect("lock").push((reqs.len(), e.code()));
+        });
+        tracker.close();
+        // (the committer answers in real time, and a paused clock's timeout
+        // would run out while it does: bounded in real time instead)
+        let real = std::time::Instant::now();
+        while !tracker.is_empty() {
+            assert!(real.elapsed() < Duration::from_secs(20), "the retry task ends");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            *told.lock().expect("lock"),
+            vec![(4, crate::domain::ErrorCode::SymbolLimit)]
+        );
+        assert_eq!(s.count_after(&[]), 0, "the session no longer holds them");
         node.shutdown().await;
     }
 

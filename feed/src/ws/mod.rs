@@ -1012,9 +1012,33 @@ impl Reader<'_> {
         let id = id.map(<[u8]>::to_vec);
         self.conn
             .session
-            .retry(&self.conn.shared.tracker, failed, move |session, results| {
+            .retry(&self.conn.shared.tracker, failed, move |session, retried| {
                 let mut out = Vec::new();
-                json::subscribed(&mut out, id.as_deref(), &SubResult::per_symbol(results));
+                match retried {
+                    session::Retried::Subscribed(results) => {
+                        json::subscribed(&mut out, id.as_deref(), &SubResult::per_symbol(results));
+                    }
+                    session::Retried::Refused(reqs, e) => {
+                        // (the same code the subscribe would have had, the
+                        // symbols named: they are no longer being retried)
+                        let mut symbols: Vec<&str> = reqs.iter().map(|r| r.symbol.as_str()).collect();
+                        symbols.dedup();
+                        let shown = symbols.iter().take(10).copied().collect::<Vec<_>>().join(", ");
+                        let more = symbols.len().saturating_sub(10);
+                        let more = if more > 0 {
+                            format!(" and {more} more")
+                        } else {
+                            String::new()
+                        };
+                        metrics::counter!(m::CLIENT_ERRORS, "code" => e.code().as_str()).increment(1);
+                        json::error(
+                            &mut out,
+                            id.as_deref(),
+                            e.code().as_str(),
+                            &format!("the deferred subscription of {shown}{more} was refused: {e}"),
+                        );
+                    }
+                }
                 let w = out.len();
                 session.outbox().control(Ctl::Text(out), w);
             });
