@@ -927,6 +927,15 @@ impl Worker {
 
     /// Applies one publish and queues its ack.
     fn apply_one(&mut self, p: PublishCmd, round: &mut Round, now: i64) {
+        if p.is_behind_a_hole() {
+            // An earlier request of its pair was refused after this one was
+            // read (both parked by a hold or a sealed rebalance, the earlier
+            // one expired first): never accepted past the hole (contract §5).
+            p.unavailable(
+                "an earlier request of this publisher_id and symbol was refused; resend from it on a new stream".into(),
+            );
+            return;
+        }
         let result = self.apply_publish(&p, now, &mut round.touched, &mut round.counts);
         round.acks.push(Pending {
             publisher: p.publisher,

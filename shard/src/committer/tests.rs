@@ -755,3 +755,69 @@ async fn many_rarely_touched_symbols_keep_the_log_within_its_span() {
     let r = start(dir.path());
     assert_eq!(heads(&r.hub), before, "recovered as acked");
 }
+
+/// Two requests of one pair parked while a rebalance is sealed (a new
+/// symbol the target gives another shard): the earlier one expires and is
+/// refused, the rebalance is rolled back, and the later one must not be
+/// stored past the hole (contract §5) — its publisher's resend of the
+/// earlier one would be acked `duplicate` and that tick lost.
+#[tokio::test]
+async fn a_parked_request_behind_a_refused_one_is_refused_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = start(dir.path());
+    let sealed = crate::placement::ClusterState {
+        version: 1,
+        committed: 1,
+        target: Some(2),
+    };
+    r.committer.set_state(sealed, true).await.unwrap();
+    let own = crate::ownership::Ownership::new(2, 0);
+    let sym = (0..)
+        .map(|i| format!("NEW{i}"))
+        .find(|s| own.owner(&Symbol::parse(s).unwrap()) == 1)
+        .unwrap();
+    let (reply, mut rx) = AckTx::new();
+    let id: Arc<str> = Arc::from("p");
+    let long_ago = Instant::now() - std::time::Duration::from_secs(5);
+    for (pseq, received) in [(1, long_ago), (2, Instant::now())] {
+        r.committer
+            .publish(PublishCmd {
+                tick: tick(&sym, T0 + pseq as i64, 100),
+                publisher: Some((id.clone(), pseq)),
+                request_id: pseq,
+                reply: reply.clone(),
+                received,
+            })
+            .await
+            .unwrap();
+    }
+    // Both parked (the committer then asks for expiries), then expired.
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while !r.committer.holding.load(std::sync::atomic::Ordering::Relaxed) {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("parked");
+    r.committer.expire_holds();
+    let rolled_back = crate::placement::ClusterState {
+        version: 2,
+        committed: 1,
+        target: None,
+    };
+    r.committer.set_state(rolled_back, false).await.unwrap();
+    let mut acks = Vec::new();
+    while acks.len() < 2 {
+        acks.extend(rx.recv().await.unwrap());
+    }
+    acks.sort_by_key(|a| a.request_id);
+    for a in &acks {
+        assert!(
+            matches!(a.result, Err(AckError::Unavailable(_))),
+            "request {} must be refused: {:?}",
+            a.request_id,
+            a.result
+        );
+    }
+    r.committer.stop().await;
+}
