@@ -168,7 +168,7 @@ pub fn ws_frames(data: &[u8]) {
         let on_boundary = reference.iter().any(|f| f.end == at);
         assert_eq!(t.at_boundary(), on_boundary.then_some(done), "after {at} bytes");
         if reference.iter().any(|f| f.end <= at && !f.masked) {
-            assert!(t.saw_unmasked());
+            assert!(t.saw_violation());
         }
     }
 

@@ -285,6 +285,12 @@ async fn websocket_protocol_violations_close_with_1002_or_1007() {
         ("ping over 125 bytes", raw_frame(0x89, &[b'p'; 126], true), 1002),
         ("fragmented ping", raw_frame(0x09, b"p", true), 1002),
         ("pong over 125 bytes", raw_frame(0x8a, &[b'p'; 126], true), 1002),
+        // (past --max-message-bytes too: a protocol error, not 1009)
+        (
+            "pong declaring 100,000 bytes",
+            [&[0x8a, 0xff][..], &100_000u64.to_be_bytes(), &[1, 2, 3, 4]].concat(),
+            1002,
+        ),
         ("RSV1 set", raw_frame(0xc1, br#"{"op":"ping"}"#, true), 1002),
         ("unknown opcode 3", raw_frame(0x83, b"x", true), 1002),
         ("unmasked frame", raw_frame(0x81, br#"{"op":"ping"}"#, false), 1002),

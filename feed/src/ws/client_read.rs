@@ -90,9 +90,12 @@ pub struct FrameTracker {
     payload_left: Option<u64>,
     /// Frames whose last byte has been seen.
     completed: u64,
-    /// A frame header without the mask bit was seen: a client must mask
-    /// every frame (RFC 6455 §5.1), so the connection is failed with 1002.
-    unmasked: bool,
+    /// A frame header without the mask bit was seen (a client must mask
+    /// every frame, RFC 6455 §5.1), or a control frame declaring more than
+    /// 125 bytes (§5.5): the connection is failed with 1002. (The second is
+    /// seen here because fastwebsockets checks the message size limit
+    /// first, and would answer 1009 for a control frame past it.)
+    violation: bool,
 }
 
 impl FrameTracker {
@@ -136,8 +139,10 @@ impl FrameTracker {
                     self.head[self.head_len..self.head_len + n].copy_from_slice(&bytes[..n]);
                     self.head_len += n;
                     bytes = &bytes[n..];
-                    if self.head_len >= 2 && self.head[1] & 0x80 == 0 {
-                        self.unmasked = true;
+                    if self.head_len >= 2
+                        && (self.head[1] & 0x80 == 0 || (self.head[0] & 0x08 != 0 && self.head[1] & 0x7f > 125))
+                    {
+                        self.violation = true;
                     }
                     // The first two bytes may have made the header longer.
                     if self.head_len == need && self.head_needed() == need {
@@ -153,9 +158,10 @@ impl FrameTracker {
         }
     }
 
-    /// True once a frame without the mask bit was seen.
-    pub fn saw_unmasked(&self) -> bool {
-        self.unmasked
+    /// True once a frame without the mask bit, or a control frame over 125
+    /// bytes, was seen.
+    pub fn saw_violation(&self) -> bool {
+        self.violation
     }
 
     /// `Some(frames completed)` when the bytes seen end exactly after a frame.
@@ -165,14 +171,14 @@ impl FrameTracker {
 }
 
 /// The error [`Tracked`] reads fail with once the client sent an unmasked
-/// frame (the reader never sees that frame).
+/// frame or an oversized control frame (the reader never sees that frame).
 #[derive(Debug, thiserror::Error)]
-#[error("the client sent an unmasked frame")]
-pub struct UnmaskedFrame;
+#[error("the client sent an unmasked frame or a control frame over 125 bytes")]
+pub struct FramingViolation;
 
-/// True if a read failed because the client sent an unmasked frame.
-pub fn is_unmasked(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.is::<UnmaskedFrame>())
+/// True if a read failed on a [`FramingViolation`].
+pub fn is_framing_violation(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<FramingViolation>())
 }
 
 /// Published by [`Tracked`] after every read: the frames completed if the
@@ -217,8 +223,8 @@ impl<R: AsyncRead + Unpin> AsyncRead for Tracked<'_, R> {
             let b = this.frames.at_boundary().unwrap_or(MID_FRAME);
             this.boundary.store(b, Ordering::Relaxed);
         }
-        if this.frames.saw_unmasked() {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, UnmaskedFrame)));
+        if this.frames.saw_violation() {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, FramingViolation)));
         }
         r
     }
@@ -274,10 +280,17 @@ mod tests {
         }
         let mut t = FrameTracker::default();
         t.feed(&frame(10, Some([1, 2, 3, 4])));
-        assert!(!t.saw_unmasked());
+        assert!(!t.saw_violation());
         t.feed(&frame(10, None));
         assert_eq!(t.at_boundary(), Some(2), "unmasked");
-        assert!(t.saw_unmasked());
+        assert!(t.saw_violation());
+        // a control frame over 125 bytes, seen from its first two bytes
+        let mut t = FrameTracker::default();
+        t.feed(&[0x89, 0x80 | 125]);
+        assert!(!t.saw_violation(), "a ping of 125 bytes");
+        let mut t = FrameTracker::default();
+        t.feed(&[0x8a, 0x80 | 126]);
+        assert!(t.saw_violation(), "a pong of more");
     }
 
     proptest! {

@@ -721,7 +721,7 @@ pub(crate) fn violation(e: &WebSocketError) -> Option<Close> {
         | WebSocketError::InvalidContinuationFrame
         | WebSocketError::InvalidCloseFrame
         | WebSocketError::InvalidCloseCode => Some(Close::Protocol),
-        WebSocketError::IoError(io) if client_read::is_unmasked(io) => Some(Close::Protocol),
+        WebSocketError::IoError(io) if client_read::is_framing_violation(io) => Some(Close::Protocol),
         _ => None,
     }
 }
