@@ -231,7 +231,6 @@ where
         Origin::Peer => AckTx::for_peer(),
     };
     let (rej_tx, rej_rx) = tokio::sync::mpsc::unbounded_channel::<Answer>();
-    let drain_reads = window.stream.max(1);
     let permits = Arc::new(InFlight::new(window));
     let drained = Arc::new(AtomicBool::new(false));
     let expired = Arc::new(AtomicBool::new(false));
@@ -373,14 +372,8 @@ where
                 // Requests the client has already sent each get an answer
                 // (contract §7: `unavailable`, never silence), for a bounded
                 // time; the stream then ends with UNAVAILABLE.
-                // (at most a window's worth: what a client may have sent
-                // ahead, not what it can send in that time)
                 let until = tokio::time::Instant::now() + DRAIN_READ;
-                let mut reads = 0;
-                while reads < drain_reads
-                    && let Ok(Some(Ok(r))) = tokio::time::timeout_at(until, inbound.next()).await
-                {
-                    reads += 1;
+                while let Ok(Some(Ok(r))) = tokio::time::timeout_at(until, inbound.next()).await {
                     let why = "server is draining: resend on another server".to_string();
                     let _ = rej_tx.send(Answer::refused(r.request_id, &r.symbol, ErrorCode::Unavailable, why));
                 }

@@ -221,26 +221,42 @@ async fn a_sustained_flood_is_closed_with_1008() {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     let mut every = tokio::time::interval(std::time::Duration::from_millis(10)); // 100 msg/s
     let mut limited = 0;
-    let code = loop {
+    let mut flood_error = None;
+    let mut note = |t: String, limited: &mut i32| {
+        if t.contains("sustained flood") {
+            flood_error = Some(t);
+        } else if t.contains("rate_limited") {
+            *limited += 1;
+        }
+    };
+    let mut sent_to_the_close = false;
+    for n in 0.. {
         assert!(tokio::time::Instant::now() < deadline, "not closed for flooding");
         every.tick().await;
-        if c.send_text(r#"{"op":"ping"}"#).await.is_err() {
-            break recv_close(&mut c).await;
+        if c.send_text(&format!(r#"{{"op":"ping","id":{n}}}"#)).await.is_err() {
+            sent_to_the_close = true;
         }
         // drain replies without blocking the flood
-        while let Ok(Ok(m)) = tokio::time::timeout(std::time::Duration::ZERO, c.recv()).await {
+        let wait = if sent_to_the_close {
+            WAIT
+        } else {
+            std::time::Duration::ZERO
+        };
+        while let Ok(Ok(m)) = tokio::time::timeout(wait, c.recv()).await {
             match m {
                 Incoming::Close { code, .. } => {
                     assert!(limited > 0);
                     assert_eq!(code, 1008);
+                    // the closing error echoes its message's id (§4: rate_limited too)
+                    let e = flood_error.expect("the closing error came first");
+                    assert!(e.contains(r#""code":"rate_limited""#) && e.contains(r#""id":"#), "{e}");
                     return;
                 }
-                Incoming::Text(t) if t.contains("rate_limited") => limited += 1,
-                Incoming::Text(_) => {}
+                Incoming::Text(t) => note(t, &mut limited),
             }
         }
-    };
-    assert_eq!(code, 1008);
+        assert!(!sent_to_the_close, "a close frame after the send failed");
+    }
 }
 
 #[tokio::test]

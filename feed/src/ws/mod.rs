@@ -825,7 +825,17 @@ impl Reader<'_> {
 
     async fn handle(&mut self, buf: &mut [u8], binary: bool) -> bool {
         if self.flood.record() {
-            self.error(None, ErrorCode::RateLimited, "closing: sustained flood of messages");
+            // (answered with its id too, contract §4)
+            let id = if binary {
+                None
+            } else {
+                protocol::id_only(buf, self.buffers.get_or_insert_with(Buffers::default))
+            };
+            self.error(
+                id.as_deref(),
+                ErrorCode::RateLimited,
+                "closing: sustained flood of messages",
+            );
             self.conn.outbox.close(Close::Flood);
             return false;
         }
