@@ -907,13 +907,17 @@ impl Reader<'_> {
                 resume,
             } => {
                 // refused whole if it names a symbol the caller may not read
-                if let Err(Denied::Forbidden(why)) = caller
+                match caller
                     .check_read(symbols.iter().map(|s| s.as_str()))
                     .map_err(|d| d.counted("ws"))
                 {
-                    self.error(id, ErrorCode::Forbidden, &why);
-                } else {
-                    self.subscribe(id, symbols, channels, resume).await;
+                    Ok(()) => self.subscribe(id, symbols, channels, resume).await,
+                    Err(Denied::Forbidden(why)) => self.error(id, ErrorCode::Forbidden, &why),
+                    // (not reached: a caller that may not read was answered
+                    // above; kept explicit so that no change lets it through)
+                    Err(Denied::Unauthorized) => {
+                        self.error(id, ErrorCode::Unauthorized, "a token is required to subscribe");
+                    }
                 }
             }
         }
