@@ -136,6 +136,7 @@ pub async fn run(
         ws: cfg.ws.clone(),
         publish_window: cfg.publish_window,
         publish_budget: Arc::new(Semaphore::new(cfg.publish_max_in_flight)),
+        publish_max_in_flight: cfg.publish_max_in_flight,
         draining: CancellationToken::new(),
         stopping: CancellationToken::new(),
         ready: AtomicBool::new(false),
@@ -326,6 +327,9 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) -
             }
         }
         "/metrics" => {
+            // (read off the budget when scraped, not kept per request)
+            let free = shared.publish_budget.available_permits();
+            metrics::gauge!(m::PUBLISH_IN_FLIGHT).set(shared.publish_max_in_flight.saturating_sub(free) as f64);
             let mut text = shared.metrics.render();
             m::PUBLISH_LATENCY_HISTOGRAM.render(
                 m::PUBLISH_LATENCY,

@@ -76,6 +76,7 @@ pub struct Shared {
     /// Publish requests of every client stream read and not yet answered to
     /// their client (`--publish-max-in-flight`).
     pub publish_budget: Arc<Semaphore>,
+    pub publish_max_in_flight: usize,
     /// Set at SIGTERM: not ready, no new WebSockets or subscriptions.
     pub(crate) draining: CancellationToken,
     /// Set once clients are closed: publish and peer streams stop taking work.

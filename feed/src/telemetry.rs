@@ -79,6 +79,14 @@ fn describe() {
     describe_counter!(m::CONFLATIONS, "Times a client fell behind and its data was conflated.");
     describe_counter!(m::SLOW_CLIENT_CLOSES, "Clients closed with 1013 for staying behind.");
     describe_gauge!(
+        m::PUBLISH_IN_FLIGHT,
+        "Client publish requests read and not yet answered to their client (of --publish-max-in-flight)."
+    );
+    describe_counter!(
+        m::SLOW_PUBLISHERS,
+        "gRPC connections closed because a publisher holding some of --publish-max-in-flight stopped reading its acks."
+    );
+    describe_gauge!(
         m::CLIENT_QUEUE_PEAK,
         metrics::Unit::Bytes,
         "Highest unsent bytes one client reached."

@@ -72,6 +72,12 @@ pub const WS_DIRECT_WRITES: &str = "tickshard_ws_direct_writes_total";
 pub const CONFLATIONS: &str = "tickshard_conflations_total";
 /// Counter: clients closed with 1013 for staying behind.
 pub const SLOW_CLIENT_CLOSES: &str = "tickshard_slow_client_closes_total";
+/// Gauge: client publish requests read and not yet answered to their
+/// client, of `--publish-max-in-flight` (read when scraped).
+pub const PUBLISH_IN_FLIGHT: &str = "tickshard_publish_in_flight";
+/// Counter: gRPC connections closed because a publisher holding some of
+/// `--publish-max-in-flight` stopped reading its acks.
+pub const SLOW_PUBLISHERS: &str = "tickshard_slow_publisher_closes_total";
 /// Gauge: the highest unsent bytes any one client reached (memory bound check).
 pub const CLIENT_QUEUE_PEAK: &str = "tickshard_client_queue_peak_bytes";
 /// Counter, label `code`: errors sent to WebSocket clients.

@@ -13,7 +13,7 @@ use std::{
     fmt::Display,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Instant,
 };
@@ -131,7 +131,7 @@ pub const DRAIN_READ: std::time::Duration = std::time::Duration::from_secs(1);
 #[derive(Clone, Debug)]
 pub struct Window {
     pub stream: usize,
-    pub pod: Option<Arc<Semaphore>>,
+    pub pod: Option<PodBudget>,
 }
 
 impl Window {
@@ -141,30 +141,77 @@ impl Window {
     }
 }
 
+/// The pod's budget of unanswered client requests, and what is done to a
+/// client that holds some of it and stops reading its answers: whoever
+/// else waits for the budget must not wait on it for good, so once it has
+/// not taken an answer for `slow_reader` (`--slow-client-ms`), its
+/// connection is closed (`close_connection`) and what it held comes back.
+#[derive(Clone, Debug)]
+pub struct PodBudget {
+    pub permits: Arc<Semaphore>,
+    pub slow_reader: std::time::Duration,
+    pub close_connection: CancellationToken,
+}
+
+/// How often a waiting stream checks whether its own client stopped
+/// reading (see [`PodBudget`]).
+const READER_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// A stream's unanswered requests: permits of its window and of the pod's
 /// budget, given back as answers go out; what the pod lent it and did not
 /// get back is returned whole when the stream is gone.
 struct InFlight {
     stream: Semaphore,
-    pod: Option<Arc<Semaphore>>,
+    pod: Option<PodBudget>,
     /// Pod permits this stream holds.
     lent: AtomicUsize,
+    /// Answers made: acks sent by whoever acks (the committer, a peer
+    /// link) and refusals made by the stream itself.
+    acked: Arc<AtomicU64>,
+    refused: AtomicU64,
+    /// Answers the protocol took for its client so far.
+    handed: AtomicU64,
 }
 
 impl InFlight {
-    fn new(w: Window) -> InFlight {
+    fn new(w: Window, acked: Arc<AtomicU64>) -> InFlight {
         InFlight {
             stream: Semaphore::new(w.stream.clamp(1, Semaphore::MAX_PERMITS)),
             pod: w.pod,
             lent: AtomicUsize::new(0),
+            acked,
+            refused: AtomicU64::new(0),
+            handed: AtomicU64::new(0),
         }
     }
 
-    /// Takes one permit of the pod's budget (if this stream draws on one),
-    /// waiting while other streams hold it all.
+    /// Answers made and not yet taken by the protocol: while some wait
+    /// and none is taken, its client is not reading them (HTTP/2 flow
+    /// control: the answers pile up here).
+    fn waiting(&self) -> u64 {
+        let made = self.acked.load(Ordering::Relaxed) + self.refused.load(Ordering::Relaxed);
+        made.saturating_sub(self.handed.load(Ordering::Relaxed))
+    }
+
+    /// Takes one permit of the pod's budget at once, if there is one (or
+    /// this stream draws on none).
+    fn try_borrow(&self) -> bool {
+        let Some(pod) = &self.pod else { return true };
+        match pod.permits.try_acquire() {
+            Ok(p) => {
+                p.forget();
+                self.lent.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Takes one permit of the pod's budget, waiting while other streams
+    /// hold it all.
     async fn borrow(&self) {
         if let Some(pod) = &self.pod
-            && let Ok(p) = pod.acquire().await
+            && let Ok(p) = pod.permits.acquire().await
         {
             p.forget();
             self.lent.fetch_add(1, Ordering::Relaxed);
@@ -173,6 +220,7 @@ impl InFlight {
 
     /// One answer went out to the client.
     fn answered(&self) {
+        self.handed.fetch_add(1, Ordering::Relaxed);
         self.stream.add_permits(1);
         if let Some(pod) = &self.pod
             && self
@@ -180,7 +228,7 @@ impl InFlight {
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
                 .is_ok()
         {
-            pod.add_permits(1);
+            pod.permits.add_permits(1);
         }
     }
 }
@@ -188,8 +236,77 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(pod) = &self.pod {
-            pod.add_permits(*self.lent.get_mut());
+            pod.permits.add_permits(*self.lent.get_mut());
         }
+    }
+}
+
+/// Watches whether a stream's client stopped reading its answers while
+/// the stream holds some of the pod's budget (see [`PodBudget`]): ticks
+/// only for a stream that draws on the budget.
+struct ReaderWatch {
+    tick: Option<tokio::time::Interval>,
+    /// Since when, and at which answer, the client has not taken the next.
+    stuck: Option<(tokio::time::Instant, u64)>,
+}
+
+impl ReaderWatch {
+    fn new(flow: &InFlight) -> ReaderWatch {
+        let tick = flow.pod.as_ref().map(|_| {
+            let mut t = tokio::time::interval(READER_CHECK);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
+        ReaderWatch { tick, stuck: None }
+    }
+
+    /// The next check (never, without a pod budget).
+    async fn next(&mut self) {
+        match &mut self.tick {
+            Some(t) => {
+                t.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Whether the client holds some of the budget, has answers waiting,
+    /// and has taken none for its `slow_reader` time; if so its connection
+    /// is closed.
+    fn stalled(&mut self, flow: &InFlight) -> bool {
+        let Some(pod) = &flow.pod else { return false };
+        if flow.lent.load(Ordering::Relaxed) == 0 || flow.waiting() == 0 {
+            self.stuck = None;
+            return false;
+        }
+        let handed = flow.handed.load(Ordering::Relaxed);
+        match self.stuck {
+            Some((since, at)) if at == handed => {
+                if since.elapsed() < pod.slow_reader {
+                    return false;
+                }
+                metrics::counter!(m::SLOW_PUBLISHERS).increment(1);
+                tracing::warn!(
+                    held = flow.lent.load(Ordering::Relaxed),
+                    slow_ms = pod.slow_reader.as_millis() as u64,
+                    "closing a gRPC connection whose client stopped reading its publish acks"
+                );
+                pod.close_connection.cancel();
+                true
+            }
+            _ => {
+                self.stuck = Some((tokio::time::Instant::now(), handed));
+                false
+            }
+        }
+    }
+}
+
+/// Resolves when the caller's credentials lapse (never without a lapse).
+async fn lapsed(lapse: Option<tokio::time::Instant>) {
+    match lapse {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -231,7 +348,7 @@ where
         Origin::Peer => AckTx::for_peer(),
     };
     let (rej_tx, rej_rx) = tokio::sync::mpsc::unbounded_channel::<Answer>();
-    let permits = Arc::new(InFlight::new(window));
+    let permits = Arc::new(InFlight::new(window, ack_tx.sent()));
     let drained = Arc::new(AtomicBool::new(false));
     let expired = Arc::new(AtomicBool::new(false));
     let full = Arc::new(AtomicBool::new(false));
@@ -250,37 +367,38 @@ where
         let tasks = node.stream_tasks().clone();
         crate::tasks::spawn(&tasks, async move {
             let mut publishers: HashMap<String, Arc<str>> = HashMap::new();
-            loop {
+            // (every wait below also checks, now and then, whether this
+            // stream's client stopped reading while it holds pod budget)
+            let mut watch = ReaderWatch::new(&permits);
+            let refuse = |a: Answer| {
+                permits.refused.fetch_add(1, Ordering::Relaxed);
+                let _ = rej_tx.send(a);
+            };
+            'serve: loop {
                 if ack_tx.is_full() {
                     full.store(true, Ordering::Relaxed);
                     break;
                 }
                 // Bound the requests in flight: wait for acks past the window.
-                let lapsed = async {
-                    match lapse {
-                        Some(t) => tokio::time::sleep_until(t).await,
-                        None => std::future::pending().await,
-                    }
-                };
                 // (a client gone with its window full leaves nobody to
                 // give permits back: its answers' receiver is gone too)
-                let permit = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    () = lapsed => { expired.store(true, Ordering::Relaxed); break }
-                    () = rej_tx.closed() => break,
-                    p = permits.stream.acquire() => match p { Ok(p) => p, Err(_) => break },
-                };
-                let lapsed = async {
-                    match lapse {
-                        Some(t) => tokio::time::sleep_until(t).await,
-                        None => std::future::pending().await,
+                let permit = loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break 'serve,
+                        () = lapsed(lapse) => { expired.store(true, Ordering::Relaxed); break 'serve }
+                        () = rej_tx.closed() => break 'serve,
+                        () = watch.next() => if watch.stalled(&permits) { break 'serve },
+                        p = permits.stream.acquire() => match p { Ok(p) => break p, Err(_) => break 'serve },
                     }
                 };
                 // `next` is cancel-safe: a message is never lost.
-                let msg = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    () = lapsed => { expired.store(true, Ordering::Relaxed); break }
-                    m = inbound.next() => m,
+                let msg = loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break 'serve,
+                        () = lapsed(lapse) => { expired.store(true, Ordering::Relaxed); break 'serve }
+                        () = watch.next() => if watch.stalled(&permits) { break 'serve },
+                        m = inbound.next() => break m,
+                    }
                 };
                 let r = match msg {
                     Some(Ok(r)) => r,
@@ -294,14 +412,25 @@ where
                 permit.forget();
                 // (the pod's budget, taken with a request in hand, so an idle
                 // stream holds none of it)
-                tokio::select! {
-                    _ = stop.cancelled() => {
-                        let why = "server is draining: resend on another server".to_string();
-                        let _ = rej_tx.send(Answer::refused(r.request_id, &r.symbol, ErrorCode::Unavailable, why));
-                        break;
+                if !permits.try_borrow() {
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => {
+                                let why = "server is draining: resend on another server".to_string();
+                                refuse(Answer::refused(r.request_id, &r.symbol, ErrorCode::Unavailable, why));
+                                break 'serve;
+                            }
+                            () = lapsed(lapse) => {
+                                let why = "the token expired: resend with a fresh one".to_string();
+                                refuse(Answer::refused(r.request_id, &r.symbol, ErrorCode::Unavailable, why));
+                                expired.store(true, Ordering::Relaxed);
+                                break 'serve;
+                            }
+                            () = rej_tx.closed() => break 'serve,
+                            () = watch.next() => if watch.stalled(&permits) { break 'serve },
+                            () = permits.borrow() => break,
+                        }
                     }
-                    () = rej_tx.closed() => break,
-                    () = permits.borrow() => {}
                 }
                 let received = Instant::now();
                 let valid_id = match &origin {
@@ -311,7 +440,7 @@ where
                 let tick = match valid_id.and(r.tick) {
                     Ok(t) => t,
                     Err(e) => {
-                        let _ = rej_tx.send(Answer::refused(r.request_id, &r.symbol, e.code(), e.to_string()));
+                        refuse(Answer::refused(r.request_id, &r.symbol, e.code(), e.to_string()));
                         continue;
                     }
                 };
@@ -325,7 +454,7 @@ where
                     {
                         metrics::counter!(m::FORBIDDEN, "protocol" => "grpc", "right" => "publish").increment(1);
                         let why = format!("not entitled to publish {}", tick.symbol);
-                        let _ = rej_tx.send(Answer::refused(r.request_id, &r.symbol, ErrorCode::Forbidden, why));
+                        refuse(Answer::refused(r.request_id, &r.symbol, ErrorCode::Forbidden, why));
                         continue;
                     }
                     scope = caller.sub.as_deref();
@@ -375,7 +504,7 @@ where
                 let until = tokio::time::Instant::now() + DRAIN_READ;
                 while let Ok(Some(Ok(r))) = tokio::time::timeout_at(until, inbound.next()).await {
                     let why = "server is draining: resend on another server".to_string();
-                    let _ = rej_tx.send(Answer::refused(r.request_id, &r.symbol, ErrorCode::Unavailable, why));
+                    refuse(Answer::refused(r.request_id, &r.symbol, ErrorCode::Unavailable, why));
                 }
             }
             // Dropping the senders ends the response stream once every
@@ -509,6 +638,59 @@ mod tests {
         .expect("in time");
     }
 
+    /// A client that holds some of the pod's budget, has answers waiting and
+    /// takes none for `slow_reader` gets its connection closed (which gives
+    /// the budget back), so others never wait on it for good; a client
+    /// that waits for the budget but reads its answers is left alone.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_its_answers_loses_its_connection() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = crate::node::test_node(dir.path(), 1, 100);
+        let pod = Arc::new(Semaphore::new(10));
+        let (greedy_conn, patient_conn) = (CancellationToken::new(), CancellationToken::new());
+        let client = |conn: &CancellationToken| {
+            let (tx, rx) = tokio::sync::mpsc::channel(1_000);
+            let window = Window {
+                stream: 64,
+                pod: Some(PodBudget {
+                    permits: pod.clone(),
+                    slow_reader: std::time::Duration::from_secs(10),
+                    close_connection: conn.clone(),
+                }),
+            };
+            let answers = serve(
+                node.clone(),
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                window,
+                CancellationToken::new(),
+                Origin::Client(Caller::default()),
+            );
+            (tx, Box::pin(answers))
+        };
+        let (greedy_tx, greedy) = client(&greedy_conn);
+        for i in 0..30 {
+            greedy_tx.send(refused_request(i)).await.expect("send");
+        }
+        until(|| pod.available_permits() == 0).await;
+        let (patient_tx, mut patient) = client(&patient_conn);
+        patient_tx.send(refused_request(100)).await.expect("send");
+
+        tokio::time::sleep(std::time::Duration::from_secs(9)).await;
+        assert!(!greedy_conn.is_cancelled(), "not before --slow-client-ms");
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        assert!(greedy_conn.is_cancelled(), "closed: answers waiting, none taken");
+        assert!(!patient_conn.is_cancelled(), "the one waiting for the budget is not");
+        // (what the closed connection's drop does)
+        drop((greedy, greedy_tx));
+        let Some(Ok(Answer::Refused { request_id, .. })) = patient.next().await else {
+            panic!("an answer");
+        };
+        assert_eq!(request_id, 100);
+        until(|| pod.available_permits() == 10).await;
+        drop((patient, patient_tx));
+        node.shutdown().await;
+    }
+
     /// A client that never reads its answers holds at most the pod's budget
     /// of them, whatever its streams' windows; other clients' streams wait
     /// for it and go on when answers go out; and a stream that goes away
@@ -520,7 +702,11 @@ mod tests {
         let pod = Arc::new(Semaphore::new(10));
         let window = Window {
             stream: 64,
-            pod: Some(pod.clone()),
+            pod: Some(PodBudget {
+                permits: pod.clone(),
+                slow_reader: std::time::Duration::from_secs(3600),
+                close_connection: CancellationToken::new(),
+            }),
         };
         let client = |reads: Arc<AtomicUsize>| {
             let (tx, rx) = tokio::sync::mpsc::channel(1_000);

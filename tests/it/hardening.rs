@@ -985,3 +985,65 @@ async fn the_candles_api_counts_back_from_to() {
         .await;
     assert_eq!((status, starts(&body)), (200, vec![]), "{body}");
 }
+
+/// A publisher that stops reading its acks (an HTTP/2 client that grants
+/// the server no flow-control window) holds at most
+/// `--publish-max-in-flight` answers, and only for `--slow-client-ms`:
+/// then its connection is dropped and what it held goes back, so another
+/// publisher, waiting for that budget meanwhile, is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_that_stops_reading_its_acks_loses_its_connection() {
+    use futures_util::StreamExt as _;
+    use hyper::body::{Bytes, Frame};
+    let srv = Server::start(&["--no-sim", "--publish-max-in-flight", "100", "--slow-client-ms", "1000"]);
+    let tcp = tokio::net::TcpStream::connect(srv.ports().grpc).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let greedy_conn = tokio::spawn(conn);
+    // 300 requests without a tick, each refused at once: 100 answers held
+    let mut body = Vec::new();
+    for i in 0..300u64 {
+        let msg = prost::Message::encode_to_vec(&pb::PublishRequest {
+            request_id: i,
+            ..Default::default()
+        });
+        body.push(0u8);
+        body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        body.extend_from_slice(&msg);
+    }
+    let frames = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(body)))]).chain(
+        futures_util::stream::pending::<Result<Frame<Bytes>, std::convert::Infallible>>(),
+    );
+    let req = hyper::Request::post(format!("http://{}/tickshard.v1.Feed/Publish", srv.ports().grpc))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::StreamBody::new(Box::pin(frames)))
+        .unwrap();
+    let _held = tokio::time::timeout(WAIT, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    eventually("the greedy publisher holds the whole budget", || async {
+        srv.metric("tickshard_publish_in_flight").await == 100.0
+    })
+    .await;
+
+    // Another publisher waits for the budget, and is answered once the
+    // greedy connection is dropped.
+    let mut p = srv.publisher("patient").await;
+    let acks = publish_all(&mut p, [tick("PATIENT", now_micros(), "1.25", "1")]).await;
+    assert_eq!(acks[0].seq, 1);
+    tokio::time::timeout(WAIT, greedy_conn)
+        .await
+        .expect("the greedy connection was dropped")
+        .unwrap()
+        .expect_err("by the server");
+    assert_eq!(srv.metric("tickshard_slow_publisher_closes_total").await, 1.0);
+    eventually("the budget back", || async {
+        srv.metric("tickshard_publish_in_flight").await == 0.0
+    })
+    .await;
+}

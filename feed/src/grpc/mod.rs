@@ -191,12 +191,21 @@ impl Feed for FeedService {
             AuthError::Missing.counted();
             return Err(Status::unauthenticated("a token is required to publish"));
         }
+        let close_connection = req
+            .extensions()
+            .get::<serve::CloseConnection>()
+            .map(|c| c.0.clone())
+            .unwrap_or_default();
         Ok(Response::new(rpc::publish_stream(
             self.shared.node.clone(),
             req.into_inner(),
             tickshard_shard::publish::Window {
                 stream: self.shared.publish_window,
-                pod: Some(self.shared.publish_budget.clone()),
+                pod: Some(tickshard_shard::publish::PodBudget {
+                    permits: self.shared.publish_budget.clone(),
+                    slow_reader: self.shared.ws.slow_client,
+                    close_connection,
+                }),
             },
             self.shared.stopping().clone(),
             Origin::Client(caller.publisher()),

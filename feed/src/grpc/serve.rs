@@ -135,12 +135,21 @@ impl One {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let io = TokioIo::new(Handshake::new(stream, left));
         let streams = Arc::new(AtomicUsize::new(0));
-        let conn = self
-            .h2
-            .serve_connection(io, counted(self.routes, streams.clone(), self.request_timeout));
-        run_connection(conn, &streams, self.idle, self.peer, self.stop).await;
+        let close = CancellationToken::new();
+        let conn = self.h2.serve_connection(
+            io,
+            counted(self.routes, streams.clone(), self.request_timeout, close.clone()),
+        );
+        run_connection(conn, &streams, self.idle, self.peer, self.stop, close).await;
     }
 }
+
+/// A request's handle on its connection (a request extension): cancelled,
+/// the connection is dropped at once, with every stream on it (a publisher
+/// that stopped reading its acks while holding some of the pod's budget:
+/// see `tickshard_shard::publish::PodBudget`).
+#[derive(Clone)]
+pub(crate) struct CloseConnection(pub CancellationToken);
 
 /// Services any stranger may call (no token): their streams do not keep
 /// a connection from idling out, so that nobody can hold every connection
@@ -167,13 +176,15 @@ fn counted(
     routes: Routes,
     streams: Arc<AtomicUsize>,
     request_timeout: Option<Duration>,
+    close: CancellationToken,
 ) -> impl hyper::service::Service<
     http::Request<hyper::body::Incoming>,
     Response = http::Response<tonic::body::Body>,
     Error = std::convert::Infallible,
     Future = impl Future<Output = Result<http::Response<tonic::body::Body>, std::convert::Infallible>> + Send,
 > + Clone {
-    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+    hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(CloseConnection(close.clone()));
         let mut routes = routes.clone();
         let path = req.uri().path();
         let open = (!OPEN_SERVICES.iter().any(|s| path.starts_with(s))).then(|| OpenStream::new(streams.clone()));
@@ -281,8 +292,14 @@ impl hyper::body::Body for Counted {
 
 /// Drives one connection to its end and says why it ended; closes it
 /// (gracefully) after `idle` without an open stream.
-async fn run_connection<C>(conn: C, streams: &AtomicUsize, idle: Duration, peer: SocketAddr, stop: CancellationToken)
-where
+async fn run_connection<C>(
+    conn: C,
+    streams: &AtomicUsize,
+    idle: Duration,
+    peer: SocketAddr,
+    stop: CancellationToken,
+    close: CancellationToken,
+) where
     C: Future<Output = Result<(), hyper::Error>> + GracefulShutdown,
 {
     let mut conn = std::pin::pin!(conn);
@@ -293,6 +310,11 @@ where
         tokio::select! {
             r = conn.as_mut() => break Some(r),
             _ = stop.cancelled() => break None,
+            _ = close.cancelled() => {
+                // (no graceful close: its client is not reading)
+                tracing::warn!(%peer, "gRPC connection dropped: a publisher on it stopped reading its acks");
+                return;
+            }
             _ = check.tick() => {
                 let now = tokio::time::Instant::now();
                 if streams.load(Ordering::Relaxed) > 0 {

@@ -124,6 +124,9 @@ pub struct AckTx {
     id: u64,
     tx: mpsc::UnboundedSender<Vec<Ack>>,
     order: Arc<StreamOrder>,
+    /// Acks sent so far (the stream compares it with the answers its
+    /// client took: see `publish::PodBudget`).
+    sent: Arc<AtomicU64>,
 }
 
 /// Most `(publisher_id, symbol)` pairs one client's stream remembers as
@@ -174,6 +177,7 @@ impl AckTx {
                 id: NEXT.fetch_add(1, Ordering::Relaxed),
                 tx,
                 order: Arc::new(order),
+                sent: Arc::new(AtomicU64::new(0)),
             },
             rx,
         )
@@ -183,7 +187,13 @@ impl AckTx {
     /// An UNAVAILABLE ack must go through [`PublishCmd::unavailable`] or
     /// [`AckTx::unavailable`] instead, which keep the stream's order.
     pub fn send(&self, acks: Vec<Ack>) -> Result<(), Vec<Ack>> {
+        self.sent.fetch_add(acks.len() as u64, Ordering::Relaxed);
         self.tx.send(acks).map_err(|e| e.0)
+    }
+
+    /// Acks sent on this stream so far.
+    pub fn sent(&self) -> Arc<AtomicU64> {
+        self.sent.clone()
     }
 
     /// True if an earlier request of `(publisher, symbol)` on this stream was
@@ -241,7 +251,7 @@ impl AckTx {
             }
             self.order.any.store(true, Ordering::Release);
         }
-        let _ = self.tx.send(vec![Ack {
+        let _ = self.send(vec![Ack {
             request_id,
             symbol,
             result: Err(AckError::Unavailable(why)),
@@ -816,7 +826,7 @@ struct Round {
     compact: bool,
     /// `Cmd::Stop` came: compact everything, then end.
     stop: bool,
-    by_stream: HashMap<u64, (mpsc::UnboundedSender<Vec<Ack>>, Vec<Ack>)>,
+    by_stream: HashMap<u64, (AckTx, Vec<Ack>)>,
     per_stream: HashMap<u64, usize>,
     /// Hand-overs of this round (see [`moves`]).
     moves: moves::RoundMoves,
@@ -1413,7 +1423,7 @@ fn ack(round: &mut Round) {
             .entry(p.reply.id)
             .or_insert_with(|| {
                 let n = per_stream.get(&p.reply.id).copied().unwrap_or(0);
-                (p.reply.tx.clone(), Vec::with_capacity(n))
+                (p.reply.clone(), Vec::with_capacity(n))
             })
             .1
             .push(p.ack);

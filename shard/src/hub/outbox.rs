@@ -339,12 +339,20 @@ impl<C: Send + 'static> Outbox<C> {
     pub fn control(&self, c: C, weight: usize) {
         let mut st = self.lock();
         if !st.finished {
+            let behind = st.bytes > 0;
             self.enqueue(&mut st, Msg::Control(c, weight), weight);
             // Replies and snapshots are never refused, but a client whose
-            // unsent data passes the limit on them is behind all the same:
-            // the slow-client clock starts (and its live data is conflated
-            // meanwhile), as when a tick finds the queue full.
-            if st.bytes > self.limit && st.stalled_since.is_none() && st.close.is_none() {
+            // unsent data passes the limit on them is behind all the same,
+            // as when a tick finds the queue full (and, as there, one that
+            // had nothing unsent takes any one message): the slow-client
+            // clock starts and its live data is conflated meanwhile, or,
+            // for a sink never conflated (a peer's), it is closed.
+            if behind && st.bytes > self.limit && st.stalled_since.is_none() && st.close.is_none() {
+                if self.close_on_stall {
+                    drop(st);
+                    self.close(Close::Slow);
+                    return;
+                }
                 st.stalled_since = Some(Instant::now());
                 record_peak(st.peak);
                 metrics::counter!(crate::metrics::CONFLATIONS).increment(1);

@@ -175,6 +175,18 @@ async fn replies_past_the_limit_start_the_slow_client_clock() {
     assert!(o.check_slow(), "closed when the clock runs out");
     let mut q = VecDeque::new();
     assert_eq!(o.take(&mut q).await, Some(Close::Slow));
+
+    // One reply past the limit on its own, with nothing unsent before, is
+    // taken (a large symbol list): no clock.
+    let o: Outbox<()> = Outbox::new(2, 1_000, Duration::ZERO);
+    o.control((), 5_000);
+    assert!(o.stalled_for().is_none(), "one message is always taken");
+    // A sink that is never conflated (a peer's follow) is closed instead.
+    let o: Outbox<()> = Outbox::new(3, 1_000, Duration::from_secs(10)).closing_on_stall();
+    o.control((), 600);
+    o.control((), 600);
+    assert!(o.stalled_for().is_none(), "never stalled");
+    assert!(o.is_closing(), "closed");
 }
 
 /// A deferred publish queues to the outbox without waking its writer; the
