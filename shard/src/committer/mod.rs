@@ -501,6 +501,7 @@ impl Committer {
             pending_unmark,
             holding: holding.clone(),
             sealed_parked: Vec::new(),
+            sealed_refusing: false,
             sealed_ensures: Vec::new(),
             relay: setup.relay,
             waker,
@@ -776,6 +777,11 @@ struct Worker {
     moving: HashMap<Symbol, MoveOut>,
     /// Publishes and ensures of new symbols held while sealed.
     sealed_parked: Vec<PublishCmd>,
+    /// The held publishes waited too long and were refused, all together:
+    /// further ones are refused at once until the state changes (as a
+    /// hand-over's hold does), so that no request of a refused pair is
+    /// held past the refusal and applied later, past its hole.
+    sealed_refusing: bool,
     sealed_ensures: Vec<(Vec<Symbol>, EnsureReply, Instant)>,
     /// Publishes for symbols handed over go to their new owner through here.
     relay: mpsc::UnboundedSender<Relay>,

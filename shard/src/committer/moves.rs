@@ -168,7 +168,11 @@ impl Worker {
                 && let Some(t) = self.cluster.target
                 && self.owner_under(&sym, t) != self.me
             {
-                self.sealed_parked.push(p);
+                if self.sealed_refusing {
+                    p.unavailable(format!("{sym} waits for a rebalance to commit; retry"));
+                } else {
+                    self.sealed_parked.push(p);
+                }
                 return None;
             }
         }
@@ -281,6 +285,7 @@ impl Worker {
             Cmd::SetState { state, seal, reply } => {
                 self.cluster = state;
                 self.sealed = seal && state.target.is_some();
+                self.sealed_refusing = false;
                 self.note_holds();
                 if state.target.is_none() {
                     // Committed (or given up): what waited for it goes on,
@@ -505,13 +510,16 @@ impl Worker {
                 }
             }
         }
-        let (old, keep): (Vec<PublishCmd>, Vec<PublishCmd>) = std::mem::take(&mut self.sealed_parked)
-            .into_iter()
-            .partition(|p| p.received.elapsed() >= HOLD_LIMIT);
-        self.sealed_parked = keep;
-        for p in old {
-            let sym = p.tick.symbol;
-            p.unavailable(format!("{sym} waits for a rebalance to commit; retry"));
+        // All together once the oldest has waited its limit, and the next
+        // ones at once (`sealed_refusing`): refused one by one, a later
+        // request of a refused pair could stay held, and be applied after
+        // a rollback past its hole (its pair's resend then a duplicate).
+        if self.sealed_parked.iter().any(|p| p.received.elapsed() >= HOLD_LIMIT) {
+            self.sealed_refusing = true;
+            for p in std::mem::take(&mut self.sealed_parked) {
+                let sym = p.tick.symbol;
+                p.unavailable(format!("{sym} waits for a rebalance to commit; retry"));
+            }
         }
         let (old, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.sealed_ensures)
             .into_iter()

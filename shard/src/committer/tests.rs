@@ -757,10 +757,13 @@ async fn many_rarely_touched_symbols_keep_the_log_within_its_span() {
 }
 
 /// Two requests of one pair parked while a rebalance is sealed (a new
-/// symbol the target gives another shard): the earlier one expires and is
-/// refused, the rebalance is rolled back, and the later one must not be
-/// stored past the hole (contract §5) — its publisher's resend of the
-/// earlier one would be acked `duplicate` and that tick lost.
+/// symbol the target gives another shard): the earlier one expires, and
+/// the later one must not be stored past the hole after a rollback
+/// (contract §5) — its publisher's resend of the earlier one would be
+/// acked `duplicate` and that tick lost. Both are refused together, and
+/// so is what comes while still sealed (a resend read meanwhile must not
+/// let the held one through); after the rollback the resends are stored
+/// in order.
 #[tokio::test]
 async fn a_parked_request_behind_a_refused_one_is_refused_too() {
     let dir = tempfile::tempdir().unwrap();
@@ -800,12 +803,6 @@ async fn a_parked_request_behind_a_refused_one_is_refused_too() {
     .await
     .expect("parked");
     r.committer.expire_holds();
-    let rolled_back = crate::placement::ClusterState {
-        version: 2,
-        committed: 1,
-        target: None,
-    };
-    r.committer.set_state(rolled_back, false).await.unwrap();
     let mut acks = Vec::new();
     while acks.len() < 2 {
         acks.extend(rx.recv().await.unwrap());
@@ -818,6 +815,47 @@ async fn a_parked_request_behind_a_refused_one_is_refused_too() {
             a.request_id,
             a.result
         );
+    }
+    // The resends, on a new stream: refused at once while still sealed,
+    // stored in order after the rollback.
+    for round in [0, 1] {
+        if round == 1 {
+            let rolled_back = crate::placement::ClusterState {
+                version: 2,
+                committed: 1,
+                target: None,
+            };
+            r.committer.set_state(rolled_back, false).await.unwrap();
+        }
+        let acks = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            publish(
+                &r.committer,
+                "p",
+                1,
+                &[tick(&sym, T0 + 1, 100), tick(&sym, T0 + 2, 100)],
+            ),
+        )
+        .await
+        .expect("answered at once");
+        let got: Vec<_> = acks.iter().map(|a| a.result.clone()).collect();
+        if round == 0 {
+            assert!(
+                got.iter().all(|r| matches!(r, Err(AckError::Unavailable(_)))),
+                "{got:?}"
+            );
+        } else {
+            let seqs: Vec<_> = got
+                .iter()
+                .map(|r| match r {
+                    Ok(Accepted {
+                        seq, duplicate: false, ..
+                    }) => *seq,
+                    other => panic!("stored: {other:?}"),
+                })
+                .collect();
+            assert_eq!(seqs, [1, 2]);
+        }
     }
     r.committer.stop().await;
 }
