@@ -245,14 +245,22 @@ impl<C: Send + 'static> Session<C> {
         // (a deferred pair's retry waits for the claims taken above, so it
         // cannot register the pair meanwhile: it is superseded only once
         // this registration went through)
-        let mut prepared = self.register(reqs, claims).await;
-        match &mut prepared {
-            Err(_) => {
+        let mut prepared = match self.register(reqs, claims).await {
+            Ok(p) => Ok(p),
+            Err((e, claims)) => {
+                // (the claims go only after the pairs are put back, so a
+                // registration of them waiting meanwhile sees this done)
                 let mut pairs = self.pairs();
                 for pair in &added {
                     pairs.active.remove(pair);
                 }
+                drop(pairs);
+                drop(claims);
+                Err(e)
             }
+        };
+        match &mut prepared {
+            Err(_) => {}
             Ok(p) => {
                 {
                     let mut pairs = self.pairs();
@@ -268,10 +276,12 @@ impl<C: Send + 'static> Session<C> {
     }
 
     /// [`Node::prepare`], unless the session has ended (before or
-    /// meanwhile); `claims` go with the result, until its activation.
-    async fn register(&self, reqs: &[SubRequest], claims: Claims) -> Result<Prepared, Error> {
+    /// meanwhile); `claims` go with the result, until its activation, or
+    /// back with a refusal (to be let go once the caller has undone what
+    /// it recorded).
+    async fn register(&self, reqs: &[SubRequest], claims: Claims) -> Result<Prepared, (Error, Claims)> {
         if self.is_ended() {
-            return Err(Error::unavailable("the subscriber is gone"));
+            return Err((Error::unavailable("the subscriber is gone"), claims));
         }
         let prepared = self.node.prepare(&self.outbox, reqs).await;
         if self.is_ended() {
@@ -280,9 +290,12 @@ impl<C: Send + 'static> Session<C> {
             for r in reqs {
                 self.node.unsubscribe(self.outbox.id(), &r.symbol, r.channel);
             }
-            return Err(Error::unavailable("the subscriber is gone"));
+            return Err((Error::unavailable("the subscriber is gone"), claims));
         }
-        prepared.map(|p| p.holding(claims.each()))
+        match prepared {
+            Ok(p) => Ok(p.holding(claims.each())),
+            Err(e) => Err((e, claims)),
+        }
     }
 
     /// Detaches pairs [`leave_out`] took out of a registration.
@@ -363,7 +376,9 @@ impl<C: Send + 'static> Session<C> {
                 }
                 let mut prepared = match session.register(&reqs, claims).await {
                     Ok(p) => p,
-                    Err(e @ Error::Refused { .. }) => {
+                    Err((e @ Error::Refused { .. }, _claims)) => {
+                        // (`_claims` held until the pairs are dropped: a
+                        // subscribe of them waiting meanwhile comes after)
                         let mut pairs = session.pairs();
                         reqs.retain(|r| mine(r, &pairs));
                         for r in &reqs {
