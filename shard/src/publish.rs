@@ -153,6 +153,9 @@ pub struct PodBudget {
     pub close_connection: CancellationToken,
 }
 
+/// The largest window a stream may have (`--publish-window` is cut to it).
+pub const MAX_WINDOW: usize = 1 << 24;
+
 /// How often a waiting stream checks whether its own client stopped
 /// reading (see [`PodBudget`]).
 const READER_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
@@ -176,7 +179,9 @@ struct InFlight {
 impl InFlight {
     fn new(w: Window, acked: Arc<AtomicU64>) -> InFlight {
         InFlight {
-            stream: Semaphore::new(w.stream.clamp(1, Semaphore::MAX_PERMITS)),
+            // (far below the semaphore's maximum: the drain's refusals give
+            // back permits they never took)
+            stream: Semaphore::new(w.stream.clamp(1, MAX_WINDOW)),
             pod: w.pod,
             lent: AtomicUsize::new(0),
             acked,
