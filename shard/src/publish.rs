@@ -156,9 +156,10 @@ pub struct PodBudget {
 /// The largest window a stream may have (`--publish-window` is cut to it).
 pub const MAX_WINDOW: usize = 1 << 24;
 
-/// How often a waiting stream checks whether its own client stopped
-/// reading (see [`PodBudget`]).
-const READER_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+/// At most how often a waiting stream checks whether its own client
+/// stopped reading (see [`PodBudget`]): a quarter of its `slow_reader`
+/// time, up to this.
+const READER_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A stream's unanswered requests: permits of its window and of the pod's
 /// budget, given back as answers go out; what the pod lent it and did not
@@ -257,8 +258,9 @@ struct ReaderWatch {
 
 impl ReaderWatch {
     fn new(flow: &InFlight) -> ReaderWatch {
-        let tick = flow.pod.as_ref().map(|_| {
-            let mut t = tokio::time::interval(READER_CHECK);
+        let tick = flow.pod.as_ref().map(|pod| {
+            let every = (pod.slow_reader / 4).clamp(std::time::Duration::from_millis(10), READER_CHECK);
+            let mut t = tokio::time::interval(every);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             t
         });
@@ -682,7 +684,8 @@ mod tests {
 
         tokio::time::sleep(std::time::Duration::from_secs(9)).await;
         assert!(!greedy_conn.is_cancelled(), "not before --slow-client-ms");
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        // (checked every second)
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
         assert!(greedy_conn.is_cancelled(), "closed: answers waiting, none taken");
         assert!(!patient_conn.is_cancelled(), "the one waiting for the budget is not");
         // (what the closed connection's drop does)
