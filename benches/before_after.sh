@@ -39,6 +39,8 @@ run() { # workload
     W2) args=(--subscribers 1000 --symbols 10 --publishers 1 --rate 1000) ;;
     W3-64) args=(--subscribers 0 --symbols 64 --publishers 4 --window 64) ;;
     W3-256) args=(--subscribers 0 --symbols 64 --publishers 4 --window 256) ;;
+    W3-384) args=(--subscribers 0 --symbols 64 --publishers 4 --window 384) ;;
+    W3-512) args=(--subscribers 0 --symbols 64 --publishers 4 --window 512) ;;
     W5) args=(--subscribers 1000 --symbols 10 --publishers 1 --rate 1000 --slow 10) ;;
     L100) args=(--subscribers 1000 --symbols 10 --publishers 1 --rate 100) ;;
     W7) args=(--subscribers 5000 --symbols 10000 --watchlist 50 --zipf 1.1 --seed 7 --publishers 8 --rate 100

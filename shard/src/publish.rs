@@ -153,6 +153,9 @@ pub struct PodBudget {
     pub close_connection: CancellationToken,
 }
 
+/// Most answers taken before their permits go back (see `serve`).
+const ANSWERS_PER_RETURN: usize = 64;
+
 /// The largest window a stream may have (`--publish-window` is cut to it).
 pub const MAX_WINDOW: usize = 1 << 24;
 
@@ -224,17 +227,16 @@ impl InFlight {
         }
     }
 
-    /// One answer went out to the client.
-    fn answered(&self) {
-        self.handed.fetch_add(1, Ordering::Relaxed);
-        self.stream.add_permits(1);
+    /// `n` answers went out to the client.
+    fn answered(&self, n: usize) {
+        self.handed.fetch_add(n as u64, Ordering::Relaxed);
+        self.stream.add_permits(n);
         if let Some(pod) = &self.pod
-            && self
-                .lent
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                .is_ok()
+            && let Ok(lent) = self.lent.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                (l > 0).then(|| l.saturating_sub(n))
+            })
         {
-            pod.permits.add_permits(1);
+            pod.permits.add_permits(lent.min(n));
         }
     }
 }
@@ -525,25 +527,35 @@ where
         Answer::Ack(a)
     });
     let refusals = UnboundedReceiverStream::new(rej_rx);
-    stream::select(acks, refusals)
-        .map(move |a| {
-            permits.answered();
-            Ok(a)
+    // Permits go back for the answers the protocol took, in one go when it
+    // has taken what there is (or [`ANSWERS_PER_RETURN`]): each return
+    // takes the semaphores' locks, one of them shared by every stream.
+    let mut answers = stream::select(acks, refusals);
+    let mut taken = 0;
+    stream::poll_fn(move |cx| {
+        let next = answers.poll_next_unpin(cx);
+        if let std::task::Poll::Ready(Some(_)) = &next {
+            taken += 1;
+        }
+        if taken > 0 && (taken >= ANSWERS_PER_RETURN || !matches!(next, std::task::Poll::Ready(Some(_)))) {
+            permits.answered(std::mem::take(&mut taken));
+        }
+        next.map(|a| a.map(Ok))
+    })
+    .chain(
+        stream::once(async move {
+            if expired.load(Ordering::Relaxed) {
+                Some(Err(Ended::Expired))
+            } else if full.load(Ordering::Relaxed) {
+                Some(Err(Ended::Full))
+            } else if failed.load(Ordering::Relaxed) {
+                Some(Err(Ended::Inbound))
+            } else {
+                drained.load(Ordering::Relaxed).then_some(Err(Ended::Drained))
+            }
         })
-        .chain(
-            stream::once(async move {
-                if expired.load(Ordering::Relaxed) {
-                    Some(Err(Ended::Expired))
-                } else if full.load(Ordering::Relaxed) {
-                    Some(Err(Ended::Full))
-                } else if failed.load(Ordering::Relaxed) {
-                    Some(Err(Ended::Inbound))
-                } else {
-                    drained.load(Ordering::Relaxed).then_some(Err(Ended::Drained))
-                }
-            })
-            .filter_map(|x| async move { x }),
-        )
+        .filter_map(|x| async move { x }),
+    )
 }
 
 #[cfg(test)]
@@ -636,13 +648,12 @@ mod tests {
 
     /// Runs the other tasks until `done` holds (bounded).
     async fn until(mut done: impl FnMut() -> bool) {
-        tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            while !done() {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("in time");
+        // (real time: a paused clock does not move while this yields)
+        let start = std::time::Instant::now();
+        while !done() {
+            assert!(start.elapsed() < std::time::Duration::from_secs(10), "in time");
+            tokio::task::yield_now().await;
+        }
     }
 
     /// A client that holds some of the pod's budget, has answers waiting and
@@ -694,6 +705,7 @@ mod tests {
             panic!("an answer");
         };
         assert_eq!(request_id, 100);
+        assert!(patient.next().now_or_never().is_none(), "nothing more yet");
         until(|| pod.available_permits() == 10).await;
         drop((patient, patient_tx));
         node.shutdown().await;
@@ -755,18 +767,21 @@ mod tests {
             "the other stream waits for the budget"
         );
 
-        // Three answers read: the budget goes to the waiters in turn (A's
-        // eleventh, B's one, A's twelfth).
-        for i in 0..3 {
+        // A's ten answers read: once it has taken what there is, the budget
+        // goes back, to the waiters in turn (A's eleventh, B's one, …).
+        for i in 0..10 {
             let Some(Ok(Answer::Refused { request_id, code, .. })) = a.next().await else {
                 panic!("an answer");
             };
             assert_eq!((request_id, code), (i, ErrorCode::InvalidTick));
         }
-        let Some(Ok(Answer::Refused { request_id, .. })) = b.next().await else {
+        assert!(a.next().now_or_never().is_none(), "nothing more yet");
+        let b_answer = tokio::time::timeout(std::time::Duration::from_secs(10), b.next()).await;
+        let Ok(Some(Ok(Answer::Refused { request_id, .. }))) = b_answer else {
             panic!("B's answer");
         };
         assert_eq!(request_id, 100);
+        assert!(b.next().now_or_never().is_none(), "nothing more yet");
 
         // A goes away unread: everything it held comes back.
         drop(a);
