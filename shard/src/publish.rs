@@ -178,6 +178,9 @@ struct InFlight {
     refused: AtomicU64,
     /// Answers the protocol took for its client so far.
     handed: AtomicU64,
+    /// Refusals of requests that took no pod permit (the drain's, a stop
+    /// or a lapse while waiting for one): their answers give none back.
+    unborrowed: AtomicUsize,
 }
 
 impl InFlight {
@@ -191,6 +194,7 @@ impl InFlight {
             acked,
             refused: AtomicU64::new(0),
             handed: AtomicU64::new(0),
+            unborrowed: AtomicUsize::new(0),
         }
     }
 
@@ -231,7 +235,17 @@ impl InFlight {
     fn answered(&self, n: usize) {
         self.handed.fetch_add(n as u64, Ordering::Relaxed);
         self.stream.add_permits(n);
-        if let Some(pod) = &self.pod
+        // (answers of requests that took no pod permit come first, as far
+        // as the count goes: the totals are what matter)
+        let unborrowed = self
+            .unborrowed
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                (u > 0).then(|| u.saturating_sub(n))
+            })
+            .unwrap_or(0);
+        let n = n - unborrowed.min(n);
+        if n > 0
+            && let Some(pod) = &self.pod
             && let Ok(lent) = self.lent.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
                 (l > 0).then(|| l.saturating_sub(n))
             })
@@ -358,6 +372,9 @@ where
     };
     let (rej_tx, rej_rx) = tokio::sync::mpsc::unbounded_channel::<Answer>();
     let permits = Arc::new(InFlight::new(window, ack_tx.sent()));
+    // (cancelled when the protocol drops the answers stream)
+    let answers_gone = CancellationToken::new();
+    let answers_gone_guard = answers_gone.clone().drop_guard();
     let drained = Arc::new(AtomicBool::new(false));
     let expired = Arc::new(AtomicBool::new(false));
     let full = Arc::new(AtomicBool::new(false));
@@ -382,6 +399,12 @@ where
             let refuse = |a: Answer| {
                 permits.refused.fetch_add(1, Ordering::Relaxed);
                 let _ = rej_tx.send(a);
+            };
+            // (a request answered without a permit of the pod's: its answer
+            // gives none back)
+            let refuse_unborrowed = |a: Answer| {
+                permits.unborrowed.fetch_add(1, Ordering::Relaxed);
+                refuse(a);
             };
             'serve: loop {
                 if ack_tx.is_full() {
@@ -422,22 +445,26 @@ where
                 // (the pod's budget, taken with a request in hand, so an idle
                 // stream holds none of it)
                 if !permits.try_borrow() {
+                    // (one wait, kept across the checks: a new one would
+                    // queue behind every stream that came meanwhile)
+                    let borrow = permits.borrow();
+                    tokio::pin!(borrow);
                     loop {
                         tokio::select! {
                             _ = stop.cancelled() => {
                                 let why = "server is draining: resend on another server".to_string();
-                                refuse(Answer::refused(r.request_id, &r.symbol, ErrorCode::Unavailable, why));
+                                refuse_unborrowed(Answer::refused(r.request_id, &r.symbol, ErrorCode::Unavailable, why));
                                 break 'serve;
                             }
                             () = lapsed(lapse) => {
                                 let why = "the token expired: resend with a fresh one".to_string();
-                                refuse(Answer::refused(r.request_id, &r.symbol, ErrorCode::Unavailable, why));
+                                refuse_unborrowed(Answer::refused(r.request_id, &r.symbol, ErrorCode::Unavailable, why));
                                 expired.store(true, Ordering::Relaxed);
                                 break 'serve;
                             }
                             () = rej_tx.closed() => break 'serve,
                             () = watch.next() => if watch.stalled(&permits) { break 'serve },
-                            () = permits.borrow() => break,
+                            () = &mut borrow => break,
                         }
                     }
                 }
@@ -513,11 +540,32 @@ where
                 let until = tokio::time::Instant::now() + DRAIN_READ;
                 while let Ok(Some(Ok(r))) = tokio::time::timeout_at(until, inbound.next()).await {
                     let why = "server is draining: resend on another server".to_string();
-                    refuse(Answer::refused(r.request_id, &r.symbol, ErrorCode::Unavailable, why));
+                    refuse_unborrowed(Answer::refused(r.request_id, &r.symbol, ErrorCode::Unavailable, why));
                 }
             }
             // Dropping the senders ends the response stream once every
             // in-flight request has been acked.
+            drop((rej_tx, ack_tx));
+            // The client may stop reading after it stopped sending (or its
+            // stream failed, or ended Full or Expired): while it still holds
+            // some of the pod's budget, keep watching it, until its answers
+            // are all taken or gone.
+            if permits.pod.is_some() && !stop.is_cancelled() {
+                loop {
+                    tokio::select! {
+                        _ = answers_gone.cancelled() => break,
+                        _ = stop.cancelled() => break,
+                        () = watch.next() => {
+                            if permits.lent.load(Ordering::Relaxed) == 0 && permits.waiting() == 0 {
+                                break;
+                            }
+                            if watch.stalled(&permits) {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
         });
     }
     let acks = UnboundedReceiverStream::new(ack_rx).flat_map(stream::iter).map(|a| {
@@ -532,7 +580,9 @@ where
     // takes the semaphores' locks, one of them shared by every stream.
     let mut answers = stream::select(acks, refusals);
     let mut taken = 0;
+    let gone_when_dropped = answers_gone_guard;
     stream::poll_fn(move |cx| {
+        let _held = &gone_when_dropped;
         let next = answers.poll_next_unpin(cx);
         if let std::task::Poll::Ready(Some(_)) = &next {
             taken += 1;
@@ -708,6 +758,40 @@ mod tests {
         assert!(patient.next().now_or_never().is_none(), "nothing more yet");
         until(|| pod.available_permits() == 10).await;
         drop((patient, patient_tx));
+        node.shutdown().await;
+    }
+
+    /// A client that stops sending and never reads what it was answered
+    /// is watched all the same, after its stream's loop has ended.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_half_closes_and_stops_reading_loses_its_connection() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = crate::node::test_node(dir.path(), 1, 100);
+        let conn = CancellationToken::new();
+        let window = Window {
+            stream: 64,
+            pod: Some(PodBudget {
+                permits: Arc::new(Semaphore::new(10)),
+                slow_reader: std::time::Duration::from_secs(10),
+                close_connection: conn.clone(),
+            }),
+        };
+        let reads = Arc::new(AtomicUsize::new(0));
+        let seen = reads.clone();
+        let requests = futures_util::stream::iter((0..5).map(refused_request)).inspect(move |_| {
+            seen.fetch_add(1, Ordering::SeqCst);
+        });
+        let answers = serve(
+            node.clone(),
+            requests,
+            window,
+            CancellationToken::new(),
+            Origin::Client(Caller::default()),
+        );
+        until(|| reads.load(Ordering::SeqCst) == 5).await;
+        tokio::time::sleep(std::time::Duration::from_secs(13)).await;
+        assert!(conn.is_cancelled(), "closed after --slow-client-ms");
+        drop(answers);
         node.shutdown().await;
     }
 

@@ -223,6 +223,22 @@ impl AckTx {
         }
     }
 
+    /// Whether an earlier request of `(publisher, symbol)` was refused on
+    /// this stream and not yet resent (see [`AckTx::is_broken`], which
+    /// also fills the hole on a resend; this never changes anything).
+    pub fn is_past_a_hole(&self, publisher: &Arc<str>, pseq: u64, symbol: Symbol) -> bool {
+        if !self.order.any.load(Ordering::Acquire) {
+            return false;
+        }
+        if self.is_full() {
+            return true;
+        }
+        let broken = self.order.broken.lock().unwrap_or_else(|e| e.into_inner());
+        broken
+            .get(&(publisher.clone(), symbol))
+            .is_some_and(|&first| pseq > first)
+    }
+
     /// More pairs were refused on this stream than it remembers: it must
     /// end (its publisher resends the unacked requests on a new stream, in
     /// order); until then nothing more with a `publisher_id` is accepted.
@@ -278,6 +294,14 @@ impl PublishCmd {
     pub fn is_behind_a_hole(&self) -> bool {
         let publisher = self.publisher.as_ref().map(|(p, s)| (p, *s));
         self.reply.is_broken(publisher, self.tick.symbol)
+    }
+
+    /// The same check without its side effect (a resend read at the
+    /// stream's edge fills the hole there; a request applied later, maybe
+    /// one read before the refusal, must not): for the committer.
+    pub fn is_past_a_hole(&self) -> bool {
+        let Some((p, pseq)) = &self.publisher else { return false };
+        self.reply.is_past_a_hole(p, *pseq, self.tick.symbol)
     }
 
     /// Refuses this request as UNAVAILABLE (retryable), keeping its stream's
@@ -943,7 +967,7 @@ impl Worker {
 
     /// Applies one publish and queues its ack.
     fn apply_one(&mut self, p: PublishCmd, round: &mut Round, now: i64) {
-        if p.is_behind_a_hole() {
+        if p.is_past_a_hole() {
             // An earlier request of its pair was refused after this one was
             // read (both parked by a hold or a sealed rebalance, the earlier
             // one expired first): never accepted past the hole (contract §5).

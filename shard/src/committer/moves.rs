@@ -283,9 +283,18 @@ impl Worker {
                 round.moves.imports.push((state, reply));
             }
             Cmd::SetState { state, seal, reply } => {
+                // (refusing lasts while the same rebalance stays sealed: the
+                // coordinator seals the same state again on each pass)
+                let sealed = seal && state.target.is_some();
+                if !(sealed
+                    && self.sealed
+                    && state.committed == self.cluster.committed
+                    && state.target == self.cluster.target)
+                {
+                    self.sealed_refusing = false;
+                }
                 self.cluster = state;
-                self.sealed = seal && state.target.is_some();
-                self.sealed_refusing = false;
+                self.sealed = sealed;
                 self.note_holds();
                 if state.target.is_none() {
                     // Committed (or given up): what waited for it goes on,

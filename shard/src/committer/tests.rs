@@ -816,6 +816,8 @@ async fn a_parked_request_behind_a_refused_one_is_refused_too() {
             a.result
         );
     }
+    // The coordinator seals the same state again on each pass: still refusing.
+    r.committer.set_state(sealed, true).await.unwrap();
     // The resends, on a new stream: refused at once while still sealed,
     // stored in order after the rollback.
     for round in [0, 1] {
