@@ -137,7 +137,7 @@ fn breaks_the_protocol(f: &RefFrame) -> bool {
         || f.rsv
         || !matches!(f.opcode, 0 | 1 | 2 | 8 | 9 | 10)
         || f.opcode >= 8 && !f.fin
-        || f.opcode == 9 && f.payload.len() > 125
+        || f.opcode >= 8 && f.payload.len() > 125
         || f.opcode == 1 && f.fin && std::str::from_utf8(&f.payload).is_err()
 }
 

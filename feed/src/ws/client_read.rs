@@ -139,14 +139,18 @@ impl FrameTracker {
                     self.head[self.head_len..self.head_len + n].copy_from_slice(&bytes[..n]);
                     self.head_len += n;
                     bytes = &bytes[n..];
-                    if self.head_len >= 2
-                        && (self.head[1] & 0x80 == 0 || (self.head[0] & 0x08 != 0 && self.head[1] & 0x7f > 125))
-                    {
+                    if self.head_len >= 2 && self.head[1] & 0x80 == 0 {
                         self.violation = true;
                     }
                     // The first two bytes may have made the header longer.
                     if self.head_len == need && self.head_needed() == need {
-                        self.payload_left = Some(self.payload_len());
+                        let len = self.payload_len();
+                        // (a control frame's length, once its header is whole:
+                        // a short one may use a longer length encoding)
+                        if self.head[0] & 0x08 != 0 && len > 125 {
+                            self.violation = true;
+                        }
+                        self.payload_left = Some(len);
                     }
                 }
             }
@@ -284,12 +288,15 @@ mod tests {
         t.feed(&frame(10, None));
         assert_eq!(t.at_boundary(), Some(2), "unmasked");
         assert!(t.saw_violation());
-        // a control frame over 125 bytes, seen from its first two bytes
+        // a control frame over 125 bytes, seen from its header
         let mut t = FrameTracker::default();
-        t.feed(&[0x89, 0x80 | 125]);
+        t.feed(&[0x89, 0x80 | 125, 1, 2, 3, 4]);
         assert!(!t.saw_violation(), "a ping of 125 bytes");
         let mut t = FrameTracker::default();
-        t.feed(&[0x8a, 0x80 | 126]);
+        t.feed(&[0x89, 0x80 | 126, 0, 1, 1, 2, 3, 4]);
+        assert!(!t.saw_violation(), "a ping of 1 byte in the 16-bit length encoding");
+        let mut t = FrameTracker::default();
+        t.feed(&[0x8a, 0x80 | 126, 0, 126, 1, 2, 3, 4]);
         assert!(t.saw_violation(), "a pong of more");
     }
 
