@@ -4,7 +4,8 @@
 
 /// Counter: ticks accepted (durable, acked) by this shard as owner.
 pub const TICKS_ACCEPTED: &str = "tickshard_ticks_accepted_total";
-/// Counter, label `code`: ticks rejected (`invalid_symbol`, `invalid_tick`, `unavailable`).
+/// Counter, label `code`: ticks rejected, by the refusal's error code (`invalid_symbol`,
+/// `invalid_tick`, `invalid_request`, `symbol_limit`, `forbidden`, `unavailable`).
 pub const TICKS_REJECTED: &str = "tickshard_ticks_rejected_total";
 /// Counter: publishes recognised as retries and not stored again.
 pub const TICKS_DUPLICATE: &str = "tickshard_ticks_duplicate_total";
@@ -37,7 +38,7 @@ pub const SYMBOL_MOVE_SECONDS: &str = "tickshard_symbol_move_seconds";
 pub const SYMBOL_MOVE_TOTAL_SECONDS: &str = "tickshard_symbol_move_total_seconds";
 /// Counter: bytes of ticks and candles shipped to new owners (protobuf size).
 pub const MOVE_BYTES: &str = "tickshard_move_bytes_total";
-/// Counter, label `result` (`moved`, `rolled_back`, `failed`): symbol moves out of this pod.
+/// Counter, label `result` (`moved`, `rolled_back`): symbol moves out of this pod.
 pub const SYMBOL_MOVES: &str = "tickshard_symbol_moves_total";
 /// Counter: symbols this pod took over.
 pub const SYMBOLS_MOVED_IN: &str = "tickshard_symbols_moved_in_total";
@@ -58,10 +59,13 @@ pub const STORE_BYTES: &str = "tickshard_store_disk_bytes";
 
 /// Gauge, label `protocol` (`ws`, `grpc`): connected subscribers.
 pub const CLIENTS_CONNECTED: &str = "tickshard_clients_connected";
-/// Counter, label `protocol`: messages sent to subscribers (WebSocket: each
-/// connection adds its own at most 1 s late, not per write).
+/// Counter, label `protocol` (`ws`, `grpc`): messages sent to subscribers
+/// (not per write: a WebSocket connection adds its own at most 1 s late; a
+/// gRPC `Subscribe` stream every 64 events, at its first event a second or
+/// more after its last report, and when it ends).
 pub const MESSAGES_SENT: &str = "tickshard_messages_sent_total";
-/// Counter, label `protocol`: bytes sent to subscribers (as above).
+/// Counter, label `protocol`: bytes sent to subscribers, as framed (WebSocket
+/// frames; gRPC events with their 5-byte prefix), counted as above.
 pub const BYTES_SENT: &str = "tickshard_bytes_sent_total";
 /// Counter, label `outcome` (`whole`, `partial`): the fan-out's direct writes
 /// to idle WebSocket clients (`--ws-direct-write-bytes`); `partial`: the

@@ -180,6 +180,47 @@ async fn retries_are_deduplicated_and_bad_ticks_are_rejected_per_request() {
     assert_eq!((h.ticks.len(), h.ticks[0].seq, h.truncated), (1, 2, true));
 }
 
+/// A gRPC subscriber's events are counted in `tickshard_messages_sent_total`
+/// and `tickshard_bytes_sent_total` under `protocol="grpc"`, exactly: each
+/// event once, with its 5-byte gRPC prefix (the rest of a batch when the
+/// stream ends).
+#[tokio::test]
+async fn grpc_deliveries_are_counted_in_the_sent_metrics() {
+    use prost::Message as _;
+    let srv = Server::start(&["--no-sim"]);
+    let (s, mut stream) = srv
+        .grpc_subscribe(pb::SubscribeRequest {
+            symbols: vec!["MSFT".into()],
+            ..Default::default()
+        })
+        .await;
+    let mut sent = vec![pb::Event {
+        kind: Some(Kind::Subscribed(s)),
+    }];
+    let mut p = srv.publisher("m").await;
+    publish_all(&mut p, (1..=3).map(|i| tick("MSFT", T0 + i, "415.5", "3"))).await;
+    while sent.len() < 4 {
+        let ev = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        sent.push(ev);
+    }
+    assert!(matches!(&sent[3].kind, Some(Kind::Tick(t)) if t.seq == 3), "{sent:?}");
+    drop(stream);
+    let messages = sent.len() as f64;
+    let bytes: usize = sent.iter().map(|e| e.encoded_len() + 5).sum();
+    eventually("the gRPC stream's events counted", || async {
+        srv.metric(r#"tickshard_messages_sent_total{protocol="grpc"}"#).await == messages
+    })
+    .await;
+    assert_eq!(
+        srv.metric(r#"tickshard_bytes_sent_total{protocol="grpc"}"#).await,
+        bytes as f64
+    );
+}
+
 #[tokio::test]
 async fn grpc_subscribe_resumes_like_websocket() {
     let srv = Server::start(&["--no-sim"]);
