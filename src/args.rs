@@ -195,9 +195,14 @@ pub struct PublishArgs {
     pub col_bid_size: String,
     #[arg(long, default_value = "ask_size")]
     pub col_ask_size: String,
-    /// Stable publisher id for de-duplication [default: derived from the file name].
+    /// Stable publisher id for de-duplication [default: derived from the
+    /// file's name and content, and for `replay --now` from the run's start].
     #[arg(long)]
     pub publisher_id: Option<String>,
+    /// Give up (exit 1) after this long without an ack, or without any server
+    /// taking the stream while reconnecting; 0 = never.
+    #[arg(long, default_value = "5m", value_parser = tickshard_feed::config::parse_duration)]
+    pub give_up_after: std::time::Duration,
     /// Skip rows that fail validation instead of stopping.
     #[arg(long)]
     pub skip_invalid: bool,

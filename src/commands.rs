@@ -68,6 +68,7 @@ pub async fn tail(a: TailArgs) -> ExitCode {
         symbols: a.symbols.clone(),
         channels: a.channels.clone(),
         connect_timeout: Duration::from_secs(3),
+        silence: tickshard_client::ws::SILENCE,
         token: a.token.clone(),
         trust: trust.clone(),
     });
@@ -79,12 +80,36 @@ pub async fn tail(a: TailArgs) -> ExitCode {
                 say!("tail: connected to {url}");
                 continue;
             }
+            // 1002, 1007, 1008, 1009: "fix the client first" (contract §4);
+            // the same request and token would only be closed again.
+            Event::Disconnected {
+                code: Some(c @ (1002 | 1007 | 1008 | 1009)),
+                reason,
+            } => {
+                say!("tail: the server closed the connection with {c}: {reason}");
+                return ExitCode::from(2);
+            }
             Event::Disconnected { code, reason } => {
                 say!(
                     "tail: disconnected ({}): {reason}; reconnecting and resuming",
                     code.map_or("-".into(), |c| c.to_string())
                 );
                 continue;
+            }
+            // Checked before `--json`: an error no retry fixes (a bad channel
+            // or symbol, too many of them, a token that does not allow them)
+            // ends the command instead of leaving it waiting for good.
+            Event::Message(ServerMsg::Error { code, message, .. }) => {
+                say!("tail: server error {code}: {message}");
+                // (`client_parse`: a message this build cannot read, say of a
+                // newer server: not the subscription's fault)
+                if !matches!(code.as_str(), "unavailable" | "rate_limited" | "client_parse") {
+                    return ExitCode::from(2);
+                }
+                if !a.json {
+                    continue;
+                }
+                sub.raw().to_owned()
             }
             Event::Message(m) if a.json => {
                 if matches!(m, ServerMsg::Tick(_) | ServerMsg::Snapshot(_)) {
@@ -137,13 +162,6 @@ pub async fn tail(a: TailArgs) -> ExitCode {
                 })
                 .collect::<Vec<_>>()
                 .join("\n"),
-            Event::Message(ServerMsg::Error { code, message, .. }) => {
-                say!("tail: server error {code}: {message}");
-                if code == "invalid_symbol" {
-                    return ExitCode::from(2);
-                }
-                continue;
-            }
             Event::Message(_) => continue,
         };
         if writeln!(out, "{line}").is_err() {
@@ -191,13 +209,6 @@ pub async fn publish(a: PublishArgs, pace: Option<(Option<Decimal>, bool)>) -> E
         },
         ts_unit,
     };
-    let reader = match TickReader::open(&a.file, spec) {
-        Ok(r) => r,
-        Err(e) => {
-            say!("publish: {e}");
-            return ExitCode::from(2);
-        }
-    };
     let publisher_id = match &a.publisher_id {
         Some(id) => {
             if let Err(e) = tickshard_shard::domain::validate_publisher_id(id) {
@@ -206,15 +217,23 @@ pub async fn publish(a: PublishArgs, pace: Option<(Option<Decimal>, bool)>) -> E
             }
             id.clone()
         }
-        // Any file name makes a valid id (printable ASCII, ≤ 128 bytes).
-        None => tickshard_shard::domain::publisher_id_from(&format!(
-            "file:{}",
-            a.file
-                .file_name()
-                .map_or("-".into(), |f| f.to_string_lossy().into_owned())
-        )),
+        None => match default_publisher_id(&a.file, &spec, pace.is_some_and(|(_, now)| now)) {
+            Ok(id) => id,
+            Err(e) => {
+                say!("publish: {}: {e}", a.file.display());
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let reader = match TickReader::open(&a.file, spec) {
+        Ok(r) => r,
+        Err(e) => {
+            say!("publish: {e}");
+            return ExitCode::from(2);
+        }
     };
     let mut cfg = PublisherConfig::new(a.grpc.clone(), publisher_id);
+    cfg.give_up_after = a.give_up_after;
     cfg.token = a.token.clone();
     cfg.trust = match trust_of(a.ca_cert.as_deref()) {
         Ok(t) => t,
@@ -303,6 +322,72 @@ pub async fn publish(a: PublishArgs, pace: Option<(Option<Decimal>, bool)>) -> E
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// The lines of a file's head that name it in its default publisher id (a
+/// CSV header and the first row, or an NDJSON file's first two rows), and
+/// the most bytes read for them.
+const ID_HEAD_LINES: usize = 2;
+const ID_HEAD_BYTES: u64 = 64 << 10;
+
+/// The publisher id of a file's run: `file:<hash>:<name>`, the hash over
+/// the file's first [`ID_HEAD_LINES`] and the settings that shape its ticks.
+/// Running the same file again, or the same file grown by appended rows,
+/// stores nothing twice (each symbol's `publisher_seq` goes on where the
+/// rows are the same), while another file of the same name (the next day's
+/// `trades.csv`, whose first trade differs) is a publisher of its own. With `--now` (timestamps shifted
+/// to the run's start) each run makes new ticks: its start is hashed too.
+/// A file that cannot be read twice (a pipe) needs `--publisher-id`.
+fn default_publisher_id(path: &std::path::Path, spec: &InputSpec, now: bool) -> Result<String, String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let regular = file.metadata().map_err(|e| e.to_string())?.is_file();
+    if !regular {
+        return Err("not a regular file (its rows can be read only once): give --publisher-id".into());
+    }
+    let mut head = Vec::new();
+    file.take(ID_HEAD_BYTES)
+        .read_to_end(&mut head)
+        .map_err(|e| e.to_string())?;
+    let end = head
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(ID_HEAD_LINES - 1)
+        .map_or(head.len(), |(i, _)| i + 1);
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&head[..end]);
+    let c = &spec.columns;
+    let symbol = spec.symbol.as_deref().map(str::to_ascii_uppercase).unwrap_or_default();
+    let options = [
+        if spec.ndjson { "ndjson" } else { "csv" },
+        &symbol,
+        &c.symbol,
+        &c.ts,
+        &c.price,
+        &c.size,
+        &c.bid,
+        &c.ask,
+        &c.bid_size,
+        &c.ask_size,
+        spec.ts_unit.name(),
+    ];
+    for o in options {
+        // (length-prefixed: no two option lists hash alike by shifting text)
+        h.update(&(o.len() as u64).to_le_bytes());
+        h.update(o.as_bytes());
+    }
+    if now {
+        h.update(&now_micros().to_le_bytes());
+    }
+    let name = path
+        .file_name()
+        .map_or("-".into(), |f| f.to_string_lossy().into_owned());
+    // (printable ASCII, cut to the id's 128 bytes: the hash comes first)
+    Ok(tickshard_shard::domain::publisher_id_from(&format!(
+        "file:{:016x}:{name}",
+        h.digest()
+    )))
 }
 
 /// `tickshard token`: prints an HS256 token for the server's secret.

@@ -73,6 +73,16 @@ impl TsUnit {
         })
     }
 
+    /// The name [`TsUnit::parse`] takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            TsUnit::Micros => "us",
+            TsUnit::Millis => "ms",
+            TsUnit::Seconds => "s",
+            TsUnit::Nanos => "ns",
+        }
+    }
+
     /// Converts a timestamp given as text in this unit to µs, exactly
     /// (sub-microsecond digits are truncated).
     pub fn to_micros(self, text: &str) -> Option<i64> {

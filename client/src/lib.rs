@@ -29,6 +29,11 @@ pub enum ClientError {
     WebSocket(String),
     #[error("grpc: {0}")]
     Grpc(String),
+    /// The server refused in a way no retry can fix as it is (no valid
+    /// token, not entitled, a request over its size limit, …); the
+    /// publisher keeps what is unacked, and a later call tries again.
+    #[error("refused: {0}")]
+    Refused(String),
     #[error("timed out: {0}")]
     Timeout(&'static str),
     #[error("{0}")]

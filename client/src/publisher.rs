@@ -9,6 +9,16 @@
 //! pause: the server refuses every later request of that `(publisher_id,
 //! symbol)` on the old stream (contract §5), so that an in-order resend always
 //! fills the hole.
+//!
+//! What no resend can fix is not retried for ever ([`is_final`]):
+//! - a request over the server's size limit (it ends the stream
+//!   OUT_OF_RANGE after answering everything before it) is answered here as
+//!   rejected (`message_too_large`) and the rest goes on on a new stream; one
+//!   over the contract's 4 MiB is refused by [`Publisher::send`] at once;
+//! - a stream every endpoint refuses to open (no valid token, not entitled),
+//!   or one the server ends as malformed, ends the call with
+//!   [`ClientError::Refused`]. Unacked requests are kept; the next call
+//!   tries again (after [`Publisher::set_token`], say).
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -30,7 +40,8 @@ pub struct PublisherConfig {
     /// Unacked requests in flight before `send` waits.
     pub window: usize,
     pub connect_timeout: Duration,
-    /// Give up on a request after this long without an ack (0 = never).
+    /// Give up after this long without an ack, or without a stream while
+    /// reconnecting (0 = never).
     pub give_up_after: Duration,
     /// A bearer token sent with every stream (`authorization` metadata);
     /// set a fresh one before it expires: the next reconnect uses it.
@@ -95,9 +106,16 @@ pub struct Publisher {
     ready: VecDeque<Acked>,
     stream: Option<Stream>,
     backoff: Backoff,
+    /// The last final ack, or the last request sent with nothing in flight:
+    /// `give_up_after` counts from here.
+    progress: tokio::time::Instant,
     /// Reconnects so far (for reports and tests).
     pub reconnects: u64,
 }
+
+/// The contract's bound on one gRPC message (§5): a request over it is
+/// refused by [`Publisher::send`] before it is queued.
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 
 impl Publisher {
     /// Creates a publisher and opens its first stream.
@@ -116,10 +134,24 @@ impl Publisher {
             ready: VecDeque::new(),
             stream: None,
             backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(250)),
+            progress: tokio::time::Instant::now(),
             reconnects: 0,
         };
-        p.stream = Some(p.open().await?);
-        Ok(p)
+        // Every endpoint once (from a random one) before giving up.
+        let mut last = None;
+        for _ in 0..p.cfg.endpoints.len() {
+            match p.open().await {
+                Ok(s) => {
+                    p.stream = Some(s);
+                    return Ok(p);
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "cannot open a publish stream; trying the next endpoint");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::BadAddress("no gRPC endpoint given".into())))
     }
 
     /// Starts from endpoint `index` (tests use it to pick a pod).
@@ -149,7 +181,13 @@ impl Publisher {
         let acks = client
             .publish(out)
             .await
-            .map_err(|e| ClientError::Grpc(format!("{url}: {e}")))?
+            .map_err(|e| {
+                if is_final(e.code(), true) {
+                    ClientError::Refused(format!("{url}: {e}"))
+                } else {
+                    ClientError::Grpc(format!("{url}: {e}"))
+                }
+            })?
             .into_inner();
         Ok(Stream { tx, acks })
     }
@@ -157,12 +195,31 @@ impl Publisher {
     /// Publishes one tick: returns its request id once it is sent (waiting for
     /// acks while the window is full). Its outcome comes from [`Self::next_ack`].
     /// Not cancel-safe (drop it and the request may only go out on the next
-    /// reconnect); [`Self::next_ack`] is.
+    /// reconnect); [`Self::next_ack`] is. An error means the tick was not
+    /// queued (a request over [`MAX_REQUEST_BYTES`], or no stream could be
+    /// had): sending it again sends it once.
     pub async fn send(&mut self, tick: pb::Tick) -> Result<u64, ClientError> {
+        use prost::Message as _;
+        // (the request's other fields: ids, publisher_seq, the 5-byte prefix)
+        let bytes = tick.encoded_len() + self.cfg.publisher_id.len() + 64;
+        if bytes > MAX_REQUEST_BYTES {
+            return Err(ClientError::Input(format!(
+                "a tick of {bytes} bytes is over the {MAX_REQUEST_BYTES}-byte request bound"
+            )));
+        }
         // Parked requests (owner down) do not count against the window, up to
         // a hard cap on everything unacked.
         while self.unacked.len() - self.parked >= self.cfg.window || self.unacked.len() >= 4 * self.cfg.window {
             self.pump().await?;
+        }
+        // No stream (it broke earlier): reconnect first, which resends what
+        // is unacked; waiting here is the publisher's backpressure while no
+        // server takes its requests, and a failure leaves this tick unqueued.
+        if self.stream.is_none() {
+            self.reconnect().await?;
+        }
+        if self.unacked.is_empty() {
+            self.progress = tokio::time::Instant::now();
         }
         let seq = self.publisher_seqs.entry(tick.symbol.to_ascii_uppercase()).or_insert(0);
         *seq += 1;
@@ -182,17 +239,11 @@ impl Publisher {
                 parked: false,
             },
         );
-        match &self.stream {
-            Some(s) => {
-                if s.tx.send(req).await.is_err() {
-                    // The stream broke; `pump` reconnects and resends everything.
-                    self.stream = None;
-                }
-            }
-            // No stream (it broke earlier): reconnect now, which resends every
-            // unacked request including this one. Waiting here is the
-            // publisher's backpressure while no server takes its requests.
-            None => self.reconnect().await?,
+        if let Some(s) = &self.stream
+            && s.tx.send(req).await.is_err()
+        {
+            // The stream broke; `pump` reconnects and resends everything.
+            self.stream = None;
         }
         Ok(request_id)
     }
@@ -263,12 +314,12 @@ impl Publisher {
         let Some(s) = self.stream.as_mut() else {
             return self.reconnect().await;
         };
-        let give_up = (!self.cfg.give_up_after.is_zero()).then_some(self.cfg.give_up_after);
+        let give_up = (!self.cfg.give_up_after.is_zero()).then(|| self.progress + self.cfg.give_up_after);
         let new_stream_at = self.new_stream_at;
         let msg = tokio::select! {
             m = s.acks.message() => m,
             _ = tokio::time::sleep_until(new_stream_at.unwrap_or(now)), if new_stream_at.is_some() => return Ok(()),
-            _ = tokio::time::sleep(give_up.unwrap_or_default()), if give_up.is_some() => {
+            _ = tokio::time::sleep_until(give_up.unwrap_or(now)), if give_up.is_some() => {
                 return Err(ClientError::Timeout("no ack"));
             }
         };
@@ -277,9 +328,20 @@ impl Publisher {
                 self.on_ack(ack).await;
                 Ok(())
             }
+            Err(e) if e.code() == tonic::Code::OutOfRange && self.reject_first_sent(&e) => {
+                // (answered as rejected; the rest goes on on a new stream)
+                self.stream = None;
+                Ok(())
+            }
+            Err(e) if is_final(e.code(), false) => {
+                self.stream = None;
+                Err(ClientError::Refused(format!(
+                    "the server ended the publish stream: {e}"
+                )))
+            }
             Ok(None) | Err(_) => {
                 if let Err(e) = &msg {
-                    tracing::debug!(status = %e, "publish stream ended");
+                    tracing::info!(status = %e, "publish stream ended; reconnecting");
                 }
                 self.stream = None;
                 self.reconnect().await
@@ -303,6 +365,7 @@ impl Publisher {
             return;
         }
         self.backoff.reset();
+        self.progress = tokio::time::Instant::now();
         if let Some(p) = self.unacked.remove(&ack.request_id) {
             if p.parked {
                 self.parked -= 1;
@@ -319,10 +382,48 @@ impl Publisher {
         }
     }
 
+    /// The server ended the stream OUT_OF_RANGE: a request was over its size
+    /// limit. It answered every request before it first (contract §5), so
+    /// the culprit is the first unacked request that is not parked: it is
+    /// answered here as rejected, and the rest is resent. False if there is
+    /// none (then the status is final).
+    fn reject_first_sent(&mut self, status: &tonic::Status) -> bool {
+        let Some((&id, _)) = self.unacked.iter().find(|(_, p)| !p.parked) else {
+            return false;
+        };
+        let Some(p) = self.unacked.remove(&id) else {
+            return false;
+        };
+        self.progress = tokio::time::Instant::now();
+        self.ready.push_back(Acked {
+            request_id: id,
+            symbol: p.req.tick.as_ref().map(|t| t.symbol.clone()).unwrap_or_default(),
+            seq: 0,
+            epoch: String::new(),
+            duplicate: false,
+            error: Some(("message_too_large".into(), status.message().to_owned())),
+            attempts: p.attempts,
+        });
+        true
+    }
+
     /// Opens a new stream (next endpoint) and resends everything unacked, in
     /// order, with the same `publisher_seq`.
     async fn reconnect(&mut self) -> Result<(), ClientError> {
+        let started = tokio::time::Instant::now();
+        let mut failures = 0u32;
+        // Refusals in a row: final once every endpoint has refused (one
+        // misconfigured address in the list does not stop the others).
+        let mut refusals = 0usize;
         loop {
+            let since = if self.unacked.is_empty() {
+                started
+            } else {
+                self.progress
+            };
+            if !self.cfg.give_up_after.is_zero() && since.elapsed() >= self.cfg.give_up_after {
+                return Err(ClientError::Timeout("no server took a publish stream"));
+            }
             tokio::time::sleep(self.backoff.next_delay()).await;
             match self.open().await {
                 Ok(s) => {
@@ -343,8 +444,35 @@ impl Publisher {
                         return Ok(());
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, "reconnect failed"),
+                Err(e @ ClientError::Refused(_)) => {
+                    refusals += 1;
+                    if refusals >= self.cfg.endpoints.len() {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, "an endpoint refused the publish stream; trying the next");
+                }
+                Err(e) => {
+                    refusals = 0;
+                    failures += 1;
+                    // (the first failure and then ever fewer: 1, 2, 4, 8, …)
+                    if failures.is_power_of_two() {
+                        tracing::warn!(error = %e, failures, "cannot open a publish stream; retrying");
+                    }
+                }
             }
         }
+    }
+}
+
+/// True for a status that no resend of the same requests can fix.
+/// `UNAUTHENTICATED` counts only when a stream is opened: one that ends a
+/// running stream means its token lapsed, and the reconnect (with the token
+/// [`Publisher::set_token`] set meanwhile) decides.
+fn is_final(code: tonic::Code, opening: bool) -> bool {
+    use tonic::Code;
+    match code {
+        Code::PermissionDenied | Code::InvalidArgument | Code::OutOfRange | Code::Unimplemented => true,
+        Code::Unauthenticated => opening,
+        _ => false,
     }
 }

@@ -64,9 +64,21 @@ impl Trust {
     }
 }
 
+/// HTTP/2 pings on every gRPC connection, idle or not: a connection whose
+/// server or path died without a FIN (a lost node, a partition) fails within
+/// `KEEP_ALIVE + KEEP_ALIVE_TIMEOUT`, and the publisher reconnects, instead
+/// of waiting for the kernel's retransmission timeout (minutes).
+pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+/// (as generous as the server's: on a starved machine a pong can wait)
+pub const KEEP_ALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The gRPC endpoint of a URL: `https://` needs `trust`.
 pub fn endpoint(url: &str, trust: Option<&Trust>) -> Result<Endpoint, ClientError> {
-    let ep = Endpoint::from_shared(url.to_owned()).map_err(|_| ClientError::BadAddress(url.to_owned()))?;
+    let ep = Endpoint::from_shared(url.to_owned())
+        .map_err(|_| ClientError::BadAddress(url.to_owned()))?
+        .http2_keep_alive_interval(KEEP_ALIVE)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
     match (url.starts_with("https://"), trust) {
         (false, _) => Ok(ep),
         (true, None) => Err(ClientError::Input(format!(

@@ -55,6 +55,10 @@ pub struct WsConn {
     ws: WebSocket<TokioIo<Upgraded>>,
     /// Pings received from the server so far.
     pub pings: u64,
+    /// Whether pings are answered. This connection answers them itself
+    /// (fastwebsockets' own answer hides a ping from the reader, and a
+    /// ping is what tells [`WsConn::recv_within`] that a quiet server lives).
+    answer_pings: bool,
 }
 
 /// `ws[s]://host:port/path` → (`host:port`, `path`, TLS?).
@@ -148,7 +152,13 @@ impl WsConn {
                 addr: host.clone(),
                 message: e.to_string(),
             })?;
-            Ok(WsConn { ws, pings: 0 })
+            let mut ws = ws;
+            ws.set_auto_pong(false);
+            Ok(WsConn {
+                ws,
+                pings: 0,
+                answer_pings: true,
+            })
         };
         tokio::time::timeout(timeout, fut)
             .await
@@ -173,12 +183,24 @@ impl WsConn {
 
     /// The next text or close frame (pings are answered automatically).
     pub async fn recv(&mut self) -> Result<Incoming, ClientError> {
+        self.recv_within(None).await
+    }
+
+    /// [`recv`](Self::recv), failing with [`ClientError::Timeout`] when no
+    /// frame at all (a ping included) comes for `silence`: a connection
+    /// whose server or path died without a FIN (a lost node, a partition)
+    /// is noticed in that time, not the kernel's minutes. After a timeout
+    /// the connection may be cut inside a frame: drop it.
+    pub async fn recv_within(&mut self, silence: Option<Duration>) -> Result<Incoming, ClientError> {
         loop {
-            let f = self
-                .ws
-                .read_frame()
-                .await
-                .map_err(|e| ClientError::WebSocket(e.to_string()))?;
+            let read = self.ws.read_frame();
+            let f = match silence {
+                Some(s) => tokio::time::timeout(s, read)
+                    .await
+                    .map_err(|_| ClientError::Timeout("no frame from the server (not even a ping)"))?,
+                None => read.await,
+            }
+            .map_err(|e| ClientError::WebSocket(e.to_string()))?;
             match f.opcode {
                 OpCode::Text => return Ok(Incoming::Text(String::from_utf8_lossy(&f.payload).into_owned())),
                 OpCode::Close => {
@@ -186,16 +208,36 @@ impl WsConn {
                     let reason = String::from_utf8_lossy(f.payload.get(2..).unwrap_or_default()).into_owned();
                     return Ok(Incoming::Close { code, reason });
                 }
-                OpCode::Ping => self.pings += 1,
+                OpCode::Ping => {
+                    let payload = f.payload.to_vec();
+                    match silence {
+                        Some(s) => tokio::time::timeout(s, self.pong(payload))
+                            .await
+                            .map_err(|_| ClientError::Timeout("the server takes no pong"))??,
+                        None => self.pong(payload).await?,
+                    }
+                }
                 _ => {}
             }
         }
     }
 
+    /// Counts a ping and answers it (unless told not to).
+    async fn pong(&mut self, payload: Vec<u8>) -> Result<(), ClientError> {
+        self.pings += 1;
+        if self.answer_pings {
+            self.ws
+                .write_frame(Frame::pong(Payload::Owned(payload)))
+                .await
+                .map_err(|e| ClientError::WebSocket(e.to_string()))?;
+        }
+        Ok(())
+    }
+
     /// Whether server pings are answered (the default); tests turn it off to
     /// play a dead client.
     pub fn set_auto_pong(&mut self, on: bool) {
-        self.ws.set_auto_pong(on);
+        self.answer_pings = on;
     }
 
     /// The next frame's payload, for load generators: text payloads are
@@ -209,6 +251,10 @@ impl WsConn {
                     return Some(());
                 }
                 OpCode::Close => return None,
+                OpCode::Ping => {
+                    let payload = frame.payload.to_vec();
+                    self.pong(payload).await.ok()?;
+                }
                 _ => {}
             }
         }
@@ -391,6 +437,10 @@ pub enum Event {
     },
 }
 
+/// The default [`SubscriberConfig::silence`]: four of the server's default
+/// ping intervals.
+pub const SILENCE: Duration = Duration::from_secs(60);
+
 /// Subscriber configuration.
 #[derive(Clone, Debug)]
 pub struct SubscriberConfig {
@@ -398,6 +448,10 @@ pub struct SubscriberConfig {
     pub symbols: Vec<String>,
     pub channels: Vec<String>,
     pub connect_timeout: Duration,
+    /// A connection that brings no frame (a ping included) for this long is
+    /// taken for dead and replaced, resuming ([`SILENCE`]; the server pings
+    /// every 15 s by default).
+    pub silence: Duration,
     /// A bearer token for every (re)connection.
     pub token: Option<String>,
     /// For `wss://` URLs: the CAs to trust.
@@ -421,6 +475,11 @@ pub struct Subscriber {
     positions: HashMap<String, Pos>,
     /// The text of the last message received, as the server sent it.
     raw: String,
+    /// The current (or last) connection has brought no data (tick,
+    /// snapshot, candle) yet: a server that closes such connections at once
+    /// (a subscribe it refuses whole, 1008, 1009) is retried with growing
+    /// pauses, not in a hot loop.
+    quiet: bool,
 }
 
 impl Subscriber {
@@ -433,6 +492,7 @@ impl Subscriber {
             backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(250)),
             positions: HashMap::new(),
             raw: String::new(),
+            quiet: false,
         }
     }
 
@@ -484,7 +544,7 @@ impl Subscriber {
                     let msg = self.subscribe_message();
                     if c.send_text(&msg).await.is_ok() {
                         self.conn = Some(c);
-                        self.backoff.reset();
+                        self.quiet = true;
                         return url;
                     }
                 }
@@ -495,16 +555,28 @@ impl Subscriber {
     }
 
     /// The next event; connects (and resumes) first when not connected.
+    /// Not cancel-safe: a call dropped while it reads (raced in a `select!`
+    /// or under a timeout) may cut the connection inside a frame; keep
+    /// calling it from one place.
     pub async fn next(&mut self) -> Event {
         let Some(conn) = self.conn.as_mut() else {
+            if self.quiet {
+                tokio::time::sleep(self.backoff.next_delay()).await;
+            }
             let url = self.connect().await;
             return Event::Connected { url };
         };
-        match conn.recv().await {
+        match conn.recv_within(Some(self.cfg.silence)).await {
             Ok(Incoming::Text(t)) => {
                 let msg = match ServerMsg::parse(&t) {
                     Some(m) => {
                         self.track(&m);
+                        if matches!(m, ServerMsg::Tick(_) | ServerMsg::Snapshot(_) | ServerMsg::Candle(_)) {
+                            // (data came: the connection works; a reply alone,
+                            // then a close, is retried with pauses)
+                            self.quiet = false;
+                            self.backoff.reset();
+                        }
                         m
                     }
                     None => ServerMsg::Error {

@@ -17,6 +17,7 @@ async fn a_resuming_subscriber_sees_every_tick_once_across_a_kill_9() {
         symbols: vec!["BTC-USD".into(), "ETH-USD".into()],
         channels: vec!["ticks".into()],
         connect_timeout: Duration::from_secs(2),
+        silence: tickshard_client::ws::SILENCE,
         token: None,
         trust: None,
     });
@@ -75,7 +76,7 @@ async fn publish_cli_sends_a_csv_and_a_second_run_stores_nothing_twice() {
         ));
     }
     std::fs::write(&file, csv).unwrap();
-    let run = || {
+    let run_file = |file: &std::path::Path| {
         Command::new(env!("CARGO_BIN_EXE_tickshard"))
             .args([
                 "publish",
@@ -89,6 +90,7 @@ async fn publish_cli_sends_a_csv_and_a_second_run_stores_nothing_twice() {
             .output()
             .unwrap()
     };
+    let run = || run_file(&file);
     let first = run();
     let err = String::from_utf8_lossy(&first.stderr);
     assert!(first.status.success(), "{err}");
@@ -96,6 +98,27 @@ async fn publish_cli_sends_a_csv_and_a_second_run_stores_nothing_twice() {
     let second = run();
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("0 accepted, 300 duplicates"), "{err}");
+    // Another file of the same name (the next day's trades.csv) is a
+    // publisher of its own: none of its rows is taken for a duplicate.
+    let other = dir.path().join("next-day");
+    std::fs::create_dir(&other).unwrap();
+    let mut csv = String::from("trade_id,timestamp,price,amount\n");
+    for i in 300..400 {
+        csv.push_str(&format!("{i},{},{}.5,1\n", 1_714_617_360_000i64 + i, 58_000 + i));
+    }
+    std::fs::write(other.join("trades.csv"), csv).unwrap();
+    let third = run_file(&other.join("trades.csv"));
+    let err = String::from_utf8_lossy(&third.stderr);
+    assert!(err.contains("100 accepted, 0 duplicates"), "{err}");
+    // The first file grown by 50 rows: only those are stored.
+    let mut grown = std::fs::read_to_string(&file).unwrap();
+    for i in 400..450 {
+        grown.push_str(&format!("{i},{},{}.5,1\n", 1_714_617_360_000i64 + i, 58_000 + i));
+    }
+    std::fs::write(&file, grown).unwrap();
+    let fourth = run();
+    let err = String::from_utf8_lossy(&fourth.stderr);
+    assert!(err.contains("50 accepted, 300 duplicates"), "{err}");
     let h = srv
         .feed()
         .await
@@ -107,7 +130,9 @@ async fn publish_cli_sends_a_csv_and_a_second_run_stores_nothing_twice() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(h.ticks.len(), 300);
+    assert_eq!(h.ticks.len(), 450);
+    assert_eq!((h.ticks[399].seq, h.ticks[399].price.as_str()), (400, "58399.5"));
+    assert_eq!((h.ticks[449].seq, h.ticks[449].price.as_str()), (450, "58449.5"));
     assert_eq!(
         (
             h.ticks[0].ts_micros,
@@ -116,6 +141,167 @@ async fn publish_cli_sends_a_csv_and_a_second_run_stores_nothing_twice() {
         ),
         (1_714_617_360_000_000, "58000.5", "0.00006405")
     );
+}
+
+/// A subscriber takes a connection that brings no frame at all for its
+/// `silence` (a server or path that died without a FIN) for dead, and
+/// reconnects and resumes; a server's pings keep a quiet connection alive.
+#[tokio::test]
+async fn a_silent_connection_is_replaced_and_pings_keep_a_quiet_one() {
+    let sub_of = |srv: &Server| {
+        Subscriber::new(SubscriberConfig {
+            urls: vec![srv.ws_url()],
+            symbols: vec!["SPY".into()],
+            channels: vec!["ticks".into()],
+            connect_timeout: Duration::from_secs(2),
+            silence: Duration::from_millis(1500),
+            token: None,
+            trust: None,
+        })
+    };
+    // a server that never pings (within the test)
+    let mute = Server::start(&[
+        "--no-sim",
+        "--ping-interval-ms",
+        "3600000",
+        "--idle-timeout-ms",
+        "7200000",
+    ]);
+    let mut sub = sub_of(&mute);
+    assert!(matches!(sub.next().await, Event::Connected { .. }));
+    let gone = tokio::time::timeout(WAIT, async {
+        loop {
+            match sub.next().await {
+                Event::Message(_) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("a silent connection was never given up");
+    assert!(
+        matches!(&gone, Event::Disconnected { code: None, reason } if reason.contains("not even a ping")),
+        "{gone:?}"
+    );
+    assert!(matches!(sub.next().await, Event::Connected { .. }), "it reconnects");
+
+    // pings every 100 ms: a tick published after more than two silences
+    // (4 s) is the very next event, on the same connection
+    let pinging = Server::start(&["--no-sim", "--ping-interval-ms", "100", "--idle-timeout-ms", "10000"]);
+    let mut sub = sub_of(&pinging);
+    assert!(matches!(sub.next().await, Event::Connected { .. }));
+    assert!(matches!(sub.next().await, Event::Message(ServerMsg::Subscribed { .. })));
+    let mut p = pinging.publisher("pings").await;
+    let later = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        publish_all(&mut p, [tick("SPY", T0 + 1, "601.25", "100")]).await;
+    });
+    // (`next` is not cancel-safe: it is not raced against the delay)
+    match tokio::time::timeout(WAIT, sub.next()).await.unwrap() {
+        Event::Message(ServerMsg::Tick(t)) => assert_eq!((t.seq, t.price.as_str()), (1, "601.25")),
+        other => panic!("the tick on the same connection, not {other:?}"),
+    }
+    later.await.unwrap();
+}
+
+/// What no resend can fix is not resent for ever: a tick over the
+/// contract's 4 MiB is refused by `send` before it is queued; one over the
+/// server's own request limit (here 192,000 bytes: the server ends the stream
+/// OUT_OF_RANGE) is answered as rejected (`message_too_large`), and the
+/// requests after it go on, stored in order.
+#[tokio::test]
+async fn a_publisher_is_told_what_no_resend_can_fix() {
+    use tickshard_client::{
+        ClientError,
+        publisher::{Publisher, PublisherConfig},
+    };
+    let srv = Server::start(&["--no-sim"]);
+    let mut p = Publisher::connect(PublisherConfig::new(vec![srv.grpc_url()], "big"))
+        .await
+        .unwrap();
+    let big = |bytes: usize, ts: i64| tickshard_proto::v1::Tick {
+        price: "1".repeat(bytes),
+        ..tick("AAPL", ts, "1", "1")
+    };
+    match p.send(big(5 << 20, T0 + 1)).await {
+        Err(ClientError::Input(m)) => assert!(m.contains("request bound"), "{m}"),
+        other => panic!("refused before it is queued, not {other:?}"),
+    }
+    assert_eq!(p.in_flight(), 0);
+    p.send(tick("AAPL", T0 + 2, "189.5", "1")).await.unwrap();
+    let too_big = p.send(big(300_000, T0 + 3)).await.unwrap();
+    p.send(tick("AAPL", T0 + 4, "189.75", "2")).await.unwrap();
+    let mut acks = tokio::time::timeout(WAIT, p.flush())
+        .await
+        .expect("the publisher resends the request for ever")
+        .unwrap();
+    acks.sort_by_key(|a| a.request_id);
+    assert_eq!((acks[0].seq, &acks[0].error), (1, &None));
+    assert_eq!(acks[1].request_id, too_big);
+    assert_eq!(
+        acks[1].error.as_ref().map(|e| e.0.as_str()),
+        Some("message_too_large"),
+        "{:?}",
+        acks[1]
+    );
+    assert_eq!(
+        (acks[2].seq, &acks[2].error),
+        (2, &None),
+        "the request after it is stored next"
+    );
+    let h = srv
+        .feed()
+        .await
+        .get_history(tickshard_proto::v1::HistoryRequest {
+            symbol: "AAPL".into(),
+            from_seq: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let prices: Vec<_> = h.ticks.iter().map(|t| (t.seq, t.price.as_str())).collect();
+    assert_eq!(prices, vec![(1, "189.5"), (2, "189.75")]);
+}
+
+/// `tail` ends with exit code 2 on a subscribe error no retry fixes (here
+/// an unknown channel, `bad_json`), with `--json` too, instead of waiting
+/// for good on a connection that will bring nothing.
+#[test]
+fn tail_exits_on_an_error_no_retry_fixes() {
+    let srv = Server::start(&["--no-sim"]);
+    for json in [false, true] {
+        let mut args = vec!["tail", "TL", "--channels", "candles:2m", "--url"];
+        let url = srv.ws_url();
+        args.push(&url);
+        if json {
+            args.push("--json");
+        }
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tickshard"))
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        let out = match rx.recv_timeout(WAIT) {
+            Ok(out) => out.unwrap(),
+            Err(_) => {
+                // (never left running: the test failed)
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status();
+                panic!("tail (--json {json}) kept waiting after a bad_json subscribe");
+            }
+        };
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("server error bad_json"), "{err}");
+    }
 }
 
 /// `tickshard tail` prints a symbol's snapshot then every tick with its exact

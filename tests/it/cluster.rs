@@ -92,6 +92,7 @@ async fn three_pods_serve_every_symbol_from_any_pod() {
         symbols: foreign.clone(),
         channels: vec!["ticks".into()],
         connect_timeout: Duration::from_secs(2),
+        silence: tickshard_client::ws::SILENCE,
         token: None,
         trust: None,
     });
@@ -281,6 +282,7 @@ pub(crate) async fn rollout_under_load(
             symbols: symbols.clone(),
             channels: vec!["ticks".into()],
             connect_timeout: Duration::from_secs(2),
+            silence: tickshard_client::ws::SILENCE,
             token: token.clone(),
             trust: None,
         })
@@ -621,6 +623,7 @@ async fn a_peer_partition_heals_without_gap_or_duplicate() {
         symbols: symbols.clone(),
         channels: vec!["ticks".into()],
         connect_timeout: Duration::from_secs(2),
+        silence: tickshard_client::ws::SILENCE,
         token: None,
         trust: None,
     });

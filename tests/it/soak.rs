@@ -129,6 +129,7 @@ async fn kill_9_soak() {
             symbols: symbols.clone(),
             channels: vec!["ticks".into()],
             connect_timeout: Duration::from_secs(2),
+            silence: tickshard_client::ws::SILENCE,
             token: None,
             trust: None,
         });
