@@ -9,6 +9,7 @@ use std::{
 
 use rust_decimal::prelude::ToPrimitive as _;
 use tickshard_client::{
+    ClientError,
     input::{Columns, InputSpec, TickReader, TsUnit},
     publisher::{Acked, Publisher, PublisherConfig},
     ws::{Event, ServerMsg, Subscriber, SubscriberConfig},
@@ -295,9 +296,21 @@ pub async fn publish(a: PublishArgs, pace: Option<(Option<Decimal>, bool)>) -> E
                 tick.ts_micros += shift;
             }
         }
-        if let Err(e) = p.send(tick).await {
-            say!("publish: {e}");
-            return ExitCode::FAILURE;
+        match p.send(tick).await {
+            Ok(_) => {}
+            // (a tick over the request bound: a bad row like any other)
+            Err(e @ ClientError::Input(_)) => {
+                bad_rows += 1;
+                say!("publish: {}: {e}", a.file.display());
+                if !a.skip_invalid {
+                    return ExitCode::from(2);
+                }
+                continue;
+            }
+            Err(e) => {
+                say!("publish: {e}");
+                return ExitCode::FAILURE;
+            }
         }
         sent += 1;
         while let Some(ack) = p.try_ack() {
@@ -340,11 +353,11 @@ const ID_HEAD_BYTES: u64 = 64 << 10;
 /// A file that cannot be read twice (a pipe) needs `--publisher-id`.
 fn default_publisher_id(path: &std::path::Path, spec: &InputSpec, now: bool) -> Result<String, String> {
     use std::io::Read as _;
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let regular = file.metadata().map_err(|e| e.to_string())?.is_file();
-    if !regular {
+    // (asked before opening it: opening a named pipe would wait for a writer)
+    if !std::fs::metadata(path).map_err(|e| e.to_string())?.is_file() {
         return Err("not a regular file (its rows can be read only once): give --publisher-id".into());
     }
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut head = Vec::new();
     file.take(ID_HEAD_BYTES)
         .read_to_end(&mut head)

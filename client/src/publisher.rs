@@ -106,9 +106,13 @@ pub struct Publisher {
     ready: VecDeque<Acked>,
     stream: Option<Stream>,
     backoff: Backoff,
-    /// The last final ack, or the last request sent with nothing in flight:
-    /// `give_up_after` counts from here.
+    /// The last final ack, or the last request sent with nothing in flight.
     progress: tokio::time::Instant,
+    /// When the current public call ([`Publisher::send`],
+    /// [`Publisher::next_ack`]) began: `give_up_after` counts from the later
+    /// of the two, so time the caller spends elsewhere (a paced replay)
+    /// never counts.
+    called: tokio::time::Instant,
     /// Reconnects so far (for reports and tests).
     pub reconnects: u64,
 }
@@ -135,6 +139,7 @@ impl Publisher {
             stream: None,
             backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(250)),
             progress: tokio::time::Instant::now(),
+            called: tokio::time::Instant::now(),
             reconnects: 0,
         };
         // Every endpoint once (from a random one) before giving up.
@@ -194,11 +199,12 @@ impl Publisher {
 
     /// Publishes one tick: returns its request id once it is sent (waiting for
     /// acks while the window is full). Its outcome comes from [`Self::next_ack`].
-    /// Not cancel-safe (drop it and the request may only go out on the next
-    /// reconnect); [`Self::next_ack`] is. An error means the tick was not
-    /// queued (a request over [`MAX_REQUEST_BYTES`], or no stream could be
-    /// had): sending it again sends it once.
+    /// Cancel-safe: the tick is queued, and sent, only once the stream has
+    /// room for it, without waiting after that. An error means the tick was
+    /// not queued (a request over [`MAX_REQUEST_BYTES`], or no stream could
+    /// be had): sending it again sends it once.
     pub async fn send(&mut self, tick: pb::Tick) -> Result<u64, ClientError> {
+        self.called = tokio::time::Instant::now();
         use prost::Message as _;
         // (the request's other fields: ids, publisher_seq, the 5-byte prefix)
         let bytes = tick.encoded_len() + self.cfg.publisher_id.len() + 64;
@@ -215,9 +221,20 @@ impl Publisher {
         // No stream (it broke earlier): reconnect first, which resends what
         // is unacked; waiting here is the publisher's backpressure while no
         // server takes its requests, and a failure leaves this tick unqueued.
-        if self.stream.is_none() {
-            self.reconnect().await?;
-        }
+        // Then room on the stream, before anything is queued.
+        let permit = loop {
+            if self.stream.is_none() {
+                self.reconnect().await?;
+            }
+            let Some(tx) = self.stream.as_ref().map(|s| s.tx.clone()) else {
+                continue;
+            };
+            match tx.reserve_owned().await {
+                Ok(permit) => break permit,
+                // The stream broke: a new one (which resends what is unacked).
+                Err(_) => self.stream = None,
+            }
+        };
         if self.unacked.is_empty() {
             self.progress = tokio::time::Instant::now();
         }
@@ -239,18 +256,14 @@ impl Publisher {
                 parked: false,
             },
         );
-        if let Some(s) = &self.stream
-            && s.tx.send(req).await.is_err()
-        {
-            // The stream broke; `pump` reconnects and resends everything.
-            self.stream = None;
-        }
+        permit.send(req);
         Ok(request_id)
     }
 
     /// The next final ack (accepted, duplicate or rejected), reconnecting and
     /// resending as needed. `None` when nothing is outstanding.
     pub async fn next_ack(&mut self) -> Result<Option<Acked>, ClientError> {
+        self.called = tokio::time::Instant::now();
         loop {
             if let Some(a) = self.ready.pop_front() {
                 return Ok(Some(a));
@@ -314,9 +327,12 @@ impl Publisher {
         let Some(s) = self.stream.as_mut() else {
             return self.reconnect().await;
         };
-        let give_up = (!self.cfg.give_up_after.is_zero()).then(|| self.progress + self.cfg.give_up_after);
+        let give_up =
+            (!self.cfg.give_up_after.is_zero()).then(|| self.progress.max(self.called) + self.cfg.give_up_after);
         let new_stream_at = self.new_stream_at;
         let msg = tokio::select! {
+            // (an ack that is there is taken before any timer)
+            biased;
             m = s.acks.message() => m,
             _ = tokio::time::sleep_until(new_stream_at.unwrap_or(now)), if new_stream_at.is_some() => return Ok(()),
             _ = tokio::time::sleep_until(give_up.unwrap_or(now)), if give_up.is_some() => {
@@ -383,12 +399,23 @@ impl Publisher {
     }
 
     /// The server ended the stream OUT_OF_RANGE: a request was over its size
-    /// limit. It answered every request before it first (contract §5), so
-    /// the culprit is the first unacked request that is not parked: it is
-    /// answered here as rejected, and the rest is resent. False if there is
-    /// none (then the status is final).
+    /// limit. It answered every request before it first (contract §5), and
+    /// this publisher sends in request order, so the culprit is the first
+    /// unacked request that is not parked; it is answered here as rejected,
+    /// and the rest is resent. Only if that request is indeed over the limit
+    /// the status names: otherwise (or if the status names none) false, and
+    /// the status is final.
     fn reject_first_sent(&mut self, status: &tonic::Status) -> bool {
-        let Some((&id, _)) = self.unacked.iter().find(|(_, p)| !p.parked) else {
+        use prost::Message as _;
+        let Some(limit) = limit_in(status.message()) else {
+            return false;
+        };
+        let Some((&id, _)) = self
+            .unacked
+            .iter()
+            .find(|(_, p)| !p.parked)
+            .filter(|(_, p)| p.req.encoded_len() > limit)
+        else {
             return false;
         };
         let Some(p) = self.unacked.remove(&id) else {
@@ -416,17 +443,10 @@ impl Publisher {
         // misconfigured address in the list does not stop the others).
         let mut refusals = 0usize;
         loop {
-            let since = if self.unacked.is_empty() {
-                started
-            } else {
-                self.progress
-            };
-            if !self.cfg.give_up_after.is_zero() && since.elapsed() >= self.cfg.give_up_after {
-                return Err(ClientError::Timeout("no server took a publish stream"));
-            }
             tokio::time::sleep(self.backoff.next_delay()).await;
             match self.open().await {
                 Ok(s) => {
+                    refusals = 0;
                     self.reconnects += 1;
                     self.new_stream_at = None; // everything unacked is resent below
                     self.parked = 0;
@@ -444,6 +464,8 @@ impl Publisher {
                         return Ok(());
                     }
                 }
+                // (the token is not header text: no endpoint takes it)
+                Err(e @ ClientError::Input(_)) => return Err(e),
                 Err(e @ ClientError::Refused(_)) => {
                     refusals += 1;
                     if refusals >= self.cfg.endpoints.len() {
@@ -460,8 +482,19 @@ impl Publisher {
                     }
                 }
             }
+            if !self.cfg.give_up_after.is_zero() && started.elapsed() >= self.cfg.give_up_after {
+                return Err(ClientError::Timeout("no server took a publish stream"));
+            }
         }
     }
+}
+
+/// The size limit an OUT_OF_RANGE status of tonic's decoder names ("…, the
+/// limit is: 192000 bytes").
+fn limit_in(message: &str) -> Option<usize> {
+    let (_, rest) = message.split_once("the limit is: ")?;
+    let digits: &str = &rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())];
+    digits.parse().ok()
 }
 
 /// True for a status that no resend of the same requests can fix.
@@ -474,5 +507,20 @@ fn is_final(code: tonic::Code, opening: bool) -> bool {
         Code::PermissionDenied | Code::InvalidArgument | Code::OutOfRange | Code::Unimplemented => true,
         Code::Unauthenticated => opening,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::limit_in;
+
+    #[test]
+    fn the_limit_is_read_from_tonics_message() {
+        let m = "Error, decoded message length too large: found 5242917 bytes, the limit is: 192000 bytes";
+        assert_eq!(limit_in(m), Some(192_000));
+        assert_eq!(limit_in("the limit is: 7"), Some(7));
+        assert_eq!(limit_in("no limit here"), None);
+        assert_eq!(limit_in("the limit is: bytes"), None);
+        assert_eq!(limit_in("the limit is: 99999999999999999999999 bytes"), None);
     }
 }

@@ -264,6 +264,29 @@ async fn a_publisher_is_told_what_no_resend_can_fix() {
     assert_eq!(prices, vec![(1, "189.5"), (2, "189.75")]);
 }
 
+/// `give_up_after` counts only while the caller waits on the publisher: one
+/// left alone past it (a paced replay between rows) still collects the acks
+/// that came meanwhile, each of them, rather than giving up on them.
+#[tokio::test]
+async fn a_publisher_left_idle_past_its_give_up_still_collects_its_acks() {
+    use tickshard_client::publisher::{Publisher, PublisherConfig};
+    let srv = Server::start(&["--no-sim"]);
+    let mut cfg = PublisherConfig::new(vec![srv.grpc_url()], "idle");
+    cfg.give_up_after = Duration::from_millis(300);
+    let mut p = Publisher::connect(cfg).await.unwrap();
+    for i in 1..=5 {
+        p.send(tick("IDLE", T0 + i, "1.5", "1")).await.unwrap();
+    }
+    // (the caller is elsewhere for three give-ups' time)
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let acks = tokio::time::timeout(WAIT, p.flush())
+        .await
+        .unwrap()
+        .expect("the acks that are there are collected");
+    let seqs: Vec<u64> = acks.iter().map(|a| a.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+}
+
 /// `tail` ends with exit code 2 on a subscribe error no retry fixes (here
 /// an unknown channel, `bad_json`), with `--json` too, instead of waiting
 /// for good on a connection that will bring nothing.
