@@ -370,22 +370,9 @@ fn default_publisher_id(path: &std::path::Path, spec: &InputSpec, now: bool) -> 
         .map_or(head.len(), |(i, _)| i + 1);
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     h.update(&head[..end]);
-    let c = &spec.columns;
     let symbol = spec.symbol.as_deref().map(str::to_ascii_uppercase).unwrap_or_default();
-    let options = [
-        if spec.ndjson { "ndjson" } else { "csv" },
-        &symbol,
-        &c.symbol,
-        &c.ts,
-        &c.price,
-        &c.size,
-        &c.bid,
-        &c.ask,
-        &c.bid_size,
-        &c.ask_size,
-        spec.ts_unit.name(),
-    ];
-    for o in options {
+    let settings = [if spec.ndjson { "ndjson" } else { "csv" }, &symbol, spec.ts_unit.name()];
+    for o in settings.into_iter().chain(spec.columns.names()) {
         // (length-prefixed: no two option lists hash alike by shifting text)
         h.update(&(o.len() as u64).to_le_bytes());
         h.update(o.as_bytes());

@@ -39,6 +39,23 @@ pub struct Columns {
     pub ask_size: String,
 }
 
+impl Columns {
+    /// The eight names in field order: symbol, ts, price, size, bid, ask,
+    /// bid_size, ask_size.
+    pub fn names(&self) -> [&str; 8] {
+        [
+            &self.symbol,
+            &self.ts,
+            &self.price,
+            &self.size,
+            &self.bid,
+            &self.ask,
+            &self.bid_size,
+            &self.ask_size,
+        ]
+    }
+}
+
 impl Default for Columns {
     fn default() -> Self {
         Columns {
@@ -171,16 +188,7 @@ impl TickReader {
                 .clone();
             let find = |name: &str| headers.iter().position(|h| h == name);
             let c = &spec.columns;
-            let idx = [
-                find(&c.symbol),
-                find(&c.ts),
-                find(&c.price),
-                find(&c.size),
-                find(&c.bid),
-                find(&c.ask),
-                find(&c.bid_size),
-                find(&c.ask_size),
-            ];
+            let idx = c.names().map(find);
             for (i, column) in [(1, &c.ts), (2, &c.price), (3, &c.size)] {
                 if idx[i].is_none() {
                     return Err(ClientError::Input(format!(
@@ -268,18 +276,9 @@ impl Iterator for TickReader {
                     Err(e) => return Some(Err(format!("{at}: {e}"))),
                 };
                 let c = self.spec.columns.clone();
-                let names = [
-                    &c.symbol,
-                    &c.ts,
-                    &c.price,
-                    &c.size,
-                    &c.bid,
-                    &c.ask,
-                    &c.bid_size,
-                    &c.ask_size,
-                ];
+                let names = c.names();
                 for (i, n) in names.iter().enumerate().skip(2) {
-                    if let Some(x) = v.get(n.as_str())
+                    if let Some(x) = v.get(*n)
                         && !x.is_str()
                         && !x.is_null()
                     {
@@ -290,7 +289,7 @@ impl Iterator for TickReader {
                     }
                 }
                 let get = |i: usize| {
-                    v.get(names[i].as_str())
+                    v.get(names[i])
                         .and_then(|x| x.as_str())
                         .filter(|s| !s.is_empty())
                         .map(str::to_owned)
