@@ -159,6 +159,9 @@ enum Source {
         lines: std::io::Lines<BufReader<Input>>,
         line: u64,
     },
+    /// The input failed to read (not a bad row: the file itself): that
+    /// error was the last row, so a caller that skips bad rows ends.
+    Failed,
 }
 
 /// Reads tick rows from a file, one at a time.
@@ -246,7 +249,13 @@ impl Iterator for TickReader {
             Source::Csv { rdr, idx, rec } => {
                 match rdr.read_record(rec) {
                     Ok(false) => return None,
-                    Err(e) => return Some(Err(e.to_string())),
+                    Err(e) => {
+                        let row = Some(Err(e.to_string()));
+                        if matches!(e.kind(), csv::ErrorKind::Io(_)) {
+                            self.src = Source::Failed;
+                        }
+                        return row;
+                    }
                     Ok(true) => {}
                 }
                 let at = format!("line {}", rec.position().map_or(0, |p| p.line()));
@@ -260,11 +269,19 @@ impl Iterator for TickReader {
                 let ts = get(1);
                 Some(self.tick(get, ts, &at))
             }
+            Source::Failed => None,
             Source::Ndjson { lines, line } => loop {
                 *line += 1;
                 let text = match lines.next()? {
                     Ok(t) => t,
-                    Err(e) => return Some(Err(e.to_string())),
+                    Err(e) => {
+                        // (a line that is not UTF-8 is a bad row, and read past)
+                        let row = Some(Err(format!("line {line}: {e}")));
+                        if e.kind() != std::io::ErrorKind::InvalidData {
+                            self.src = Source::Failed;
+                        }
+                        return row;
+                    }
                 };
                 if text.trim().is_empty() {
                     continue;
@@ -309,6 +326,34 @@ impl Iterator for TickReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A read error of the file itself is reported once and ends the rows
+    /// (a caller that skips bad rows does not loop on it); a line that is
+    /// not UTF-8 is a bad row and the next line is read.
+    #[test]
+    fn a_failing_input_ends_after_its_error() {
+        struct Broken;
+        impl std::io::Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("device gone"))
+            }
+        }
+        let spec = InputSpec {
+            ndjson: true,
+            symbol: Some("X".into()),
+            columns: Columns::default(),
+            ts_unit: TsUnit::Micros,
+        };
+        let mut r = TickReader::from_reader(Box::new(Broken), "broken", spec.clone()).unwrap();
+        assert!(matches!(r.next(), Some(Err(e)) if e.contains("device gone")));
+        assert!(r.next().is_none());
+
+        let text = b"\xff\xfe\n{\"ts\":1,\"price\":\"1.5\",\"size\":\"2\"}\n".to_vec();
+        let mut r = TickReader::from_reader(Box::new(std::io::Cursor::new(text)), "t", spec).unwrap();
+        assert!(matches!(r.next(), Some(Err(_))), "the line that is not UTF-8");
+        assert!(matches!(r.next(), Some(Ok(t)) if t.price == "1.5"));
+        assert!(r.next().is_none());
+    }
 
     #[test]
     fn timestamp_units_convert_exactly() {
