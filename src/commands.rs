@@ -266,7 +266,8 @@ pub async fn publish(a: PublishArgs, pace: Option<(Option<Decimal>, bool)>) -> E
             accepted += 1;
         }
     };
-    for row in reader {
+    let mut reader = reader;
+    for row in reader.by_ref() {
         let mut tick = match row {
             Ok(t) => t,
             Err(e) => {
@@ -317,6 +318,10 @@ pub async fn publish(a: PublishArgs, pace: Option<(Option<Decimal>, bool)>) -> E
             count(ack, &mut rejected);
         }
     }
+    // The file itself failed to read (its error was the last row, and ends
+    // them): what was sent is flushed and reported, and the run fails even
+    // with --skip-invalid, which skips bad rows, not a file cut short.
+    let read_failed = reader.read_failed();
     match p.flush().await {
         Ok(acks) => acks.into_iter().for_each(|ack| count(ack, &mut rejected)),
         Err(e) => {
@@ -330,7 +335,7 @@ pub async fn publish(a: PublishArgs, pace: Option<(Option<Decimal>, bool)>) -> E
         sent as f64 / secs.max(1e-9),
         p.reconnects
     );
-    if rejected > 0 && !a.skip_invalid {
+    if read_failed || (rejected > 0 && !a.skip_invalid) {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

@@ -215,6 +215,12 @@ impl TickReader {
         Ok(TickReader { spec, src })
     }
 
+    /// True once the input itself failed to read (the last row was that
+    /// error): not a bad row, and nothing more will come.
+    pub fn read_failed(&self) -> bool {
+        matches!(self.src, Source::Failed)
+    }
+
     fn tick(&self, get: impl Fn(usize) -> Option<String>, ts_raw: Option<String>, at: &str) -> Row {
         let symbol = match &self.spec.symbol {
             Some(s) => s.clone(),

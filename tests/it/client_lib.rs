@@ -264,6 +264,38 @@ async fn a_publisher_is_told_what_no_resend_can_fix() {
     assert_eq!(prices, vec![(1, "189.5"), (2, "189.75")]);
 }
 
+/// `publish --skip-invalid` skips bad rows, not a file it cannot read: a
+/// read error of the input itself ends the run with exit code 1 (here a
+/// directory read as NDJSON), instead of looping on it or reporting success.
+#[test]
+fn publish_fails_on_a_file_it_cannot_read_even_when_skipping_bad_rows() {
+    let srv = Server::start(&["--no-sim"]);
+    let dir = tempfile::tempdir().unwrap();
+    let url = srv.grpc_url();
+    let child = Command::new(env!("CARGO_BIN_EXE_tickshard"))
+        .args(["publish", dir.path().to_str().unwrap(), "--format", "ndjson"])
+        .args(["--publisher-id", "dir", "--skip-invalid", "--grpc", &url])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(WAIT) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("publish kept going on a file it cannot read");
+        }
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("directory"), "{err}");
+}
+
 /// `give_up_after` counts only while the caller waits on the publisher: one
 /// left alone past it (a paced replay between rows) still collects the acks
 /// that came meanwhile, each of them, rather than giving up on them.
