@@ -17,6 +17,7 @@ cannot see. Usage: check.py RENDERED.yaml [...]; exits 1 listing every problem.
 - peers are https:// exactly when peer TLS is configured; the prod overlay
   runs TLS, peer mTLS and token verification without anonymous publishing
 """
+import re
 import sys
 
 import yaml
@@ -87,13 +88,18 @@ def check(docs, name):
     grace = pod.get("terminationGracePeriodSeconds", 30)
     pre = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     drain = int(env.get("TICKSHARD_DRAIN_MS") or 5000) / 1000
-    if grace <= pre + drain + 5:
-        problems.append(f"terminationGracePeriodSeconds {grace} <= preStop {pre} + drain {drain} + 5 s flush margin")
+    # (the server's own deadline is the drain + 15 s: closes, final commit, flush)
+    if grace <= pre + drain + 15:
+        problems.append(
+            f"terminationGracePeriodSeconds {grace} <= preStop {pre} + drain {drain} + the server's 15 s past the drain"
+        )
     shards = env.get("TICKSHARD_SHARDS")
     if str(spec.get("replicas")) != str(shards):
         problems.append(f"replicas {spec.get('replicas')} != TICKSHARD_SHARDS {shards}")
     peers = env.get("TICKSHARD_PEERS") or ""
-    if "{}" not in peers or f".{spec.get('serviceName')}:" not in peers or f":{ports.get('peer')}" not in peers:
+    svc = spec.get("serviceName")
+    on_headless = f".{svc}:" in peers or f".{svc}." in peers
+    if "{}" not in peers or not on_headless or f":{ports.get('peer')}" not in peers:
         problems.append(f"TICKSHARD_PEERS {peers!r} must be a {{}} template on the headless Service and the peer port")
     if ports.get("peer") == ports.get("grpc"):
         problems.append("the peer port (the internal Cluster service) must not be the public gRPC port")
@@ -102,6 +108,24 @@ def check(docs, name):
     tls_peer = all(env.get(k) for k in ("TICKSHARD_PEER_TLS_CERT", "TICKSHARD_PEER_TLS_KEY", "TICKSHARD_PEER_TLS_CA"))
     if tls_peer != peers.startswith("https://"):
         problems.append("TICKSHARD_PEERS must be https:// exactly when peer TLS is configured")
+    host = peers.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+    if tls_peer and len(host.split(".")) < 4:
+        # *.<rest> matches only if <rest> has two labels or more (rustls, NSS)
+        problems.append(
+            f"TICKSHARD_PEERS host {host!r}: with peer TLS, dial the full name "
+            "(tickshard-{}.<headless>.<namespace>.svc.cluster.local) that a wildcard certificate can match"
+        )
+    names = [e["name"] for e in c.get("env", [])]
+    for e in c.get("env", []):
+        for ref in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", e.get("value") or ""):
+            if ref not in names[: names.index(e["name"])]:
+                problems.append(f"{e['name']} names $({ref}), which is not defined before it")
+    if env.get("TICKSHARD_TLS_CERT"):
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if c.get(probe, {}).get("httpGet", {}).get("scheme") != "HTTPS":
+                problems.append(f"{probe} must use scheme HTTPS: the HTTP port serves TLS only")
+        if tmpl["metadata"].get("annotations", {}).get("prometheus.io/scheme") != "https":
+            problems.append("prometheus.io/scheme must be https: the HTTP port serves TLS only")
     if "prod" in name:
         if not tls_peer or not env.get("TICKSHARD_TLS_CERT"):
             problems.append("prod must run TLS for clients and mutual TLS between pods")
