@@ -316,8 +316,14 @@ async fn supervise(
         }
     };
     tracing::debug!(reason = why, "closing an HTTP connection");
-    conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
+    // A request in flight gets to finish (up to CLOSE_GRACE); a connection
+    // with none (idle, or a request head not yet whole) is dropped at once:
+    // its slot is what a probe may be waiting for (contract §7: probes
+    // answer within a second).
+    if track.busy.load(Ordering::Relaxed) {
+        conn.as_mut().graceful_shutdown();
+        let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
+    }
 }
 
 /// A TLS connection of the HTTP listener.

@@ -307,8 +307,12 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
 
 async fn handle(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) -> Result<Response<Body>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n"));
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return Ok(secured(r, false));
     }
+    let api = req.uri().path().starts_with("/api/");
     let resp = match req.uri().path() {
         "/healthz" => {
             if shared.node.is_healthy() {
@@ -368,7 +372,12 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) -
         }
         "/api/candles" => match upgrade_caller(&req, &shared) {
             Ok(caller) => candles_api(req.uri().query().unwrap_or_default(), &shared, &caller).await,
-            Err(e) => api_error(StatusCode::UNAUTHORIZED, &e.to_string()),
+            Err(e) => {
+                let mut r = api_error(StatusCode::UNAUTHORIZED, &e.to_string());
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+                r
+            }
         },
         path => match crate::dashboard::asset(path) {
             Some((content_type, body)) => {
@@ -382,7 +391,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>, peer: SocketAddr) -
             None => text(StatusCode::NOT_FOUND, "not found\n"),
         },
     };
-    Ok(resp)
+    Ok(secured(resp, api))
 }
 
 /// Takes a WebSocket slot and upgrades (the caller is already authenticated).
@@ -555,6 +564,25 @@ async fn candles_api(query: &str, shared: &Shared, caller: &Principal) -> Respon
             api_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
         }
     }
+}
+
+/// Headers every HTTP answer carries: no content-type sniffing, no framing
+/// by another site (the dashboard has a token form); API answers are not
+/// stored by caches (they may have been asked with a token).
+fn secured(mut r: Response<Body>, api: bool) -> Response<Body> {
+    let h = r.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    if api {
+        h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    }
+    r
 }
 
 /// A JSON error of the candles API: 400 `bad_request`, 503 `unavailable`

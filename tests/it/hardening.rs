@@ -408,6 +408,46 @@ async fn the_candles_api_refuses_unparsable_numbers() {
     assert_eq!(status, 200);
 }
 
+/// Every HTTP answer forbids content sniffing and framing by another site
+/// (the dashboard has a token form); API answers are not cached; a method
+/// other than GET/HEAD gets 405 with `Allow`; a 401 names its scheme.
+#[tokio::test]
+async fn http_answers_carry_their_safety_headers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let srv = Server::start(&["--no-sim"]);
+    let head = |request: String| {
+        let addr = srv.http;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+                .await
+                .unwrap()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+            text.split("\r\n\r\n").next().unwrap_or_default().to_string()
+        }
+    };
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    for path in ["/", "/healthz", "/api/candles?symbol=BTC-USD&interval=1m", "/nowhere"] {
+        let h = head(get(path)).await;
+        assert!(h.contains("x-content-type-options: nosniff"), "{path}: {h}");
+        assert!(
+            h.contains("content-security-policy: frame-ancestors 'none'"),
+            "{path}: {h}"
+        );
+        assert_eq!(
+            h.contains("cache-control: no-store"),
+            path.starts_with("/api/"),
+            "{path}: {h}"
+        );
+    }
+    let h =
+        head("POST /api/candles HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".into()).await;
+    assert!(h.starts_with("http/1.1 405") && h.contains("allow: get, head"), "{h}");
+}
+
 /// Item 4: idle sockets starved the probes (20 silent connections with
 /// `--max-connections 20` left `/healthz` unanswered). Now WebSockets and
 /// plain HTTP are bounded apart, the plain connection idle the longest makes
@@ -440,6 +480,20 @@ async fn idle_sockets_never_starve_the_probes() {
     }
     assert_eq!(probe().await.0, 200);
     drop(idle);
+
+    // The same with half-sent request heads in every slot: the one evicted
+    // has no request in flight, so it goes at once (no close grace).
+    let mut partial = Vec::new();
+    for _ in 0..600 {
+        let mut s = tokio::net::TcpStream::connect(srv.http).await.unwrap();
+        s.write_all(b"GET / HT").await.unwrap();
+        partial.push(s);
+        if partial.len() % 100 == 0 {
+            assert_eq!(probe().await.0, 200);
+        }
+    }
+    assert_eq!(probe().await.0, 200);
+    drop(partial);
 
     // A silent connection and a half-sent request head are closed.
     let mut silent = tokio::net::TcpStream::connect(srv.http).await.unwrap();
