@@ -529,11 +529,18 @@ async fn candles_api(query: &str, shared: &Shared, caller: &Principal) -> Respon
     // Without `from`, the most recent `limit` candles up to `to`: back from
     // the interval of the symbol's newest tick, or of `to` if that is older
     // (event time, so replayed history works too).
-    if from == 0
-        && let Ok(snap) = shared.node.snapshots(&[symbol]).await
-        && let Some(last) = snap.first()
-    {
-        let mut newest = iv.start_of(last.tick.ts);
+    // (a failed snapshot read is the answer: without it the span would
+    // start at the oldest candles, not end at the newest)
+    let newest = if from == 0 {
+        match shared.node.snapshots(&[symbol]).await {
+            Ok(snap) => snap.first().map(|s| s.tick.ts),
+            Err(e) => return read_error(e),
+        }
+    } else {
+        None
+    };
+    if let Some(last_ts) = newest {
+        let mut newest = iv.start_of(last_ts);
         if to != 0 {
             // (a client's number: clamped to where times live, 0..)
             newest = newest.min(iv.start_of(to.max(0)));
@@ -556,9 +563,16 @@ async fn candles_api(query: &str, shared: &Shared, caller: &Principal) -> Respon
             );
             r
         }
-        Err(e @ tickshard_shard::Error::Refused { .. }) => api_error(StatusCode::BAD_REQUEST, &e.to_string()),
-        Err(e @ tickshard_shard::Error::Unavailable(_)) => api_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-        Err(e @ tickshard_shard::Error::Fault(_)) => {
+        Err(e) => read_error(e),
+    }
+}
+
+/// A failed read of the candles API: 400 refused, 503 unavailable, 500 fault.
+fn read_error(e: tickshard_shard::Error) -> Response<Body> {
+    match e {
+        e @ tickshard_shard::Error::Refused { .. } => api_error(StatusCode::BAD_REQUEST, &e.to_string()),
+        e @ tickshard_shard::Error::Unavailable(_) => api_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        e @ tickshard_shard::Error::Fault(_) => {
             // (its detail was logged where the fault became this error)
             tracing::debug!(error = ?e, endpoint = "/api/candles", "a candles read failed");
             api_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
