@@ -64,7 +64,7 @@ pub async fn tail(a: TailArgs) -> ExitCode {
         Ok(t) => t,
         Err(code) => return code,
     };
-    let mut sub = Subscriber::new(SubscriberConfig {
+    let sub = Subscriber::new(SubscriberConfig {
         urls: a.url.clone(),
         symbols: a.symbols.clone(),
         channels: a.channels.clone(),
@@ -73,6 +73,13 @@ pub async fn tail(a: TailArgs) -> ExitCode {
         token: a.token.clone(),
         trust: trust.clone(),
     });
+    let mut sub = match sub {
+        Ok(s) => s,
+        Err(e) => {
+            say!("tickshard: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let mut seen = 0u64;
     let mut out = std::io::stdout();
     loop {

@@ -483,9 +483,23 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
-    pub fn new(cfg: SubscriberConfig) -> Subscriber {
-        let start = fastrand::usize(..cfg.urls.len().max(1));
-        Subscriber {
+    /// Checks the configuration first: at least one URL, each `ws://` or
+    /// `wss://`, and CAs to trust for `wss://` (a mistake no reconnect
+    /// fixes is an error here, not a silent retry loop).
+    pub fn new(cfg: SubscriberConfig) -> Result<Subscriber, ClientError> {
+        if cfg.urls.is_empty() {
+            return Err(ClientError::BadAddress("no WebSocket URL given".into()));
+        }
+        for url in &cfg.urls {
+            let (_, _, tls) = split_url(url)?;
+            if tls && cfg.trust.is_none() {
+                return Err(ClientError::Input(format!(
+                    "{url} is TLS: pass --ca-cert with the CA that signed its certificate"
+                )));
+            }
+        }
+        let start = fastrand::usize(..cfg.urls.len());
+        Ok(Subscriber {
             cfg,
             conn: None,
             next_url: start,
@@ -493,7 +507,7 @@ impl Subscriber {
             positions: HashMap::new(),
             raw: String::new(),
             quiet: false,
-        }
+        })
     }
 
     /// The JSON text of the message [`Subscriber::next`] returned last.
@@ -512,6 +526,9 @@ impl Subscriber {
     }
 
     fn subscribe_message(&self) -> String {
+        // Every string escaped: a symbol or epoch with a quote in it (typed
+        // by a user, or sent by a server) cannot change the request's shape.
+        let quoted = |s: &str| OwnedValue::String(s.to_owned()).encode();
         let mut resume = String::new();
         for (sym, p) in &self.positions {
             if p.epoch.is_empty() {
@@ -520,9 +537,14 @@ impl Subscriber {
             if !resume.is_empty() {
                 resume.push(',');
             }
-            resume.push_str(&format!("\"{sym}\":{{\"seq\":{},\"epoch\":\"{}\"}}", p.seq, p.epoch));
+            resume.push_str(&format!(
+                "{}:{{\"seq\":{},\"epoch\":{}}}",
+                quoted(sym),
+                p.seq,
+                quoted(&p.epoch)
+            ));
         }
-        let list = |v: &[String]| v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(",");
+        let list = |v: &[String]| v.iter().map(|s| quoted(s)).collect::<Vec<_>>().join(",");
         format!(
             "{{\"op\":\"subscribe\",\"id\":\"sub\",\"symbols\":[{}],\"channels\":[{}],\"resume\":{{{resume}}}}}",
             list(&self.cfg.symbols),
@@ -532,7 +554,7 @@ impl Subscriber {
 
     async fn connect(&mut self) -> String {
         loop {
-            let url = self.cfg.urls[self.next_url % self.cfg.urls.len().max(1)].clone();
+            let url = self.cfg.urls[self.next_url % self.cfg.urls.len()].clone();
             self.next_url = self.next_url.wrapping_add(1);
             let opts = ConnectOpts {
                 token: self.cfg.token.clone(),
@@ -633,5 +655,64 @@ impl Subscriber {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(urls: &[&str], symbols: &[&str]) -> SubscriberConfig {
+        SubscriberConfig {
+            urls: urls.iter().map(|s| s.to_string()).collect(),
+            symbols: symbols.iter().map(|s| s.to_string()).collect(),
+            channels: vec!["ticks".into()],
+            connect_timeout: Duration::from_secs(1),
+            silence: SILENCE,
+            token: None,
+            trust: None,
+        }
+    }
+
+    #[test]
+    fn a_configuration_no_reconnect_can_fix_is_refused_up_front() {
+        assert!(matches!(
+            Subscriber::new(cfg(&[], &["A"])),
+            Err(ClientError::BadAddress(_))
+        ));
+        assert!(matches!(
+            Subscriber::new(cfg(&["ws://127.0.0.1:1/ws", "http://127.0.0.1:1/ws"], &["A"])),
+            Err(ClientError::BadAddress(_))
+        ));
+        assert!(matches!(
+            Subscriber::new(cfg(&["wss://localhost:1/ws"], &["A"])),
+            Err(ClientError::Input(_))
+        ));
+        assert!(Subscriber::new(cfg(&["ws://127.0.0.1:1"], &["A"])).is_ok());
+    }
+
+    #[test]
+    fn the_subscribe_request_keeps_its_shape_whatever_the_strings() {
+        let odd = "A\",\"channels\":[\"x\\\n";
+        let mut sub = Subscriber::new(cfg(&["ws://127.0.0.1:1/ws"], &[odd, "B"])).expect("valid configuration");
+        sub.positions.insert(
+            "C\"}".into(),
+            Pos {
+                seq: 7,
+                epoch: "e\"1".into(),
+            },
+        );
+        let mut text = sub.subscribe_message().into_bytes();
+        let v = simd_json::to_owned_value(&mut text).expect("the request is JSON");
+        let symbols: Vec<&str> = v["symbols"]
+            .as_array()
+            .expect("symbols")
+            .iter()
+            .filter_map(|s| s.as_str())
+            .collect();
+        assert_eq!(symbols, [odd, "B"]);
+        assert_eq!(v["channels"].as_array().map(|a| a.len()), Some(1));
+        assert_eq!(v["resume"]["C\"}"]["seq"].as_u64(), Some(7));
+        assert_eq!(v["resume"]["C\"}"]["epoch"].as_str(), Some("e\"1"));
     }
 }

@@ -20,7 +20,8 @@ async fn a_resuming_subscriber_sees_every_tick_once_across_a_kill_9() {
         silence: tickshard_client::ws::SILENCE,
         token: None,
         trust: None,
-    });
+    })
+    .expect("a valid subscriber configuration");
     assert!(matches!(sub.next().await, Event::Connected { .. }));
     assert!(matches!(sub.next().await, Event::Message(ServerMsg::Subscribed { .. })));
     let mut p = srv.publisher("resume-lib").await;
@@ -158,6 +159,7 @@ async fn a_silent_connection_is_replaced_and_pings_keep_a_quiet_one() {
             token: None,
             trust: None,
         })
+        .expect("a valid subscriber configuration")
     };
     // a server that never pings (within the test)
     let mute = Server::start(&[

@@ -95,7 +95,8 @@ async fn three_pods_serve_every_symbol_from_any_pod() {
         silence: tickshard_client::ws::SILENCE,
         token: None,
         trust: None,
-    });
+    })
+    .expect("a valid subscriber configuration");
     assert!(matches!(sub.next().await, Event::Connected { .. }));
     let Event::Message(ServerMsg::Subscribed { symbols: st, .. }) = sub.next().await else {
         panic!()
@@ -286,6 +287,7 @@ pub(crate) async fn rollout_under_load(
             token: token.clone(),
             trust: None,
         })
+        .expect("a valid subscriber configuration")
         .starting_at(i % pods);
         assert!(matches!(
             tokio::time::timeout(WAIT, sub.next()).await.unwrap(),
@@ -626,7 +628,8 @@ async fn a_peer_partition_heals_without_gap_or_duplicate() {
         silence: tickshard_client::ws::SILENCE,
         token: None,
         trust: None,
-    });
+    })
+    .expect("a valid subscriber configuration");
     assert!(matches!(
         tokio::time::timeout(WAIT, sub.next()).await.unwrap(),
         Event::Connected { .. }

@@ -132,7 +132,8 @@ async fn kill_9_soak() {
             silence: tickshard_client::ws::SILENCE,
             token: None,
             trust: None,
-        });
+        })
+        .expect("a valid subscriber configuration");
         let stop = sub_stop.clone();
         subscribers.push(tokio::spawn(async move {
             let mut r = SubReport::default();
