@@ -6,7 +6,12 @@
 // Publishes known ticks (through `tickshard publish`, i.e. gRPC), then asserts
 // what a trader sees: exact decimal strings in the watchlist, the right candles
 // with the right OHLC, and after a kill -9 and restart of the server: the page
-// reconnects, resumes, and shows no gap and no duplicate. Saves a screenshot.
+// reconnects, resumes (ticks published while it was away are replayed), and
+// shows no gap and no duplicate. Then: a watchlist larger than the server's
+// per-connection limit fills up to it without a reconnect loop and keeps the
+// chart live; a server that stops answering (SIGSTOP) is left and the page
+// resumes when it answers again; the token never appears in a URL; and no
+// script or Content-Security-Policy error. Saves a screenshot.
 import assert from "node:assert/strict";
 import { spawn, execFileSync } from "node:child_process";
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
@@ -50,6 +55,14 @@ function publish(ticks, publisherId, to = server, token = null) {
   execFileSync(BIN, ["publish", file, "--grpc", `http://${to.grpc}`, "--publisher-id", publisherId, ...auth], { timeout: WAIT, stdio: "pipe" });
 }
 
+// Script errors and Content-Security-Policy violations on a page.
+function watchErrors(page) {
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e)));
+  page.on("console", (m) => { if (m.type() === "error" && /Content.Security.Policy/i.test(m.text())) errors.push(m.text()); });
+  return errors;
+}
+
 // A server that needs a token for everything (contract §8): the page asks for
 // one, and with a token minted by `tickshard token` shows the prices.
 async function signIn(browser) {
@@ -60,20 +73,78 @@ async function signIn(browser) {
   try {
     publish([{ symbol: "AUTH-1", ts: us(s0, 1), price: "42.125", size: "1" }], "auth-1", locked, mint("feed", ["--publish", "AUTH-*"]));
     const page = await browser.newPage();
-    const errors = [];
-    page.on("pageerror", (e) => errors.push(String(e)));
+    const errors = watchErrors(page);
+    const urls = [];
+    page.on("request", (r) => urls.push(r.url()));
+    page.on("websocket", (w) => urls.push(w.url()));
     await page.goto(`http://${locked.http}/`);
     await page.waitForSelector("#signin:not([hidden])", { timeout: WAIT });
     assert.equal((await page.evaluate(() => window.tickshard.view())).status, "sign in needed");
-    await page.fill("#token", mint("viewer", ["--subscribe", "AUTH-*"]));
+    const viewer = mint("viewer", ["--subscribe", "AUTH-*"]);
+    await page.fill("#token", viewer);
     await page.click("#signin button");
     await page.waitForFunction(() => window.tickshard.view().rows["AUTH-1"]?.last === "42.125", null, { timeout: WAIT });
     assert.equal(await page.isHidden("#signin"), true, "the form goes away once signed in");
     assert.deepEqual(errors, [], "no script errors on the page");
+    assert.ok(urls.length >= 3, `requests seen: ${urls}`);
+    assert.deepEqual(urls.filter((u) => u.includes(viewer.slice(-16))), [], "the token is never in a URL");
     await page.close();
   } finally {
     locked.proc.kill("SIGKILL");
   }
+}
+
+// More symbols than the server lets one connection watch: the page fills its
+// watchlist up to the limit (one slot left for the chart's candles), says so,
+// and does not reconnect over it.
+async function fullWatchlist(browser) {
+  const capped = await start("127.0.0.1:0", "127.0.0.1:0", ["--max-subscriptions", "20"], join(tmp, "data-capped"));
+  try {
+    const ticks = [];
+    for (let i = 0; i < 30; i++) ticks.push({ symbol: `W${String(i).padStart(2, "0")}`, ts: us(s0, i), price: `${i}.50`, size: "1" });
+    publish(ticks, "capped-1", capped);
+    const page = await browser.newPage();
+    const errors = watchErrors(page);
+    await page.goto(`http://${capped.http}/`);
+    await page.waitForFunction(() => { const v = window.tickshard.view(); return v.watchFull && v.chartLive; }, null, { timeout: WAIT });
+    const v = await page.evaluate(() => window.tickshard.view());
+    const shown = Object.entries(v.rows).filter(([, r]) => r.subscribed);
+    assert.equal(shown.length, 19, `19 symbols and the chart fill the 20 subscriptions: ${JSON.stringify(v.notices)}`);
+    await page.waitForFunction(() => Object.values(window.tickshard.view().rows).filter((r) => r.subscribed && r.last !== null).length === 19, null, { timeout: WAIT });
+    for (const [sym, r] of Object.entries((await page.evaluate(() => window.tickshard.view())).rows)) {
+      if (r.subscribed) assert.equal(r.last, `${Number(sym.slice(1))}.50`, sym);
+    }
+    assert.equal(v.reconnects, 0, "no reconnect over a full watchlist");
+    assert.ok(v.notices.some((n) => n.startsWith("watchlist full")), JSON.stringify(v.notices));
+    assert.deepEqual(errors, [], "no script errors on the page");
+    await page.close();
+  } finally {
+    capped.proc.kill("SIGKILL");
+  }
+}
+
+// A server that stops answering (SIGSTOP: its sockets stay open) is given up
+// after two missed pings (`#ping=500`); when it answers again the page
+// resumes without a gap.
+async function silentServer(browser) {
+  const page = await browser.newPage();
+  const errors = watchErrors(page);
+  await page.goto(`http://${server.http}/#ping=500`);
+  await page.waitForFunction(() => window.tickshard.view().rows["BTC-USD"]?.seq === 9, null, { timeout: WAIT });
+  server.proc.kill("SIGSTOP");
+  try {
+    await page.waitForFunction(() => window.tickshard.view().status === "reconnecting (silent)", null, { timeout: WAIT });
+  } finally {
+    server.proc.kill("SIGCONT");
+  }
+  await page.waitForFunction(() => window.tickshard.view().status === "live", null, { timeout: WAIT });
+  publish([btc(s0 + 4, 100, "67060.00", "0.100", "67059.90", "67060.10")], "browser-5");
+  await page.waitForFunction(() => window.tickshard.view().rows["BTC-USD"]?.seq === 10, null, { timeout: WAIT });
+  const v = await page.evaluate(() => window.tickshard.view());
+  assert.equal(v.rows["BTC-USD"].last, "67060.00");
+  assert.equal(v.gaps + v.dups + v.unrecovered, 0, JSON.stringify(v.notices));
+  assert.deepEqual(errors, [], "no script errors on the page");
+  await page.close();
 }
 
 const s0 = Math.floor(Date.now() / 1000) - 30; // a whole second, recent
@@ -98,8 +169,7 @@ async function main() {
   });
   try {
     const page = await browser.newPage({ viewport: { width: 1400, height: 800 } });
-    const errors = [];
-    page.on("pageerror", (e) => errors.push(String(e)));
+    const errors = watchErrors(page);
     await page.goto(`http://${server.http}/`);
     const view = () => page.evaluate(() => window.tickshard.view());
 
@@ -127,18 +197,23 @@ async function main() {
     assert.deepEqual(ohlc(v.candles[2]), [us(s0 + 2, 0), "67040.00", "67040.00", "67040.00", "67040.00", "0.001", 1]);
     assert.equal(v.rows["BTC-USD"].seq, 6);
 
-    // kill -9 and restart on the same data dir and ports: the page resumes
+    // kill -9; ticks published while the page cannot reach the server (it
+    // runs on another HTTP port meanwhile); kill -9 again and restart on the
+    // same data dir and ports: the page resumes and is sent what it missed
     const { http, grpc } = server;
     server.proc.kill("SIGKILL");
     await page.waitForFunction(() => window.tickshard.view().status.startsWith("reconnecting"), null, { timeout: WAIT });
-    server = await start(http, grpc);
-    await page.waitForFunction(() => window.tickshard.view().status === "live", null, { timeout: WAIT });
+    server = await start("127.0.0.1:0", grpc);
     publish([
       btc(s0 + 3, 800, "67050.00", "0.300", "67049.90", "67050.10"),
       btc(s0 + 3, 900, "67055.50", "0.300", "67055.40", "67055.60"),
     ], "browser-3");
+    server.proc.kill("SIGKILL");
+    await new Promise((ok) => server.proc.once("exit", ok));
+    server = await start(http, grpc);
     await page.waitForFunction(() => window.tickshard.view().rows["BTC-USD"]?.seq === 8, null, { timeout: WAIT });
     v = await view();
+    assert.equal(v.status, "live");
     assert.equal(v.rows["BTC-USD"].last, "67055.50");
     assert.equal(v.gaps, 0, `no gap: ${JSON.stringify(v.notices)}`);
     assert.equal(v.dups, 0, "no duplicate");
@@ -146,10 +221,15 @@ async function main() {
     assert.ok(v.reconnects >= 1);
     assert.equal(v.rows["BTC-USD"].ticks, 3, "every tick after the first snapshot (seq 6, 7, 8) shown exactly once");
     await page.waitForFunction(() => window.tickshard.view().candles.length === 4, null, { timeout: WAIT });
+    // and live again
+    publish([btc(s0 + 3, 950, "67056.00", "0.100", "67055.90", "67056.10")], "browser-4");
+    await page.waitForFunction(() => window.tickshard.view().rows["BTC-USD"]?.ticks === 4, null, { timeout: WAIT });
 
     await page.screenshot({ path: join(ARTIFACTS, "dashboard.png") });
     assert.deepEqual(errors, [], "no script errors on the page");
     await signIn(browser);
+    await fullWatchlist(browser);
+    await silentServer(browser);
     console.log("dashboard browser test: ok (screenshot: tests/browser/artifacts/dashboard.png)");
   } finally {
     await browser.close();

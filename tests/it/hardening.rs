@@ -434,9 +434,14 @@ async fn http_answers_carry_their_safety_headers() {
         let h = head(get(path)).await;
         assert!(h.contains("x-content-type-options: nosniff"), "{path}: {h}");
         assert!(
-            h.contains("content-security-policy: frame-ancestors 'none'"),
+            h.contains(&format!(
+                "content-security-policy: {}",
+                tickshard_feed::server::CONTENT_SECURITY_POLICY.to_ascii_lowercase()
+            )),
             "{path}: {h}"
         );
+        assert!(h.contains("referrer-policy: no-referrer"), "{path}: {h}");
+        assert!(h.contains("frame-ancestors 'none'"), "{path}: {h}");
         assert_eq!(
             h.contains("cache-control: no-store"),
             path.starts_with("/api/"),
@@ -509,17 +514,44 @@ async fn idle_sockets_never_starve_the_probes() {
     let mut ka = tokio::net::TcpStream::connect(srv.http).await.unwrap();
     let get = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n";
     ka.write_all(get).await.unwrap();
-    let n = tokio::time::timeout(WAIT, ka.read(&mut buf)).await.unwrap().unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    assert!(one_response(&mut ka).await.starts_with(b"HTTP/1.1 200"));
     tokio::time::sleep(std::time::Duration::from_millis(2_000)).await; // idle, on purpose
     ka.write_all(get).await.unwrap();
-    let n = tokio::time::timeout(WAIT, ka.read(&mut buf)).await.unwrap().unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "still open after 2 s idle");
+    assert!(
+        one_response(&mut ka).await.starts_with(b"HTTP/1.1 200"),
+        "still open after 2 s idle"
+    );
     let n = tokio::time::timeout(WAIT, ka.read(&mut buf))
         .await
         .unwrap()
         .unwrap_or(0);
     assert_eq!(n, 0, "closed after the idle timeout");
+}
+
+/// Reads one whole HTTP/1.1 response (head and `Content-Length` body) from
+/// a keep-alive connection; what was read if it closes first.
+async fn one_response(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.unwrap().unwrap_or(0);
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&buf[..n]);
+        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if out.len() >= end + 4 + len {
+                return out;
+            }
+        }
+    }
 }
 
 /// Item 4, WebSockets: past `--max-connections` an upgrade gets 503 at once

@@ -10,7 +10,25 @@
 //
 // Prices stay the exact decimal strings the server sends; only the chart
 // converts them to numbers (it plots pixels).
+//
+// The watchlist is subscribed in batches, one at a time: a batch the server
+// refuses as over its per-connection limit (`too_many_subscriptions`) is halved
+// until one symbol no longer fits, and the list stops growing there (one slot
+// is given back for the chart's candles if it needs it). Reconnects wait a
+// random time under a doubling bound (full jitter) that resets only once data
+// flows again (at most 10 s; after 1008/1009, "fix the client first", it
+// starts at 8 s and grows to a minute), and while the page waits for a token it does not reconnect at all. An
+// app-level ping every 15 s (the browser hides the server's pings) replaces a
+// connection silent for 30 s, e.g. after a laptop slept.
 "use strict";
+
+// `#ping=MS` in the URL sets the ping interval (tests use a short one).
+const PING_MS = Number(new URLSearchParams(location.hash.slice(1)).get("ping")) || 15000;
+const SILENT_MS = 2 * PING_MS; // no message for this long: the connection is dead
+const CONNECT_MS = Math.max(SILENT_MS, 10000); // an upgrade not answered by then is given up
+const BATCH = 200; // symbols per watchlist subscribe (about 12 KiB with resume positions)
+const MAX_NOTICES = 50;
+const MAX_BARS = 2000; // bars kept for the chart (a day of 1s candles would be 86,400)
 
 const state = {
   status: "connecting",
@@ -24,6 +42,7 @@ const state = {
   reconnects: 0,
   unrecovered: 0,
   signin: false,
+  watchFull: false, // the server refused more subscriptions on this connection
 };
 
 const TOKEN_KEY = "tickshard.token";
@@ -43,11 +62,12 @@ function sendAuth() {
 window.tickshard = {
   view() {
     const rows = {};
-    for (const [sym, r] of state.symbols) rows[sym] = { seq: r.seq, epoch: r.epoch, last: r.last, bid: r.bid, ask: r.ask, ticks: r.total };
+    for (const [sym, r] of state.symbols) rows[sym] = { seq: r.seq, epoch: r.epoch, last: r.last, bid: r.bid, ask: r.ask, ticks: r.total, subscribed: r.subscribed };
     return {
       status: state.status, selected: state.selected, interval: state.interval, rows,
       candles: state.candles.map((c) => ({ ...c })), notices: state.notices.slice(-20),
       gaps: state.gaps, dups: state.dups, reconnects: state.reconnects, unrecovered: state.unrecovered,
+      watchFull: state.watchFull, chartLive: chartSub !== null && chartSub.live,
       chart: { panes: chart.panes().length, candlePane: candleSeries.getPane().paneIndex(), volumePane: volumeSeries.getPane().paneIndex() },
     };
   },
@@ -58,10 +78,10 @@ window.tickshard = {
 const $ = (id) => document.getElementById(id);
 const rowsEl = $("rows");
 let ws = null;
-let backoff = 250;
 
 function notice(text) {
   state.notices.push(text);
+  if (state.notices.length > 2 * MAX_NOTICES) state.notices.splice(0, state.notices.length - MAX_NOTICES);
   $("note").textContent = text;
 }
 
@@ -102,9 +122,11 @@ function row(sym) {
   tr.innerHTML = `<td class="sym"></td><td class="last"></td><td class="bid"></td><td class="ask"></td><td class="chg"></td><td class="rate"></td>`;
   tr.cells[0].textContent = sym;
   tr.addEventListener("click", () => select(sym));
-  const after = [...rowsEl.children].find((x) => x.dataset.symbol > sym);
-  rowsEl.insertBefore(tr, after || null);
-  r = { seq: 0, epoch: "", first: null, last: null, bid: null, ask: null, count: 0, total: 0, tr, timer: 0 };
+  const kids = rowsEl.children; // sorted by symbol: binary search for the place
+  let lo = 0, hi = kids.length;
+  while (lo < hi) { const mid = (lo + hi) >> 1; if (kids[mid].dataset.symbol > sym) hi = mid; else lo = mid + 1; }
+  rowsEl.insertBefore(tr, kids[lo] || null);
+  r = { seq: 0, epoch: "", first: null, last: null, bid: null, ask: null, count: 0, shown: "", total: 0, tr, timer: 0, subscribed: false };
   state.symbols.set(sym, r);
   if (!state.selected) select(sym);
   return r;
@@ -146,16 +168,87 @@ function onSnapshot(m) {
   if (m.conflated) notice(`${m.symbol}: fell behind; showing a fresh snapshot`);
 }
 
+// The watchlist's subscribes on this connection: a queue, one batch in flight.
+let watch = { queue: [], batch: null, size: BATCH, n: 0, retry: 0 };
+
 function subscribeAll(symbols) {
-  const fresh = symbols.filter((s) => !state.symbols.has(s) || !state.symbols.get(s).subscribed);
-  if (!fresh.length) return;
+  if (state.watchFull) return;
+  const waiting = new Set(watch.queue);
+  if (watch.batch) for (const s of watch.batch.symbols) waiting.add(s);
+  for (const s of symbols) {
+    const r = state.symbols.get(s);
+    if (!(r && r.subscribed) && !waiting.has(s)) watch.queue.push(s);
+  }
+  pump();
+}
+
+function pump() {
+  if (watch.batch || watch.retry || state.watchFull || !watch.queue.length) return;
+  const symbols = watch.queue.splice(0, watch.size);
   const resume = {};
-  for (const s of fresh) {
+  for (const s of symbols) {
     const r = state.symbols.get(s);
     if (r && r.epoch) resume[s] = { seq: r.seq, epoch: r.epoch };
   }
-  for (const s of fresh) row(s).subscribed = true;
-  send({ op: "subscribe", id: "watch", symbols: fresh, channels: ["ticks"], resume });
+  watch.batch = { id: `watch-${++watch.n}`, symbols };
+  send({ op: "subscribe", id: watch.batch.id, symbols, channels: ["ticks"], resume });
+}
+
+function onWatched(m) {
+  watch.batch = null;
+  for (const e of m.symbols) {
+    const r = row(e.symbol);
+    r.subscribed = true;
+    if (r.epoch && !e.recovered) {
+      state.unrecovered++;
+      notice(`${e.symbol}: could not resume (history no longer retained); reloaded from a snapshot`);
+    }
+    if (r.epoch !== e.epoch) r.first = null; // a new history: change counts from it
+    // Not resumed: a snapshot follows if the symbol has ticks; until then
+    // (and when it has none) the position is the server's.
+    if (!e.recovered) r.seq = e.seq;
+    r.epoch = e.epoch;
+  }
+  attempt = 0; // data flows: the next reconnect starts from the shortest wait
+  pump();
+}
+
+function onWatchRefused(m) {
+  const b = watch.batch;
+  watch.batch = null;
+  if (m.code === "too_many_subscriptions") {
+    if (b.symbols.length > 1) {
+      watch.size = Math.max(1, b.symbols.length >> 1);
+      watch.queue.unshift(...b.symbols);
+    } else {
+      state.watchFull = true;
+      watch.queue = [];
+      notice(`watchlist full: the server allows no more subscriptions on one connection (${[...state.symbols.values()].filter((r) => r.subscribed).length} symbols)`);
+    }
+  } else if (m.code === "rate_limited") {
+    watch.queue.unshift(...b.symbols);
+    watch.retry = setTimeout(() => { watch.retry = 0; pump(); }, 1000);
+  } else {
+    // (unavailable while the server drains, …) the symbol list polled every
+    // 5 s brings the rest back
+    watch.queue = [];
+    notice(`${m.code}: ${m.message}`);
+  }
+  pump();
+}
+
+// The chart's candles did not fit: give back the watchlist's last symbol.
+function makeRoomForChart() {
+  const victim = [...state.symbols.entries()].reverse().find(([s, r]) => r.subscribed && s !== state.selected);
+  if (!victim || !chartSub || chartSub.retried) return false;
+  const [sym, r] = victim;
+  send({ op: "unsubscribe", id: "make-room", symbols: [sym], channels: ["ticks"] });
+  r.subscribed = false;
+  r.tr.remove();
+  state.symbols.delete(sym);
+  chartSub.retried = true;
+  send({ op: "subscribe", id: "chart", symbols: [chartSub.sym], channels: [`candles:${chartSub.iv}`] });
+  return true;
 }
 
 // ---- chart -------------------------------------------------------------------
@@ -197,7 +290,12 @@ function onCandle(m) {
   const last = state.candles[state.candles.length - 1];
   if (!last || c.start > last.start) {
     state.candles.push(c);
-    candleSeries.update(bar(c)); volumeSeries.update(vol(c));
+    if (state.candles.length > MAX_BARS + MAX_BARS / 10) {
+      state.candles.splice(0, state.candles.length - MAX_BARS);
+      drawAll();
+    } else {
+      candleSeries.update(bar(c)); volumeSeries.update(vol(c));
+    }
   } else if (c.start === last.start) {
     state.candles[state.candles.length - 1] = c;
     candleSeries.update(bar(c)); volumeSeries.update(vol(c));
@@ -220,7 +318,16 @@ async function loadChart() {
     if (r.status === 401) { askForToken("sign in needed"); return; }
     const body = await r.json();
     if (load !== chartLoad) return; // a newer selection won
-    state.candles = body.candles || [];
+    if (!r.ok) {
+      // never shown as "no history": say why, and come back when told to
+      notice(`candle history for ${sym}: ${body.code || r.status}: ${body.message || r.statusText}`);
+      if (r.status === 503) {
+        const after = Math.min(Number(r.headers.get("Retry-After")) || 1, 30);
+        setTimeout(() => { if (load === chartLoad) loadChart(); }, after * 1000);
+        return;
+      }
+    }
+    state.candles = (body.candles || []).slice(-MAX_BARS);
     drawAll();
     chart.timeScale().fitContent();
     showCandleInfo(state.candles[state.candles.length - 1]);
@@ -228,6 +335,7 @@ async function loadChart() {
     notice(`candle history for ${sym}: ${e}`);
   }
   // live candles (the first message is the current candle)
+  if (chartSub) { chartSub.live = false; chartSub.retried = false; }
   send({ op: "subscribe", id: "chart", symbols: [sym], channels: [`candles:${iv}`] });
 }
 
@@ -254,64 +362,116 @@ function setCandleInterval(iv) {
 for (const b of document.querySelectorAll(".intervals button")) b.addEventListener("click", () => setCandleInterval(b.dataset.interval));
 
 // ---- connection --------------------------------------------------------------
+let attempt = 0; // reconnects since data last flowed
+let lastHeard = 0;
+let reconnectTimer = 0;
+let expiryTimer = 0;
+
 function connect() {
+  clearTimeout(reconnectTimer);
+  reconnectTimer = 0;
   const url = new URL("/ws", location.href);
   url.protocol = url.protocol.replace("http", "ws");
-  ws = new WebSocket(url);
-  ws.onopen = () => {
-    setStatus("live", "live");
-    backoff = 250;
+  const sock = new WebSocket(url);
+  ws = sock;
+  lastHeard = Date.now();
+  clearTimeout(watch.retry);
+  watch = { queue: [], batch: null, size: BATCH, n: 0, retry: 0 };
+  state.watchFull = false;
+  sock.onopen = () => {
+    lastHeard = Date.now();
+    setStatus("connected", "");
     for (const r of state.symbols.values()) r.subscribed = false;
     sendAuth();
     send({ op: "symbols", id: "list" });
     if (state.selected) loadChart(); // reload history: candles may have moved on
   };
-  ws.onclose = (e) => {
-    setStatus(`reconnecting (${e.code})`, "down");
-    state.reconnects++;
-    setTimeout(connect, backoff);
-    backoff = Math.min(backoff * 2, 5000);
-  };
-  ws.onmessage = (ev) => {
-    const m = JSON.parse(ev.data);
-    switch (m.type) {
-      case "tick": onTick(m); break;
-      case "snapshot": onSnapshot(m); break;
-      case "candle": onCandle(m); break;
-      case "symbols": subscribeAll(m.symbols); break;
-      case "subscribed":
-        for (const e of m.symbols) {
-          if (m.id !== "watch") continue;
-          const r = row(e.symbol);
-          if (r.epoch && !e.recovered) {
-            state.unrecovered++;
-            notice(`${e.symbol}: could not resume (history no longer retained); reloaded from a snapshot`);
-          }
-          r.epoch = e.epoch;
-        }
-        break;
-      case "authed":
-        state.signin = false;
-        $("signin").hidden = true;
-        setStatus("live", "live");
-        send({ op: "symbols", id: "list" });
-        if (state.selected) loadChart();
-        break;
-      case "error":
-        if (m.code === "unauthorized" || m.code === "token_expired") {
-          if (m.id === "auth" || !token() || m.code === "token_expired") {
-            sessionStorage.removeItem(TOKEN_KEY);
-            askForToken(m.code === "token_expired" ? "token expired: sign in again" : "sign in needed");
-          }
-        } else if (m.code === "unavailable" && m.symbol) notice(`${m.symbol}: its shard is unavailable; resuming when it is back`);
-        else notice(`${m.code}: ${m.message}`);
-        break;
-    }
+  sock.onclose = (e) => closed(sock, e.code);
+  sock.onmessage = (ev) => {
+    lastHeard = Date.now();
+    onMessage(JSON.parse(ev.data));
   };
 }
 
+// The connection ended (`code`), or was given up as dead: come back after a
+// random wait under a doubling bound, unless the page waits for a token.
+function closed(sock, code) {
+  if (sock !== ws) return; // an older connection
+  sock.onclose = sock.onmessage = sock.onopen = null;
+  if (sock.readyState !== WebSocket.CLOSED) sock.close();
+  ws = null;
+  state.reconnects++;
+  if (state.signin) { setStatus("sign in needed", "down"); return; } // the form reconnects
+  setStatus(`reconnecting (${code})`, "down");
+  const policy = code === 1008 || code === 1009;
+  if (policy) {
+    attempt = Math.max(attempt, 5); // fix the client first: not four times a second
+    notice(`the server closed the connection with ${code} (policy); retrying slowly`);
+  }
+  const bound = Math.min(250 * 2 ** Math.min(attempt, 8), policy ? 60000 : 10000);
+  attempt++;
+  reconnectTimer = setTimeout(connect, Math.random() * bound);
+}
+
+// Every PING_MS: a ping, and a connection silent too long (or an upgrade
+// never answered) is given up; the next one resumes.
 setInterval(() => {
-  for (const r of state.symbols.values()) { r.tr.cells[5].textContent = r.count; r.count = 0; }
+  if (!ws) return;
+  const silent = Date.now() - lastHeard;
+  if (ws.readyState === WebSocket.CONNECTING && silent > CONNECT_MS) closed(ws, "no answer");
+  else if (ws.readyState === WebSocket.OPEN && silent > SILENT_MS) closed(ws, "silent");
+  else send({ op: "ping", id: "ping" });
+}, PING_MS);
+
+function onMessage(m) {
+  switch (m.type) {
+    case "tick": onTick(m); break;
+    case "snapshot": onSnapshot(m); break;
+    case "candle": onCandle(m); break;
+    case "symbols":
+      if (!state.signin) setStatus("live", "live");
+      attempt = 0; // the server answers: the next reconnect starts from the shortest wait
+      subscribeAll(m.symbols);
+      break;
+    case "subscribed":
+      if (watch.batch && m.id === watch.batch.id) onWatched(m);
+      else if (m.id === "chart" && chartSub) chartSub.live = true;
+      break;
+    case "authed":
+      state.signin = false;
+      $("signin").hidden = true;
+      send({ op: "symbols", id: "list" });
+      if (state.selected) loadChart();
+      clearTimeout(expiryTimer);
+      // a minute before the token lapses, ask for the next one (sent with
+      // `auth` on this connection: nothing is cut)
+      const ahead = m.exp ? m.exp * 1000 - Date.now() - 60000 : Infinity;
+      if (ahead < 2 ** 31 - 1) expiryTimer = setTimeout(() => {
+        $("signin").hidden = false;
+        notice("the token expires in a minute: paste a new one to stay connected");
+      }, Math.max(0, ahead));
+      break;
+    case "error":
+      if (m.code === "unauthorized" || m.code === "token_expired") {
+        if (m.id === "auth" || !token() || m.code === "token_expired") {
+          sessionStorage.removeItem(TOKEN_KEY);
+          askForToken(m.code === "token_expired" ? "token expired: sign in again" : "sign in needed");
+        }
+        if (watch.batch && m.id === watch.batch.id) { watch.batch = null; watch.queue = []; }
+      } else if (watch.batch && m.id === watch.batch.id) onWatchRefused(m);
+      else if (m.id === "chart" && m.code === "too_many_subscriptions" && makeRoomForChart()) { /* retried */ }
+      else if (m.code === "unavailable" && m.symbol) notice(`${m.symbol}: its shard is unavailable; resuming when it is back`);
+      else notice(`${m.code}: ${m.message}`);
+      break;
+  }
+}
+
+setInterval(() => {
+  for (const r of state.symbols.values()) {
+    const t = String(r.count);
+    if (t !== r.shown) { r.tr.cells[5].textContent = t; r.shown = t; }
+    r.count = 0;
+  }
 }, 1000);
 setInterval(() => { if (!state.signin) send({ op: "symbols", id: "list" }); }, 5000); // pick up new symbols
 $("signin").addEventListener("submit", (e) => {
@@ -320,6 +480,7 @@ $("signin").addEventListener("submit", (e) => {
   if (!t) return;
   sessionStorage.setItem(TOKEN_KEY, t);
   $("token").value = "";
-  sendAuth();
+  if (ws && ws.readyState === WebSocket.OPEN) sendAuth();
+  else { state.signin = false; attempt = 0; connect(); } // it sends the token once open
 });
 connect();
