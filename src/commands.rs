@@ -438,11 +438,19 @@ pub async fn admin(a: crate::args::AdminArgs) -> ExitCode {
     let url = match &a.peer {
         Some(p) if p.contains("://") => p.clone(),
         Some(p) => format!("{}://{p}", if tls { "https" } else { "http" }),
-        None => format!(
-            "{}://127.0.0.1:{}",
-            if tls { "https" } else { "http" },
-            a.peer_addr.port()
-        ),
+        // (this pod's own peer listener: on loopback when it listens on
+        // every address, else on the address it is bound to)
+        None => {
+            let ip = match a.peer_addr.ip() {
+                ip if ip.is_unspecified() => std::net::IpAddr::from([127, 0, 0, 1]),
+                ip => ip,
+            };
+            format!(
+                "{}://{}",
+                if tls { "https" } else { "http" },
+                std::net::SocketAddr::new(ip, a.peer_addr.port())
+            )
+        }
     };
     let creds = match (&a.peer_tls_cert, &a.peer_tls_key, &a.peer_tls_ca) {
         (Some(cert), Some(key), Some(ca)) => Some(PeerCredentials {

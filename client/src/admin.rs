@@ -92,6 +92,9 @@ impl Status {
     }
 }
 
+/// The largest Status or Rebalance answer read (the peer links' bound).
+pub const STATUS_BYTES: usize = tickshard_shard::cluster::PEER_REPLY_BYTES;
+
 /// A connection to one pod's Admin service.
 pub struct Admin {
     client: AdminClient<Channel>,
@@ -105,6 +108,12 @@ impl Admin {
             addr: url.to_owned(),
             message: m,
         };
+        if creds.is_some() && !url.starts_with("https://") {
+            // (tonic would dial it in plain text: an unclear transport error)
+            return Err(ClientError::Input(format!(
+                "{url}: peer TLS credentials are set, so the peer address must be https://"
+            )));
+        }
         let mut ep = Endpoint::from_shared(url.to_owned())
             .map_err(|_| ClientError::BadAddress(url.to_owned()))?
             .connect_timeout(Duration::from_secs(3))
@@ -122,7 +131,9 @@ impl Admin {
             .map_err(|_| bad("no answer in time".into()))?
             .map_err(|e| bad(e.to_string()))?;
         Ok(Admin {
-            client: AdminClient::new(ch),
+            // (a status lists every move left: 200k moves are ~6 MB, past
+            // tonic's default of 4 MiB)
+            client: AdminClient::new(ch).max_decoding_message_size(STATUS_BYTES),
             addr: url.to_owned(),
         })
     }

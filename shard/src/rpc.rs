@@ -487,7 +487,8 @@ impl ClusterApi for ClusterService {
             .as_ref()
             .and_then(wire::cluster_state_from_pb)
             .ok_or_else(|| Status::invalid_argument("a cluster state with 1 to 1024 shards"))?;
-        let now = self.node.adopt_state(state, r.seal).await.map_err(wire::error_status)?;
+        let node = self.node.clone();
+        let now = to_the_end(&self.node, async move { node.adopt_state(state, r.seal).await }).await?;
         Ok(Response::new(wire::cluster_state_to_pb(&now)))
     }
 
@@ -530,9 +531,11 @@ impl ClusterApi for ClusterService {
         &self,
         req: Request<pb::StartRebalanceRequest>,
     ) -> Result<Response<pb::ClusterState>, Status> {
-        let s = crate::node::rebalance::start_rebalance(&self.node, req.get_ref().shards)
-            .await
-            .map_err(wire::error_status)?;
+        let (node, shards) = (self.node.clone(), req.get_ref().shards);
+        let s = to_the_end(&self.node, async move {
+            crate::node::rebalance::start_rebalance(&node, shards).await
+        })
+        .await?;
         Ok(Response::new(wire::cluster_state_to_pb(&s)))
     }
 
@@ -693,6 +696,20 @@ pub fn sub_result_to_pb(r: &SubResult) -> pb::SymbolState {
     }
 }
 
+/// Runs a change of the cluster state on a task of its own, so that it goes
+/// to its end when the caller gives up (a timeout, a closed CLI): cut
+/// between the store and the routes, a pod would route by another state
+/// than the one it stored.
+async fn to_the_end<T: Send + 'static>(
+    node: &Arc<Node>,
+    change: impl Future<Output = Result<T, crate::Error>> + Send + 'static,
+) -> Result<T, Status> {
+    crate::tasks::spawn(node.stream_tasks(), change)
+        .await
+        .map_err(|e| Status::internal(format!("the change ended early: {e}")))?
+        .map_err(wire::error_status)
+}
+
 /// The operator's `tickshard.admin.v1.Admin` service (contract §9), served
 /// on the peer port only.
 pub struct AdminService {
@@ -734,9 +751,11 @@ impl admin::admin_server::Admin for AdminService {
         &self,
         req: Request<admin::RebalanceRequest>,
     ) -> Result<Response<admin::StatusResponse>, Status> {
-        crate::node::rebalance::start_rebalance(&self.node, req.get_ref().shards)
-            .await
-            .map_err(wire::error_status)?;
+        let (node, shards) = (self.node.clone(), req.get_ref().shards);
+        to_the_end(&self.node, async move {
+            crate::node::rebalance::start_rebalance(&node, shards).await
+        })
+        .await?;
         Ok(Response::new(self.status_now().await))
     }
 }

@@ -288,3 +288,36 @@ async fn mixed_version_rolling_upgrade_from_the_previous_release() {
         );
     }
 }
+
+/// A rebalance that names a pod which is down is refused before any pod
+/// takes the target (it would wait for that pod forever): nothing changes,
+/// and the same rebalance goes through once the pod is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_to_a_pod_that_is_down_is_refused_before_it_starts() {
+    let mut c = cluster(4, 3, &[]);
+    c.pods[3].kill9();
+    let (ok, _, err) = admin(&c.pods[1], &["rebalance", "--shards", "4"]);
+    assert!(!ok, "the rebalance started without shard 3");
+    assert!(
+        err.contains("not started") && err.contains("shard 3") && err.contains("does not answer"),
+        "{err}"
+    );
+    for p in &c.pods[..3] {
+        let (ok, out, err) = admin(p, &["status", "--json"]);
+        assert!(ok, "{err}");
+        assert_eq!(
+            out.trim(),
+            r#"{"committed_shards":3,"target_shards":null,"moves_left":[],"unreachable":[],"error":null}"#
+        );
+    }
+    c.pods[3].restart();
+    let p3 = &c.pods[3];
+    eventually("shard 3 ready again", || async { p3.get("/readyz").await.0 == 200 }).await;
+    let (ok, _, err) = admin(&c.pods[1], &["rebalance", "--shards", "4"]);
+    assert!(ok, "{err}");
+    let (_, out, _) = admin(&c.pods[0], &["status", "--json"]);
+    assert!(
+        out.starts_with(r#"{"committed_shards":4,"target_shards":null"#),
+        "{out}"
+    );
+}

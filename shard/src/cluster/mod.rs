@@ -28,7 +28,7 @@ use std::{
 };
 
 pub use crate::committer::MovePart;
-pub use peer::{MirrorLease, Peer, PeerError};
+pub use peer::{MirrorLease, PEER_REPLY_BYTES, Peer, PeerError};
 use tickshard_proto::v1::{self as pb, cluster_client::ClusterClient};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -268,26 +268,9 @@ impl Cluster {
         let addrs: Vec<(u32, String)> = (0..span).filter_map(|i| Some((i, self.cfg.peer_addr(i)?))).collect();
         let probes = addrs.iter().map(|(i, addr)| async move {
             let i = *i;
-            let req = pb::TopologyRequest {
-                caller_shard: self.cfg.shard_id,
-                shards: state.committed,
-                state: Some(crate::wire::cluster_state_to_pb(&state)),
-            };
-            let Ok(ep) = endpoint(addr, self.cfg.peer_tls.as_ref()).await else {
-                return Ok(None);
-            };
-            let ep = ep
-                .connect_timeout(Duration::from_millis(500))
-                .timeout(Duration::from_secs(1));
-            // (bounded as a whole: a peer that is starting has bound its port
-            // but not yet answered a TLS handshake)
-            let Ok(Ok(ch)) = tokio::time::timeout(Duration::from_secs(1), ep.connect()).await else {
+            let Some(t) = self.ask_topology(addr).await else {
                 return Ok(None); // down (or, for our own id, not serving yet: good)
             };
-            let Ok(resp) = ClusterClient::new(ch).topology(req).await else {
-                return Ok(None);
-            };
-            let t = resp.into_inner();
             if i == self.cfg.shard_id {
                 return Err(ClusterError::Duplicate {
                     shard_id: i,
@@ -313,6 +296,55 @@ impl Cluster {
             }
         }
         Ok(newest)
+    }
+
+    /// Asks the pod at `addr` for its topology on a connection of its own,
+    /// bounded as a whole (a pod that is starting has bound its port but
+    /// may not answer a TLS handshake yet): `None` if it does not answer.
+    async fn ask_topology(&self, addr: &str) -> Option<pb::TopologyResponse> {
+        let state = self.placement.state();
+        let req = pb::TopologyRequest {
+            caller_shard: self.cfg.shard_id,
+            shards: state.committed,
+            state: Some(crate::wire::cluster_state_to_pb(&state)),
+        };
+        let ep = endpoint(addr, self.cfg.peer_tls.as_ref())
+            .await
+            .ok()?
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(1));
+        let ch = tokio::time::timeout(Duration::from_secs(1), ep.connect())
+            .await
+            .ok()?
+            .ok()?;
+        Some(ClusterClient::new(ch).topology(req).await.ok()?.into_inner())
+    }
+
+    /// Before a rebalance to or from `span` shards: what keeps any other pod
+    /// below `span` from taking part (it does not answer, another shard
+    /// answers at its address, it is not ready, or its release predates
+    /// elastic shards), one line per pod; empty when every one can.
+    pub async fn unfit(&self, span: u32) -> Vec<String> {
+        let probes = (0..span).filter(|i| *i != self.cfg.shard_id).map(|i| async move {
+            let Some(addr) = self.cfg.peer_addr(i) else {
+                return Some(format!("shard {i} has no address in --peers"));
+            };
+            match self.ask_topology(&addr).await {
+                None => Some(format!("shard {i} ({addr}) does not answer")),
+                Some(t) if t.shard_id != i => Some(format!("{addr} answers as shard {}, not {i}", t.shard_id)),
+                Some(t) if !t.ready => Some(format!("shard {i} is not ready")),
+                Some(t) if t.protocol < PROTOCOL => Some(format!(
+                    "shard {i} runs {} (cluster protocol {}): every pod must run a release with elastic shards first",
+                    t.version, t.protocol
+                )),
+                Some(_) => None,
+            }
+        });
+        futures_util::future::join_all(probes)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// Starts every peer link; they run until `stop`.

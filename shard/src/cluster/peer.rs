@@ -34,6 +34,11 @@ const FOLLOW_START_TIMEOUT: Duration = Duration::from_secs(5);
 const MIRROR_IDLE: Duration = Duration::from_secs(5);
 /// Unary calls to a peer (reads, topology).
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);
+/// A SetState call: a commit waits up to `SWITCH_DRAIN` (5 s) for forwarded
+/// publishes before its routes switch, then writes its store; the caller
+/// waits longer than that, so that it is told the outcome (the callee goes
+/// to the end either way).
+const SET_STATE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Forwarded publishes queued in front of the link.
 const FORWARD_QUEUE: usize = 16_384;
 /// The largest reply of a peer's unary call this pod reads (tonic's default
@@ -346,8 +351,19 @@ impl Peer {
     where
         F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.call_within(RPC_TIMEOUT, f).await
+    }
+
+    async fn call_within<T, F>(
+        &self,
+        timeout: Duration,
+        f: impl FnOnce(ClusterClient<Channel>) -> F,
+    ) -> Result<T, PeerError>
+    where
+        F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let client = self.client()?;
-        match tokio::time::timeout(RPC_TIMEOUT, f(client)).await {
+        match tokio::time::timeout(timeout, f(client)).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(status)) if status.code() == tonic::Code::Unavailable => Err(PeerError::Down(self.id)),
             Ok(Err(status)) => Err(PeerError::Rpc { shard: self.id, status }),
@@ -420,7 +436,9 @@ impl Peer {
             state: Some(wire::cluster_state_to_pb(&state)),
             seal,
         };
-        let resp = self.call(|mut c| async move { c.set_state(req).await }).await?;
+        let resp = self
+            .call_within(SET_STATE_TIMEOUT, |mut c| async move { c.set_state(req).await })
+            .await?;
         wire::cluster_state_from_pb(&resp).ok_or(PeerError::Rpc {
             shard: self.id,
             status: tonic::Status::internal("bad cluster state"),

@@ -155,6 +155,15 @@ impl Moves {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
     }
 
+    /// Clears the last error if it was `sym`'s (its move has since gone
+    /// through): `admin status` shows what still fails, not what did once.
+    fn clear_error_of(&self, sym: &Symbol) {
+        let mut e = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
+        if e.as_deref().is_some_and(|e| e.starts_with(&format!("moving {sym} "))) {
+            *e = None;
+        }
+    }
+
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -235,7 +244,10 @@ async fn mover(node: Arc<Node>, stop: CancellationToken) {
                     return;
                 }
                 match move_symbol(node, sym, to).await {
-                    Ok(()) => moves_left.decrement(1.0),
+                    Ok(()) => {
+                        moves_left.decrement(1.0);
+                        node.moves.clear_error_of(&sym);
+                    }
                     Err(e) => {
                         tracing::warn!(symbol = %sym, to, error = %e, "symbol move failed; will retry");
                         node.moves.set_error(Some(format!("moving {sym} to shard {to}: {e}")));
@@ -763,18 +775,18 @@ pub async fn start_rebalance(node: &Arc<Node>, shards: u32) -> Result<ClusterSta
             cur.committed.max(shards)
         )));
     }
-    // Every pod must speak the protocol of elastic shards (a rolling upgrade
-    // from the first release must be over).
-    let old: Vec<String> = cluster
-        .peers()
-        .iter()
-        .filter(|p| p.id < span && p.is_up() && p.protocol() < 2)
-        .map(|p| format!("shard {} (protocol {})", p.id, p.protocol()))
-        .collect();
-    if !old.is_empty() {
+    // Every pod of the old and the new count must be up, ready and speak
+    // the protocol of elastic shards (a rolling upgrade from the first
+    // release must be over) before any takes the target: a rebalance to a
+    // pod that does not exist would wait for it forever (contract §9:
+    // scale up first, then rebalance; rebalance first, then scale down).
+    let unfit = cluster.unfit(cur.committed.max(shards)).await;
+    if !unfit.is_empty() {
         return Err(refused(format!(
-            "every pod must run a release with elastic shards (cluster protocol 2) first: {}",
-            old.join(", ")
+            "not started: every pod of shards 0 to {} must be up and ready first ({}); \
+             scaling up, `kubectl scale` first and wait for the new pods",
+            cur.committed.max(shards) - 1,
+            unfit.join("; ")
         )));
     }
     let next = ClusterState {
