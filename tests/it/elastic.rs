@@ -321,3 +321,103 @@ async fn a_rebalance_to_a_pod_that_is_down_is_refused_before_it_starts() {
         "{out}"
     );
 }
+
+/// A route switch that cannot wait for an old owner (frozen by SIGSTOP)
+/// cuts the links with publishes unanswered before it switches: the one in
+/// flight is refused (retryable), and so is a later request of its pair on
+/// the same stream, so the pair is never stored out of order on the new
+/// owner, and resent in order it is stored whole. Before, the later request
+/// was stored first on the new owner and the resent earlier one was then
+/// acked as a duplicate of it: an acknowledged tick lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_switch_past_a_frozen_owner_keeps_every_publisher_pair_in_order() {
+    let c = cluster(3, 2, &[]);
+    let sym = (0..)
+        .map(|i| format!("CUT-{i}"))
+        .find(|s| owner(s, 2) == 1 && owner(s, 3) == 2)
+        .unwrap();
+    let t = |i: u64, price: &str| tick(&sym, 1_732_530_000_000_000 + i as i64, price, "1");
+    let pod0 = &c.pods[0];
+    eventually("pod 0 linked to shard 1", || async {
+        pod0.metric("tickshard_peer_up").await >= 1.0
+    })
+    .await;
+    let mut raw = RawStream::open(pod0).await;
+    let a = raw.call(req(1, "cut", 1, t(1, "1.00"))).await;
+    assert!(a.error.is_none(), "{a:?}");
+    let version = pod0
+        .peer()
+        .await
+        .topology(pb::TopologyRequest {
+            caller_shard: 0,
+            shards: 2,
+            state: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .state
+        .unwrap()
+        .version;
+
+    // (SIGKILL, which the pod's drop sends, ends a stopped process too)
+    let signal = |sig: &str| {
+        let st = std::process::Command::new("kill")
+            .args([sig, &c.pods[1].pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(st.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    raw.tx.send(req(2, "cut", 2, t(2, "2.00"))).await.unwrap();
+    eventually("the publish is in flight to shard 1", || async {
+        pod0.metric("tickshard_publish_in_flight").await >= 1.0
+    })
+    .await;
+    // The cluster grows to 3 shards and the symbol's owner becomes shard 2
+    // (set directly, as a commit does; pod 1 is frozen and misses it).
+    let next = pb::ClusterState {
+        version: version + 1,
+        committed: 3,
+        target: 0,
+    };
+    for i in [2, 0] {
+        c.pods[i]
+            .peer()
+            .await
+            .set_state(pb::SetStateRequest {
+                state: Some(next),
+                seal: false,
+            })
+            .await
+            .unwrap();
+    }
+    // The next request of the pair, on the same stream, after the switch.
+    raw.tx.send(req(3, "cut", 3, t(3, "3.00"))).await.unwrap();
+    let mut acks = HashMap::new();
+    while acks.len() < 2 {
+        let a = tokio::time::timeout(WAIT, raw.acks.message())
+            .await
+            .expect("acks in time")
+            .unwrap()
+            .unwrap();
+        acks.insert(a.request_id, a);
+    }
+    for id in [2, 3] {
+        assert_eq!(
+            acks[&id].error.as_ref().map(|e| e.code.as_str()),
+            Some("unavailable"),
+            "request {id} must be refused (retryable), not taken out of order: {:?}",
+            acks[&id]
+        );
+    }
+    signal("-CONT");
+    // Resent in order, on a new stream: both stored, on the new owner.
+    let mut again = RawStream::open(pod0).await;
+    for (id, price) in [(2, "2.00"), (3, "3.00")] {
+        let a = again.call(req(id, "cut", id, t(id, price))).await;
+        assert!(a.error.is_none() && !a.duplicate, "request {id}: {a:?}");
+    }
+    let h = history(&c.pods[2], &sym, 1).await;
+    assert_eq!(h.iter().map(|t| t.price.as_str()).collect::<Vec<_>>(), ["2.00", "3.00"]);
+}

@@ -252,6 +252,12 @@ impl Cluster {
         }
     }
 
+    /// Cuts every link with forwards unanswered (see
+    /// [`Peer::cut_if_forwarding`]); answers how many.
+    pub fn cut_forwarding_links(&self) -> usize {
+        self.peers().iter().filter(|p| p.cut_if_forwarding()).count()
+    }
+
     /// Every link, by id.
     pub fn peers(&self) -> Vec<Arc<Peer>> {
         let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());

@@ -164,6 +164,8 @@ pub struct Peer {
     follow_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<FollowCmd>>,
     /// Link sessions started (numbers them for `Mirror::followed_in`).
     sessions: AtomicU64,
+    /// Ends the running session (see [`Peer::cut_if_forwarding`]).
+    cut: tokio::sync::Notify,
     mirrors: Mutex<HashMap<Symbol, Mirror>>,
     up_gauge: metrics::Gauge,
     lag_gauge: metrics::Gauge,
@@ -234,6 +236,7 @@ impl Peer {
             follow_tx,
             follow_rx: tokio::sync::Mutex::new(follow_rx),
             sessions: AtomicU64::new(0),
+            cut: tokio::sync::Notify::new(),
             mirrors: Mutex::new(HashMap::new()),
             up_gauge,
             lag_gauge: metrics::gauge!(m::PEER_LAG, "peer" => label),
@@ -253,8 +256,26 @@ impl Peer {
         self.in_flight.load(Ordering::Acquire)
     }
 
+    /// Counts `n` forwards answered. Called after their answers: a refusal
+    /// has marked its pair's hole on its stream by then (a route switch
+    /// waits for "nothing in flight", then lets later requests through).
     fn answered(&self, n: usize) {
         self.in_flight.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Ends the link's session if it has forwards unanswered: they are
+    /// refused as UNAVAILABLE (each marking its pair's hole on its stream),
+    /// and the link connects again. For a route switch that cannot wait any
+    /// longer for an old owner: a forward still in flight there could
+    /// otherwise be overtaken by a later request of its pair on the new
+    /// route, and then be taken for a retry of it (acked as a duplicate,
+    /// never stored).
+    pub fn cut_if_forwarding(&self) -> bool {
+        let cut = self.forwards_in_flight() > 0 && self.is_up();
+        if cut {
+            self.cut.notify_one();
+        }
+        cut
     }
 
     /// The cluster protocol version the peer spoke at its last connect.
@@ -283,8 +304,8 @@ impl Peer {
         }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         if let Err(e) = self.fwd_tx.send((generation, cmd)).await {
-            self.answered(1);
             self.unavailable(e.0.1);
+            self.answered(1);
         }
     }
 
@@ -626,29 +647,29 @@ impl Peer {
                         Ok(Some(a)) => {
                             let f = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&a.request_id);
                             if let Some(f) = f {
-                                // (answered below, on every path: count it first,
-                                // the waiter only needs "no more in flight")
-                                in_flight.fetch_sub(1, Ordering::AcqRel);
-                                let result = match a.error {
-                                    None => Ok(Accepted {
-                                        seq: a.seq,
-                                        epoch: Epoch::parse(&a.epoch).unwrap_or_default(),
-                                        duplicate: a.duplicate,
-                                    }),
-                                    Some(e) if e.code == ErrorCode::Unavailable.as_str() => {
-                                        f.unavailable(e.message);
-                                        continue;
+                                match a.error {
+                                    Some(e) if e.code == ErrorCode::Unavailable.as_str() => f.unavailable(e.message),
+                                    error => {
+                                        let result = match error {
+                                            None => Ok(Accepted {
+                                                seq: a.seq,
+                                                epoch: Epoch::parse(&a.epoch).unwrap_or_default(),
+                                                duplicate: a.duplicate,
+                                            }),
+                                            Some(e) => Err(AckError::Rejected {
+                                                code: ErrorCode::parse(&e.code).unwrap_or(ErrorCode::InvalidTick),
+                                                message: e.message,
+                                            }),
+                                        };
+                                        let _ = f.reply.send(vec![Ack {
+                                            request_id: f.request_id,
+                                            symbol: f.symbol,
+                                            result,
+                                        }]);
                                     }
-                                    Some(e) => Err(AckError::Rejected {
-                                        code: ErrorCode::parse(&e.code).unwrap_or(ErrorCode::InvalidTick),
-                                        message: e.message,
-                                    }),
-                                };
-                                let _ = f.reply.send(vec![Ack {
-                                    request_id: f.request_id,
-                                    symbol: f.symbol,
-                                    result,
-                                }]);
+                                }
+                                // (counted once answered: see `Peer::answered`)
+                                in_flight.fetch_sub(1, Ordering::AcqRel);
                             }
                         }
                         Ok(None) => return "forward stream ended".to_string(),
@@ -684,6 +705,7 @@ impl Peer {
         let why = loop {
             tokio::select! {
                 _ = stop.cancelled() => break "stopping".to_string(),
+                _ = self.cut.notified() => break "cut: routes switched with forwards unanswered".to_string(),
                 r = &mut ack_reader => {
                     reader_done = true;
                     break r.unwrap_or_else(|e| e.to_string());
@@ -691,8 +713,8 @@ impl Peer {
                 cmd = fwd_rx.recv() => {
                     let Some((queued_in, cmd)) = cmd else { break "forward queue closed".into() };
                     if queued_in != generation || cmd.is_behind_a_hole() {
-                        self.answered(1);
                         self.unavailable(cmd);
+                        self.answered(1);
                         continue;
                     }
                     let id = next_id;
@@ -785,13 +807,14 @@ impl Peer {
             .drain()
             .map(|(_, f)| f)
             .collect();
-        self.answered(lost.len());
+        let n = lost.len();
         for f in lost {
             f.unavailable(format!("link to shard {} broke before the ack; retry", self.id));
         }
+        self.answered(n);
         while let Ok((_, cmd)) = fwd_rx.try_recv() {
-            self.answered(1);
             self.unavailable(cmd);
+            self.answered(1);
         }
         // Only now: a forward queued from here on carries the next
         // generation and has seen every refusal above; one queued before

@@ -32,6 +32,8 @@ use crate::{
 
 /// How long a route switch waits for publishes in flight (see `adopt`).
 const SWITCH_DRAIN: Duration = Duration::from_secs(5);
+/// Then how long it waits for the links it cut to refuse what they had.
+const CUT_WAIT: Duration = Duration::from_secs(2);
 /// Ticks read per page during a resume replay (~160 KiB queued at a time).
 const REPLAY_PAGE: usize = 1_024;
 /// Longest a resume replay waits for an owner that went away mid-replay;
@@ -366,8 +368,11 @@ impl Node {
             // Before the routes switch: every relayed publish is on its link,
             // and every publish already sent to an old owner is answered (a
             // later one of its pair must not overtake it on the new route).
-            // Bounded: an unanswered forward is answered UNAVAILABLE when its
-            // link breaks, which keeps its pair in order by itself.
+            // Bounded: past SWITCH_DRAIN the links with forwards unanswered
+            // are cut, which refuses each as UNAVAILABLE and marks its pair's
+            // hole on its stream, so no later request of the pair passes it
+            // on the new route (one that did could make the refused one, when
+            // resent, look like a retry of it: acked as a duplicate, lost).
             if self.relay_running.load(Ordering::Acquire) {
                 let drained = async {
                     let _ = self.committer.barrier().await;
@@ -375,8 +380,19 @@ impl Node {
                         c.forwards_answered().await;
                     }
                 };
-                if tokio::time::timeout(SWITCH_DRAIN, drained).await.is_err() {
-                    tracing::warn!("switching routes with publishes still in flight to an old owner");
+                if tokio::time::timeout(SWITCH_DRAIN, drained).await.is_err()
+                    && let Some(c) = &self.cluster
+                {
+                    let links = c.cut_forwarding_links();
+                    let refused = tokio::time::timeout(CUT_WAIT, c.forwards_answered()).await.is_ok();
+                    if refused {
+                        tracing::warn!(
+                            links,
+                            "switching routes: links with publishes unanswered by an old owner were cut (they are refused, retryable)"
+                        );
+                    } else {
+                        tracing::error!(links, "switching routes with publishes still in flight to an old owner");
+                    }
                 }
             }
             self.placement.set_state(state);
