@@ -19,13 +19,13 @@
 // flows again (at most 10 s; after 1008/1009, "fix the client first", it
 // starts at 8 s and grows to a minute), and while the page waits for a token it does not reconnect at all. An
 // app-level ping every 15 s (the browser hides the server's pings) replaces a
-// connection silent for 30 s, e.g. after a laptop slept.
+// connection that answered nothing in the interval after a ping (15–30 s),
+// e.g. after a laptop slept.
 "use strict";
 
 // `#ping=MS` in the URL sets the ping interval (tests use a short one).
 const PING_MS = Number(new URLSearchParams(location.hash.slice(1)).get("ping")) || 15000;
-const SILENT_MS = 2 * PING_MS; // no message for this long: the connection is dead
-const CONNECT_MS = Math.max(SILENT_MS, 10000); // an upgrade not answered by then is given up
+const CONNECT_MS = 10000; // an upgrade not answered by then is given up
 const BATCH = 200; // symbols per watchlist subscribe (about 12 KiB with resume positions)
 const MAX_NOTICES = 50;
 const MAX_BARS = 2000; // bars kept for the chart (a day of 1s candles would be 86,400)
@@ -150,8 +150,11 @@ function render(r, m) {
   }
 }
 
+// (data only for a symbol with a row: one given back to make room for the
+// chart may still have a tick on the way)
 function onTick(m) {
-  const r = row(m.symbol);
+  const r = state.symbols.get(m.symbol);
+  if (!r) return;
   if (m.seq <= r.seq) { state.dups++; return; } // never show a duplicate
   if (r.seq && m.seq !== r.seq + 1) {
     state.gaps++;
@@ -162,14 +165,19 @@ function onTick(m) {
 }
 
 function onSnapshot(m) {
-  const r = row(m.symbol);
+  const r = state.symbols.get(m.symbol);
+  if (!r) return;
   r.seq = m.seq; r.epoch = m.epoch;
   render(r, m);
   if (m.conflated) notice(`${m.symbol}: fell behind; showing a fresh snapshot`);
 }
 
-// The watchlist's subscribes on this connection: a queue, one batch in flight.
-let watch = { queue: [], batch: null, size: BATCH, n: 0, retry: 0 };
+// The watchlist's subscribes on this connection: a queue, one batch in
+// flight, and every batch id sent with the symbols of it the server still
+// subscribes later (their shard was down: it said `unavailable` for each,
+// and completes them with a `subscribed` of the same id, or refuses them).
+const newWatch = () => ({ queue: [], batch: null, size: BATCH, n: 0, retry: 0, ids: new Map() });
+let watch = newWatch();
 
 function subscribeAll(symbols) {
   if (state.watchFull) return;
@@ -191,12 +199,14 @@ function pump() {
     if (r && r.epoch) resume[s] = { seq: r.seq, epoch: r.epoch };
   }
   watch.batch = { id: `watch-${++watch.n}`, symbols };
+  watch.ids.set(watch.batch.id, new Set());
   send({ op: "subscribe", id: watch.batch.id, symbols, channels: ["ticks"], resume });
 }
 
 function onWatched(m) {
-  watch.batch = null;
+  const deferred = watch.ids.get(m.id);
   for (const e of m.symbols) {
+    deferred.delete(e.symbol);
     const r = row(e.symbol);
     r.subscribed = true;
     if (r.epoch && !e.recovered) {
@@ -210,7 +220,27 @@ function onWatched(m) {
     r.epoch = e.epoch;
   }
   attempt = 0; // data flows: the next reconnect starts from the shortest wait
-  pump();
+  if (watch.batch && m.id === watch.batch.id) { watch.batch = null; pump(); }
+}
+
+// One symbol of a batch waits for its shard: the server subscribes it when
+// the shard is back (the batch's other symbols were answered first).
+function onDeferred(m) {
+  watch.ids.get(m.id).add(m.symbol);
+  row(m.symbol).subscribed = true;
+  notice(`${m.symbol}: its shard is unavailable; subscribing as soon as it is back`);
+  if (watch.batch && m.id === watch.batch.id) { watch.batch = null; pump(); }
+}
+
+// The server gave up on a batch's deferred symbols: the next symbol list
+// (every 5 s) queues them again.
+function onDeferredRefused(m) {
+  for (const s of watch.ids.get(m.id)) {
+    const r = state.symbols.get(s);
+    if (r) r.subscribed = false;
+  }
+  watch.ids.get(m.id).clear();
+  notice(`${m.code}: ${m.message}`);
 }
 
 function onWatchRefused(m) {
@@ -247,8 +277,18 @@ function makeRoomForChart() {
   r.tr.remove();
   state.symbols.delete(sym);
   chartSub.retried = true;
-  send({ op: "subscribe", id: "chart", symbols: [chartSub.sym], channels: [`candles:${chartSub.iv}`] });
+  subscribeChart();
   return true;
+}
+
+// Live candles of the chart (the first message is the current candle), each
+// subscribe with an id of its own: a late answer to an earlier one is not
+// taken for this one's.
+let chartN = 0;
+function subscribeChart() {
+  chartSub.id = `chart-${++chartN}`;
+  chartSub.live = false;
+  send({ op: "subscribe", id: chartSub.id, symbols: [chartSub.sym], channels: [`candles:${chartSub.iv}`] });
 }
 
 // ---- chart -------------------------------------------------------------------
@@ -334,9 +374,9 @@ async function loadChart() {
   } catch (e) {
     notice(`candle history for ${sym}: ${e}`);
   }
-  // live candles (the first message is the current candle)
-  if (chartSub) { chartSub.live = false; chartSub.retried = false; }
-  send({ op: "subscribe", id: "chart", symbols: [sym], channels: [`candles:${iv}`] });
+  if (!chartSub || chartSub.sym !== sym || chartSub.iv !== iv) return;
+  chartSub.retried = false;
+  subscribeChart();
 }
 
 let chartSub = null;
@@ -363,22 +403,31 @@ for (const b of document.querySelectorAll(".intervals button")) b.addEventListen
 
 // ---- connection --------------------------------------------------------------
 let attempt = 0; // reconnects since data last flowed
-let lastHeard = 0;
+let lastHeard = 0; // when this connection last brought a message
+let pingSent = 0; // when the last ping went out on it (0: none yet)
 let reconnectTimer = 0;
 let expiryTimer = 0;
 
 function connect() {
   clearTimeout(reconnectTimer);
   reconnectTimer = 0;
+  if (ws) { // (one connection at a time: a sign-in during a reconnect)
+    const old = ws;
+    old.onopen = old.onclose = old.onmessage = null;
+    old.close();
+  }
   const url = new URL("/ws", location.href);
   url.protocol = url.protocol.replace("http", "ws");
   const sock = new WebSocket(url);
   ws = sock;
   lastHeard = Date.now();
+  pingSent = 0;
   clearTimeout(watch.retry);
-  watch = { queue: [], batch: null, size: BATCH, n: 0, retry: 0 };
+  watch = newWatch();
   state.watchFull = false;
+  const unanswered = setTimeout(() => { if (sock.readyState === WebSocket.CONNECTING) closed(sock, "no answer"); }, CONNECT_MS);
   sock.onopen = () => {
+    clearTimeout(unanswered);
     lastHeard = Date.now();
     setStatus("connected", "");
     for (const r of state.symbols.values()) r.subscribed = false;
@@ -413,14 +462,15 @@ function closed(sock, code) {
   reconnectTimer = setTimeout(connect, Math.random() * bound);
 }
 
-// Every PING_MS: a ping, and a connection silent too long (or an upgrade
-// never answered) is given up; the next one resumes.
+// Every PING_MS: a connection that brought nothing since the last ping (one
+// interval ago) is given up, and the next one resumes; else a new ping.
+// (Timed from the ping, not the clock: a hidden tab's timers may run once
+// a minute, and a quiet feed is not a dead one.)
 setInterval(() => {
-  if (!ws) return;
-  const silent = Date.now() - lastHeard;
-  if (ws.readyState === WebSocket.CONNECTING && silent > CONNECT_MS) closed(ws, "no answer");
-  else if (ws.readyState === WebSocket.OPEN && silent > SILENT_MS) closed(ws, "silent");
-  else send({ op: "ping", id: "ping" });
+  if (!ws || ws.readyState !== WebSocket.OPEN) return;
+  if (pingSent && lastHeard < pingSent) { closed(ws, "silent"); return; }
+  pingSent = Date.now();
+  send({ op: "ping", id: "ping" });
 }, PING_MS);
 
 function onMessage(m) {
@@ -430,14 +480,13 @@ function onMessage(m) {
     case "candle": onCandle(m); break;
     case "symbols":
       if (!state.signin) setStatus("live", "live");
-      attempt = 0; // the server answers: the next reconnect starts from the shortest wait
       subscribeAll(m.symbols);
       break;
     case "subscribed":
-      if (watch.batch && m.id === watch.batch.id) onWatched(m);
-      else if (m.id === "chart" && chartSub) chartSub.live = true;
+      if (watch.ids.has(m.id)) onWatched(m);
+      else if (chartSub && m.id === chartSub.id) chartSub.live = true;
       break;
-    case "authed":
+    case "authed": {
       state.signin = false;
       $("signin").hidden = true;
       send({ op: "symbols", id: "list" });
@@ -451,6 +500,7 @@ function onMessage(m) {
         notice("the token expires in a minute: paste a new one to stay connected");
       }, Math.max(0, ahead));
       break;
+    }
     case "error":
       if (m.code === "unauthorized" || m.code === "token_expired") {
         if (m.id === "auth" || !token() || m.code === "token_expired") {
@@ -458,8 +508,10 @@ function onMessage(m) {
           askForToken(m.code === "token_expired" ? "token expired: sign in again" : "sign in needed");
         }
         if (watch.batch && m.id === watch.batch.id) { watch.batch = null; watch.queue = []; }
-      } else if (watch.batch && m.id === watch.batch.id) onWatchRefused(m);
-      else if (m.id === "chart" && m.code === "too_many_subscriptions" && makeRoomForChart()) { /* retried */ }
+      } else if (watch.ids.has(m.id) && m.symbol) onDeferred(m);
+      else if (watch.batch && m.id === watch.batch.id) onWatchRefused(m);
+      else if (watch.ids.has(m.id)) onDeferredRefused(m);
+      else if (chartSub && m.id === chartSub.id && m.code === "too_many_subscriptions" && makeRoomForChart()) { /* retried */ }
       else if (m.code === "unavailable" && m.symbol) notice(`${m.symbol}: its shard is unavailable; resuming when it is back`);
       else notice(`${m.code}: ${m.message}`);
       break;
