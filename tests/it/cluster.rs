@@ -755,7 +755,8 @@ async fn a_deferred_subscribe_echoes_its_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn candles_reads_share_the_read_limit_with_grpc_reads() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let c = TestCluster::start(2, &["--grpc-max-reads", "1"]);
+    // (each pod in its own process group: one is stopped below)
+    let c = TestCluster::start_apart(TestCluster::addrs(2), 2, &["--grpc-max-reads", "1"]);
     c.wait_linked().await;
     let here = owned_by(0, 2, 1).remove(0);
     let there = owned_by(1, 2, 1).remove(0);

@@ -40,6 +40,8 @@ pub struct Server {
     pub dir: PathBuf,
     log: PathBuf,
     args: Vec<String>,
+    /// In a process group of its own (see [`TestCluster::start_apart`]).
+    apart: bool,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -56,26 +58,27 @@ impl Server {
     /// Starts a server on `dir` (kept across restarts by the caller).
     pub fn start_in(dir: &Path, args: &[&str]) -> Server {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        Server::spawn(&this_bin(), dir, args, None).unwrap_or_else(|e| panic!("server did not start: {e}"))
+        Server::spawn(&this_bin(), dir, args, None, false).unwrap_or_else(|e| panic!("server did not start: {e}"))
     }
 
     /// Starts a server on fixed addresses (cluster pods: peers must be known
     /// before they start).
     pub fn start_at(dir: &Path, ports: Ports, args: &[&str]) -> Server {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        Server::spawn(&this_bin(), dir, args, Some(ports)).unwrap_or_else(|e| panic!("server did not start: {e}"))
+        Server::spawn(&this_bin(), dir, args, Some(ports), false)
+            .unwrap_or_else(|e| panic!("server did not start: {e}"))
     }
 
     /// Like [`Server::start_at`], but returns the log if the server refuses.
     pub fn try_start_at(dir: &Path, ports: Ports, args: &[&str]) -> Result<Server, String> {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        Server::spawn(&this_bin(), dir, args, Some(ports))
+        Server::spawn(&this_bin(), dir, args, Some(ports), false)
     }
 
     /// Tries to start; returns the exit status and stderr if it refuses.
     pub fn try_start_in(dir: &Path, args: &[&str]) -> Result<Server, (ExitStatus, String)> {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        Server::spawn(&this_bin(), dir, args.clone(), None).map_err(|_| {
+        Server::spawn(&this_bin(), dir, args.clone(), None, false).map_err(|_| {
             let log = dir.with_extension("log");
             let mut c = base_command(
                 &this_bin(),
@@ -88,7 +91,7 @@ impl Server {
         })
     }
 
-    fn spawn(bin: &Path, dir: &Path, args: Vec<String>, ports: Option<Ports>) -> Result<Server, String> {
+    fn spawn(bin: &Path, dir: &Path, args: Vec<String>, ports: Option<Ports>, apart: bool) -> Result<Server, String> {
         std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
         let log = dir.with_extension(format!("{}.log", fastrand::u32(..)));
         let [http, grpc, peer] = ports.map_or(
@@ -106,6 +109,9 @@ impl Server {
         full.extend(args.iter().cloned());
         let mut cmd = base_command(bin, dir, &full.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &log);
         cmd.stdout(Stdio::piped());
+        if apart {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -148,6 +154,7 @@ impl Server {
             dir: dir.to_path_buf(),
             log,
             args,
+            apart,
             _tmp: None,
         })
     }
@@ -163,7 +170,7 @@ impl Server {
         assert!(self.child.is_none(), "stop or kill the server first");
         let deadline = Instant::now() + WAIT;
         loop {
-            match Server::spawn(&self.bin, &self.dir, self.args.clone(), Some(self.ports())) {
+            match Server::spawn(&self.bin, &self.dir, self.args.clone(), Some(self.ports()), self.apart) {
                 Ok(mut s) => {
                     self.child = s.child.take();
                     self.log = s.log.clone();
@@ -491,8 +498,21 @@ impl TestCluster {
         Self::start_binary(&this_bin(), addrs, shards, extra)
     }
 
+    /// Like [`TestCluster::start_sized`], each pod in a process group of its
+    /// own: for a test that stops one (SIGSTOP). In the test's group, a
+    /// stopped pod is continued by the kernel (SIGHUP, then SIGCONT: the
+    /// group is orphaned and has a stopped member) whenever a process of
+    /// the group exits, e.g. a pod another test kills.
+    pub fn start_apart(addrs: Vec<Ports>, shards: u32, extra: &[&str]) -> TestCluster {
+        Self::start_with(&this_bin(), addrs, shards, extra, true)
+    }
+
     /// Like [`TestCluster::start_sized`], every pod running `bin`.
     pub fn start_binary(bin: &Path, addrs: Vec<Ports>, shards: u32, extra: &[&str]) -> TestCluster {
+        Self::start_with(bin, addrs, shards, extra, false)
+    }
+
+    fn start_with(bin: &Path, addrs: Vec<Ports>, shards: u32, extra: &[&str], apart: bool) -> TestCluster {
         let n = addrs.len();
         let tmp = tempfile::tempdir().unwrap();
         let scheme = if extra.contains(&"--peer-tls-ca") {
@@ -522,7 +542,8 @@ impl TestCluster {
                 a.extend(args.iter().cloned());
                 let bin = bin.to_path_buf();
                 std::thread::spawn(move || {
-                    Server::spawn(&bin, &dir, a, Some(ports)).unwrap_or_else(|e| panic!("server did not start: {e}"))
+                    Server::spawn(&bin, &dir, a, Some(ports), apart)
+                        .unwrap_or_else(|e| panic!("server did not start: {e}"))
                 })
             })
             .collect();
