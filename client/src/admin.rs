@@ -117,7 +117,9 @@ impl Admin {
         let mut ep = Endpoint::from_shared(url.to_owned())
             .map_err(|_| ClientError::BadAddress(url.to_owned()))?
             .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(30));
+            // (a rebalance asked of another pod than shard 0 is started
+            // there, which may take up to 40 s)
+            .timeout(Duration::from_secs(60));
         if let Some(c) = creds {
             let read = |p: &PathBuf| std::fs::read(p).map_err(|e| ClientError::Input(format!("{}: {e}", p.display())));
             let tls = ClientTlsConfig::new()

@@ -296,6 +296,12 @@ async fn mixed_version_rolling_upgrade_from_the_previous_release() {
 async fn a_rebalance_to_a_pod_that_is_down_is_refused_before_it_starts() {
     let mut c = cluster(4, 3, &[]);
     c.pods[3].kill9();
+    // (pod 1 asks shard 0, which starts rebalances: once linked to it)
+    let p1 = &c.pods[1];
+    eventually("pod 1 linked to shards 0 and 2", || async {
+        p1.metric("tickshard_peer_up").await >= 2.0
+    })
+    .await;
     let (ok, _, err) = admin(&c.pods[1], &["rebalance", "--shards", "4"]);
     assert!(!ok, "the rebalance started without shard 3");
     assert!(
@@ -331,7 +337,8 @@ async fn a_rebalance_to_a_pod_that_is_down_is_refused_before_it_starts() {
 /// acked as a duplicate of it: an acknowledged tick lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_switch_past_a_frozen_owner_keeps_every_publisher_pair_in_order() {
-    let c = cluster(3, 2, &[]);
+    // (each pod in its own process group: one is stopped below)
+    let c = TestCluster::start_apart(TestCluster::addrs(3), 2, &["--drain-ms", "300"]);
     let sym = (0..)
         .map(|i| format!("CUT-{i}"))
         .find(|s| owner(s, 2) == 1 && owner(s, 3) == 2)

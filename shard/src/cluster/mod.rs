@@ -274,7 +274,7 @@ impl Cluster {
         let addrs: Vec<(u32, String)> = (0..span).filter_map(|i| Some((i, self.cfg.peer_addr(i)?))).collect();
         let probes = addrs.iter().map(|(i, addr)| async move {
             let i = *i;
-            let Some(t) = self.ask_topology(addr).await else {
+            let Some(t) = self.ask_topology(addr, true).await else {
                 return Ok(None); // down (or, for our own id, not serving yet: good)
             };
             if i == self.cfg.shard_id {
@@ -307,12 +307,14 @@ impl Cluster {
     /// Asks the pod at `addr` for its topology on a connection of its own,
     /// bounded as a whole (a pod that is starting has bound its port but
     /// may not answer a TLS handshake yet): `None` if it does not answer.
-    async fn ask_topology(&self, addr: &str) -> Option<pb::TopologyResponse> {
+    /// `announce`: with this pod's cluster state (a newer one is adopted
+    /// there); without it, the call changes nothing at the callee.
+    async fn ask_topology(&self, addr: &str, announce: bool) -> Option<pb::TopologyResponse> {
         let state = self.placement.state();
         let req = pb::TopologyRequest {
             caller_shard: self.cfg.shard_id,
             shards: state.committed,
-            state: Some(crate::wire::cluster_state_to_pb(&state)),
+            state: announce.then(|| crate::wire::cluster_state_to_pb(&state)),
         };
         let ep = endpoint(addr, self.cfg.peer_tls.as_ref())
             .await
@@ -335,7 +337,9 @@ impl Cluster {
             let Some(addr) = self.cfg.peer_addr(i) else {
                 return Some(format!("shard {i} has no address in --peers"));
             };
-            match self.ask_topology(&addr).await {
+            // (no state sent: a pod of another cluster at a wrong address
+            // must not adopt this one's before it is reported)
+            match self.ask_topology(&addr, false).await {
                 None => Some(format!("shard {i} ({addr}) does not answer")),
                 Some(t) if t.shard_id != i => Some(format!("{addr} answers as shard {}, not {i}", t.shard_id)),
                 Some(t) if !t.ready => Some(format!("shard {i} is not ready")),

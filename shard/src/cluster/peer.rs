@@ -32,6 +32,8 @@ use crate::{
 const FOLLOW_START_TIMEOUT: Duration = Duration::from_secs(5);
 /// A mirror without local subscribers is unfollowed after this long.
 const MIRROR_IDLE: Duration = Duration::from_secs(5);
+/// Why a session ended when it was cut (see [`Peer::cut_if_forwarding`]).
+const CUT_REASON: &str = "cut: routes switched with forwards unanswered";
 /// Unary calls to a peer (reads, topology).
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);
 /// A SetState call: a commit waits up to `SWITCH_DRAIN` (5 s) for forwarded
@@ -606,8 +608,8 @@ impl Peer {
             }
             // Forwards queued while the link was going down fail now.
             while let Ok((_, cmd)) = fwd_rx.try_recv() {
-                self.answered(1);
                 self.unavailable(cmd);
+                self.answered(1);
             }
             // Follow commands are replayed from the mirror map on reconnect.
             while follow_rx.try_recv().is_ok() {}
@@ -702,10 +704,15 @@ impl Peer {
         let mut reader_done = false;
         let generation = self.generation.load(Ordering::Acquire);
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        // A cut asked for as the last session ended (it still looked up)
+        // is not this one's.
+        let _ = self.cut.notified().now_or_never();
+        let cut = self.cut.notified();
+        tokio::pin!(cut);
         let why = loop {
             tokio::select! {
                 _ = stop.cancelled() => break "stopping".to_string(),
-                _ = self.cut.notified() => break "cut: routes switched with forwards unanswered".to_string(),
+                _ = &mut cut => break CUT_REASON.to_string(),
                 r = &mut ack_reader => {
                     reader_done = true;
                     break r.unwrap_or_else(|e| e.to_string());
@@ -734,8 +741,13 @@ impl Peer {
                             symbol: cmd.tick.symbol,
                         },
                     );
-                    if out_tx.send(req).await.is_err() {
-                        break "forward stream closed".into();
+                    // (a cut also ends a session blocked here: an owner that
+                    // stopped reading fills the stream's queue)
+                    tokio::select! {
+                        sent = out_tx.send(req) => if sent.is_err() {
+                            break "forward stream closed".into();
+                        },
+                        _ = &mut cut => break CUT_REASON.to_string(),
                     }
                 }
                 c = follow_rx.recv() => {

@@ -360,8 +360,11 @@ pub enum Cmd {
         seal: bool,
         reply: oneshot::Sender<Result<(), CommitError>>,
     },
-    /// The symbols held here whose owner under the target is another shard.
+    /// The symbols held here whose owner under the target is another shard
+    /// (`startable`: only those no hand-over holds now, e.g. one whose
+    /// outcome is still being settled after a restart).
     Moves {
+        startable: bool,
         reply: oneshot::Sender<Vec<(Symbol, u32)>>,
     },
     /// Whether this shard holds `symbol` at `epoch` with a head at `seq` or later.
@@ -617,9 +620,20 @@ impl Committer {
         self.ask(|reply| Cmd::SetState { state, seal, reply }).await?
     }
 
-    /// See [`Cmd::Moves`].
+    /// See [`Cmd::Moves`]: every move left (what `admin status` shows).
     pub async fn moves(&self) -> Result<Vec<(Symbol, u32)>, CommitError> {
-        self.ask(|reply| Cmd::Moves { reply }).await
+        self.ask(|reply| Cmd::Moves {
+            startable: false,
+            reply,
+        })
+        .await
+    }
+
+    /// See [`Cmd::Moves`]: the moves a mover may start now (not one held
+    /// by a hand-over whose outcome is pending: trying it again would
+    /// stream its whole history only to be refused at the hold).
+    pub async fn startable_moves(&self) -> Result<Vec<(Symbol, u32)>, CommitError> {
+        self.ask(|reply| Cmd::Moves { startable: true, reply }).await
     }
 
     /// See [`Cmd::Holds`].

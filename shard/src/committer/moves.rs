@@ -336,12 +336,13 @@ impl Worker {
                 }
                 round.moves.states.push((state, reply));
             }
-            Cmd::Moves { reply } => {
+            Cmd::Moves { startable, reply } => {
                 let list = match self.cluster.target {
                     None => Vec::new(),
                     Some(t) => self
                         .symbols
                         .keys()
+                        .filter(|s| !(startable && self.moving.contains_key(s)))
                         .map(|s| (*s, self.owner_under(s, t)))
                         .filter(|(_, to)| *to != self.me)
                         .collect(),

@@ -206,14 +206,17 @@ async fn mover(node: Arc<Node>, stop: CancellationToken) {
             moves_left.set(0.0);
             continue;
         }
-        let list = match node.committer().moves().await {
+        let list = match node.committer().startable_moves().await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "listing the symbols to move failed");
                 continue;
             }
         };
-        moves_left.set(list.len() as f64);
+        // (the gauge counts the held ones too: they are moves left)
+        if let Ok(all) = node.committer().moves().await {
+            moves_left.set(all.len() as f64);
+        }
         if list.is_empty() {
             continue;
         }
@@ -747,7 +750,9 @@ pub async fn start_rebalance(node: &Arc<Node>, shards: u32) -> Result<ClusterSta
             .peer(0)
             .ok_or_else(|| Error::Unavailable("no link to shard 0".into()))?;
         return zero
-            .start_rebalance(shards, PREPARE_TIMEOUT * 2)
+            // (shard 0 probes every pod, then pushes the target to each:
+            // each push retries for PREPARE_TIMEOUT, one call may take 15 s)
+            .start_rebalance(shards, PREPARE_TIMEOUT * 4)
             .await
             .map_err(|e| match e.refusal() {
                 Some(message) => refused(message),
@@ -782,9 +787,13 @@ pub async fn start_rebalance(node: &Arc<Node>, shards: u32) -> Result<ClusterSta
     // scale up first, then rebalance; rebalance first, then scale down).
     let unfit = cluster.unfit(cur.committed.max(shards)).await;
     if !unfit.is_empty() {
+        let hint = if shards > cur.committed {
+            "scaling up: `kubectl scale` first, and rebalance once the new pods are ready"
+        } else {
+            "bring the missing pods back first (scaling down: rebalance first, then `kubectl scale`)"
+        };
         return Err(refused(format!(
-            "not started: every pod of shards 0 to {} must be up and ready first ({}); \
-             scaling up, `kubectl scale` first and wait for the new pods",
+            "not started: every pod of shards 0 to {} must be up and ready first ({}); {hint}",
             cur.committed.max(shards) - 1,
             unfit.join("; ")
         )));
