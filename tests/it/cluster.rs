@@ -766,15 +766,7 @@ async fn candles_reads_share_the_read_limit_with_grpc_reads() {
     let candles = |sym: &str| format!("/api/candles?symbol={sym}&interval=1m");
     assert_eq!(pod0.get(&candles(&here)).await.0, 200);
 
-    // (SIGKILL, which the pod's drop sends, ends a stopped process too)
-    let signal = |sig: &str| {
-        let st = std::process::Command::new("kill")
-            .args([sig, &c.pods[1].pid().to_string()])
-            .status()
-            .expect("kill");
-        assert!(st.success(), "kill {sig}");
-    };
-    signal("-STOP");
+    c.pods[1].signal("-STOP");
     let held = {
         let (addr, path) = (pod0.ports().http, candles(&there));
         // (until it is admitted: it is shed while one of the polls below
@@ -841,7 +833,7 @@ async fn candles_reads_share_the_read_limit_with_grpc_reads() {
         .sum::<f64>();
     assert!(shed_candles >= 1.0, "{metrics}");
 
-    signal("-CONT");
+    c.pods[1].signal("-CONT");
     let status = tokio::time::timeout(WAIT, held)
         .await
         .expect("the held read ended")

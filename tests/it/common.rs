@@ -219,11 +219,18 @@ impl Server {
 
     /// SIGTERM (the drain), without waiting.
     pub fn sigterm(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Sends a signal (`-STOP`, `-CONT`, …) to the process. (SIGKILL, which
+    /// the drop sends, ends a stopped process too; a pod to be stopped runs
+    /// apart: see [`TestCluster::start_apart`].)
+    pub fn signal(&self, sig: &str) {
         let st = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([sig, &self.pid().to_string()])
             .status()
-            .unwrap();
-        assert!(st.success());
+            .expect("kill");
+        assert!(st.success(), "kill {sig}");
     }
 
     /// Waits for the process to exit (bounded), returning its status.

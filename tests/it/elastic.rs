@@ -367,15 +367,7 @@ async fn a_route_switch_past_a_frozen_owner_keeps_every_publisher_pair_in_order(
         .unwrap()
         .version;
 
-    // (SIGKILL, which the pod's drop sends, ends a stopped process too)
-    let signal = |sig: &str| {
-        let st = std::process::Command::new("kill")
-            .args([sig, &c.pods[1].pid().to_string()])
-            .status()
-            .expect("kill");
-        assert!(st.success(), "kill {sig}");
-    };
-    signal("-STOP");
+    c.pods[1].signal("-STOP");
     raw.tx.send(req(2, "cut", 2, t(2, "2.00"))).await.unwrap();
     eventually("the publish is in flight to shard 1", || async {
         pod0.metric("tickshard_publish_in_flight").await >= 1.0
@@ -418,7 +410,7 @@ async fn a_route_switch_past_a_frozen_owner_keeps_every_publisher_pair_in_order(
             acks[&id]
         );
     }
-    signal("-CONT");
+    c.pods[1].signal("-CONT");
     // Resent in order, on a new stream: both stored, on the new owner.
     let mut again = RawStream::open(pod0).await;
     for (id, price) in [(2, "2.00"), (3, "3.00")] {
