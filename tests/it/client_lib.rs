@@ -274,25 +274,20 @@ fn publish_fails_on_a_file_it_cannot_read_even_when_skipping_bad_rows() {
     let srv = Server::start(&["--no-sim"]);
     let dir = tempfile::tempdir().unwrap();
     let url = srv.grpc_url();
-    let child = Command::new(env!("CARGO_BIN_EXE_tickshard"))
-        .args(["publish", dir.path().to_str().unwrap(), "--format", "ndjson"])
-        .args(["--publisher-id", "dir", "--skip-invalid", "--grpc", &url])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(WAIT) {
-        Ok(out) => out.unwrap(),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            panic!("publish kept going on a file it cannot read");
-        }
-    };
+    let out = cli_output(
+        &[
+            "publish",
+            dir.path().to_str().unwrap(),
+            "--format",
+            "ndjson",
+            "--publisher-id",
+            "dir",
+            "--skip-invalid",
+            "--grpc",
+            &url,
+        ],
+        "publish kept going on a file it cannot read",
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("directory"), "{err}");
@@ -334,27 +329,10 @@ fn tail_exits_on_an_error_no_retry_fixes() {
         if json {
             args.push("--json");
         }
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tickshard"))
-            .args(&args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let pid = child.id();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait_with_output());
-        });
-        let out = match rx.recv_timeout(WAIT) {
-            Ok(out) => out.unwrap(),
-            Err(_) => {
-                // (never left running: the test failed)
-                let _ = std::process::Command::new("kill")
-                    .args(["-9", &pid.to_string()])
-                    .status();
-                panic!("tail (--json {json}) kept waiting after a bad_json subscribe");
-            }
-        };
+        let out = cli_output(
+            &args,
+            &format!("tail (--json {json}) kept waiting after a bad_json subscribe"),
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert!(err.contains("server error bad_json"), "{err}");

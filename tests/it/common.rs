@@ -354,6 +354,31 @@ fn base_command(bin: &Path, dir: &Path, args: &[&str], log: &Path) -> Command {
     c
 }
 
+/// Runs `tickshard args…` (stdout discarded, stderr kept) and waits for it
+/// within [`WAIT`]; one still running then is killed and `stuck` is the
+/// failure.
+pub fn cli_output(args: &[&str], stuck: &str) -> std::process::Output {
+    let child = Command::new(this_bin())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            // (never left running: the test failed)
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("{stuck}");
+        }
+    }
+}
+
 /// A minimal HTTP/1.1 GET over a fresh connection.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

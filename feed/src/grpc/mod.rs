@@ -8,7 +8,7 @@ pub(crate) mod subscribe;
 
 pub use serve::Handshake;
 use subscribe::FeedRoutes;
-pub use subscribe::encode_tick_events;
+pub use subscribe::{SentCount, encode_tick_events};
 
 use std::{pin::Pin, sync::Arc};
 

@@ -108,11 +108,16 @@ impl ServerStreamingService<pb::SubscribeRequest> for SubscribeSvc {
 #[derive(Clone, Copy, Default)]
 pub struct PreEncodedCodec;
 
-/// Writes one stream's events and counts them for
-/// `tickshard_messages_sent_total` / `tickshard_bytes_sent_total`
-/// (`protocol="grpc"`): in batches, not per message, so that subscribers
-/// do not contend on the shared counters per tick.
+/// Writes one stream's events, counted by its [`SentCount`].
 pub struct PreEncodedEncoder {
+    sent: SentCount,
+}
+
+/// One gRPC stream's count of what it wrote, for
+/// `tickshard_messages_sent_total` / `tickshard_bytes_sent_total`
+/// (`protocol="grpc"`): added to the shared counters in batches, not per
+/// message, so that subscribers do not contend on them per tick.
+pub struct SentCount {
     messages: metrics::Counter,
     bytes: metrics::Counter,
     /// Written and not yet added to the counters: messages, bytes.
@@ -121,22 +126,34 @@ pub struct PreEncodedEncoder {
 }
 
 /// The stream adds what it wrote to the counters once it has this many
-/// messages unreported, or when it writes one a second or more after its
-/// last report (and when it ends).
+/// messages unreported, or when its unreported count reaches a power of two
+/// a second or more after its last report (the clock is read at 1, 2, 4, …
+/// 32 messages, not at each: a read costs as much as the rest of a
+/// message's write, BENCHMARKS.md), and when it ends.
 const REPORT_EVERY: u64 = 64;
 const REPORT_AFTER: Duration = Duration::from_secs(1);
 
 /// The length prefix gRPC puts before each message (flag + length).
 const GRPC_PREFIX: u64 = 5;
 
-impl PreEncodedEncoder {
-    fn new() -> PreEncodedEncoder {
+impl SentCount {
+    pub fn new() -> SentCount {
         use tickshard_shard::metrics as m;
-        PreEncodedEncoder {
+        SentCount {
             messages: metrics::counter!(m::MESSAGES_SENT, "protocol" => "grpc"),
             bytes: metrics::counter!(m::BYTES_SENT, "protocol" => "grpc"),
             unreported: (0, 0),
             reported: Instant::now(),
+        }
+    }
+
+    /// One message of `len` bytes written (its gRPC prefix counted too).
+    pub fn wrote(&mut self, len: usize) {
+        self.unreported.0 += 1;
+        self.unreported.1 += len as u64 + GRPC_PREFIX;
+        let n = self.unreported.0;
+        if n >= REPORT_EVERY || (n.is_power_of_two() && self.reported.elapsed() >= REPORT_AFTER) {
+            self.report();
         }
     }
 
@@ -156,16 +173,18 @@ impl Encoder for PreEncodedEncoder {
 
     fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         dst.put_slice(&item);
-        self.unreported.0 += 1;
-        self.unreported.1 += item.len() as u64 + GRPC_PREFIX;
-        if self.unreported.0 >= REPORT_EVERY || self.reported.elapsed() >= REPORT_AFTER {
-            self.report();
-        }
+        self.sent.wrote(item.len());
         Ok(())
     }
 }
 
-impl Drop for PreEncodedEncoder {
+impl Default for SentCount {
+    fn default() -> SentCount {
+        SentCount::new()
+    }
+}
+
+impl Drop for SentCount {
     fn drop(&mut self) {
         self.report();
     }
@@ -178,7 +197,7 @@ impl Codec for PreEncodedCodec {
     type Decoder = ProstDecoder<pb::SubscribeRequest>;
 
     fn encoder(&mut self) -> PreEncodedEncoder {
-        PreEncodedEncoder::new()
+        PreEncodedEncoder { sent: SentCount::new() }
     }
 
     fn decoder(&mut self) -> Self::Decoder {
