@@ -75,6 +75,22 @@ fn split_url(url: &str) -> Result<(String, String, bool), ClientError> {
     Ok((host.to_string(), path.to_string(), tls))
 }
 
+/// The CAs a connection to `url` uses: none without TLS, and an error for
+/// TLS without any.
+fn trust_for(
+    url: &str,
+    tls: bool,
+    trust: Option<&crate::tls::Trust>,
+) -> Result<Option<crate::tls::Trust>, ClientError> {
+    match (tls, trust) {
+        (false, _) => Ok(None),
+        (true, Some(t)) => Ok(Some(t.clone())),
+        (true, None) => Err(ClientError::Input(format!(
+            "{url} is TLS: pass --ca-cert with the CA that signed its certificate"
+        ))),
+    }
+}
+
 impl WsConn {
     /// Connects and upgrades, within `timeout`.
     pub async fn connect(url: &str, timeout: Duration) -> Result<WsConn, ClientError> {
@@ -84,15 +100,7 @@ impl WsConn {
     /// Like [`WsConn::connect`], with socket options.
     pub async fn connect_with(url: &str, timeout: Duration, opts: ConnectOpts) -> Result<WsConn, ClientError> {
         let (host, path, tls) = split_url(url)?;
-        let trust = match (tls, &opts.trust) {
-            (false, _) => None,
-            (true, Some(t)) => Some(t.clone()),
-            (true, None) => {
-                return Err(ClientError::Input(format!(
-                    "{url} is TLS: pass --ca-cert with the CA that signed its certificate"
-                )));
-            }
-        };
+        let trust = trust_for(url, tls, opts.trust.as_ref())?;
         let fut = async {
             let addr = tokio::net::lookup_host(&host)
                 .await
@@ -492,11 +500,7 @@ impl Subscriber {
         }
         for url in &cfg.urls {
             let (_, _, tls) = split_url(url)?;
-            if tls && cfg.trust.is_none() {
-                return Err(ClientError::Input(format!(
-                    "{url} is TLS: pass --ca-cert with the CA that signed its certificate"
-                )));
-            }
+            trust_for(url, tls, cfg.trust.as_ref())?;
         }
         let start = fastrand::usize(..cfg.urls.len());
         Ok(Subscriber {
